@@ -1,0 +1,28 @@
+"""coze-mitm: Coze Web Chat SDK on any page, no credential in the page.
+
+    mitmdump -s addons/coze.py --set coze_origins=https://example.org
+    mitmweb  -s addons/coze.py ...
+
+A request passes these addons in order:
+  settings   the coze_* options, validated once; shared state (broker, origins, stats)
+  status     http://coze.mitm/ pages, answered locally
+  cors       preflights to the Coze API from allowed origins answered locally; CORS headers set
+  auth       the user tag swapped for that user's Coze token (or refused with a JSON answer)
+  streaming  text/event-stream responses streamed chunk by chunk
+"""
+
+from auth import Auth
+from cors import Cors
+from settings import CozeSettings
+from status import StatusPages
+from streaming import Streaming
+
+settings = CozeSettings()
+
+addons = [
+    settings,
+    StatusPages(settings),
+    Cors(settings),
+    Auth(settings),
+    Streaming(),
+]

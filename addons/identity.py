@@ -1,0 +1,133 @@
+"""Who is asking, and may they have credentials: the user tag and the page origin.
+
+The tag is `Authorization: Bearer user:<id>` (what the userscript hands the Chat SDK as its token)
+or a cookie `coze_user=<id>`. `admit()` turns a request's headers into one decision; it is pure
+(no mitmproxy import), so the same rules are easy to test exhaustively.
+Headers are read through `get_all(name)` (case-insensitive), which mitmproxy's Headers provide.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Protocol
+
+USER_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,128}")
+PLACEHOLDER_RE = re.compile(r"\s*bearer\s+user:(.*)", re.IGNORECASE | re.DOTALL)
+COOKIE_NAME = "coze_user"
+# Browsers always send at least one of these on fetch/XHR; scripts (cozepy, curl) send none.
+SEC_FETCH_HEADERS = ("sec-fetch-site", "sec-fetch-mode", "sec-fetch-dest")
+
+
+class HeadersLike(Protocol):
+    def get_all(self, name: str) -> list[str]: ...
+
+
+def short_id(user_id: str) -> str:
+    """Enough of an id to recognise it in a log, not enough to impersonate it."""
+    return user_id if len(user_id) <= 10 else f"{user_id[:4]}…{user_id[-4:]}"
+
+
+def is_placeholder(authorization: str) -> bool:
+    return PLACEHOLDER_RE.fullmatch(authorization) is not None
+
+
+def _describe(value: str) -> str:
+    shown = value if len(value) <= 24 else value[:24] + "…"
+    return repr(shown)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with one request to the Coze API.
+
+    action: "pass" (no tag: leave it alone), "inject" (swap in user_id's credential),
+    or "refuse" (answer locally with status/code/msg, never forward).
+    """
+
+    action: str
+    user_id: str = ""
+    origin: str | None = None
+    status: int = 0
+    code: int = 0
+    msg: str = ""
+    reason: str = ""  # short key for counters and logs
+
+    @classmethod
+    def refuse(cls, status: int, code: int, reason: str, msg: str, origin: str | None = None) -> "Decision":
+        return cls("refuse", origin=origin, status=status, code=code, msg=msg, reason=reason)
+
+
+def cookie_values(headers: HeadersLike, name: str = COOKIE_NAME) -> list[str]:
+    found = []
+    for header in headers.get_all("cookie"):
+        for part in header.split(";"):
+            key, sep, value = part.strip().partition("=")
+            if sep and key.strip() == name:
+                found.append(value.strip().strip('"'))
+    return found
+
+
+def strip_cookie(headers_cookie: list[str], name: str = COOKIE_NAME) -> list[str]:
+    """Cookie header values without `name`; empty headers are dropped."""
+    kept_headers = []
+    for header in headers_cookie:
+        kept = [p.strip() for p in header.split(";") if p.strip() and p.strip().partition("=")[0].strip() != name]
+        if kept:
+            kept_headers.append("; ".join(kept))
+    return kept_headers
+
+
+def find_user_id(headers: HeadersLike) -> str | None:
+    """The tagged user id, None when the request carries no tag; ValueError names a malformed tag."""
+    ids = []
+    authorizations = headers.get_all("authorization")
+    placeholders = [a for a in authorizations if is_placeholder(a)]
+    if placeholders and len(authorizations) > 1:
+        raise ValueError("the request carries more than one Authorization header; send exactly one")
+    for value in placeholders:
+        ids.append(PLACEHOLDER_RE.fullmatch(value).group(1).strip())
+    ids.extend(cookie_values(headers))
+    if not ids:
+        return None
+    for user_id in ids:
+        if not USER_ID_RE.fullmatch(user_id):
+            raise ValueError(
+                f"user tag {_describe(user_id)} is malformed: the id after 'user:' (or in the coze_user cookie) "
+                "must be 8-128 characters of A-Z a-z 0-9 _ -; reinstall the userscript or reset its identity"
+            )
+    if len(set(ids)) > 1:
+        raise ValueError("the request names two different users (Authorization and/or coze_user cookies); send one")
+    return ids[0]
+
+
+def admit(headers: HeadersLike, allowed_origins: frozenset[str] | set[str]) -> Decision:
+    """Decide what a request to the Coze API gets. Order of headers never matters."""
+    try:
+        user_id = find_user_id(headers)
+    except ValueError as e:
+        return Decision.refuse(400, 4000, "malformed-tag", str(e))
+    if user_id is None:
+        return Decision("pass")
+
+    origins = headers.get_all("origin")
+    if len(origins) > 1:
+        return Decision.refuse(400, 4000, "duplicate-origin", "the request carries more than one Origin header")
+    origin = origins[0].strip() if origins else None
+    is_browser = origin is not None or any(headers.get_all(h) for h in SEC_FETCH_HEADERS)
+
+    if origin is None and is_browser:
+        return Decision.refuse(
+            403, 4101, "browser-without-origin",
+            "a browser request without an Origin header gets no Coze credentials; "
+            "call the Coze API from a page in coze_origins (the Chat SDK does)",
+        )
+    if origin is not None and origin not in allowed_origins:
+        shown = "null" if origin == "null" else _describe(origin)
+        return Decision.refuse(
+            403, 4101, "origin-not-allowed",
+            f"page origin {shown} may not use coze-mitm's Coze credentials; "
+            "if this is your page, add its exact origin to coze_origins (--set coze_origins=...)",
+            origin=origin,
+        )
+    return Decision("inject", user_id=user_id, origin=origin)

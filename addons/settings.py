@@ -1,0 +1,173 @@
+"""The coze_* options, validated in one place, and the state the other addons share.
+
+Every other addon reads its settings from here rather than from ctx.options, so a bad value is
+refused once, at startup, with one line naming the cause and the fix.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from mitmproxy import ctx, http
+
+import config
+from config import ConfigError, Origin
+from tokens import CozeTokenExchange, PatBroker, TokenBroker
+
+log = logging.getLogger("coze.settings")
+
+STATUS_HOST = "coze.mitm"
+OPTION_NAMES = (
+    "coze_config", "coze_pat", "coze_origins", "coze_api_base", "coze_api_hosts", "coze_token_ttl",
+    "coze_exchange_timeout", "coze_max_users", "coze_new_users_per_minute", "coze_bot_id", "coze_title",
+)
+
+
+@dataclass
+class Stats:
+    """What the status page shows: counters and the last errors (never a secret)."""
+
+    started: float = field(default_factory=time.time)
+    requests: int = 0
+    injected: int = 0
+    preflights: int = 0
+    refusals: collections.Counter = field(default_factory=collections.Counter)
+    last_errors: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
+
+    def refused(self, reason: str) -> None:
+        self.refusals[reason] += 1
+
+    def error(self, reason: str, msg: str, logid: str = "") -> None:
+        self.last_errors.append({"time": time.time(), "reason": reason, "msg": msg, "logid": logid})
+
+
+class CozeSettings:
+    """Owns the coze_* options and builds what they describe: origins, the token broker, stats."""
+
+    def __init__(self):
+        self.app: config.OAuthApp | None = None
+        self.broker: TokenBroker | PatBroker | None = None
+        self.api_origins: frozenset[Origin] = frozenset()
+        self.page_origins: frozenset[str] = frozenset()
+        self.stats = Stats()
+        self.problem = "not configured yet"  # why tagged requests cannot be served, while broker is None
+
+    def load(self, loader):
+        loader.add_option(
+            "coze_config", str, str(config.DEFAULT_CONFIG_PATH),
+            "Path of the OAuth (JWT) app config JSON downloaded from the Coze console.",
+        )
+        loader.add_option(
+            "coze_pat", Optional[str], None,
+            "A Coze personal access token. When set: PAT mode, no config file, no per-user isolation.",
+        )
+        loader.add_option(
+            "coze_origins", str, "",
+            "Comma-separated page origins allowed to use the injected credentials and loosened CORS, "
+            "e.g. https://www.coze.cn,https://example.org (exact match).",
+        )
+        loader.add_option(
+            "coze_api_base", Optional[str], None,
+            "Coze API base URL; overrides the config's coze_api_base (default https://api.coze.cn).",
+        )
+        loader.add_option(
+            "coze_api_hosts", str, "",
+            "Comma-separated extra Coze API base URLs that get CORS and credentials too.",
+        )
+        loader.add_option("coze_token_ttl", int, 900, "Lifetime asked of Coze for each access token, in seconds (60-86399).")
+        loader.add_option("coze_exchange_timeout", int, 10, "Seconds to wait for Coze's token endpoint (1-120).")
+        loader.add_option("coze_max_users", int, 10_000, "Users whose tokens are kept in memory (least recently used dropped).")
+        loader.add_option(
+            "coze_new_users_per_minute", int, 300,
+            "New users whose first token may be minted per minute; 0 means no limit.",
+        )
+        loader.add_option("coze_bot_id", str, "", "Bot id written into the served userscript.")
+        loader.add_option("coze_title", str, "Coze", "Chat title written into the served userscript.")
+
+    def configure(self, updated):
+        if not updated & set(OPTION_NAMES) and self.broker is not None:
+            return
+        try:
+            self._rebuild()
+        except ConfigError as e:
+            # Not OptionsError: mitmproxy would print a traceback under it. An ERROR line at startup
+            # makes mitmdump/mitmweb exit; later (options edited in mitmweb) the last good settings stay.
+            self.problem = str(e)
+            log.error(f"coze-mitm: {e}")
+        else:
+            self.problem = ""
+
+    def _rebuild(self) -> None:
+        opts = ctx.options
+        if not 60 <= opts.coze_token_ttl <= 86399:
+            raise ConfigError(f"coze_token_ttl={opts.coze_token_ttl} is out of range: Coze accepts 60 to 86399 seconds")
+        if not 1 <= opts.coze_exchange_timeout <= 120:
+            raise ConfigError(f"coze_exchange_timeout={opts.coze_exchange_timeout} must be 1 to 120 seconds")
+        if opts.coze_max_users < 1:
+            raise ConfigError(f"coze_max_users={opts.coze_max_users} must be at least 1")
+        if opts.coze_new_users_per_minute < 0:
+            raise ConfigError("coze_new_users_per_minute must be 0 (no limit) or more")
+        page_origins = config.parse_page_origins(opts.coze_origins)
+
+        pat = (opts.coze_pat or "").strip()
+        if pat:
+            app = None
+            if any(c.isspace() for c in pat) or pat.startswith("user:"):
+                raise ConfigError("coze_pat does not look like a personal access token (pat_...); paste it without spaces")
+            api_base = opts.coze_api_base or config.DEFAULT_API_BASE
+            broker = PatBroker(pat)
+        else:
+            app = config.load_oauth_config(opts.coze_config)
+            if opts.coze_api_base:
+                config.parse_api_origin(opts.coze_api_base)
+                app = dataclasses.replace(app, api_base=opts.coze_api_base.rstrip("/"))
+            api_base = app.api_base
+            exchange = CozeTokenExchange(
+                app, duration_seconds=opts.coze_token_ttl, timeout=opts.coze_exchange_timeout,
+                verify=not opts.ssl_insecure,
+            )
+            broker = TokenBroker(
+                exchange, max_users=opts.coze_max_users, new_users_per_minute=opts.coze_new_users_per_minute,
+            )
+        api_origins = {config.parse_api_origin(api_base)}
+        api_origins.update(config.parse_api_origin(u, "coze_api_hosts") for u in opts.coze_api_hosts.split(",") if u.strip())
+
+        if self.broker is not None:
+            self.broker.close()
+        self.app, self.broker = app, broker
+        self.api_origins, self.page_origins = frozenset(api_origins), page_origins
+        self._announce(pat)
+
+    def _announce(self, pat: str) -> None:
+        apis = ", ".join(sorted(map(str, self.api_origins)))
+        if pat:
+            log.warning(
+                "coze-mitm: PAT mode: every user shares one Coze identity and one chat history (no isolation); "
+                "use a JWT app config for per-user sessions"
+            )
+        else:
+            warning = config.permissions_warning(self.app.path)
+            if warning:
+                log.warning(f"coze-mitm: {warning}")
+        if not self.page_origins:
+            log.warning("coze-mitm: coze_origins is empty: no web page may use the credentials (set --set coze_origins=...)")
+        log.info(f"coze-mitm: {self.broker.mode.upper()} mode for {apis}; page origins: {', '.join(sorted(self.page_origins)) or 'none'}")
+
+    def done(self):
+        if self.broker is not None:
+            self.broker.close()
+
+    # -- questions the other addons ask about a request --
+
+    def is_coze_api(self, request: http.Request) -> bool:
+        """Is this request addressed (by its real destination, not its Host header) to a Coze API origin?"""
+        scheme = request.scheme.lower()
+        return Origin(scheme, request.host.lower(), request.port) in self.api_origins if scheme in ("http", "https") else False
+
+    def is_status_host(self, request: http.Request) -> bool:
+        return request.host.lower() == STATUS_HOST

@@ -1,0 +1,344 @@
+"""The token broker: one Coze access token per user, minted from the JWT app, cached, renewed early.
+
+* `CozeTokenExchange` is the blocking part: sign a JWT (session_name = user id) with the key loaded
+  once, POST it to Coze's token endpoint, read the answer. It runs in worker threads.
+* `TokenBroker` is the async part used from mitmproxy hooks: a bounded LRU cache per user and one
+  in-flight exchange per user however many requests wait for it, so concurrent first requests cost
+  one exchange, and other users' exchanges run in parallel off the event loop.
+* `PatBroker` has the same face for PAT mode: every user gets the one personal access token.
+
+No mitmproxy import here. Nothing in this module ever logs or raises a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import jwt
+import requests
+import requests.adapters
+
+from config import OAuthApp
+from identity import short_id
+
+log = logging.getLogger("coze.tokens")
+
+TOKEN_PATH = "/api/permission/oauth2/token"
+GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+JWT_LIFETIME = 3600  # what Coze's own SDKs put between iat and exp
+MAX_DURATION = 86399
+# Before 2001-09-09 an `expires_in` cannot be an absolute time: it must be a duration.
+ABSOLUTE_TIME_FLOOR = 1_000_000_000
+EXCHANGE_WORKERS = 32  # > the 30 concurrent first requests we promise to serve in one exchange round
+
+_SECRETISH = re.compile(r"(eyJ[\w-]+\.[\w-]+\.[\w-]*|\b(?:czs|pat|cztei|sat)_[\w-]+|-----BEGIN[^-]*-----)")
+
+
+def scrub(text: str, limit: int = 300) -> str:
+    """Upstream text may end up in a log or an error body: cut anything token-shaped, and keep it short."""
+    text = _SECRETISH.sub("[redacted]", text)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+INVALID_CLIENT_HINT = (
+    "check that client_id, public_key_id and private_key come from the same JWT app, and that the app "
+    "belongs to the site of coze_api_base: a coze.cn app works only with https://api.coze.cn and a coze.com "
+    "app only with https://api.coze.com (the most common cause of 4100)"
+)
+EXCHANGE_HINTS = {
+    "invalid_client": INVALID_CLIENT_HINT,
+    "invalid_request": INVALID_CLIENT_HINT,
+    "access_deny": "the app is not allowed to do this: check the app's permissions and that it is authorised in the Coze console",
+    "unsupported_grant_type": "the app is not a JWT (service) app: create one of type JWT in the Coze console",
+    "internal_error": "Coze had an internal error: try again later and quote the logid to Coze support",
+}
+
+
+class ExchangeError(Exception):
+    """A failed token exchange, phrased for the client: HTTP status for our answer, Coze-style code, message."""
+
+    def __init__(self, status: int, code: int, msg: str, reason: str, logid: str = ""):
+        super().__init__(msg)
+        self.status = status
+        self.code = code
+        self.msg = msg
+        self.reason = reason
+        self.logid = logid
+
+
+class LimitError(Exception):
+    """Too many new users: answered 429 with Retry-After, never minted."""
+
+    def __init__(self, msg: str, retry_after: int):
+        super().__init__(msg)
+        self.msg = msg
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token: str
+    expires_at: float
+    issued_at: float
+    logid: str = ""
+
+    def __repr__(self) -> str:  # never show the token, even in a traceback
+        return f"IssuedToken(expires_at={self.expires_at:.0f}, logid={self.logid!r})"
+
+    @property
+    def lifetime(self) -> float:
+        return self.expires_at - self.issued_at
+
+    @property
+    def renew_at(self) -> float:
+        """Start a background renewal this long before expiry: a quarter of the lifetime, at most 5 min."""
+        return self.expires_at - min(300.0, self.lifetime / 4)
+
+    @property
+    def usable_until(self) -> float:
+        """Stop handing it out shortly before expiry so a request in flight doesn't arrive with a dead token."""
+        return self.expires_at - min(30.0, self.lifetime / 10)
+
+
+class CozeTokenExchange:
+    """Mint a JWT for one session_name and exchange it for an access token (blocking: run it in a thread)."""
+
+    def __init__(self, app: OAuthApp, duration_seconds: int = 900, timeout: float = 10.0,
+                 clock: Callable[[], float] = time.time, verify: bool | str = True):
+        self.app = app
+        self.duration_seconds = duration_seconds
+        self.timeout = timeout
+        self.clock = clock
+        self.url = app.api_base + TOKEN_PATH
+        self.audience = app.api_origin.netloc
+        self._warned_duration = False
+        self._session = requests.Session()
+        self._session.trust_env = False  # never route the exchange through a proxy from the environment
+        self._session.verify = verify
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=EXCHANGE_WORKERS)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+
+    def mint_jwt(self, session_name: str | None) -> str:
+        now = int(self.clock())
+        claims = {
+            "iss": self.app.client_id,
+            "aud": self.audience,
+            "iat": now,
+            "exp": now + JWT_LIFETIME,
+            "jti": secrets.token_urlsafe(24),
+        }
+        if session_name:
+            claims["session_name"] = session_name
+        headers = {"kid": self.app.public_key_id, "typ": "JWT"}
+        return jwt.encode(claims, self.app.private_key, algorithm="RS256", headers=headers)
+
+    def __call__(self, user_id: str | None) -> IssuedToken:
+        body = {"grant_type": GRANT_TYPE, "duration_seconds": self.duration_seconds}
+        try:
+            answer = self._session.post(
+                self.url,
+                json=body,
+                headers={"Authorization": f"Bearer {self.mint_jwt(user_id)}"},
+                timeout=self.timeout,
+            )
+        except requests.Timeout:
+            raise ExchangeError(
+                504, 5000,
+                f"Coze's token endpoint {self.app.api_base} did not answer within {self.timeout:g} s; "
+                "check the network, or raise coze_exchange_timeout",
+                "exchange-timeout",
+            ) from None
+        except requests.RequestException as e:
+            raise ExchangeError(
+                502, 5000,
+                f"cannot reach Coze's token endpoint {self.app.api_base} ({type(e).__name__}); "
+                "check coze_api_base and this machine's network",
+                "exchange-unreachable",
+            ) from None
+        return self._read_answer(answer)
+
+    def _read_answer(self, answer: requests.Response) -> IssuedToken:
+        logid = answer.headers.get("X-Tt-Logid", "")
+        at = f" (logid {logid})" if logid else ""
+        try:
+            data = answer.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            kind = answer.headers.get("Content-Type", "no content type")
+            raise ExchangeError(
+                502, 5000,
+                f"Coze's token endpoint answered HTTP {answer.status_code} with a body that is not a JSON object "
+                f"({scrub(kind, 60)}){at}; check coze_api_base points at the Coze API, or try again later",
+                "exchange-garbage", logid,
+            )
+        error_code = data.get("error_code") or data.get("error")
+        if error_code or answer.status_code != 200:
+            error_code = str(error_code or f"http_{answer.status_code}")
+            detail = scrub(str(data.get("error_message") or data.get("msg") or ""))
+            hint = EXCHANGE_HINTS.get(error_code, "check the OAuth app config and try again")
+            raise ExchangeError(
+                502, 4100 if error_code in ("invalid_client", "invalid_request") else 5000,
+                f"Coze refused the token exchange: {error_code}: {detail or 'no message'}{at}; {hint}",
+                f"exchange-refused:{error_code}", logid,
+            )
+        token = data.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise ExchangeError(
+                502, 5000,
+                f"Coze's token endpoint answered without an access_token{at}; try again later or quote the logid "
+                "to Coze support",
+                "exchange-no-token", logid,
+            )
+        return IssuedToken(token, self._expiry(data.get("expires_in")), self.clock(), logid)
+
+    def _expiry(self, expires_in) -> float:
+        now = self.clock()
+        try:
+            expires_in = float(expires_in)
+        except (TypeError, ValueError):
+            log.warning("Coze's token answer has no usable expires_in; assuming the requested %d s", self.duration_seconds)
+            return now + self.duration_seconds
+        if expires_in < ABSOLUTE_TIME_FLOOR:
+            # Coze documents an absolute time; a small number can only mean a duration.
+            if not self._warned_duration:
+                self._warned_duration = True
+                log.warning("Coze's expires_in=%d looks like a duration, not an absolute time; reading it as one", expires_in)
+            return now + expires_in
+        if expires_in <= now:
+            if not self._warned_duration:
+                self._warned_duration = True
+                log.warning(
+                    "Coze's token expired %d s before it arrived: this machine's clock is probably wrong "
+                    "(check it with `date -u`); using the token for 60 s only", now - expires_in,
+                )
+            return now + 60
+        return expires_in
+
+
+class TokenBroker:
+    """Per-user access tokens: cached (LRU, bounded), single-flight, renewed ahead of expiry."""
+
+    mode = "jwt"
+
+    def __init__(self, fetch: Callable[[str], IssuedToken], *, max_users: int = 10_000,
+                 new_users_per_minute: int = 0, clock: Callable[[], float] = time.time,
+                 workers: int = EXCHANGE_WORKERS):
+        self._fetch = fetch
+        self.max_users = max_users
+        self.new_users_per_minute = new_users_per_minute
+        self._clock = clock
+        self._cache: collections.OrderedDict[str, IssuedToken] = collections.OrderedDict()
+        self._inflight: dict[str, asyncio.Future] = {}
+        self._new_user_times: collections.deque[float] = collections.deque()
+        self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="coze-exchange")
+        self.exchanges = 0
+        self.failures = 0
+
+    async def token_for(self, user_id: str) -> str:
+        issued = self._cache.get(user_id)
+        now = self._clock()
+        if issued is not None and now < issued.usable_until:
+            self._cache.move_to_end(user_id)
+            if now >= issued.renew_at and user_id not in self._inflight:
+                self._start_fetch(user_id).add_done_callback(self._forget_background_failure)
+            return issued.token
+        if issued is None and user_id not in self._inflight:
+            self._admit_new_user(now)
+        # shield: a client that gives up must not cancel the exchange other requests are waiting for.
+        issued = await asyncio.shield(self._inflight.get(user_id) or self._start_fetch(user_id))
+        return issued.token
+
+    def _admit_new_user(self, now: float) -> None:
+        if not self.new_users_per_minute:
+            return
+        while self._new_user_times and self._new_user_times[0] <= now - 60:
+            self._new_user_times.popleft()
+        if len(self._new_user_times) >= self.new_users_per_minute:
+            retry_after = max(1, int(self._new_user_times[0] + 60 - now) + 1)
+            raise LimitError(
+                f"more than {self.new_users_per_minute} new users in a minute; try again in {retry_after} s "
+                "(raise coze_new_users_per_minute if this is expected)",
+                retry_after,
+            )
+        self._new_user_times.append(now)
+
+    def _start_fetch(self, user_id: str) -> asyncio.Future:
+        task = asyncio.get_running_loop().create_task(self._fetch_and_store(user_id))
+        self._inflight[user_id] = task
+        task.add_done_callback(lambda _: self._inflight.pop(user_id, None))
+        return task
+
+    async def _fetch_and_store(self, user_id: str) -> IssuedToken:
+        loop = asyncio.get_running_loop()
+        try:
+            issued = await loop.run_in_executor(self._executor, self._fetch, user_id)
+        except Exception:
+            self.failures += 1
+            raise
+        self.exchanges += 1
+        self._cache[user_id] = issued
+        self._cache.move_to_end(user_id)
+        while len(self._cache) > self.max_users:
+            self._cache.popitem(last=False)
+        log.info(
+            "coze: token for user %s minted, expires %s (in %d s)%s",
+            short_id(user_id), time.strftime("%H:%M:%S", time.localtime(issued.expires_at)),
+            issued.expires_at - self._clock(), f", logid {issued.logid}" if issued.logid else "",
+        )
+        return issued
+
+    @staticmethod
+    def _forget_background_failure(task: asyncio.Future) -> None:
+        # The old token stays valid until usable_until; the next request tries again.
+        if not task.cancelled() and task.exception() is not None:
+            e = task.exception()
+            log.warning("coze: early token renewal failed, keeping the current token: %s", getattr(e, "msg", type(e).__name__))
+
+    def invalidate(self, user_id: str, token: str) -> bool:
+        """Coze said `token` is invalid: forget it (unless it was already replaced)."""
+        issued = self._cache.get(user_id)
+        if issued is not None and issued.token == token:
+            del self._cache[user_id]
+            return True
+        return False
+
+    def users(self) -> list[tuple[str, float]]:
+        """(user id, expiry) for every cached user, most recently used last."""
+        return [(user_id, issued.expires_at) for user_id, issued in self._cache.items()]
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class PatBroker:
+    """PAT mode: one personal access token for everyone (no isolation between users)."""
+
+    mode = "pat"
+
+    def __init__(self, pat: str):
+        self._pat = pat
+        self.exchanges = 0
+        self.failures = 0
+        self.max_users = 0
+
+    async def token_for(self, user_id: str) -> str:
+        return self._pat
+
+    def invalidate(self, user_id: str, token: str) -> bool:
+        return False
+
+    def users(self) -> list[tuple[str, float]]:
+        return []
+
+    def close(self) -> None:
+        pass
