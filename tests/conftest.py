@@ -1,0 +1,79 @@
+"""Shared fixtures: a throwaway RSA key, a Coze stand-in, OAuth config files, a real mitmdump."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+REPO = Path(__file__).resolve().parent.parent
+# The addon modules import each other as siblings, the way mitmproxy loads addons/coze.py.
+sys.path.insert(0, str(REPO / "addons"))
+sys.path.insert(0, str(REPO))
+
+from sandbox.coze_standin import CozeStandIn  # noqa: E402
+from tests.harness import Mitmdump  # noqa: E402
+
+CLIENT_ID = "1127900000001"
+KID = "test-kid-0001"
+
+
+@pytest.fixture(scope="session")
+def rsa_key():
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    return {"key": key, "private_pem": private_pem, "public_pem": public_pem}
+
+
+@pytest.fixture
+def standin(rsa_key):
+    server = CozeStandIn(rsa_key["public_pem"], kid=KID, client_id=CLIENT_ID, delta_gap=0.02).start()
+    yield server
+    server.stop()
+
+
+def write_config(directory: Path, rsa_key, api_base: str, **overrides) -> Path:
+    data = {
+        "client_type": "jwt",
+        "client_id": CLIENT_ID,
+        "coze_www_base": "https://www.coze.cn",
+        "coze_api_base": api_base,
+        "private_key": rsa_key["private_pem"],
+        "public_key_id": KID,
+    }
+    data.update(overrides)
+    data = {k: v for k, v in data.items() if v is not None}
+    path = directory / "coze_oauth_config.json"
+    path.write_text(json.dumps(data))
+    os.chmod(path, 0o600)
+    return path
+
+
+@pytest.fixture
+def config_file(tmp_path, rsa_key, standin):
+    return write_config(tmp_path, rsa_key, standin.base_url)
+
+
+@pytest.fixture
+def mitmdump(tmp_path_factory):
+    """Start real mitmdump processes with the bundle; all are stopped after the test."""
+    started = []
+
+    def start(*sets: str, **kw) -> Mitmdump:
+        proc = Mitmdump(tmp_path_factory.mktemp("mitm"), sets, **kw)
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.stop()
