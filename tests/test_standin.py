@@ -1,0 +1,597 @@
+"""Tests for the local Coze SANDBOX (sandbox/coze_standin.py), over real HTTP.
+
+The key pair is generated at test time; nothing here holds a PEM private key.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import secrets
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import jwt
+import pytest
+import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # also when run as plain `pytest` rather than `python -m pytest`
+    sys.path.insert(0, str(REPO))
+
+from sandbox.coze_standin import JWT_GRANT_TYPE, TOKEN_PATH, CozeStandIn, make_sandbox_app  # noqa: E402
+KID = "kid_sandbox_test"
+CLIENT_ID = "1127900000001"
+GAP = 0.03
+
+
+@pytest.fixture(scope="module")
+def key():
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def other_key():
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _public_pem(k) -> bytes:
+    return k.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+@pytest.fixture
+def st(key):
+    s = CozeStandIn(_public_pem(key), KID, CLIENT_ID, delta_gap=GAP)
+    s.start()
+    yield s
+    s.stop()
+
+
+def make_jwt(st, key, *, headers=None, drop=(), **claims):
+    now = int(time.time())
+    payload = {"iss": CLIENT_ID, "aud": st.audience, "iat": now, "exp": now + 3600, "jti": uuid.uuid4().hex}
+    payload.update(claims)
+    for name in drop:
+        payload.pop(name, None)
+    h = {"kid": KID, "typ": "JWT"}
+    h.update(headers or {})
+    return jwt.encode(payload, key, algorithm="RS256", headers=h)
+
+
+def exchange(st, token_jwt, body=None, content_type="application/json", timeout=10):
+    if body is None:
+        body = {"grant_type": JWT_GRANT_TYPE, "duration_seconds": 900}
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    headers = {"Content-Type": content_type}
+    if token_jwt is not None:
+        headers["Authorization"] = f"Bearer {token_jwt}"
+    return requests.post(st.base_url + TOKEN_PATH, data=data, headers=headers, timeout=timeout)
+
+
+def access_token(st, key, session_name=None, duration=900):
+    claims = {"session_name": session_name} if session_name is not None else {}
+    r = exchange(st, make_jwt(st, key, **claims), {"grant_type": JWT_GRANT_TYPE, "duration_seconds": duration})
+    assert r.status_code == 200, r.text
+    return r.json()["access_token"]
+
+
+def api(st, method, path, token, **kw):
+    headers = kw.pop("headers", {})
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return requests.request(method, st.base_url + path, headers=headers, timeout=10, **kw)
+
+
+def chat_once(st, token, text, conversation_id=None):
+    params = {"conversation_id": conversation_id} if conversation_id else None
+    body = {"bot_id": "bot1", "user_id": "u1", "stream": False,
+            "additional_messages": [{"role": "user", "content": text, "content_type": "text"}]}
+    r = api(st, "POST", "/v3/chat", token, params=params, json=body)
+    assert r.status_code == 200
+    return r.json()
+
+
+# ---------------------------------------------------------------- token exchange
+def test_valid_exchange_returns_absolute_expires_in(st, key):
+    r = exchange(st, make_jwt(st, key, session_name="alice_0001"),
+                 {"grant_type": JWT_GRANT_TYPE, "duration_seconds": 1234})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["access_token"].startswith("czs_")
+    assert body["token_type"] == "Bearer"
+    assert isinstance(body["expires_in"], int)
+    assert abs(body["expires_in"] - (time.time() + 1234)) < 5  # absolute unix time, not a duration
+    assert r.headers["X-Tt-Logid"]
+    assert r.headers["Server"] == "coze-sandbox"
+    assert st.exchange_count() == 1 and st.exchange_count("alice_0001") == 1 and st.exchange_count("bob") == 0
+    ex = st.exchanges[0]
+    assert ex["session_name"] == "alice_0001" and ex["duration_seconds"] == 1234
+    assert ex["access_token"] == body["access_token"] and ex["jti"]
+
+
+def test_default_duration_and_bounds_accepted(st, key):
+    r = exchange(st, make_jwt(st, key), {"grant_type": JWT_GRANT_TYPE})
+    assert r.status_code == 200
+    assert abs(r.json()["expires_in"] - (time.time() + 900)) < 5
+    for d in (1, 86399):
+        r = exchange(st, make_jwt(st, key), {"grant_type": JWT_GRANT_TYPE, "duration_seconds": d})
+        assert r.status_code == 200, r.text
+    assert st.exchange_count(None) == 3
+
+
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("wrong_key", "signature"),
+        ("wrong_kid", "kid"),
+        ("wrong_iss", "iss"),
+        ("wrong_aud", "aud"),
+        ("expired_exp", "expired"),
+        ("iat_future", "iat"),
+        ("no_jti", "jti"),
+        ("no_exp", "exp"),
+        ("hs256", "RS256"),
+        ("typ", "typ"),
+        ("no_auth", "Authorization"),
+        ("not_a_jwt", "JWT"),
+    ],
+)
+def test_token_strictness_401(st, key, other_key, case, expect):
+    now = int(time.time())
+    jwts = {
+        "wrong_key": lambda: make_jwt(st, other_key),
+        "wrong_kid": lambda: make_jwt(st, key, headers={"kid": "someone_else"}),
+        "wrong_iss": lambda: make_jwt(st, key, iss="999"),
+        "wrong_aud": lambda: make_jwt(st, key, aud="api.coze.cn"),
+        "expired_exp": lambda: make_jwt(st, key, iat=now - 7200, exp=now - 10),
+        "iat_future": lambda: make_jwt(st, key, iat=now + 600, exp=now + 3600),
+        "no_jti": lambda: make_jwt(st, key, drop=("jti",)),
+        "no_exp": lambda: make_jwt(st, key, drop=("exp",)),
+        "hs256": lambda: jwt.encode({"iss": CLIENT_ID, "aud": st.audience, "iat": now, "exp": now + 60,
+                                     "jti": "x"}, "s" * 32, algorithm="HS256", headers={"kid": KID}),
+        "typ": lambda: make_jwt(st, key, headers={"typ": "JWS"}),
+        "no_auth": lambda: None,
+        "not_a_jwt": lambda: "pat_abcdef",
+    }
+    r = exchange(st, jwts[case]())
+    assert r.status_code == 401, r.text
+    body = r.json()
+    assert body["error_code"] in ("invalid_client", "invalid_request")
+    assert body["error"] == body["error_code"]
+    assert expect.lower() in body["error_message"].lower()
+    assert r.headers["X-Tt-Logid"]
+    assert st.exchange_count() == 0
+
+
+def test_jti_is_single_use(st, key):
+    t = make_jwt(st, key)
+    assert exchange(st, t).status_code == 200
+    r = exchange(st, t)
+    assert r.status_code == 401
+    assert r.json()["error_message"].startswith("jti already used")
+    assert st.exchange_count() == 1
+
+
+@pytest.mark.parametrize(
+    "body, ctype, code",
+    [
+        ({"grant_type": "client_credentials"}, "application/json", "unsupported_grant_type"),
+        ({"grant_type": "refresh_token", "duration_seconds": 900}, "application/json", "unsupported_grant_type"),
+        ({"duration_seconds": 900}, "application/json", "invalid_request"),
+        ({"grant_type": JWT_GRANT_TYPE, "duration_seconds": 0}, "application/json", "invalid_request"),
+        ({"grant_type": JWT_GRANT_TYPE, "duration_seconds": 86400}, "application/json", "invalid_request"),
+        ({"grant_type": JWT_GRANT_TYPE, "duration_seconds": "900"}, "application/json", "invalid_request"),
+        ({"grant_type": JWT_GRANT_TYPE, "duration_seconds": True}, "application/json", "invalid_request"),
+        ({"grant_type": JWT_GRANT_TYPE}, "text/plain", "invalid_request"),
+        ("{not json", "application/json", "invalid_request"),
+        ("[1, 2]", "application/json", "invalid_request"),
+    ],
+)
+def test_token_body_strictness_400(st, key, body, ctype, code):
+    t = make_jwt(st, key)
+    r = exchange(st, t, body, content_type=ctype)
+    assert r.status_code == 400, r.text
+    assert r.json()["error_code"] == code
+    assert r.json()["error_message"]
+    assert st.exchange_count() == 0
+    # a refused body does not burn the JWT's jti
+    assert exchange(st, t).status_code == 200
+
+
+# ---------------------------------------------------------------- API auth, sessions, revocation
+def test_api_requires_a_token_minted_here(st, key):
+    for auth in (None, "czs_not_minted_here"):
+        r = api(st, "POST", "/v1/conversation/create", auth, json={})
+        assert r.status_code == 401
+        assert r.json()["code"] == 4100 and r.json()["detail"]["logid"] == r.headers["X-Tt-Logid"]
+    tok = access_token(st, key)
+    assert api(st, "POST", "/v1/conversation/create", tok, json={}).json()["code"] == 0
+
+
+def test_sessions_are_isolated(st, key):
+    alice = access_token(st, key, "alice_0001")
+    bob = access_token(st, key, "bob_000001")
+    shared = access_token(st, key)  # no session_name: the shared "" session
+
+    conv = api(st, "POST", "/v1/conversation/create", alice, json={"bot_id": "bot1"}).json()
+    assert conv["code"] == 0 and conv["msg"] == ""
+    conv_id = conv["data"]["id"]
+    assert chat_once(st, alice, "secret of alice", conv_id)["data"]["status"] == "completed"
+
+    listed = api(st, "GET", "/v1/conversations", alice, params={"bot_id": "bot1"}).json()
+    assert [c["id"] for c in listed["data"]["conversations"]] == [conv_id]
+    assert listed["data"]["has_more"] is False
+    for other in (bob, shared):
+        assert api(st, "GET", "/v1/conversations", other, params={"bot_id": "bot1"}).json()["data"] == {
+            "conversations": [], "has_more": False}
+
+    msgs = api(st, "POST", "/v1/conversation/message/list", alice, params={"conversation_id": conv_id},
+               json={}).json()
+    assert msgs["code"] == 0 and msgs["has_more"] is False
+    assert [m["content"] for m in msgs["data"]] == ["Sandbox reply to: secret of alice", "secret of alice"]
+    assert msgs["first_id"] == msgs["data"][0]["id"] and msgs["last_id"] == msgs["data"][-1]["id"]
+
+    r = api(st, "POST", "/v1/conversation/message/list", bob, params={"conversation_id": conv_id}, json={})
+    assert r.status_code == 200 and r.json()["code"] == 4101
+    assert chat_once(st, bob, "let me in", conv_id)["code"] == 4101
+    r = api(st, "POST", f"/v1/conversations/{conv_id}/clear", bob)
+    assert r.json()["code"] == 4101
+
+    # a chat without conversation_id creates one in the caller's session
+    c = chat_once(st, bob, "hello")
+    assert c["code"] == 0 and c["data"]["conversation_id"] != conv_id
+    ids = [x["id"] for x in api(st, "GET", "/v1/conversations", bob, params={"bot_id": "bot1"}).json()["data"][
+        "conversations"]]
+    assert ids == [c["data"]["conversation_id"]]
+
+
+@pytest.mark.parametrize("style, status, code", [("401", 401, 4100), ("200", 200, 700012006)])
+def test_revoke(st, key, style, status, code):
+    a1 = access_token(st, key, "alice_0001")
+    a2 = access_token(st, key, "alice_0001")
+    b = access_token(st, key, "bob_000001")
+    assert st.revoke(token=a1, style=style) == 1
+    r = api(st, "POST", "/v1/conversation/create", a1, json={})
+    assert (r.status_code, r.json()["code"]) == (status, code)
+    if style == "200":
+        assert r.json()["msg"] == "access token invalid"
+    assert api(st, "POST", "/v1/conversation/create", a2, json={}).json()["code"] == 0
+    assert st.revoke(session_name="alice_0001", style=style) == 1  # a1 was already revoked
+    assert api(st, "POST", "/v1/conversation/create", a2, json={}).status_code == status
+    assert api(st, "POST", "/v1/conversation/create", b, json={}).json()["code"] == 0
+    assert st.revoke(style=style) == 1
+    assert api(st, "POST", "/v1/conversation/create", b, json={}).status_code == status
+    with pytest.raises(ValueError):
+        st.revoke(style="500")
+
+
+# ---------------------------------------------------------------- SSE
+def _stream_lines(st, token, text, params=None):
+    body = {"bot_id": "bot1", "user_id": "u1", "stream": True,
+            "additional_messages": [{"role": "user", "content": text, "content_type": "text"}]}
+    r = api(st, "POST", "/v3/chat", token, params=params, json=body, stream=True)
+    return r
+
+
+def test_sse_events_arrive_one_by_one(st, key):
+    st.delta_gap = 0.06
+    tok = access_token(st, key, "alice_0001")
+    text = "one two three four five"
+    r = _stream_lines(st, tok, text)
+    assert r.status_code == 200
+    assert r.headers["Content-Type"].startswith("text/event-stream")
+    assert r.headers.get("Transfer-Encoding") == "chunked" and "Content-Length" not in r.headers
+    assert r.headers["X-Tt-Logid"]
+    lines, stamps = [], []
+    for line in r.iter_lines(chunk_size=64, decode_unicode=True):
+        lines.append(line)
+        stamps.append(time.monotonic())
+    # frames are exactly event:<name>\ndata:<json>\n\n
+    assert len(lines) % 3 == 0
+    events = []
+    for i in range(0, len(lines), 3):
+        ev, data, blank = lines[i:i + 3]
+        assert ev.startswith("event:") and not ev.startswith("event: ")
+        assert data.startswith("data:") and not data.startswith("data: ")
+        assert blank == ""
+        events.append((ev[6:], json.loads(data[5:]), stamps[i + 1]))
+    names = [e[0] for e in events]
+    deltas = [e for e in events if e[0] == "conversation.message.delta"]
+    n = len(deltas)
+    assert names == (["conversation.chat.created", "conversation.chat.in_progress"]
+                     + ["conversation.message.delta"] * n
+                     + ["conversation.message.completed", "conversation.chat.completed", "done"])
+    reply = "Sandbox reply to: " + text
+    assert n == len(reply.split())
+    assert "".join(d[1]["content"] for d in deltas) == reply
+    assert events[-1][1] == "[DONE]"
+    completed = events[-3][1]
+    assert completed["content"] == reply and completed["type"] == "answer" and completed["role"] == "assistant"
+    chat = events[0][1]
+    assert chat["status"] == "created" and chat["conversation_id"] and chat["id"]
+    assert events[-2][1]["status"] == "completed"
+    for d in deltas:
+        assert d[1]["chat_id"] == chat["id"] and d[1]["conversation_id"] == chat["conversation_id"]
+        assert d[1]["content_type"] == "text" and d[1]["type"] == "answer"
+    span = deltas[-1][2] - deltas[0][2]
+    expected = (n - 1) * st.delta_gap
+    assert expected * 0.7 <= span <= expected + 1.0, (span, expected)
+    gaps = [b[2] - a[2] for a, b in zip(deltas, deltas[1:])]
+    assert min(gaps) > st.delta_gap * 0.4, gaps  # not all at once
+    # the conversation stored both messages
+    msgs = api(st, "POST", "/v1/conversation/message/list", tok,
+               params={"conversation_id": chat["conversation_id"]}, json={"order": "asc"}).json()["data"]
+    assert [(m["role"], m["content"]) for m in msgs] == [("user", text), ("assistant", reply)]
+    assert msgs[1]["id"] == deltas[0][1]["id"]
+
+
+def test_keep_alive_and_stream_then_reuse_connection(st, key):
+    tok = access_token(st, key)
+    conn = http.client.HTTPConnection("127.0.0.1", st.port, timeout=10)
+    try:
+        conn.request("GET", "/v1/bots/b42", headers={"Authorization": f"Bearer {tok}"})
+        r = conn.getresponse()
+        body = json.loads(r.read())
+        assert r.status == 200 and r.getheader("Content-Length") and r.getheader("Connection") != "close"
+        assert body["data"]["name"] == "Sandbox bot" and body["data"]["bot_id"] == "b42"
+        assert "not Coze" in body["data"]["description"]
+        sock = conn.sock
+        payload = json.dumps({"bot_id": "b42", "user_id": "u", "stream": True,
+                              "additional_messages": [{"role": "user", "content": "hi", "content_type": "text"}]})
+        conn.request("POST", "/v3/chat", body=payload,
+                     headers={"Authorization": f"Bearer {tok}", "Content-Type": "application/json"})
+        r = conn.getresponse()
+        text = r.read().decode()
+        assert text.endswith('event:done\ndata:"[DONE]"\n\n')
+        conn.request("GET", "/nope")
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 404
+        assert conn.sock is sock  # all three on one connection
+    finally:
+        conn.close()
+
+
+def test_chat_modes(st, key):
+    tok = access_token(st, key)
+    for mode, code in (("rate_limited", 4013), ("no_permission", 4101), ("not_published", 4015)):
+        st.chat_mode = mode
+        for stream in (False, True):
+            r = api(st, "POST", "/v3/chat", tok, json={"bot_id": "b", "user_id": "u", "stream": stream,
+                                                        "additional_messages": []})
+            assert r.status_code == 200 and r.headers["Content-Type"].startswith("application/json")
+            assert r.json()["code"] == code and r.json()["msg"]
+    st.chat_mode = "cut"
+    r = _stream_lines(st, tok, "a b c d e f")
+    lines = []
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        for line in r.iter_lines(decode_unicode=True):
+            lines.append(line)
+    assert "event:done" not in lines and "event:conversation.chat.completed" not in lines
+    assert 1 <= lines.count("event:conversation.message.delta") < len("Sandbox reply to: a b c d e f".split())
+    st.chat_mode = "ok"
+    with pytest.raises(ValueError):
+        st.chat_mode = "nonsense"
+
+
+def test_cancel_clear_and_retrieve(st, key):
+    tok = access_token(st, key)
+    c = chat_once(st, tok, "hello")["data"]
+    r = api(st, "POST", "/v3/chat/cancel", tok, json={"conversation_id": c["conversation_id"], "chat_id": c["id"]})
+    assert r.json()["code"] == 4104  # already completed
+    r = api(st, "GET", "/v3/chat/retrieve", tok, params={"conversation_id": c["conversation_id"], "chat_id": c["id"]})
+    assert r.json()["data"]["status"] == "completed"
+    r = api(st, "POST", f"/v1/conversations/{c['conversation_id']}/clear", tok)
+    assert r.json()["code"] == 0 and r.json()["data"]["conversation_id"] == c["conversation_id"]
+    msgs = api(st, "POST", "/v1/conversation/message/list", tok, params={"conversation_id": c["conversation_id"]},
+               json={}).json()
+    assert msgs["data"] == [] and msgs["first_id"] == "" and msgs["has_more"] is False
+
+
+# ---------------------------------------------------------------- misc protocol details
+def test_logid_on_every_answer_and_unknown_paths(st, key):
+    tok = access_token(st, key)
+    answers = [
+        requests.get(st.base_url + "/nope", timeout=5),
+        requests.get(st.base_url + TOKEN_PATH, timeout=5),
+        requests.options(st.base_url + "/v3/chat", timeout=5),
+        exchange(st, "garbage.jwt.value"),
+        exchange(st, make_jwt(st, key), {"grant_type": "x"}),
+        api(st, "POST", "/v1/conversation/create", "czs_bad", json={}),
+        api(st, "GET", "/v1/bots/b1", tok),
+        api(st, "POST", "/v3/chat", tok, json={"bot_id": "b", "user_id": "u", "stream": True,
+                                                "additional_messages": []}),
+    ]
+    st.token_mode = "http500"
+    answers.append(exchange(st, make_jwt(st, key)))
+    st.token_mode = "garbage"
+    answers.append(exchange(st, make_jwt(st, key)))
+    logids = [a.headers.get("X-Tt-Logid") for a in answers]
+    assert all(logids) and len(set(logids)) == len(logids)
+    assert all(a.headers["Server"] == "coze-sandbox" for a in answers)
+    assert answers[0].status_code == 404 and answers[0].json()["code"] == 4000
+    assert answers[1].status_code == 405
+
+
+def test_options_has_no_cors_and_is_recorded(st):
+    r = requests.options(st.base_url + "/v3/chat", headers={
+        "Origin": "https://example.com", "Access-Control-Request-Method": "POST"}, timeout=5)
+    assert r.status_code == 200
+    assert not [h for h in r.headers if h.lower().startswith("access-control-")]
+    seen = st.requests_seen[-1]
+    assert seen["method"] == "OPTIONS" and seen["path"] == "/v3/chat"
+    assert seen["headers"]["origin"] == "https://example.com"
+
+
+def test_requests_seen_and_placeholders(st, key):
+    api(st, "GET", "/v1/conversations?bot_id=x", "user:abc123")
+    requests.get(st.base_url + "/v1/bots/x", headers={"Cookie": "a=1; coze_user=abc"}, timeout=5)
+    requests.get(st.base_url + "/v1/bots/x", headers={"Cookie": "not_coze_user=abc"}, timeout=5)
+    assert st.placeholder_seen == 2
+    assert [s["path"] for s in st.requests_seen] == ["/v1/conversations", "/v1/bots/x", "/v1/bots/x"]
+    assert st.requests_seen[0]["query"] == "bot_id=x"
+    assert st.requests_seen[0]["headers"]["authorization"] == "Bearer user:abc123"
+    st.reset_observations()
+    assert st.placeholder_seen == 0 and st.requests_seen == [] and st.exchanges == []
+
+
+# ---------------------------------------------------------------- knobs
+def test_token_modes(st, key):
+    with pytest.raises(ValueError):
+        st.token_mode = "nonsense"
+
+    st.token_mode = "http500"
+    r = exchange(st, make_jwt(st, key))
+    assert r.status_code == 500 and r.text == "upstream exploded"
+
+    st.token_mode = "garbage"
+    r = exchange(st, make_jwt(st, key))
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/html")
+    assert r.text == "<html>nope</html>"
+
+    st.token_mode = "no_token"
+    r = exchange(st, make_jwt(st, key))
+    assert r.status_code == 200 and "access_token" not in r.json()
+    assert st.exchange_count() == 0
+
+    st.token_mode = "expired"
+    r = exchange(st, make_jwt(st, key))
+    assert r.status_code == 200
+    assert r.json()["expires_in"] <= time.time() - 590
+    dead = r.json()["access_token"]
+    r = api(st, "POST", "/v1/conversation/create", dead, json={})
+    assert r.status_code == 401 and r.json()["code"] == 4100
+
+    st.token_mode = "duration"
+    r = exchange(st, make_jwt(st, key), {"grant_type": JWT_GRANT_TYPE, "duration_seconds": 1234})
+    assert r.status_code == 200 and r.json()["expires_in"] == 1234
+    assert api(st, "POST", "/v1/conversation/create", r.json()["access_token"], json={}).json()["code"] == 0
+    assert st.exchange_count() == 2
+
+    st.token_mode = "hang"
+    t0 = time.monotonic()
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        exchange(st, make_jwt(st, key), timeout=0.4)
+    assert time.monotonic() - t0 < 3
+
+
+def test_token_delay_overlaps_concurrent_exchanges(st, key):
+    st.token_delay = 0.4
+    jwts = [make_jwt(st, key, session_name=f"user_{i:04d}") for i in range(6)]
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(lambda j: exchange(st, j).status_code, jwts))
+    took = time.monotonic() - t0
+    assert codes == [200] * 6
+    assert 0.4 <= took < 1.5, took  # 6 x 0.4 s in sequence would take 2.4 s
+    assert st.exchange_count() == 6 and st.exchange_count("user_0003") == 1
+
+
+def test_many_concurrent_connections(st, key):
+    tok = access_token(st, key)
+
+    def one(i):
+        return api(st, "GET", f"/v1/bots/b{i}", tok).json()["data"]["bot_id"]
+
+    with ThreadPoolExecutor(64) as pool:
+        assert list(pool.map(one, range(200))) == [f"b{i}" for i in range(200)]
+
+
+def test_stop_closes_everything(key):
+    s = CozeStandIn(_public_pem(key), KID, CLIENT_ID).start()
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=5)
+    conn.request("GET", "/nope")
+    conn.getresponse().read()
+    s.stop()
+    with pytest.raises((OSError, http.client.HTTPException)):
+        conn.request("GET", "/nope")
+        conn.getresponse().read()
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(s.base_url + "/nope", timeout=2)
+    s.stop()  # idempotent
+
+
+# ---------------------------------------------------------------- make_sandbox_app, CLI, cozepy
+def test_make_sandbox_app_config():
+    s, cfg = make_sandbox_app()
+    with s:
+        assert set(cfg) == {"client_type", "client_id", "coze_www_base", "coze_api_base", "private_key",
+                            "public_key_id"}
+        assert cfg["client_type"] == "jwt"
+        assert cfg["coze_api_base"] == s.base_url and not s.base_url.endswith(":0")
+        assert s.audience == s.base_url.split("://", 1)[1] == f"127.0.0.1:{s.port}"
+        pkcs8_marker = "-----BEGIN " + "PRIVATE KEY-----"  # split: no PEM marker in the repository
+        assert cfg["private_key"].startswith(pkcs8_marker)
+        k = serialization.load_pem_private_key(cfg["private_key"].encode(), None)
+        assert k.key_size == 2048
+        assert cfg["public_key_id"] == s.kid and cfg["client_id"] == s.client_id
+        now = int(time.time())
+        j = jwt.encode({"iss": cfg["client_id"], "aud": s.audience, "iat": now, "exp": now + 60,
+                        "jti": secrets.token_hex(8)}, k, algorithm="RS256",
+                       headers={"kid": cfg["public_key_id"], "typ": "JWT"})
+        assert exchange(s, j).status_code == 200
+        assert "SANDBOX" in repr(s)
+
+
+def test_cli_writes_config_and_serves(tmp_path):
+    path = tmp_path / "sandbox_oauth.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sandbox.coze_standin", "--port", "0", "--write-config", str(path)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:")
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        cfg = json.loads(path.read_text())
+        assert cfg["coze_api_base"] == url
+        r = requests.get(url + "/v1/bots/x", timeout=5)
+        assert r.status_code == 401 and r.headers["Server"] == "coze-sandbox"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_cozepy_client_against_the_sandbox():
+    pytest.importorskip("cozepy")
+    from cozepy import Coze, CozeAPIError, JWTOAuthApp, Message, TokenAuth
+    from cozepy.chat import ChatEventType
+
+    s, cfg = make_sandbox_app(delta_gap=0.01)
+    with s:
+        app = JWTOAuthApp(cfg["client_id"], cfg["private_key"], cfg["public_key_id"], base_url=s.base_url)
+        tok = app.get_access_token(ttl=900, session_name="cozepy_user_1")
+        assert tok.access_token.startswith("czs_")
+        assert abs(tok.expires_in - (time.time() + 900)) < 5
+        assert s.exchange_count("cozepy_user_1") == 1
+
+        coze = Coze(auth=TokenAuth(tok.access_token), base_url=s.base_url)
+        conv = coze.conversations.create(bot_id="bot_cozepy")
+        deltas, kinds = [], []
+        for ev in coze.chat.stream(bot_id="bot_cozepy", user_id="u1", conversation_id=conv.id,
+                                   additional_messages=[Message.build_user_question_text("ping pong")]):
+            kinds.append(ev.event)
+            if ev.event == ChatEventType.CONVERSATION_MESSAGE_DELTA:
+                deltas.append(ev.message.content)
+        assert "".join(deltas) == "Sandbox reply to: ping pong"
+        assert kinds[0] == ChatEventType.CONVERSATION_CHAT_CREATED
+        assert kinds[-1] == ChatEventType.CONVERSATION_CHAT_COMPLETED
+        msgs = list(coze.conversations.messages.list(conversation_id=conv.id))
+        assert [m.content for m in msgs] == ["Sandbox reply to: ping pong", "ping pong"]
+        assert [c.id for c in coze.conversations.list(bot_id="bot_cozepy")] == [conv.id]
+        assert coze.bots.retrieve(bot_id="bot_cozepy").name == "Sandbox bot"
+
+        other = app.get_access_token(ttl=900, session_name="cozepy_user_2")
+        coze2 = Coze(auth=TokenAuth(other.access_token), base_url=s.base_url)
+        with pytest.raises(CozeAPIError) as ei:
+            list(coze2.conversations.messages.list(conversation_id=conv.id))
+        assert ei.value.code == 4101
+        assert ei.value.logid
