@@ -48,7 +48,11 @@ class Auth:
     async def _handle(self, flow: http.HTTPFlow) -> None:
         request = flow.request
         if not self.settings.is_coze_api(request):
-            if any(identity.is_placeholder(a) for a in request.headers.get_all("authorization")):
+            if not any(identity.is_placeholder(a) for a in request.headers.get_all("authorization")):
+                return
+            if self.settings.broker is None:
+                self._refuse_unconfigured(flow)
+            else:
                 self._refuse(flow, 400, 4000, "tag-to-other-host",
                              f"a coze-mitm user tag was sent to {request.host}, which is not a configured Coze API "
                              "host; only the Coze API gets credentials (add it with coze_api_hosts if it is one)")
@@ -63,7 +67,7 @@ class Auth:
             return
 
         if self.settings.broker is None:
-            self._refuse(flow, 503, 5000, "not-configured", f"coze-mitm cannot add credentials: {self.settings.problem}")
+            self._refuse_unconfigured(flow)
             return
         user_id = decision.user_id
         try:
@@ -91,6 +95,9 @@ class Auth:
         )
         flow.marked = ":key:"
         self.settings.stats.injected += 1
+
+    def _refuse_unconfigured(self, flow: http.HTTPFlow) -> None:
+        self._refuse(flow, 503, 5000, "not-configured", f"coze-mitm cannot add credentials: {self.settings.problem}")
 
     def _refuse(self, flow: http.HTTPFlow, status: int, code: int, reason: str, msg: str,
                 headers: dict[str, str] | None = None) -> None:

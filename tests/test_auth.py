@@ -1,0 +1,110 @@
+"""The Authorization addon with mitmproxy's test context, the real settings and the Coze stand-in."""
+
+import asyncio
+import inspect
+import json
+
+import pytest
+from mitmproxy.test import taddons, tflow, tutils
+
+from auth import Auth
+from cors import Cors
+from settings import CozeSettings
+from streaming import Streaming
+
+PAGE = "https://chat.example.org"
+ALICE = "alice-0001"
+
+
+@pytest.fixture
+def bundle(config_file, standin):
+    settings = CozeSettings()
+    addons = [settings, Cors(settings), Auth(settings), Streaming()]
+    with taddons.context(*addons) as tctx:
+        tctx.configure(settings, coze_config=str(config_file), coze_origins=PAGE)
+        yield tctx, addons, standin
+
+
+def api_flow(standin, headers, path="/v1/bots/7000", method="GET"):
+    host, port = standin.audience.split(":")
+    req = tutils.treq(method=method.encode(), scheme=b"http", host=host, port=int(port), path=path.encode(),
+                      headers=tutils.treq().headers.__class__([(k.encode(), v.encode()) for k, v in headers]))
+    return tflow.tflow(req=req)
+
+
+def through_request(tctx, addons, f):
+    """Run the request hooks in bundle order, as mitmproxy would (async ones awaited)."""
+    async def run():
+        for addon in addons:
+            hook = getattr(addon, "request", None)
+            if hook is None or f.response:
+                continue
+            result = hook(f)
+            if inspect.isawaitable(result):
+                await result
+    asyncio.run(run())
+
+
+class TestAuth:
+    def test_placeholder_swapped_cookie_stripped_then_restored(self, bundle):
+        tctx, addons, standin = bundle
+        f = api_flow(standin, [("Authorization", f"Bearer user:{ALICE}"), ("Cookie", f"a=1; coze_user={ALICE}")])
+        through_request(tctx, addons, f)
+        assert f.request.headers["Authorization"].startswith("Bearer czs_")
+        assert f.request.headers["Cookie"] == "a=1"
+        assert standin.exchange_count(ALICE) == 1
+        assert "coze-mitm" in f.comment and f.marked
+        token = f.request.headers["Authorization"]
+
+        f.response = tutils.tresp()
+        addons[2].responseheaders(f)
+        # What mitmweb and -w files keep is what the page sent, not the token.
+        assert f.request.headers["Authorization"] == f"Bearer user:{ALICE}"
+        assert token not in json.dumps(f.get_state(), default=repr)
+
+    def test_refusals_are_local_json(self, bundle):
+        tctx, addons, standin = bundle
+        f = api_flow(standin, [("Authorization", f"Bearer user:{ALICE}"), ("Origin", "https://evil.example")])
+        through_request(tctx, addons, f)
+        assert f.response.status_code == 403
+        assert set(json.loads(f.response.content)) == {"code", "msg"}
+        assert standin.exchanges == []
+
+    def test_tag_to_non_coze_host_refused(self, bundle):
+        tctx, addons, _ = bundle
+        f = tflow.tflow()
+        f.request.headers["Authorization"] = f"Bearer user:{ALICE}"
+        through_request(tctx, addons, f)
+        assert f.response.status_code == 400
+        assert "not a configured Coze API host" in json.loads(f.response.content)["msg"]
+
+    def test_invalid_token_code_drops_cache(self, bundle):
+        tctx, addons, standin = bundle
+        f = api_flow(standin, [("Authorization", f"Bearer user:{ALICE}")])
+        through_request(tctx, addons, f)
+        f.response = tutils.tresp(content=b'{"code":700012006,"msg":"access token invalid"}',
+                                  headers=tutils.tresp().headers.__class__([(b"Content-Type", b"application/json")]))
+        addons[2].responseheaders(f)
+        addons[2].response(f)
+        assert addons[0].broker.users() == []
+
+    def test_unconfigured_bundle_refuses_instead_of_forwarding(self, tmp_path, standin):
+        settings = CozeSettings()
+        addons = [settings, Cors(settings), Auth(settings)]
+        with taddons.context(*addons) as tctx:
+            tctx.configure(settings, coze_config=str(tmp_path / "missing.json"), coze_origins=PAGE)
+            f = api_flow(standin, [("Authorization", f"Bearer user:{ALICE}")])
+            f.request.host = "api.coze.cn"
+            f.request.port, f.request.scheme = 443, "https"
+            through_request(tctx, addons, f)
+            assert f.response.status_code == 503
+            assert "OAuth config not found" in json.loads(f.response.content)["msg"]
+
+
+def test_sse_responses_stream():
+    f = tflow.tflow(resp=tutils.tresp(headers=tutils.tresp().headers.__class__([(b"Content-Type", b"text/event-stream; charset=utf-8")])))
+    Streaming().responseheaders(f)
+    assert f.response.stream is True
+    g = tflow.tflow(resp=True)
+    Streaming().responseheaders(g)
+    assert not g.response.stream

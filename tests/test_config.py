@@ -1,0 +1,101 @@
+"""Loading the Coze console's OAuth JSON: every accepted shape and every refusal message."""
+
+import json
+import os
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+import config
+from config import ConfigError
+from tests.conftest import write_config
+
+
+def test_console_file_loads_with_key_parsed_once(tmp_path, rsa_key):
+    app = config.load_oauth_config(write_config(tmp_path, rsa_key, "https://api.coze.cn"))
+    assert app.client_id and app.public_key_id
+    assert app.private_key.key_size == 2048
+    assert app.api_origin.netloc == "api.coze.cn"
+    assert "PRIVATE" not in repr(app)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"client_type": "server"},
+    {"coze_www_base": None, "coze_domain": "https://www.coze.cn"},
+    {"coze_api_base": None},
+])
+def test_older_console_shapes_accepted(tmp_path, rsa_key, overrides):
+    app = config.load_oauth_config(write_config(tmp_path, rsa_key, "https://api.coze.cn", **overrides))
+    assert app.api_base == "https://api.coze.cn"
+
+
+def test_missing_file_says_where_to_get_it(tmp_path):
+    with pytest.raises(ConfigError, match="Coze console.*save it there.*coze_pat"):
+        config.load_oauth_config(tmp_path / "nope.json")
+
+
+def test_invalid_json_names_the_line(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{\n  "client_id": "1",\n  oops\n}')
+    with pytest.raises(ConfigError, match="line 3"):
+        config.load_oauth_config(path)
+
+
+@pytest.mark.parametrize("client_type", ["pkce", "device", "web"])
+def test_non_jwt_app_refused_with_the_needed_type(tmp_path, rsa_key, client_type):
+    with pytest.raises(ConfigError, match=r"JWT \(service\)"):
+        config.load_oauth_config(write_config(tmp_path, rsa_key, "https://api.coze.cn", client_type=client_type))
+
+
+@pytest.mark.parametrize("field", ["client_id", "public_key_id", "private_key"])
+def test_missing_field_named(tmp_path, rsa_key, field):
+    with pytest.raises(ConfigError, match=f"'{field}' is missing"):
+        config.load_oauth_config(write_config(tmp_path, rsa_key, "https://api.coze.cn", **{field: None}))
+
+
+def test_unparsable_key(tmp_path, rsa_key):
+    with pytest.raises(ConfigError, match="does not parse as a PEM private key"):
+        config.load_oauth_config(write_config(tmp_path, rsa_key, "https://api.coze.cn", private_key="garbage"))
+
+
+def test_non_rsa_key_refused(tmp_path, rsa_key):
+    ec_pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    with pytest.raises(ConfigError, match="not an RSA key"):
+        config.load_oauth_config(write_config(tmp_path, rsa_key, "https://api.coze.cn", private_key=ec_pem))
+
+
+@pytest.mark.parametrize("base", ["ftp://api.coze.cn", "api.coze.cn", "https://", "http://[::1"])
+def test_api_base_must_be_http_url(tmp_path, rsa_key, base):
+    with pytest.raises(ConfigError, match="coze_api_base"):
+        config.load_oauth_config(write_config(tmp_path, rsa_key, base))
+
+
+def test_api_origin_keeps_the_port():
+    assert str(config.parse_api_origin("http://127.0.0.1:8790/x")) == "http://127.0.0.1:8790"
+    assert str(config.parse_api_origin("https://API.coze.cn:443")) == "https://api.coze.cn"
+    assert config.parse_api_origin("https://api.coze.cn:8443") != config.parse_api_origin("https://api.coze.cn")
+
+
+def test_page_origins_normalised_and_validated():
+    assert config.parse_page_origins(" https://Example.org/ , http://localhost:3000,https://x.org:443") == {
+        "https://example.org", "http://localhost:3000", "https://x.org"}
+    assert config.parse_page_origins("") == frozenset()
+    for bad in ("*", "null", "example.org", "https://example.org/path", "https://*.example.org", "ftp://x.org"):
+        with pytest.raises(ConfigError, match="coze_origins"):
+            config.parse_page_origins(bad)
+
+
+def test_permissions_warning(tmp_path, rsa_key):
+    path = write_config(tmp_path, rsa_key, "https://api.coze.cn")
+    assert config.permissions_warning(path) is None
+    os.chmod(path, 0o644)
+    assert "chmod 600" in config.permissions_warning(path)
+
+
+def test_default_path_is_in_the_repository_not_the_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert config.DEFAULT_CONFIG_PATH == config.REPO_ROOT / "config" / "coze_oauth_config.json"
+    assert (config.REPO_ROOT / "config" / "coze_oauth_config.example.json").is_file()
+    json.loads((config.REPO_ROOT / "config" / "coze_oauth_config.example.json").read_text())

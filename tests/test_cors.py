@@ -1,0 +1,99 @@
+"""CORS for the Coze API origin(s): preflights answered locally, headers replaced, only for allowed origins."""
+
+import pytest
+from mitmproxy.test import taddons, tflow, tutils
+
+from cors import Cors
+from settings import CozeSettings
+
+PAGE = "https://chat.example.org"
+
+
+@pytest.fixture
+def addon():
+    settings = CozeSettings()
+    cors = Cors(settings)
+    with taddons.context(settings, cors) as tctx:
+        tctx.configure(settings, coze_pat="pat_" + "x" * 30, coze_api_base="https://api.coze.cn",
+                       coze_origins=f"{PAGE},http://localhost:3000", coze_api_hosts="http://127.0.0.1:8790")
+        yield cors
+
+
+def flow(method="POST", host="api.coze.cn", port=443, scheme="https", headers=(), resp=False):
+    req = tutils.treq(method=method.encode(), host=host, port=port, scheme=scheme.encode(), path=b"/v3/chat",
+                      headers=tutils.treq().headers.__class__([(k.encode(), v.encode()) for k, v in headers]))
+    return tflow.tflow(req=req, resp=resp)
+
+
+def preflight(origin=PAGE, **kw):
+    return flow("OPTIONS", headers=[("Origin", origin), ("Access-Control-Request-Method", "POST"),
+                                    ("Access-Control-Request-Headers", "authorization,content-type,x-coze-client-user-agent")], **kw)
+
+
+class TestCors:
+    def test_preflight_from_allowed_origin_answered_locally(self, addon):
+        f = preflight()
+        addon.request(f)
+        addon.response(f)
+        h = f.response.headers
+        assert f.response.status_code == 204
+        assert h["Access-Control-Allow-Origin"] == PAGE
+        assert h["Access-Control-Allow-Credentials"] == "true"
+        assert "POST" in h["Access-Control-Allow-Methods"]
+        assert h["Access-Control-Allow-Headers"] == "authorization,content-type,x-coze-client-user-agent"
+        assert int(h["Access-Control-Max-Age"]) > 0
+        assert "Origin" in h["Vary"]
+
+    def test_hostile_request_headers_not_echoed(self, addon):
+        f = flow("OPTIONS", headers=[("Origin", PAGE), ("Access-Control-Request-Method", "POST"),
+                                     ("Access-Control-Request-Headers", "x\r\nSet-Cookie: a=b")])
+        addon.request(f)
+        assert "Set-Cookie" not in f.response.headers["Access-Control-Allow-Headers"]
+
+    @pytest.mark.parametrize("origin", ["https://evil.example", "null", PAGE + ".evil.test", "http://chat.example.org"])
+    def test_preflight_from_other_origin_not_loosened(self, addon, origin):
+        f = preflight(origin)
+        addon.request(f)
+        assert f.response is None  # passes to Coze as it is
+
+    def test_other_port_is_another_origin(self, addon):
+        f = preflight(port=8443)
+        addon.request(f)
+        assert f.response is None
+        f = preflight(host="127.0.0.1", port=8790, scheme="http")
+        addon.request(f)
+        assert f.response.status_code == 204
+
+    def test_non_coze_host_untouched(self, addon):
+        f = preflight(host="example.org")
+        addon.request(f)
+        assert f.response is None
+
+    def test_upstream_cors_headers_replaced_not_duplicated(self, addon):
+        resp = tutils.tresp(headers=tutils.tresp().headers.__class__([
+            (b"Access-Control-Allow-Origin", b"*"), (b"access-control-allow-origin", b"https://coze.cn"),
+            (b"Access-Control-Allow-Credentials", b"false"), (b"Vary", b"Accept-Encoding"),
+            (b"Content-Type", b"text/event-stream")]))
+        f = flow(headers=[("Origin", PAGE)])
+        addon.request(f)
+        f.response = resp
+        addon.responseheaders(f)
+        h = f.response.headers
+        assert h.get_all("Access-Control-Allow-Origin") == [PAGE]
+        assert h.get_all("Access-Control-Allow-Credentials") == ["true"]
+        assert "X-Tt-Logid" in h["Access-Control-Expose-Headers"]
+        assert h["Vary"] == "Accept-Encoding, Origin"
+
+    def test_disallowed_origin_response_left_as_is(self, addon):
+        f = flow(headers=[("Origin", "https://evil.example")])
+        addon.request(f)
+        f.response = tutils.tresp()
+        addon.responseheaders(f)
+        addon.response(f)
+        assert "Access-Control-Allow-Origin" not in f.response.headers
+
+    def test_duplicated_origin_header_not_loosened(self, addon):
+        f = preflight()
+        f.request.headers.add("Origin", "https://evil.example")
+        addon.request(f)
+        assert f.response is None
