@@ -11,13 +11,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 LISTENING_RE = re.compile(r"HTTP\(S\) proxy listening at \S*?:(\d+)")
-MITMDUMP = [sys.executable, "-c", "from mitmproxy.tools.main import mitmdump; mitmdump()"]
+
+def tool_command(tool: str = "mitmdump") -> list[str]:
+    """mitmdump or mitmweb of the Python running the tests (so a venv's mitmproxy is the one tested)."""
+    return [sys.executable, "-c", f"from mitmproxy.tools.main import {tool}; {tool}()"]
 
 
 class Mitmdump:
-    def __init__(self, confdir: Path, sets=(), *, script: bool = True, extra_args=(), startup_timeout: float = 30):
+    def __init__(self, confdir: Path, sets=(), *, script: bool = True, extra_args=(), startup_timeout: float = 30,
+                 tool: str = "mitmdump"):
         self.confdir = Path(confdir)
-        args = [*MITMDUMP, "--listen-host", "127.0.0.1", "--listen-port", "0", "--set", f"confdir={self.confdir}"]
+        args = [*tool_command(tool), "--listen-host", "127.0.0.1", "--listen-port", "0", "--set", f"confdir={self.confdir}"]
         if script:
             args += ["-s", str(REPO / "addons" / "coze.py")]
         for item in sets:
