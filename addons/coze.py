@@ -5,6 +5,7 @@
 
 A request passes these addons in order:
   settings   the coze_* options, validated once; shared state (broker, origins, stats)
+  demo       http://coze.mitm/demo and the sandbox.coze.mitm name, only with coze_demo (run_mitm.py --demo)
   status     http://coze.mitm/ pages, answered locally
   cors       preflights to the Coze API from allowed origins answered locally; CORS headers set
   auth       the user tag swapped for that user's Coze token (or refused with a JSON answer)
@@ -13,6 +14,7 @@ A request passes these addons in order:
 
 from auth import Auth
 from cors import Cors
+from demo import Demo
 from settings import CozeSettings
 from status import StatusPages
 from streaming import Streaming
@@ -21,6 +23,7 @@ settings = CozeSettings()
 
 addons = [
     settings,
+    Demo(settings),
     StatusPages(settings),
     Cors(settings),
     Auth(settings),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -114,7 +115,8 @@ class CozeSettings:
             raise ConfigError("coze_new_users_per_minute must be 0 (no limit) or more")
         page_origins = config.parse_page_origins(opts.coze_origins)
 
-        pat = (opts.coze_pat or "").strip()
+        # COZE_PAT from the environment keeps the PAT out of `ps` and shell history (run_mitm.py passes it so).
+        pat = (opts.coze_pat or os.environ.get("COZE_PAT") or "").strip()
         if pat:
             app = None
             if any(c.isspace() for c in pat) or pat.startswith("user:"):

@@ -1,0 +1,150 @@
+"""http://coze.mitm/demo — a small chat page that talks to the local SANDBOX through the whole path.
+
+Active only with `--set coze_demo=true`, which `python run_mitm.py --demo` sets together with a
+local Coze stand-in (sandbox/coze_standin.py) as the configured API and http://coze.mitm in
+coze_origins. The page then does what the Web Chat SDK does on a real page:
+
+    page http://coze.mitm/demo ── POST http://sandbox.coze.mitm/v3/chat   Authorization: Bearer user:<id>
+        a cross-origin call: the browser sends a CORS preflight first (answered by cors.py),
+        then the tagged POST: auth.py mints this user's token from the sandbox and swaps it in,
+        and the SSE reply streams back delta by delta.
+
+`sandbox.coze.mitm` is a name only this proxy knows: it is mapped here to the configured API origin,
+and only when that origin is on this machine (a sandbox), never to a real Coze. A browser sends it
+through its proxy like any other host, whereas 127.0.0.1 would bypass the proxy in most browsers.
+"""
+
+from __future__ import annotations
+
+import html
+import ipaddress
+import json
+import logging
+import secrets
+from pathlib import Path
+
+from mitmproxy import ctx, http
+
+from answers import answer_json
+from config import parse_api_origin
+from settings import STATUS_HOST, CozeSettings
+
+log = logging.getLogger("coze.demo")
+
+DEMO_PATHS = ("/demo", "/demo/")
+DEMO_HTML = Path(__file__).resolve().parent / "demo.html"
+SANDBOX_HOST = "sandbox.coze.mitm"
+SANDBOX_API = f"http://{SANDBOX_HOST}"
+DEMO_ORIGIN = f"http://{STATUS_HOST}"
+DEFAULT_BOT_ID = "7000000000000000001"
+DEMO_ROUTED = "coze_demo_routed"  # flow.metadata: this request was sent on to the local sandbox
+
+
+def is_local(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Demo:
+    def __init__(self, settings: CozeSettings):
+        self.settings = settings
+        self._template: str | None = None
+
+    def load(self, loader):
+        loader.add_option(
+            "coze_demo", bool, False,
+            "Serve the demo chat page at http://coze.mitm/demo; its API http://sandbox.coze.mitm is mapped "
+            "to the configured Coze API when that is a local sandbox (python run_mitm.py --demo sets this up).",
+        )
+
+    def configure(self, updated):
+        if "coze_demo" not in updated and not updated & {"coze_config", "coze_api_base", "coze_origins", "coze_pat"}:
+            return
+        if not ctx.options.coze_demo:
+            return
+        target = self.sandbox_origin()
+        if target is None:
+            log.warning(
+                f"coze-mitm: coze_demo is on, but the configured Coze API ({self._api_description()}) is not a local "
+                "sandbox: the demo page stays off; start it with: python run_mitm.py --demo"
+            )
+            return
+        if DEMO_ORIGIN not in self.settings.page_origins:
+            log.warning(f"coze-mitm: coze_demo: add {DEMO_ORIGIN} to coze_origins, or the demo page gets no credentials")
+        log.info(f"coze-mitm: demo page at {DEMO_ORIGIN}/demo; its API {SANDBOX_API} goes to the local SANDBOX at {target}")
+
+    def _api_description(self) -> str:
+        return ", ".join(sorted(map(str, self.settings.api_origins))) or "none"
+
+    def sandbox_origin(self):
+        """The configured API origin if it is a local sandbox (JWT mode, loopback host), else None."""
+        app = self.settings.app
+        if app is None or self.settings.broker is None:
+            return None
+        origin = parse_api_origin(app.api_base)
+        return origin if is_local(origin.host) else None
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or not flow.live or not ctx.options.coze_demo:
+            return
+        request = flow.request
+        host = request.host.lower()
+        if host == SANDBOX_HOST and request.scheme == "http":
+            self._route_to_sandbox(flow)
+        elif host == STATUS_HOST and request.path.split("?", 1)[0] in DEMO_PATHS and request.method in ("GET", "HEAD"):
+            self._serve_page(flow)
+
+    def _route_to_sandbox(self, flow: http.HTTPFlow) -> None:
+        target = self.sandbox_origin()
+        if target is None:
+            answer_json(flow, 503, 5000,
+                        f"{SANDBOX_HOST} is the coze-mitm demo's name for a local sandbox, and none is configured "
+                        f"(the Coze API is {self._api_description()}); start the demo with: python run_mitm.py --demo")
+            flow.comment = "coze-mitm demo: no local sandbox configured; answered locally"
+            return
+        # Before cors/auth see the flow: from here on it is a request to the configured API origin.
+        flow.request.scheme, flow.request.host, flow.request.port = target.scheme, target.host, target.port
+        flow.metadata[DEMO_ROUTED] = True
+        flow.comment = f"coze-mitm demo: {SANDBOX_HOST} sent to the local SANDBOX at {target} (not Coze)"
+
+    def _serve_page(self, flow: http.HTTPFlow) -> None:
+        nonce = secrets.token_urlsafe(16)
+        ready = self.sandbox_origin() is not None
+        page_config = {
+            "apiBase": SANDBOX_API,
+            "botId": ctx.options.coze_bot_id or DEFAULT_BOT_ID,
+            "ready": ready,
+            "problem": "" if ready else (
+                f"the configured Coze API ({self._api_description()}) is not a local sandbox; "
+                "start the demo with: python run_mitm.py --demo"
+            ),
+        }
+        # JSON inside <script>: "<" escaped so no value can close the element.
+        config_json = json.dumps(page_config).replace("<", "\\u003c")
+        body = (
+            self.template()
+            .replace("__NONCE__", nonce)
+            .replace("__CONFIG_JSON__", config_json)
+            .replace("__TITLE__", html.escape(ctx.options.coze_title or "Coze"))
+        )
+        csp = (
+            f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
+            f"connect-src {SANDBOX_API}; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        )
+        flow.response = http.Response.make(200, body.encode(), {
+            "Content-Type": "text/html; charset=utf-8",
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": csp,
+            "Referrer-Policy": "no-referrer",
+        })
+        flow.comment = "coze-mitm: demo page"
+
+    def template(self) -> str:
+        if self._template is None:
+            self._template = DEMO_HTML.read_text(encoding="utf-8")
+        return self._template
