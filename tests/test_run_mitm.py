@@ -1,0 +1,553 @@
+"""run_mitm.py as a user runs it: a subprocess, its output and its exit code.
+
+Argument handling and refusals, --check against the local Coze stand-in (success and every failure
+kind), --demo driven through the proxy with requests, the port-in-use message, PAT via the
+environment, and TLS interception limited to the hosts coze-mitm needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import write_config
+
+REPO = Path(__file__).resolve().parent.parent
+RUN_MITM = REPO / "run_mitm.py"
+PAGE = "https://chat.example.org"
+LISTENING_RE = re.compile(r"HTTP\(S\) proxy listening at \S*?:(\d+)")
+MITMPROXY_11 = tuple(int(x) for x in re.findall(r"\d+", __import__("mitmproxy.version").version.VERSION)[:3]) < (11, 1, 2)
+
+
+def clean_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k != "COZE_PAT" and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+    env.update(extra)
+    return env
+
+
+def run(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 60,
+        stdin: str | None = None) -> subprocess.CompletedProcess:
+    """run_mitm.py to its end; stdout and stderr kept apart."""
+    return subprocess.run([sys.executable, str(RUN_MITM), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env or clean_env(), cwd=cwd, input=stdin if stdin is not None else "")
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The launcher's refusals are one line on stderr, never a traceback."""
+    assert "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("run_mitm.py: error: ")
+    return lines[0]
+
+
+class Launcher:
+    """`python run_mitm.py ...` running in the background until stop()."""
+
+    def __init__(self, confdir: Path, *args: str, env: dict | None = None, timeout: float = 30):
+        self.args = [sys.executable, str(RUN_MITM), "--port", "0", "--set", f"confdir={confdir}", *args]
+        self.env = env or clean_env()
+        self.cwd = confdir  # not the repository: the launcher must not depend on the cwd
+        self.timeout = timeout
+        self.lines: list[str] = []
+        self.port: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self._listening = threading.Event()
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def proxies(self) -> dict:
+        return {"http": self.url, "https": self.url}
+
+    def session(self) -> requests.Session:
+        s = requests.Session()
+        s.trust_env = False
+        s.proxies = self.proxies
+        return s
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            m = LISTENING_RE.search(line)
+            if m and self.port is None:
+                self.port = int(m.group(1))
+        self._listening.set()
+
+    def start(self) -> "Launcher":
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, text=True, env=self.env, cwd=self.cwd)
+        threading.Thread(target=self._read, daemon=True).start()
+        # "Ctrl-C stops it." ends the next-steps block printed once the proxy listens.
+        if not self.wait_for_output(r"Ctrl-C stops it", self.timeout) or self.port is None:
+            self.stop()
+            raise RuntimeError(f"run_mitm.py did not start:\n{self.output}")
+        return self
+
+    def wait_for_output(self, pattern: str, timeout: float = 5) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if re.search(pattern, self.output):
+                return True
+            if self.proc.poll() is not None and self._listening.is_set():
+                return bool(re.search(pattern, self.output))
+            time.sleep(0.02)
+        return False
+
+    def children(self) -> list[int]:
+        found = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == self.proc.pid:
+                    found.append(int(proc.name))
+        return found
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                for child in self.children():
+                    os.kill(child, signal.SIGKILL)
+                self.proc.kill()
+                self.proc.wait()
+        self._listening.wait(5)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def launch(tmp_path_factory):
+    started = []
+
+    def start(*args: str, env: dict | None = None) -> Launcher:
+        launcher = Launcher(tmp_path_factory.mktemp("run"), *args, env=env)
+        started.append(launcher)
+        return launcher.start()
+
+    yield start
+    for launcher in started:
+        launcher.stop()
+
+
+def cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- arguments and refusals
+
+def test_help_explains_exit_codes():
+    result = run("--help")
+    assert result.returncode == 0
+    for word in ("--check", "--demo", "--web", "--allow-remote", "COZE_PAT", "exit codes", "port is already in use"):
+        assert word in result.stdout
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20", "::", "example.org"])
+def test_non_loopback_host_refused_without_allow_remote(host):
+    result = run("--host", host, "--demo")
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert "--allow-remote" in line and "credentials" in line
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+def test_bad_port_refused(port):
+    result = run("--port", port, "--demo")
+    assert result.returncode == 2
+    assert "invalid port" in one_error_line(result)
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--set", "listen_port=9999"], "use --port instead"),
+    (["--set", "listen_host=0.0.0.0"], "use --host instead"),
+    (["--set", "coze_origins=https://x.example"], "use --origins instead"),
+    (["--set", "nonsense"], "NAME=VALUE"),
+    (["--set", "web_host=0.0.0.0"], "--allow-remote"),
+    (["--demo", "--config", "x.json"], "drop --config"),
+    (["--demo", "--check"], "not allowed with argument"),
+    (["--config", "x.json", "--pat", "pat_abc"], "choose one"),
+    (["--origins", "https://example.org/path"], "is not an origin"),
+    (["--origins", "*"], "may not contain"),
+])
+def test_argument_refusals_are_one_line(args, expect):
+    result = run(*args)
+    assert result.returncode == 2
+    assert expect in one_error_line(result)
+
+
+def test_pat_in_set_refused_without_echoing_it():
+    result = run("--set", "coze_pat=pat_SECRETSECRET")
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert "COZE_PAT" in line and "ps" in line
+    assert "SECRETSECRET" not in result.stdout + result.stderr
+
+
+def test_missing_config_refused_before_starting(tmp_path):
+    result = run("--config", str(tmp_path / "absent.json"), cwd=tmp_path)
+    assert result.returncode == 3
+    line = one_error_line(result)
+    assert "OAuth config not found" in line and "absent.json" in line
+    assert "listening" not in result.stdout
+
+
+def test_port_in_use_names_the_holder(tmp_path, rsa_key):
+    config = write_config(tmp_path, rsa_key, "https://api.coze.cn")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = run("--config", str(config), "--port", str(port), "--set", f"confdir={tmp_path}")
+    assert result.returncode == 6
+    line = one_error_line(result)
+    assert f"port {port} on 127.0.0.1 is already in use" in line
+    assert f"pid {os.getpid()}" in line  # this test process holds it
+    assert "--port" in line
+
+
+def test_port_in_use_seen_in_mitmproxy_output_is_recognised():
+    import run_mitm
+
+    # What mitmdump 11.0.2 and 12.3.1 print when the port is taken between our check and its bind.
+    line = ("[21:59:58.832] [Errno 98] HTTP(S) proxy failed to listen on 127.0.0.1:18777 with [Errno 98] error "
+            "while attempting to bind on address ('127.0.0.1', 18777): address already in use")
+    assert run_mitm.PORT_IN_USE_RE.search(line)
+
+
+def test_allow_hosts_patterns():
+    import run_mitm
+
+    args = run_mitm.make_parser().parse_args(["--origins", "https://chat.example.org,http://localhost:3000"])
+    pl = run_mitm.Plan(args, api_bases=["https://api.coze.cn", "http://127.0.0.1:8790"])
+    pl.page_origins = frozenset({"https://chat.example.org", "http://localhost:3000"})
+    patterns = run_mitm.allow_hosts(pl)
+    assert r"^api\.coze\.cn:443$" in patterns
+    assert r"^127\.0\.0\.1:8790$" in patterns
+    assert r"^chat\.example\.org:443$" in patterns
+    assert r"^coze\.mitm:\d+$" in patterns and r"^mitm\.it:\d+$" in patterns
+
+    def allowed(address):
+        return any(re.search(p, address, re.IGNORECASE) for p in patterns)
+
+    assert allowed("api.coze.cn:443") and allowed("API.COZE.CN:443") and allowed("coze.mitm:443")
+    assert not allowed("api.coze.cn.evil.example:443") and not allowed("xapi.coze.cn:443")
+    assert not allowed("www.google.com:443") and not allowed("api.coze.com:443")
+
+
+# --------------------------------------------------------------------------- --check
+
+def check(config: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run("--check", "--config", str(config), *extra, env=env, cwd=config.parent)
+
+
+def assert_no_secret(text: str, standin, rsa_key) -> None:
+    key_body = "".join(rsa_key["private_pem"].splitlines()[1:-1])
+    for secret in [e["access_token"] for e in standin.exchanges] + [key_body[:64], key_body[-64:]]:
+        assert secret not in text
+    assert "PRIVATE KEY" not in text
+
+
+def test_check_success_mints_one_throwaway_token(config_file, standin, rsa_key):
+    result = check(config_file)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK offline" in result.stdout and "RSA-2048" in result.stdout
+    verdict = result.stdout.strip().splitlines()[-1]
+    assert verdict.startswith("OK: Coze accepted the config")
+    assert len(standin.exchanges) == 1
+    session = standin.exchanges[0]["session_name"]
+    assert re.fullmatch(r"coze-mitm-check-[0-9a-f]{8}", session) and session in verdict
+    logid = standin.requests_seen[-1]["logid"]
+    assert f"logid {logid}" in verdict
+    assert "expires 20" in verdict and "(in 89" in verdict  # 900 s asked, a moment ago
+    assert_no_secret(result.stdout + result.stderr, standin, rsa_key)
+
+
+def test_check_refused_by_coze_quotes_error_logid_and_hint(tmp_path, standin, rsa_key):
+    wrong_kid = write_config(tmp_path, rsa_key, standin.base_url, public_key_id="not-the-kid")
+    result = check(wrong_kid)
+    assert result.returncode == 4
+    verdict = result.stdout.strip().splitlines()[-1]
+    assert verdict.startswith("FAILED: Coze refused the token exchange: invalid_client: unknown kid 'not-the-kid'")
+    assert "logid" in verdict and "SANDBOX" in verdict  # the stand-in's logid, quoted
+    assert "api.coze.cn" in verdict and "api.coze.com" in verdict  # the hint
+    assert standin.exchanges == []
+    assert_no_secret(result.stdout + result.stderr, standin, rsa_key)
+
+
+@pytest.mark.parametrize("content, expect", [
+    (None, "OAuth config not found"),
+    ("{not json", "not valid JSON (line 1"),
+    (json.dumps({"client_type": "pkce", "client_id": "1"}), "JWT (service)"),
+])
+def test_check_bad_config_offline(tmp_path, content, expect):
+    path = tmp_path / "coze_oauth_config.json"
+    if content is not None:
+        path.write_text(content)
+    result = check(path)
+    assert result.returncode == 3
+    assert result.stdout.strip().splitlines()[-1].startswith("FAILED: ")
+    assert expect in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_check_unreachable_host(tmp_path, rsa_key):
+    config = write_config(tmp_path, rsa_key, f"http://127.0.0.1:{free_port()}")
+    result = check(config)
+    assert result.returncode == 5
+    assert "FAILED: cannot reach Coze's token endpoint" in result.stdout
+
+
+def test_check_timeout(config_file, standin):
+    standin.token_delay = 4
+    t0 = time.monotonic()
+    result = check(config_file, "--set", "coze_exchange_timeout=1")
+    assert result.returncode == 5
+    assert "did not answer within 1 s" in result.stdout
+    assert time.monotonic() - t0 < 3.5
+
+
+def test_check_warns_about_a_readable_key_file(config_file, standin):
+    os.chmod(config_file, 0o644)
+    result = check(config_file)
+    assert result.returncode == 0
+    assert "chmod 600" in result.stdout
+
+
+# --------------------------------------------------------------------------- running the proxy
+
+def test_pat_from_environment_never_on_a_command_line(launch, standin):
+    pat = "pat_" + "Z" * 40
+    launcher = launch("--origins", PAGE, "--set", f"coze_api_base={standin.base_url}", env=clean_env(COZE_PAT=pat))
+    assert "PAT mode (from COZE_PAT)" in launcher.output
+    children = launcher.children()
+    assert children, "mitmdump runs as a child process"
+    for pid in [launcher.proc.pid, *children]:
+        assert not any(pat in arg for arg in cmdline(pid))
+    launcher.session().get(f"{standin.base_url}/v1/bots/7000", headers={
+        "Authorization": "Bearer user:alice-0001", "Origin": PAGE})
+    # The stand-in refuses tokens it did not mint (401); what matters is what reached it.
+    assert standin.requests_seen[-1]["headers"]["authorization"] == f"Bearer {pat}"
+    assert pat not in launcher.output
+
+
+def test_pat_read_from_stdin_with_bare_flag(tmp_path, standin):
+    pat = "pat_" + "Y" * 40
+    proc = subprocess.Popen(
+        [sys.executable, str(RUN_MITM), "--pat", "--port", "0", "--set", f"confdir={tmp_path}",
+         "--set", f"coze_api_base={standin.base_url}"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env(),
+        cwd=tmp_path,
+    )
+    proc.stdin.write(pat + "\n")
+    proc.stdin.close()
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if "Ctrl-C stops it" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stdout.read()
+    proc.wait(15)
+    text = "".join(out) + rest
+    assert "PAT mode (from prompt)" in text
+    assert pat not in text
+    assert proc.returncode == 0
+
+
+def test_tls_only_intercepted_for_coze_hosts(launch, config_file, standin):
+    """A CONNECT to any other host is a raw tunnel: bytes pass untouched (mitmproxy's allow_hosts)."""
+    launcher = launch("--config", str(config_file), "--origins", PAGE)
+    mitm = launcher.children()[0]
+    args = cmdline(mitm)
+    allowed = [args[i + 1] for i, a in enumerate(args) if a == "--set" and args[i + 1].startswith("allow_hosts=")]
+    origin_port = standin.base_url.rsplit(":", 1)[1]
+    assert f"allow_hosts=^127\\.0\\.0\\.1:{origin_port}$" in allowed
+    assert "allow_hosts=^chat\\.example\\.org:443$" in allowed
+
+    with socket.socket() as echo:
+        echo.bind(("127.0.0.1", 0))
+        echo.listen()
+        echo_port = echo.getsockname()[1]
+
+        def serve():
+            conn, _ = echo.accept()
+            with conn:
+                conn.sendall(conn.recv(100)[::-1])
+
+        threading.Thread(target=serve, daemon=True).start()
+        with socket.create_connection(("127.0.0.1", launcher.port), timeout=5) as c:
+            c.sendall(f"CONNECT 127.0.0.1:{echo_port} HTTP/1.1\r\nHost: 127.0.0.1:{echo_port}\r\n\r\n".encode())
+            assert c.recv(100).startswith(b"HTTP/1.1 200")
+            c.sendall(b"\x00\xffraw bytes, not HTTP")
+            assert c.recv(100) == b"PTTH ton ,setyb war\xff\x00"
+
+
+def test_startup_error_from_mitmdump_is_passed_on(tmp_path, rsa_key):
+    config = write_config(tmp_path, rsa_key, "https://api.coze.cn")
+    result = run("--config", str(config), "--port", "0", "--set", f"confdir={tmp_path}",
+                 "--set", "coze_token_ttl=5")
+    assert result.returncode == 1
+    assert "coze_token_ttl=5 is out of range" in result.stdout
+    assert one_error_line(result).endswith("stopped with exit code 1 (see its output above)")
+
+
+def test_web_warns_about_unauthenticated_mitmweb_on_11(launch, config_file):
+    launcher = launch("--web", "--config", str(config_file), "--set", f"web_port={free_port()}",
+                      "--set", "web_open_browser=false")
+    assert launcher.wait_for_output(r"Web server listening at", 10)
+    if MITMPROXY_11:
+        assert "CVE-2025-23217" in launcher.output and "mitmproxy 12" in launcher.output
+    else:
+        assert "CVE-2025-23217" not in launcher.output
+    assert "open the mitmweb URL" in launcher.output
+
+
+# --------------------------------------------------------------------------- --demo
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    launcher = Launcher(tmp_path_factory.mktemp("demo"), "--demo").start()
+    yield launcher
+    launcher.stop()
+
+
+def demo_headers(user_id: str) -> dict:
+    return {"Authorization": f"Bearer user:{user_id}", "Origin": "http://coze.mitm", "Content-Type": "application/json",
+            "Sec-Fetch-Mode": "cors", "Sec-Fetch-Site": "cross-site"}
+
+
+def chat(launcher: Launcher, user_id: str, text: str, conversation_id: str = "") -> tuple[list[tuple[float, str]], str]:
+    """POST /v3/chat streamed, as the demo page does; -> (arrival time and text of each delta, conversation id)."""
+    url = "http://sandbox.coze.mitm/v3/chat" + (f"?conversation_id={conversation_id}" if conversation_id else "")
+    body = {"bot_id": "7000", "user_id": user_id, "stream": True,
+            "additional_messages": [{"role": "user", "content": text, "content_type": "text"}]}
+    r = launcher.session().post(url, headers=demo_headers(user_id), json=body, stream=True)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["access-control-allow-origin"] == "http://coze.mitm"
+    deltas, conv, event = [], "", ""
+    for line in r.iter_lines(decode_unicode=True):
+        if line.startswith("event:"):
+            event = line[6:]
+        elif line.startswith("data:"):
+            data = json.loads(line[5:])
+            if event == "conversation.chat.created":
+                conv = data["conversation_id"]
+            elif event == "conversation.message.delta":
+                deltas.append((time.monotonic(), data["content"]))
+    return deltas, conv
+
+
+def test_demo_is_labelled_as_a_sandbox(demo):
+    assert "SANDBOX" in demo.output and "NOT Coze" in demo.output
+    assert "http://coze.mitm/demo" in demo.output
+    assert "JWT mode for http://127.0.0.1:" in demo.output
+
+
+def test_demo_config_is_private_and_temporary(tmp_path):
+    launcher = Launcher(tmp_path, "--demo").start()
+    try:
+        args = cmdline(launcher.children()[0])
+        path = Path(next(a for a in args if a.startswith("coze_config=")).split("=", 1)[1])
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        assert not any("PRIVATE" in a for a in args)
+    finally:
+        assert launcher.stop() == 0
+    assert not path.exists() and not path.parent.exists()
+    assert "Traceback" not in launcher.output
+
+
+def test_demo_page_served(demo):
+    r = demo.session().get("http://coze.mitm/demo")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/html")
+    csp = r.headers["content-security-policy"]
+    assert "connect-src http://sandbox.coze.mitm" in csp and "script-src 'nonce-" in csp
+    nonce = re.search(r"'nonce-([^']+)'", csp).group(1)
+    assert f'<script nonce="{nonce}">' in r.text
+    assert "SANDBOX" in r.text and "not Coze" in r.text
+    config = json.loads(re.search(r'id="coze-demo-config">(.*?)</script>', r.text).group(1))
+    assert config["apiBase"] == "http://sandbox.coze.mitm" and config["ready"] is True
+    status = demo.session().get("http://coze.mitm/status.json").json()
+    assert status["origins"] == ["http://coze.mitm"]
+
+
+def test_demo_preflight_answered_by_the_proxy(demo):
+    r = demo.session().options("http://sandbox.coze.mitm/v3/chat", headers={
+        "Origin": "http://coze.mitm", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type,x-coze-client-user-agent"})
+    assert r.status_code == 204
+    assert r.headers["access-control-allow-origin"] == "http://coze.mitm"
+    assert "x-coze-client-user-agent" in r.headers["access-control-allow-headers"]
+    other = demo.session().options("http://sandbox.coze.mitm/v3/chat", headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_demo_chat_streams_and_two_users_get_separate_sessions(demo):
+    alice, bob = "1732000000000-AAAAAAAAAAAAAAAAAAAAAA", "1732000000001-BBBBBBBBBBBBBBBBBBBBBB"
+    deltas, alice_conv = chat(demo, alice, "one two three four")
+    assert "".join(t for _, t in deltas) == "Sandbox reply to: one two three four"
+    # Streamed, not buffered: the sandbox waits 0.12 s between deltas.
+    assert deltas[-1][0] - deltas[0][0] > 0.5 * 0.12 * (len(deltas) - 1)
+    again, same_conv = chat(demo, alice, "five", alice_conv)
+    assert same_conv == alice_conv
+    _, bob_conv = chat(demo, bob, "hello")
+    assert bob_conv != alice_conv
+
+    s = demo.session()
+    listed = s.post(f"http://sandbox.coze.mitm/v1/conversation/message/list?conversation_id={alice_conv}",
+                    headers=demo_headers(alice), json={"order": "asc"}).json()
+    assert listed["code"] == 0
+    assert [m["content"] for m in listed["data"] if m["type"] == "question"] == ["one two three four", "five"]
+    # Bob's token belongs to another session: the sandbox refuses him Alice's conversation.
+    refused = s.post(f"http://sandbox.coze.mitm/v1/conversation/message/list?conversation_id={alice_conv}",
+                     headers=demo_headers(bob), json={}).json()
+    assert refused["code"] == 4101
+
+    # One exchange per user, each logged in one line.
+    assert demo.wait_for_output(r"token for user 1732…BBBB minted")
+    assert len(re.findall(r"token for user 1732…AAAA minted", demo.output)) == 1
+    assert len(re.findall(r"token for user 1732…BBBB minted", demo.output)) == 1
+
+
+def test_demo_refusals_are_one_line_each(demo):
+    s = demo.session()
+    r = s.post("http://sandbox.coze.mitm/v3/chat", headers={**demo_headers("1732000000002-CCCCCCCCCC"),
+                                                             "Origin": "https://evil.example"}, json={})
+    assert r.status_code == 403 and r.json()["code"] == 4101
+    r = s.post("http://sandbox.coze.mitm/v3/chat", headers=demo_headers("bad id"), json={})
+    assert r.status_code == 400 and r.json()["code"] == 4000
+    assert demo.wait_for_output(r"refused POST 127\.0\.0\.1/v3/chat \(origin-not-allowed\)")
+    assert demo.wait_for_output(r"refused POST 127\.0\.0\.1/v3/chat \(malformed-tag\)")
