@@ -1,31 +1,79 @@
 """Authorization: swap the user tag for that user's real Coze credential, on the Coze API only.
 
-request         tag valid, origin allowed? -> token broker -> header swapped (or a local JSON answer)
-responseheaders the stored flow gets the page's placeholder back (mitmweb never shows the token);
-                a 401 from Coze drops the cached token
-response        HTTP 200 + code 700012006 (or 4100) drops it too
+requestheaders  only when the request body will be streamed (stream_large_bodies): its headers leave
+                right after this hook, so the tag is swapped (or the flow killed) here
+request         tag valid, origin allowed? -> token broker -> header swapped (or a local JSON answer);
+                a tag sent to any other host is refused (placeholder) or removed (cookie)
+responseheaders the stored flow gets the page's placeholder back (mitmweb never shows the token)
+response        Coze said the token is invalid (HTTP 401 / code 4100, or HTTP 200 / code 700012006):
+                drop it, and for a request that was not streamed re-send it once, with a fresh token,
+                to the same Coze API URL; the page sees only the second answer.
+                Coze's own errors (4013, 4101, 4015) pass through with a hint in the log.
 Every path that cannot inject answers locally: a flow hook that raised would fail open and
 forward the placeholder, so this addon catches its own errors.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import logging
+import time
 import weakref
 
-from mitmproxy import http
+import requests
+from mitmproxy import ctx, http
+from requests.structures import CaseInsensitiveDict
 
 import identity
 from answers import answer_json
+from cors import CORS_ORIGIN
 from identity import short_id
 from settings import CozeSettings
-from tokens import ExchangeError, LimitError
+from tokens import ExchangeError, LimitError, scrub
 
 log = logging.getLogger("coze.auth")
 
 COZE_USER = "coze_user"  # flow.metadata: the (full) user id whose credential this flow carries
+TOKEN_RETRY = "coze_token_retry"  # flow.metadata: what the transparent retry did (shown in mitmweb)
 INVALID_TOKEN_CODES = (4100, 700012006)
+RETRY_WORKERS = 8
+MAX_ENVELOPE = 64 * 1024  # Coze's error envelopes are small; bigger answers are not parsed for a code
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "transfer-encoding", "upgrade",
+})
+# Coze's own refusals: passed through untouched (the page reads them), explained in the log.
+COZE_HINTS = {
+    4013: "Coze rate-limited this request (4013): too many requests for this bot or account; wait and retry, "
+          "or raise the limits of the Coze plan (this is Coze's limit, not coze-mitm's)",
+    4101: "Coze says this token has no permission here (4101): give the JWT app the permission this endpoint "
+          "needs (Coze console > OAuth app > permissions) and check the bot or conversation belongs to a "
+          "workspace the app may use; the token is kept",
+    4015: "Coze says the bot is not published to the API (4015): publish it in the Coze console with the "
+          "API / Chat SDK channel selected",
+}
+HINT_INTERVAL = 60.0  # at most one log line per Coze error code per minute
+
+
+def _envelope_code(response: http.Response) -> int | None:
+    """The `code` of a non-streamed JSON answer in Coze's envelope, else None."""
+    if response.stream or "json" not in response.headers.get("content-type", "").lower():
+        return None
+    raw = response.raw_content
+    if not raw or len(raw) > MAX_ENVELOPE:
+        return None
+    try:
+        data = json.loads(response.get_content(strict=False) or b"null")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    code = data.get("code") if isinstance(data, dict) else None
+    return code if isinstance(code, int) and not isinstance(code, bool) else None
+
+
+def _logid(response: http.Response) -> str:
+    return scrub(response.headers.get("x-tt-logid", ""), 80)
 
 
 class Auth:
@@ -34,9 +82,36 @@ class Auth:
         # Kept beside the flow, not in flow.metadata, which `-w` saves and tools show.
         self._tokens: weakref.WeakKeyDictionary[http.HTTPFlow, str] = weakref.WeakKeyDictionary()
         self._page_headers: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[list, list]] = weakref.WeakKeyDictionary()
+        self._retry_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._session: requests.Session | None = None
+        self._hinted: dict[int, float] = {}
+
+    def done(self):
+        if self._retry_pool is not None:
+            self._retry_pool.shutdown(wait=False, cancel_futures=True)
+            self._retry_pool = None
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    # ------------------------------------------------------------------ request
+
+    def requestheaders(self, flow: http.HTTPFlow):
+        # A streamed request body (stream_large_bodies) sends the headers right after this hook, before
+        # `request` runs: the tag must be dealt with now or it would leave as it is.
+        if not flow.request.stream and not ctx.options.stream_large_bodies:
+            return None
+        return self._early(flow)
+
+    async def _early(self, flow: http.HTTPFlow) -> None:
+        await self.request(flow)
+        if flow.response is not None and flow.request.stream and flow.killable:
+            # A local answer cannot be combined with a streamed request body: refuse by closing instead.
+            log.info(f"coze-mitm: closed a streamed {flow.request.method} to {flow.request.host} instead of answering it")
+            flow.kill()
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or not flow.live:
+        if flow.response or not flow.live or flow in self._tokens:
             return
         try:
             await self._handle(flow)
@@ -48,14 +123,18 @@ class Auth:
     async def _handle(self, flow: http.HTTPFlow) -> None:
         request = flow.request
         if not self.settings.is_coze_api(request):
-            if not any(identity.is_placeholder(a) for a in request.headers.get_all("authorization")):
+            if any(identity.is_placeholder(a) for a in request.headers.get_all("authorization")):
+                if self.settings.broker is None:
+                    self._refuse_unconfigured(flow)
+                else:
+                    self._refuse(flow, 400, 4000, "tag-to-other-host",
+                                 f"a coze-mitm user tag was sent to {request.host}, which is not a configured Coze API "
+                                 "host; only the Coze API gets credentials (add it with coze_api_hosts if it is one)")
                 return
-            if self.settings.broker is None:
-                self._refuse_unconfigured(flow)
-            else:
-                self._refuse(flow, 400, 4000, "tag-to-other-host",
-                             f"a coze-mitm user tag was sent to {request.host}, which is not a configured Coze API "
-                             "host; only the Coze API gets credentials (add it with coze_api_hosts if it is one)")
+            cookies = request.headers.get_all("cookie")
+            if cookies and any(identity.COOKIE_NAME in c for c in cookies):
+                # The tag names the user to Coze only; no other site learns it.
+                request.headers.set_all("cookie", identity.strip_cookie(cookies))
             return
 
         self.settings.stats.requests += 1
@@ -80,15 +159,18 @@ class Auth:
             self._refuse(flow, 429, 4013, "new-user-limit", e.msg, {"Retry-After": str(e.retry_after)})
             return
         if not flow.live:
-            return  # the client gave up while the token was minted; the token stays cached for next time
+            # The client gave up while the token was minted (it stays cached for next time). Nothing is
+            # forwarded for a dead flow, but it must not keep the placeholder either.
+            answer_json(flow, 499, 5000, "the client closed the connection before coze-mitm could add credentials")
+            return
 
         original = (request.headers.get_all("authorization"), request.headers.get_all("cookie"))
         request.headers["Authorization"] = f"Bearer {token}"
-        remaining_cookies = identity.strip_cookie(original[1])
-        request.headers.set_all("cookie", remaining_cookies)
+        request.headers.set_all("cookie", identity.strip_cookie(original[1]))
         self._tokens[flow] = token
         self._page_headers[flow] = original
         flow.metadata[COZE_USER] = user_id
+        flow.metadata.pop(TOKEN_RETRY, None)
         flow.comment = (
             f"coze-mitm: {self.settings.broker.mode.upper()} credential for user {short_id(user_id)} injected "
             "(the page's placeholder is shown; the token is never stored in the flow)"
@@ -108,6 +190,8 @@ class Auth:
         log.info(f"coze-mitm: refused {flow.request.method} {flow.request.host}{flow.request.path.split('?')[0]} "
                  f"({reason}): {msg}")
 
+    # ------------------------------------------------------------------ response
+
     def _restore_page_headers(self, flow: http.HTTPFlow) -> None:
         """The request has left: put the page's own headers back, so no view of the flow shows the token."""
         original = self._page_headers.pop(flow, None)
@@ -117,21 +201,27 @@ class Auth:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._restore_page_headers(flow)
-        if flow.response.status_code == 401 and flow in self._tokens:
-            self._drop(flow, self._tokens.pop(flow), "HTTP 401")
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow):
+        """Synchronous, except when the request is re-sent: then it returns the awaitable doing that
+        (mitmproxy awaits what a hook returns)."""
         token = self._tokens.pop(flow, None)
-        if token is None or flow.response.stream:
-            return
-        if "json" not in flow.response.headers.get("content-type", ""):
-            return
+        if token is None or flow.response is None:
+            return None
+        self._restore_page_headers(flow)  # a response set by another addon skips responseheaders
         try:
-            code = json.loads(flow.response.get_content(strict=False) or b"null").get("code")
-        except (ValueError, AttributeError):
-            return
-        if code in INVALID_TOKEN_CODES:
-            self._drop(flow, token, f"code {code}")
+            code = _envelope_code(flow.response)
+            if flow.response.status_code == 401 or code in INVALID_TOKEN_CODES:
+                why = f"HTTP {flow.response.status_code}" + (f", code {code}" if code is not None else "")
+                self._drop(flow, token, why)
+                if self._may_retry(flow):
+                    return self._retry(flow, token, why)
+            elif code in COZE_HINTS:
+                self._hint(flow, code)
+        except Exception:
+            # Coze's answer is still there and goes to the client as it is.
+            log.exception("coze-mitm: unexpected error while checking Coze's answer")
+        return None
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._restore_page_headers(flow)
@@ -139,7 +229,171 @@ class Auth:
 
     def _drop(self, flow: http.HTTPFlow, token: str, why: str) -> None:
         user_id = flow.metadata.get(COZE_USER, "")
-        if self.settings.broker.invalidate(user_id, token):
+        if self.settings.broker is not None and self.settings.broker.invalidate(user_id, token):
             log.warning(f"coze-mitm: Coze rejected the token of user {short_id(user_id)} ({why}); "
-                        "it is dropped and the next request mints a fresh one")
+                        "it is dropped and a fresh one is minted")
             flow.comment += f"; Coze rejected the token ({why}), dropped"
+
+    def _hint(self, flow: http.HTTPFlow, code: int) -> None:
+        logid = _logid(flow.response)
+        self.settings.stats.error(f"coze-{code}", COZE_HINTS[code], logid)
+        flow.comment += f"; Coze answered code {code}"
+        now = time.monotonic()
+        if now - self._hinted.get(code, -HINT_INTERVAL) >= HINT_INTERVAL:
+            self._hinted[code] = now
+            user_id = flow.metadata.get(COZE_USER, "")
+            log.warning(f"coze-mitm: {flow.request.method} {flow.request.path.split('?')[0]} for user "
+                        f"{short_id(user_id)}: {COZE_HINTS[code]}" + (f" (logid {logid})" if logid else ""))
+
+    # ------------------------------------------------------------------ the one transparent retry
+
+    def _may_retry(self, flow: http.HTTPFlow) -> bool:
+        request, response = flow.request, flow.response
+        if TOKEN_RETRY in flow.metadata or not flow.live or response.stream:
+            return False
+        if request.stream or request.raw_content is None:
+            return False  # the body was streamed through: there is nothing to send again
+        if self.settings.broker is None or self.settings.broker.mode != "jwt":
+            return False  # a PAT cannot be renewed: the same answer would come back
+        if _asks_for_stream(request):
+            # The answer to the retry would be a live event stream, which this hook could only buffer;
+            # the page's own retry (the Chat SDK retries once after 401/4100/700012006) streams it.
+            flow.metadata[TOKEN_RETRY] = "not retried: a streamed chat; the client's own retry gets a fresh token"
+            return False
+        if not self.settings.is_coze_api(request):
+            return False
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return False  # called outside an event loop (a synchronous caller): nothing could await the retry
+        return True
+
+    async def _retry(self, flow: http.HTTPFlow, stale: str, why: str) -> None:
+        try:
+            await self._retry_once(flow, stale, why)
+        except Exception:
+            flow.metadata[TOKEN_RETRY] = "failed (internal error)"
+            log.exception("coze-mitm: unexpected error while re-sending with a fresh token; passing Coze's answer through")
+
+    async def _retry_once(self, flow: http.HTTPFlow, stale: str, why: str) -> None:
+        user_id = flow.metadata.get(COZE_USER, "")
+        flow.metadata[TOKEN_RETRY] = "started"
+        try:
+            fresh = await self.settings.broker.token_for(user_id)
+        except (ExchangeError, LimitError) as e:
+            flow.metadata[TOKEN_RETRY] = "no fresh token"
+            log.warning(f"coze-mitm: no fresh token for user {short_id(user_id)}, passing Coze's refusal through: {e.msg}")
+            return
+        if fresh == stale or not flow.live:
+            flow.metadata[TOKEN_RETRY] = "not retried"
+            return
+        request = flow.request
+        url = request.url
+        headers = _retry_headers(request, fresh)
+        body = request.raw_content or None
+        opts = ctx.options
+        timeout = float(getattr(opts, "coze_exchange_timeout", 10))
+        verify: bool | str = False if opts.ssl_insecure else (opts.ssl_verify_upstream_trusted_ca or True)
+        started = time.time()
+        try:
+            answer = await asyncio.get_running_loop().run_in_executor(
+                self._pool(), self._send, request.method, url, headers, body, timeout, verify,
+            )
+        except requests.RequestException as e:
+            flow.metadata[TOKEN_RETRY] = f"failed ({type(e).__name__})"
+            log.warning(f"coze-mitm: re-sending {request.method} {request.path.split('?')[0]} with a fresh token "
+                        f"failed ({type(e).__name__}); passing Coze's refusal through")
+            return
+        old = flow.response
+        flow.response = _as_response(answer, old, request.method, started)
+        if flow.metadata.get(CORS_ORIGIN):
+            # The Cors addon already decided this flow's CORS headers (its hook ran before this one):
+            # the answer that replaces the old one keeps them.
+            for name in {k.lower() for k in old.headers if k.lower().startswith("access-control-")} | {"vary"}:
+                flow.response.headers.set_all(name, old.headers.get_all(name))
+        code = _envelope_code(flow.response)
+        if flow.response.status_code == 401 or code in INVALID_TOKEN_CODES:
+            self.settings.broker.invalidate(user_id, fresh)
+            flow.metadata[TOKEN_RETRY] = f"retried once, refused again (HTTP {flow.response.status_code})"
+            log.warning(f"coze-mitm: Coze refused the fresh token of user {short_id(user_id)} too; "
+                        f"passing its answer through (logid {_logid(flow.response) or 'none'})")
+        else:
+            flow.metadata[TOKEN_RETRY] = f"retried once with a fresh token: HTTP {flow.response.status_code}"
+            log.info(f"coze-mitm: {request.method} {request.path.split('?')[0]} for user {short_id(user_id)} "
+                     f"re-sent with a fresh token after {why}: HTTP {flow.response.status_code}")
+            if code in COZE_HINTS:
+                self._hint(flow, code)
+        flow.comment += f"; re-sent once with a fresh token (HTTP {flow.response.status_code})"
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._retry_pool is None:
+            self._retry_pool = concurrent.futures.ThreadPoolExecutor(RETRY_WORKERS, thread_name_prefix="coze-retry")
+        return self._retry_pool
+
+    def _send(self, method: str, url: str, headers: dict, body: bytes | None, timeout: float, verify):
+        """Blocking (runs in the retry pool): one request, the body read raw (still content-encoded)."""
+        if self._session is None:
+            session = requests.Session()
+            session.trust_env = False  # never through a proxy from the environment (that could be us)
+            session.headers.clear()  # send the page's headers, not requests' defaults
+            self._session = session
+        r = self._session.request(method, url, headers=headers, data=body, timeout=timeout, verify=verify,
+                                  allow_redirects=False, stream=True)
+        try:
+            raw = r.raw.read(decode_content=False)
+        finally:
+            r.close()
+        return r.status_code, r.reason or "", list(r.raw.headers.items()), raw
+
+
+def _asks_for_stream(request: http.Request) -> bool:
+    if "text/event-stream" in request.headers.get("accept", "").lower():
+        return True
+    if "json" not in request.headers.get("content-type", "").lower():
+        return False
+    raw = request.raw_content
+    if not raw or len(raw) > 4 * 1024 * 1024 or b"stream" not in raw:
+        return False
+    try:
+        data = json.loads(request.get_content(strict=False) or b"null")
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("stream") is True
+
+
+def _retry_headers(request: http.Request, fresh: str) -> dict:
+    """The headers the request left with the first time: the page's, tag swapped for the fresh token."""
+    headers = CaseInsensitiveDict()
+    skip = HOP_BY_HOP | {"host", "content-length", "authorization", "cookie"}
+    for name, value in request.headers.fields:
+        key = name.decode("latin-1")
+        if key.lower() in skip or key.lower().startswith("proxy-"):
+            continue
+        headers[key] = headers[key] + b", " + value if key in headers else value
+    cookies = identity.strip_cookie(request.headers.get_all("cookie"))
+    if cookies:
+        headers["Cookie"] = "; ".join(cookies).encode("utf-8", "surrogateescape")
+    headers["Authorization"] = f"Bearer {fresh}"
+    return headers
+
+
+def _as_response(answer, old: http.Response, method: str, started: float) -> http.Response:
+    status, reason, header_items, raw = answer
+    fields = []
+    for key, value in header_items:
+        lower = key.lower()
+        if lower in HOP_BY_HOP or (lower == "content-length" and method != "HEAD"):
+            continue
+        fields.append((key.encode("latin-1", "replace"), value.encode("latin-1", "replace")))
+    if method != "HEAD" and status >= 200 and status not in (204, 304):
+        fields.append((b"Content-Length", str(len(raw)).encode()))
+    return http.Response(
+        http_version=old.data.http_version,
+        status_code=status,
+        reason=reason.encode("latin-1", "replace"),
+        headers=http.Headers(fields),
+        content=raw,
+        trailers=None,
+        timestamp_start=started,
+        timestamp_end=time.time(),
+    )

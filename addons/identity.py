@@ -58,24 +58,38 @@ class Decision:
         return cls("refuse", origin=origin, status=status, code=code, msg=msg, reason=reason)
 
 
+def _cookie_pairs(header: str):
+    """(name, value) of each cookie in one Cookie header. Browsers separate cookies with "; "; a comma
+    is accepted as a separator too (old servers do, and RFC 6265 forbids commas inside cookie values),
+    so `a=b, coze_user=x` cannot smuggle a tag past the checks."""
+    for part in re.split(r"[;,]", header):
+        key, sep, value = part.strip().partition("=")
+        if sep:
+            yield key.strip(), value.strip().strip('"')
+
+
 def cookie_values(headers: HeadersLike, name: str = COOKIE_NAME) -> list[str]:
-    found = []
-    for header in headers.get_all("cookie"):
-        for part in header.split(";"):
-            key, sep, value = part.strip().partition("=")
-            if sep and key.strip() == name:
-                found.append(value.strip().strip('"'))
-    return found
+    return [value for header in headers.get_all("cookie") for key, value in _cookie_pairs(header) if key == name]
 
 
 def strip_cookie(headers_cookie: list[str], name: str = COOKIE_NAME) -> list[str]:
-    """Cookie header values without `name`; empty headers are dropped."""
+    """Cookie header values without `name`; empty headers are dropped. Other cookies are kept as sent."""
     kept_headers = []
     for header in headers_cookie:
-        kept = [p.strip() for p in header.split(";") if p.strip() and p.strip().partition("=")[0].strip() != name]
+        kept = []
+        for part in header.split(";"):
+            pieces = [p for p in part.split(",") if p.partition("=")[0].strip() != name]
+            piece = ",".join(pieces).strip()
+            if piece:
+                kept.append(piece)
         if kept:
             kept_headers.append("; ".join(kept))
     return kept_headers
+
+
+def has_tag(headers: HeadersLike) -> bool:
+    """Does the request carry a user tag of any shape (placeholder Authorization or coze_user cookie)?"""
+    return any(is_placeholder(a) for a in headers.get_all("authorization")) or bool(cookie_values(headers))
 
 
 def find_user_id(headers: HeadersLike) -> str | None:
@@ -90,12 +104,12 @@ def find_user_id(headers: HeadersLike) -> str | None:
     ids.extend(cookie_values(headers))
     if not ids:
         return None
-    for user_id in ids:
-        if not USER_ID_RE.fullmatch(user_id):
-            raise ValueError(
-                f"user tag {_describe(user_id)} is malformed: the id after 'user:' (or in the coze_user cookie) "
-                "must be 8-128 characters of A-Z a-z 0-9 _ -; reinstall the userscript or reset its identity"
-            )
+    malformed = sorted(user_id for user_id in ids if not USER_ID_RE.fullmatch(user_id))
+    if malformed:  # sorted: the same message whatever the order of the headers
+        raise ValueError(
+            f"user tag {_describe(malformed[0])} is malformed: the id after 'user:' (or in the coze_user cookie) "
+            "must be 8-128 characters of A-Z a-z 0-9 _ -; reinstall the userscript or reset its identity"
+        )
     if len(set(ids)) > 1:
         raise ValueError("the request names two different users (Authorization and/or coze_user cookies); send one")
     return ids[0]

@@ -83,7 +83,7 @@ class LimitError(Exception):
         self.retry_after = retry_after
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class IssuedToken:
     token: str
     expires_at: float
@@ -108,6 +108,9 @@ class IssuedToken:
         return self.expires_at - min(30.0, self.lifetime / 10)
 
 
+DEAD = IssuedToken("", 0.0, 0.0)  # cache entry of a user whose token Coze rejected: known, but no token
+
+
 class CozeTokenExchange:
     """Mint a JWT for one session_name and exchange it for an access token (blocking: run it in a thread)."""
 
@@ -119,7 +122,7 @@ class CozeTokenExchange:
         self.clock = clock
         self.url = app.api_base + TOKEN_PATH
         self.audience = app.api_origin.netloc
-        self._warned_duration = False
+        self._warned: set[str] = set()  # oddities of Coze's answers already logged
         self._session = requests.Session()
         self._session.trust_env = False  # never route the exchange through a proxy from the environment
         self._session.verify = verify
@@ -202,27 +205,42 @@ class CozeTokenExchange:
         return IssuedToken(token, self._expiry(data.get("expires_in")), self.clock(), logid)
 
     def _expiry(self, expires_in) -> float:
+        """When the token stops working, by our clock. Coze documents `expires_in` as an absolute unix time;
+        a small number can only be a duration, and an absolute time far from now means one of the two
+        clocks is wrong: every reading is tolerated, each oddity is logged once."""
         now = self.clock()
         try:
             expires_in = float(expires_in)
-        except (TypeError, ValueError):
-            log.warning("Coze's token answer has no usable expires_in; assuming the requested %d s", self.duration_seconds)
+        except (TypeError, ValueError, OverflowError):
+            expires_in = float("nan")
+        if expires_in != expires_in or expires_in in (float("inf"), float("-inf")) or expires_in <= 0:
+            self._warn_once("missing", "Coze's token answer has no usable expires_in; assuming the requested %d s",
+                            self.duration_seconds)
             return now + self.duration_seconds
         if expires_in < ABSOLUTE_TIME_FLOOR:
-            # Coze documents an absolute time; a small number can only mean a duration.
-            if not self._warned_duration:
-                self._warned_duration = True
-                log.warning("Coze's expires_in=%d looks like a duration, not an absolute time; reading it as one", expires_in)
-            return now + expires_in
+            self._warn_once("duration", "Coze's expires_in=%d looks like a duration, not an absolute time; "
+                            "reading it as one", expires_in)
+            return now + min(expires_in, self.duration_seconds)
         if expires_in <= now:
-            if not self._warned_duration:
-                self._warned_duration = True
-                log.warning(
-                    "Coze's token expired %d s before it arrived: this machine's clock is probably wrong "
-                    "(check it with `date -u`); using the token for 60 s only", now - expires_in,
-                )
+            self._warn_once(
+                "past", "Coze's token expired %d s before it arrived: this machine's clock is probably ahead "
+                "(check it with `date -u`); using each token for 60 s only", now - expires_in,
+            )
             return now + 60
+        if expires_in > now + self.duration_seconds + 120:
+            # Coze never grants more than asked: our clock is behind, and by Coze's clock the token dies sooner.
+            self._warn_once(
+                "future", "Coze's token expires %d s later than the %d s asked for: this machine's clock is "
+                "probably behind (check it with `date -u`); renewing as if it lasted %d s",
+                expires_in - now, self.duration_seconds, self.duration_seconds,
+            )
+            return now + self.duration_seconds
         return expires_in
+
+    def _warn_once(self, kind: str, msg: str, *args) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.warning(msg, *args)
 
 
 class TokenBroker:
@@ -305,16 +323,18 @@ class TokenBroker:
             log.warning("coze: early token renewal failed, keeping the current token: %s", getattr(e, "msg", type(e).__name__))
 
     def invalidate(self, user_id: str, token: str) -> bool:
-        """Coze said `token` is invalid: forget it (unless it was already replaced)."""
+        """Coze said `token` is invalid: forget it (unless it was already replaced).
+
+        The user stays known (a dead entry), so the fresh token is not counted as a new user's."""
         issued = self._cache.get(user_id)
         if issued is not None and issued.token == token:
-            del self._cache[user_id]
+            self._cache[user_id] = DEAD
             return True
         return False
 
     def users(self) -> list[tuple[str, float]]:
-        """(user id, expiry) for every cached user, most recently used last."""
-        return [(user_id, issued.expires_at) for user_id, issued in self._cache.items()]
+        """(user id, expiry) for every cached user with a live token, most recently used last."""
+        return [(user_id, issued.expires_at) for user_id, issued in self._cache.items() if issued is not DEAD]
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
