@@ -1,0 +1,209 @@
+"""The demo: addons/demo.py on its own, and `python run_mitm.py --demo` in headless Chromium.
+
+The browser test types a message on http://coze.mitm/demo and watches the streamed reply appear,
+through the real path: CORS preflight, placeholder tag, per-user token exchange, SSE.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from mitmproxy.test import taddons, tflow, tutils
+
+from demo import SANDBOX_HOST, Demo
+from settings import CozeSettings
+from status import StatusPages
+from tests.conftest import write_config
+from tests.test_run_mitm import Launcher
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+# --------------------------------------------------------------------------- the addon
+
+@pytest.fixture
+def addons(tmp_path, rsa_key):
+    def make(api_base: str = "http://127.0.0.1:8790", demo_on: bool = True):
+        config = write_config(tmp_path, rsa_key, api_base)
+        settings = CozeSettings()
+        demo, status = Demo(settings), StatusPages(settings)
+        ctx = taddons.context(settings, demo, status)
+        tctx = ctx.__enter__()
+        tctx.configure(settings, coze_config=str(config), coze_origins="http://coze.mitm")
+        tctx.configure(demo, coze_demo=demo_on)
+        made.append(ctx)
+        return demo, status, tctx
+
+    made = []
+    yield make
+    for ctx in made:
+        ctx.__exit__(None, None, None)
+
+
+def request(host: str, path: str = "/", method: str = "GET", port: int = 80):
+    return tflow.tflow(req=tutils.treq(method=method.encode(), scheme=b"http", host=host, port=port,
+                                       authority=b"", path=path.encode()))
+
+
+def test_page_only_with_coze_demo(addons):
+    demo, status, _ = addons(demo_on=False)
+    f = request("coze.mitm", "/demo")
+    demo.request(f)
+    assert f.response is None
+    status.request(f)
+    assert f.response.status_code == 404  # the status pages know no /demo
+    g = request(SANDBOX_HOST, "/v3/chat", "POST")
+    demo.request(g)
+    assert g.response is None and g.request.host == SANDBOX_HOST  # not mapped anywhere
+
+
+def test_sandbox_name_mapped_to_the_local_api(addons):
+    demo, _, _ = addons()
+    f = request(SANDBOX_HOST, "/v3/chat?conversation_id=1", "POST")
+    demo.request(f)
+    assert f.response is None
+    assert (f.request.scheme, f.request.host, f.request.port) == ("http", "127.0.0.1", 8790)
+    assert f.request.path == "/v3/chat?conversation_id=1"
+    assert "SANDBOX" in f.comment
+
+
+def test_page_served_with_nonce_csp(addons):
+    demo, _, _ = addons()
+    f = request("coze.mitm", "/demo")
+    demo.request(f)
+    assert f.response.status_code == 200
+    csp = f.response.headers["Content-Security-Policy"]
+    nonce = re.search(r"'nonce-([^']+)'", csp).group(1)
+    body = f.response.get_text()
+    assert body.count(f'nonce="{nonce}"') == 2  # the style and the script, nothing else runs
+    assert "__NONCE__" not in body and "__CONFIG_JSON__" not in body
+    assert '"ready": true' in body
+
+
+def test_never_mapped_to_a_real_coze(addons, caplog):
+    """coze_demo with a config for api.coze.cn: the demo stays off rather than send a page's chat to Coze."""
+    demo, _, _ = addons(api_base="https://api.coze.cn")
+    f = request(SANDBOX_HOST, "/v3/chat", "POST")
+    demo.request(f)
+    assert f.response.status_code == 503
+    assert "python run_mitm.py --demo" in f.response.get_text()
+    assert f.request.host == SANDBOX_HOST
+    page = request("coze.mitm", "/demo")
+    demo.request(page)
+    assert '"ready": false' in page.response.get_text()
+    assert "is not a local sandbox: the demo page stays off" in caplog.text
+
+
+def test_title_is_escaped(addons):
+    demo, _, tctx = addons()
+    tctx.options.coze_title = "<img src=x onerror=alert(1)>"
+    f = request("coze.mitm", "/demo")
+    demo.request(f)
+    assert "<img src=x" not in f.response.get_text()
+    assert "&lt;img src=x" in f.response.get_text()
+
+
+# --------------------------------------------------------------------------- the browser
+
+def playwright_or_skip():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright (python) is not installed: pip install -r requirements-dev.txt")
+    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+        pytest.skip(f"no chromium at {CHROMIUM}: apt-get install chromium")
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def demo_proxy(tmp_path_factory):
+    launcher = Launcher(tmp_path_factory.mktemp("demo-browser"), "--demo").start()
+    yield launcher
+    launcher.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(demo_proxy):
+    sync_playwright = playwright_or_skip()
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(
+            executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
+            # No --proxy-bypass-list=<-loopback>: the demo never asks the browser for a loopback address
+            # (the sandbox is reached as http://sandbox.coze.mitm), so it works with a browser's defaults.
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  f"--proxy-server=http://127.0.0.1:{demo_proxy.port}"],
+        )
+        yield chromium
+        chromium.close()
+
+
+RECORD_REPLY = """() => {
+  window.__replies = [];
+  new MutationObserver(() => {
+    const bubbles = document.querySelectorAll('.msg.bot');
+    const last = bubbles[bubbles.length - 1];
+    if (last && last.textContent && window.__replies[window.__replies.length - 1] !== last.textContent) {
+      window.__replies.push(last.textContent);
+    }
+  }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def test_demo_page_streams_a_reply_in_chromium(browser, demo_proxy, tmp_path):
+    context = browser.new_context()
+    page = context.new_page()
+    problems = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+
+    page.goto("http://coze.mitm/demo")
+    assert "SANDBOX" in page.inner_text(".sandbox")
+    user_id = page.evaluate("localStorage.getItem('coze-mitm-demo-user')")
+    assert re.fullmatch(r"\d{13}-[A-Za-z0-9_-]{22}", user_id)  # the userscript's format: ms-time, 16 random bytes
+    page.evaluate(RECORD_REPLY)
+
+    page.fill("#message", "hello from chromium")
+    page.click("#send")
+    page.wait_for_selector('.msg.bot[data-done="true"]', timeout=15_000)
+    reply = page.inner_text(".msg.bot")
+    assert reply == "Sandbox reply to: hello from chromium"
+    snapshots = page.evaluate("window.__replies")
+    # Rendered delta by delta: the text grew in several steps, each a prefix of the final reply.
+    assert len(snapshots) >= 4, snapshots
+    assert all(reply.startswith(s) for s in snapshots)
+    deltas = int(page.get_attribute(".msg.bot", "data-deltas"))
+    assert deltas >= 4
+    assert f"streamed {deltas} deltas" in page.inner_text("#trace")
+    shot = tmp_path / "coze-mitm-demo.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 5_000
+    print(f"\nscreenshot: {shot}")
+
+    # The browser asked first (a real CORS preflight), then sent the tagged POST.
+    assert demo_proxy.wait_for_output(r"OPTIONS http://127\.0\.0\.1:\d+/v3/chat\s+<< 204")
+    short = f"{user_id[:4]}…{user_id[-4:]}"
+    assert demo_proxy.wait_for_output(f"token for user {re.escape(short)} minted")
+
+    # A reload finds the conversation again: the sandbox kept it for this user's session.
+    page.reload()
+    page.wait_for_selector(".msg.user")
+    assert page.inner_text(".msg.user") == "hello from chromium"
+
+    # A new identity is a new user: another token exchange, an empty history.
+    page.click("#new-user")
+    new_id = page.evaluate("localStorage.getItem('coze-mitm-demo-user')")
+    assert new_id != user_id
+    assert page.locator(".msg.user").count() == 0
+    page.fill("#message", "second user")
+    page.click("#send")
+    page.wait_for_selector('.msg.bot[data-done="true"]', timeout=15_000)
+    assert page.inner_text(".msg.bot") == "Sandbox reply to: second user"
+    assert demo_proxy.wait_for_output(f"token for user {re.escape(new_id[:4])}…{re.escape(new_id[-4:])} minted")
+    assert len(re.findall(f"token for user {re.escape(short)} minted", demo_proxy.output)) == 1
+
+    assert problems == []
+    context.close()
