@@ -9,11 +9,13 @@ A request passes these addons in order:
   status     http://coze.mitm/ pages, answered locally
   cors       preflights to the Coze API from allowed origins answered locally; CORS headers set
   auth       the user tag swapped for that user's Coze token (or refused with a JSON answer)
+  csp        pages in coze_origins: their Content-Security-Policy widened by the Chat SDK's sources only
   streaming  text/event-stream responses streamed chunk by chunk
 """
 
 from auth import Auth
 from cors import Cors
+from csp import Csp
 from demo import Demo
 from settings import CozeSettings
 from status import StatusPages
@@ -27,5 +29,6 @@ addons = [
     StatusPages(settings),
     Cors(settings),
     Auth(settings),
+    Csp(settings),
     Streaming(),
 ]

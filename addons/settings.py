@@ -26,6 +26,7 @@ STATUS_HOST = "coze.mitm"
 OPTION_NAMES = (
     "coze_config", "coze_pat", "coze_origins", "coze_api_base", "coze_api_hosts", "coze_token_ttl",
     "coze_exchange_timeout", "coze_max_users", "coze_new_users_per_minute", "coze_bot_id", "coze_title",
+    "coze_sdk_url", "coze_csp", "coze_csp_extra",
 )
 
 
@@ -89,6 +90,21 @@ class CozeSettings:
         )
         loader.add_option("coze_bot_id", str, "", "Bot id written into the served userscript.")
         loader.add_option("coze_title", str, "Coze", "Chat title written into the served userscript.")
+        loader.add_option(
+            "coze_sdk_url", str, "",
+            "URL of the Coze Web Chat SDK for the served userscript and the pages' CSP; empty: the official "
+            "CDN build for the API's site (coze.cn or coze.com).",
+        )
+        loader.add_option(
+            "coze_csp", bool, True,
+            "Add the Chat SDK's sources (its CDN, the Coze API) to the Content-Security-Policy of pages in "
+            "coze_origins, so the SDK loads there; nothing else in the policy changes.",
+        )
+        loader.add_option(
+            "coze_csp_extra", str, "",
+            "More sources for those pages' CSP, in CSP syntax, e.g. \"img-src https://img.example; "
+            "font-src https://fonts.example\" (fetch directives and plain sources only).",
+        )
 
     def configure(self, updated):
         if not updated & set(OPTION_NAMES) and self.broker is not None:
