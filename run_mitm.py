@@ -50,11 +50,9 @@ MITMWEB_FIXED = (11, 1, 2)  # CVE-2025-23217: mitmweb's API is unauthenticated b
 # Always intercepted, whatever the config: the status/userscript pages and mitmproxy's CA page.
 ALWAYS_INTERCEPT = ("coze.mitm", "mitm.it")
 # Options this launcher owns: setting them with --set would bypass its checks.
-OWNED_OPTIONS = {
-    "listen_host": "--host", "listen_port": "--port", "mode": "--host/--port",
-    "coze_config": "--config", "coze_origins": "--origins", "coze_bot_id": "--bot-id", "coze_title": "--title",
-    "coze_pat": "--pat or the COZE_PAT environment variable", "coze_demo": "--demo",
-}
+OWNED_OPTIONS = {"listen_host": "--host", "listen_port": "--port", "mode": "--host/--port", "coze_demo": "--demo"}
+# --set spellings of the launcher's own flags, accepted because the addon's messages suggest them.
+FLAG_ALIASES = {"coze_config": "config", "coze_origins": "origins", "coze_bot_id": "bot_id", "coze_title": "title"}
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # mitmproxy stopped with an error
@@ -200,13 +198,26 @@ def is_loopback(host: str) -> bool:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for name, _ in args.sets:
+    passed = []
+    for name, value in args.sets:
+        if name == "coze_pat":
+            raise Fail("--set coze_pat=... would show the PAT to every user of this machine in ps: "
+                       "pass it as COZE_PAT=pat_... in the environment (or --pat without a value to be asked)",
+                       EXIT_USAGE)
         if name in OWNED_OPTIONS:
-            if name == "coze_pat":
-                raise Fail("--set coze_pat=... would show the PAT to every user of this machine in ps: "
-                           "pass it as COZE_PAT=pat_... in the environment (or --pat without a value to be asked)",
-                           EXIT_USAGE)
             raise Fail(f"use {OWNED_OPTIONS[name]} instead of --set {name}=...", EXIT_USAGE)
+        attr = FLAG_ALIASES.get(name)
+        if attr == "origins":
+            args.origins = [*(args.origins or []), value]
+        elif attr:
+            if getattr(args, attr) is not None:
+                raise Fail(f"--{attr.replace('_', '-')} is given twice (once as --set {name}=...): give it once",
+                           EXIT_USAGE)
+            setattr(args, attr, value)
+        else:
+            passed.append((name, value))
+    args.sets = passed
+    for name, _ in args.sets:
         if name == "web_host" and not is_loopback(set_value(args, name, "")) and not args.allow_remote:
             raise Fail("--set web_host=... to a non-loopback address would let other machines drive mitmweb; "
                        "add --allow-remote if you really mean it", EXIT_USAGE)
@@ -276,7 +287,7 @@ def plan(args: argparse.Namespace) -> Plan:
             app = config.load_oauth_config(pl.config_path)
             pl.api_bases.insert(0, api_override or app.api_base)
     except config.ConfigError as e:
-        raise Fail(str(e), EXIT_CONFIG) from None
+        raise Fail(for_launcher(str(e)), EXIT_CONFIG) from None
 
     if pl.pat:
         pl.env["COZE_PAT"] = pl.pat  # the addon reads it from its environment: never on a command line
@@ -289,6 +300,11 @@ def plan(args: argparse.Namespace) -> Plan:
     if args.title:
         pl.sets.append(("coze_title", args.title))
     return pl
+
+
+def for_launcher(msg: str) -> str:
+    """The addon's messages suggest mitmdump's --set coze_pat=...; the launcher has a safer way."""
+    return msg.replace("--set coze_pat=...", "COZE_PAT=pat_... in the environment")
 
 
 def host_pattern(host: str, port: int | None = None) -> str:
@@ -411,7 +427,7 @@ def run_check(args: argparse.Namespace) -> int:
         if args.origins:
             config.parse_page_origins(",".join(args.origins))
     except config.ConfigError as e:
-        say(f"FAILED: {e}")
+        say(f"FAILED: {for_launcher(str(e))}")
         return EXIT_CONFIG
     except ValueError:
         say("FAILED: coze_token_ttl and coze_exchange_timeout must be numbers")

@@ -190,7 +190,9 @@ def test_bad_port_refused(port):
 @pytest.mark.parametrize("args, expect", [
     (["--set", "listen_port=9999"], "use --port instead"),
     (["--set", "listen_host=0.0.0.0"], "use --host instead"),
-    (["--set", "coze_origins=https://x.example"], "use --origins instead"),
+    (["--set", "coze_demo=true"], "use --demo instead"),
+    (["--config", "a.json", "--set", "coze_config=b.json"], "--config is given twice"),
+    (["--set", "coze_origins=https://example.org/path"], "is not an origin"),
     (["--set", "nonsense"], "NAME=VALUE"),
     (["--set", "web_host=0.0.0.0"], "--allow-remote"),
     (["--demo", "--config", "x.json"], "drop --config"),
@@ -219,6 +221,16 @@ def test_missing_config_refused_before_starting(tmp_path):
     line = one_error_line(result)
     assert "OAuth config not found" in line and "absent.json" in line
     assert "listening" not in result.stdout
+
+
+def test_set_spelling_of_config_works_like_the_flag(tmp_path):
+    result = run("--set", f"coze_config={tmp_path / 'absent.json'}", cwd=tmp_path, env=clean_env(COZE_PAT="pat_x" * 8))
+    assert result.returncode == 3  # an explicit config: COZE_PAT from the environment is not used
+    note, error = result.stderr.strip().splitlines()
+    assert "COZE_PAT from the environment is ignored" in note
+    assert error.startswith("run_mitm.py: error: OAuth config not found") and "absent.json" in error
+    assert "COZE_PAT=pat_... in the environment" in result.stderr and "--set coze_pat" not in result.stderr
+    assert "pat_x" not in result.stdout + result.stderr
 
 
 def test_port_in_use_names_the_holder(tmp_path, rsa_key):
