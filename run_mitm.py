@@ -45,6 +45,7 @@ DEFAULT_PORT = 8080
 STATUS_URL = "http://coze.mitm/"
 DEMO_URL = "http://coze.mitm/demo"
 LISTENING_RE = re.compile(r"HTTP\(S\) proxy listening at (\S+?):(\d+)")
+WEB_LISTENING_RE = re.compile(r"Web server listening at (\S+)")
 PORT_IN_USE_RE = re.compile(r"failed to listen on \S+? with .*(address already in use|Errno 98|Errno 48|WinError 10048)", re.I)
 MITMWEB_FIXED = (11, 1, 2)  # CVE-2025-23217: mitmweb's API is unauthenticated before this version
 # Always intercepted, whatever the config: the status/userscript pages and mitmproxy's CA page.
@@ -287,7 +288,10 @@ def plan(args: argparse.Namespace) -> Plan:
             app = config.load_oauth_config(pl.config_path)
             pl.api_bases.insert(0, api_override or app.api_base)
     except config.ConfigError as e:
-        raise Fail(for_launcher(str(e)), EXIT_CONFIG) from None
+        msg = for_launcher(str(e))
+        if msg.startswith("OAuth config not found") and not args.config:
+            msg += "; to see coze-mitm work without an account first: python run_mitm.py --demo"
+        raise Fail(msg, EXIT_CONFIG) from None
 
     if pl.pat:
         pl.env["COZE_PAT"] = pl.pat  # the addon reads it from its environment: never on a command line
@@ -304,6 +308,7 @@ def plan(args: argparse.Namespace) -> Plan:
 
 def for_launcher(msg: str) -> str:
     """The addon's messages suggest mitmdump's --set coze_pat=...; the launcher has a safer way."""
+    msg = msg.replace("--set coze_config=PATH", "--config PATH")
     return msg.replace("--set coze_pat=...", "COZE_PAT=pat_... in the environment")
 
 
@@ -493,7 +498,7 @@ def mitm_command(pl: Plan) -> list[str]:
     return cmd
 
 
-def next_steps(pl: Plan, host: str, port: int, sandbox=None) -> str:
+def next_steps(pl: Plan, host: str, port: int, sandbox=None, web_url: str = "") -> str:
     shown = f"[{host}]" if ":" in host else host
     proxy = f"{shown}:{port}"
     lines = ["", "=" * 78]
@@ -517,7 +522,7 @@ def next_steps(pl: Plan, host: str, port: int, sandbox=None) -> str:
         if not pl.page_origins:
             lines.append("  Note: no page origins yet: add --origins https://your.page to use the chat on a page.")
     if pl.args.web:
-        lines.append("  The flows: open the mitmweb URL printed above ('Web server listening at ...').")
+        lines.append(f"  The flows, in mitmweb: {web_url or 'the URL mitmweb printed above'}")
     if pl.args.intercept_all:
         lines.append("  --intercept-all: every HTTPS site goes through mitmproxy's CA.")
     lines += ["  Ctrl-C stops it.", "=" * 78, ""]
@@ -541,15 +546,22 @@ def run_proxy(pl: Plan, sandbox=None) -> int:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env=pl.env, text=True, encoding="utf-8", errors="replace", bufsize=1)
     port_in_use = False
+    listening: tuple[str, int] | None = None
+    web_url = ""
+    told = False
     try:
         for line in proc.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
             if PORT_IN_USE_RE.search(line):
                 port_in_use = True
-            m = LISTENING_RE.search(line)
-            if m:
-                say(next_steps(pl, m.group(1).strip("[]"), int(m.group(2)), sandbox))
+            if m := LISTENING_RE.search(line):
+                listening = (m.group(1).strip("[]"), int(m.group(2)))
+            if m := WEB_LISTENING_RE.search(line):
+                web_url = m.group(1)
+            if listening and (web_url or not args.web) and not told:
+                told = True
+                say(next_steps(pl, *listening, sandbox=sandbox, web_url=web_url))
         rc = proc.wait()
     except KeyboardInterrupt:
         stop_child(proc, signalled=True)

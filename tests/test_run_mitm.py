@@ -441,7 +441,8 @@ def test_web_warns_about_unauthenticated_mitmweb_on_11(launch, config_file):
         assert "CVE-2025-23217" in launcher.output and "mitmproxy 12" in launcher.output
     else:
         assert "CVE-2025-23217" not in launcher.output
-    assert "open the mitmweb URL" in launcher.output
+    web_url = re.search(r"Web server listening at (\S+)", launcher.output).group(1)
+    assert f"The flows, in mitmweb: {web_url}" in launcher.output
 
 
 # --------------------------------------------------------------------------- --demo
