@@ -1,0 +1,306 @@
+"""http://coze.mitm/: the status page, status.json and the filled userscript; nothing secret, nothing injectable."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+from mitmproxy.test import taddons, tflow, tutils
+
+import status as status_mod
+from identity import short_id
+from csp_policy import CN_SDK_URL
+from settings import CozeSettings
+from status import (
+    NO_ORIGIN_MATCH, PAGE_CSP, StatusPages, base_version, fill_userscript, set_version, version_stamp,
+)
+
+PAT = "pat_" + "S3cr3tPat" * 4
+PAGE = "https://chat.example.org"
+HOSTILE = '"><img src=x onerror=alert(1)><script>alert(2)</script>\u2028'
+TEMPLATE = status_mod.USERSCRIPT_PATH.read_text(encoding="utf-8")
+FULL_ID = "1732000000001-AbCdEfGhIjKlMnOpQrStUv"
+
+
+class FakeBroker:
+    """Stands in for the token broker: a mode, counters and some cached users."""
+
+    mode = "jwt"
+    exchanges = 3
+    failures = 1
+
+    def __init__(self, users):
+        self._users = users
+
+    def users(self):
+        return self._users
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def tctx(tmp_path):
+    settings = CozeSettings()
+    pages = StatusPages(settings)
+    with taddons.context(settings, pages) as ctx:
+        ctx.configure(settings, confdir=str(tmp_path), coze_pat=PAT, coze_api_base="https://api.coze.cn",
+                      coze_origins=f"{PAGE},http://localhost:3000", coze_bot_id="7350000000000000001",
+                      coze_title="Help desk")
+        ctx.pages, ctx.settings = pages, settings
+        yield ctx
+
+
+def get(pages, path="/", method="GET", host="coze.mitm", scheme="http"):
+    port = 443 if scheme == "https" else 80
+    f = tflow.tflow(req=tutils.treq(method=method.encode(), host=host, port=port, scheme=scheme.encode(),
+                                    path=path.encode(), headers=tutils.treq().headers.__class__([])))
+    pages.request(f)
+    return f
+
+
+def body_of(f) -> str:
+    return f.response.get_text()
+
+
+def meta(script: str, key: str) -> list[str]:
+    return re.findall(rf"^// @{key}\s+(.*?)\s*$", script, re.M)
+
+
+def config_value(script: str, key: str):
+    m = re.search(rf"^  {key}: (.*), // @coze-mitm {key}\b", script, re.M)
+    return json.loads(m[1])
+
+
+class TestFillUserscript:
+    def test_one_match_per_origin_and_values_filled(self):
+        text = fill_userscript(TEMPLATE, ["https://b.example", "http://localhost:3000"],
+                               {"botId": "7350000000000000001", "title": "Help", "sdkUrl": "https://cdn.example/sdk.js"})
+        assert meta(text, "match") == ["http://localhost:3000/*", "https://b.example/*"]
+        assert config_value(text, "botId") == "7350000000000000001"
+        assert config_value(text, "title") == "Help"
+        assert config_value(text, "sdkUrl") == "https://cdn.example/sdk.js"
+        assert config_value(text, "statusUrl") == "http://coze.mitm/status.json"  # untouched
+        assert text.startswith("// ==UserScript==\n")
+        assert len(text.splitlines()) == len(TEMPLATE.splitlines()) + 1
+
+    def test_no_origin_matches_nothing_rather_than_everything(self):
+        text = fill_userscript(TEMPLATE, [], {})
+        assert meta(text, "match") == [NO_ORIGIN_MATCH]
+        assert not meta(text, "include")
+
+    def test_hostile_values_stay_one_string_on_one_line(self):
+        text = fill_userscript(TEMPLATE, [PAGE], {"botId": HOSTILE + "\n// @match https://evil/*", "title": HOSTILE})
+        assert meta(text, "match") == [f"{PAGE}/*"]
+        assert config_value(text, "botId") == HOSTILE + "\n// @match https://evil/*"
+        assert config_value(text, "title") == HOSTILE
+        assert "\u2028" not in text  # a raw U+2028 would end the line in older JS engines
+
+    @pytest.mark.skipif(not shutil.which("node"), reason="node is not installed")
+    def test_filled_script_still_parses(self, tmp_path):
+        text = fill_userscript(TEMPLATE, [PAGE], {"botId": HOSTILE, "title": HOSTILE, "sdkUrl": CN_SDK_URL})
+        path = tmp_path / "filled.user.js"
+        path.write_text(set_version(text, "0.1.0.123"))
+        assert subprocess.run(["node", "--check", str(path)], capture_output=True).returncode == 0
+
+    def test_version_helpers(self):
+        assert base_version(TEMPLATE) == meta(TEMPLATE, "version")[0]
+        assert meta(set_version(TEMPLATE, "9.9.9.42"), "version") == ["9.9.9.42"]
+
+
+class TestVersionStamp:
+    def test_stable_while_nothing_changes_rising_when_something_does(self, tmp_path):
+        state = tmp_path / "v.json"
+        first, kept = version_stamp("a", state, now=1000)
+        assert (first, kept) == (1000, True)
+        assert version_stamp("a", state, now=5000) == (1000, True)  # a restart, same settings
+        second, _ = version_stamp("b", state, now=2000)
+        assert second == 2000
+        third, _ = version_stamp("a", state, now=1500)  # clock went backwards: still rises
+        assert third == 2001
+        assert version_stamp("a", state, now=9999) == (2001, True)
+
+    def test_broken_or_unwritable_state(self, tmp_path):
+        state = tmp_path / "v.json"
+        state.write_text("{not json")
+        assert version_stamp("a", state, now=10)[0] == 10
+        missing_dir = tmp_path / "nope" / "v.json"
+        assert version_stamp("a", missing_dir, now=20) == (20, False)
+        assert version_stamp("a", None, now=30) == (30, False)
+
+
+class TestPages:
+    def test_status_json(self, tctx):
+        f = get(tctx.pages, "/status.json")
+        assert f.response.status_code == 200
+        assert f.response.headers["content-type"].startswith("application/json")
+        data = json.loads(body_of(f))
+        assert data["service"] == "coze-mitm"
+        assert data["mode"] == "pat"
+        assert data["api"] == ["https://api.coze.cn"]
+        assert data["origins"] == ["http://localhost:3000", PAGE]
+        assert data["bot_id"] == "7350000000000000001"
+        assert data["userscript"]["url"] == "http://coze.mitm/coze-chat.user.js"
+        assert data["ca"] == {"fetched_over_https": False, "probably_trusted": None, "install_from": "http://mitm.it"}
+        assert "access-control-allow-origin" not in f.response.headers
+
+    def test_bot_id_absent_when_not_configured(self, tctx):
+        tctx.configure(tctx.pages, coze_bot_id="")
+        assert "bot_id" not in json.loads(body_of(get(tctx.pages, "/status.json")))
+
+    def test_html_page(self, tctx):
+        f = get(tctx.pages, "/")
+        h = f.response.headers
+        assert h["content-type"] == "text/html; charset=utf-8"
+        assert h["content-security-policy"] == PAGE_CSP
+        assert h["x-frame-options"] == "DENY"
+        assert not any(k.lower().startswith("access-control-") for k in h)
+        text = body_of(f)
+        for needle in ("PAT mode", "https://api.coze.cn", PAGE, "http://localhost:3000", "7350000000000000001",
+                       'href="/coze-chat.user.js"', "Install userscript", "http://mitm.it", 'id="ca-state"',
+                       "Help desk", "every user shares one Coze identity"):
+            assert needle in text, needle
+
+    def test_inline_style_and_script_match_the_csp_hashes(self, tctx):
+        text = body_of(get(tctx.pages, "/"))
+        assert f"<style>{status_mod.STYLE}</style>" in text
+        assert f"<script>{status_mod.PROBE_SCRIPT}</script>" in text
+        markup = re.sub(r"<script>.*?</script>", "", text, flags=re.S)
+        assert not re.search(r"<[^>]*\s(style|on\w+)\s*=", markup, re.I)  # the CSP would block them
+
+    def test_over_https_the_page_says_the_ca_is_probably_trusted(self, tctx):
+        f = get(tctx.pages, "/", scheme="https")
+        text = body_of(f)
+        assert "came over HTTPS" in text and 'id="ca-state"' not in text
+        data = json.loads(body_of(get(tctx.pages, "/status.json", scheme="https")))
+        assert data["ca"]["fetched_over_https"] is True and data["ca"]["probably_trusted"] is True
+
+    def test_probe_image(self, tctx):
+        f = get(tctx.pages, "/ca-probe.png", scheme="https")
+        assert f.response.headers["content-type"] == "image/png"
+        assert f.response.raw_content.startswith(b"\x89PNG")
+        assert "cross-origin-resource-policy" not in f.response.headers  # loaded from http://coze.mitm
+
+    def test_userscript_served_filled(self, tctx):
+        f = get(tctx.pages, "/coze-chat.user.js")
+        assert f.response.headers["content-type"] == "text/javascript; charset=utf-8"
+        script = body_of(f)
+        assert meta(script, "match") == ["http://localhost:3000/*", f"{PAGE}/*"]
+        assert config_value(script, "botId") == "7350000000000000001"
+        assert config_value(script, "title") == "Help desk"
+        assert config_value(script, "sdkUrl") == CN_SDK_URL
+        version = meta(script, "version")[0]
+        assert version == json.loads(body_of(get(tctx.pages, "/status.json")))["userscript"]["version"]
+        assert re.fullmatch(rf"{re.escape(base_version(TEMPLATE))}\.\d+", version)
+
+    def test_userscript_read_once(self, tctx, monkeypatch):
+        def boom(*a, **kw):
+            raise AssertionError("read per request")
+        monkeypatch.setattr(type(status_mod.USERSCRIPT_PATH), "read_text", boom)
+        for _ in range(3):
+            assert get(tctx.pages, "/coze-chat.user.js").response.status_code == 200
+
+    def test_version_rises_with_settings_and_survives_a_restart(self, tctx, tmp_path):
+        def version():
+            return meta(body_of(get(tctx.pages, "/coze-chat.user.js")), "version")[0]
+
+        def as_tuple(v):
+            return tuple(int(x) for x in v.split("."))
+
+        v1 = version()
+        tctx.configure(tctx.pages, coze_title="Help desk")  # same value: same version
+        assert version() == v1
+        tctx.configure(tctx.pages, coze_bot_id="7350000000000000002")
+        v2 = version()
+        assert as_tuple(v2) > as_tuple(v1)
+        tctx.configure(tctx.pages, coze_origins=f"{PAGE},https://other.example")
+        v3 = version()
+        assert as_tuple(v3) > as_tuple(v2)
+        # A new process with the same settings and confdir serves the same version.
+        settings = CozeSettings()
+        again = StatusPages(settings)
+        with taddons.context(settings, again) as ctx2:
+            ctx2.configure(settings, confdir=str(tmp_path), coze_pat=PAT, coze_api_base="https://api.coze.cn",
+                           coze_origins=f"{PAGE},https://other.example", coze_bot_id="7350000000000000002",
+                           coze_title="Help desk")
+            assert meta(body_of(get(again, "/coze-chat.user.js")), "version")[0] == v3
+
+    def test_hostile_settings_are_escaped_everywhere(self, tctx):
+        tctx.configure(tctx.pages, coze_bot_id=HOSTILE, coze_title=HOSTILE)
+        text = body_of(get(tctx.pages, "/"))
+        assert "<img src=x" not in text and "<script>alert" not in text
+        assert "&lt;img src=x onerror=alert(1)&gt;" in text
+        assert json.loads(body_of(get(tctx.pages, "/status.json")))["bot_id"] == HOSTILE.strip()
+        script = body_of(get(tctx.pages, "/coze-chat.user.js"))
+        assert config_value(script, "title") == HOSTILE
+
+    def test_users_counters_refusals_and_errors(self, tctx):
+        now = time.time()
+        tctx.settings.broker = FakeBroker([(FULL_ID, now + 600), ("short-id-1", now + 30)])
+        stats = tctx.settings.stats
+        stats.requests, stats.injected, stats.preflights = 12, 9, 4
+        stats.refused("origin-not-allowed")
+        stats.refused("origin-not-allowed")
+        stats.refused("malformed-tag")
+        stats.error("exchange-refused:invalid_client", "Coze refused <b>it</b>: czs_leakedtoken123 (logid 20261127ABC)",
+                    "20261127ABC")
+        text = body_of(get(tctx.pages, "/"))
+        assert short_id(FULL_ID) in text
+        assert FULL_ID not in text
+        assert "short-id-1" in text
+        assert "origin-not-allowed</code></td><td>2" in text
+        assert "malformed-tag</code></td><td>1" in text
+        assert "20261127ABC" in text and "&lt;b&gt;it&lt;/b&gt;" in text
+        assert "czs_leakedtoken123" not in text
+        data = json.loads(body_of(get(tctx.pages, "/status.json")))
+        assert [u["user"] for u in data["users"]] == ["short-id-1", short_id(FULL_ID)]  # most recent first
+        assert 590 <= data["users"][1]["expires_in_seconds"] <= 600
+        assert data["counters"]["refusals"] == {"malformed-tag": 1, "origin-not-allowed": 2}
+        assert data["last_errors"][0]["logid"] == "20261127ABC"
+        assert "czs_leakedtoken123" not in json.dumps(data)
+
+    def test_no_secret_on_any_page(self, tctx):
+        for path in ("/", "/status.json", "/coze-chat.user.js", "/nope"):
+            for scheme in ("http", "https"):
+                f = get(tctx.pages, path, scheme=scheme)
+                assert PAT not in f.response.get_text()
+                assert PAT not in str(f.response.headers)
+
+    def test_read_only(self, tctx):
+        for method in ("POST", "PUT", "DELETE", "OPTIONS"):
+            f = get(tctx.pages, "/status.json", method=method)
+            assert f.response.status_code == 405
+            assert "access-control-allow-origin" not in f.response.headers
+
+    def test_unknown_path_and_other_hosts(self, tctx):
+        assert get(tctx.pages, "/secret").response.status_code == 404
+        for host in ("example.org", "coze.mitm.evil.example", "api.coze.cn"):
+            assert get(tctx.pages, "/status.json", host=host).response is None
+
+    def test_https_connect_accepted_without_an_upstream(self, tctx):
+        f = tflow.tflow(req=tutils.treq(method=b"CONNECT", host="coze.mitm", port=443, scheme=b"", path=b"",
+                                        authority=b"coze.mitm:443"))
+        tctx.pages.http_connect(f)
+        assert f.response.status_code == 200
+        other = tflow.tflow(req=tutils.treq(method=b"CONNECT", host="example.org", port=443, scheme=b"", path=b"",
+                                            authority=b"example.org:443"))
+        tctx.pages.http_connect(other)
+        assert other.response is None
+
+    def test_bad_sdk_url_is_one_clear_error(self, tctx, caplog):
+        with caplog.at_level(logging.ERROR):
+            tctx.configure(tctx.pages, coze_sdk_url="javascript:alert(1)")
+        assert "coze_sdk_url" in caplog.text
+        script = body_of(get(tctx.pages, "/coze-chat.user.js"))
+        assert config_value(script, "sdkUrl") == CN_SDK_URL
+        assert "coze_sdk_url" in json.loads(body_of(get(tctx.pages, "/status.json")))["problems"][0]
+
+    def test_sdk_url_follows_the_api_site(self, tctx):
+        tctx.configure(tctx.pages, coze_api_base="https://api.coze.com")
+        script = body_of(get(tctx.pages, "/coze-chat.user.js"))
+        assert "sf-cdn.coze.com" in config_value(script, "sdkUrl")
