@@ -44,7 +44,7 @@ PROG = "run_mitm.py"
 DEFAULT_PORT = 8080
 STATUS_URL = "http://coze.mitm/"
 DEMO_URL = "http://coze.mitm/demo"
-LISTENING_RE = re.compile(r"HTTP\(S\) proxy listening at (\S+?):(\d+)")
+LISTENING_RE = re.compile(r"HTTP\(S\) proxy listening at (\[[^\]]+\]|[^\s:]+):(\d+)")
 WEB_LISTENING_RE = re.compile(r"Web server listening at (\S+)")
 PORT_IN_USE_RE = re.compile(r"failed to listen on \S+? with .*(address already in use|Errno 98|Errno 48|WinError 10048)", re.I)
 MITMWEB_FIXED = (11, 1, 2)  # CVE-2025-23217: mitmweb's API is unauthenticated before this version
@@ -119,8 +119,8 @@ def set_item(value: str) -> tuple[str, str]:
 def make_parser() -> Parser:
     p = Parser(
         prog=PROG,
-        description="coze-mitm: the Coze Web Chat SDK on any page, with no credential in the page. "
-                    "Starts mitmdump (or mitmweb) with the coze-mitm addons.",
+        description="coze-mitm: the Coze Web Chat SDK on any page, with no credential in the page.\n"
+                    "Starts mitmdump (or mitmweb) with the coze-mitm addons on 127.0.0.1:8080.",
         epilog=EXIT_CODES_HELP + "\nThe PAT is best given as COZE_PAT=pat_... in the environment, "
                "or typed at the prompt of --pat without a value: a value on the command line stays in "
                "your shell history and is visible to other users in ps.",
@@ -395,21 +395,25 @@ def check_port_free(host: str, port: int) -> None:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise Fail(f"--host {host}: cannot resolve it ({e.strerror})", EXIT_USAGE) from None
+    problems = []
     for family, type_, proto, _, addr in infos:
-        with socket.socket(family, type_, proto) as s:
-            if os.name != "nt":
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
+        try:
+            with socket.socket(family, type_, proto) as s:
+                if os.name != "nt":
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind(addr)
-            except OSError as e:
-                if e.errno == errno.EADDRINUSE:
-                    raise Fail(port_in_use_message(host, port), EXIT_PORT_IN_USE) from None
-                if e.errno == errno.EACCES:
-                    raise Fail(f"no permission to listen on port {port}: ports below 1024 need root; "
-                               f"use e.g. --port {DEFAULT_PORT}", EXIT_USAGE) from None
-                if e.errno == errno.EADDRNOTAVAIL:
-                    raise Fail(f"--host {host} is not an address of this machine", EXIT_USAGE) from None
-                raise Fail(f"cannot listen on {host}:{port}: {e.strerror}", EXIT_FAILED) from None
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise Fail(port_in_use_message(host, port), EXIT_PORT_IN_USE) from None
+            if e.errno == errno.EACCES:
+                raise Fail(f"no permission to listen on port {port}: ports below 1024 need root; "
+                           f"use e.g. --port {DEFAULT_PORT}", EXIT_USAGE) from None
+            problems.append(e)  # e.g. "localhost" resolves to ::1 too, and IPv6 is off: one address is enough
+    if problems and len(problems) == len(infos):
+        e = problems[0]
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise Fail(f"--host {host} is not an address of this machine", EXIT_USAGE)
+        raise Fail(f"cannot listen on {host}:{port}: {e.strerror}", EXIT_FAILED)
 
 
 # --------------------------------------------------------------------------- --check

@@ -256,6 +256,16 @@ def test_port_in_use_seen_in_mitmproxy_output_is_recognised():
     assert run_mitm.PORT_IN_USE_RE.search(line)
 
 
+@pytest.mark.parametrize("line, where", [
+    ("[22:15:47.969] HTTP(S) proxy listening at 127.0.0.1:8080.", ("127.0.0.1", "8080")),
+    ("[22:15:47.969] HTTP(S) proxy listening at [::1]:44469.", ("[::1]", "44469")),
+])
+def test_listening_line_parsed(line, where):
+    import run_mitm
+
+    assert run_mitm.LISTENING_RE.search(line).groups() == where
+
+
 def test_allow_hosts_patterns():
     import run_mitm
 
