@@ -148,8 +148,9 @@ body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;backgr
 header{background:#1d2129;color:#fff;padding:14px 24px;display:flex;align-items:center;gap:14px}
 header h1{font-size:20px;margin:0}
 main{max-width:1080px;margin:0 auto;padding:18px 24px 40px}
-.badge{border-radius:12px;padding:2px 10px;font-size:13px;font-weight:600;background:#3b3f46}
-.badge.ok{background:#1f8a4c}.badge.bad{background:#c0392b}
+.badge{border-radius:12px;padding:2px 10px;font-size:13px;font-weight:600;background:#3b3f46;color:#fff}
+.badge.ok{background:#1f8a4c;color:#fff}.badge.bad{background:#c0392b;color:#fff}
+header .muted{color:#b8bec9}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:14px}
 .card{background:#fff;border-radius:8px;padding:14px 16px;box-shadow:0 1px 3px rgba(0,0,0,.12)}
 .card h2{font-size:15px;margin:0 0 6px}

@@ -1,0 +1,224 @@
+"""Helpers for the headless-Chromium tests: the browser, a page server, the userscript's GM_* shim.
+
+* Chromium is Debian's package driven by Playwright (`playwright install` cannot download browsers
+  here); every request, loopback ones included, goes through the mitmdump under test.
+* `PageServer` serves the test pages and the stand-in SDK. The browser asks for made-up hosts
+  (http://page.test, http://cdn.test, http://other.test); the proxy's map_remote sends them here,
+  after coze-mitm has decided (from the host the browser asked for) that page.test is an allowed page.
+* `userscript_init_script` wraps the REAL userscript, as coze-mitm serves it, the way a userscript
+  manager runs it: only on its @match pages, not in frames, after DOMContentLoaded, with
+  GM_getValue/GM_setValue kept per browser profile (the context's localStorage) and
+  GM_xmlhttpRequest done outside the page (like Tampermonkey's, it is not subject to the page's
+  CORS or CSP): here by Python, through the same proxy.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import struct
+import threading
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import requests
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+CHROMIUM_CANDIDATES = ("/usr/bin/chromium",)
+
+
+def make_png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
+    """A plain one-colour RGB PNG."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    raw = b"".join(b"\x00" + bytes(rgb) * width for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+ICON_PNG = make_png(24, 24, (77, 83, 232))
+PAGE_NONCE = "t3stN0nce"
+
+
+def find_chromium() -> str | None:
+    for path in CHROMIUM_CANDIDATES:
+        if Path(path).exists():
+            return path
+    return shutil.which("chromium")
+
+
+def chromium_args(proxy_port: int) -> list[str]:
+    return [
+        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+        f"--proxy-server=http://127.0.0.1:{proxy_port}",
+        "--proxy-bypass-list=<-loopback>",  # loopback (the Coze stand-in) through the proxy too
+    ]
+
+
+# ------------------------------------------------------------------------------------------ pages
+
+def _page(title: str, head: str = "") -> bytes:
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title>{head}</head>
+<body><h1>{title}</h1><p>An ordinary page on an allowed origin.</p></body></html>""".encode()
+
+
+STRICT_CSP = "default-src 'self'"
+NONCE_CSP = f"default-src 'self'; script-src 'nonce-{PAGE_NONCE}' 'strict-dynamic'; object-src 'none'; base-uri 'none'"
+PAGES = {
+    # path: (headers, body)
+    "/": ({}, _page("Plain page")),
+    "/strict": ({"Content-Security-Policy": STRICT_CSP}, _page("Strict CSP page")),
+    "/meta": ({}, _page("Meta CSP page", f'<meta http-equiv="Content-Security-Policy" content="{STRICT_CSP}">')),
+    "/nonce": ({"Content-Security-Policy": NONCE_CSP},
+               _page("Nonce and strict-dynamic page", f'<script nonce="{PAGE_NONCE}">window.pageOwnScript = 1;</script>')),
+    "/two-policies": ({"Content-Security-Policy": [STRICT_CSP, "frame-ancestors 'none'"]}, _page("Two policies")),
+}
+
+
+class PageServer:
+    """The origin server behind page.test / cdn.test / other.test (they differ only in the URL the browser used)."""
+
+    def __init__(self, api_base: str):
+        sdk = (FIXTURES / "fake_coze_sdk.js").read_text().replace("__COZE_API_BASE__", api_base)
+        files = {
+            "/sdk/index.js": ("text/javascript; charset=utf-8", sdk.encode()),
+            "/sdk/sdk.css": ("text/css; charset=utf-8", (FIXTURES / "fake_coze_sdk.css").read_bytes()),
+            "/sdk/icon.png": ("image/png", ICON_PNG),
+        }
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                path = self.path.split("?", 1)[0]
+                server.requests.append(path)
+                status = 200
+                if path in files:
+                    ctype, body = files[path]
+                    headers = {"Content-Type": ctype}
+                elif path in PAGES:
+                    headers, body = PAGES[path]
+                    headers = {"Content-Type": "text/html; charset=utf-8", **headers}
+                else:
+                    status, headers, body = 404, {"Content-Type": "text/plain"}, b"not found"
+                self.send_response(status)
+                for name, value in headers.items():
+                    for v in value if isinstance(value, list) else [value]:
+                        self.send_header(name, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(body)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def start(self) -> "PageServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def map_remote(self, *hosts: str) -> list[str]:
+        """mitmproxy map_remote specs sending http://<host>/ to this server."""
+        return [f"map_remote=|^http://{re.escape(h)}/|http://127.0.0.1:{self.port}/" for h in hosts]
+
+
+# ------------------------------------------------------------------------------------------ the userscript
+
+def _match_regex(pattern: str) -> str:
+    """A userscript @match pattern (scheme://host/path with *) as a JS regex source."""
+    return "^" + re.escape(pattern).replace(r"\*", ".*") + "$"
+
+
+def userscript_init_script(script: str) -> str:
+    """The served userscript wrapped like a userscript manager runs it (see the module docstring)."""
+    matches = re.findall(r"^// @match\s+(\S+)\s*$", script, re.M)
+    return f"""(() => {{
+  if (window.top !== window) return;  // @noframes
+  const MATCHES = {json.dumps([_match_regex(m) for m in matches])}.map((s) => new RegExp(s));
+  if (!MATCHES.some((re) => re.test(location.href))) return;
+  const STORE = 'coze-gm-shim:';
+  function GM_getValue(key, fallback) {{
+    const v = localStorage.getItem(STORE + key);
+    return v === null ? fallback : JSON.parse(v);
+  }}
+  function GM_setValue(key, value) {{ localStorage.setItem(STORE + key, JSON.stringify(value)); }}
+  function GM_registerMenuCommand() {{}}
+  function GM_setClipboard() {{}}
+  function GM_xmlhttpRequest(details) {{
+    window.cozeGmXhr({{ method: details.method || 'GET', url: details.url, headers: details.headers || {{}} }})
+      .then((res) => details.onload && details.onload(res),
+            (err) => details.onerror && details.onerror({{ error: String(err) }}));
+  }}
+  const unsafeWindow = window;
+  const run = () => {{
+{script}
+  }};
+  if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', run, {{ once: true }});
+  else run();
+}})();
+"""
+
+
+def gm_xhr_binding(proxies: dict):
+    """The Python side of GM_xmlhttpRequest: a request through the proxy, outside the page."""
+    def handler(source, details):
+        session = requests.Session()
+        session.trust_env = False
+        try:
+            r = session.request(details.get("method", "GET"), details["url"], headers=details.get("headers") or {},
+                                proxies=proxies, timeout=5)
+        except requests.RequestException as e:
+            raise RuntimeError(f"GM_xmlhttpRequest failed: {type(e).__name__}") from None
+        return {"status": r.status_code, "statusText": r.reason, "responseText": r.text, "finalUrl": r.url}
+    return handler
+
+
+# ------------------------------------------------------------------------------------------ screenshots
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's header (and proof that it is one)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", "not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+# Decoding a screenshot in pure Python takes seconds; the browser's own decoder takes milliseconds.
+PNG_STATS_JS = """async (b64) => {
+    const img = new Image();
+    img.src = 'data:image/png;base64,' + b64;
+    await img.decode();
+    const canvas = document.createElement('canvas');
+    canvas.width = img.naturalWidth;
+    canvas.height = img.naturalHeight;
+    const g = canvas.getContext('2d');
+    g.drawImage(img, 0, 0);
+    const px = g.getImageData(0, 0, canvas.width, canvas.height).data;
+    const counts = new Map();
+    for (let i = 0; i < px.length; i += 4) {
+        const key = (px[i] << 16) | (px[i + 1] << 8) | px[i + 2];
+        counts.set(key, (counts.get(key) || 0) + 1);
+    }
+    const total = px.length / 4;
+    return [counts.size, 1 - Math.max(...counts.values()) / total];
+}"""
+
+
+def png_colour_stats(page, data: bytes) -> tuple[int, float]:
+    """(distinct colours, share of pixels unlike the most common colour) of a PNG, decoded by `page`'s browser."""
+    png_size(data)
+    return tuple(page.evaluate(PNG_STATS_JS, base64.b64encode(data).decode()))
