@@ -43,7 +43,7 @@ PROBE_PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
 )
 
-_MATCH_LINE = re.compile(r"^// @match\s+.*$", re.M)
+_MATCH_LINE = re.compile(r"// @match\s+.*")
 _VERSION_LINE = re.compile(r"^(// @version\s+)(\S+)\s*$", re.M)
 
 
@@ -60,14 +60,18 @@ def fill_userscript(template: str, origins: list[str], values: dict[str, str]) -
     if not matches:
         # No @match at all would mean "every page" to some script managers: match nothing useful instead.
         matches = [f"// @match        {NO_ORIGIN_MATCH}"]
-    block = "\n".join(matches)
-    seen = []
-
-    def one_block(m: re.Match) -> str:
-        seen.append(m)
-        return block if len(seen) == 1 else "\0"
-
-    text = _MATCH_LINE.sub(one_block, template).replace("\0\n", "").replace("\0", "")
+    lines, placed = [], False
+    for line in template.split("\n"):
+        if _MATCH_LINE.fullmatch(line):
+            if not placed:  # the template's placeholder @match line(s) become ours, in the same place
+                lines.extend(matches)
+                placed = True
+            continue
+        if line.startswith("// ==/UserScript==") and not placed:
+            lines.extend(matches)
+            placed = True
+        lines.append(line)
+    text = "\n".join(lines)
     for key, value in values.items():
         text = re.sub(
             rf"^(  {re.escape(key)}: ).*?(, // @coze-mitm {re.escape(key)}\b.*)$",

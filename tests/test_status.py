@@ -89,6 +89,17 @@ class TestFillUserscript:
         assert text.startswith("// ==UserScript==\n")
         assert len(text.splitlines()) == len(TEMPLATE.splitlines()) + 1
 
+    def test_every_placeholder_match_replaced_in_place(self):
+        several = TEMPLATE.replace("// @match ", "// @match        https://x.example/*\n// @match ", 1)
+        assert len(meta(several, "match")) == 2
+        text = fill_userscript(several, [PAGE], {})
+        assert meta(text, "match") == [f"{PAGE}/*"]
+        assert text.index("@match") < text.index("@grant")
+        bare = re.sub(r"^// @match.*\n", "", TEMPLATE, flags=re.M)
+        text = fill_userscript(bare, [PAGE], {})
+        assert meta(text, "match") == [f"{PAGE}/*"]
+        assert text.index("@match") < text.index("// ==/UserScript==")
+
     def test_no_origin_matches_nothing_rather_than_everything(self):
         text = fill_userscript(TEMPLATE, [], {})
         assert meta(text, "match") == [NO_ORIGIN_MATCH]
