@@ -185,7 +185,9 @@ PROBE_SCRIPT = """
     el.className = ok ? 'ok' : 'bad';
     el.textContent = ok
       ? '\\u2714 This browser accepted the proxy\\u2019s HTTPS certificate for https://coze.mitm: the mitmproxy CA is probably trusted.'
-      : '\\u2718 This browser refused the proxy\\u2019s HTTPS certificate for https://coze.mitm: the mitmproxy CA is probably not trusted yet, so HTTPS pages will show certificate errors.';
+      : '\\u2718 https://coze.mitm did not load: most likely this browser does not trust the mitmproxy CA yet ' +
+        '(HTTPS pages would show certificate errors), or its HTTPS traffic does not go through the proxy ' +
+        '(set the proxy for HTTPS too).';
   }
   var img = new Image();
   img.onload = function () { show(true); };

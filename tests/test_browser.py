@@ -292,4 +292,5 @@ def test_status_page_renders_with_the_users(env, tmp_path):
     sceptic.goto("http://coze.mitm/")
     sceptic.wait_for_function("() => document.getElementById('ca-state').className !== 'muted'")
     assert sceptic.get_attribute("#ca-state", "class") == "bad"
+    assert "does not trust the mitmproxy CA" in sceptic.inner_text("#ca-state")
     assert "http://mitm.it" in sceptic.inner_text("body")
