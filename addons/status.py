@@ -37,7 +37,7 @@ log = logging.getLogger("coze.status")
 USERSCRIPT_PATH = REPO_ROOT / "userscript" / "coze-chat.user.js"
 USERSCRIPT_URL = f"http://{STATUS_HOST}/coze-chat.user.js"
 VERSION_STATE_FILE = "coze-mitm-userscript.json"  # in mitmproxy's confdir: keeps @version stable across restarts
-NO_ORIGIN_MATCH = f"http://{STATUS_HOST}/no-page-origin-configured"
+NO_ORIGIN_MATCH = "http://no-page-origin-configured.invalid/*"  # .invalid never resolves: matches no page
 # A 1x1 transparent PNG.
 PROBE_PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
@@ -56,7 +56,9 @@ def fill_userscript(template: str, origins: list[str], values: dict[str, str]) -
     Values go in as JSON string literals (ASCII only, so no U+2028 or quote can end the line or the
     string early); origins were validated by coze_origins' parser.
     """
-    matches = [f"// @match        {o}/*" for o in sorted(origins)]
+    # The proxy's own pages (the demo puts http://coze.mitm in coze_origins) never get the SDK injected.
+    own = {f"http://{STATUS_HOST}", f"https://{STATUS_HOST}"}
+    matches = [f"// @match        {o}/*" for o in sorted(origins) if o not in own]
     if not matches:
         # No @match at all would mean "every page" to some script managers: match nothing useful instead.
         matches = [f"// @match        {NO_ORIGIN_MATCH}"]

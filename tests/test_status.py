@@ -105,6 +105,11 @@ class TestFillUserscript:
         assert meta(text, "match") == [NO_ORIGIN_MATCH]
         assert not meta(text, "include")
 
+    def test_the_proxy_own_pages_never_matched(self):
+        text = fill_userscript(TEMPLATE, ["http://coze.mitm", PAGE], {})
+        assert meta(text, "match") == [f"{PAGE}/*"]
+        assert meta(fill_userscript(TEMPLATE, ["http://coze.mitm"], {}), "match") == [NO_ORIGIN_MATCH]
+
     def test_hostile_values_stay_one_string_on_one_line(self):
         text = fill_userscript(TEMPLATE, [PAGE], {"botId": HOSTILE + "\n// @match https://evil/*", "title": HOSTILE})
         assert meta(text, "match") == [f"{PAGE}/*"]
