@@ -47,7 +47,8 @@ class Csp:
             extra = parse_extra(opts.coze_csp_extra)
         except ValueError as e:
             # An ERROR line at startup stops mitmdump; later (mitmweb's option editor) the extras are dropped.
-            log.error(f"coze-mitm: {e}")
+            if "coze_csp_extra" in updated:
+                log.error(f"coze-mitm: {e}")
             extra = {}
         api_origins = sorted(str(o) for o in self.settings.api_origins)
         try:

@@ -235,8 +235,9 @@ class StatusPages:
         try:
             self.sdk_url = resolve_sdk_url(opts.coze_sdk_url, api_origins)
         except ValueError as e:
-            # An ERROR line at startup stops mitmdump, as a bad setting should.
-            log.error(f"coze-mitm: {e}; use the SDK's https:// URL, or leave coze_sdk_url empty for the official one")
+            # An ERROR line at startup stops mitmdump, as a bad setting should (said once, not per reconfigure).
+            if str(e) not in self.problems:
+                log.error(f"coze-mitm: {e}; use the SDK's https:// URL, or leave coze_sdk_url empty for the official one")
             problems.append(str(e))
             self.sdk_url = resolve_sdk_url("", api_origins)
         self.problems = problems

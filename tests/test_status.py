@@ -320,3 +320,16 @@ class TestPages:
         tctx.configure(tctx.pages, coze_api_base="https://api.coze.com")
         script = body_of(get(tctx.pages, "/coze-chat.user.js"))
         assert "sf-cdn.coze.com" in config_value(script, "sdkUrl")
+
+
+@pytest.mark.parametrize("option, fix", [
+    ("coze_sdk_url=javascript:alert(1)", "coze_sdk_url"),
+    ("coze_csp_extra=frame-ancestors *", "not a fetch directive"),
+])
+def test_bad_option_stops_a_real_mitmdump_with_one_line(tmp_path, option, fix):
+    from tests.harness import Mitmdump
+    proc = Mitmdump(tmp_path, [f"coze_pat={PAT}", "coze_origins=https://chat.example.org", option])
+    assert proc.run_to_exit() == 1
+    errors = [line for line in proc.lines if "coze-mitm:" in line and "PAT mode" not in line]
+    assert len(errors) == 1 and fix in errors[0], proc.output
+    assert "Traceback" not in proc.output and PAT not in proc.output
