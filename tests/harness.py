@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -54,11 +55,15 @@ class Mitmdump:
                 self._listening.set()
         self._listening.set()
 
-    def start(self) -> "Mitmdump":
-        self.proc = subprocess.Popen(
+    def _popen(self) -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if k != "COZE_PAT"}  # a developer's PAT must not switch modes
+        return subprocess.Popen(
             self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-            cwd=str(self.confdir),  # not the repo: the default config path must not depend on the cwd
+            cwd=str(self.confdir), env=env,  # not the repo: the default config path must not depend on the cwd
         )
+
+    def start(self) -> "Mitmdump":
+        self.proc = self._popen()
         threading.Thread(target=self._read, daemon=True).start()
         if not self._listening.wait(self.startup_timeout) or self.port is None:
             self.stop()
@@ -67,8 +72,7 @@ class Mitmdump:
 
     def run_to_exit(self, timeout: float = 30) -> int:
         """For start-up failures: run until mitmdump exits by itself; returns its exit code."""
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, text=True, cwd=str(self.confdir))
+        self.proc = self._popen()
         out, _ = self.proc.communicate(timeout=timeout)
         self.lines = out.splitlines()
         return self.proc.returncode
