@@ -3,7 +3,7 @@
 * Chromium is Debian's package driven by Playwright (`playwright install` cannot download browsers
   here); every request, loopback ones included, goes through the mitmdump under test.
 * `PageServer` serves the test pages and the stand-in SDK. The browser asks for made-up hosts
-  (http://page.test, http://cdn.test, http://other.test); the proxy's map_remote sends them here,
+  (http(s)://page.test, https://cdn.test, http://other.test); the proxy's map_remote sends them here,
   after coze-mitm has decided (from the host the browser asked for) that page.test is an allowed page.
 * `userscript_init_script` wraps the REAL userscript, as coze-mitm serves it, the way a userscript
   manager runs it: only on its @match pages, not in frames, after DOMContentLoaded, with
@@ -134,8 +134,11 @@ class PageServer:
         self._server.server_close()
 
     def map_remote(self, *hosts: str) -> list[str]:
-        """mitmproxy map_remote specs sending http://<host>/ to this server."""
-        return [f"map_remote=|^http://{re.escape(h)}/|http://127.0.0.1:{self.port}/" for h in hosts]
+        """mitmproxy map_remote specs sending http(s)://<host>/ to this server (plain http).
+
+        For https the proxy must not try to reach the made-up host first: connection_strategy=lazy.
+        """
+        return [f"map_remote=|^https?://{re.escape(h)}/|http://127.0.0.1:{self.port}/" for h in hosts]
 
 
 # ------------------------------------------------------------------------------------------ the userscript

@@ -32,7 +32,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Pyt
 from sandbox.coze_standin import CozeStandIn  # noqa: E402
 
 PAGE = "http://page.test"
-CDN = "http://cdn.test"
+HTTPS_PAGE = "https://page.test"  # the same page over HTTPS, certificate made by the proxy
+CDN = "https://cdn.test"  # https, so that https pages may load it too
 OTHER = "http://other.test"
 SDK_URL = f"{CDN}/sdk/index.js"
 BOT_ID = "7350000000000000001"
@@ -50,8 +51,9 @@ class Env:
         self.pages = PageServer(self.standin.base_url).start()
         config = write_config(tmp_path_factory.mktemp("config"), rsa_key, self.standin.base_url)
         self.proxy = Mitmdump(tmp_path_factory.mktemp("mitm"), [
-            f"coze_config={config}", f"coze_origins={PAGE}", f"coze_bot_id={BOT_ID}", f"coze_title={TITLE}",
-            f"coze_sdk_url={SDK_URL}", *self.pages.map_remote("page.test", "cdn.test", "other.test"),
+            f"coze_config={config}", f"coze_origins={PAGE},{HTTPS_PAGE}", f"coze_bot_id={BOT_ID}",
+            f"coze_title={TITLE}", f"coze_sdk_url={SDK_URL}", "connection_strategy=lazy",
+            *self.pages.map_remote("page.test", "cdn.test", "other.test"),
         ]).start()
         self.session = requests.Session()
         self.session.trust_env = False
@@ -95,12 +97,12 @@ def env(tmp_path_factory, rsa_key):
     e.close()
 
 
-def open_chat(context, path="/", responses=None):
+def open_chat(context, path="/", responses=None, base=PAGE):
     """Open a page, wait for the userscript to load the SDK and the SDK to be ready; returns (page, user id)."""
     page = context.new_page()
     if responses is not None:
         page.on("response", lambda r: responses.append(r))
-    main = page.goto(PAGE + path)
+    main = page.goto(base + path)
     page.wait_for_function("() => window.__fakeCozeClient || document.getElementById('coze-mitm-notice')")
     notice = page.evaluate("() => document.getElementById('coze-mitm-notice')?.innerText")
     assert not notice, f"the userscript showed a notice instead of the chat: {notice}"
@@ -149,7 +151,7 @@ def keeps_every_source(original: str, received: str) -> bool:
 def test_served_userscript_is_filled_for_this_proxy(env):
     script = env.userscript
     assert env.userscript_content_type.startswith("text/javascript")
-    assert re.findall(r"^// @match\s+(\S+)$", script, re.M) == [f"{PAGE}/*"]
+    assert re.findall(r"^// @match\s+(\S+)$", script, re.M) == [f"{PAGE}/*", f"{HTTPS_PAGE}/*"]
     assert f'  botId: "{BOT_ID}", // @coze-mitm botId' in script
     assert f'  title: "{TITLE}", // @coze-mitm title' in script
     assert f'  sdkUrl: "{SDK_URL}", // @coze-mitm sdkUrl' in script
@@ -222,15 +224,17 @@ def test_two_profiles_private_histories_streamed_no_secret(env):
     assert page_b.evaluate("() => window.__cozeMitmClient.options.auth.token") == f"user:{id_b}"
 
 
-@pytest.mark.parametrize("path, policy", [
-    ("/strict", STRICT_CSP),
-    ("/meta", None),
-    ("/nonce", NONCE_CSP),
-    ("/two-policies", STRICT_CSP),
+@pytest.mark.parametrize("base, path, policy", [
+    (PAGE, "/strict", STRICT_CSP),
+    (PAGE, "/meta", None),
+    (PAGE, "/nonce", NONCE_CSP),
+    (PAGE, "/two-policies", STRICT_CSP),
+    (HTTPS_PAGE, "/strict", STRICT_CSP),
 ])
-def test_page_with_strict_csp_still_loads_the_sdk(env, path, policy):
+def test_page_with_strict_csp_still_loads_the_sdk(env, base, path, policy):
     context = env.profile()
-    page, user_id, main = open_chat(context, path)
+    page, user_id, main = open_chat(context, path, base=base)
+    assert main.url == base + path and main.status == 200
     if policy is not None:  # what the browser received: the page's policy, widened only by our sources
         received = main.headers_array()
         csp = [h["value"] for h in received if h["name"].lower() == "content-security-policy"]
