@@ -262,6 +262,8 @@ def test_without_the_proxy_change_the_csp_would_block_the_sdk(env):
         document.head.appendChild(s);
     })""", SDK_URL)
     assert result == "blocked"
+    page.wait_for_timeout(100)  # console events arrive asynchronously
+    assert any("script-src" in v or "default-src" in v for v in violations), violations
     assert page.evaluate("() => typeof window.CozeWebSDK") == "undefined"
     assert page.evaluate("() => document.getElementById('coze-mitm-notice')") is None  # @match: not run there
 
