@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import re
 import time
 import weakref
 
@@ -55,21 +56,36 @@ COZE_HINTS = {
           "API / Chat SDK channel selected",
 }
 HINT_INTERVAL = 60.0  # at most one log line per Coze error code per minute
+WATCHED_CODES = frozenset(INVALID_TOKEN_CODES) | frozenset(COZE_HINTS)
 
 
-def _envelope_code(response: http.Response) -> int | None:
-    """The `code` of a non-streamed JSON answer in Coze's envelope, else None."""
-    if response.stream or "json" not in response.headers.get("content-type", "").lower():
+_CODE_RE = re.compile(rb'"code"\s*:\s*(\d{4,9})\b')
+
+
+def _watched_code(response: http.Response) -> int | None:
+    """The `code` of a non-streamed JSON answer in Coze's envelope, if it is one this addon acts on
+    (an invalid token, or an error worth a hint); None for everything else, cheaply: most answers are
+    successes, recognised by a regex without parsing the JSON."""
+    if response.stream:
         return None
     raw = response.raw_content
     if not raw or len(raw) > MAX_ENVELOPE:
         return None
+    if "content-encoding" in response.headers:
+        try:
+            raw = response.get_content(strict=True) or b""
+        except ValueError:
+            return None
+    if not any(int(c) in WATCHED_CODES for c in _CODE_RE.findall(raw)):
+        return None
+    if "json" not in response.headers.get("content-type", "").lower():
+        return None
     try:
-        data = json.loads(response.get_content(strict=False) or b"null")
+        data = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         return None
-    code = data.get("code") if isinstance(data, dict) else None
-    return code if isinstance(code, int) and not isinstance(code, bool) else None
+    code = data.get("code") if isinstance(data, dict) else None  # the envelope's, not a nested one
+    return code if code in WATCHED_CODES and not isinstance(code, bool) else None
 
 
 def _logid(response: http.Response) -> str:
@@ -85,6 +101,7 @@ class Auth:
         self._retry_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._session: requests.Session | None = None
         self._hinted: dict[int, float] = {}
+        self._streams_bodies = False
 
     def done(self):
         if self._retry_pool is not None:
@@ -96,77 +113,108 @@ class Auth:
 
     # ------------------------------------------------------------------ request
 
+    def configure(self, updated):
+        if "stream_large_bodies" in updated:
+            # An option of mitmproxy's proxy server (absent from bare test contexts).
+            self._streams_bodies = bool(getattr(ctx.options, "stream_large_bodies", None))
+
     def requestheaders(self, flow: http.HTTPFlow):
         # A streamed request body (stream_large_bodies) sends the headers right after this hook, before
         # `request` runs: the tag must be dealt with now or it would leave as it is.
-        if not flow.request.stream and not ctx.options.stream_large_bodies:
+        if not flow.request.stream and not self._streams_bodies:
             return None
         return self._early(flow)
 
     async def _early(self, flow: http.HTTPFlow) -> None:
-        await self.request(flow)
+        pending = self.request(flow)
+        if pending is not None:
+            await pending
         if flow.response is not None and flow.request.stream and flow.killable:
             # A local answer cannot be combined with a streamed request body: refuse by closing instead.
             log.info(f"coze-mitm: closed a streamed {flow.request.method} to {flow.request.host} instead of answering it")
             flow.kill()
 
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow):
+        """Synchronous, except for a tagged request whose user has no token yet: then it returns the
+        awaitable that mints one (mitmproxy awaits what a hook returns; other flows keep moving)."""
         if flow.response or not flow.live or flow in self._tokens:
-            return
+            return None
         try:
-            await self._handle(flow)
+            return self._handle(flow)
         except Exception:
-            log.exception("coze-mitm: unexpected error while adding credentials")
-            self._refuse(flow, 502, 5000, "internal-error",
-                         "coze-mitm failed while adding credentials; see the mitmproxy log and report the bug")
+            self._internal_error(flow)
+            return None
 
-    async def _handle(self, flow: http.HTTPFlow) -> None:
+    def _internal_error(self, flow: http.HTTPFlow) -> None:
+        log.exception("coze-mitm: unexpected error while adding credentials")
+        self._refuse(flow, 502, 5000, "internal-error",
+                     "coze-mitm failed while adding credentials; see the mitmproxy log and report the bug")
+
+    def _handle(self, flow: http.HTTPFlow):
         request = flow.request
+        seen = identity.gather(request.headers)  # one pass over the headers for every question below
         if not self.settings.is_coze_api(request):
-            if any(identity.is_placeholder(a) for a in request.headers.get_all("authorization")):
-                if self.settings.broker is None:
-                    self._refuse_unconfigured(flow)
-                else:
-                    self._refuse(flow, 400, 4000, "tag-to-other-host",
-                                 f"a coze-mitm user tag was sent to {request.host}, which is not a configured Coze API "
-                                 "host; only the Coze API gets credentials (add it with coze_api_hosts if it is one)")
-                return
-            cookies = request.headers.get_all("cookie")
-            if cookies and any(identity.COOKIE_NAME in c for c in cookies):
-                # The tag names the user to Coze only; no other site learns it.
-                request.headers.set_all("cookie", identity.strip_cookie(cookies))
-            return
+            self._other_host(flow, seen)
+            return None
 
         self.settings.stats.requests += 1
-        decision = identity.admit(request.headers, self.settings.page_origins)
+        decision = identity.admit(seen, self.settings.page_origins)
         if decision.action == "pass":
-            return
+            return None
         if decision.action == "refuse":
             self._refuse(flow, decision.status, decision.code, decision.reason, decision.msg)
-            return
-
-        if self.settings.broker is None:
+            return None
+        broker = self.settings.broker
+        if broker is None:
             self._refuse_unconfigured(flow)
-            return
-        user_id = decision.user_id
-        try:
-            token = await self.settings.broker.token_for(user_id)
-        except ExchangeError as e:
-            self.settings.stats.error(e.reason, e.msg, e.logid)
-            self._refuse(flow, e.status, e.code, e.reason, e.msg)
-            return
-        except LimitError as e:
-            self._refuse(flow, 429, 4013, "new-user-limit", e.msg, {"Retry-After": str(e.retry_after)})
-            return
-        if not flow.live:
-            # The client gave up while the token was minted (it stays cached for next time). Nothing is
-            # forwarded for a dead flow, but it must not keep the placeholder either.
-            answer_json(flow, 499, 5000, "the client closed the connection before coze-mitm could add credentials")
-            return
+            return None
+        token = broker.cached_token(decision.user_id)
+        if token is not None:  # the common case: no await, no task
+            self._inject(flow, seen, decision.user_id, token)
+            return None
+        return self._mint_and_inject(flow, seen, decision.user_id)
 
-        original = (request.headers.get_all("authorization"), request.headers.get_all("cookie"))
-        request.headers["Authorization"] = f"Bearer {token}"
-        request.headers.set_all("cookie", identity.strip_cookie(original[1]))
+    def _other_host(self, flow: http.HTTPFlow, seen) -> None:
+        request = flow.request
+        if any(identity.is_placeholder(a) for a in seen.get_all("authorization")):
+            if self.settings.broker is None:
+                self._refuse_unconfigured(flow)
+            else:
+                self._refuse(flow, 400, 4000, "tag-to-other-host",
+                             f"a coze-mitm user tag was sent to {request.host}, which is not a configured Coze API "
+                             "host; only the Coze API gets credentials (add it with coze_api_hosts if it is one)")
+            return
+        cookies = seen.get_all("cookie")
+        if cookies and any(identity.COOKIE_NAME in c for c in cookies):
+            # The tag names the user to Coze only; no other site learns it.
+            request.headers.set_all("cookie", identity.strip_cookie(cookies))
+
+    async def _mint_and_inject(self, flow: http.HTTPFlow, seen, user_id: str) -> None:
+        try:
+            try:
+                token = await self.settings.broker.token_for(user_id)
+            except ExchangeError as e:
+                self.settings.stats.error(e.reason, e.msg, e.logid)
+                self._refuse(flow, e.status, e.code, e.reason, e.msg)
+                return
+            except LimitError as e:
+                self._refuse(flow, 429, 4013, "new-user-limit", e.msg, {"Retry-After": str(e.retry_after)})
+                return
+            if not flow.live:
+                # The client gave up while the token was minted (it stays cached for next time). Nothing is
+                # forwarded for a dead flow, but it must not keep the placeholder either.
+                answer_json(flow, 499, 5000, "the client closed the connection before coze-mitm could add credentials")
+                return
+            self._inject(flow, seen, user_id, token)
+        except Exception:
+            self._internal_error(flow)
+
+    def _inject(self, flow: http.HTTPFlow, seen, user_id: str, token: str) -> None:
+        headers = flow.request.headers
+        original = (seen.get_all("authorization"), seen.get_all("cookie"))
+        headers["Authorization"] = f"Bearer {token}"
+        if original[1]:
+            headers.set_all("cookie", identity.strip_cookie(original[1]))
         self._tokens[flow] = token
         self._page_headers[flow] = original
         flow.metadata[COZE_USER] = user_id
@@ -197,7 +245,8 @@ class Auth:
         original = self._page_headers.pop(flow, None)
         if original is not None:
             flow.request.headers.set_all("authorization", original[0])
-            flow.request.headers.set_all("cookie", original[1])
+            if original[1]:
+                flow.request.headers.set_all("cookie", original[1])
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._restore_page_headers(flow)
@@ -210,7 +259,7 @@ class Auth:
             return None
         self._restore_page_headers(flow)  # a response set by another addon skips responseheaders
         try:
-            code = _envelope_code(flow.response)
+            code = _watched_code(flow.response)
             if flow.response.status_code == 401 or code in INVALID_TOKEN_CODES:
                 why = f"HTTP {flow.response.status_code}" + (f", code {code}" if code is not None else "")
                 self._drop(flow, token, why)
@@ -311,7 +360,7 @@ class Auth:
             # the answer that replaces the old one keeps them.
             for name in {k.lower() for k in old.headers if k.lower().startswith("access-control-")} | {"vary"}:
                 flow.response.headers.set_all(name, old.headers.get_all(name))
-        code = _envelope_code(flow.response)
+        code = _watched_code(flow.response)
         if flow.response.status_code == 401 or code in INVALID_TOKEN_CODES:
             self.settings.broker.invalidate(user_id, fresh)
             flow.metadata[TOKEN_RETRY] = f"retried once, refused again (HTTP {flow.response.status_code})"

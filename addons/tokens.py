@@ -262,16 +262,26 @@ class TokenBroker:
         self.exchanges = 0
         self.failures = 0
 
-    async def token_for(self, user_id: str) -> str:
+    def cached_token(self, user_id: str) -> str | None:
+        """The user's token if one is cached and still usable (no waiting, no task), else None.
+        When the token is due for renewal this starts it in the background (call it on the event loop)."""
         issued = self._cache.get(user_id)
+        if issued is None:
+            return None
         now = self._clock()
-        if issued is not None and now < issued.usable_until:
-            self._cache.move_to_end(user_id)
-            if now >= issued.renew_at and user_id not in self._inflight:
-                self._start_fetch(user_id).add_done_callback(self._forget_background_failure)
-            return issued.token
-        if issued is None and user_id not in self._inflight:
-            self._admit_new_user(now)
+        if now >= issued.usable_until:
+            return None
+        self._cache.move_to_end(user_id)
+        if now >= issued.renew_at and user_id not in self._inflight:
+            self._start_fetch(user_id).add_done_callback(self._forget_background_failure)
+        return issued.token
+
+    async def token_for(self, user_id: str) -> str:
+        token = self.cached_token(user_id)
+        if token is not None:
+            return token
+        if user_id not in self._cache and user_id not in self._inflight:
+            self._admit_new_user(self._clock())
         # shield: a client that gives up must not cancel the exchange other requests are waiting for.
         issued = await asyncio.shield(self._inflight.get(user_id) or self._start_fetch(user_id))
         return issued.token
@@ -350,6 +360,9 @@ class PatBroker:
         self.exchanges = 0
         self.failures = 0
         self.max_users = 0
+
+    def cached_token(self, user_id: str) -> str | None:
+        return self._pat
 
     async def token_for(self, user_id: str) -> str:
         return self._pat
