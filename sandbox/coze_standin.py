@@ -44,7 +44,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-__all__ = ["CozeStandIn", "make_sandbox_app", "TOKEN_PATH", "JWT_GRANT_TYPE", "SERVER_NAME", "BOT_NAME"]
+__all__ = ["CozeStandIn", "make_sandbox_app", "generate_key_pair", "TOKEN_PATH", "JWT_GRANT_TYPE", "SERVER_NAME", "BOT_NAME"]
 
 TOKEN_PATH = "/api/permission/oauth2/token"
 JWT_GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -1013,18 +1013,24 @@ class _Handler(BaseHTTPRequestHandler):
         self._ok(self._bot_obj(bot_id))
 
 
-def make_sandbox_app(host: str = "127.0.0.1", port: int = 0, **kw: Any) -> tuple[CozeStandIn, dict]:
-    """Generate a throwaway RSA-2048 key; return (stand-in, oauth config dict exactly like the Coze
-    console's file: client_type "jwt", client_id, coze_www_base, coze_api_base = the stand-in's
-    base_url, private_key (PKCS8 PEM, str), public_key_id). The stand-in is bound but not started:
-    call ``.start()`` (or use it as a context manager)."""
+def generate_key_pair() -> tuple[str, str]:
+    """A throwaway RSA-2048 key pair as PEM strings: (PKCS8 private key, SubjectPublicKeyInfo public key)."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     private_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    ).decode()
+    return private_pem, public_pem
+
+
+def make_sandbox_app(host: str = "127.0.0.1", port: int = 0, **kw: Any) -> tuple[CozeStandIn, dict]:
+    """Generate a throwaway RSA-2048 key; return (stand-in, oauth config dict exactly like the Coze
+    console's file: client_type "jwt", client_id, coze_www_base, coze_api_base = the stand-in's
+    base_url, private_key (PKCS8 PEM, str), public_key_id). The stand-in is bound but not started:
+    call ``.start()`` (or use it as a context manager)."""
+    private_pem, public_pem = generate_key_pair()
     kid = "sandbox_" + secrets.token_urlsafe(24)
     client_id = "11" + "".join(secrets.choice("0123456789") for _ in range(11))
     standin = CozeStandIn(public_pem, kid, client_id, host=host, port=port, **kw)

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 REPO = Path(__file__).resolve().parent.parent
 # The addon modules import each other as siblings, the way mitmproxy loads addons/coze.py.
 sys.path.insert(0, str(REPO / "addons"))
 sys.path.insert(0, str(REPO))
 
-from sandbox.coze_standin import CozeStandIn  # noqa: E402
+from sandbox.coze_standin import CozeStandIn, generate_key_pair  # noqa: E402
 from tests.harness import Mitmdump  # noqa: E402
 
 CLIENT_ID = "1127900000001"
@@ -25,13 +24,8 @@ KID = "test-kid-0001"
 
 @pytest.fixture(scope="session")
 def rsa_key():
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
-    public_pem = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
+    private_pem, public_pem = generate_key_pair()
+    key = serialization.load_pem_private_key(private_pem.encode(), password=None)
     return {"key": key, "private_pem": private_pem, "public_pem": public_pem}
 
 
