@@ -104,6 +104,10 @@ class Auth:
         self._streams_bodies = False
 
     def done(self):
+        # `-w` saves flows still in flight at shutdown (Save.done runs after this script's done):
+        # they must hold the page's placeholder by then, not the token.
+        for flow in list(self._page_headers):
+            self._restore_page_headers(flow)
         if self._retry_pool is not None:
             self._retry_pool.shutdown(wait=False, cancel_futures=True)
             self._retry_pool = None

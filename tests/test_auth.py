@@ -62,6 +62,15 @@ class TestAuth:
         assert f.request.headers["Authorization"] == f"Bearer user:{ALICE}"
         assert token not in json.dumps(f.get_state(), default=repr)
 
+    def test_flows_in_flight_at_shutdown_hold_the_placeholder(self, bundle):
+        # `-w` writes unfinished flows in Save.done, which runs after the script's done.
+        tctx, addons, standin = bundle
+        f = api_flow(standin, [("Authorization", f"Bearer user:{ALICE}")])
+        through_request(tctx, addons, f)
+        assert f.request.headers["Authorization"].startswith("Bearer czs_")
+        addons[2].done()
+        assert f.request.headers["Authorization"] == f"Bearer user:{ALICE}"
+
     def test_refusals_are_local_json(self, bundle):
         tctx, addons, standin = bundle
         f = api_flow(standin, [("Authorization", f"Bearer user:{ALICE}"), ("Origin", "https://evil.example")])

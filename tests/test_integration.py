@@ -267,3 +267,4 @@ def test_bad_config_stops_startup_with_one_line(mitmdump, tmp_path, rsa_key, con
     errors = [line for line in proc.lines if "coze-mitm:" in line]
     assert len(errors) == 1 and fix in errors[0], proc.output
     assert "Traceback" not in proc.output
+
