@@ -319,7 +319,7 @@ class TokenBroker:
         while len(self._cache) > self.max_users:
             self._cache.popitem(last=False)
         log.info(
-            "coze: token for user %s minted, expires %s (in %d s)%s",
+            "coze-mitm: token for user %s minted, expires %s (in %d s)%s",
             short_id(user_id), time.strftime("%H:%M:%S", time.localtime(issued.expires_at)),
             issued.expires_at - self._clock(), f", logid {issued.logid}" if issued.logid else "",
         )
@@ -330,7 +330,7 @@ class TokenBroker:
         # The old token stays valid until usable_until; the next request tries again.
         if not task.cancelled() and task.exception() is not None:
             e = task.exception()
-            log.warning("coze: early token renewal failed, keeping the current token: %s", getattr(e, "msg", type(e).__name__))
+            log.warning("coze-mitm: early token renewal failed, keeping the current token: %s", getattr(e, "msg", type(e).__name__))
 
     def invalidate(self, user_id: str, token: str) -> bool:
         """Coze said `token` is invalid: forget it (unless it was already replaced).
