@@ -575,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows)
     print()
     print(text)
+    if "soak" in details:
+        print("\nsoak RSS samples (min, MiB): " + ", ".join(f"{t / 60:.2f} {kb / 1024:.1f}" for t, kb in details["soak"]["samples"]))
     if "latency" in details and len(details["latency"]["attribution"]) > 3:
         print()
         print(attribution_table(details["latency"]["attribution"]))
