@@ -14,6 +14,7 @@ import time
 import pytest
 import requests
 
+from tests.clients import session, tagged
 from tests.conftest import write_config
 from tests.harness import Mitmdump
 
@@ -22,20 +23,6 @@ ALICE = "alice-0001"
 BOB = "bob-000002"
 CAROL = "carol-0003"
 DAVE = "dave-00004"
-
-
-def session(proxy) -> requests.Session:
-    s = requests.Session()
-    s.trust_env = False
-    s.proxies = proxy.proxies
-    return s
-
-
-def tagged(user_id: str, **extra) -> dict:
-    headers = {"Authorization": f"Bearer user:{user_id}", "Content-Type": "application/json",
-               "Origin": PAGE, "Sec-Fetch-Mode": "cors", "Sec-Fetch-Site": "cross-site"}
-    headers.update(extra)
-    return headers
 
 
 def chat_body(text: str = "one two three four five six", stream: bool = True) -> dict:

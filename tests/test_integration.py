@@ -10,26 +10,12 @@ import time
 import pytest
 import requests
 
+from tests.clients import session, tagged
 from tests.conftest import write_config
 
 PAGE = "https://chat.example.org"
 ALICE = "alice-0001"
 BOB = "bob-000002"
-
-
-def session(proxy) -> requests.Session:
-    s = requests.Session()
-    s.trust_env = False
-    s.proxies = proxy.proxies
-    return s
-
-
-def tagged(user_id: str, origin: str | None = PAGE, **extra) -> dict:
-    headers = {"Authorization": f"Bearer user:{user_id}", "Content-Type": "application/json"}
-    if origin:
-        headers.update({"Origin": origin, "Sec-Fetch-Mode": "cors", "Sec-Fetch-Site": "cross-site"})
-    headers.update(extra)
-    return headers
 
 
 def secrets_of(standin, rsa_key) -> list[str]:
