@@ -73,6 +73,7 @@ class Demo:
                 "sandbox: the demo page stays off; start it with: python run_mitm.py --demo"
             )
             return
+        self.template()  # read the page now, not on the event loop when the first request arrives
         if DEMO_ORIGIN not in self.settings.page_origins:
             log.warning(f"coze-mitm: coze_demo: add {DEMO_ORIGIN} to coze_origins, or the demo page gets no credentials")
         log.info(f"coze-mitm: demo page at {DEMO_ORIGIN}/demo; its API {SANDBOX_API} goes to the local SANDBOX at {target}")
