@@ -15,15 +15,16 @@ from typing import Protocol
 USER_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,128}")
 PLACEHOLDER_RE = re.compile(r"\s*bearer\s+user:(.*)", re.IGNORECASE | re.DOTALL)
 COOKIE_NAME = "coze_user"
-# Browsers always send at least one of these on fetch/XHR; scripts (cozepy, curl) send none.
-SEC_FETCH_HEADERS = ("sec-fetch-site", "sec-fetch-mode", "sec-fetch-dest")
+# Browsers send Sec-Fetch-Site, -Mode and -Dest together (to trustworthy URLs); Node's fetch (undici, used by
+# @coze/api for streams) sends Sec-Fetch-Mode alone, so Mode is no proof of a browser and is not read here.
+BROWSER_HEADERS = ("sec-fetch-site", "sec-fetch-dest")
 
 
 class HeadersLike(Protocol):
     def get_all(self, name: str) -> list[str]: ...
 
 
-_GATHERED = frozenset({b"authorization", b"cookie", b"origin", *(h.encode() for h in SEC_FETCH_HEADERS)})
+_GATHERED = frozenset({b"authorization", b"cookie", b"origin", *(h.encode() for h in BROWSER_HEADERS)})
 
 
 class Gathered:
@@ -160,13 +161,21 @@ def admit(headers: HeadersLike, allowed_origins: frozenset[str] | set[str]) -> D
     if len(origins) > 1:
         return Decision.refuse(400, 4000, "duplicate-origin", "the request carries more than one Origin header")
     origin = origins[0].strip() if origins else None
-    is_browser = origin is not None or any(headers.get_all(h) for h in SEC_FETCH_HEADERS)
+    is_browser = origin is not None or any(headers.get_all(h) for h in BROWSER_HEADERS)
 
     if origin is None and is_browser:
         return Decision.refuse(
             403, 4101, "browser-without-origin",
             "a browser request without an Origin header gets no Coze credentials; "
             "call the Coze API from a page in coze_origins (the Chat SDK does)",
+        )
+    if origin is None and not any(is_placeholder(a) for a in headers.get_all("authorization")):
+        # A browser attaches the cookie by itself, also to top-level GETs of http:// hosts, which carry
+        # neither Origin nor Sec-Fetch-*: without an allowed Origin the cookie proves nothing.
+        return Decision.refuse(
+            403, 4101, "cookie-without-origin",
+            "the coze_user cookie counts only on requests from a page in coze_origins; a program that is not "
+            "a browser names its user with the header Authorization: Bearer user:<id>",
         )
     if origin is not None and origin not in allowed_origins:
         shown = "null" if origin == "null" else _describe(origin)

@@ -75,3 +75,22 @@ def test_strip_cookie_keeps_the_rest():
 def test_short_id_hides_most_of_the_id():
     assert short_id(ID) == "1732…StUv"
     assert ID not in short_id(ID) and len(short_id(ID)) <= 9
+
+
+def test_node_fetch_is_not_a_browser():
+    # undici (Node's fetch, @coze/api's stream transport) sends Sec-Fetch-Mode alone and no Origin.
+    d = admit(h(("Authorization", f"Bearer user:{ID}"), ("Sec-Fetch-Mode", "cors")), ALLOWED)
+    assert (d.action, d.user_id) == ("inject", ID)
+    d = admit(h(("Authorization", f"Bearer user:{ID}"), ("Sec-Fetch-Mode", "cors"), ("Sec-Fetch-Dest", "empty")), ALLOWED)
+    assert (d.action, d.reason) == ("refuse", "browser-without-origin")
+
+
+def test_cookie_tag_counts_only_beside_an_allowed_origin():
+    # A top-level GET to an http:// host carries the cookie but neither Origin nor Sec-Fetch-*.
+    d = admit(h(("Cookie", f"coze_user={ID}")), ALLOWED)
+    assert (d.action, d.status, d.reason) == ("refuse", 403, "cookie-without-origin")
+    assert "Authorization: Bearer user:" in d.msg
+    d = admit(h(("Cookie", f"coze_user={ID}"), ("Origin", "https://chat.example.org")), ALLOWED)
+    assert (d.action, d.user_id) == ("inject", ID)
+    d = admit(h(("Cookie", f"coze_user={ID}"), ("Origin", "https://evil.example")), ALLOWED)
+    assert (d.action, d.reason) == ("refuse", "origin-not-allowed")

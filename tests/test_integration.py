@@ -153,13 +153,17 @@ def test_untagged_request_passes_untouched(proxy, standin):
 def test_tag_never_reaches_coze(proxy, standin):
     s = session(proxy)
     r = s.get(f"{standin.base_url}/v1/bots/7000",
-              headers={"Cookie": f"theme=dark; coze_user={BOB}", "Content-Type": "application/json"})
+              headers={"Cookie": f"theme=dark; coze_user={BOB}", "Content-Type": "application/json", "Origin": PAGE})
     assert r.status_code == 200, r.text
     seen = standin.requests_seen[-1]["headers"]
     assert seen["authorization"].startswith("Bearer czs_")
     assert seen["cookie"] == "theme=dark"
     assert standin.placeholder_seen == 0
     assert standin.exchange_count(BOB) == 1
+    # Without an allowed Origin the cookie is no tag (a browser sends it by itself on top-level GETs).
+    r = s.get(f"{standin.base_url}/v1/bots/7000", headers={"Cookie": f"coze_user={BOB}"})
+    assert (r.status_code, r.json()["code"]) == (403, 4101)
+    assert len(standin.requests_seen) == 1
 
 
 @pytest.mark.parametrize("style", ["401", "200"])
