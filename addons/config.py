@@ -34,6 +34,11 @@ class ConfigError(ValueError):
     """A config problem, phrased for the person who has to fix it."""
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+# A WebSocket handshake is an HTTP request: mitmproxy sees ws://host as http, wss://host as https.
+WS_SCHEME_OF_HTTP = {"http": "ws", "https": "wss"}
+
+
 @dataclass(frozen=True)
 class Origin:
     """scheme://host[:port], serialised like a browser's Origin header; another port is another origin."""
@@ -44,7 +49,7 @@ class Origin:
 
     @property
     def default_port(self) -> bool:
-        return self.port == {"http": 80, "https": 443}[self.scheme]
+        return self.port == DEFAULT_PORTS[self.scheme]
 
     @property
     def netloc(self) -> str:
@@ -54,21 +59,32 @@ class Origin:
         return f"{self.scheme}://{self.netloc}"
 
 
-def parse_api_origin(url: str, what: str = "coze_api_base") -> Origin:
-    """Parse an http(s) base URL into its origin; a path after the host is ignored."""
+def parse_api_origin(url: str, what: str = "coze_api_base", websocket: bool = False) -> Origin:
+    """Parse an http(s) base URL (and, with `websocket`, a ws(s) one) into its origin; a path is ignored."""
+    schemes = ("http", "https", "ws", "wss") if websocket else ("http", "https")
     try:
         parts = urlsplit(url.strip())
         port = parts.port
     except ValueError as e:
         raise ConfigError(f"{what} {url!r} is not a valid URL ({e}); use e.g. https://api.coze.cn") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if parts.scheme not in schemes or not parts.hostname:
+        kinds = "an http(s) or ws(s)" if websocket else "an http(s)"
         raise ConfigError(
-            f"{what} {url!r} is not an http(s) URL; use https://api.coze.cn (China) "
-            "or https://api.coze.com (international)"
+            f"{what} {url!r} is not {kinds} URL; use https://api.coze.cn (China) "
+            "or https://api.coze.com (international)" + (", or wss://ws.coze.cn for the WebSocket APIs" if websocket else "")
         )
     if port is None:
-        port = 443 if parts.scheme == "https" else 80
+        port = DEFAULT_PORTS[parts.scheme]
     return Origin(parts.scheme, parts.hostname.lower(), port)
+
+
+def default_ws_origin(api: Origin) -> Origin | None:
+    """The WebSocket host that belongs to an API base: api.coze.cn -> wss://ws.coze.cn (coze.com alike).
+    Other bases (a self-hosted Coze Studio, a local stand-in) name theirs in coze_api_hosts."""
+    if not api.host.startswith("api.") or api.scheme not in WS_SCHEME_OF_HTTP:
+        return None
+    scheme = WS_SCHEME_OF_HTTP[api.scheme]
+    return Origin(scheme, "ws." + api.host[len("api."):], DEFAULT_PORTS[scheme] if api.default_port else api.port)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ Headers are read through `get_all(name)` (case-insensitive), which mitmproxy's H
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Protocol
@@ -47,11 +48,24 @@ class Gathered:
 
 
 def gather(headers: HeadersLike) -> HeadersLike:
-    """A cheap read-only view for the rules below (mitmproxy Headers), or the headers themselves."""
+    """mitmproxy's Headers (whose `fields` are (bytes, bytes) pairs) gathered in one pass for the rules
+    below; any other mapping with `get_all` is used as it is."""
     fields = getattr(headers, "fields", None)
-    if isinstance(fields, tuple) and all(type(f) is tuple and len(f) == 2 and type(f[0]) is bytes and type(f[1]) is bytes for f in fields):
-        return Gathered(fields)
-    return headers
+    return headers if fields is None else Gathered(fields)
+
+
+def is_loopback(host: str) -> bool:
+    """Is `host` (a client's or a listen address) this machine only? IPv4-mapped IPv6 included."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 def short_id(user_id: str) -> str:
@@ -123,13 +137,19 @@ def has_tag(headers: HeadersLike) -> bool:
     return any(is_placeholder(a) for a in headers.get_all("authorization")) or bool(cookie_values(headers))
 
 
-def find_user_id(headers: HeadersLike) -> str | None:
-    """The tagged user id, None when the request carries no tag; ValueError names a malformed tag."""
+def find_user_id(headers: HeadersLike, query_authorizations: list[str] | tuple = ()) -> str | None:
+    """The tagged user id, None when the request carries no tag; ValueError names a malformed tag.
+    `query_authorizations`: the `authorization` query parameters of a WebSocket handshake (browsers
+    cannot set headers there, so @coze/api puts `Bearer <token>` in the URL)."""
     ids = []
     authorizations = headers.get_all("authorization")
     placeholders = [a for a in authorizations if is_placeholder(a)]
     if placeholders and len(authorizations) > 1:
         raise ValueError("the request carries more than one Authorization header; send exactly one")
+    in_query = [a for a in query_authorizations if is_placeholder(a)]
+    if in_query and len(query_authorizations) > 1:
+        raise ValueError("the URL carries more than one authorization parameter; send exactly one")
+    placeholders += in_query
     for value in placeholders:
         ids.append(PLACEHOLDER_RE.fullmatch(value).group(1).strip())
     ids.extend(cookie_values(headers))
@@ -146,16 +166,25 @@ def find_user_id(headers: HeadersLike) -> str | None:
     return ids[0]
 
 
-def admit(headers: HeadersLike, allowed_origins: frozenset[str] | set[str]) -> Decision:
-    """Decide what a request to the Coze API gets. Order of headers never matters."""
+def admit(headers: HeadersLike, allowed_origins: frozenset[str] | set[str], *,
+          query_authorizations: list[str] | tuple = (), local_client: bool = True) -> Decision:
+    """Decide what a request to the Coze API gets. Order of headers never matters.
+    `local_client` is False for a client on another machine while coze_allow_remote is off."""
     if not isinstance(headers, Gathered):
         headers = gather(headers)
     try:
-        user_id = find_user_id(headers)
+        user_id = find_user_id(headers, query_authorizations)
     except ValueError as e:
         return Decision.refuse(400, 4000, "malformed-tag", str(e))
     if user_id is None:
         return Decision("pass")
+    if not local_client:
+        return Decision.refuse(
+            403, 4101, "remote-client",
+            "this client is on another machine, and coze-mitm gives Coze credentials to clients on its own "
+            "machine only; the proxy's owner can allow it with --set coze_allow_remote=true "
+            "(run_mitm.py --allow-remote), best together with proxyauth",
+        )
 
     origins = headers.get_all("origin")
     if len(origins) > 1:
@@ -169,7 +198,7 @@ def admit(headers: HeadersLike, allowed_origins: frozenset[str] | set[str]) -> D
             "a browser request without an Origin header gets no Coze credentials; "
             "call the Coze API from a page in coze_origins (the Chat SDK does)",
         )
-    if origin is None and not any(is_placeholder(a) for a in headers.get_all("authorization")):
+    if origin is None and not any(is_placeholder(a) for a in (*headers.get_all("authorization"), *query_authorizations)):
         # A browser attaches the cookie by itself, also to top-level GETs of http:// hosts, which carry
         # neither Origin nor Sec-Fetch-*: without an allowed Origin the cookie proves nothing.
         return Decision.refuse(

@@ -17,7 +17,8 @@ from typing import Optional
 from mitmproxy import ctx, http
 
 import config
-from config import ConfigError, Origin
+from config import WS_SCHEME_OF_HTTP, ConfigError, Origin
+from identity import is_loopback
 from tokens import CozeTokenExchange, PatBroker, TokenBroker
 
 log = logging.getLogger("coze.settings")
@@ -26,7 +27,7 @@ STATUS_HOST = "coze.mitm"
 OPTION_NAMES = (
     "coze_config", "coze_pat", "coze_origins", "coze_api_base", "coze_api_hosts", "coze_token_ttl",
     "coze_exchange_timeout", "coze_max_users", "coze_new_users_per_minute", "coze_bot_id", "coze_title",
-    "coze_sdk_url", "coze_csp", "coze_csp_extra",
+    "coze_sdk_url", "coze_csp", "coze_csp_extra", "coze_allow_remote",
 )
 
 
@@ -55,6 +56,8 @@ class CozeSettings:
         self.app: config.OAuthApp | None = None
         self.broker: TokenBroker | PatBroker | None = None
         self.api_origins: frozenset[Origin] = frozenset()
+        self.ws_origins: frozenset[Origin] = frozenset()  # ws:// and wss:// Coze hosts (WebSocket APIs)
+        self.allow_remote = False
         self.page_origins: frozenset[str] = frozenset()
         self.stats = Stats()
         self.problem = "not configured yet"  # why tagged requests cannot be served, while broker is None
@@ -79,7 +82,13 @@ class CozeSettings:
         )
         loader.add_option(
             "coze_api_hosts", str, "",
-            "Comma-separated extra Coze API base URLs that get CORS and credentials too.",
+            "Comma-separated extra Coze API base URLs that get CORS and credentials too; ws:// and wss:// "
+            "bases for the WebSocket APIs (the API base's own, e.g. wss://ws.coze.cn, is included).",
+        )
+        loader.add_option(
+            "coze_allow_remote", bool, False,
+            "Give Coze credentials to tagged requests from clients on other machines too. Off: they get a "
+            "local 403, because anyone who reaches the proxy could spend your Coze quota as any user.",
         )
         loader.add_option("coze_token_ttl", int, 900, "Lifetime asked of Coze for each access token, in seconds (60-86399).")
         loader.add_option("coze_exchange_timeout", int, 10, "Seconds to wait for Coze's token endpoint (1-120).")
@@ -153,12 +162,17 @@ class CozeSettings:
                 exchange, max_users=opts.coze_max_users, new_users_per_minute=opts.coze_new_users_per_minute,
             )
         api_origins = {config.parse_api_origin(api_base)}
-        api_origins.update(config.parse_api_origin(u, "coze_api_hosts") for u in opts.coze_api_hosts.split(",") if u.strip())
+        ws_origins = {config.default_ws_origin(origin) for origin in api_origins} - {None}
+        for url in filter(None, map(str.strip, opts.coze_api_hosts.split(","))):
+            origin = config.parse_api_origin(url, "coze_api_hosts", websocket=True)
+            (api_origins if origin.scheme in WS_SCHEME_OF_HTTP else ws_origins).add(origin)
 
         if self.broker is not None:
             self.broker.close()
         self.app, self.broker = app, broker
         self.api_origins, self.page_origins = frozenset(api_origins), page_origins
+        self.ws_origins = frozenset(ws_origins)
+        self.allow_remote = opts.coze_allow_remote
         self._announce(pat)
 
     def _announce(self, pat: str) -> None:
@@ -172,9 +186,29 @@ class CozeSettings:
             warning = config.permissions_warning(self.app.path)
             if warning:
                 log.warning(f"coze-mitm: {warning}")
+        for origin in sorted(self.api_origins | self.ws_origins, key=str):
+            if origin.scheme in ("http", "ws") and not is_loopback(origin.host):
+                log.warning(f"coze-mitm: {origin} is plain {origin.scheme}:// on another machine: the access tokens "
+                            "coze-mitm adds would cross the network in clear text; use https:// (wss://)")
         if not self.page_origins:
             log.warning("coze-mitm: coze_origins is empty: no web page may use the credentials (set --set coze_origins=...)")
         log.info(f"coze-mitm: {self.broker.mode.upper()} mode for {apis}; page origins: {', '.join(sorted(self.page_origins)) or 'none'}")
+
+    def running(self):
+        self._warn_if_reachable()
+
+    def _warn_if_reachable(self) -> None:
+        """mitmdump listens on every interface unless told otherwise: say who can reach the credentials."""
+        host = getattr(ctx.options, "listen_host", "127.0.0.1")
+        if is_loopback(host):
+            return
+        where = f"address {host}" if host else "every interface (mitmdump's default)"
+        if self.allow_remote:
+            who = "and coze_allow_remote is on: anyone who reaches it gets Coze credentials as any user they name"
+        else:
+            who = ("but coze_allow_remote is off: tagged requests from other machines are refused; "
+                   "add --listen-host 127.0.0.1 to listen on this machine only")
+        log.warning(f"coze-mitm: the proxy listens on {where}, {who}")
 
     def done(self):
         if self.broker is not None:
@@ -186,6 +220,13 @@ class CozeSettings:
         """Is this request addressed (by its real destination, not its Host header) to a Coze API origin?"""
         scheme = request.scheme.lower()
         return Origin(scheme, request.host.lower(), request.port) in self.api_origins if scheme in ("http", "https") else False
+
+    def is_coze_ws(self, request: http.Request) -> bool:
+        """Is this a WebSocket handshake to a Coze WebSocket host (ws.coze.cn, or one in coze_api_hosts)?"""
+        if request.headers.get("upgrade", "").lower() != "websocket" or not self.ws_origins:
+            return False
+        scheme = WS_SCHEME_OF_HTTP.get(request.scheme.lower())
+        return scheme is not None and Origin(scheme, request.host.lower(), request.port) in self.ws_origins
 
     def is_status_host(self, request: http.Request) -> bool:
         return request.host.lower() == STATUS_HOST

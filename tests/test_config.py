@@ -99,3 +99,15 @@ def test_default_path_is_in_the_repository_not_the_cwd(tmp_path, monkeypatch):
     assert config.DEFAULT_CONFIG_PATH == config.REPO_ROOT / "config" / "coze_oauth_config.json"
     assert (config.REPO_ROOT / "config" / "coze_oauth_config.example.json").is_file()
     json.loads((config.REPO_ROOT / "config" / "coze_oauth_config.example.json").read_text())
+
+
+def test_websocket_bases_and_the_api_bases_own_ws_host():
+    from config import Origin, default_ws_origin, parse_api_origin
+    assert str(parse_api_origin("ws://127.0.0.1:9000", websocket=True)) == "ws://127.0.0.1:9000"
+    assert str(parse_api_origin("wss://ws.coze.cn/v1/chat", websocket=True)) == "wss://ws.coze.cn"
+    with pytest.raises(ConfigError, match="http\\(s\\) URL"):
+        parse_api_origin("wss://ws.coze.cn")  # coze_api_base stays http(s)
+    assert str(default_ws_origin(parse_api_origin("https://api.coze.cn"))) == "wss://ws.coze.cn"
+    assert str(default_ws_origin(parse_api_origin("https://api.coze.com"))) == "wss://ws.coze.com"
+    assert default_ws_origin(parse_api_origin("http://127.0.0.1:8888")) is None
+    assert default_ws_origin(Origin("https", "api.example.org", 8443)) == Origin("wss", "ws.example.org", 8443)

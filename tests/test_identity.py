@@ -94,3 +94,35 @@ def test_cookie_tag_counts_only_beside_an_allowed_origin():
     assert (d.action, d.user_id) == ("inject", ID)
     d = admit(h(("Cookie", f"coze_user={ID}"), ("Origin", "https://evil.example")), ALLOWED)
     assert (d.action, d.reason) == ("refuse", "origin-not-allowed")
+
+
+def test_websocket_query_tag():
+    # @coze/api in a browser puts the token in the URL: ...&authorization=Bearer%20<token>
+    d = admit(h(("Origin", "https://chat.example.org")), ALLOWED, query_authorizations=[f"Bearer user:{ID}"])
+    assert (d.action, d.user_id) == ("inject", ID)
+    d = admit(h(), ALLOWED, query_authorizations=[f"Bearer user:{ID}"])  # Node: no Origin
+    assert (d.action, d.user_id) == ("inject", ID)
+    d = admit(h(("Origin", "https://evil.example")), ALLOWED, query_authorizations=[f"Bearer user:{ID}"])
+    assert (d.action, d.reason) == ("refuse", "origin-not-allowed")
+    d = admit(h(), ALLOWED, query_authorizations=[f"Bearer user:{ID}", "Bearer czs_x"])
+    assert (d.action, d.status) == ("refuse", 400)
+    d = admit(h(("Authorization", "Bearer user:other-user-1")), ALLOWED, query_authorizations=[f"Bearer user:{ID}"])
+    assert (d.action, d.status) == ("refuse", 400) and "two different users" in d.msg
+    assert admit(h(), ALLOWED, query_authorizations=["Bearer czs_own"]).action == "pass"
+
+
+def test_remote_client_refused_only_when_tagged():
+    d = admit(h(("Authorization", f"Bearer user:{ID}")), ALLOWED, local_client=False)
+    assert (d.action, d.status, d.code, d.reason) == ("refuse", 403, 4101, "remote-client")
+    assert "coze_allow_remote" in d.msg
+    assert admit(h(("Authorization", "Bearer czs_own")), ALLOWED, local_client=False).action == "pass"
+
+
+@pytest.mark.parametrize("host,local", [
+    ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("[::1]", True), ("::ffff:127.0.0.1", True),
+    ("localhost", True), ("", False), ("0.0.0.0", False), ("10.0.0.2", False), ("::ffff:10.0.0.2", False),
+    ("192.168.1.4", False), ("example.org", False), ("fe80::1%eth0", False),
+])
+def test_is_loopback(host, local):
+    from identity import is_loopback
+    assert is_loopback(host) is local
