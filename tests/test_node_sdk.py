@@ -131,8 +131,11 @@ def test_two_users_isolated_one_exchange_each(sdk, proxy, standin):
 @pytest.mark.xfail(strict=False, reason="WebSocket support lands with the websocket branch")
 def test_websocket_chat_through_the_sdk(mitmdump, config_file, standin):
     """client.websockets.chat.create() in Node: ws://<stand-in>/v1/chat?bot_id=..&authorization=Bearer%20user:<id>,
-    the placeholder also in the Authorization header; the proxy puts the user's token in both."""
-    ws_base = f"ws://127.0.0.1:{standin.port}"
+    the placeholder also in the Authorization header; the proxy puts the user's token in both.
+    Needs: `coze_api_hosts` accepting ws:// bases, the proxy's WebSocket gate, and the stand-in's ws /v1/chat
+    recording each upgrade in `standin.ws_seen` as {"path", "query": {name: decoded value}, "headers": {lower
+    name: value}} and answering the text-chat events (conversation.message.delta ..., conversation.chat.completed)."""
+    ws_base = getattr(standin, "ws_base_url", f"ws://127.0.0.1:{standin.port}")  # the stand-in's ws:// base
     proxy = mitmdump(f"coze_config={config_file}", f"coze_origins={PAGE}", f"coze_api_hosts={ws_base}",
                      "flow_detail=3")
     out = run_sdk("ws", proxy=proxy.url, baseURL=standin.base_url, baseWsURL=ws_base, botId=BOT, user=ALICE,
