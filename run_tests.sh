@@ -19,6 +19,17 @@ echo "== installing Python packages into $("$PYTHON" -c 'import sys; print(sys.e
 "$PYTHON" -c 'import mitmproxy.version, sys; print(f"== Python {sys.version.split()[0]}, mitmproxy {mitmproxy.version.VERSION}")'
 
 status=0
+if command -v npm >/dev/null 2>&1; then
+  # The official Coze JS SDK (@coze/api) and what drives it, for tests/test_node_sdk.py and the browser bundle.
+  echo "== npm packages for the JS SDK tests (tests/js)"
+  if [ -f tests/js/package-lock.json ]; then npm_cmd=ci; else npm_cmd=install; fi
+  (cd tests/js && npm "$npm_cmd" --no-audit --no-fund --loglevel=error) \
+    || { echo "!! npm $npm_cmd failed in tests/js: the @coze/api tests cannot run"; status=1; }
+else
+  echo "!! npm not found: the @coze/api tests will be skipped"
+  status=1
+fi
+
 if command -v node >/dev/null 2>&1; then
   echo "== node --test tests/js/"
   node --test tests/js/ || status=1

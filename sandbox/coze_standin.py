@@ -26,6 +26,8 @@ the benchmarks. Run it alone with::
 from __future__ import annotations
 
 import argparse
+import email.parser
+import email.policy
 import itertools
 import json
 import os
@@ -688,6 +690,7 @@ class _Handler(BaseHTTPRequestHandler):
         "/v3/chat/retrieve": (("GET", "POST"), "_h_chat_retrieve"),
         "/v3/chat/message/list": (("GET", "POST"), "_h_chat_message_list"),
         "/v1/bot/get_online_info": (("GET",), "_h_bot_online_info"),
+        "/v1/files/upload": (("POST",), "_h_file_upload"),
     }
     _CLEAR = re.compile(r"^/v1/conversations/([^/]+)/clear$")
     _BOT = re.compile(r"^/v1/bots/([^/]+)$")
@@ -985,6 +988,21 @@ class _Handler(BaseHTTPRequestHandler):
             conv = st._conversations[chat["conversation_id"]]
             msgs = [dict(m) for m in conv["messages"] if m["chat_id"] == chat["id"] and m["role"] == "assistant"]
         self._ok(msgs)
+
+    # --- files
+    def _h_file_upload(self) -> None:
+        """multipart/form-data with a `file` part (what @coze/api's files.upload sends); Coze's answer."""
+        ctype = self.headers.get("Content-Type", "")
+        if not ctype.lower().startswith("multipart/form-data") or "boundary=" not in ctype:
+            return self._api_error(4000, "files/upload takes multipart/form-data with a 'file' part")
+        form = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + ctype.encode("latin-1") + b"\r\n\r\n" + self.body)
+        for part in form.iter_parts():
+            if part.get_param("name", header="content-disposition") == "file" and part.get_filename():
+                data = part.get_payload(decode=True) or b""
+                return self._ok({"id": self.standin._new_id(), "bytes": len(data), "file_name": part.get_filename(),
+                                 "created_at": int(time.time())})
+        self._api_error(4000, "the multipart body has no 'file' part with a filename")
 
     # --- bot
     def _bot_obj(self, bot_id: str) -> dict:
