@@ -195,6 +195,9 @@ class Auth:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._restore_page_headers(flow)
+        token = self._tokens.get(flow)
+        if token is not None and flow.response is not None:
+            _unreflect(flow.response, token)
 
     def response(self, flow: http.HTTPFlow):
         """Synchronous, except when the request is re-sent: then it returns the awaitable doing that
@@ -291,6 +294,7 @@ class Auth:
             return
         old = flow.response
         answer.data.http_version = old.data.http_version
+        _unreflect(answer, fresh)
         flow.response = answer
         if flow.metadata.get(CORS_ORIGIN):
             # The Cors addon already decided this flow's CORS headers (its hook ran before this one):
@@ -310,3 +314,12 @@ class Auth:
             if code in COZE_HINTS:
                 self._hint(flow, code)
         flow.comment += f"; re-sent once with a fresh token (HTTP {flow.response.status_code})"
+
+
+def _unreflect(response: http.Response, token: str) -> None:
+    """An upstream that echoes the injected token in a header (a debug header, an error detail) must
+    not hand it to the page: the token is replaced wherever it appears in a response header."""
+    secret = token.encode("utf-8", "surrogateescape")
+    fields = response.headers.fields
+    if any(secret in value for _, value in fields):
+        response.headers.fields = tuple((name, value.replace(secret, b"[redacted]")) for name, value in fields)
