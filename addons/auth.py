@@ -16,80 +16,27 @@ forward the placeholder, so this addon catches its own errors.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import json
 import logging
-import re
 import time
 import weakref
 
 import requests
 from mitmproxy import ctx, http
-from requests.structures import CaseInsensitiveDict
 
 import identity
 from answers import answer_json
+from coze_answers import COZE_HINTS, INVALID_TOKEN_CODES, asks_for_stream, logid_of, watched_code
 from cors import CORS_ORIGIN
 from identity import short_id
+from resend import Resender
 from settings import CozeSettings
-from tokens import ExchangeError, LimitError, scrub
+from tokens import ExchangeError, LimitError
 
 log = logging.getLogger("coze.auth")
 
 COZE_USER = "coze_user"  # flow.metadata: the (full) user id whose credential this flow carries
 TOKEN_RETRY = "coze_token_retry"  # flow.metadata: what the transparent retry did (shown in mitmweb)
-INVALID_TOKEN_CODES = (4100, 700012006)
-RETRY_WORKERS = 8
-MAX_ENVELOPE = 64 * 1024  # Coze's error envelopes are small; bigger answers are not parsed for a code
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-    "te", "trailer", "transfer-encoding", "upgrade",
-})
-# Coze's own refusals: passed through untouched (the page reads them), explained in the log.
-COZE_HINTS = {
-    4013: "Coze rate-limited this request (4013): too many requests for this bot or account; wait and retry, "
-          "or raise the limits of the Coze plan (this is Coze's limit, not coze-mitm's)",
-    4101: "Coze says this token has no permission here (4101): give the JWT app the permission this endpoint "
-          "needs (Coze console > OAuth app > permissions) and check the bot or conversation belongs to a "
-          "workspace the app may use; the token is kept",
-    4015: "Coze says the bot is not published to the API (4015): publish it in the Coze console with the "
-          "API / Chat SDK channel selected",
-}
 HINT_INTERVAL = 60.0  # at most one log line per Coze error code per minute
-WATCHED_CODES = frozenset(INVALID_TOKEN_CODES) | frozenset(COZE_HINTS)
-
-
-_CODE_RE = re.compile(rb'"code"\s*:\s*(\d{4,9})\b')
-
-
-def _watched_code(response: http.Response) -> int | None:
-    """The `code` of a non-streamed JSON answer in Coze's envelope, if it is one this addon acts on
-    (an invalid token, or an error worth a hint); None for everything else, cheaply: most answers are
-    successes, recognised by a regex without parsing the JSON."""
-    if response.stream:
-        return None
-    raw = response.raw_content
-    if not raw or len(raw) > MAX_ENVELOPE:
-        return None
-    if "content-encoding" in response.headers:
-        try:
-            raw = response.get_content(strict=True) or b""
-        except ValueError:
-            return None
-    if not any(int(c) in WATCHED_CODES for c in _CODE_RE.findall(raw)):
-        return None
-    if "json" not in response.headers.get("content-type", "").lower():
-        return None
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    code = data.get("code") if isinstance(data, dict) else None  # the envelope's, not a nested one
-    return code if code in WATCHED_CODES and not isinstance(code, bool) else None
-
-
-def _logid(response: http.Response) -> str:
-    return scrub(response.headers.get("x-tt-logid", ""), 80)
 
 
 class Auth:
@@ -98,8 +45,7 @@ class Auth:
         # Kept beside the flow, not in flow.metadata, which `-w` saves and tools show.
         self._tokens: weakref.WeakKeyDictionary[http.HTTPFlow, str] = weakref.WeakKeyDictionary()
         self._page_headers: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[list, list]] = weakref.WeakKeyDictionary()
-        self._retry_pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._session: requests.Session | None = None
+        self._resender = Resender()
         self._hinted: dict[int, float] = {}
         self._streams_bodies = False
 
@@ -108,12 +54,7 @@ class Auth:
         # they must hold the page's placeholder by then, not the token.
         for flow in list(self._page_headers):
             self._restore_page_headers(flow)
-        if self._retry_pool is not None:
-            self._retry_pool.shutdown(wait=False, cancel_futures=True)
-            self._retry_pool = None
-        if self._session is not None:
-            self._session.close()
-            self._session = None
+        self._resender.close()
 
     # ------------------------------------------------------------------ request
 
@@ -254,6 +195,9 @@ class Auth:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._restore_page_headers(flow)
+        token = self._tokens.get(flow)
+        if token is not None and flow.response is not None:
+            _unreflect(flow.response, token)
 
     def response(self, flow: http.HTTPFlow):
         """Synchronous, except when the request is re-sent: then it returns the awaitable doing that
@@ -263,7 +207,7 @@ class Auth:
             return None
         self._restore_page_headers(flow)  # a response set by another addon skips responseheaders
         try:
-            code = _watched_code(flow.response)
+            code = watched_code(flow.response)
             if flow.response.status_code == 401 or code in INVALID_TOKEN_CODES:
                 why = f"HTTP {flow.response.status_code}" + (f", code {code}" if code is not None else "")
                 self._drop(flow, token, why)
@@ -288,7 +232,7 @@ class Auth:
             flow.comment += f"; Coze rejected the token ({why}), dropped"
 
     def _hint(self, flow: http.HTTPFlow, code: int) -> None:
-        logid = _logid(flow.response)
+        logid = logid_of(flow.response)
         self.settings.stats.error(f"coze-{code}", COZE_HINTS[code], logid)
         flow.comment += f"; Coze answered code {code}"
         now = time.monotonic()
@@ -308,7 +252,7 @@ class Auth:
             return False  # the body was streamed through: there is nothing to send again
         if self.settings.broker is None or self.settings.broker.mode != "jwt":
             return False  # a PAT cannot be renewed: the same answer would come back
-        if _asks_for_stream(request):
+        if asks_for_stream(request):
             # The answer to the retry would be a live event stream, which this hook could only buffer;
             # the page's own retry (the Chat SDK retries once after 401/4100/700012006) streams it.
             flow.metadata[TOKEN_RETRY] = "not retried: a streamed chat; the client's own retry gets a fresh token"
@@ -341,35 +285,28 @@ class Auth:
             flow.metadata[TOKEN_RETRY] = "not retried"
             return
         request = flow.request
-        url = request.url
-        headers = _retry_headers(request, fresh)
-        body = request.raw_content or None
-        opts = ctx.options
-        timeout = float(getattr(opts, "coze_exchange_timeout", 10))
-        verify: bool | str = False if opts.ssl_insecure else (opts.ssl_verify_upstream_trusted_ca or True)
-        started = time.time()
         try:
-            answer = await asyncio.get_running_loop().run_in_executor(
-                self._pool(), self._send, request.method, url, headers, body, timeout, verify,
-            )
+            answer = await self._resender.resend(request, fresh)
         except requests.RequestException as e:
             flow.metadata[TOKEN_RETRY] = f"failed ({type(e).__name__})"
             log.warning(f"coze-mitm: re-sending {request.method} {request.path.split('?')[0]} with a fresh token "
                         f"failed ({type(e).__name__}); passing Coze's refusal through")
             return
         old = flow.response
-        flow.response = _as_response(answer, old, request.method, started)
+        answer.data.http_version = old.data.http_version
+        _unreflect(answer, fresh)
+        flow.response = answer
         if flow.metadata.get(CORS_ORIGIN):
             # The Cors addon already decided this flow's CORS headers (its hook ran before this one):
             # the answer that replaces the old one keeps them.
             for name in {k.lower() for k in old.headers if k.lower().startswith("access-control-")} | {"vary"}:
                 flow.response.headers.set_all(name, old.headers.get_all(name))
-        code = _watched_code(flow.response)
+        code = watched_code(flow.response)
         if flow.response.status_code == 401 or code in INVALID_TOKEN_CODES:
             self.settings.broker.invalidate(user_id, fresh)
             flow.metadata[TOKEN_RETRY] = f"retried once, refused again (HTTP {flow.response.status_code})"
             log.warning(f"coze-mitm: Coze refused the fresh token of user {short_id(user_id)} too; "
-                        f"passing its answer through (logid {_logid(flow.response) or 'none'})")
+                        f"passing its answer through (logid {logid_of(flow.response) or 'none'})")
         else:
             flow.metadata[TOKEN_RETRY] = f"retried once with a fresh token: HTTP {flow.response.status_code}"
             log.info(f"coze-mitm: {request.method} {request.path.split('?')[0]} for user {short_id(user_id)} "
@@ -378,75 +315,11 @@ class Auth:
                 self._hint(flow, code)
         flow.comment += f"; re-sent once with a fresh token (HTTP {flow.response.status_code})"
 
-    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
-        if self._retry_pool is None:
-            self._retry_pool = concurrent.futures.ThreadPoolExecutor(RETRY_WORKERS, thread_name_prefix="coze-retry")
-        return self._retry_pool
 
-    def _send(self, method: str, url: str, headers: dict, body: bytes | None, timeout: float, verify):
-        """Blocking (runs in the retry pool): one request, the body read raw (still content-encoded)."""
-        if self._session is None:
-            session = requests.Session()
-            session.trust_env = False  # never through a proxy from the environment (that could be us)
-            session.headers.clear()  # send the page's headers, not requests' defaults
-            self._session = session
-        r = self._session.request(method, url, headers=headers, data=body, timeout=timeout, verify=verify,
-                                  allow_redirects=False, stream=True)
-        try:
-            raw = r.raw.read(decode_content=False)
-        finally:
-            r.close()
-        return r.status_code, r.reason or "", list(r.raw.headers.items()), raw
-
-
-def _asks_for_stream(request: http.Request) -> bool:
-    if "text/event-stream" in request.headers.get("accept", "").lower():
-        return True
-    if "json" not in request.headers.get("content-type", "").lower():
-        return False
-    raw = request.raw_content
-    if not raw or len(raw) > 4 * 1024 * 1024 or b"stream" not in raw:
-        return False
-    try:
-        data = json.loads(request.get_content(strict=False) or b"null")
-    except (ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(data, dict) and data.get("stream") is True
-
-
-def _retry_headers(request: http.Request, fresh: str) -> dict:
-    """The headers the request left with the first time: the page's, tag swapped for the fresh token."""
-    headers = CaseInsensitiveDict()
-    skip = HOP_BY_HOP | {"host", "content-length", "authorization", "cookie"}
-    for name, value in request.headers.fields:
-        key = name.decode("latin-1")
-        if key.lower() in skip or key.lower().startswith("proxy-"):
-            continue
-        headers[key] = headers[key] + b", " + value if key in headers else value
-    cookies = identity.strip_cookie(request.headers.get_all("cookie"))
-    if cookies:
-        headers["Cookie"] = "; ".join(cookies).encode("utf-8", "surrogateescape")
-    headers["Authorization"] = f"Bearer {fresh}"
-    return headers
-
-
-def _as_response(answer, old: http.Response, method: str, started: float) -> http.Response:
-    status, reason, header_items, raw = answer
-    fields = []
-    for key, value in header_items:
-        lower = key.lower()
-        if lower in HOP_BY_HOP or (lower == "content-length" and method != "HEAD"):
-            continue
-        fields.append((key.encode("latin-1", "replace"), value.encode("latin-1", "replace")))
-    if method != "HEAD" and status >= 200 and status not in (204, 304):
-        fields.append((b"Content-Length", str(len(raw)).encode()))
-    return http.Response(
-        http_version=old.data.http_version,
-        status_code=status,
-        reason=reason.encode("latin-1", "replace"),
-        headers=http.Headers(fields),
-        content=raw,
-        trailers=None,
-        timestamp_start=started,
-        timestamp_end=time.time(),
-    )
+def _unreflect(response: http.Response, token: str) -> None:
+    """An upstream that echoes the injected token in a header (a debug header, an error detail) must
+    not hand it to the page: the token is replaced wherever it appears in a response header."""
+    secret = token.encode("utf-8", "surrogateescape")
+    fields = response.headers.fields
+    if any(secret in value for _, value in fields):
+        response.headers.fields = tuple((name, value.replace(secret, b"[redacted]")) for name, value in fields)

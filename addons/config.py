@@ -169,7 +169,7 @@ def parse_oauth_config(text: str, path: str = "<config>") -> OAuthApp:
 def load_oauth_config(path: str | os.PathLike) -> OAuthApp:
     path = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = _read_small_file(path).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(
             f"OAuth config not found at {path}: {WHERE_TO_GET_IT}, and save it there "
@@ -178,6 +178,31 @@ def load_oauth_config(path: str | os.PathLike) -> OAuthApp:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read OAuth config {path}: {e}; check the path and its permissions") from None
     return parse_oauth_config(text, path)
+
+
+MAX_CONFIG_BYTES = 1024 * 1024  # the console's file is ~2 KB
+
+
+def _read_small_file(path: str) -> bytes:
+    """A regular file's bytes, at most MAX_CONFIG_BYTES. Opened without blocking and checked first: a FIFO
+    or a device given as the config would otherwise hang the start-up (or read forever)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file"
+            raise ConfigError(f"OAuth config {path} is {kind}, not a regular file: pass the path of the JSON "
+                              "file downloaded from the Coze console (--set coze_config=PATH)")
+        data = b""
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"OAuth config {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB: it is not the "
+                          "console's OAuth JSON (about 2 KB); check --set coze_config=PATH")
+    return data
 
 
 def permissions_warning(path: str | os.PathLike) -> str | None:

@@ -19,7 +19,7 @@ from mitmproxy import ctx, http
 import config
 from config import WS_SCHEME_OF_HTTP, ConfigError, Origin
 from identity import is_loopback
-from tokens import CozeTokenExchange, PatBroker, TokenBroker
+from tokens import EXCHANGE_REASONS, CozeTokenExchange, PatBroker, TokenBroker, scrub
 
 log = logging.getLogger("coze.settings")
 
@@ -42,11 +42,21 @@ class Stats:
     refusals: collections.Counter = field(default_factory=collections.Counter)
     last_errors: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
 
+    # The keys `refusals` may have: a fixed set, so no upstream text (nor anyone's choice of words) can grow
+    # status.json or reach it. A reason not listed here is counted as "other": add new reasons here.
+    REASONS = frozenset({
+        "malformed-tag", "duplicate-origin", "browser-without-origin", "cookie-without-origin",
+        "origin-not-allowed", "remote-client", "tag-to-other-host", "not-configured", "internal-error",
+        "new-user-limit", *EXCHANGE_REASONS,
+    })
+
     def refused(self, reason: str) -> None:
-        self.refusals[reason] += 1
+        self.refusals[reason if reason in self.REASONS else "other"] += 1
 
     def error(self, reason: str, msg: str, logid: str = "") -> None:
-        self.last_errors.append({"time": time.time(), "reason": reason, "msg": msg, "logid": logid})
+        # Bounded whatever the caller passes: 20 entries of at most ~1 KB each.
+        self.last_errors.append({"time": time.time(), "reason": scrub(reason, 80), "msg": scrub(msg, 600),
+                                 "logid": scrub(logid, 80)})
 
 
 class CozeSettings:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import json
 import logging
 import re
 import secrets
@@ -26,6 +27,7 @@ import jwt
 import requests
 import requests.adapters
 
+from bounded import decoded_prefix
 from config import OAuthApp
 from identity import short_id
 
@@ -37,13 +39,23 @@ JWT_LIFETIME = 3600  # what Coze's own SDKs put between iat and exp
 MAX_DURATION = 86399
 # Before 2001-09-09 an `expires_in` cannot be an absolute time: it must be a duration.
 ABSOLUTE_TIME_FLOOR = 1_000_000_000
-EXCHANGE_WORKERS = 32  # > the 30 concurrent first requests we promise to serve in one exchange round
+# The promised burst is 30 new users at once; with early renewals beside them, 64 workers mean no first
+# request of such a burst waits in the queue behind another exchange.
+EXCHANGE_WORKERS = 64
+MAX_ANSWER = 64 * 1024  # the token endpoint's answer, raw and decoded: a real one is under 1 KB
+_ERROR_CODE = re.compile(r"[A-Za-z0-9_.-]{1,48}")
 
 _SECRETISH = re.compile(r"(eyJ[\w-]+\.[\w-]+\.[\w-]*|\b(?:czs|pat|cztei|sat)_[\w-]+|-----BEGIN[^-]*-----)")
 
 
-def scrub(text: str, limit: int = 300) -> str:
-    """Upstream text may end up in a log or an error body: cut anything token-shaped, and keep it short."""
+def scrub(text: str, limit: int = 300, secrets_sent: tuple[str, ...] = ()) -> str:
+    """Upstream text may end up in a log or an error body: cut anything token-shaped (and anything we
+    sent that upstream may echo, whole or in parts), and keep it short."""
+    text = text[: limit * 4]  # bounded work whatever upstream sent
+    for secret in secrets_sent:
+        for part in (secret, *secret.split(".")):
+            if len(part) >= 12:
+                text = text.replace(part, "[redacted]")
     text = _SECRETISH.sub("[redacted]", text)
     return text if len(text) <= limit else text[:limit] + "…"
 
@@ -60,6 +72,11 @@ EXCHANGE_HINTS = {
     "unsupported_grant_type": "the app is not a JWT (service) app: create one of type JWT in the Coze console",
     "internal_error": "Coze had an internal error: try again later and quote the logid to Coze support",
 }
+# Every reason an ExchangeError carries: a fixed set, never upstream text (counters are keyed by it).
+EXCHANGE_REASONS = frozenset(
+    {"exchange-timeout", "exchange-unreachable", "exchange-garbage", "exchange-no-token", "exchange-refused"}
+    | {f"exchange-refused:{code}" for code in EXCHANGE_HINTS}
+)
 
 
 class ExchangeError(Exception):
@@ -146,53 +163,70 @@ class CozeTokenExchange:
 
     def __call__(self, user_id: str | None) -> IssuedToken:
         body = {"grant_type": GRANT_TYPE, "duration_seconds": self.duration_seconds}
+        assertion = self.mint_jwt(user_id)
         try:
             answer = self._session.post(
                 self.url,
                 json=body,
-                headers={"Authorization": f"Bearer {self.mint_jwt(user_id)}"},
+                headers={"Authorization": f"Bearer {assertion}"},
                 timeout=self.timeout,
+                stream=True,  # read below with a bound, not whatever size upstream chooses
             )
+            try:
+                raw = answer.raw.read(MAX_ANSWER + 1, decode_content=False)
+            finally:
+                answer.close()
         except requests.Timeout:
-            raise ExchangeError(
-                504, 5000,
-                f"Coze's token endpoint {self.app.api_base} did not answer within {self.timeout:g} s; "
-                "check the network, or raise coze_exchange_timeout",
-                "exchange-timeout",
-            ) from None
-        except requests.RequestException as e:
+            raise self.timed_out() from None
+        except (requests.RequestException, OSError) as e:
             raise ExchangeError(
                 502, 5000,
                 f"cannot reach Coze's token endpoint {self.app.api_base} ({type(e).__name__}); "
                 "check coze_api_base and this machine's network",
                 "exchange-unreachable",
             ) from None
-        return self._read_answer(answer)
+        return self._read_answer(answer, raw, assertion)
 
-    def _read_answer(self, answer: requests.Response) -> IssuedToken:
-        logid = answer.headers.get("X-Tt-Logid", "")
+    def timed_out(self) -> ExchangeError:
+        return ExchangeError(
+            504, 5000,
+            f"Coze's token endpoint {self.app.api_base} did not answer within {self.timeout:g} s; "
+            "check the network, or raise coze_exchange_timeout",
+            "exchange-timeout",
+        )
+
+    def _read_answer(self, answer: requests.Response, raw: bytes, assertion: str) -> IssuedToken:
+        logid = scrub(answer.headers.get("X-Tt-Logid", ""), 80, (assertion,))
         at = f" (logid {logid})" if logid else ""
-        try:
-            data = answer.json()
-        except ValueError:
-            data = None
+        data = None
+        if len(raw) <= MAX_ANSWER:
+            text = decoded_prefix(raw, answer.headers.get("Content-Encoding", ""), MAX_ANSWER + 1)
+            if text is not None and len(text) <= MAX_ANSWER:
+                try:
+                    data = json.loads(text)
+                except (ValueError, UnicodeDecodeError, RecursionError):
+                    data = None
         if not isinstance(data, dict):
             kind = answer.headers.get("Content-Type", "no content type")
             raise ExchangeError(
                 502, 5000,
-                f"Coze's token endpoint answered HTTP {answer.status_code} with a body that is not a JSON object "
-                f"({scrub(kind, 60)}){at}; check coze_api_base points at the Coze API, or try again later",
+                f"Coze's token endpoint answered HTTP {answer.status_code} with a body that is not a small JSON "
+                f"object ({scrub(kind, 60, (assertion,))}){at}; check coze_api_base points at the Coze API, "
+                "or try again later",
                 "exchange-garbage", logid,
             )
         error_code = data.get("error_code") or data.get("error")
         if error_code or answer.status_code != 200:
             error_code = str(error_code or f"http_{answer.status_code}")
-            detail = scrub(str(data.get("error_message") or data.get("msg") or ""))
+            if not _ERROR_CODE.fullmatch(error_code) or scrub(error_code, 48, (assertion,)) != error_code:
+                error_code = "unrecognised error_code"  # upstream text that is not a code: not repeated
+            detail = scrub(str(data.get("error_message") or data.get("msg") or ""), 300, (assertion,))
             hint = EXCHANGE_HINTS.get(error_code, "check the OAuth app config and try again")
+            reason = f"exchange-refused:{error_code}" if error_code in EXCHANGE_HINTS else "exchange-refused"
             raise ExchangeError(
                 502, 4100 if error_code in ("invalid_client", "invalid_request") else 5000,
                 f"Coze refused the token exchange: {error_code}: {detail or 'no message'}{at}; {hint}",
-                f"exchange-refused:{error_code}", logid,
+                reason, logid,
             )
         token = data.get("access_token")
         if not isinstance(token, str) or not token:
@@ -250,8 +284,10 @@ class TokenBroker:
 
     def __init__(self, fetch: Callable[[str], IssuedToken], *, max_users: int = 10_000,
                  new_users_per_minute: int = 0, clock: Callable[[], float] = time.time,
-                 workers: int = EXCHANGE_WORKERS):
+                 workers: int = EXCHANGE_WORKERS, timeout: float | None = None):
         self._fetch = fetch
+        # A request waits at most this long for its token, in the queue and the exchange together.
+        self.timeout = timeout if timeout is not None else getattr(fetch, "timeout", None)
         self.max_users = max_users
         self.new_users_per_minute = new_users_per_minute
         self._clock = clock
@@ -283,8 +319,20 @@ class TokenBroker:
         if user_id not in self._cache and user_id not in self._inflight:
             self._admit_new_user(self._clock())
         # shield: a client that gives up must not cancel the exchange other requests are waiting for.
-        issued = await asyncio.shield(self._inflight.get(user_id) or self._start_fetch(user_id))
-        return issued.token
+        pending = asyncio.shield(self._inflight.get(user_id) or self._start_fetch(user_id))
+        if not self.timeout:
+            return (await pending).token
+        try:
+            return (await asyncio.wait_for(pending, self.timeout)).token
+        except asyncio.TimeoutError:
+            raise self._timed_out() from None
+
+    def _timed_out(self) -> ExchangeError:
+        make = getattr(self._fetch, "timed_out", None)
+        if make is not None:
+            return make()
+        return ExchangeError(504, 5000, f"no token within {self.timeout:g} s; raise coze_exchange_timeout",
+                             "exchange-timeout")
 
     def _admit_new_user(self, now: float) -> None:
         if not self.new_users_per_minute:
@@ -306,10 +354,17 @@ class TokenBroker:
         task.add_done_callback(lambda _: self._inflight.pop(user_id, None))
         return task
 
+    def _fetch_unless_late(self, user_id: str, deadline: float) -> IssuedToken:
+        # Whoever asked has stopped waiting (504) while this sat in the queue: don't spend a worker on it.
+        if deadline and time.monotonic() > deadline:
+            raise self._timed_out()
+        return self._fetch(user_id)
+
     async def _fetch_and_store(self, user_id: str) -> IssuedToken:
         loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.timeout if self.timeout else 0.0
         try:
-            issued = await loop.run_in_executor(self._executor, self._fetch, user_id)
+            issued = await loop.run_in_executor(self._executor, self._fetch_unless_late, user_id, deadline)
         except Exception:
             self.failures += 1
             raise
