@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import urllib.parse
 import weakref
 
 import requests
@@ -98,12 +99,14 @@ class Auth:
     def _handle(self, flow: http.HTTPFlow):
         request = flow.request
         seen = identity.gather(request.headers)  # one pass over the headers for every question below
-        if not self.settings.is_coze_api(request):
-            self._other_host(flow, seen)
+        in_query = _query_authorizations(request.path)
+        if not (self.settings.is_coze_api(request) or self.settings.is_coze_ws(request)):
+            self._other_host(flow, seen, in_query)
             return None
 
         self.settings.stats.requests += 1
-        decision = identity.admit(seen, self.settings.page_origins)
+        decision = identity.admit(seen, self.settings.page_origins, query_authorizations=in_query,
+                                  local_client=self._is_local(flow))
         if decision.action == "pass":
             return None
         if decision.action == "refuse":
@@ -119,9 +122,16 @@ class Auth:
             return None
         return self._mint_and_inject(flow, seen, decision.user_id)
 
-    def _other_host(self, flow: http.HTTPFlow, seen) -> None:
+    def _is_local(self, flow: http.HTTPFlow) -> bool:
+        """May this client have credentials: on this machine, or anyone with coze_allow_remote?"""
+        if self.settings.allow_remote:
+            return True
+        peer = flow.client_conn.peername  # a replay keeps the original client's address
+        return peer is not None and identity.is_loopback(str(peer[0]))
+
+    def _other_host(self, flow: http.HTTPFlow, seen, in_query) -> None:
         request = flow.request
-        if any(identity.is_placeholder(a) for a in seen.get_all("authorization")):
+        if any(identity.is_placeholder(a) for a in (*seen.get_all("authorization"), *in_query)):
             if self.settings.broker is None:
                 self._refuse_unconfigured(flow)
             else:
@@ -155,11 +165,17 @@ class Auth:
             self._internal_error(flow)
 
     def _inject(self, flow: http.HTTPFlow, seen, user_id: str, token: str) -> None:
-        headers = flow.request.headers
-        original = (seen.get_all("authorization"), seen.get_all("cookie"))
-        headers["Authorization"] = f"Bearer {token}"
+        request = flow.request
+        headers = request.headers
+        # What the page sent, put back once the request has left (the path only when its query held the tag).
+        original = (seen.get_all("authorization"), seen.get_all("cookie"),
+                    request.path if _query_authorizations(request.path) else None)
+        if original[0] or original[2] is None:
+            headers["Authorization"] = f"Bearer {token}"
         if original[1]:
             headers.set_all("cookie", identity.strip_cookie(original[1]))
+        if original[2] is not None:
+            request.path = _with_query_token(original[2], token)
         self._tokens[flow] = token
         self._page_headers[flow] = original
         flow.metadata[COZE_USER] = user_id
@@ -192,6 +208,8 @@ class Auth:
             flow.request.headers.set_all("authorization", original[0])
             if original[1]:
                 flow.request.headers.set_all("cookie", original[1])
+            if original[2] is not None:
+                flow.request.path = original[2]
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._restore_page_headers(flow)
@@ -250,6 +268,8 @@ class Auth:
             return False
         if request.stream or request.raw_content is None:
             return False  # the body was streamed through: there is nothing to send again
+        if "upgrade" in request.headers:
+            return False  # a WebSocket handshake cannot be re-sent by plain HTTP; the client reconnects
         if self.settings.broker is None or self.settings.broker.mode != "jwt":
             return False  # a PAT cannot be renewed: the same answer would come back
         if asks_for_stream(request):
@@ -314,6 +334,28 @@ class Auth:
             if code in COZE_HINTS:
                 self._hint(flow, code)
         flow.comment += f"; re-sent once with a fresh token (HTTP {flow.response.status_code})"
+
+
+def _query_authorizations(path: str) -> list[str]:
+    """The `authorization` query parameters (decoded): where @coze/api puts the token of a WebSocket,
+    because a browser cannot set headers on one. Most paths have none, found without parsing."""
+    if "authorization=" not in path.lower():
+        return []
+    query = path.partition("?")[2]
+    return [v for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True) if k.lower() == "authorization"]
+
+
+def _with_query_token(path: str, token: str) -> str:
+    """`path` with its authorization parameter set to `Bearer <token>` (percent-encoded, as @coze/api
+    sends it); every other parameter left byte for byte."""
+    base, _, query = path.partition("?")
+    pieces = []
+    for piece in query.split("&"):
+        name = piece.partition("=")[0]
+        if urllib.parse.unquote_plus(name).lower() == "authorization":
+            piece = f"{name}={urllib.parse.quote('Bearer ' + token, safe='')}"
+        pieces.append(piece)
+    return f"{base}?{'&'.join(pieces)}"
 
 
 def _unreflect(response: http.Response, token: str) -> None:

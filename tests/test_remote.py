@@ -72,7 +72,8 @@ def remote_get(ns: str, proxy_port: int, url: str, headers: dict) -> tuple[int, 
 
 def test_remote_clients_get_no_credentials_by_default(other_host, mitmdump, config_file, standin):
     proxy = mitmdump(f"coze_config={config_file}", extra_args=["--listen-host", ""])
-    assert "listens on every interface" in proxy.output and "coze_allow_remote is off" in proxy.output
+    assert proxy.wait_for_output("listens on every interface"), proxy.output
+    assert "coze_allow_remote is off" in proxy.output and "--listen-host 127.0.0.1" in proxy.output
     url = f"{standin.base_url}/v1/bots/7000"
 
     status, body = remote_get(other_host, proxy.port, url, tagged(ALICE, origin=None))
@@ -92,7 +93,7 @@ def test_remote_clients_get_no_credentials_by_default(other_host, mitmdump, conf
 
 def test_allow_remote_lets_them_in(other_host, mitmdump, config_file, standin):
     proxy = mitmdump(f"coze_config={config_file}", "coze_allow_remote=true", extra_args=["--listen-host", ""])
-    assert "coze_allow_remote is on" in proxy.output
+    assert proxy.wait_for_output("coze_allow_remote is on"), proxy.output
     status, body = remote_get(other_host, proxy.port, f"{standin.base_url}/v1/bots/7000", tagged(ALICE, origin=None))
     assert (status, body["code"]) == (200, 0)
     assert standin.exchange_count(ALICE) == 1
@@ -100,4 +101,5 @@ def test_allow_remote_lets_them_in(other_host, mitmdump, config_file, standin):
 
 def test_loopback_listener_says_nothing(mitmdump, config_file):
     proxy = mitmdump(f"coze_config={config_file}")
+    proxy.wait_for_output("no such line", timeout=1)
     assert "listens on" not in proxy.output
