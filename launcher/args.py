@@ -159,7 +159,7 @@ def _check_reach(args: argparse.Namespace) -> None:
         raise Fail("--allow-anonymous only means something with --allow-remote: drop it", EXIT_USAGE)
     if args.allow_remote and anonymous and not args.allow_anonymous:
         how = "--proxyauth any lets every login in" if args.proxyauth else "no --proxyauth is given"
-        raise Fail(f"--allow-remote: {how}, so anyone who reaches port {args.port} could spend your Coze quota; "
+        raise Fail(f"--allow-remote: {how}, so anyone who can connect to the proxy could spend your Coze quota; "
                    "add --proxyauth @/path/to/htpasswd (each login is then one Coze user), or --allow-anonymous "
                    "if you really mean it", EXIT_USAGE)
     if args.proxyauth and _inline_password(args.proxyauth):

@@ -46,8 +46,8 @@ def warn_about_reach(pl: Plan) -> None:
     """Who can reach the proxy and use the credentials, said once before it starts."""
     args = pl.args
     if args.allow_remote and is_anonymous(args):
-        tell("WARNING", f"--allow-anonymous: anyone who reaches port {args.port} on {args.host} can spend your "
-                        "Coze quota as any user they claim, and use this proxy as an open proxy; firewall the "
+        tell("WARNING", "--allow-anonymous: anyone who can connect to this proxy can spend your Coze quota "
+                        "as any user they claim, and use this proxy as an open proxy; firewall the "
                         "port, or use --proxyauth @/path/to/htpasswd")
     elif not is_loopback(args.host):
         tell("WARNING", f"listening on {args.host}: other machines can reach it; they must log in (--proxyauth) "
