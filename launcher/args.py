@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 from launcher.common import (DEFAULT_PORT, DEMO_URL, EXIT_CODES_HELP, EXIT_USAGE, PROG, Fail, is_loopback,
                              tell)
@@ -154,6 +155,12 @@ def _check_reach(args: argparse.Namespace) -> None:
                    "if you really mean it", EXIT_USAGE)
     if args.proxyauth is not None and not args.proxyauth.strip():
         raise Fail("--proxyauth wants a SPEC: @/path/to/htpasswd, ldap[s]:..., or user:pass", EXIT_USAGE)
+    if args.proxyauth and args.proxyauth.strip().startswith("@"):
+        path = Path(args.proxyauth.strip()[1:]).expanduser().resolve()
+        if not path.is_file():
+            raise Fail(f"--proxyauth {args.proxyauth.strip()}: there is no htpasswd file at {path} (make one with: "
+                       f"htpasswd -cB {path} USER)", EXIT_USAGE)
+        args.proxyauth = f"@{path}"  # mitmproxy reads it as it is: no ~, and not relative to another directory
     anonymous = is_anonymous(args)
     if args.allow_anonymous and not args.allow_remote:
         raise Fail("--allow-anonymous only means something with --allow-remote: drop it", EXIT_USAGE)

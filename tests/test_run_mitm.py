@@ -498,6 +498,7 @@ def test_check_errors_go_to_stderr_with_the_launchers_hints(tmp_path):
     (["--allow-anonymous"], ("only means something with --allow-remote",)),
     (["--set", "coze_allow_remote=true"], ("use --allow-remote instead",)),
     (["--proxyauth", " "], ("--proxyauth wants a SPEC",)),
+    (["--proxyauth", "@/nonexistent/htpasswd"], ("there is no htpasswd file at /nonexistent/htpasswd", "htpasswd -cB")),
     (["--proxyauth", "@a", "--set", "proxyauth=@b"], ("--proxyauth is given twice",)),
 ])
 def test_remote_use_refused_without_a_login(args, expect):
