@@ -17,6 +17,7 @@ from auth import Auth
 from cors import Cors
 from csp import Csp
 from demo import Demo
+from flowlog import FlowLog
 from settings import CozeSettings
 from status import StatusPages
 from streaming import Streaming
@@ -31,4 +32,5 @@ addons = [
     Auth(settings),
     Csp(settings),
     Streaming(),
+    FlowLog(),
 ]

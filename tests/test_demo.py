@@ -184,7 +184,7 @@ def test_demo_page_streams_a_reply_in_chromium(browser, demo_proxy, tmp_path):
     print(f"\nscreenshot: {shot}")
 
     # The browser asked first (a real CORS preflight), then sent the tagged POST.
-    assert demo_proxy.wait_for_output(r"OPTIONS http://127\.0\.0\.1:\d+/v3/chat\s+<< 204")
+    assert demo_proxy.wait_for_output(r"preflight OPTIONS 127\.0\.0\.1/v3/chat from http://coze\.mitm -> 204")
     short = f"{user_id[:4]}…{user_id[-4:]}"
     assert demo_proxy.wait_for_output(f"token for user {re.escape(short)} minted")
 

@@ -7,6 +7,8 @@ environment, and TLS interception limited to the hosts coze-mitm needs.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import re
@@ -45,13 +47,28 @@ def run(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: f
                           env=env or clean_env(), cwd=cwd, input=stdin if stdin is not None else "")
 
 
+def messages(stderr: str) -> list[str]:
+    """The launcher's messages on stderr, each unwrapped: a wrapped message continues on indented lines,
+    and its lines joined by single spaces give the message back."""
+    found: list[str] = []
+    for line in stderr.splitlines():
+        if not line.strip():
+            continue
+        assert len(line) <= 100, f"not wrapped: {line!r}"
+        if line.startswith("  ") and found:
+            found[-1] += " " + line.strip()
+        else:
+            found.append(line)
+    return found
+
+
 def one_error_line(result: subprocess.CompletedProcess) -> str:
-    """The launcher's refusals are one line on stderr, never a traceback."""
+    """The launcher's refusals are one message on stderr (wrapped into readable lines), never a traceback."""
     assert "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("run_mitm.py: error: ")
-    return lines[0]
+    found = messages(result.stderr)
+    assert len(found) == 1, result.stderr
+    assert found[0].startswith("run_mitm.py: error: ")
+    return found[0]
 
 
 class Launcher:
@@ -226,10 +243,10 @@ def test_missing_config_refused_before_starting(tmp_path):
 def test_set_spelling_of_config_works_like_the_flag(tmp_path):
     result = run("--set", f"coze_config={tmp_path / 'absent.json'}", cwd=tmp_path, env=clean_env(COZE_PAT="pat_x" * 8))
     assert result.returncode == 3  # an explicit config: COZE_PAT from the environment is not used
-    note, error = result.stderr.strip().splitlines()
+    note, error = messages(result.stderr)
     assert "COZE_PAT from the environment is ignored" in note
     assert error.startswith("run_mitm.py: error: OAuth config not found") and "absent.json" in error
-    assert "COZE_PAT=pat_... in the environment" in result.stderr and "--set coze_pat" not in result.stderr
+    assert "COZE_PAT=pat_... in the environment" in error and "--set coze_pat" not in result.stderr
     assert "pat_x" not in result.stdout + result.stderr
 
 
@@ -318,7 +335,7 @@ def test_check_refused_by_coze_quotes_error_logid_and_hint(tmp_path, standin, rs
     wrong_kid = write_config(tmp_path, rsa_key, standin.base_url, public_key_id="not-the-kid")
     result = check(wrong_kid)
     assert result.returncode == 4
-    verdict = result.stdout.strip().splitlines()[-1]
+    verdict = messages(result.stderr)[-1]
     assert verdict.startswith("FAILED: Coze refused the token exchange: invalid_client: unknown kid 'not-the-kid'")
     assert "logid" in verdict and "SANDBOX" in verdict  # the stand-in's logid, quoted
     assert "api.coze.cn" in verdict and "api.coze.com" in verdict  # the hint
@@ -337,8 +354,8 @@ def test_check_bad_config_offline(tmp_path, content, expect):
         path.write_text(content)
     result = check(path)
     assert result.returncode == 3
-    assert result.stdout.strip().splitlines()[-1].startswith("FAILED: ")
-    assert expect in result.stdout
+    assert messages(result.stderr)[-1].startswith("FAILED: ")
+    assert expect in messages(result.stderr)[-1]
     assert "Traceback" not in result.stdout + result.stderr
 
 
@@ -346,7 +363,7 @@ def test_check_unreachable_host(tmp_path, rsa_key):
     config = write_config(tmp_path, rsa_key, f"http://127.0.0.1:{free_port()}")
     result = check(config)
     assert result.returncode == 5
-    assert "FAILED: cannot reach Coze's token endpoint" in result.stdout
+    assert messages(result.stderr)[-1].startswith("FAILED: cannot reach Coze's token endpoint")
 
 
 def test_check_timeout(config_file, standin):
@@ -354,7 +371,7 @@ def test_check_timeout(config_file, standin):
     t0 = time.monotonic()
     result = check(config_file, "--set", "coze_exchange_timeout=1")
     assert result.returncode == 5
-    assert "did not answer within 1 s" in result.stdout
+    assert "did not answer within 1 s" in messages(result.stderr)[-1]
     assert time.monotonic() - t0 < 8  # 1 s timeout + start-up, not the 10 s the endpoint would take
 
 
@@ -362,7 +379,7 @@ def test_check_warns_about_a_readable_key_file(config_file, standin):
     os.chmod(config_file, 0o644)
     result = check(config_file)
     assert result.returncode == 0
-    assert "chmod 600" in result.stdout
+    assert any("chmod 600" in m for m in messages(result.stderr))
 
 
 # --------------------------------------------------------------------------- running the proxy
@@ -443,16 +460,86 @@ def test_startup_error_from_mitmdump_is_passed_on(tmp_path, rsa_key):
     assert one_error_line(result).endswith("stopped with exit code 1 (see its output above)")
 
 
-def test_web_warns_about_unauthenticated_mitmweb_on_11(launch, config_file):
-    launcher = launch("--web", "--config", str(config_file), "--set", f"web_port={free_port()}",
-                      "--set", "web_open_browser=false")
-    assert launcher.wait_for_output(r"Web server listening at", 10)
+def test_web_only_with_an_authenticated_mitmweb(launch, config_file):
+    """mitmweb < 11.1.2 serves its API to anyone who reaches it (CVE-2025-23217): not started at all."""
+    args = ("--web", "--config", str(config_file), "--set", f"web_port={free_port()}", "--set", "web_open_browser=false")
     if MITMPROXY_11:
-        assert "CVE-2025-23217" in launcher.output and "mitmproxy 12" in launcher.output
-    else:
-        assert "CVE-2025-23217" not in launcher.output
+        result = run("--port", "0", *args, cwd=config_file.parent)
+        assert result.returncode == 2
+        line = one_error_line(result)
+        assert "CVE-2025-23217" in line and "Python 3.12+ with mitmproxy 12" in line and "without --web" in line
+        assert "listening" not in result.stdout
+        return
+    launcher = launch(*args)
+    assert launcher.wait_for_output(r"Web server listening at", 10)
+    assert "CVE-2025-23217" not in launcher.output
     web_url = re.search(r"Web server listening at (\S+)", launcher.output).group(1)
     assert f"The flows, in mitmweb: {web_url}" in launcher.output
+
+
+def test_check_errors_go_to_stderr_with_the_launchers_hints(tmp_path):
+    if (REPO / "config" / "coze_oauth_config.json").exists():
+        pytest.skip("a real OAuth config is in place: the default config is not missing here")
+    launcher = run(cwd=tmp_path)
+    check = run("--check", cwd=tmp_path)
+    assert launcher.returncode == check.returncode == 3
+    error = one_error_line(launcher).removeprefix("run_mitm.py: error: ")
+    assert error.startswith("OAuth config not found") and "python run_mitm.py --demo" in error
+    assert messages(check.stderr) == [f"FAILED: {error}"]
+    assert check.stdout == ""
+
+
+# --------------------------------------------------------------------------- who may use the proxy
+
+@pytest.mark.parametrize("args, expect", [
+    (["--allow-remote"], ("no --proxyauth is given", "spend your Coze quota", "--allow-anonymous")),
+    (["--allow-remote", "--proxyauth", "any"], ("--proxyauth any lets every login in", "--allow-anonymous")),
+    (["--host", "0.0.0.0", "--allow-remote"], ("no --proxyauth is given",)),
+    (["--allow-anonymous"], ("only means something with --allow-remote",)),
+    (["--set", "coze_allow_remote=true"], ("use --allow-remote instead",)),
+    (["--proxyauth", " "], ("--proxyauth wants a SPEC",)),
+    (["--proxyauth", "@/nonexistent/htpasswd"], ("there is no htpasswd file at /nonexistent/htpasswd", "htpasswd -cB")),
+    (["--proxyauth", "@a", "--set", "proxyauth=@b"], ("--proxyauth is given twice",)),
+])
+def test_remote_use_refused_without_a_login(args, expect):
+    result = run(*args, "--demo")
+    assert result.returncode == 2
+    line = one_error_line(result)
+    for words in expect:
+        assert words in line
+    assert "listening" not in result.stdout
+
+
+def test_password_on_the_command_line_is_warned_about(tmp_path):
+    result = run("--proxyauth", "alice:s3cret-word", "--config", str(tmp_path / "absent.json"), cwd=tmp_path)
+    assert result.returncode == 3
+    warning, error = messages(result.stderr)
+    assert warning.startswith("run_mitm.py: warning: a --proxyauth user:pass stays in your shell history")
+    assert "s3cret-word" not in result.stdout + result.stderr
+
+
+def test_allow_anonymous_starts_with_a_warning(launch):
+    launcher = launch("--demo", "--allow-remote", "--allow-anonymous")
+    assert re.search(r"WARNING: --allow-anonymous: anyone who can connect to this proxy can spend your\s+Coze\s+"
+                     r"quota", launcher.output)
+    args = cmdline(launcher.children()[0])
+    assert "coze_allow_remote=true" in args and not any(a.startswith("proxyauth=") for a in args)
+
+
+def test_proxyauth_is_passed_to_mitmproxy(launch, tmp_path):
+    htpasswd = tmp_path / "htpasswd"
+    digest = base64.b64encode(hashlib.sha1(b"correct horse").digest()).decode()
+    htpasswd.write_text(f"alice:{{SHA}}{digest}\n")
+    launcher = launch("--demo", "--allow-remote", "--proxyauth", f"@{htpasswd}")
+    args = cmdline(launcher.children()[0])
+    assert f"proxyauth=@{htpasswd}" in args and "coze_allow_remote=true" in args
+    assert "--allow-anonymous" not in launcher.output
+    assert launcher.session().get("http://coze.mitm/status.json").status_code == 407
+    s = launcher.session()
+    s.proxies = {"http": f"http://alice:wrong@127.0.0.1:{launcher.port}"}
+    assert s.get("http://coze.mitm/status.json").status_code == 407
+    s.proxies = {"http": f"http://alice:correct%20horse@127.0.0.1:{launcher.port}"}
+    assert s.get("http://coze.mitm/status.json").status_code == 200
 
 
 # --------------------------------------------------------------------------- --demo
@@ -574,3 +661,64 @@ def test_demo_refusals_are_one_line_each(demo):
     assert r.status_code == 400 and r.json()["code"] == 4000
     assert demo.wait_for_output(r"refused POST 127\.0\.0\.1/v3/chat \(origin-not-allowed\)")
     assert demo.wait_for_output(r"refused POST 127\.0\.0\.1/v3/chat \(malformed-tag\)")
+
+
+# --------------------------------------------------------------------------- what the run prints
+
+FLOW_LINES = {
+    "preflight": r"coze-mitm: preflight OPTIONS 127\.0\.0\.1/v3/chat from http://coze\.mitm -> 204$",
+    # Today the auth addon's own line, once it hands refusals to flowlog the same words with the status.
+    "refused": r"coze-mitm: refused POST 127\.0\.0\.1/v3/chat \(origin-not-allowed\)( -> 403)?: page origin "
+               r"'https://evil\.example' may not use",
+    "minted": r"coze-mitm: token for user 1732…DDDD minted, ",  # once per user, not per flow
+    "injected": r"coze-mitm: injected POST 127\.0\.0\.1/v3/chat for user 1732…DDDD -> 200$",
+}
+CHATTER = ("client connect", "client disconnect", "server connect", "server disconnect", "(content missing)",
+           "Streaming response", "<<")
+
+
+def act(launcher: Launcher) -> None:
+    """One preflight, one refused request, one injected (streamed) chat, and a status page nobody acts on."""
+    user = "1732000000003-DDDDDDDDDD"
+    s = launcher.session()
+    r = s.options("http://sandbox.coze.mitm/v3/chat", headers={
+        "Origin": "http://coze.mitm", "Access-Control-Request-Method": "POST"})
+    assert r.status_code == 204
+    r = s.post("http://sandbox.coze.mitm/v3/chat", headers={**demo_headers(user), "Origin": "https://evil.example"},
+               json={})
+    assert r.status_code == 403
+    deltas, _ = chat(launcher, user, "quiet please")
+    assert deltas
+    assert s.get("http://coze.mitm/status.json").status_code == 200
+    assert launcher.wait_for_output(r"coze-mitm: injected POST")
+
+
+def test_one_line_per_flow_coze_mitm_acted_on(tmp_path):
+    launcher = Launcher(tmp_path, "--demo").start()
+    try:
+        act(launcher)
+        time.sleep(0.5)  # not a timing assertion: lets a line that should not be there show up before reading
+        after_banner = launcher.lines[max(i for i, line in enumerate(launcher.lines) if line == "=" * 78) + 1:]
+    finally:
+        assert launcher.stop() == 0
+    logged = [re.sub(r"^\[[\d:.]+\] ", "", line) for line in after_banner if line.strip()]
+    for kind, pattern in FLOW_LINES.items():
+        assert len([line for line in logged if re.match(pattern, line)]) == 1, (kind, logged)
+    assert len(logged) == len(FLOW_LINES), logged
+    for words in CHATTER:
+        assert words not in launcher.output
+    assert "Traceback" not in launcher.output
+
+
+def test_verbose_restores_mitmproxys_detail(tmp_path):
+    launcher = Launcher(tmp_path, "--demo", "-v").start()
+    try:
+        act(launcher)
+        assert launcher.wait_for_output(r"client disconnect")
+    finally:
+        assert launcher.stop() == 0
+    assert "client connect" in launcher.output
+    assert re.search(r"POST http://\S+/v3/chat", launcher.output)  # mitmproxy's own line per flow
+    assert re.search(r"<< 200", launcher.output)
+    assert re.search(FLOW_LINES["injected"][:-1], launcher.output)  # coze-mitm's line too
+    assert "One line per request" not in launcher.output

@@ -1,0 +1,184 @@
+"""The command line: flags, --set pass-through, and the refusals that follow from the arguments alone."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from launcher.common import (DEFAULT_PORT, DEMO_URL, EXIT_CODES_HELP, EXIT_USAGE, PROG, Fail, is_loopback,
+                             tell)
+
+# Options this launcher owns: setting them with --set would bypass its checks.
+OWNED_OPTIONS = {"listen_host": "--host", "listen_port": "--port", "mode": "--host/--port", "coze_demo": "--demo",
+                 "coze_allow_remote": "--allow-remote"}
+# --set spellings of the launcher's own flags, accepted because the addon's messages suggest them.
+FLAG_ALIASES = {"coze_config": "config", "coze_origins": "origins", "coze_bot_id": "bot_id", "coze_title": "title",
+                "proxyauth": "proxyauth"}
+# proxyauth values that let anyone in: mitmproxy's "any" accepts every user name and password.
+ANONYMOUS_PROXYAUTH = ("any",)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one message, not argparse's usage block
+        raise Fail(f"{message} (see python {PROG} --help)", EXIT_USAGE)
+
+
+def port_number(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {value!r}: use 1-65535, or 0 for any free port")
+    return port
+
+
+def set_item(value: str) -> tuple[str, str]:
+    name, sep, val = value.partition("=")
+    name = name.strip()
+    if not sep or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise argparse.ArgumentTypeError(f"--set wants NAME=VALUE (a mitmproxy option), got {value!r}")
+    return name, val
+
+
+def make_parser() -> Parser:
+    p = Parser(
+        prog=PROG,
+        description="coze-mitm: the Coze Web Chat SDK on any page, with no credential in the page.\n"
+                    "Starts mitmdump (or mitmweb) with the coze-mitm addons on 127.0.0.1:8080.",
+        epilog=EXIT_CODES_HELP + "\nThe PAT is best given as COZE_PAT=pat_... in the environment, "
+               "or typed at the prompt of --pat without a value: a value on the command line stays in "
+               "your shell history and is visible to other users in ps.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--check", action="store_true",
+                      help="validate the OAuth config offline, then mint one real token for a throwaway session "
+                           "and print its expiry and logid (or Coze's exact error); starts no proxy")
+    what.add_argument("--demo", action="store_true",
+                      help="no Coze account needed: start a local Coze SANDBOX (not Coze) with a throwaway key "
+                           f"and serve a chat page at {DEMO_URL} that uses it through the proxy")
+
+    net = p.add_argument_group("proxy")
+    net.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default: %(default)s); another than loopback needs --allow-remote")
+    net.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                     help="port to listen on (default: %(default)s; 0: any free port)")
+    net.add_argument("--allow-remote", action="store_true",
+                     help="give Coze credentials to clients on other machines too (coze_allow_remote), and allow "
+                          "a --host they can reach; needs --proxyauth (or --allow-anonymous)")
+    net.add_argument("--proxyauth", metavar="SPEC",
+                     help="clients log in to the proxy, and each login is one Coze user (mitmproxy's proxyauth: "
+                          "@/path/to/htpasswd, ldap[s]:..., or user:pass, which shows in ps)")
+    net.add_argument("--allow-anonymous", action="store_true",
+                     help="with --allow-remote and no --proxyauth: start anyway; anyone who reaches the port "
+                          "can then spend your Coze quota")
+    net.add_argument("--web", action="store_true",
+                     help="start mitmweb (the flows in a browser UI) instead of mitmdump; needs mitmproxy 12 "
+                          "(Python 3.12+): older mitmweb serves its API without authentication")
+    net.add_argument("--intercept-all", action="store_true",
+                     help="intercept TLS for every host (mitmproxy's default) instead of only the hosts "
+                          "coze-mitm needs; every HTTPS site then needs mitmproxy's CA")
+    net.add_argument("-v", "--verbose", action="store_true",
+                     help="mitmproxy's own detail: every flow and connection (by default one line per request "
+                          "coze-mitm acted on)")
+
+    coze = p.add_argument_group("coze")
+    coze.add_argument("--config", metavar="PATH",
+                      help="OAuth (JWT) app config JSON from the Coze console "
+                           "(default: config/coze_oauth_config.json in the repository)")
+    coze.add_argument("--pat", nargs="?", const="-", metavar="PAT",
+                      help="use a personal access token (PAT mode: no per-user isolation); without a value it is "
+                           "asked for (or read from stdin); the COZE_PAT environment variable works too")
+    coze.add_argument("--origins", action="append", metavar="ORIGINS",
+                      help="page origins allowed to use the credentials, comma-separated, "
+                           "e.g. https://example.org,https://www.coze.cn (repeatable)")
+    coze.add_argument("--bot-id", help="bot id written into the userscript served at http://coze.mitm/")
+    coze.add_argument("--title", help="chat title written into the userscript")
+    coze.add_argument("--set", dest="sets", action="append", type=set_item, default=[], metavar="NAME=VALUE",
+                      help="any other mitmproxy or coze_* option, passed through (repeatable), "
+                           "e.g. --set coze_token_ttl=3600 --set confdir=~/.mitmproxy")
+    return p
+
+
+def set_value(args: argparse.Namespace, name: str, default: str | None = None) -> str | None:
+    """The last value given with --set for an option (mitmproxy's rule: the last --set wins)."""
+    values = [v for n, v in args.sets if n == name]
+    return values[-1] if values else default
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse what the arguments alone show to be wrong or unsafe; fold --set aliases into the flags."""
+    _fold_sets(args)
+    _check_reach(args)
+    if args.demo:
+        for flag, given in (("--config", args.config), ("--pat", args.pat),
+                            ("--set coze_api_base", set_value(args, "coze_api_base"))):
+            if given:
+                raise Fail(f"--demo brings its own sandbox config: drop {flag}", EXIT_USAGE)
+    elif args.config and args.pat:
+        raise Fail("--config (JWT mode) and --pat (PAT mode) exclude each other: choose one", EXIT_USAGE)
+
+
+def _fold_sets(args: argparse.Namespace) -> None:
+    passed = []
+    for name, value in args.sets:
+        if name == "coze_pat":
+            raise Fail("--set coze_pat=... would show the PAT to every user of this machine in ps: "
+                       "pass it as COZE_PAT=pat_... in the environment (or --pat without a value to be asked)",
+                       EXIT_USAGE)
+        if name in OWNED_OPTIONS:
+            raise Fail(f"use {OWNED_OPTIONS[name]} instead of --set {name}=...", EXIT_USAGE)
+        attr = FLAG_ALIASES.get(name)
+        if attr == "origins":
+            args.origins = [*(args.origins or []), value]
+        elif attr:
+            if getattr(args, attr) is not None:
+                raise Fail(f"--{attr.replace('_', '-')} is given twice (once as --set {name}=...): give it once",
+                           EXIT_USAGE)
+            setattr(args, attr, value)
+        else:
+            passed.append((name, value))
+    args.sets = passed
+
+
+def _check_reach(args: argparse.Namespace) -> None:
+    """Who may reach the proxy, and who may use the owner's credentials through it."""
+    web_host = set_value(args, "web_host")
+    if web_host is not None and not is_loopback(web_host) and not args.allow_remote:
+        raise Fail("--set web_host=... to a non-loopback address would let other machines drive mitmweb; "
+                   "add --allow-remote if you really mean it", EXIT_USAGE)
+    if not is_loopback(args.host) and not args.allow_remote:
+        raise Fail(f"--host {args.host} is not a loopback address: anyone who can reach it could chat with "
+                   "your Coze credentials; use --host 127.0.0.1, or add --allow-remote (with --proxyauth) "
+                   "if you really mean it", EXIT_USAGE)
+    if args.proxyauth is not None and not args.proxyauth.strip():
+        raise Fail("--proxyauth wants a SPEC: @/path/to/htpasswd, ldap[s]:..., or user:pass", EXIT_USAGE)
+    if args.proxyauth and args.proxyauth.strip().startswith("@"):
+        path = Path(args.proxyauth.strip()[1:]).expanduser().resolve()
+        if not path.is_file():
+            raise Fail(f"--proxyauth {args.proxyauth.strip()}: there is no htpasswd file at {path} (make one with: "
+                       f"htpasswd -cB {path} USER)", EXIT_USAGE)
+        args.proxyauth = f"@{path}"  # mitmproxy reads it as it is: no ~, and not relative to another directory
+    anonymous = is_anonymous(args)
+    if args.allow_anonymous and not args.allow_remote:
+        raise Fail("--allow-anonymous only means something with --allow-remote: drop it", EXIT_USAGE)
+    if args.allow_remote and anonymous and not args.allow_anonymous:
+        how = "--proxyauth any lets every login in" if args.proxyauth else "no --proxyauth is given"
+        raise Fail(f"--allow-remote: {how}, so anyone who can connect to the proxy could spend your Coze quota; "
+                   "add --proxyauth @/path/to/htpasswd (each login is then one Coze user), or --allow-anonymous "
+                   "if you really mean it", EXIT_USAGE)
+    if args.proxyauth and _inline_password(args.proxyauth):
+        tell("warning", "a --proxyauth user:pass stays in your shell history and shows in ps; "
+                        "an htpasswd file (--proxyauth @/path/to/htpasswd) keeps the password off the command line")
+
+
+def is_anonymous(args: argparse.Namespace) -> bool:
+    """No proxy login, or one that lets everyone in."""
+    return not args.proxyauth or args.proxyauth.strip().lower() in ANONYMOUS_PROXYAUTH
+
+
+def _inline_password(spec: str) -> bool:
+    spec = spec.strip()
+    return ":" in spec and not spec.startswith("@") and not re.match(r"ldaps?:", spec, re.I)

@@ -1,0 +1,150 @@
+"""What to start, worked out before anything runs: the PAT, the OAuth config, the origins, and the
+mitmproxy command line with its options."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launcher.args import set_value
+from launcher.common import EXIT_CONFIG, EXIT_USAGE, SCRIPT, Fail, config_error, tell
+
+# Always intercepted, whatever the config: the status/userscript pages and mitmproxy's CA page.
+ALWAYS_INTERCEPT = ("coze.mitm", "mitm.it")
+# Without -v: no per-flow dump by mitmproxy (flowlog writes one line per flow coze-mitm acted on),
+# and no per-connection lines (flowlog's coze_quiet).
+QUIET_OPTIONS = (("flow_detail", "0"), ("coze_quiet", "true"))
+
+
+@dataclass
+class Plan:
+    """What to start, worked out from the arguments before anything runs."""
+
+    args: argparse.Namespace
+    sets: list[tuple[str, str]] = field(default_factory=list)  # passed as --set, in this order
+    env: dict[str, str] = field(default_factory=dict)
+    pat: str = ""
+    pat_source: str = ""
+    config_path: str = ""
+    api_bases: list[str] = field(default_factory=list)
+    page_origins: frozenset[str] = frozenset()
+
+    def option(self, name: str, default: str | None = None) -> str | None:
+        return set_value(self.args, name, default)
+
+
+def read_pat(args: argparse.Namespace) -> tuple[str, str]:
+    """(PAT, where it came from); never printed."""
+    if args.pat == "-":
+        if sys.stdin.isatty():
+            value = getpass.getpass("Coze personal access token (input hidden): ")
+        else:
+            value = sys.stdin.readline()
+        value = value.strip()
+        if not value:
+            raise Fail("no personal access token given", EXIT_USAGE)
+        return value, "prompt"
+    if args.pat:
+        tell("warning", "a PAT given on the command line stays in your shell history and shows in ps; "
+                        "next time use COZE_PAT=pat_... or --pat without a value")
+        return args.pat.strip(), "--pat"
+    env = os.environ.get("COZE_PAT", "").strip()
+    if env and args.config:
+        tell("note", "COZE_PAT from the environment is ignored because --config was given (JWT mode)")
+        return "", ""
+    return (env, "COZE_PAT") if env else ("", "")
+
+
+def config_path(args: argparse.Namespace) -> str:
+    import config  # addons/config.py
+
+    return str(Path(args.config).expanduser().resolve()) if args.config else str(config.DEFAULT_CONFIG_PATH)
+
+
+def plan(args: argparse.Namespace) -> Plan:
+    """Validate everything that can be validated offline, and work out the mitmproxy options."""
+    import config  # addons/config.py: the same checks the addon makes
+
+    pl = Plan(args)
+    pl.env = {k: v for k, v in os.environ.items() if k != "COZE_PAT"}
+    pl.env["PYTHONUNBUFFERED"] = "1"
+    if not args.demo:
+        pl.pat, pl.pat_source = read_pat(args)
+
+    origins = ",".join(o for o in (args.origins or []) if o.strip())
+    try:
+        pl.page_origins = config.parse_page_origins(origins)
+    except config.ConfigError as e:
+        raise Fail(f"--origins: {e}", EXIT_USAGE) from None
+    extra_hosts = pl.option("coze_api_hosts", "") or ""
+    try:
+        api_override = pl.option("coze_api_base")
+        if api_override:
+            config.parse_api_origin(api_override)
+        pl.api_bases = [u.strip() for u in extra_hosts.split(",") if u.strip()]
+        for u in pl.api_bases:
+            config.parse_api_origin(u, "coze_api_hosts")
+        if pl.pat:
+            pl.api_bases.insert(0, api_override or config.DEFAULT_API_BASE)
+        elif not args.demo:
+            pl.config_path = config_path(args)
+            app = config.load_oauth_config(pl.config_path)
+            pl.api_bases.insert(0, api_override or app.api_base)
+    except config.ConfigError as e:
+        raise Fail(config_error(str(e), bool(args.config)), EXIT_CONFIG) from None
+
+    if pl.pat:
+        pl.env["COZE_PAT"] = pl.pat  # the addon reads it from its environment: never on a command line
+    if pl.config_path:
+        pl.sets.append(("coze_config", pl.config_path))
+    if origins:
+        pl.sets.append(("coze_origins", origins))
+    if args.bot_id:
+        pl.sets.append(("coze_bot_id", args.bot_id))
+    if args.title:
+        pl.sets.append(("coze_title", args.title))
+    if args.allow_remote:
+        pl.sets.append(("coze_allow_remote", "true"))
+    if args.proxyauth:
+        pl.sets.append(("proxyauth", args.proxyauth.strip()))
+    return pl
+
+
+def host_pattern(host: str, port: int | None = None) -> str:
+    """An allow_hosts regex: mitmproxy matches them against "host:port" of the connection's destination."""
+    return f"^{re.escape(host.lower())}:" + (str(port) if port else r"\d+") + "$"
+
+
+def allow_hosts(pl: Plan) -> list[str]:
+    import config
+
+    patterns = [host_pattern(h) for h in ALWAYS_INTERCEPT]
+    for base in pl.api_bases:
+        origin = config.parse_api_origin(base)
+        patterns.append(host_pattern(origin.host, origin.port))
+    for page in sorted(pl.page_origins):
+        origin = config.parse_api_origin(page, "coze_origins")
+        patterns.append(host_pattern(origin.host, origin.port))
+    return list(dict.fromkeys(patterns))
+
+
+def mitm_command(pl: Plan) -> list[str]:
+    args = pl.args
+    tool = "mitmweb" if args.web else "mitmdump"
+    cmd = [sys.executable, "-c", f"from mitmproxy.tools.main import {tool}; {tool}()",
+           "--listen-host", args.host, "--listen-port", str(args.port), "-s", str(SCRIPT)]
+    sets = list(pl.sets)
+    if not args.intercept_all:
+        sets += [("allow_hosts", pattern) for pattern in allow_hosts(pl)]
+    if not args.verbose:
+        sets += [(n, v) for n, v in QUIET_OPTIONS if not (args.web and n == "flow_detail")]
+    sets += args.sets  # last: the user's own --set wins (mitmproxy's rule: the last --set wins)
+    for name, value in sets:
+        cmd += ["--set", f"{name}={value}"]
+    return cmd
+

@@ -1,0 +1,180 @@
+"""mitmdump (or mitmweb) as a child process of this interpreter: its output passed through, the next
+steps printed once it listens, a clear message when it stops with an error, and a clean stop."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from launcher.args import is_anonymous
+from launcher.common import (DEMO_URL, EXIT_FAILED, EXIT_OK, EXIT_PORT_IN_USE, EXIT_USAGE, STATUS_URL, Fail, Stop,
+                             is_loopback, say, tell)
+from launcher.plan import Plan, mitm_command
+from launcher.ports import PORT_IN_USE_RE, check_port_free, port_in_use_message
+
+LISTENING_RE = re.compile(r"HTTP\(S\) proxy listening at (\[[^\]]+\]|[^\s:]+):(\d+)")
+WEB_LISTENING_RE = re.compile(r"Web server listening at (\S+)")
+MITMWEB_FIXED = (11, 1, 2)  # CVE-2025-23217: mitmweb's API is unauthenticated before this version
+
+
+def mitmproxy_version() -> tuple[int, ...]:
+    try:
+        text = importlib.metadata.version("mitmproxy")
+    except importlib.metadata.PackageNotFoundError:
+        raise Fail("mitmproxy is not installed for this Python: pip install -r requirements.txt") from None
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+def require_safe_mitmweb() -> None:
+    """mitmweb before 11.1.2 lets any program or page that reaches its port read every flow and change
+    options (CVE-2025-23217); the flows hold what coze-mitm protects, so the launcher does not start it."""
+    version = mitmproxy_version()
+    if version >= MITMWEB_FIXED:
+        return
+    raise Fail(f"--web: mitmweb {'.'.join(map(str, version))} serves its web API without authentication "
+               "(CVE-2025-23217, fixed in mitmproxy 11.1.2): any program or web page that can reach its port could "
+               "read the flows and change options, so it is not started. Use Python 3.12+ with mitmproxy 12 "
+               "(pip install 'mitmproxy>=12'), or run without --web (mitmdump is not affected)", EXIT_USAGE)
+
+
+def warn_about_reach(pl: Plan) -> None:
+    """Who can reach the proxy and use the credentials, said once before it starts."""
+    args = pl.args
+    if args.allow_remote and is_anonymous(args):
+        tell("WARNING", "--allow-anonymous: anyone who can connect to this proxy can spend your Coze quota "
+                        "as any user they claim, and use this proxy as an open proxy; firewall the "
+                        "port, or use --proxyauth @/path/to/htpasswd")
+    elif not is_loopback(args.host):
+        tell("WARNING", f"listening on {args.host}: other machines can reach it; they must log in (--proxyauth) "
+                        "to get credentials or any other service; firewall the port to those who should")
+
+
+def next_steps(pl: Plan, host: str, port: int, sandbox=None, web_url: str = "") -> str:
+    shown = f"[{host}]" if ":" in host else host
+    proxy = f"{shown}:{port}"
+    lines = ["", "=" * 78]
+    if sandbox is not None:
+        lines += [
+            f"coze-mitm DEMO is running: proxy {proxy}, talking to a local SANDBOX (not Coze).",
+            f"  Open {DEMO_URL} in a browser that uses this proxy, e.g. a fresh Chromium:",
+            f"    chromium --user-data-dir=\"$(mktemp -d)\" --proxy-server=http://{proxy} {DEMO_URL}",
+            f"  or set the HTTP proxy {proxy} in your browser (Firefox: Settings > Network Settings > Manual).",
+            "  No CA certificate is needed: the demo is plain HTTP.",
+            f"  Check from a shell: curl -x http://{proxy} {STATUS_URL}status.json",
+        ]
+    else:
+        mode = f"PAT mode (from {pl.pat_source})" if pl.pat else f"JWT mode ({pl.config_path})"
+        lines += [
+            f"coze-mitm is running: proxy {proxy}, {mode}.",
+            f"  1. Point your browser's proxy at {proxy} (HTTP and HTTPS), e.g. with a proxy-switcher extension.",
+            "  2. Install and trust mitmproxy's CA certificate: open http://mitm.it through the proxy.",
+            f"  3. Install the userscript (Tampermonkey/Violentmonkey): open {STATUS_URL} through the proxy.",
+        ]
+        if not pl.page_origins:
+            lines.append("  Note: no page origins yet: add --origins https://your.page to use the chat on a page.")
+    if pl.args.web:
+        lines.append(f"  The flows, in mitmweb: {web_url or 'the URL mitmweb printed above'}")
+    if pl.args.intercept_all:
+        lines.append("  --intercept-all: every HTTPS site goes through mitmproxy's CA.")
+    if not pl.args.verbose:
+        lines.append("  One line per request coze-mitm acts on; -v shows mitmproxy's own detail.")
+    lines += ["  Ctrl-C stops it.", "=" * 78, ""]
+    return "\n".join(lines)
+
+
+def run_proxy(pl: Plan, sandbox=None) -> int:
+    args = pl.args
+    mitmproxy_version()
+    warn_about_reach(pl)
+    check_port_free(args.host, args.port)
+
+    proc = subprocess.Popen(mitm_command(pl), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, env=pl.env, text=True, encoding="utf-8", errors="replace",
+                            bufsize=1)
+    port_in_use = False
+    listening: tuple[str, int] | None = None
+    web_url = ""
+    told = False
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if PORT_IN_USE_RE.search(line):
+                port_in_use = True
+            if m := LISTENING_RE.search(line):
+                listening = (m.group(1).strip("[]"), int(m.group(2)))
+            if m := WEB_LISTENING_RE.search(line):
+                web_url = m.group(1)
+            if listening and (web_url or not args.web) and not told:
+                told = True
+                say(next_steps(pl, *listening, sandbox=sandbox, web_url=web_url))
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        stop_child(proc, signalled=True)
+        return EXIT_OK
+    except Stop:
+        stop_child(proc, signalled=False)
+        return EXIT_OK
+    if port_in_use:
+        raise Fail(port_in_use_message(args.host, args.port), EXIT_PORT_IN_USE)
+    if rc != 0:
+        raise Fail(f"{'mitmweb' if args.web else 'mitmdump'} stopped with exit code {rc} (see its output above)",
+                   EXIT_FAILED)
+    return EXIT_OK
+
+
+def stop_child(proc: subprocess.Popen, signalled: bool) -> None:
+    """Ctrl-C in a terminal reached the child too (same process group): let it stop; else stop it."""
+    if signalled:
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    try:
+        rest = proc.stdout.read()
+    except (OSError, ValueError):
+        rest = ""
+    if rest:
+        sys.stdout.write(rest)
+        sys.stdout.flush()
+
+
+def run_demo(pl: Plan) -> int:
+    """The proxy in front of a local Coze stand-in with a throwaway key, and the demo page."""
+    from sandbox.coze_standin import make_sandbox_app, write_config
+
+    import demo  # addons/demo.py
+
+    standin, sandbox_config = make_sandbox_app("127.0.0.1", 0, delta_gap=0.12)
+    workdir = tempfile.mkdtemp(prefix="coze-mitm-demo-")  # mode 0700
+    config_path = os.path.join(workdir, "sandbox_oauth_config.json")
+    try:
+        write_config(config_path, sandbox_config)  # mode 0600; deleted below
+        del sandbox_config
+        standin.start()
+        say(f"coze-mitm SANDBOX: a local stand-in for the Coze API at {standin.base_url} -- NOT Coze: no account, "
+            "a throwaway key, canned replies. The demo page reaches it as http://sandbox.coze.mitm.")
+        pl.config_path = config_path
+        pl.api_bases.insert(0, standin.base_url)
+        pl.page_origins = pl.page_origins | {demo.DEMO_ORIGIN}
+        origins = ",".join(sorted(pl.page_origins))
+        pl.sets = [(n, v) for n, v in pl.sets if n != "coze_origins"]
+        pl.sets += [("coze_config", config_path), ("coze_origins", origins), ("coze_demo", "true")]
+        if not pl.args.title:
+            pl.sets.append(("coze_title", "Sandbox bot"))
+        return run_proxy(pl, sandbox=standin)
+    finally:
+        standin.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

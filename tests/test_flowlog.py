@@ -1,0 +1,165 @@
+"""flowlog: one INFO line per flow coze-mitm acted on, made from what cors/auth left on the flow; and
+coze_quiet, which hides mitmproxy's per-connection lines. (Through a real launcher: test_run_mitm.py.)"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from mitmproxy import flow as mflow
+from mitmproxy import http
+from mitmproxy.test import taddons, tflow, tutils
+
+from auth import TOKEN_RETRY, Auth
+from cors import Cors
+from flowlog import CONNECTION_LOGGER, REFUSED, FlowLog
+from settings import CozeSettings
+
+PAGE = "https://chat.example.org"
+PAT = "pat_" + "S" * 40
+USER = "1732000000000-AAAAAAAAAAAAAAAAAAAAAA"
+
+
+@pytest.fixture
+def hooks():
+    settings = CozeSettings()
+    cors, auth, flowlog = Cors(settings), Auth(settings), FlowLog()
+    with taddons.context(settings, cors, auth, flowlog) as tctx:
+        tctx.configure(settings, coze_pat=PAT, coze_api_base="https://api.coze.cn", coze_origins=PAGE)
+        yield tctx, cors, auth, flowlog
+
+
+def make_flow(method="POST", path="/v3/chat?conversation_id=123&authorization=Bearer%20user:x", headers=()):
+    req = tutils.treq(method=method.encode(), host="api.coze.cn", port=443, scheme=b"https", path=path.encode(),
+                      headers=http.Headers([(k.encode(), v.encode()) for k, v in headers]))
+    return tflow.tflow(req=req, resp=False)
+
+
+def tagged(origin=PAGE):
+    return make_flow(headers=[("Origin", origin), ("Authorization", f"Bearer user:{USER}"),
+                              ("Sec-Fetch-Site", "cross-site")])
+
+
+def run_request(hooks, flow):
+    _, cors, auth, _ = hooks
+    cors.request(flow)
+    auth.request(flow)
+
+
+def finish(hooks, flow, status=200):
+    _, cors, auth, flowlog = hooks
+    if flow.response is None:
+        flow.response = tutils.tresp(status_code=status)
+    for addon in (cors, auth, flowlog):
+        addon.response(flow)
+
+
+def lines(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "coze.flowlog"]
+
+
+def test_injected_request_is_one_line_without_query_or_token(hooks, caplog):
+    caplog.set_level(logging.INFO)
+    f = tagged()
+    run_request(hooks, f)
+    assert f.request.headers["authorization"] == f"Bearer {PAT}"  # auth injected
+    finish(hooks, f)
+    assert lines(caplog) == ["coze-mitm: injected POST api.coze.cn/v3/chat for user 1732…AAAA -> 200"]
+    assert PAT not in caplog.text and USER not in caplog.text and "conversation_id" not in caplog.text
+
+
+def test_retry_outcome_is_on_the_same_line(hooks, caplog):
+    caplog.set_level(logging.INFO)
+    f = tagged()
+    run_request(hooks, f)
+    f.metadata[TOKEN_RETRY] = "retried once with a fresh token: HTTP 200"  # what auth records after its retry
+    finish(hooks, f)
+    assert lines(caplog) == ["coze-mitm: injected POST api.coze.cn/v3/chat for user 1732…AAAA -> 200; "
+                             "token retry: retried once with a fresh token: HTTP 200"]
+
+
+def test_preflight_answered_by_cors(hooks, caplog):
+    caplog.set_level(logging.INFO)
+    f = make_flow("OPTIONS", "/v3/chat", [("Origin", PAGE), ("Access-Control-Request-Method", "POST")])
+    run_request(hooks, f)
+    assert f.response.status_code == 204
+    finish(hooks, f)
+    assert lines(caplog) == [f"coze-mitm: preflight OPTIONS api.coze.cn/v3/chat from {PAGE} -> 204"]
+
+
+def test_refusal_recorded_in_metadata_is_logged_with_the_answer(hooks, caplog):
+    caplog.set_level(logging.INFO)
+    f = tagged("https://evil.example")
+    run_request(hooks, f)
+    assert f.response.status_code == 403
+    f.metadata[REFUSED] = "origin-not-allowed"  # the contract: the refusing addon records its reason here
+    finish(hooks, f)
+    (line,) = lines(caplog)
+    assert line.startswith("coze-mitm: refused POST api.coze.cn/v3/chat (origin-not-allowed) -> 403: page origin "
+                           "'https://evil.example' may not use")
+
+
+def test_refusal_without_the_metadata_is_left_to_the_refusing_addon(hooks, caplog):
+    """Until auth records REFUSED, its own line is the one line of a refused flow."""
+    caplog.set_level(logging.INFO)
+    f = tagged("https://evil.example")
+    run_request(hooks, f)
+    finish(hooks, f)
+    assert lines(caplog) == []
+
+
+def test_flows_not_acted_on_are_not_logged(hooks, caplog):
+    caplog.set_level(logging.INFO)
+    for f in (make_flow(headers=[("Origin", PAGE)]), make_flow("GET", "/", [("Origin", "https://evil.example")])):
+        run_request(hooks, f)
+        finish(hooks, f)
+    assert lines(caplog) == []
+
+
+def test_broken_stream_logs_the_error_once(hooks, caplog):
+    caplog.set_level(logging.INFO)
+    _, _, auth, flowlog = hooks
+    f = tagged()
+    run_request(hooks, f)
+    f.error = mflow.Error("peer closed connection")
+    auth.error(f)
+    flowlog.error(f)
+    flowlog.error(f)
+    assert lines(caplog) == ["coze-mitm: injected POST api.coze.cn/v3/chat for user 1732…AAAA -> error: "
+                             "peer closed connection"]
+
+
+def test_websocket_is_logged_when_it_ends(hooks, caplog):
+    caplog.set_level(logging.INFO)
+    _, _, _, flowlog = hooks
+    f = tflow.twebsocketflow()
+    f.metadata["coze_user"] = USER
+    flowlog.response(f)
+    assert lines(caplog) == []
+    flowlog.websocket_end(f)
+    (line,) = lines(caplog)
+    assert line.endswith("for user 1732…AAAA -> 101 WebSocket, closed")
+
+
+def test_coze_quiet_hides_connection_chatter_only(hooks, caplog):
+    caplog.set_level(logging.DEBUG)
+    tctx, _, _, flowlog = hooks
+    server_log = logging.getLogger(CONNECTION_LOGGER)
+
+    def shown():
+        caplog.clear()
+        for msg in ("client connect", "server connect api.coze.cn:443", "Streaming response from api.coze.cn.",
+                    "server disconnect api.coze.cn:443", "client disconnect"):
+            server_log.info(msg)
+        server_log.info("Client TLS handshake failed. The client disconnected during the handshake.")
+        server_log.warning("client connect")  # only INFO chatter is hidden
+        return [r.getMessage() for r in caplog.records if r.name == CONNECTION_LOGGER]
+
+    assert len(shown()) == 7  # mitmproxy's default
+    tctx.configure(flowlog, coze_quiet=True)
+    assert shown() == ["Client TLS handshake failed. The client disconnected during the handshake.", "client connect"]
+    tctx.configure(flowlog, coze_quiet=False)
+    assert len(shown()) == 7
+    tctx.configure(flowlog, coze_quiet=True)
+    flowlog.done()
+    assert len(shown()) == 7  # the filter does not outlive the addon
