@@ -36,6 +36,7 @@ from tokens import ExchangeError, LimitError
 log = logging.getLogger("coze.auth")
 
 COZE_USER = "coze_user"  # flow.metadata: the (full) user id whose credential this flow carries
+REFUSED = "coze_refused"  # flow.metadata: the reason (a fixed word) of a local answer instead of forwarding
 TOKEN_RETRY = "coze_token_retry"  # flow.metadata: what the transparent retry did (shown in mitmweb)
 HINT_INTERVAL = 60.0  # at most one log line per Coze error code per minute
 
@@ -77,7 +78,7 @@ class Auth:
             await pending
         if flow.response is not None and flow.request.stream and flow.killable:
             # A local answer cannot be combined with a streamed request body: refuse by closing instead.
-            log.info(f"coze-mitm: closed a streamed {flow.request.method} to {flow.request.host} instead of answering it")
+            log.debug(f"coze-mitm: closed a streamed {flow.request.method} to {flow.request.host} instead of answering it")
             flow.kill()
 
     def request(self, flow: http.HTTPFlow):
@@ -196,7 +197,8 @@ class Auth:
         self.settings.stats.refused(reason)
         flow.comment = f"coze-mitm: answered locally ({reason}); not forwarded"
         flow.marked = ":no_entry:"
-        log.info(f"coze-mitm: refused {flow.request.method} {flow.request.host}{flow.request.path.split('?')[0]} "
+        flow.metadata[REFUSED] = reason
+        log.debug(f"coze-mitm: refused {flow.request.method} {flow.request.host}{flow.request.path.split('?')[0]} "
                  f"({reason}): {msg}")
 
     # ------------------------------------------------------------------ response
@@ -329,7 +331,7 @@ class Auth:
                         f"passing its answer through (logid {logid_of(flow.response) or 'none'})")
         else:
             flow.metadata[TOKEN_RETRY] = f"retried once with a fresh token: HTTP {flow.response.status_code}"
-            log.info(f"coze-mitm: {request.method} {request.path.split('?')[0]} for user {short_id(user_id)} "
+            log.debug(f"coze-mitm: {request.method} {request.path.split('?')[0]} for user {short_id(user_id)} "
                      f"re-sent with a fresh token after {why}: HTTP {flow.response.status_code}")
             if code in COZE_HINTS:
                 self._hint(flow, code)

@@ -22,15 +22,12 @@ import weakref
 from mitmproxy import ctx, http
 
 from answers import LOCAL_ANSWER
-from auth import COZE_USER, TOKEN_RETRY
+from auth import COZE_USER, REFUSED, TOKEN_RETRY
 from cors import CORS_ORIGIN
 from identity import short_id
 
 log = logging.getLogger("coze.flowlog")
 
-# flow.metadata: the reason (a fixed word such as "origin-not-allowed") of a request coze-mitm answered
-# itself instead of forwarding. Set by the addon that refuses (auth), which then logs nothing per flow itself.
-REFUSED = "coze_refused"
 MAX_PATH = 120
 MAX_MSG = 300
 # Where mitmproxy 11.0.2 and 12.x log connections (ConnectionHandler.log, INFO), and what it says there

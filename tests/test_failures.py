@@ -213,7 +213,7 @@ def test_revoked_token_retried_transparently(proxy, standin, style):
     assert sent == [f"Bearer {old}", f"Bearer {fresh}"]
     assert standin.exchange_count(ALICE) == 1  # since the revocation: exactly one new token
     assert standin.placeholder_seen == 0
-    assert proxy.wait_for_output("re-sent with a fresh token")
+    assert proxy.wait_for_output("retried once with a fresh token")
 
     # The fresh token is cached: the next request needs no exchange.
     assert s.get(f"{standin.base_url}/v1/bots/7000", headers=tagged(ALICE)).json()["code"] == 0

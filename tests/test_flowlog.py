@@ -29,7 +29,7 @@ def hooks():
         yield tctx, cors, auth, flowlog
 
 
-def make_flow(method="POST", path="/v3/chat?conversation_id=123&authorization=Bearer%20user:x", headers=()):
+def make_flow(method="POST", path=f"/v3/chat?conversation_id=123&authorization=Bearer%20user:{USER}", headers=()):
     req = tutils.treq(method=method.encode(), host="api.coze.cn", port=443, scheme=b"https", path=path.encode(),
                       headers=http.Headers([(k.encode(), v.encode()) for k, v in headers]))
     return tflow.tflow(req=req, resp=False)
@@ -99,18 +99,20 @@ def test_refusal_recorded_in_metadata_is_logged_with_the_answer(hooks, caplog):
                            "'https://evil.example' may not use")
 
 
-def test_refusal_without_the_metadata_is_left_to_the_refusing_addon(hooks, caplog):
-    """Until auth records REFUSED, its own line is the one line of a refused flow."""
+def test_a_refusal_is_one_line_in_all(hooks, caplog):
+    """Auth records its reason on the flow and says nothing itself at INFO: flowlog's line is the only one."""
     caplog.set_level(logging.INFO)
     f = tagged("https://evil.example")
     run_request(hooks, f)
     finish(hooks, f)
-    assert lines(caplog) == []
+    assert f.metadata[REFUSED] == "origin-not-allowed"
+    infos = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and r.name.startswith("coze")]
+    assert len(infos) == 1 and infos[0].startswith("coze-mitm: refused POST api.coze.cn/v3/chat (origin-not-allowed) -> 403")
 
 
 def test_flows_not_acted_on_are_not_logged(hooks, caplog):
     caplog.set_level(logging.INFO)
-    for f in (make_flow(headers=[("Origin", PAGE)]), make_flow("GET", "/", [("Origin", "https://evil.example")])):
+    for f in (make_flow(path="/v3/chat", headers=[("Origin", PAGE)]), make_flow("GET", "/", [("Origin", "https://evil.example")])):
         run_request(hooks, f)
         finish(hooks, f)
     assert lines(caplog) == []
