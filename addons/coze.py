@@ -11,12 +11,14 @@ A request passes these addons in order:
   auth       the user tag swapped for that user's Coze token (or refused with a JSON answer)
   csp        pages in coze_origins: their Content-Security-Policy widened by the Chat SDK's sources only
   streaming  text/event-stream responses streamed chunk by chunk
+  quiet_exit no asyncio traceback when the proxy stops with clients still connected
 """
 
 from auth import Auth
 from cors import Cors
 from csp import Csp
 from demo import Demo
+from quiet_exit import QuietExit
 from settings import CozeSettings
 from status import StatusPages
 from streaming import Streaming
@@ -31,4 +33,5 @@ addons = [
     Auth(settings),
     Csp(settings),
     Streaming(),
+    QuietExit(),
 ]
