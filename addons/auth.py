@@ -4,7 +4,8 @@ requestheaders  only when the request body will be streamed (stream_large_bodies
                 right after this hook, so the tag is swapped (or the flow killed) here
 request         tag valid, origin allowed? -> token broker -> header swapped (or a local JSON answer);
                 a tag sent to any other host is refused (placeholder) or removed (cookie)
-responseheaders the stored flow gets the page's placeholder back (mitmweb never shows the token)
+responseheaders the stored flow gets the page's placeholder back (earlier for a streamed request body:
+                at its first chunk, the headers having left); reflected tokens cut from the answer
 response        Coze said the token is invalid (HTTP 401 / code 4100, or HTTP 200 / code 700012006):
                 drop it, and for a request that was not streamed re-send it once, with a fresh token,
                 to the same Coze API URL; the page sees only the second answer.
@@ -80,10 +81,22 @@ class Auth:
             # A local answer cannot be combined with a streamed request body: refuse by closing instead.
             log.debug(f"coze-mitm: closed a streamed {flow.request.method} to {flow.request.host} instead of answering it")
             flow.kill()
+        elif flow.request.stream is True and flow in self._page_headers:
+            # mitmproxy sends the headers before it hands the first body chunk to a stream callable:
+            # from then on the stored request may show the page's placeholder again.
+            flow.request.stream = self._restored_once_sent(flow)
+
+    def _restored_once_sent(self, flow: http.HTTPFlow):
+        def chunk(data: bytes) -> bytes:
+            self._restore_page_headers(flow)
+            return data
+        return chunk
 
     def request(self, flow: http.HTTPFlow):
         """Synchronous, except for a tagged request whose user has no token yet: then it returns the
         awaitable that mints one (mitmproxy awaits what a hook returns; other flows keep moving)."""
+        if flow in self._tokens and flow.request.stream:
+            self._restore_page_headers(flow)  # swapped in requestheaders; streamed, the headers have left
         if flow.response or not flow.live or flow in self._tokens:
             return None
         try:

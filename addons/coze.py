@@ -11,6 +11,8 @@ A request passes these addons in order:
   auth       the user tag swapped for that user's Coze token (or refused with a JSON answer)
   csp        pages in coze_origins: their Content-Security-Policy widened by the Chat SDK's sources only
   streaming  text/event-stream responses streamed chunk by chunk
+  flowlog    one log line per flow coze-mitm acted on (and, with coze_quiet, no connection chatter)
+  quiet_exit no asyncio traceback when the proxy stops with clients still connected
 """
 
 from auth import Auth
@@ -18,6 +20,7 @@ from cors import Cors
 from csp import Csp
 from demo import Demo
 from flowlog import FlowLog
+from quiet_exit import QuietExit
 from settings import CozeSettings
 from status import StatusPages
 from streaming import Streaming
@@ -33,4 +36,5 @@ addons = [
     Csp(settings),
     Streaming(),
     FlowLog(),
+    QuietExit(),
 ]

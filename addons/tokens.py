@@ -49,15 +49,26 @@ _SECRETISH = re.compile(r"(eyJ[\w-]+\.[\w-]+\.[\w-]*|\b(?:czs|pat|cztei|sat)_[\w
 
 
 def scrub(text: str, limit: int = 300, secrets_sent: tuple[str, ...] = ()) -> str:
-    """Upstream text may end up in a log or an error body: cut anything token-shaped (and anything we
-    sent that upstream may echo, whole or in parts), and keep it short."""
+    """Upstream text may end up in a log or an error body: cut anything token-shaped, and any run of
+    characters that repeats a piece of what we sent (the signed assertion), and keep it short."""
     text = text[: limit * 4]  # bounded work whatever upstream sent
-    for secret in secrets_sent:
-        for part in (secret, *secret.split(".")):
-            if len(part) >= 12:
-                text = text.replace(part, "[redacted]")
+    if secrets_sent:
+        text = _RUN.sub(lambda m: "[redacted]" if _echoes(m.group(), secrets_sent) else m.group(), text)
     text = _SECRETISH.sub("[redacted]", text)
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+_RUN = re.compile(r"[\w.+/=-]{12,}")
+
+
+def _echoes(run: str, secrets_sent: tuple[str, ...]) -> bool:
+    """Does this run of token characters repeat 12 or more characters of a secret (whole or a piece)?"""
+    for secret in secrets_sent:
+        if run in secret or secret in run:
+            return True
+        if any(run[i:i + 12] in secret for i in range(0, len(run) - 11, 6)):
+            return True
+    return False
 
 
 INVALID_CLIENT_HINT = (

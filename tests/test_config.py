@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -10,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 import config
 from config import ConfigError
 from tests.conftest import write_config
+from tests.harness import Mitmdump
 
 
 def test_console_file_loads_with_key_parsed_once(tmp_path, rsa_key):
@@ -111,3 +113,38 @@ def test_websocket_bases_and_the_api_bases_own_ws_host():
     assert str(default_ws_origin(parse_api_origin("https://api.coze.com"))) == "wss://ws.coze.com"
     assert default_ws_origin(parse_api_origin("http://127.0.0.1:8888")) is None
     assert default_ws_origin(Origin("https", "api.example.org", 8443)) == Origin("wss", "ws.example.org", 8443)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+def test_config_that_is_not_a_regular_file_refused_at_once(tmp_path, kind):
+    # Reading a FIFO nobody writes to would block start-up forever; a device could be read forever.
+    if kind == "fifo":
+        path = tmp_path / "coze_oauth_config.json"
+        os.mkfifo(path)
+    elif kind == "device":
+        path = "/dev/zero"
+    else:
+        path = tmp_path
+    result = {}
+
+    def load():
+        try:
+            config.load_oauth_config(path)
+        except ConfigError as e:
+            result["error"] = str(e)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(20)  # generous: the refusal is immediate; a hang would be forever
+    assert not worker.is_alive(), "loading the config hung"
+    assert "not a regular file" in result["error"] and "coze_config" in result["error"]
+
+
+def test_mitmdump_with_a_fifo_as_config_exits_with_one_line(tmp_path):
+    fifo = tmp_path / "coze_oauth_config.json"
+    os.mkfifo(fifo)
+    proc = Mitmdump(tmp_path, [f"coze_config={fifo}", "coze_origins=https://chat.example.org"])
+    assert proc.run_to_exit(timeout=60) == 1
+    errors = [line for line in proc.lines if "not a regular file" in line]
+    assert len(errors) == 1 and "a FIFO" in errors[0], proc.output
+    assert "Traceback" not in proc.output

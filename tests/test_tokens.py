@@ -199,3 +199,84 @@ def test_new_users_per_minute_limit():
 
     run(scenario())
     assert fetch.calls == ["user-aaaa", "user-bbbb", "user-cccc"]
+
+
+def test_total_wait_bounded_queue_included_late_work_skipped():
+    # 4 workers, exchanges of 1 s, 1.5 s allowed: the first round is served; the second round starts in
+    # time but ends too late (504, its tokens are still cached); the third would start after every
+    # waiter gave up, so it is never sent.
+    clock = Clock()
+    fetch = CountingFetch(clock, delay=1.0)
+    broker = TokenBroker(fetch, clock=clock, workers=4, timeout=1.5)
+    users = [f"user-{i:04d}" for i in range(12)]
+
+    async def scenario():
+        return await asyncio.gather(*[broker.token_for(u) for u in users], return_exceptions=True)
+
+    results = run(scenario())
+    served = [r for r in results if isinstance(r, str)]
+    timed_out = [r for r in results if isinstance(r, ExchangeError)]
+    assert len(served) == 4 and len(timed_out) == 8
+    assert all(e.status == 504 and e.reason == "exchange-timeout" for e in timed_out)
+    time.sleep(1.2)  # let the second round finish: its tokens are kept, the third round never ran
+    assert len(fetch.calls) == 8
+
+
+def test_promised_burst_never_queued():
+    # 30 new users at once, each exchange taking most of the allowed time: none waits behind another.
+    clock = Clock()
+    fetch = CountingFetch(clock, delay=1.0)
+    broker = TokenBroker(fetch, clock=clock, timeout=2.5)
+    users = [f"user-{i:04d}" for i in range(30)]
+
+    async def scenario():
+        return await asyncio.gather(*[broker.token_for(u) for u in users], return_exceptions=True)
+
+    assert all(isinstance(r, str) for r in run(scenario()))
+    assert sorted(fetch.calls) == users
+
+
+def test_exchange_answer_read_with_a_bound_and_scrubbed(tmp_path, rsa_key):
+    # A token endpoint that answers a compression bomb, then one that echoes the signed assertion.
+    import json, threading, zlib
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            assertion = self.headers["Authorization"].removeprefix("Bearer ")
+            seen.append(assertion)
+            if len(seen) == 1:
+                c = zlib.compressobj(9, zlib.DEFLATED, 31)
+                body = c.compress(b'{"access_token":"' + b"a" * (32 << 20) + b'"}') + c.flush()
+                headers = {"Content-Encoding": "gzip"}
+            else:
+                body = json.dumps({"error_code": assertion[:40], "error_message": assertion}).encode()
+                headers = {"X-Tt-Logid": assertion}
+            self.send_response(200 if len(seen) == 1 else 400)
+            for k, v in {"Content-Type": "application/json", "Content-Length": str(len(body)), **headers}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        app = config.load_oauth_config(write_config(tmp_path, rsa_key, f"http://127.0.0.1:{server.server_address[1]}"))
+        exchange = CozeTokenExchange(app, timeout=5)
+        with pytest.raises(ExchangeError) as bomb:
+            exchange("alice-0001")
+        assert bomb.value.reason == "exchange-garbage" and "not a small JSON object" in bomb.value.msg
+        with pytest.raises(ExchangeError) as echo:
+            exchange("alice-0001")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert echo.value.reason == "exchange-refused"
+    for part in [seen[1], *seen[1].split("."), seen[1][:40]]:
+        assert part not in echo.value.msg and part not in echo.value.logid
