@@ -595,3 +595,228 @@ def test_cozepy_client_against_the_sandbox():
             list(coze2.conversations.messages.list(conversation_id=conv.id))
         assert ei.value.code == 4101
         assert ei.value.logid
+
+
+# ---------------------------------------------------------------- the Web Chat SDK's calls (bot mode)
+SDK_HEADERS = {"X-Coze-Client-User-Agent": json.dumps({"version": "1.2.0-beta.17", "lang": "js"}),
+               "Accept-Language": "en"}
+
+
+def sse_events(r):
+    """[(event, data)] of a text/event-stream answer."""
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream"), r.text
+    events = []
+    for frame in r.text.split("\n\n"):
+        if frame:
+            ev, data = frame.split("\n")
+            events.append((ev[len("event:"):], json.loads(data[len("data:"):])))
+    return events
+
+
+def stream_chat(st, token, text, conv_param, path="/v3/chat", **body):
+    payload = {"bot_id": "bot1", "user_id": "u1", "stream": True,
+               "additional_messages": [{"role": "user", "content": text, "content_type": "text"}]}
+    payload.update(body)
+    params = {"conversation_id": conv_param} if conv_param else None
+    return sse_events(api(st, "POST", path, token, params=params, json=payload,
+                          headers=dict(SDK_HEADERS)))
+
+
+def test_web_chat_sdk_bot_mode_calls_in_order(st, key):
+    from sandbox.coze_standin import usage_for
+    alice = access_token(st, key, "alice_0001")
+    bob = access_token(st, key, "bob_000001")
+    bot = api(st, "GET", "/v1/bots/7350", alice, headers=dict(SDK_HEADERS)).json()
+    assert bot["code"] == 0 and bot["data"]["bot_id"] == "7350" and bot["data"]["name"] == "Sandbox bot"
+    assert bot["data"]["onboarding_info"]["prologue"] and bot["data"]["version"]
+    params = {"bot_id": "7350", "connector_id": "999", "page_num": 1, "page_size": 1}
+    assert api(st, "GET", "/v1/conversations", alice, params=params).json()["data"] == {
+        "conversations": [], "has_more": False}
+    created = api(st, "POST", "/v1/conversation/create", alice,
+                  json={"bot_id": "7350", "messages": [], "connector_id": "999"}).json()
+    assert created["code"] == 0 and created["data"]["connector_id"] == "999" and created["data"]["last_section_id"]
+    conv = created["data"]["id"]
+    listed = api(st, "GET", "/v1/conversations", alice, params=params).json()["data"]["conversations"]
+    assert [c["id"] for c in listed] == [conv]
+    history = api(st, "POST", "/v1/conversation/message/list", alice, params={"conversation_id": conv},
+                  json={"limit": 10}).json()
+    assert history["code"] == 0 and history["data"] == [] and history["has_more"] is False
+
+    question = "what does the sandbox say"
+    events = stream_chat(st, alice, question, conv)
+    reply = "Sandbox reply to: " + question
+    completed = dict(events)["conversation.chat.completed"]
+    assert completed["usage"] == usage_for(question, reply) == {
+        "token_count": 5 + 8, "output_count": 8, "input_count": 5}
+    assert st.chats_of("alice_0001")[0]["usage"] == completed["usage"]
+    assert st.usage_of("alice_0001") == completed["usage"] and st.usage_of("bob_000001")["token_count"] == 0
+
+    history = api(st, "POST", "/v1/conversation/message/list", alice, params={"conversation_id": conv},
+                  json={"limit": 1}).json()
+    assert [m["content"] for m in history["data"]] == [reply] and history["has_more"] is True
+    more = api(st, "POST", "/v1/conversation/message/list", alice, params={"conversation_id": conv},
+               json={"after_id": history["last_id"], "limit": 10}).json()
+    assert [m["content"] for m in more["data"]] == [question] and more["has_more"] is False
+    answer_id, question_id = history["data"][0]["id"], more["data"][0]["id"]
+
+    # feedback on the answer: like, then taken back; not on someone else's
+    fb = f"/v1/conversations/{conv}/messages/{answer_id}/feedback"
+    r = api(st, "POST", fb, alice, json={"feedback_type": "like", "comment": "nice", "reason_types": ["fast"]})
+    assert r.json()["code"] == 0
+    assert st.feedback_of(answer_id) == {"feedback_type": "like", "comment": "nice", "reason_types": ["fast"]}
+    assert api(st, "POST", fb, alice, json={"feedback_type": "meh"}).json()["code"] == 4000
+    assert api(st, "POST", fb, bob, json={"feedback_type": "unlike"}).json()["code"] == 4101
+    assert api(st, "DELETE", fb, bob).json()["code"] == 4101
+    assert st.feedback_of(answer_id)["feedback_type"] == "like"
+    assert api(st, "DELETE", fb, alice).json()["code"] == 0 and st.feedback_of(answer_id) is None
+
+    # delete one message
+    target = {"conversation_id": conv, "message_id": question_id}
+    assert api(st, "POST", "/v1/conversation/message/delete", bob, params=target).json()["code"] == 4101
+    deleted = api(st, "POST", "/v1/conversation/message/delete", alice, params=target).json()
+    assert deleted["code"] == 0 and deleted["data"]["id"] == question_id
+    left = api(st, "POST", "/v1/conversation/message/list", alice, params={"conversation_id": conv}, json={}).json()
+    assert [m["id"] for m in left["data"]] == [answer_id]
+    again = api(st, "POST", "/v1/conversation/message/delete", alice, params=target).json()
+    assert again["code"] == 4000
+
+    # the conversation list UI: rename, delete
+    assert api(st, "PUT", f"/v1/conversations/{conv}", bob, json={"name": "mine now"}).json()["code"] == 4101
+    renamed = api(st, "PUT", f"/v1/conversations/{conv}", alice, json={"name": "Trip plans"}).json()
+    assert renamed["code"] == 0 and renamed["data"]["name"] == "Trip plans" and renamed["data"]["id"] == conv
+    listed = api(st, "GET", "/v1/conversations", alice, params=params).json()["data"]["conversations"]
+    assert listed[0]["name"] == "Trip plans"
+    assert api(st, "DELETE", f"/v1/conversations/{conv}", bob).json()["code"] == 4101
+    assert api(st, "DELETE", f"/v1/conversations/{conv}", alice).json()["code"] == 0
+    assert api(st, "GET", "/v1/conversations", alice, params=params).json()["data"]["conversations"] == []
+    gone = api(st, "POST", "/v1/conversation/message/list", alice, params={"conversation_id": conv}, json={})
+    assert gone.json()["code"] == 4000
+    # the SDK's headers arrived as sent
+    seen = [s for s in st.requests_seen if s["path"] == "/v3/chat"][-1]["headers"]
+    assert json.loads(seen["x-coze-client-user-agent"])["lang"] == "js" and seen["accept-language"] == "en"
+
+
+def test_conversation_list_is_paged(st, key):
+    tok = access_token(st, key, "pager_0001")
+    ids = [api(st, "POST", "/v1/conversation/create", tok, json={"bot_id": "b"}).json()["data"]["id"]
+           for _ in range(3)]
+    first = api(st, "GET", "/v1/conversations", tok, params={"bot_id": "b", "page_num": 1, "page_size": 2}).json()
+    second = api(st, "GET", "/v1/conversations", tok, params={"bot_id": "b", "page_num": 2, "page_size": 2}).json()
+    assert first["data"]["has_more"] is True and second["data"]["has_more"] is False
+    assert [c["id"] for c in first["data"]["conversations"] + second["data"]["conversations"]] == ids[::-1]
+    assert api(st, "GET", "/v1/conversations", tok, params={"bot_id": "b", "page_size": "x"}).json()["code"] == 4000
+
+
+def test_cancel_stops_a_stream(st, key):
+    st.delta_gap = 0.2
+    alice = access_token(st, key, "alice_0001")
+    bob = access_token(st, key, "bob_000001")
+    conv = api(st, "POST", "/v1/conversation/create", alice, json={"bot_id": "b"}).json()["data"]["id"]
+    body = {"bot_id": "b", "user_id": "u", "stream": True,
+            "additional_messages": [{"role": "user", "content": "a b c d e f g h", "content_type": "text"}]}
+    r = api(st, "POST", "/v3/chat", alice, params={"conversation_id": conv}, json=body, stream=True)
+    lines = r.iter_lines(decode_unicode=True)
+    chat = None
+    for line in lines:
+        if line.startswith("data:") and chat is None:
+            chat = json.loads(line[5:])
+        if line == "event:conversation.message.delta":
+            break
+    ids = {"conversation_id": conv, "chat_id": chat["id"]}
+    assert api(st, "POST", "/v3/chat/cancel", bob, json=ids).json()["code"] == 4101
+    canceled = api(st, "POST", "/v3/chat/cancel", alice, json=ids).json()
+    assert canceled["code"] == 0 and canceled["data"]["status"] == "canceled"
+    rest = list(lines)
+    assert rest[-3:] == ["event:done", 'data:"[DONE]"', ""]
+    assert "event:conversation.chat.completed" not in rest
+    assert rest.count("event:conversation.message.delta") < 9
+    assert st.chats_of("alice_0001")[0]["status"] == "canceled" and st.usage_of("alice_0001")["token_count"] == 0
+
+
+def test_files_upload_multipart(st, key):
+    alice = access_token(st, key, "alice_0001")
+    bob = access_token(st, key, "bob_000001")
+    content = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 10
+    r = api(st, "POST", "/v1/files/upload", alice, files={"file": ("photo.png", content, "image/png")},
+            headers=dict(SDK_HEADERS))
+    body = r.json()
+    assert body["code"] == 0, body
+    f = body["data"]
+    assert f["id"] and f["bytes"] == len(content) and f["file_name"] == "photo.png" and abs(f["created_at"] - time.time()) < 5
+    [stored] = st.files_of("alice_0001")
+    assert stored["content_type"] == "image/png" and stored["bytes"] == len(content)
+    import hashlib
+    assert stored["sha256"] == hashlib.sha256(content).hexdigest()
+    assert st.files_of("bob_000001") == []
+    got = api(st, "GET", "/v1/files/retrieve", alice, params={"file_id": f["id"]}).json()
+    assert got["code"] == 0 and got["data"] == f
+    assert api(st, "GET", "/v1/files/retrieve", bob, params={"file_id": f["id"]}).json()["code"] == 4101
+    assert api(st, "POST", "/v1/files/upload", alice, json={"file": "x"}).json()["code"] == 4000
+    assert api(st, "POST", "/v1/files/upload", None, files={"file": ("a.txt", b"a")}).status_code == 401
+
+
+# ---------------------------------------------------------------- the Web Chat SDK's calls (app mode)
+def test_web_chat_sdk_app_mode_calls(st, key):
+    from sandbox.coze_standin import usage_for
+    alice = access_token(st, key, "alice_0001")
+    bob = access_token(st, key, "bob_000001")
+    app = api(st, "GET", "/v1/apps/app42", alice, params={"version": "", "connector_id": "999"}).json()
+    assert app["code"] == 0 and app["data"]["name"] and "icon_url" in app["data"]
+    wf = api(st, "GET", "/v1/workflows/wf7", alice, params={"connector_id": "999", "is_debug": "", "caller": ""}).json()
+    assert wf["code"] == 0 and wf["data"]["role"]["workflow_id"] == "wf7"
+    assert wf["data"]["role"]["onboarding_info"]["prologue"] and wf["data"]["role"]["connector_id"] == "999"
+    create = {"app_id": "app42", "conversation_name": "Default", "get_or_create": True, "draft_mode": False,
+              "workflow_id": "wf7", "connector_id": "999"}
+    first = api(st, "POST", "/v1/workflow/conversation/create", alice, json=create).json()
+    assert first["code"] == 0 and first["data"]["id"] and first["data"]["last_section_id"]
+    conv = first["data"]["id"]
+    assert api(st, "POST", "/v1/workflow/conversation/create", alice, json=create).json()["data"]["id"] == conv
+    assert api(st, "POST", "/v1/workflow/conversation/create", bob, json=create).json()["data"]["id"] != conv
+    fresh = api(st, "POST", "/v1/workflow/conversation/create", alice, json=dict(create, get_or_create=False)).json()
+    assert fresh["data"]["id"] != conv
+    assert api(st, "POST", "/v1/workflow/conversation/create", alice, json={}).json()["code"] == 4000
+
+    question = "plan my day"
+    chat_body = {"workflow_id": "wf7", "app_id": "app42", "conversation_id": conv, "connector_id": "999",
+                 "ext": {"user_id": "u-alice"}, "parameters": {}}
+    events = stream_chat(st, alice, question, None, path="/v1/workflows/chat", **chat_body)
+    names = [e for e, _ in events]
+    assert names[:2] == ["conversation.chat.created", "conversation.chat.in_progress"]
+    assert names[-3:] == ["conversation.message.completed", "conversation.chat.completed", "done"]
+    reply = "".join(d["content"] for e, d in events if e == "conversation.message.delta")
+    assert reply == "Sandbox reply to: " + question
+    completed = dict(events)["conversation.chat.completed"]
+    assert completed["conversation_id"] == conv and completed["usage"] == usage_for(question, reply)
+    msgs = api(st, "POST", "/v1/conversation/message/list", alice, params={"conversation_id": conv},
+               json={"order": "asc"}).json()["data"]
+    assert [m["content"] for m in msgs] == [question, reply]
+    # another user cannot chat in alice's conversation; a workflow chat needs its workflow
+    refused = api(st, "POST", "/v1/workflows/chat", bob, json=dict(chat_body, stream=True, additional_messages=[
+        {"role": "user", "content": "hi", "content_type": "text"}])).json()
+    assert refused["code"] == 4101
+    assert api(st, "POST", "/v1/workflows/chat", alice, json={"additional_messages": [
+        {"role": "user", "content": "x"}]}).json()["code"] == 4000
+    # app conversations are not in the bot's conversation list
+    assert api(st, "GET", "/v1/conversations", alice, params={"bot_id": "app42"}).json()["data"]["conversations"] == []
+
+
+def test_routing_table_lists_every_endpoint():
+    from sandbox import routes
+    table = {(r.method, r.pattern) for r in routes.ROUTES}
+    web_chat_sdk = {
+        ("GET", "/v1/bots/{bot_id}"), ("GET", "/v1/conversations"), ("PUT", "/v1/conversations/{conversation_id}"),
+        ("DELETE", "/v1/conversations/{conversation_id}"), ("POST", "/v1/conversation/create"),
+        ("POST", "/v1/conversation/message/list"), ("POST", "/v3/chat"), ("POST", "/v3/chat/cancel"),
+        ("POST", "/v1/conversations/{conversation_id}/clear"), ("POST", "/v1/files/upload"),
+        ("POST", "/v1/conversation/message/delete"),
+        ("POST", "/v1/conversations/{conversation_id}/messages/{message_id}/feedback"),
+        ("DELETE", "/v1/conversations/{conversation_id}/messages/{message_id}/feedback"),
+        ("GET", "/v1/apps/{app_id}"), ("GET", "/v1/workflows/{workflow_id}"),
+        ("POST", "/v1/workflow/conversation/create"), ("POST", "/v1/workflows/chat"),
+        ("WS", "/v1/chat"), ("WS", "/v1/audio/speech"), ("WS", "/v1/audio/transcriptions"),
+    }
+    assert web_chat_sdk <= table
+    assert len(table) == len(routes.ROUTES)  # no endpoint listed twice
+    assert routes.match("GET", "/v1/conversations/123/clear")[2] == ["POST"]
+    route, args, _ = routes.match("POST", "/v1/conversations/c%2F1/messages/m2/feedback")
+    assert route.handler.__name__ == "feedback" and args == ("c/1", "m2")
