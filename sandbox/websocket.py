@@ -14,9 +14,9 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterator
 
-from wsproto.connection import Connection, ConnectionType
+from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
-from wsproto.utilities import generate_accept_token
+from wsproto.utilities import LocalProtocolError, generate_accept_token
 
 from . import tokens
 from .common import compact_json
@@ -43,7 +43,12 @@ class WsSession:
         with self._send_lock:
             if self.closed:
                 return
-            self.req.wfile.write(self.conn.send(event))
+            try:
+                data = self.conn.send(event)
+            except LocalProtocolError:  # the connection closed meanwhile (the other thread saw it first)
+                self.closed = True
+                return
+            self.req.wfile.write(data)
             self.req.wfile.flush()
 
     def send(self, event_type: str, data: Any = None, event_id: str | None = None) -> None:
@@ -71,7 +76,8 @@ class WsSession:
                 if isinstance(ev, Ping):
                     self._write(ev.response())
                 elif isinstance(ev, CloseConnection):
-                    self._write(ev.response())
+                    if self.conn.state is ConnectionState.REMOTE_CLOSING:  # not after a dropped connection
+                        self._write(ev.response())
                     self.closed = True
                 elif isinstance(ev, (TextMessage, BytesMessage)):
                     size += len(ev.data)

@@ -103,7 +103,7 @@ class ChatProtocol:
             elif ended in ("cut", "stopped"):
                 fail(chat)
                 self.ws.req.cut()
-        except OSError:  # the client went away mid-stream
+        except (OSError, ValueError):  # the client went away mid-stream (ValueError: the file is closed)
             fail(chat)
 
     def on_conversation_chat_cancel(self, data: dict) -> None:

@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import secrets
+import socket
 import stat
 import subprocess
 import sys
@@ -820,3 +821,232 @@ def test_routing_table_lists_every_endpoint():
     assert routes.match("GET", "/v1/conversations/123/clear")[2] == ["POST"]
     route, args, _ = routes.match("POST", "/v1/conversations/c%2F1/messages/m2/feedback")
     assert route.handler.__name__ == "feedback" and args == ("c/1", "m2")
+
+
+# ---------------------------------------------------------------- WebSockets (a wsproto client over a plain socket)
+class WsClient:
+    """A minimal WebSocket client: the handshake and JSON events, on a plain socket with wsproto."""
+
+    def __init__(self, st, target, headers=()):
+        from wsproto import WSConnection
+        from wsproto.connection import ConnectionType
+        from wsproto.events import Request
+
+        self.sock = socket.create_connection(("127.0.0.1", st.port), timeout=10)
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.sock.sendall(self.ws.send(Request(host=st.audience, target=target, extra_headers=list(headers))))
+        self.accepted = None  # True, or the refusal: (status, body)
+        self._events: list = []
+        self.closed = False
+        reject_body = b""
+        while self.accepted is None:
+            for ev in self._pump():
+                kind = type(ev).__name__
+                if kind == "AcceptConnection":
+                    self.accepted = True
+                elif kind == "RejectConnection":
+                    self.status = ev.status_code
+                    if not ev.has_body:
+                        self.accepted = (ev.status_code, b"")
+                elif kind == "RejectData":
+                    reject_body += ev.data
+                    if ev.body_finished:
+                        self.accepted = (self.status, reject_body)
+                else:  # events that came in the same read as the handshake's answer
+                    self._take(ev)
+
+    def _pump(self):
+        data = self.sock.recv(65536)
+        self.ws.receive_data(data or None)
+        if not data:
+            self.closed = True
+        return list(self.ws.events())
+
+    def send(self, event_type, data=None):
+        from wsproto.events import Message
+        obj = {"id": uuid.uuid4().hex, "event_type": event_type}
+        if data is not None:
+            obj["data"] = data
+        self.sock.sendall(self.ws.send(Message(data=json.dumps(obj))))
+
+    def recv(self):
+        """The next server event (a dict), or None once the server closed."""
+        while not self._events:
+            if self.closed:
+                return None
+            for ev in self._pump():
+                self._take(ev)
+        return self._events.pop(0)
+
+    def _take(self, ev):
+        from wsproto.events import CloseConnection, TextMessage
+        if isinstance(ev, TextMessage):
+            self._events.append(json.loads(ev.data))
+        elif isinstance(ev, CloseConnection):
+            self.closed = True
+
+    def until(self, event_type):
+        """Server events up to and including the first of that type."""
+        got = []
+        while True:
+            ev = self.recv()
+            assert ev is not None, f"closed before {event_type}: {got}"
+            got.append(ev)
+            if ev["event_type"] == event_type:
+                return got
+
+    def close(self):
+        self.sock.close()
+
+
+def ws_auth(token):
+    return "Bearer%20" + token  # as @coze/api builds the URL: authorization=Bearer <token>, URL-encoded
+
+
+def test_ws_chat_speaks_coze_events_with_the_token_in_the_query(st, key):
+    from sandbox.coze_standin import usage_for
+    alice = access_token(st, key, "alice_0001")
+    bob = access_token(st, key, "bob_000001")
+    c = WsClient(st, f"/v1/chat?bot_id=7350&authorization={ws_auth(alice)}")
+    try:
+        assert c.accepted is True
+        created = c.recv()
+        assert created["event_type"] == "chat.created" and created["id"] and created["detail"]["logid"]
+        c.send("chat.update", {"chat_config": {"user_id": "u-alice", "auto_save_history": True},
+                               "input_audio": {"format": "pcm"}})
+        updated = c.recv()
+        assert updated["event_type"] == "chat.updated"
+        assert updated["data"]["chat_config"]["user_id"] == "u-alice" and updated["data"]["output_audio"]["codec"]
+        question = "hello over a websocket"
+        c.send("conversation.message.create", {"role": "user", "content_type": "text", "content": question})
+        events = c.until("conversation.chat.completed")
+    finally:
+        c.close()
+    names = [e["event_type"] for e in events]
+    deltas = [e["data"] for e in events if e["event_type"] == "conversation.message.delta"]
+    assert names == (["conversation.chat.created", "conversation.chat.in_progress"]
+                     + ["conversation.message.delta"] * len(deltas)
+                     + ["conversation.message.completed", "conversation.chat.completed"])
+    reply = "Sandbox reply to: " + question
+    assert len(deltas) == len(reply.split()) and "".join(d["content"] for d in deltas) == reply
+    assert all(e["detail"]["logid"] and e["id"] for e in events)
+    chat = events[-1]["data"]
+    assert chat["status"] == "completed" and chat["bot_id"] == "7350"
+    assert chat["usage"] == usage_for(question, reply) == st.usage_of("alice_0001")
+    assert events[-2]["data"]["content"] == reply and events[-2]["data"]["chat_id"] == chat["id"]
+    # what the sandbox saw: the real token in the query, no header, alice's session
+    [seen] = st.ws_seen
+    assert seen == dict(seen, path="/v1/chat", query_authorization=f"Bearer {alice}", header_authorization=None,
+                        session="alice_0001", status=101)
+    assert st.placeholder_seen == 0
+    # the conversation is alice's, over HTTP too
+    conv = chat["conversation_id"]
+    msgs = api(st, "POST", "/v1/conversation/message/list", alice, params={"conversation_id": conv},
+               json={"order": "asc"}).json()["data"]
+    assert [m["content"] for m in msgs] == [question, reply]
+    r = api(st, "POST", "/v1/conversation/message/list", bob, params={"conversation_id": conv}, json={})
+    assert r.json()["code"] == 4101
+    # bob cannot join it over a WebSocket either
+    c = WsClient(st, "/v1/chat?bot_id=7350", headers=[("Authorization", f"Bearer {bob}")])
+    try:
+        assert c.recv()["event_type"] == "chat.created"
+        c.send("chat.update", {"chat_config": {"conversation_id": conv}})
+        err = c.recv()
+        assert err["event_type"] == "error" and err["data"]["code"] == 4101
+    finally:
+        c.close()
+    assert st.ws_seen[-1]["header_authorization"] == f"Bearer {bob}" and st.ws_seen[-1]["query_authorization"] is None
+
+
+@pytest.mark.parametrize("case", ["none", "unknown", "placeholder", "disagree", "revoked"])
+def test_ws_refusals_are_json_before_any_upgrade(st, key, case):
+    alice = access_token(st, key, "alice_0001")
+    bob = access_token(st, key, "bob_000001")
+    query, headers = {
+        "none": ("", []),
+        "unknown": (f"&authorization={ws_auth('czs_not_minted_here')}", []),
+        "placeholder": (f"&authorization={ws_auth('user:alice-0001')}", []),
+        "disagree": (f"&authorization={ws_auth(alice)}", [("Authorization", f"Bearer {bob}")]),
+        "revoked": (f"&authorization={ws_auth(alice)}", [("Authorization", f"Bearer {alice}")]),
+    }[case]
+    if case == "revoked":
+        st.revoke(token=alice)
+    c = WsClient(st, f"/v1/chat?bot_id=1{query}", headers=headers)
+    c.close()
+    status, body = c.accepted
+    assert status == 401 and json.loads(body)["code"] == 4100
+    assert st.ws_seen[-1]["session"] is None and st.ws_seen[-1]["status"] == 401
+    assert st.placeholder_seen == (1 if case == "placeholder" else 0)
+
+
+def test_ws_header_and_query_together_and_plain_get(st, key):
+    alice = access_token(st, key, "alice_0001")
+    c = WsClient(st, f"/v1/chat?bot_id=1&authorization={ws_auth(alice)}", headers=[("Authorization", f"Bearer {alice}")])
+    try:
+        assert c.accepted is True and c.recv()["event_type"] == "chat.created"
+        c.send("no.such.event")
+        assert c.recv()["data"]["code"] == 4000
+        c.send("conversation.clear")
+        assert c.recv()["event_type"] == "conversation.cleared"
+    finally:
+        c.close()
+    assert st.ws_seen[-1]["session"] == "alice_0001"
+    r = api(st, "GET", "/v1/chat", alice, params={"bot_id": "1"})
+    assert r.status_code == 426 and r.json()["code"] == 4000
+
+
+def test_ws_chat_cancel(st, key):
+    st.delta_gap = 0.2
+    alice = access_token(st, key, "alice_0001")
+    c = WsClient(st, f"/v1/chat?bot_id=1&authorization={ws_auth(alice)}")
+    try:
+        c.recv()
+        c.send("conversation.message.create", {"role": "user", "content_type": "text", "content": "a b c d e f g"})
+        c.until("conversation.message.delta")
+        c.send("conversation.chat.cancel")
+        events = c.until("conversation.chat.canceled")
+    finally:
+        c.close()
+    assert "conversation.chat.completed" not in [e["event_type"] for e in events]
+    assert st.chats_of("alice_0001")[0]["status"] == "canceled"
+
+
+def test_ws_speech_and_transcriptions_minimal(st, key):
+    alice = access_token(st, key, "alice_0001")
+    c = WsClient(st, f"/v1/audio/speech?authorization={ws_auth(alice)}")
+    try:
+        assert c.recv()["event_type"] == "speech.created"
+        c.send("speech.update", {"output_audio": {"codec": "pcm", "voice_id": "v1"}})
+        assert c.recv()["data"]["output_audio"]["voice_id"] == "v1"
+        c.send("input_text_buffer.append", {"delta": "hello"})
+        c.send("input_text_buffer.complete")
+        events = c.until("speech.audio.completed")
+    finally:
+        c.close()
+    assert [e["event_type"] for e in events] == ["input_text_buffer.completed", "speech.audio.update",
+                                                 "speech.audio.completed"]
+    import base64
+    assert len(base64.b64decode(events[1]["data"]["delta"])) == 480 * len("hello")
+
+    c = WsClient(st, f"/v1/audio/transcriptions?authorization={ws_auth(alice)}")
+    try:
+        assert c.recv()["event_type"] == "transcriptions.created"
+        c.send("input_audio_buffer.append", {"delta": base64.b64encode(bytes(300)).decode()})
+        c.send("input_audio_buffer.complete")
+        events = c.until("transcriptions.message.completed")
+    finally:
+        c.close()
+    assert [e["event_type"] for e in events] == ["input_audio_buffer.completed", "transcriptions.message.update",
+                                                 "transcriptions.message.completed"]
+    assert "300 bytes" in events[-1]["data"]["content"]
+    assert [s["path"] for s in st.ws_seen] == ["/v1/audio/speech", "/v1/audio/transcriptions"]
+
+
+def test_stop_closes_websockets(key):
+    s = CozeStandIn(_public_pem(key), KID, CLIENT_ID).start()
+    tok = access_token(s, key, "alice_0001")
+    c = WsClient(s, f"/v1/chat?bot_id=1&authorization={ws_auth(tok)}")
+    assert c.recv()["event_type"] == "chat.created"
+    s.stop()
+    assert c.recv() is None  # the server went away: the socket is closed, not left hanging
+    c.close()
