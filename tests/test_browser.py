@@ -248,11 +248,15 @@ def test_every_web_chat_sdk_call_through_the_proxy(env):
     assert page.evaluate(f"(id) => {client}.deleteMessage(id)", chat["answerId"])["data"]["id"] == chat["answerId"]
     assert page.evaluate(f"() => {client}.clearContext()")["code"] == 0
 
-    # stop a reply while it streams
-    page.evaluate(f"() => {{ window.__long = {client}.send('one two three four five six seven eight nine ten'); }}")
-    page.wait_for_function(f"(old) => {client}.chat.id !== old && {client}.chat.answerId", arg=chat["id"])
-    assert page.evaluate(f"() => {client}.cancel()")["data"]["status"] == "canceled"
-    assert len(page.evaluate("() => window.__long")) < len("Sandbox reply to: one two three four five six seven eight nine ten")
+    # stop a reply while it streams (slowly: the cancel arrives long before the reply could be over)
+    standin.delta_gap = 0.4
+    try:
+        page.evaluate(f"() => {{ window.__long = {client}.send('one two three four five six seven eight nine ten'); }}")
+        page.wait_for_function(f"(old) => {client}.chat.id !== old && {client}.chat.answerId", arg=chat["id"])
+        assert page.evaluate(f"() => {client}.cancel()")["data"]["status"] == "canceled"
+        assert len(page.evaluate("() => window.__long")) < len("Sandbox reply to: one two three four five six seven eight nine ten")
+    finally:
+        standin.delta_gap = DELTA_GAP
 
     # the conversation list: rename, a new conversation, delete the old one
     first = page.evaluate(f"() => {client}.conversationId")
