@@ -224,6 +224,61 @@ def test_two_profiles_private_histories_streamed_no_secret(env):
     assert page_b.evaluate("() => window.__cozeMitmClient.options.auth.token") == f"user:{id_b}"
 
 
+def test_every_web_chat_sdk_call_through_the_proxy(env):
+    """The fake SDK's whole surface (the real SDK's calls, in its order) through the proxy, as one user."""
+    standin = env.standin
+    page, user_id, _ = open_chat(env.profile())
+    client = "window.__fakeCozeClient"
+    calls = page.evaluate(f"() => {client}.calls")
+    assert sorted(calls[:2]) == sorted([f"GET /v1/bots/{BOT_ID}", "GET /v1/conversations"])  # together
+    assert calls[2:] == ["POST /v1/conversation/create", "POST /v1/conversation/message/list"]
+
+    uploaded = page.evaluate(f"() => {client}.upload('notes.txt', 'text/plain', 'hello file')")
+    assert uploaded["bytes"] == len("hello file") and uploaded["file_name"] == "notes.txt"
+    [stored] = standin.files_of(user_id)
+    assert stored["id"] == uploaded["id"] and stored["content_type"] == "text/plain"
+    assert page.evaluate(f"(id) => {client}.send('with a file', [id])", uploaded["id"]) == "Sandbox reply to: with a file"
+    chat = page.evaluate(f"() => {client}.chat")
+    assert chat["usage"] == standin.usage_of(user_id) and chat["usage"]["token_count"] == 3 + 6
+
+    assert page.evaluate(f"(id) => {client}.feedback(id, 'thumbUp', 'good')", chat["answerId"])["code"] == 0
+    assert standin.feedback_of(chat["answerId"])["feedback_type"] == "like"
+    assert page.evaluate(f"(id) => {client}.feedback(id, 'default')", chat["answerId"])["code"] == 0
+    assert standin.feedback_of(chat["answerId"]) is None
+    assert page.evaluate(f"(id) => {client}.deleteMessage(id)", chat["answerId"])["data"]["id"] == chat["answerId"]
+    assert page.evaluate(f"() => {client}.clearContext()")["code"] == 0
+
+    # stop a reply while it streams (slowly: the cancel arrives long before the reply could be over)
+    standin.delta_gap = 0.4
+    try:
+        page.evaluate(f"() => {{ window.__long = {client}.send('one two three four five six seven eight nine ten'); }}")
+        page.wait_for_function(f"(old) => {client}.chat.id !== old && {client}.chat.answerId", arg=chat["id"])
+        assert page.evaluate(f"() => {client}.cancel()")["data"]["status"] == "canceled"
+        assert len(page.evaluate("() => window.__long")) < len("Sandbox reply to: one two three four five six seven eight nine ten")
+    finally:
+        standin.delta_gap = DELTA_GAP
+
+    # the conversation list: rename, a new conversation, delete the old one
+    first = page.evaluate(f"() => {client}.conversationId")
+    renamed = page.evaluate(f"(id) => {client}.renameConversation(id, 'Renamed')", first)
+    assert renamed["data"]["name"] == "Renamed"
+    second = page.evaluate(f"() => {client}.clearHistory()")["data"]["id"]
+    listed = page.evaluate(f"() => {client}.listConversations(1, 20)")["data"]["conversations"]
+    assert [c["id"] for c in listed] == [second, first]
+    assert page.evaluate(f"(id) => {client}.deleteConversation(id)", first)["code"] == 0
+    assert [c["id"] for c in page.evaluate(f"() => {client}.listConversations()")["data"]["conversations"]] == [second]
+
+    # what reached the sandbox: a real token (never the placeholder) and the SDK's headers
+    assert standin.placeholder_seen == 0
+    seen = [s for s in standin.requests_seen if s["method"] != "OPTIONS" and s["path"] != "/api/permission/oauth2/token"]
+    ours = [s for s in seen if s["headers"].get("authorization") in {f"Bearer {t}" for t in standin.tokens_of(user_id)}]
+    assert len(ours) == len(page.evaluate(f"() => {client}.calls"))
+    assert all(json.loads(s["headers"]["x-coze-client-user-agent"])["browser"] == "chrome" for s in ours)
+    assert all(s["headers"]["accept-language"] in ("en", "zh") for s in ours if s["path"] in ("/v3/chat", f"/v1/bots/{BOT_ID}"))
+    [upload] = [s for s in ours if s["path"] == "/v1/files/upload"]
+    assert upload["headers"]["content-type"].startswith("multipart/form-data; boundary=")
+
+
 @pytest.mark.parametrize("base, path, policy", [
     (PAGE, "/strict", STRICT_CSP),
     (PAGE, "/meta", None),

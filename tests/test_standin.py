@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import secrets
+import socket
 import stat
 import subprocess
 import sys
@@ -595,3 +596,457 @@ def test_cozepy_client_against_the_sandbox():
             list(coze2.conversations.messages.list(conversation_id=conv.id))
         assert ei.value.code == 4101
         assert ei.value.logid
+
+
+# ---------------------------------------------------------------- the Web Chat SDK's calls (bot mode)
+SDK_HEADERS = {"X-Coze-Client-User-Agent": json.dumps({"version": "1.2.0-beta.17", "lang": "js"}),
+               "Accept-Language": "en"}
+
+
+def sse_events(r):
+    """[(event, data)] of a text/event-stream answer."""
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream"), r.text
+    events = []
+    for frame in r.text.split("\n\n"):
+        if frame:
+            ev, data = frame.split("\n")
+            events.append((ev[len("event:"):], json.loads(data[len("data:"):])))
+    return events
+
+
+def stream_chat(st, token, text, conv_param, path="/v3/chat", **body):
+    payload = {"bot_id": "bot1", "user_id": "u1", "stream": True,
+               "additional_messages": [{"role": "user", "content": text, "content_type": "text"}]}
+    payload.update(body)
+    params = {"conversation_id": conv_param} if conv_param else None
+    return sse_events(api(st, "POST", path, token, params=params, json=payload,
+                          headers=dict(SDK_HEADERS)))
+
+
+def test_web_chat_sdk_bot_mode_calls_in_order(st, key):
+    from sandbox.coze_standin import usage_for
+    alice = access_token(st, key, "alice_0001")
+    bob = access_token(st, key, "bob_000001")
+    bot = api(st, "GET", "/v1/bots/7350", alice, headers=dict(SDK_HEADERS)).json()
+    assert bot["code"] == 0 and bot["data"]["bot_id"] == "7350" and bot["data"]["name"] == "Sandbox bot"
+    assert bot["data"]["onboarding_info"]["prologue"] and bot["data"]["version"]
+    params = {"bot_id": "7350", "connector_id": "999", "page_num": 1, "page_size": 1}
+    assert api(st, "GET", "/v1/conversations", alice, params=params).json()["data"] == {
+        "conversations": [], "has_more": False}
+    created = api(st, "POST", "/v1/conversation/create", alice,
+                  json={"bot_id": "7350", "messages": [], "connector_id": "999"}).json()
+    assert created["code"] == 0 and created["data"]["connector_id"] == "999" and created["data"]["last_section_id"]
+    conv = created["data"]["id"]
+    listed = api(st, "GET", "/v1/conversations", alice, params=params).json()["data"]["conversations"]
+    assert [c["id"] for c in listed] == [conv]
+    history = api(st, "POST", "/v1/conversation/message/list", alice, params={"conversation_id": conv},
+                  json={"limit": 10}).json()
+    assert history["code"] == 0 and history["data"] == [] and history["has_more"] is False
+
+    question = "what does the sandbox say"
+    events = stream_chat(st, alice, question, conv)
+    reply = "Sandbox reply to: " + question
+    completed = dict(events)["conversation.chat.completed"]
+    assert completed["usage"] == usage_for(question, reply) == {
+        "token_count": 5 + 8, "output_count": 8, "input_count": 5}
+    assert st.chats_of("alice_0001")[0]["usage"] == completed["usage"]
+    assert st.usage_of("alice_0001") == completed["usage"] and st.usage_of("bob_000001")["token_count"] == 0
+
+    history = api(st, "POST", "/v1/conversation/message/list", alice, params={"conversation_id": conv},
+                  json={"limit": 1}).json()
+    assert [m["content"] for m in history["data"]] == [reply] and history["has_more"] is True
+    more = api(st, "POST", "/v1/conversation/message/list", alice, params={"conversation_id": conv},
+               json={"after_id": history["last_id"], "limit": 10}).json()
+    assert [m["content"] for m in more["data"]] == [question] and more["has_more"] is False
+    answer_id, question_id = history["data"][0]["id"], more["data"][0]["id"]
+
+    # feedback on the answer: like, then taken back; not on someone else's
+    fb = f"/v1/conversations/{conv}/messages/{answer_id}/feedback"
+    r = api(st, "POST", fb, alice, json={"feedback_type": "like", "comment": "nice", "reason_types": ["fast"]})
+    assert r.json()["code"] == 0
+    assert st.feedback_of(answer_id) == {"feedback_type": "like", "comment": "nice", "reason_types": ["fast"]}
+    assert api(st, "POST", fb, alice, json={"feedback_type": "meh"}).json()["code"] == 4000
+    assert api(st, "POST", fb, bob, json={"feedback_type": "unlike"}).json()["code"] == 4101
+    assert api(st, "DELETE", fb, bob).json()["code"] == 4101
+    assert st.feedback_of(answer_id)["feedback_type"] == "like"
+    assert api(st, "DELETE", fb, alice).json()["code"] == 0 and st.feedback_of(answer_id) is None
+
+    # delete one message
+    target = {"conversation_id": conv, "message_id": question_id}
+    assert api(st, "POST", "/v1/conversation/message/delete", bob, params=target).json()["code"] == 4101
+    deleted = api(st, "POST", "/v1/conversation/message/delete", alice, params=target).json()
+    assert deleted["code"] == 0 and deleted["data"]["id"] == question_id
+    left = api(st, "POST", "/v1/conversation/message/list", alice, params={"conversation_id": conv}, json={}).json()
+    assert [m["id"] for m in left["data"]] == [answer_id]
+    again = api(st, "POST", "/v1/conversation/message/delete", alice, params=target).json()
+    assert again["code"] == 4000
+
+    # the conversation list UI: rename, delete
+    assert api(st, "PUT", f"/v1/conversations/{conv}", bob, json={"name": "mine now"}).json()["code"] == 4101
+    renamed = api(st, "PUT", f"/v1/conversations/{conv}", alice, json={"name": "Trip plans"}).json()
+    assert renamed["code"] == 0 and renamed["data"]["name"] == "Trip plans" and renamed["data"]["id"] == conv
+    listed = api(st, "GET", "/v1/conversations", alice, params=params).json()["data"]["conversations"]
+    assert listed[0]["name"] == "Trip plans"
+    assert api(st, "DELETE", f"/v1/conversations/{conv}", bob).json()["code"] == 4101
+    assert api(st, "DELETE", f"/v1/conversations/{conv}", alice).json()["code"] == 0
+    assert api(st, "GET", "/v1/conversations", alice, params=params).json()["data"]["conversations"] == []
+    gone = api(st, "POST", "/v1/conversation/message/list", alice, params={"conversation_id": conv}, json={})
+    assert gone.json()["code"] == 4000
+    # the SDK's headers arrived as sent
+    seen = [s for s in st.requests_seen if s["path"] == "/v3/chat"][-1]["headers"]
+    assert json.loads(seen["x-coze-client-user-agent"])["lang"] == "js" and seen["accept-language"] == "en"
+
+
+def test_conversation_list_is_paged(st, key):
+    tok = access_token(st, key, "pager_0001")
+    ids = [api(st, "POST", "/v1/conversation/create", tok, json={"bot_id": "b"}).json()["data"]["id"]
+           for _ in range(3)]
+    first = api(st, "GET", "/v1/conversations", tok, params={"bot_id": "b", "page_num": 1, "page_size": 2}).json()
+    second = api(st, "GET", "/v1/conversations", tok, params={"bot_id": "b", "page_num": 2, "page_size": 2}).json()
+    assert first["data"]["has_more"] is True and second["data"]["has_more"] is False
+    assert [c["id"] for c in first["data"]["conversations"] + second["data"]["conversations"]] == ids[::-1]
+    assert api(st, "GET", "/v1/conversations", tok, params={"bot_id": "b", "page_size": "x"}).json()["code"] == 4000
+
+
+def test_cancel_stops_a_stream(st, key):
+    st.delta_gap = 0.5  # the cancel arrives long before the reply could be over
+    alice = access_token(st, key, "alice_0001")
+    bob = access_token(st, key, "bob_000001")
+    conv = api(st, "POST", "/v1/conversation/create", alice, json={"bot_id": "b"}).json()["data"]["id"]
+    body = {"bot_id": "b", "user_id": "u", "stream": True,
+            "additional_messages": [{"role": "user", "content": "a b c d e f g h", "content_type": "text"}]}
+    r = api(st, "POST", "/v3/chat", alice, params={"conversation_id": conv}, json=body, stream=True)
+    lines = r.iter_lines(decode_unicode=True)
+    chat = None
+    for line in lines:
+        if line.startswith("data:") and chat is None:
+            chat = json.loads(line[5:])
+        if line == "event:conversation.message.delta":
+            break
+    ids = {"conversation_id": conv, "chat_id": chat["id"]}
+    assert api(st, "POST", "/v3/chat/cancel", bob, json=ids).json()["code"] == 4101
+    canceled = api(st, "POST", "/v3/chat/cancel", alice, json=ids).json()
+    assert canceled["code"] == 0 and canceled["data"]["status"] == "canceled"
+    rest = list(lines)
+    assert rest[-3:] == ["event:done", 'data:"[DONE]"', ""]
+    assert "event:conversation.chat.completed" not in rest
+    assert rest.count("event:conversation.message.delta") < 9
+    assert st.chats_of("alice_0001")[0]["status"] == "canceled" and st.usage_of("alice_0001")["token_count"] == 0
+
+
+def test_files_upload_multipart(st, key):
+    alice = access_token(st, key, "alice_0001")
+    bob = access_token(st, key, "bob_000001")
+    content = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 10
+    r = api(st, "POST", "/v1/files/upload", alice, files={"file": ("photo.png", content, "image/png")},
+            headers=dict(SDK_HEADERS))
+    body = r.json()
+    assert body["code"] == 0, body
+    f = body["data"]
+    assert f["id"] and f["bytes"] == len(content) and f["file_name"] == "photo.png" and abs(f["created_at"] - time.time()) < 5
+    [stored] = st.files_of("alice_0001")
+    assert stored["content_type"] == "image/png" and stored["bytes"] == len(content)
+    import hashlib
+    assert stored["sha256"] == hashlib.sha256(content).hexdigest()
+    assert st.files_of("bob_000001") == []
+    got = api(st, "GET", "/v1/files/retrieve", alice, params={"file_id": f["id"]}).json()
+    assert got["code"] == 0 and got["data"] == f
+    assert api(st, "GET", "/v1/files/retrieve", bob, params={"file_id": f["id"]}).json()["code"] == 4101
+    assert api(st, "POST", "/v1/files/upload", alice, json={"file": "x"}).json()["code"] == 4000
+    assert api(st, "POST", "/v1/files/upload", None, files={"file": ("a.txt", b"a")}).status_code == 401
+
+
+# ---------------------------------------------------------------- the Web Chat SDK's calls (app mode)
+def test_web_chat_sdk_app_mode_calls(st, key):
+    from sandbox.coze_standin import usage_for
+    alice = access_token(st, key, "alice_0001")
+    bob = access_token(st, key, "bob_000001")
+    app = api(st, "GET", "/v1/apps/app42", alice, params={"version": "", "connector_id": "999"}).json()
+    assert app["code"] == 0 and app["data"]["name"] and "icon_url" in app["data"]
+    wf = api(st, "GET", "/v1/workflows/wf7", alice, params={"connector_id": "999", "is_debug": "", "caller": ""}).json()
+    assert wf["code"] == 0 and wf["data"]["role"]["workflow_id"] == "wf7"
+    assert wf["data"]["role"]["onboarding_info"]["prologue"] and wf["data"]["role"]["connector_id"] == "999"
+    create = {"app_id": "app42", "conversation_name": "Default", "get_or_create": True, "draft_mode": False,
+              "workflow_id": "wf7", "connector_id": "999"}
+    first = api(st, "POST", "/v1/workflow/conversation/create", alice, json=create).json()
+    assert first["code"] == 0 and first["data"]["id"] and first["data"]["last_section_id"]
+    conv = first["data"]["id"]
+    assert api(st, "POST", "/v1/workflow/conversation/create", alice, json=create).json()["data"]["id"] == conv
+    assert api(st, "POST", "/v1/workflow/conversation/create", bob, json=create).json()["data"]["id"] != conv
+    fresh = api(st, "POST", "/v1/workflow/conversation/create", alice, json=dict(create, get_or_create=False)).json()
+    assert fresh["data"]["id"] != conv
+    assert api(st, "POST", "/v1/workflow/conversation/create", alice, json={}).json()["code"] == 4000
+
+    question = "plan my day"
+    chat_body = {"workflow_id": "wf7", "app_id": "app42", "conversation_id": conv, "connector_id": "999",
+                 "ext": {"user_id": "u-alice"}, "parameters": {}}
+    events = stream_chat(st, alice, question, None, path="/v1/workflows/chat", **chat_body)
+    names = [e for e, _ in events]
+    assert names[:2] == ["conversation.chat.created", "conversation.chat.in_progress"]
+    assert names[-3:] == ["conversation.message.completed", "conversation.chat.completed", "done"]
+    reply = "".join(d["content"] for e, d in events if e == "conversation.message.delta")
+    assert reply == "Sandbox reply to: " + question
+    completed = dict(events)["conversation.chat.completed"]
+    assert completed["conversation_id"] == conv and completed["usage"] == usage_for(question, reply)
+    msgs = api(st, "POST", "/v1/conversation/message/list", alice, params={"conversation_id": conv},
+               json={"order": "asc"}).json()["data"]
+    assert [m["content"] for m in msgs] == [question, reply]
+    # another user cannot chat in alice's conversation; a workflow chat needs its workflow
+    refused = api(st, "POST", "/v1/workflows/chat", bob, json=dict(chat_body, stream=True, additional_messages=[
+        {"role": "user", "content": "hi", "content_type": "text"}])).json()
+    assert refused["code"] == 4101
+    assert api(st, "POST", "/v1/workflows/chat", alice, json={"additional_messages": [
+        {"role": "user", "content": "x"}]}).json()["code"] == 4000
+    # app conversations are not in the bot's conversation list
+    assert api(st, "GET", "/v1/conversations", alice, params={"bot_id": "app42"}).json()["data"]["conversations"] == []
+
+
+def test_routing_table_lists_every_endpoint():
+    from sandbox import routes
+    table = {(r.method, r.pattern) for r in routes.ROUTES}
+    web_chat_sdk = {
+        ("GET", "/v1/bots/{bot_id}"), ("GET", "/v1/conversations"), ("PUT", "/v1/conversations/{conversation_id}"),
+        ("DELETE", "/v1/conversations/{conversation_id}"), ("POST", "/v1/conversation/create"),
+        ("POST", "/v1/conversation/message/list"), ("POST", "/v3/chat"), ("POST", "/v3/chat/cancel"),
+        ("POST", "/v1/conversations/{conversation_id}/clear"), ("POST", "/v1/files/upload"),
+        ("POST", "/v1/conversation/message/delete"),
+        ("POST", "/v1/conversations/{conversation_id}/messages/{message_id}/feedback"),
+        ("DELETE", "/v1/conversations/{conversation_id}/messages/{message_id}/feedback"),
+        ("GET", "/v1/apps/{app_id}"), ("GET", "/v1/workflows/{workflow_id}"),
+        ("POST", "/v1/workflow/conversation/create"), ("POST", "/v1/workflows/chat"),
+        ("WS", "/v1/chat"), ("WS", "/v1/audio/speech"), ("WS", "/v1/audio/transcriptions"),
+    }
+    assert web_chat_sdk <= table
+    assert len(table) == len(routes.ROUTES)  # no endpoint listed twice
+    assert routes.match("GET", "/v1/conversations/123/clear")[2] == ["POST"]
+    route, args, _ = routes.match("POST", "/v1/conversations/c%2F1/messages/m2/feedback")
+    assert route.handler.__name__ == "feedback" and args == ("c/1", "m2")
+
+
+# ---------------------------------------------------------------- WebSockets (a wsproto client over a plain socket)
+class WsClient:
+    """A minimal WebSocket client: the handshake and JSON events, on a plain socket with wsproto."""
+
+    def __init__(self, st, target, headers=()):
+        from wsproto import WSConnection
+        from wsproto.connection import ConnectionType
+        from wsproto.events import Request
+
+        self.sock = socket.create_connection(("127.0.0.1", st.port), timeout=10)
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.sock.sendall(self.ws.send(Request(host=st.audience, target=target, extra_headers=list(headers))))
+        self.accepted = None  # True, or the refusal: (status, body)
+        self._events: list = []
+        self.closed = False
+        reject_body = b""
+        while self.accepted is None:
+            for ev in self._pump():
+                kind = type(ev).__name__
+                if kind == "AcceptConnection":
+                    self.accepted = True
+                elif kind == "RejectConnection":
+                    self.status = ev.status_code
+                    if not ev.has_body:
+                        self.accepted = (ev.status_code, b"")
+                elif kind == "RejectData":
+                    reject_body += ev.data
+                    if ev.body_finished:
+                        self.accepted = (self.status, reject_body)
+                else:  # events that came in the same read as the handshake's answer
+                    self._take(ev)
+
+    def _pump(self):
+        data = self.sock.recv(65536)
+        self.ws.receive_data(data or None)
+        if not data:
+            self.closed = True
+        return list(self.ws.events())
+
+    def send(self, event_type, data=None):
+        from wsproto.events import Message
+        obj = {"id": uuid.uuid4().hex, "event_type": event_type}
+        if data is not None:
+            obj["data"] = data
+        self.sock.sendall(self.ws.send(Message(data=json.dumps(obj))))
+
+    def recv(self):
+        """The next server event (a dict), or None once the server closed."""
+        while not self._events:
+            if self.closed:
+                return None
+            for ev in self._pump():
+                self._take(ev)
+        return self._events.pop(0)
+
+    def _take(self, ev):
+        from wsproto.events import CloseConnection, TextMessage
+        if isinstance(ev, TextMessage):
+            self._events.append(json.loads(ev.data))
+        elif isinstance(ev, CloseConnection):
+            self.closed = True
+
+    def until(self, event_type):
+        """Server events up to and including the first of that type."""
+        got = []
+        while True:
+            ev = self.recv()
+            assert ev is not None, f"closed before {event_type}: {got}"
+            got.append(ev)
+            if ev["event_type"] == event_type:
+                return got
+
+    def close(self):
+        self.sock.close()
+
+
+def ws_auth(token):
+    return "Bearer%20" + token  # as @coze/api builds the URL: authorization=Bearer <token>, URL-encoded
+
+
+def test_ws_chat_speaks_coze_events_with_the_token_in_the_query(st, key):
+    from sandbox.coze_standin import usage_for
+    alice = access_token(st, key, "alice_0001")
+    bob = access_token(st, key, "bob_000001")
+    c = WsClient(st, f"/v1/chat?bot_id=7350&authorization={ws_auth(alice)}")
+    try:
+        assert c.accepted is True
+        created = c.recv()
+        assert created["event_type"] == "chat.created" and created["id"] and created["detail"]["logid"]
+        c.send("chat.update", {"chat_config": {"user_id": "u-alice", "auto_save_history": True},
+                               "input_audio": {"format": "pcm"}})
+        updated = c.recv()
+        assert updated["event_type"] == "chat.updated"
+        assert updated["data"]["chat_config"]["user_id"] == "u-alice" and updated["data"]["output_audio"]["codec"]
+        question = "hello over a websocket"
+        c.send("conversation.message.create", {"role": "user", "content_type": "text", "content": question})
+        events = c.until("conversation.chat.completed")
+    finally:
+        c.close()
+    names = [e["event_type"] for e in events]
+    deltas = [e["data"] for e in events if e["event_type"] == "conversation.message.delta"]
+    assert names == (["conversation.chat.created", "conversation.chat.in_progress"]
+                     + ["conversation.message.delta"] * len(deltas)
+                     + ["conversation.message.completed", "conversation.chat.completed"])
+    reply = "Sandbox reply to: " + question
+    assert len(deltas) == len(reply.split()) and "".join(d["content"] for d in deltas) == reply
+    assert all(e["detail"]["logid"] and e["id"] for e in events)
+    chat = events[-1]["data"]
+    assert chat["status"] == "completed" and chat["bot_id"] == "7350"
+    assert chat["usage"] == usage_for(question, reply) == st.usage_of("alice_0001")
+    assert events[-2]["data"]["content"] == reply and events[-2]["data"]["chat_id"] == chat["id"]
+    # what the sandbox saw: the real token in the query, no header, alice's session
+    [seen] = st.ws_seen
+    assert seen == dict(seen, path="/v1/chat", query_authorization=f"Bearer {alice}", header_authorization=None,
+                        session="alice_0001", status=101)
+    assert st.placeholder_seen == 0
+    # the conversation is alice's, over HTTP too
+    conv = chat["conversation_id"]
+    msgs = api(st, "POST", "/v1/conversation/message/list", alice, params={"conversation_id": conv},
+               json={"order": "asc"}).json()["data"]
+    assert [m["content"] for m in msgs] == [question, reply]
+    r = api(st, "POST", "/v1/conversation/message/list", bob, params={"conversation_id": conv}, json={})
+    assert r.json()["code"] == 4101
+    # bob cannot join it over a WebSocket either
+    c = WsClient(st, "/v1/chat?bot_id=7350", headers=[("Authorization", f"Bearer {bob}")])
+    try:
+        assert c.recv()["event_type"] == "chat.created"
+        c.send("chat.update", {"chat_config": {"conversation_id": conv}})
+        err = c.recv()
+        assert err["event_type"] == "error" and err["data"]["code"] == 4101
+    finally:
+        c.close()
+    assert st.ws_seen[-1]["header_authorization"] == f"Bearer {bob}" and st.ws_seen[-1]["query_authorization"] is None
+
+
+@pytest.mark.parametrize("case", ["none", "unknown", "placeholder", "disagree", "revoked"])
+def test_ws_refusals_are_json_before_any_upgrade(st, key, case):
+    alice = access_token(st, key, "alice_0001")
+    bob = access_token(st, key, "bob_000001")
+    query, headers = {
+        "none": ("", []),
+        "unknown": (f"&authorization={ws_auth('czs_not_minted_here')}", []),
+        "placeholder": (f"&authorization={ws_auth('user:alice-0001')}", []),
+        "disagree": (f"&authorization={ws_auth(alice)}", [("Authorization", f"Bearer {bob}")]),
+        "revoked": (f"&authorization={ws_auth(alice)}", [("Authorization", f"Bearer {alice}")]),
+    }[case]
+    if case == "revoked":
+        st.revoke(token=alice)
+    c = WsClient(st, f"/v1/chat?bot_id=1{query}", headers=headers)
+    c.close()
+    status, body = c.accepted
+    assert status == 401 and json.loads(body)["code"] == 4100
+    assert st.ws_seen[-1]["session"] is None and st.ws_seen[-1]["status"] == 401
+    assert st.placeholder_seen == (1 if case == "placeholder" else 0)
+
+
+def test_ws_header_and_query_together_and_plain_get(st, key):
+    alice = access_token(st, key, "alice_0001")
+    c = WsClient(st, f"/v1/chat?bot_id=1&authorization={ws_auth(alice)}", headers=[("Authorization", f"Bearer {alice}")])
+    try:
+        assert c.accepted is True and c.recv()["event_type"] == "chat.created"
+        c.send("no.such.event")
+        assert c.recv()["data"]["code"] == 4000
+        c.send("conversation.clear")
+        assert c.recv()["event_type"] == "conversation.cleared"
+    finally:
+        c.close()
+    assert st.ws_seen[-1]["session"] == "alice_0001"
+    r = api(st, "GET", "/v1/chat", alice, params={"bot_id": "1"})
+    assert r.status_code == 426 and r.json()["code"] == 4000
+
+
+def test_ws_chat_cancel(st, key):
+    st.delta_gap = 0.5  # the cancel arrives long before the reply could be over
+    alice = access_token(st, key, "alice_0001")
+    c = WsClient(st, f"/v1/chat?bot_id=1&authorization={ws_auth(alice)}")
+    try:
+        c.recv()
+        c.send("conversation.message.create", {"role": "user", "content_type": "text", "content": "a b c d e f g"})
+        c.until("conversation.message.delta")
+        c.send("conversation.chat.cancel")
+        events = c.until("conversation.chat.canceled")
+    finally:
+        c.close()
+    assert "conversation.chat.completed" not in [e["event_type"] for e in events]
+    assert st.chats_of("alice_0001")[0]["status"] == "canceled"
+
+
+def test_ws_speech_and_transcriptions_minimal(st, key):
+    alice = access_token(st, key, "alice_0001")
+    c = WsClient(st, f"/v1/audio/speech?authorization={ws_auth(alice)}")
+    try:
+        assert c.recv()["event_type"] == "speech.created"
+        c.send("speech.update", {"output_audio": {"codec": "pcm", "voice_id": "v1"}})
+        assert c.recv()["data"]["output_audio"]["voice_id"] == "v1"
+        c.send("input_text_buffer.append", {"delta": "hello"})
+        c.send("input_text_buffer.complete")
+        events = c.until("speech.audio.completed")
+    finally:
+        c.close()
+    assert [e["event_type"] for e in events] == ["input_text_buffer.completed", "speech.audio.update",
+                                                 "speech.audio.completed"]
+    import base64
+    assert len(base64.b64decode(events[1]["data"]["delta"])) == 480 * len("hello")
+
+    c = WsClient(st, f"/v1/audio/transcriptions?authorization={ws_auth(alice)}")
+    try:
+        assert c.recv()["event_type"] == "transcriptions.created"
+        c.send("input_audio_buffer.append", {"delta": base64.b64encode(bytes(300)).decode()})
+        c.send("input_audio_buffer.complete")
+        events = c.until("transcriptions.message.completed")
+    finally:
+        c.close()
+    assert [e["event_type"] for e in events] == ["input_audio_buffer.completed", "transcriptions.message.update",
+                                                 "transcriptions.message.completed"]
+    assert "300 bytes" in events[-1]["data"]["content"]
+    assert [s["path"] for s in st.ws_seen] == ["/v1/audio/speech", "/v1/audio/transcriptions"]
+
+
+def test_stop_closes_websockets(key):
+    s = CozeStandIn(_public_pem(key), KID, CLIENT_ID).start()
+    tok = access_token(s, key, "alice_0001")
+    c = WsClient(s, f"/v1/chat?bot_id=1&authorization={ws_auth(tok)}")
+    assert c.recv()["event_type"] == "chat.created"
+    s.stop()
+    assert c.recv() is None  # the server went away: the socket is closed, not left hanging
+    c.close()

@@ -1,0 +1,196 @@
+"""Conversations: the per-session store and ``/v1/conversation(s)`` endpoints, app-mode included.
+
+Every conversation belongs to the session (session_name) of the token that created it; another
+session gets code 4101 for it, as Coze answers.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .server import Handler
+    from .standin import CozeStandIn
+
+DEFAULT_CONNECTOR = "1024"  # Coze's "API" channel
+
+
+# ------------------------------------------------------------------ store (these take the lock)
+def conversation_obj(conv: dict) -> dict:
+    return {
+        "id": conv["id"],
+        "name": conv["name"],
+        "created_at": conv["created_at"],
+        "updated_at": conv["updated_at"],
+        "meta_data": dict(conv["meta_data"]),
+        "last_section_id": conv["section_id"],
+        "connector_id": conv["connector_id"],
+    }
+
+
+def create_conversation(st: "CozeStandIn", session: str, bot_id: str | None, meta_data: Any = None,
+                        connector_id: Any = None, name: str = "", app_id: str | None = None) -> dict:
+    now = int(time.time())
+    conv = {
+        "id": st._new_id(),
+        "session": session,
+        "bot_id": bot_id,
+        "app_id": app_id,
+        "name": name,
+        "connector_id": str(connector_id) if isinstance(connector_id, (str, int)) and connector_id else DEFAULT_CONNECTOR,
+        "created_at": now,
+        "updated_at": now,
+        "meta_data": {str(k): str(v) for k, v in meta_data.items()} if isinstance(meta_data, dict) else {},
+        "section_id": st._new_id(),
+        "messages": [],
+    }
+    with st._lock:
+        st._conversations[conv["id"]] = conv
+    return conv
+
+
+def find_conversation(st: "CozeStandIn", session: str, conv_id: Any) -> tuple[dict | None, tuple[int, str] | None]:
+    """-> (conversation, None), or (None, (code, msg)): 4000 unknown, 4101 another session's."""
+    if not isinstance(conv_id, str) or not conv_id:
+        return None, (4000, "conversation_id is required")
+    with st._lock:
+        conv = st._conversations.get(conv_id)
+    if conv is None:
+        return None, (4000, f"conversation {conv_id} does not exist")
+    if conv["session"] != session:
+        return None, (4101, "no permission")
+    return conv, None
+
+
+def add_message(st: "CozeStandIn", conv: dict, role: str, content: str, content_type: str = "text",
+                chat_id: str | None = None, bot_id: str | None = None, msg_type: str | None = None) -> dict:
+    now = int(time.time())
+    msg = {
+        "id": st._new_id(),
+        "conversation_id": conv["id"],
+        "section_id": conv["section_id"],
+        "bot_id": bot_id or conv.get("bot_id") or "",
+        "chat_id": chat_id or "",
+        "role": role,
+        "type": msg_type or ("answer" if role == "assistant" else "question"),
+        "content": content,
+        "content_type": content_type,
+        "meta_data": {},
+        "created_at": now,
+        "updated_at": now,
+    }
+    with st._lock:
+        conv["messages"].append(msg)
+        conv["updated_at"] = now
+    return msg
+
+
+def _add_initial_messages(st: "CozeStandIn", conv: dict, messages: Any) -> None:
+    for m in messages if isinstance(messages, list) else []:
+        if isinstance(m, dict) and isinstance(m.get("content"), str):
+            role = m.get("role") if m.get("role") in ("user", "assistant") else "user"
+            add_message(st, conv, role, m["content"], m.get("content_type") or "text")
+
+
+# ------------------------------------------------------------------ endpoints
+def create(req: "Handler") -> None:
+    """POST /v1/conversation/create {bot_id?, messages?, meta_data?, connector_id?}"""
+    data = req.json_body()
+    if data is None:
+        return req.error(4000, "request body must be a JSON object")
+    bot_id = data.get("bot_id")
+    conv = create_conversation(req.standin, req.session, bot_id if isinstance(bot_id, str) and bot_id else None,
+                               data.get("meta_data"), data.get("connector_id"))
+    _add_initial_messages(req.standin, conv, data.get("messages"))
+    req.ok(conversation_obj(conv))
+
+
+def workflow_create(req: "Handler") -> None:
+    """POST /v1/workflow/conversation/create {app_id, workflow_id, conversation_name, get_or_create, ...}
+    (app mode): get_or_create returns the session's conversation of that name in that app if there is one."""
+    data = req.json_body()
+    if data is None:
+        return req.error(4000, "request body must be a JSON object")
+    app_id = data.get("app_id")
+    if not isinstance(app_id, str) or not app_id:
+        return req.error(4000, "app_id is required")
+    name = data.get("conversation_name") if isinstance(data.get("conversation_name"), str) else ""
+    st = req.standin
+    if data.get("get_or_create") is True and name:
+        with st._lock:
+            found = [c for c in st._conversations.values()
+                     if c["session"] == req.session and c["app_id"] == app_id and c["name"] == name]
+        if found:
+            return req.ok(conversation_obj(found[-1]))
+    conv = create_conversation(st, req.session, None, data.get("meta_data"), data.get("connector_id"),
+                               name=name, app_id=app_id)
+    req.ok(conversation_obj(conv))
+
+
+def list_(req: "Handler") -> None:
+    """GET /v1/conversations?bot_id&page_num&page_size: the caller's conversations with that bot, newest first."""
+    bot_id = req.query.get("bot_id")
+    if not bot_id:
+        return req.error(4000, "bot_id is required")
+    try:
+        page_num = max(1, int(req.query.get("page_num") or 1))
+        page_size = min(50, max(1, int(req.query.get("page_size") or 50)))
+    except ValueError:
+        return req.error(4000, "page_num and page_size must be integers")
+    st = req.standin
+    with st._lock:
+        convs = [c for c in st._conversations.values()
+                 if c["session"] == req.session and c["app_id"] is None and c["bot_id"] in (None, bot_id)]
+        convs.sort(key=lambda c: (c["created_at"], c["id"]), reverse=True)
+        start = (page_num - 1) * page_size
+        page = [conversation_obj(c) for c in convs[start:start + page_size]]
+        has_more = len(convs) > start + page_size
+    req.ok({"conversations": page, "has_more": has_more})
+
+
+def retrieve(req: "Handler") -> None:
+    """GET|POST /v1/conversation/retrieve?conversation_id"""
+    conv, err = find_conversation(req.standin, req.session, req.query.get("conversation_id"))
+    if err:
+        return req.error(*err)
+    req.ok(conversation_obj(conv))
+
+
+def update(req: "Handler", conv_id: str) -> None:
+    """PUT /v1/conversations/{id} {name}: rename (the Web Chat SDK's conversation list)."""
+    st = req.standin
+    conv, err = find_conversation(st, req.session, conv_id)
+    if err:
+        return req.error(*err)
+    data = req.json_body()
+    if data is None or not isinstance(data.get("name"), str):
+        return req.error(4000, "name is required")
+    with st._lock:
+        conv["name"] = data["name"][:100]
+        conv["updated_at"] = int(time.time())
+    req.ok(conversation_obj(conv))
+
+
+def delete(req: "Handler", conv_id: str) -> None:
+    """DELETE /v1/conversations/{id}"""
+    st = req.standin
+    conv, err = find_conversation(st, req.session, conv_id)
+    if err:
+        return req.error(*err)
+    with st._lock:
+        st._conversations.pop(conv["id"], None)
+    req.ok({})
+
+
+def clear(req: "Handler", conv_id: str) -> None:
+    """POST /v1/conversations/{id}/clear: a new section, no messages; answers the section's id."""
+    st = req.standin
+    conv, err = find_conversation(st, req.session, conv_id)
+    if err:
+        return req.error(*err)
+    with st._lock:
+        conv["messages"] = []
+        conv["section_id"] = st._new_id()
+        conv["updated_at"] = int(time.time())
+    req.ok({"id": conv["section_id"], "conversation_id": conv["id"]})

@@ -1,0 +1,242 @@
+"""The sandbox's HTTP plumbing: a threading server that can cut its connections, and the request
+handler every endpoint receives (body, JSON envelope, Server-Sent Events, dispatch through routes.py)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import traceback
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+from . import routes, tokens
+from .common import MAX_BODY, SERVER_NAME, BadRequestBody, compact_json
+
+if TYPE_CHECKING:
+    from .standin import CozeStandIn
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+    allow_reuse_address = True
+
+    def __init__(self, addr, handler, standin: "CozeStandIn"):
+        self.standin = standin
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+        super().__init__(addr, handler)
+
+    def process_request(self, request, client_address):
+        with self._conns_lock:
+            self._conns.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self._conns_lock:
+            self._conns.discard(request)
+        super().shutdown_request(request)
+
+    def drop_connections(self) -> None:
+        """Cut every open (keep-alive, streaming or WebSocket) connection, so nothing is served after stop()."""
+        with self._conns_lock:
+            conns = list(self._conns)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def handle_error(self, request, client_address):
+        # a client that went away is normal; anything else is a sandbox bug worth a traceback
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One connection. Endpoints (see routes.py) get it as ``req`` and use: ``standin``, ``session``
+    (the caller's session_name, "" without one), ``query`` (last value of each parameter), ``body``,
+    ``logid``, ``json_body()``, ``ok()``, ``error()``, and the SSE helpers."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = SERVER_NAME
+    sys_version = ""
+    timeout = 300  # idle keep-alive connections give their thread back eventually
+    server: Server
+
+    # --- plumbing
+    def version_string(self) -> str:
+        return SERVER_NAME
+
+    def log_message(self, format: str, *args: Any) -> None:  # no access log on stderr
+        pass
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._responded = True
+        super().send_response(code, message)
+
+    @property
+    def standin(self) -> "CozeStandIn":
+        return self.server.standin
+
+    def _read_body(self) -> bytes:
+        te = self.headers.get("Transfer-Encoding", "")
+        if "chunked" in te.lower():
+            chunks, total = [], 0
+            while True:
+                line = self.rfile.readline(1024)
+                try:
+                    size = int(line.split(b";")[0].strip(), 16)
+                except ValueError:
+                    raise BadRequestBody("bad chunked encoding") from None
+                if size == 0:
+                    while self.rfile.readline(8192) not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                total += size
+                if total > MAX_BODY:
+                    raise BadRequestBody("request body too large")
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline(8)
+        cl = self.headers.get("Content-Length")
+        if cl is None:
+            return b""
+        try:
+            n = int(cl)
+        except ValueError:
+            raise BadRequestBody("bad Content-Length") from None
+        if n < 0 or n > MAX_BODY:
+            raise BadRequestBody("bad Content-Length")
+        return self.rfile.read(n) if n else b""
+
+    def send_bytes(self, status: int, data: bytes, content_type: str, extra: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Tt-Logid", self.logid)
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD" and data:
+            self.wfile.write(data)
+
+    def send_json(self, status: int, obj: Any) -> None:
+        self.send_bytes(status, compact_json(obj).encode("utf-8"), "application/json; charset=utf-8")
+
+    def error(self, code: int, msg: str, status: int = 200) -> None:
+        """Coze's error envelope (most errors come with HTTP 200)."""
+        self.send_json(status, {"code": code, "msg": msg, "detail": {"logid": self.logid}})
+
+    def ok(self, data: Any, **extra: Any) -> None:
+        body = {"code": 0, "msg": "", "data": data}
+        body.update(extra)
+        body["detail"] = {"logid": self.logid}
+        self.send_json(200, body)
+
+    def json_body(self) -> dict | None:
+        """The body as a JSON object ({} when empty), None when it is not one."""
+        if not self.body:
+            return {}
+        try:
+            data = json.loads(self.body.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    # --- Server-Sent Events (text/event-stream, frames event:<name>\ndata:<json>\n\n like Coze's)
+    def start_stream(self) -> None:
+        # HTTP/1.1: chunked, the connection stays open; an HTTP/1.0 client gets the body up to close
+        self._chunked = self.request_version != "HTTP/1.0"
+        if not self._chunked:
+            self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        if self._chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("X-Tt-Logid", self.logid)
+        self.end_headers()
+
+    def write_chunk(self, data: bytes) -> None:
+        if self._chunked:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        elif data:
+            self.wfile.write(data)
+        self.wfile.flush()
+
+    def emit(self, event: str, data: Any) -> None:
+        self.write_chunk(f"event:{event}\ndata:{compact_json(data)}\n\n".encode("utf-8"))
+
+    def end_stream(self) -> None:
+        self.write_chunk(b"")  # end of the chunked body; the connection stays open (keep-alive)
+
+    def cut(self) -> None:
+        """Close the connection mid-answer: no terminating chunk."""
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # --- dispatch
+    def do_GET(self) -> None:
+        self.logid = self.standin._new_logid()
+        try:
+            self.body = self._read_body()
+        except BadRequestBody as e:
+            self.close_connection = True
+            self.standin._record_request(self)
+            return self.error(4000, str(e), 400)
+        self.standin._record_request(self)
+        if self.command == "OPTIONS":
+            # deliberately no CORS headers: the proxy must answer preflights itself
+            return self.send_bytes(200, b"", "text/plain; charset=utf-8")
+        split = urlsplit(self.path)
+        self.query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
+        path = split.path.rstrip("/") or "/"
+        self._responded = False
+        try:
+            self._route(path)
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            self.close_connection = True
+        except Exception:  # a sandbox bug: say so (code 5000) rather than hang up silently
+            self.close_connection = True
+            traceback.print_exc()
+            if not self._responded:
+                self.error(5000, "internal error in the coze-mitm sandbox", 500)
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_GET
+
+    def _route(self, path: str) -> None:
+        method = self.command
+        upgrade = method == "GET" and self.headers.get("Upgrade", "").strip().lower() == "websocket"
+        route, args, allowed = routes.match("WS" if upgrade else method, path)
+        if route is None and upgrade:  # not a WebSocket endpoint: answer the plain GET
+            route, args, allowed = routes.match(method, path)
+        if route is None:
+            if allowed == ["WS"]:
+                return self.error(4000, f"{path} is a WebSocket endpoint: send Upgrade: websocket", 426)
+            if allowed:
+                return self.error(4000, f"method {method} not allowed on {path}", 405)
+            return self.error(4000, f"no such endpoint in the coze-mitm sandbox: {method} {path}", 404)
+        if not route.auth:  # the token endpoint, and WebSockets (they read the token from the query too)
+            return route.handler(self, *args)
+        if not self.authenticate(self.headers.get("Authorization")):
+            return
+        route.handler(self, *args)
+
+    def authenticate(self, authorization: str | None) -> bool:
+        """Check an access token like Coze; answer the refusal and return False when it is not good."""
+        rec, problem, message = tokens.check_access(self.standin, authorization)
+        if problem == "200":
+            self.error(700012006, message)
+            return False
+        if problem:
+            self.error(4100, f"authentication is invalid: {message}", 401)
+            return False
+        self.session: str = rec["session"]
+        return True
