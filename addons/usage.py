@@ -113,6 +113,7 @@ class SSEUsageReader:
         self.ended = False
         self._line = bytearray()  # the current line, while its end has not arrived
         self._line_cut = False  # the current line was longer than we keep of it
+        self._line_seen = False  # the current line has content, kept or not (a blank line ends a frame)
         self._event: str | None = None
         self._data: list[bytes] = []
         self._size = 0  # bytes of the current frame kept so far
@@ -167,7 +168,7 @@ class SSEUsageReader:
                 tail = b""
             if tail:
                 self._parse(tail[: self.max_frame])
-        if self._line or self._line_cut:
+        if self._line_seen:
             self._line_done()
         if not self._oversized:
             self._dispatch()
@@ -219,7 +220,10 @@ class SSEUsageReader:
     # -- lines and frames ------------------------------------------------------------------------
     def _take(self, chunk: bytes, start: int, stop: int) -> None:
         """Part of the current line, kept only while it may matter and fits the bounds."""
-        if self._oversized or self._line_cut or stop <= start:
+        if stop <= start:
+            return
+        self._line_seen = True
+        if self._oversized or self._line_cut:
             return
         if self._event is not None and self._event not in self.events:
             # a frame nobody reads (a text delta): a short prefix shows whether a line is a new `event`
@@ -239,8 +243,9 @@ class SSEUsageReader:
     def _line_done(self) -> None:
         line = bytes(self._line)
         cut, self._line_cut = self._line_cut, False
+        seen, self._line_seen = self._line_seen, False
         self._line.clear()
-        if not line and not cut:  # a blank line ends the frame
+        if not seen:  # a blank line ends the frame
             if self._oversized:
                 self._oversized = False
                 self._reset_frame()
