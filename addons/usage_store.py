@@ -323,3 +323,50 @@ def sum_rows(rows: Iterable[dict]) -> dict:
         for k in total:
             total[k] += r[k]
     return total
+
+
+# -- daily budgets ----------------------------------------------------------------------------------
+# Requests that make Coze spend tokens; everything else (history, conversations, files) stays allowed.
+# /v1/chat is the WebSocket chat's upgrade (on the ws host); submit_tool_outputs resumes a chat.
+SPENDING_PATHS = ("/v3/chat", "/v3/chat/submit_tool_outputs", "/v1/workflows/chat", "/v1/chat")
+CHAT_PATHS = ("/v3/chat", "/v1/workflows/chat", "/v1/chat")  # each request is one chat
+
+
+def _route(path: str) -> str:
+    return path.split("?", 1)[0].rstrip("/") or "/"
+
+
+def spends_tokens(method: str, path: str) -> bool:
+    """Whether a request to the Coze API is subject to the daily budget (an API base may have a path
+    prefix, e.g. a self-hosted Coze Studio, so the end of the path is what counts)."""
+    route = _route(path)
+    if method.upper() == "GET":
+        return route.endswith("/v1/chat")  # the WebSocket chat's upgrade
+    return method.upper() == "POST" and any(route.endswith(p) for p in SPENDING_PATHS if p != "/v1/chat")
+
+
+def is_chat(method: str, path: str) -> bool:
+    route = _route(path)
+    if method.upper() == "GET":
+        return route.endswith("/v1/chat")
+    return method.upper() == "POST" and (route.endswith("/v3/chat") or route.endswith("/v1/workflows/chat"))
+
+
+def _clock_text(t: int) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def budget_refusal(book: UsageBook, user: str, shown_as: str, daily_tokens: int,
+                   method: str, path: str) -> tuple[int, int, str, str, dict[str, str]] | None:
+    """None when the request may go on; otherwise the local answer: (HTTP status, Coze code, reason,
+    message, headers) — 429, code 4013 (Coze's own "rate limited"), Retry-After until the UTC midnight."""
+    if daily_tokens <= 0 or not spends_tokens(method, path):
+        return None
+    over, used, resets_at = book.over_budget(user, daily_tokens)
+    if not over:
+        return None
+    wait = max(1, resets_at - int(book.clock()))
+    msg = (f"coze-mitm: {shown_as} has used {used} Coze tokens today, and the daily budget is {daily_tokens} "
+           f"(coze_user_daily_tokens); chats resume at {_clock_text(resets_at)} (in {wait // 3600} h "
+           f"{wait % 3600 // 60} min). Reading history still works; ask the proxy's owner for a bigger budget.")
+    return 429, 4013, "budget", msg, {"Retry-After": str(wait)}

@@ -8,7 +8,8 @@ import threading
 import pytest
 
 from usage import Usage
-from usage_store import OTHERS, SqliteUsageStore, UsageBook, default_path, next_utc_midnight, utc_day
+from usage_store import (OTHERS, SqliteUsageStore, UsageBook, budget_refusal, default_path, is_chat,
+                         next_utc_midnight, spends_tokens, utc_day)
 
 T0 = 1_790_000_000.0  # 2026-09-21 14:13:20 UTC
 MIDNIGHT = next_utc_midnight(T0)
@@ -230,3 +231,36 @@ class TestSqliteStore:
         book2.load()
         assert sorted(r["user"] for r in book2.rows()) == sorted(names)
         book2.close()
+
+
+class TestBudgetRefusal:
+    @pytest.mark.parametrize("method,path,spends", [
+        ("POST", "/v3/chat", True), ("POST", "/v3/chat?conversation_id=1", True),
+        ("POST", "/v1/workflows/chat", True), ("POST", "/v3/chat/submit_tool_outputs?x=1", True),
+        ("GET", "/v1/chat?bot_id=7", True), ("POST", "/studio/api/v3/chat", True),
+        ("POST", "/v3/chat/retrieve", False), ("GET", "/v3/chat/retrieve", False), ("POST", "/v3/chat/cancel", False),
+        ("POST", "/v1/conversation/message/list", False), ("GET", "/v1/conversations", False),
+        ("OPTIONS", "/v3/chat", False), ("GET", "/v3/chat", False),
+    ])
+    def test_only_spending_requests_are_budgeted(self, method, path, spends):
+        assert spends_tokens(method, path) is spends
+        book = UsageBook(clock=Clock())
+        book.tokens("u-00000001", 100)
+        refusal = budget_refusal(book, "u-00000001", "u-0…0001", 100, method, path)
+        assert (refusal is not None) is spends
+
+    def test_the_answer(self):
+        book = UsageBook(clock=Clock())
+        book.tokens("login:alice", 150)
+        assert budget_refusal(book, "login:alice", "alice", 151, "POST", "/v3/chat") is None
+        assert budget_refusal(book, "login:alice", "alice", 0, "POST", "/v3/chat") is None
+        status, code, reason, msg, headers = budget_refusal(book, "login:alice", "alice", 150, "POST", "/v3/chat")
+        assert (status, code, reason) == (429, 4013, "budget")
+        assert headers == {"Retry-After": str(int(MIDNIGHT - T0))}
+        assert "alice has used 150 Coze tokens today" in msg and "daily budget is 150" in msg
+        assert "2026-09-22 00:00 UTC" in msg and "Reading history still works" in msg
+
+    def test_is_chat(self):
+        assert is_chat("POST", "/v3/chat?conversation_id=1") and is_chat("POST", "/v1/workflows/chat")
+        assert is_chat("GET", "/v1/chat?bot_id=1")
+        assert not is_chat("POST", "/v3/chat/submit_tool_outputs") and not is_chat("GET", "/v3/chat/retrieve")
