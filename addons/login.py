@@ -20,7 +20,8 @@ Where mitmproxy records who logged in (read from mitmproxy/addons/proxyauth.py, 
 proxyauth runs before every `-s` script (it is one of mitmproxy's built-in addons, loaded before the
 script loader), so a script's `http_connect`/`requestheaders` already see the metadata.
 
-Identity rule: a login becomes the Coze `session_name` `login:<name>`, the name unchanged. Tag ids match
+Identity rule: a login becomes the Coze `session_name` `login:<name>`, the name unchanged (LDAP: case-folded,
+as the directory matches names; see session_name). Tag ids match
 `[A-Za-z0-9_-]{8,128}` and never contain a colon, so no tag can ever name a login's history, and the
 token cache can keep using the session_name as its key. A name that cannot be carried unchanged and
 safely (empty, over 128 characters, control characters, U+FFFD from undecodable bytes) is refused.
@@ -39,6 +40,7 @@ PREFIX = "login:"
 MAX_LOGIN = 128  # characters; as long as the longest tag id
 REDACTED = "(password removed by coze-mitm)"
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\ufffd\u2028\u2029]")
+_LDAP_META = re.compile(r"[()*\\\x00]")
 
 MODES = {
     "none": "no proxy login: identities come from the userscript's tags (self-asserted)",
@@ -83,8 +85,12 @@ def strip_password(flow: http.HTTPFlow) -> None:
         flow.request.headers.pop("Proxy-Authorization", None)
 
 
-def login_problem(name: str) -> str | None:
+def login_problem(name: str, mode: str = "") -> str | None:
     """Why a login cannot be an identity unchanged, or None when it can."""
+    if mode == "ldap" and _LDAP_META.search(name):
+        # mitmproxy 11.0.2 puts the name into the LDAP search filter unescaped (fixed in 12.2.2): `a*` would
+        # log in as some other entry yet be a new identity here, with a budget of its own
+        return "the proxy login contains LDAP filter characters ( ) * \\"
     if not name:
         return "the proxy login is empty"
     if len(name) > MAX_LOGIN:
@@ -94,9 +100,12 @@ def login_problem(name: str) -> str | None:
     return None
 
 
-def session_name(name: str) -> str:
-    """The Coze session_name (and token-cache key) of a login; call login_problem first."""
-    return PREFIX + name
+def session_name(name: str, mode: str = "") -> str:
+    """The Coze session_name (and token-cache key) of a login; call login_problem first.
+
+    LDAP compares names without regard to case (`Alice` and `alice` are one directory entry), so in ldap
+    mode the name is case-folded: one account, one history and one budget, however it is typed."""
+    return PREFIX + (name.casefold() if mode == "ldap" else name)
 
 
 def is_login_key(key: str) -> bool:

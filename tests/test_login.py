@@ -276,3 +276,15 @@ class TestRules:
     def test_display(self):
         assert display(session_name("Zoë"), short_id) == "Zoë"
         assert display("1732000000000-abcdefghijklmnop", short_id) == short_id("1732000000000-abcdefghijklmnop")
+
+    @pytest.mark.parametrize("name", ["a*", "*", "x)(cn=*", "back\\slash", "(admin)"])
+    def test_ldap_filter_characters_are_refused_in_ldap_mode(self, name):
+        # mitmproxy 11.0.2 builds the LDAP filter from the name unescaped: `a*` would authenticate as some
+        # entry and still be a new identity (with a fresh budget) here
+        assert login_problem(name, "ldap")
+        assert login_problem(name, "htpasswd") is None
+
+    def test_ldap_names_are_case_folded_others_unchanged(self):
+        # the directory matches `Alice` and `alice` to one entry: one account, one history, one budget
+        assert session_name("Alice", "ldap") == session_name("ALICE", "ldap") == "login:alice"
+        assert session_name("Alice", "htpasswd") == "login:Alice" != session_name("alice", "htpasswd")
