@@ -176,7 +176,7 @@ class SSEUsageReader:
     def _inflated(self, chunk: bytes):
         """Decompressed pieces of at most max_frame bytes each, so a bomb never sits in memory whole."""
         data = chunk
-        while data:
+        while True:
             try:
                 piece = self._inflate.decompress(data, self.max_frame)
             except zlib.error:
@@ -195,8 +195,8 @@ class SSEUsageReader:
             if piece:
                 yield piece
             data = self._inflate.unconsumed_tail
-            if self._inflate.eof:
-                return
+            if self._inflate.eof or (not data and len(piece) < self.max_frame):
+                return  # a full piece may leave output inside zlib even with no input left: ask again
 
     def _parse(self, chunk: bytes) -> None:
         if self._first:

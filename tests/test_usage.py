@@ -200,6 +200,13 @@ class TestEncodings:
         body = c.compress(coze_stream(tokens=12)) + c.flush()
         assert read_all(body, cuts=range(0, len(body), 5), content_encoding="deflate").token_count == 12
 
+    @pytest.mark.parametrize("step", [10**9, 3, 1000])
+    def test_gzip_chunk_that_inflates_past_the_frame_bound(self, step):
+        # one compressed chunk inflating to many max_frame pieces, the usage at the very end
+        raw = frame("conversation.message.delta", {"content": "x" * (5 * MAX_FRAME)}) + frame(COMPLETED, chat_obj(tokens=8))
+        body = gzip.compress(raw)
+        assert read_all(body, cuts=range(0, len(body), step), content_encoding="gzip").token_count == 8
+
     def test_unknown_encoding_makes_the_reader_inert(self):
         reader = read_all(b"\x8b\x00garbage", content_encoding="br")
         assert reader.usages == [] and reader.unreadable == "content-encoding 'br' is not read"
