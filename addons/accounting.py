@@ -101,6 +101,11 @@ class Accounting:
             return
         if is_chat(flow.request.method, flow.request.path):
             self.book.chat(user)
+        if callable(response.stream):
+            # another addon watches this stream already; replacing its callable would break it
+            self.unreadable_streams += 1
+            log.info("coze-mitm: usage of a stream not counted: another addon set its stream callable")
+            return
         book = self.book
         reader = SSEUsageReader(lambda usage: book.tokens(user, usage),
                                 content_encoding=response.headers.get("content-encoding", ""))
