@@ -137,3 +137,34 @@ def test_corrupt_usage_file_is_one_warning_and_the_proxy_serves(mitmdump, config
     assert m[("coze_mitm_tokens_total", (("user", ALICE),))] == tokens
     assert m[("coze_mitm_usage_store_ok", ())] == 0
     assert proxy.output.count("cannot be used") == 1
+
+
+class TestOptions:
+    def test_negative_budget_is_refused(self, tmp_path):
+        from mitmproxy import exceptions
+        from mitmproxy.test import taddons
+
+        from accounting import Accounting
+
+        acc = Accounting()
+        with taddons.context(acc) as tctx:
+            tctx.configure(acc, confdir=str(tmp_path), coze_usage_file="memory")
+            with pytest.raises(exceptions.OptionsError, match="coze_user_daily_tokens"):
+                tctx.configure(acc, coze_user_daily_tokens=-1)
+            tctx.configure(acc, coze_user_daily_tokens=500)
+            assert acc.daily_tokens == 500 and acc.store is None
+        assert list(tmp_path.iterdir()) == []  # "memory": no file
+
+    def test_default_file_is_in_the_confdir(self, tmp_path):
+        from mitmproxy.test import taddons
+
+        from accounting import Accounting
+
+        acc = Accounting()
+        with taddons.context(acc) as tctx:
+            tctx.configure(acc, confdir=str(tmp_path))
+            acc.book.tokens("login:alice", 5)
+            acc.done()
+        assert (tmp_path / "coze-mitm-usage.sqlite").is_file()
+        with sqlite3.connect(tmp_path / "coze-mitm-usage.sqlite") as db:
+            assert db.execute("SELECT user, tokens FROM usage").fetchall() == [("login:alice", 5)]
