@@ -1,0 +1,153 @@
+"""Usage per user: chats and Coze tokens counted as answers pass, kept in the usage file, budgets checked.
+
+    coze_user_daily_tokens  Coze tokens a user may use per UTC day (0 = no budget); `budget_refusal`
+                            is what the auth addon asks before it injects a credential
+    coze_usage_file         where usage is kept (default: coze-mitm-usage.sqlite in mitmproxy's confdir;
+                            "" keeps it in memory only)
+
+Hooks (this addon must come after `auth` and after `streaming` in the addon list):
+http_connect, requestheaders  with proxyauth on: the login's password leaves flow.metadata["proxyauth"]
+responseheaders               a tagged event-stream answer from the Coze API gets a usage reader as its
+                              `stream` callable (chunks pass unchanged); a streamed chat counts as a chat
+response                      a non-streamed chat answered with code 0 counts as a chat;
+                              `/v3/chat/retrieve` of a completed chat: its usage (once per chat id)
+websocket_start               a WebSocket chat (`/v1/chat` on the ws host) counts as a chat
+
+The user is the key the auth addon leaves in flow.metadata["coze_user"] (a tag id, or `login:<name>`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from mitmproxy import ctx, exceptions, http
+
+import login
+from usage import SSEUsageReader, retrieve_body_ok, usage_from_retrieve
+from usage_store import SqliteUsageStore, UsageBook, budget_refusal, default_path, is_chat
+
+log = logging.getLogger("coze.accounting")
+
+COZE_USER = "coze_user"  # set by auth.py on every flow it injected a credential into
+MAX_CHAT_ANSWER = 256 * 1024  # a non-streamed chat answer is ~1 KB; bigger ones are not parsed
+
+
+class Accounting:
+    def __init__(self, max_users: int = 10_000):
+        self.max_users = max_users
+        self.book = UsageBook(max_users=max_users)  # memory only until configure opens the file
+        self.store: SqliteUsageStore | None = None
+        self.daily_tokens = 0
+        self.unreadable_streams = 0
+
+    def load(self, loader):
+        loader.add_option(
+            "coze_user_daily_tokens", int, 0,
+            "Coze tokens one user may use per UTC day; at the budget, chat requests get a local 429 "
+            "(code 4013) until midnight UTC. 0 = no budget.",
+        )
+        loader.add_option(
+            "coze_usage_file", str, "",
+            "SQLite file where usage per user and day is kept (default: coze-mitm-usage.sqlite in "
+            "mitmproxy's confdir); 'memory' keeps it in memory only.",
+        )
+
+    def configure(self, updated):
+        if "coze_user_daily_tokens" in updated:
+            if ctx.options.coze_user_daily_tokens < 0:
+                raise exceptions.OptionsError("coze_user_daily_tokens must be 0 (no budget) or a number of tokens")
+            self.daily_tokens = ctx.options.coze_user_daily_tokens
+        if "coze_usage_file" in updated or ("confdir" in updated and self.store is None):
+            self._open(ctx.options.coze_usage_file)
+
+    def _open(self, spec: str) -> None:
+        """At start-up (before traffic): read the file once, then only the writer thread touches it."""
+        if self.store is not None:
+            self.book.close()
+        self.store = None
+        if spec == "memory":
+            self.book = UsageBook(max_users=self.max_users)
+            return
+        path = Path(spec).expanduser() if spec else default_path(ctx.options.confdir)
+        # A warning, not an error: an ERROR at start-up stops mitmdump, and usage must never stop the proxy.
+        self.store = SqliteUsageStore(path, on_error=log.warning)
+        self.book = UsageBook(self.store, max_users=self.max_users)
+        self.book.load()
+
+    def done(self):
+        self.book.close()  # the pending increments reach the file
+
+    # -- budgets (asked by auth before it injects) ------------------------------------------------
+    def budget_refusal(self, flow: http.HTTPFlow, user: str, shown_as: str):
+        """None, or (status, code, reason, msg, headers) for a local answer; see usage_store.budget_refusal."""
+        return budget_refusal(self.book, user, shown_as, self.daily_tokens, flow.request.method, flow.request.path)
+
+    # -- the proxy login's password ------------------------------------------------------------------
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        login.strip_password(flow)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        login.strip_password(flow)
+
+    # -- counting ------------------------------------------------------------------------------------
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        user = flow.metadata.get(COZE_USER)
+        response = flow.response
+        if not user or response is None or response.status_code != 200:
+            return
+        if not response.headers.get("content-type", "").lower().startswith("text/event-stream"):
+            return
+        if is_chat(flow.request.method, flow.request.path):
+            self.book.chat(user)
+        if callable(response.stream):
+            # another addon watches this stream already; replacing its callable would break it
+            self.unreadable_streams += 1
+            log.info("coze-mitm: usage of a stream not counted: another addon set its stream callable")
+            return
+        book = self.book
+        reader = SSEUsageReader(lambda usage: book.tokens(user, usage),
+                                content_encoding=response.headers.get("content-encoding", ""))
+        if reader.unreadable:
+            self.unreadable_streams += 1
+            log.info(f"coze-mitm: usage of a stream not counted: {reader.unreadable}")
+        # Replaces streaming.py's True: the stream still goes out chunk by chunk, each chunk unchanged.
+        response.stream = reader
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        user = flow.metadata.get(COZE_USER)
+        response = flow.response
+        if not user or response is None or response.stream or response.status_code != 200:
+            return
+        request = flow.request
+        route = request.path.split("?", 1)[0].rstrip("/")
+        raw = response.raw_content or b""
+        if not retrieve_body_ok(len(raw), response.headers.get("content-encoding", ""), MAX_CHAT_ANSWER):
+            return
+        if route.endswith("/v3/chat/retrieve"):
+            usage = usage_from_retrieve(_content(response), MAX_CHAT_ANSWER)
+            if usage is not None:
+                self.book.tokens(user, usage)
+        elif is_chat(request.method, request.path) and _code_ok(_content(response)):
+            self.book.chat(user)  # a non-streamed chat (stream: false); its usage comes with retrieve
+
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        user = flow.metadata.get(COZE_USER)
+        if user and is_chat("GET", flow.request.path):
+            self.book.chat(user)
+
+
+def _content(response: http.Response) -> bytes:
+    try:
+        return response.get_content(strict=True) or b""
+    except ValueError:
+        return b""
+
+
+def _code_ok(body: bytes) -> bool:
+    try:
+        answer = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    return isinstance(answer, dict) and answer.get("code") == 0

@@ -1,0 +1,170 @@
+"""accounting.py through a real mitmdump: addons/coze.py plus the Accounting addon (loaded as a second
+script, after the bundle, which is where it goes in the addon list), against the Coze stand-in.
+
+The bundle's auth addon marks each flow it injected with flow.metadata["coze_user"]; Accounting counts
+from there. A probe host answers the metrics text, the way http://coze.mitm/metrics will.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.clients import session, tagged
+from tests.harness import REPO
+
+PAGE = "https://chat.example.org"
+ALICE = "alice-0001"
+BOB = "bob-000002"
+
+WIRE = """
+import sys
+sys.path.insert(0, {addons!r})
+from mitmproxy import http
+from accounting import Accounting
+from identity import short_id
+import login
+import metrics
+
+accounting = Accounting()
+
+
+class MetricsProbe:
+    def request(self, flow):
+        if flow.request.pretty_host == "usage.probe":
+            text = metrics.render(usage_rows=accounting.book.rows(), display=lambda k: login.display(k, short_id),
+                                  store_ok=not (accounting.store and accounting.store.error))
+            flow.response = http.Response.make(200, text, {{"content-type": metrics.CONTENT_TYPE}})
+
+
+addons = [accounting, MetricsProbe()]
+"""
+
+
+@pytest.fixture
+def wire(tmp_path):
+    path = tmp_path / "wire.py"
+    path.write_text(WIRE.format(addons=str(REPO / "addons")))
+    return path
+
+
+def start(mitmdump, config_file, wire, usage_file):
+    return mitmdump(f"coze_config={config_file}", f"coze_origins={PAGE}", "connection_strategy=lazy",
+                    f"coze_usage_file={usage_file}", extra_args=["-s", str(wire)])
+
+
+def read_metrics(proxy) -> dict:
+    text = session(proxy).get("http://usage.probe/metrics", timeout=10).text
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def streamed_chat(proxy, standin, user, text):
+    """A streamed /v3/chat; returns (token_count the client saw, chat status at the first delta)."""
+    body = {"bot_id": "7000", "user_id": user, "stream": True,
+            "additional_messages": [{"role": "user", "content": text, "content_type": "text"}]}
+    r = session(proxy).post(f"{standin.base_url}/v3/chat", headers=tagged(user, origin=None), json=body,
+                            stream=True, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    event, at_first_delta, tokens = None, None, None
+    for line in r.iter_lines():
+        if line.startswith(b"event:"):
+            event = line[6:].decode()
+        elif line.startswith(b"data:") and event == "conversation.message.delta" and at_first_delta is None:
+            at_first_delta = [c["status"] for c in standin._chats.values() if c["user_id"] == user][-1]
+        elif line.startswith(b"data:") and event == "conversation.chat.completed":
+            tokens = json.loads(line[5:])["usage"]["token_count"]
+    return tokens, at_first_delta
+
+
+def test_streamed_chat_counted_exactly_and_still_streamed(mitmdump, config_file, standin, wire, tmp_path):
+    standin.delta_gap = 0.05
+    proxy = start(mitmdump, config_file, wire, tmp_path / "usage.sqlite")
+    tokens1, status1 = streamed_chat(proxy, standin, ALICE, "one two three four five six")
+    tokens2, _ = streamed_chat(proxy, standin, ALICE, "and again")
+    # The first delta reached the client while Coze was still producing the reply: not buffered.
+    assert status1 == "in_progress"
+    m = read_metrics(proxy)
+    assert m[("coze_mitm_tokens_total", (("user", ALICE),))] == tokens1 + tokens2
+    assert m[("coze_mitm_chats_total", (("user", ALICE),))] == 2
+    assert m[("coze_mitm_usage_store_ok", ())] == 1
+
+
+def test_non_streamed_chat_and_retrieve_count_once(mitmdump, config_file, standin, wire, tmp_path):
+    proxy = start(mitmdump, config_file, wire, tmp_path / "usage.sqlite")
+    s = session(proxy)
+    body = {"bot_id": "7000", "user_id": BOB, "stream": False,
+            "additional_messages": [{"role": "user", "content": "hello you", "content_type": "text"}]}
+    chat = s.post(f"{standin.base_url}/v3/chat", headers=tagged(BOB, origin=None), json=body, timeout=30).json()["data"]
+    seen = []
+    for _ in range(3):  # a client polling retrieve after completion: the chat's usage counts once
+        r = s.get(f"{standin.base_url}/v3/chat/retrieve", headers=tagged(BOB, origin=None), timeout=30,
+                  params={"conversation_id": chat["conversation_id"], "chat_id": chat["id"]})
+        seen.append(r.json()["data"]["usage"]["token_count"])
+    assert seen[0] > 0 and len(set(seen)) == 1
+    m = read_metrics(proxy)
+    assert m[("coze_mitm_tokens_total", (("user", BOB),))] == seen[0]
+    assert m[("coze_mitm_chats_total", (("user", BOB),))] == 1
+
+
+def test_restart_keeps_usage(mitmdump, config_file, standin, wire, tmp_path):
+    standin.delta_gap = 0
+    usage_file = tmp_path / "usage.sqlite"
+    proxy = start(mitmdump, config_file, wire, usage_file)
+    tokens, _ = streamed_chat(proxy, standin, ALICE, "remember me")
+    proxy.stop()  # mitmdump's done hook writes what is pending
+    with sqlite3.connect(usage_file) as db:
+        assert db.execute("SELECT user, chats, tokens FROM usage").fetchall() == [(ALICE, 1, tokens)]
+    again = start(mitmdump, config_file, wire, usage_file)
+    m = read_metrics(again)
+    assert m[("coze_mitm_tokens_total", (("user", ALICE),))] == tokens
+    assert m[("coze_mitm_tokens_today", (("user", ALICE),))] == tokens
+
+
+def test_corrupt_usage_file_is_one_warning_and_the_proxy_serves(mitmdump, config_file, standin, wire, tmp_path):
+    usage_file = tmp_path / "usage.sqlite"
+    usage_file.write_bytes(b"garbage " * 1000)
+    proxy = start(mitmdump, config_file, wire, usage_file)
+    assert proxy.wait_for_output(r"usage file .* cannot be used \(DatabaseError: file is not a database\)")
+    tokens, _ = streamed_chat(proxy, standin, ALICE, "still counted")
+    m = read_metrics(proxy)
+    assert m[("coze_mitm_tokens_total", (("user", ALICE),))] == tokens
+    assert m[("coze_mitm_usage_store_ok", ())] == 0
+    assert proxy.output.count("cannot be used") == 1
+
+
+class TestOptions:
+    def test_negative_budget_is_refused(self, tmp_path):
+        from mitmproxy import exceptions
+        from mitmproxy.test import taddons
+
+        from accounting import Accounting
+
+        acc = Accounting()
+        with taddons.context(acc) as tctx:
+            tctx.configure(acc, confdir=str(tmp_path), coze_usage_file="memory")
+            with pytest.raises(exceptions.OptionsError, match="coze_user_daily_tokens"):
+                tctx.configure(acc, coze_user_daily_tokens=-1)
+            tctx.configure(acc, coze_user_daily_tokens=500)
+            assert acc.daily_tokens == 500 and acc.store is None
+        assert list(tmp_path.iterdir()) == []  # "memory": no file
+
+    def test_default_file_is_in_the_confdir(self, tmp_path):
+        from mitmproxy.test import taddons
+
+        from accounting import Accounting
+
+        acc = Accounting()
+        with taddons.context(acc) as tctx:
+            tctx.configure(acc, confdir=str(tmp_path))
+            acc.book.tokens("login:alice", 5)
+            acc.done()
+        assert (tmp_path / "coze-mitm-usage.sqlite").is_file()
+        with sqlite3.connect(tmp_path / "coze-mitm-usage.sqlite") as db:
+            assert db.execute("SELECT user, tokens FROM usage").fetchall() == [("login:alice", 5)]
