@@ -22,16 +22,18 @@ import json
 import logging
 from pathlib import Path
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import ctx, http
 
 import login
-from usage import SSEUsageReader, retrieve_body_ok, usage_from_retrieve
+from auth import COZE_USER
+from bounded import decoded_prefix
+from usage import SSEUsageReader, parse_usage, retrieve_body_ok, usage_from_retrieve
 from usage_store import SqliteUsageStore, UsageBook, budget_refusal, default_path, is_chat
 
 log = logging.getLogger("coze.accounting")
 
-COZE_USER = "coze_user"  # set by auth.py on every flow it injected a credential into
 MAX_CHAT_ANSWER = 256 * 1024  # a non-streamed chat answer is ~1 KB; bigger ones are not parsed
+MAX_WS_EVENT = 64 * 1024  # a WebSocket event carrying usage is small; bigger messages are not parsed
 
 
 class Accounting:
@@ -57,7 +59,9 @@ class Accounting:
     def configure(self, updated):
         if "coze_user_daily_tokens" in updated:
             if ctx.options.coze_user_daily_tokens < 0:
-                raise exceptions.OptionsError("coze_user_daily_tokens must be 0 (no budget) or a number of tokens")
+                # Logged, not raised: an OptionsError from a script comes with a traceback (see settings.py).
+                log.error("coze-mitm: coze_user_daily_tokens must be 0 (no budget) or a number of tokens per user and day")
+                return
             self.daily_tokens = ctx.options.coze_user_daily_tokens
         if "coze_usage_file" in updated or ("confdir" in updated and self.store is None):
             self._open(ctx.options.coze_usage_file)
@@ -137,12 +141,27 @@ class Accounting:
         if user and is_chat("GET", flow.request.path):
             self.book.chat(user)
 
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        """A WebSocket chat's usage: Coze's `conversation.chat.completed` event, as for a stream."""
+        user = flow.metadata.get(COZE_USER)
+        if not user or flow.websocket is None:
+            return
+        message = flow.websocket.messages[-1]
+        if message.from_client or len(message.content) > MAX_WS_EVENT or b"conversation.chat.completed" not in message.content:
+            return
+        try:
+            event = json.loads(message.content)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return
+        if isinstance(event, dict) and event.get("event_type") == "conversation.chat.completed":
+            usage = parse_usage(event.get("data"))
+            if usage is not None:
+                self.book.tokens(user, usage)
+
 
 def _content(response: http.Response) -> bytes:
-    try:
-        return response.get_content(strict=True) or b""
-    except ValueError:
-        return b""
+    """The answer decoded, never more than MAX_CHAT_ANSWER of it (a small compressed body can decode to GiBs)."""
+    return decoded_prefix(response.raw_content or b"", response.headers.get("content-encoding", ""), MAX_CHAT_ANSWER) or b""
 
 
 def _code_ok(body: bytes) -> bool:

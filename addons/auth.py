@@ -26,6 +26,7 @@ import requests
 from mitmproxy import ctx, http
 
 import identity
+import login
 from answers import answer_json
 from coze_answers import COZE_HINTS, INVALID_TOKEN_CODES, asks_for_stream, logid_of, watched_code
 from cors import CORS_ORIGIN
@@ -126,15 +127,37 @@ class Auth:
         if decision.action == "refuse":
             self._refuse(flow, decision.status, decision.code, decision.reason, decision.msg)
             return None
+        user_id = decision.user_id if self.settings.login_mode == "none" else self._login_of(flow)
+        if user_id is None or self._over_budget(flow, user_id):
+            return None
         broker = self.settings.broker
         if broker is None:
             self._refuse_unconfigured(flow)
             return None
-        token = broker.cached_token(decision.user_id)
+        token = broker.cached_token(user_id)
         if token is not None:  # the common case: no await, no task
-            self._inject(flow, seen, decision.user_id, token)
+            self._inject(flow, seen, user_id, token)
             return None
-        return self._mint_and_inject(flow, seen, decision.user_id)
+        return self._mint_and_inject(flow, seen, user_id)
+
+    def _login_of(self, flow: http.HTTPFlow) -> str | None:
+        """With proxyauth on, the user is the proxy login (its history follows the login, whatever the tag)."""
+        name = login.proxy_login(flow)
+        problem = "the request carries no proxy login" if name is None else login.login_problem(name, self.settings.login_mode)
+        if problem:
+            self._refuse(flow, 403, 4101, "login-unusable",
+                         f"{problem}: coze-mitm names Coze users by their proxy login; log in with another name")
+            return None
+        return login.session_name(name, self.settings.login_mode)
+
+    def _over_budget(self, flow: http.HTTPFlow, user_id: str) -> bool:
+        accounting = self.settings.accounting
+        refusal = accounting.budget_refusal(flow, user_id, short_id(user_id)) if accounting is not None else None
+        if refusal is None:
+            return False
+        status, code, reason, msg, headers = refusal
+        self._refuse(flow, status, code, reason, msg, headers)
+        return True
 
     def _is_local(self, flow: http.HTTPFlow) -> bool:
         """May this client have credentials: on this machine, or anyone with coze_allow_remote?"""

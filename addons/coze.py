@@ -11,10 +11,12 @@ A request passes these addons in order:
   auth       the user tag swapped for that user's Coze token (or refused with a JSON answer)
   csp        pages in coze_origins: their Content-Security-Policy widened by the Chat SDK's sources only
   streaming  text/event-stream responses streamed chunk by chunk
+  accounting usage per user (chats, Coze tokens) read from the answers as they pass; daily budgets
   flowlog    one log line per flow coze-mitm acted on (and, with coze_quiet, no connection chatter)
   quiet_exit no asyncio traceback when the proxy stops with clients still connected
 """
 
+from accounting import Accounting
 from auth import Auth
 from cors import Cors
 from csp import Csp
@@ -26,6 +28,7 @@ from status import StatusPages
 from streaming import Streaming
 
 settings = CozeSettings()
+settings.accounting = Accounting()  # auth asks it about budgets, status shows its usage
 
 addons = [
     settings,
@@ -35,6 +38,7 @@ addons = [
     Auth(settings),
     Csp(settings),
     Streaming(),
+    settings.accounting,  # after streaming: it turns stream=True into a reader that passes chunks unchanged
     FlowLog(),
     QuietExit(),
 ]

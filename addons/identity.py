@@ -68,8 +68,14 @@ def is_loopback(host: str) -> bool:
     return address.is_loopback
 
 
+LOGIN_PREFIX = "login:"  # the key of an identity that comes from the proxy login (login.py), never a tag's
+
+
 def short_id(user_id: str) -> str:
-    """Enough of an id to recognise it in a log, not enough to impersonate it."""
+    """Enough of an id to recognise it in a log, not enough to impersonate it. A proxy login is shown
+    whole: knowing a login name does not let anyone act as that user, knowing a tag id does."""
+    if user_id.startswith(LOGIN_PREFIX):
+        return user_id[len(LOGIN_PREFIX):]
     return user_id if len(user_id) <= 10 else f"{user_id[:4]}…{user_id[-4:]}"
 
 

@@ -36,7 +36,8 @@ import re
 
 from mitmproxy import http
 
-PREFIX = "login:"
+from identity import LOGIN_PREFIX as PREFIX
+
 MAX_LOGIN = 128  # characters; as long as the longest tag id
 REDACTED = "(password removed by coze-mitm)"
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\ufffd\u2028\u2029]")
@@ -110,9 +111,3 @@ def session_name(name: str, mode: str = "") -> str:
 
 def is_login_key(key: str) -> bool:
     return key.startswith(PREFIX)
-
-
-def display(key: str, short_id) -> str:
-    """How a user key is shown on the status page and in metrics: the login name, or a shortened tag id
-    (a full tag id would let whoever reads it act as that user)."""
-    return key[len(PREFIX):] if is_login_key(key) else short_id(key)

@@ -17,6 +17,7 @@ from typing import Optional
 from mitmproxy import ctx, http
 
 import config
+import login
 from config import WS_SCHEME_OF_HTTP, ConfigError, Origin
 from identity import is_loopback
 from tokens import EXCHANGE_REASONS, CozeTokenExchange, PatBroker, TokenBroker, scrub
@@ -47,7 +48,7 @@ class Stats:
     REASONS = frozenset({
         "malformed-tag", "duplicate-origin", "browser-without-origin", "cookie-without-origin",
         "origin-not-allowed", "remote-client", "tag-to-other-host", "not-configured", "internal-error",
-        "new-user-limit", *EXCHANGE_REASONS,
+        "new-user-limit", "login-unusable", "budget", *EXCHANGE_REASONS,
     })
 
     def refused(self, reason: str) -> None:
@@ -68,6 +69,8 @@ class CozeSettings:
         self.api_origins: frozenset[Origin] = frozenset()
         self.ws_origins: frozenset[Origin] = frozenset()  # ws:// and wss:// Coze hosts (WebSocket APIs)
         self.allow_remote = False
+        self.login_mode = "none"  # which form of mitmproxy's proxyauth names the users (login.MODES)
+        self.accounting = None  # the Accounting addon (usage, budgets), set by coze.py
         self.page_origins: frozenset[str] = frozenset()
         self.stats = Stats()
         self.problem = "not configured yet"  # why tagged requests cannot be served, while broker is None
@@ -126,6 +129,9 @@ class CozeSettings:
         )
 
     def configure(self, updated):
+        if "proxyauth" in updated:
+            # With mitmproxy's proxy login on, a user is who logged in; the tag only asks for credentials.
+            self.login_mode = login.auth_mode(getattr(ctx.options, "proxyauth", None))
         if not updated & set(OPTION_NAMES) and self.broker is not None:
             return
         try:

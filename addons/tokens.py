@@ -308,6 +308,8 @@ class TokenBroker:
         self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="coze-exchange")
         self.exchanges = 0
         self.failures = 0
+        # Exchanges by outcome ("ok", or a failure's fixed reason), for /metrics; never keyed by upstream text.
+        self.results: collections.Counter[str] = collections.Counter()
 
     def cached_token(self, user_id: str) -> str | None:
         """The user's token if one is cached and still usable (no waiting, no task), else None.
@@ -376,10 +378,12 @@ class TokenBroker:
         deadline = time.monotonic() + self.timeout if self.timeout else 0.0
         try:
             issued = await loop.run_in_executor(self._executor, self._fetch_unless_late, user_id, deadline)
-        except Exception:
+        except Exception as e:
             self.failures += 1
+            self.results[getattr(e, "reason", "internal-error")] += 1
             raise
         self.exchanges += 1
+        self.results["ok"] += 1
         self._cache[user_id] = issued
         self._cache.move_to_end(user_id)
         while len(self._cache) > self.max_users:
@@ -425,6 +429,7 @@ class PatBroker:
         self._pat = pat
         self.exchanges = 0
         self.failures = 0
+        self.results: collections.Counter[str] = collections.Counter()
         self.max_users = 0
 
     def cached_token(self, user_id: str) -> str | None:
