@@ -40,6 +40,7 @@ class Stats:
     preflights: int = 0
     refusals: collections.Counter = field(default_factory=collections.Counter)
     last_errors: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
+    page_notes: dict = field(default_factory=dict)  # page origin -> what the status page says about it (csp.py)
 
     def refused(self, reason: str) -> None:
         self.refusals[reason] += 1
