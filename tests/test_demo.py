@@ -13,10 +13,14 @@ from pathlib import Path
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
 
-from demo import SANDBOX_HOST, Demo
+import json
+import os
+
+from csp import Csp
+from demo import DEFAULT_BOT_ID, SANDBOX_API, SANDBOX_HOST, Demo
 from settings import CozeSettings
-from status import StatusPages
-from tests.conftest import write_config
+from status import VERSION_STATE_FILE, StatusPages
+from tests.conftest import TEST_HOME, write_config
 from tests.test_run_mitm import Launcher
 
 CHROMIUM = "/usr/bin/chromium"
@@ -30,9 +34,9 @@ def addons(tmp_path, rsa_key):
         config = write_config(tmp_path, rsa_key, api_base)
         settings = CozeSettings()
         demo, status = Demo(settings), StatusPages(settings)
-        ctx = taddons.context(settings, demo, status)
+        ctx = taddons.context(settings, demo, status, Csp(settings))
         tctx = ctx.__enter__()
-        tctx.configure(settings, coze_config=str(config), coze_origins="http://coze.mitm")
+        tctx.configure(settings, confdir=str(tmp_path), coze_config=str(config), coze_origins="http://coze.mitm")
         tctx.configure(demo, coze_demo=demo_on)
         made.append(ctx)
         return demo, status, tctx
@@ -95,6 +99,118 @@ def test_never_mapped_to_a_real_coze(addons, caplog):
     demo.request(page)
     assert '"ready": false' in page.response.get_text()
     assert "is not a local sandbox: the demo page stays off" in caplog.text
+
+
+def served_script(status) -> str:
+    f = request("coze.mitm", "/coze-chat.user.js")
+    status.request(f)
+    return f.response.get_text()
+
+
+def status_json(status) -> dict:
+    f = request("coze.mitm", "/status.json")
+    status.request(f)
+    return json.loads(f.response.get_text())
+
+
+def test_demo_serves_the_sandbox_bot_unless_coze_bot_id_says_otherwise(addons):
+    _, status, tctx = addons()
+    assert f'  botId: "{DEFAULT_BOT_ID}", // @coze-mitm botId' in served_script(status)
+    assert status_json(status)["bot_id"] == DEFAULT_BOT_ID
+    tctx.options.coze_bot_id = "7350000000000000009"
+    assert '  botId: "7350000000000000009", // @coze-mitm botId' in served_script(status)
+    assert status_json(status)["bot_id"] == "7350000000000000009"
+
+
+def test_no_sandbox_bot_outside_the_demo(addons):
+    _, status, _ = addons(demo_on=False)
+    assert '  botId: "", // @coze-mitm botId' in served_script(status)
+    assert "bot_id" not in status_json(status) and "demo" not in status_json(status)
+    _, status, _ = addons(api_base="https://api.coze.cn")  # coze_demo, but no local sandbox: not the demo
+    assert "bot_id" not in status_json(status)
+
+
+def test_allowed_page_csp_names_the_sandbox_as_pages_call_it(addons):
+    _, _, tctx = addons()
+    tctx.options.coze_origins = "http://coze.mitm,http://page.test"
+    csp = tctx.master.addons.get("csp")
+    f = tflow.tflow(req=tutils.treq(method=b"GET", scheme=b"http", host="page.test", port=80, path=b"/"),
+                    resp=tutils.tresp(headers=tutils.tresp().headers.__class__([
+                        (b"content-type", b"text/html"), (b"content-security-policy", b"default-src 'self'")])))
+    response, f.response = f.response, None
+    csp.request(f)
+    f.response = response
+    csp.responseheaders(f)
+    policy = f.response.headers["content-security-policy"]
+    connect = next(d.split()[1:] for d in policy.split(";") if d.split()[0] == "connect-src")
+    assert connect == ["'self'", SANDBOX_API]  # not http://127.0.0.1:8790, which the page never calls
+
+
+def test_connect_to_the_sandbox_name_is_answered_here(addons):
+    demo, _, tctx = addons()
+    for port in (80, 443):
+        f = tflow.tflow(req=tutils.treq(method=b"CONNECT", host=SANDBOX_HOST, port=port, scheme=b"", path=b"",
+                                        authority=f"{SANDBOX_HOST}:{port}".encode()))
+        demo.http_connect(f)
+        assert f.response.status_code == 200
+    other = tflow.tflow(req=tutils.treq(method=b"CONNECT", host="example.org", port=443, scheme=b"", path=b"",
+                                        authority=b"example.org:443"))
+    demo.http_connect(other)
+    assert other.response is None
+    # Inside the https tunnel: the same mapping as for plain http.
+    g = tflow.tflow(req=tutils.treq(method=b"POST", scheme=b"https", host=SANDBOX_HOST, port=443, path=b"/v3/chat"))
+    demo.request(g)
+    assert (g.request.scheme, g.request.host, g.request.port) == ("http", "127.0.0.1", 8790)
+    tctx.options.coze_demo = False
+    off = tflow.tflow(req=tutils.treq(method=b"CONNECT", host=SANDBOX_HOST, port=443, scheme=b"", path=b"",
+                                      authority=f"{SANDBOX_HOST}:443".encode()))
+    demo.http_connect(off)
+    assert off.response is None  # not the demo: the name is not ours
+
+
+def status_page(status, scheme="http") -> str:
+    f = request("coze.mitm", "/")
+    f.request.scheme = scheme
+    status.request(f)
+    return f.response.get_text()
+
+
+def test_status_page_in_the_demo_says_what_is_true_there(addons):
+    _, status, tctx = addons()
+    data = status_json(status)
+    assert data["https_needed"] is False and data["demo"]["ready"] is True
+    page = status_page(status)
+    # Plain http pages, plain http API: the CA check is not an error here.
+    assert 'data-needed="false"' in page and "Not needed here" in page
+    # Only the demo page is allowed: the userscript would match nothing, so it is not offered.
+    assert "Install userscript" not in page and 'href="/coze-chat.user.js"' not in page
+    assert "would run on no page yet" in page and "--set coze_origins=https://your.page" in page
+    assert DEFAULT_BOT_ID in page and "the sandbox's bot" in page
+    tctx.options.coze_launcher = "run_mitm.py"
+    page = status_page(status)
+    assert "python run_mitm.py --demo --origins https://your.page" in page and "--bot-id &lt;bot id&gt;" in page
+    tctx.options.coze_origins = "http://coze.mitm,http://127.0.0.1:38090"
+    page = status_page(status)
+    assert "Install userscript" in page and 'data-needed="false"' in page
+    tctx.options.coze_origins = "http://coze.mitm,https://chat.example.org"
+    assert status_json(status)["https_needed"] is True
+    assert 'data-needed="true"' in status_page(status)
+
+
+def test_status_page_bot_id_hint_names_the_launcher_flag(addons):
+    _, status, tctx = addons(demo_on=False)
+    assert "--set coze_bot_id=&lt;bot id&gt;" in status_page(status)
+    tctx.options.coze_launcher = "run_mitm.py"
+    page = status_page(status)
+    assert "--bot-id &lt;bot id&gt;" in page and "coze_bot_id" not in page
+
+
+def test_version_state_kept_in_the_test_confdir_not_in_home(addons, tmp_path):
+    addons()
+    assert (tmp_path / VERSION_STATE_FILE).exists()
+    home = Path(os.path.expanduser("~"))
+    assert home == TEST_HOME  # conftest: the user's real ~/.mitmproxy is out of reach of every test
+    assert not (home / ".mitmproxy" / VERSION_STATE_FILE).exists()
 
 
 def test_title_is_escaped(addons):
