@@ -133,6 +133,14 @@ class Demo:
             accept_connect(flow)
             flow.comment = f"coze-mitm demo: tunnel to {SANDBOX_HOST} opened by the proxy"
 
+    def tls_clienthello(self, data) -> None:
+        # TLS inside that tunnel: with connection_strategy=eager mitmproxy would first try TLS with a server
+        # of that name (to copy its certificate), fail, and log a warning per tunnel. There is none: make
+        # the client's certificate from the name alone. (The requests inside are re-addressed in `request`.)
+        server = data.context.server
+        if ctx.options.coze_demo and server.address and str(server.address[0]).lower() == SANDBOX_HOST:
+            server.tls = False
+
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live or not ctx.options.coze_demo:
             return

@@ -181,6 +181,13 @@ class StatusPages:
         if flow.request.host.lower() == STATUS_HOST and not flow.response:
             accept_connect(flow)
 
+    def tls_clienthello(self, data) -> None:
+        # No server is called coze.mitm: make the certificate from the name alone rather than first try
+        # (connection_strategy=eager) and fail to reach one, with a warning per connection.
+        server = data.context.server
+        if server.address and str(server.address[0]).lower() == STATUS_HOST:
+            server.tls = False
+
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live:
             return
@@ -228,7 +235,8 @@ class StatusPages:
         s = self.settings
         stats = s.stats
         now = time.time()
-        over_https = bool(flow and flow.request.scheme == "https")
+        # (Inside a CONNECT tunnel the scheme follows the server side, which tls_clienthello set to none.)
+        over_https = bool(flow and (flow.request.scheme == "https" or flow.client_conn.tls))
         demo_on = demo.enabled()
         data = {
             "service": "coze-mitm",

@@ -15,11 +15,13 @@ from mitmproxy.test import taddons, tflow, tutils
 
 import json
 import os
+import socket
 
 from csp import Csp
 from demo import DEFAULT_BOT_ID, SANDBOX_API, SANDBOX_HOST, Demo
 from settings import CozeSettings
 from status import VERSION_STATE_FILE, StatusPages
+from tests.clients import session
 from tests.conftest import TEST_HOME, write_config
 from tests.test_run_mitm import Launcher
 
@@ -220,6 +222,36 @@ def test_title_is_escaped(addons):
     demo.request(f)
     assert "<img src=x" not in f.response.get_text()
     assert "&lt;img src=x" in f.response.get_text()
+
+
+# --------------------------------------------------------------------------- through a real mitmdump
+
+def test_sandbox_name_absolute_and_inside_connect_tunnels(mitmdump, config_file, standin):
+    """undici's ProxyAgent always tunnels, browsers tunnel ws://: CONNECT sandbox.coze.mitm must work too."""
+    proxy = mitmdump(f"coze_config={config_file}", "coze_origins=http://coze.mitm", "coze_demo=true")
+    tagged = {"Authorization": "Bearer user:alice-0001"}
+    s = session(proxy)
+    # An absolute-URL request (what a browser sends for http:// through a proxy).
+    r = s.get(f"{SANDBOX_API}/v1/bots/7000", headers=tagged, timeout=10)
+    assert r.status_code == 200 and r.json()["data"]["bot_id"] == "7000"
+    # https inside a CONNECT tunnel, with the certificate the proxy makes for the name.
+    r = s.get(f"https://{SANDBOX_HOST}/v1/bots/7001", headers=tagged, timeout=10,
+              verify=str(proxy.confdir / "mitmproxy-ca-cert.pem"))
+    assert r.status_code == 200 and r.json()["data"]["bot_id"] == "7001"
+    # Plain http inside a CONNECT tunnel (a raw socket, as a WebSocket client does it).
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as c:
+        c.sendall(f"CONNECT {SANDBOX_HOST}:80 HTTP/1.1\r\nHost: {SANDBOX_HOST}:80\r\n\r\n".encode())
+        assert c.recv(4096).startswith(b"HTTP/1.1 200")
+        c.sendall(f"GET /v1/bots/7002 HTTP/1.1\r\nHost: {SANDBOX_HOST}\r\nAuthorization: Bearer user:alice-0001\r\n"
+                  "Connection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := c.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["data"]["bot_id"] == "7002"
+    # Each time with this user's real token: one exchange, the placeholder never reached the sandbox.
+    assert standin.exchange_count("alice-0001") == 1 and standin.placeholder_seen == 0
+    assert "Name or service not known" not in proxy.output
 
 
 # --------------------------------------------------------------------------- the browser
