@@ -479,3 +479,86 @@ class TestCspAddon:
         f = run(tctx.addon, page_flow())
         assert directives(f.response.headers["content-security-policy"])["connect-src"] == \
             ["'self'", "http://127.0.0.1:8790", API]
+
+
+# ---------------------------------------------------------------------------------------------- in Chromium
+
+# What the Web Chat SDK does to a page besides loading files: its CSS as <style> elements, data: icons,
+# blob: upload previews. Run in the page (main world), so the page's CSP applies as it does to the SDK.
+SDK_INLINE_JS = """async () => {
+    const style = document.createElement('style');
+    style.textContent = '.coze-inline-probe { color: rgb(1, 2, 3); }';
+    document.head.appendChild(style);
+    const probe = document.createElement('div');
+    probe.className = 'coze-inline-probe';
+    probe.textContent = 'probe';
+    document.body.appendChild(probe);
+    const png = Uint8Array.from(atob(PNG_B64), (c) => c.charCodeAt(0));
+    const load = (src) => new Promise((resolve) => {
+        const img = new Image();
+        img.onload = () => resolve(img.naturalWidth);
+        img.onerror = () => resolve(0);
+        img.src = src;
+        document.body.appendChild(img);
+    });
+    const data = await load('data:image/png;base64,' + PNG_B64);
+    const blob = await load(URL.createObjectURL(new Blob([png], {type: 'image/png'})));
+    await new Promise((r) => setTimeout(r, 50));  // securitypolicyviolation events are queued as tasks
+    return {color: getComputedStyle(probe).color, data, blob, violations: window.__cspViolations};
+}"""
+RECORD_VIOLATIONS = """window.__cspViolations = [];
+document.addEventListener('securitypolicyviolation',
+    (e) => window.__cspViolations.push(e.effectiveDirective + ' ' + e.blockedURI));"""
+
+
+def test_sdk_styles_and_images_allowed_on_a_strict_page_in_chromium(tmp_path_factory, rsa_key):
+    import base64
+
+    from tests.browser import ICON_PNG, PageServer, chromium_args, find_chromium, gm_xhr_binding, userscript_init_script
+    from tests.clients import session
+    from tests.conftest import CLIENT_ID, KID, write_config
+    from tests.harness import Mitmdump
+    from sandbox.coze_standin import CozeStandIn
+
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("Chromium is not installed")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    standin = CozeStandIn(rsa_key["public_pem"], kid=KID, client_id=CLIENT_ID).start()
+    pages = PageServer(standin.base_url).start()
+    config = write_config(tmp_path_factory.mktemp("config"), rsa_key, standin.base_url)
+    proxy = Mitmdump(tmp_path_factory.mktemp("mitm"), [
+        f"coze_config={config}", "coze_origins=http://page.test", "coze_bot_id=7350000000000000001",
+        "coze_sdk_url=https://cdn.test/sdk/index.js", "connection_strategy=lazy",
+        *pages.map_remote("page.test", "cdn.test", "other.test"),
+    ])
+    try:
+        proxy.start()
+        script = session(proxy).get("http://coze.mitm/coze-chat.user.js", timeout=10).text
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=chromium_args(proxy.port))
+            context = browser.new_context(ignore_https_errors=True)
+            context.set_default_timeout(15_000)
+            context.expose_binding("cozeGmXhr", gm_xhr_binding(proxy.proxies))
+            context.add_init_script(RECORD_VIOLATIONS)
+            context.add_init_script(userscript_init_script(script))
+            inline_js = SDK_INLINE_JS.replace("PNG_B64", repr(base64.b64encode(ICON_PNG).decode()))
+            results = {}
+            for url in ("http://page.test/strict", "http://page.test/meta", "http://other.test/strict"):
+                page = context.new_page()
+                page.goto(url)
+                if "page.test" in url:  # the real userscript loaded the SDK stand-in: the chat is there
+                    page.wait_for_function("() => window.__fakeCozeClient")
+                    page.evaluate("() => window.__fakeCozeClient.ready")
+                results[url] = page.evaluate(inline_js)
+            browser.close()
+    finally:
+        proxy.stop()
+        pages.stop()
+        standin.stop()
+    for url in ("http://page.test/strict", "http://page.test/meta"):
+        assert results[url] == {"color": "rgb(1, 2, 3)", "data": 24, "blob": 24, "violations": []}, url
+    # Control: a page not in coze_origins keeps its policy, which blocks all three.
+    control = results["http://other.test/strict"]
+    assert control["color"] != "rgb(1, 2, 3)" and control["data"] == 0 and control["blob"] == 0
+    assert {v.split()[0] for v in control["violations"]} == {"style-src-elem", "img-src"}
