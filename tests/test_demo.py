@@ -274,19 +274,29 @@ def demo_proxy(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser(demo_proxy):
+def playwright():
+    """One Playwright per module: its sync API cannot be started twice in one thread."""
     sync_playwright = playwright_or_skip()
     with sync_playwright() as p:
-        chromium = p.chromium.launch(
-            executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
-            # No --proxy-bypass-list=<-loopback>: the demo never asks the browser for a loopback address
-            # (the sandbox is reached as http://sandbox.coze.mitm), so it works with a browser's defaults.
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  f"--proxy-server=http://127.0.0.1:{demo_proxy.port}"],
-        )
-        yield chromium
-        chromium.close()
+        yield p
+
+
+def chromium_path() -> str:
+    return CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
+
+
+@pytest.fixture(scope="module")
+def browser(demo_proxy, playwright):
+    chromium = playwright.chromium.launch(
+        executable_path=chromium_path(),
+        # No --proxy-bypass-list=<-loopback>: the demo never asks the browser for a loopback address
+        # (the sandbox is reached as http://sandbox.coze.mitm), so it works with a browser's defaults.
+        args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              f"--proxy-server=http://127.0.0.1:{demo_proxy.port}"],
+    )
+    yield chromium
+    chromium.close()
 
 
 RECORD_REPLY = """() => {
@@ -357,13 +367,12 @@ def test_demo_page_streams_a_reply_in_chromium(browser, demo_proxy, tmp_path):
     context.close()
 
 
-def test_demo_with_an_allowed_strict_csp_page_chats_with_the_real_userscript(tmp_path_factory):
+def test_demo_with_an_allowed_strict_csp_page_chats_with_the_real_userscript(tmp_path_factory, playwright):
     """run_mitm.py --demo --origins http://page.test: the served script names the sandbox bot, the page's
     `default-src 'self'` gets http://sandbox.coze.mitm (what the page calls) in connect-src, and it chats."""
     from tests.browser import PageServer, chromium_args, gm_xhr_binding, userscript_init_script
     from tests.clients import session as proxy_session
 
-    sync_playwright = playwright_or_skip()
     pages = PageServer(SANDBOX_API).start()  # the SDK stand-in calls the API as pages in the demo do
     launcher = Launcher(tmp_path_factory.mktemp("demo-page"), "--demo", "--origins", "http://page.test",
                         "--set", "coze_sdk_url=http://cdn.test/sdk/index.js",
@@ -374,37 +383,35 @@ def test_demo_with_an_allowed_strict_csp_page_chats_with_the_real_userscript(tmp
         assert f'  botId: "{DEFAULT_BOT_ID}", // @coze-mitm botId' in script
         assert re.findall(r"^// @match\s+(\S+)$", script, re.M) == ["http://page.test/*"]
         assert f"coze-mitm proxy (127.0.0.1:{launcher.port})" in script
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
-                                        args=chromium_args(launcher.port))
-            context = browser.new_context()
-            context.set_default_timeout(15_000)
-            context.expose_binding("cozeGmXhr", gm_xhr_binding(launcher.proxies))
-            context.add_init_script(userscript_init_script(script))
-            page = context.new_page()
-            problems = []
-            page.on("console", lambda m: problems.append(f"{m.text} {m.location.get('url', '')}")
-                    if m.type == "error" and not m.location.get("url", "").endswith("/favicon.ico") else None)
-            main = page.goto("http://page.test/strict")
-            policy = main.headers["content-security-policy"]
-            connect = next(d.split()[1:] for d in policy.split(";") if d.split()[0] == "connect-src")
-            assert connect == ["'self'", SANDBOX_API], policy
-            page.wait_for_function("() => window.__fakeCozeClient || document.getElementById('coze-mitm-notice')")
-            assert page.evaluate("() => document.getElementById('coze-mitm-notice')") is None
-            page.evaluate("() => window.__fakeCozeClient.ready")
-            assert page.evaluate("() => window.__cozeMitmClient.options.config.bot_id") == DEFAULT_BOT_ID
-            reply = page.evaluate("(t) => window.__fakeCozeClient.send(t)", "hello from a strict page")
-            assert reply == "Sandbox reply to: hello from a strict page"
-            assert problems == []  # no CSP violation, no failed request
+        browser = playwright.chromium.launch(executable_path=chromium_path(), args=chromium_args(launcher.port))
+        context = browser.new_context()
+        context.set_default_timeout(15_000)
+        context.expose_binding("cozeGmXhr", gm_xhr_binding(launcher.proxies))
+        context.add_init_script(userscript_init_script(script))
+        page = context.new_page()
+        problems = []
+        page.on("console", lambda m: problems.append(f"{m.text} {m.location.get('url', '')}")
+                if m.type == "error" and not m.location.get("url", "").endswith("/favicon.ico") else None)
+        main = page.goto("http://page.test/strict")
+        policy = main.headers["content-security-policy"]
+        connect = next(d.split()[1:] for d in policy.split(";") if d.split()[0] == "connect-src")
+        assert connect == ["'self'", SANDBOX_API], policy
+        page.wait_for_function("() => window.__fakeCozeClient || document.getElementById('coze-mitm-notice')")
+        assert page.evaluate("() => document.getElementById('coze-mitm-notice')") is None
+        page.evaluate("() => window.__fakeCozeClient.ready")
+        assert page.evaluate("() => window.__cozeMitmClient.options.config.bot_id") == DEFAULT_BOT_ID
+        reply = page.evaluate("(t) => window.__fakeCozeClient.send(t)", "hello from a strict page")
+        assert reply == "Sandbox reply to: hello from a strict page"
+        assert problems == []  # no CSP violation, no failed request
 
-            # The status page tells the demo's truth: no red CA error, plain http is enough here.
-            status = context.new_page()
-            status.goto("http://coze.mitm/")
-            status.wait_for_function("() => !document.getElementById('ca-state').textContent.startsWith('Checking')")
-            assert status.get_attribute("#ca-state", "class") != "bad"
-            assert "Not needed here" in status.inner_text("body")
-            assert status.get_attribute("a.button", "href") == "/coze-chat.user.js"
-            browser.close()
+        # The status page tells the demo's truth: no red CA error, plain http is enough here.
+        status = context.new_page()
+        status.goto("http://coze.mitm/")
+        status.wait_for_function("() => !document.getElementById('ca-state').textContent.startsWith('Checking')")
+        assert status.get_attribute("#ca-state", "class") != "bad"
+        assert "Not needed here" in status.inner_text("body")
+        assert status.get_attribute("a.button", "href") == "/coze-chat.user.js"
+        browser.close()
     finally:
         launcher.stop()
         pages.stop()
