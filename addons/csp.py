@@ -26,9 +26,8 @@ from mitmproxy import ctx, http
 
 import demo
 from config import Origin
-from csp_policy import (
-    inline_styles_blocked, meta_policies, parse_extra, patch_header_value, patch_meta_tags, resolve_sdk_url, sdk_needs,
-)
+from csp_meta import meta_policies, patch_meta_tags
+from csp_policy import inline_styles_blocked, parse_extra, patch_header_value, resolve_sdk_url, sdk_needs
 from settings import CozeSettings
 
 log = logging.getLogger("coze.csp")

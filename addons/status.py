@@ -8,23 +8,18 @@
                      accepts the proxy's certificates (i.e. trusts the mitmproxy CA)
 
 None of them shows a secret (tokens, the PAT, the key) or carries CORS headers, and no GET changes
-state: a web page can neither read them nor poke them. The page is status.html, rendered from the
-data of /status.json (`status()`) with Jinja2's autoescape: the one place values are escaped. Its
-CSP allows nothing but its static inline style and script (by hash) and the probe image.
+state: a web page can neither read them nor poke them. The page is status.html (status_page.py),
+rendered from the data of /status.json (`status()`) with autoescape: the one place values are
+escaped. To add a section, add its data to `status()` and its markup to status.html.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
-import os
-import re
 import time
-from pathlib import Path
 
-import jinja2  # comes with mitmproxy (through flask, for mitm.it)
 from mitmproxy import ctx, http
 
 import demo
@@ -33,17 +28,18 @@ from config import REPO_ROOT
 from csp_policy import resolve_sdk_url
 from identity import short_id
 from settings import STATUS_HOST, CozeSettings
+from status_page import PAGE_CSP, PROBE_SCRIPT, STYLE, render  # noqa: F401  (STYLE, PROBE_SCRIPT: for the tests)
 from tokens import scrub
+import userscript_fill
 from userscript_fill import (  # noqa: F401  (re-exported: the tests and older imports use status.*)
-    NO_ORIGIN_MATCH, base_version, fill_userscript, proxy_address, script_origins, set_version, version_stamp,
+    NO_ORIGIN_MATCH, VERSION_STATE_FILE, base_version, fill_userscript, proxy_address, script_origins, set_version,
+    version_stamp,
 )
 
 log = logging.getLogger("coze.status")
 
 USERSCRIPT_PATH = REPO_ROOT / "userscript" / "coze-chat.user.js"
 USERSCRIPT_URL = f"http://{STATUS_HOST}/coze-chat.user.js"
-PAGE_PATH = Path(__file__).resolve().parent / "status.html"
-VERSION_STATE_FILE = "coze-mitm-userscript.json"  # in mitmproxy's confdir: keeps @version stable across restarts
 # A 1x1 transparent PNG.
 PROBE_PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
@@ -54,47 +50,6 @@ HINTS = {
     "": {"bot_id": "--set coze_bot_id=<bot id>", "origins": "--set coze_origins=https://your.page"},
     LAUNCHER: {"bot_id": "--bot-id <bot id>", "origins": "--origins https://your.page"},
 }
-
-_PAGE_SOURCE = PAGE_PATH.read_text(encoding="utf-8")  # at import (startup), never on the event loop
-# The page's static inline style and script, allowed by their hashes.
-STYLE = re.search(r"<style>(.*?)</style>", _PAGE_SOURCE, re.S)[1]
-PROBE_SCRIPT = re.search(r"<script>(.*?)</script>", _PAGE_SOURCE, re.S)[1]
-
-
-def _csp_hash(source: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode()).digest()).decode() + "'"
-
-
-PAGE_CSP = "; ".join([
-    "default-src 'none'",
-    f"style-src {_csp_hash(STYLE)}",
-    f"script-src {_csp_hash(PROBE_SCRIPT)}",
-    f"img-src https://{STATUS_HOST}",
-    "base-uri 'none'",
-    "form-action 'none'",
-    "frame-ancestors 'none'",
-])
-
-
-def _ago(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 0:
-        return "expired"
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
-
-
-def _clock(t) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if isinstance(t, (int, float)) else ""
-
-
-_env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-_env.filters.update(ago=_ago, clock=_clock)
-PAGE = _env.from_string(_PAGE_SOURCE)
-
 
 class StatusPages:
     def __init__(self, settings: CozeSettings):
@@ -156,23 +111,12 @@ class StatusPages:
         if not self._template:
             self.userscript, self.userscript_version = None, ""
             return
-        opts = ctx.options
-        text = fill_userscript(self._template, sorted(self.settings.page_origins), {
-            "botId": demo.bot_id(self.settings),
-            "title": opts.coze_title,
-            "sdkUrl": self.sdk_url,
-        }, proxy=self.proxy)
-        digest = hashlib.sha256(text.encode()).hexdigest()
-        state_path = None
-        confdir = getattr(opts, "confdir", None)
-        if confdir:
-            state_path = Path(os.path.expanduser(confdir)) / VERSION_STATE_FILE
-        stamp, persisted = version_stamp(digest, state_path, time.time())
+        values = {"botId": demo.bot_id(self.settings), "title": ctx.options.coze_title, "sdkUrl": self.sdk_url}
+        self.userscript, self.userscript_version, persisted = userscript_fill.build(
+            self._template, sorted(self.settings.page_origins), values, self.proxy, getattr(ctx.options, "confdir", None))
         if not persisted:
             log.debug("coze-mitm: could not keep the userscript's version in the confdir; "
                       "installed copies may be offered an update after each restart")
-        self.userscript_version = f"{base_version(self._template)}.{stamp}"
-        self.userscript = set_version(text, self.userscript_version).encode("utf-8")
 
     # ------------------------------------------------------------ hooks
 
@@ -324,4 +268,4 @@ class StatusPages:
                 ("Requests refused", sum(c["refusals"].values())),
             ],
         }
-        return PAGE.render(data=data, view=view)
+        return render(data, view)

@@ -9,15 +9,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 STATUS_HOST = "coze.mitm"
 NO_ORIGIN_MATCH = "http://no-page-origin-configured.invalid/*"  # .invalid never resolves: matches no page
 DEFAULT_PROXY = "127.0.0.1:8080"
+VERSION_STATE_FILE = "coze-mitm-userscript.json"  # in mitmproxy's confdir: keeps @version stable across restarts
 
 _MATCH_LINE = re.compile(r"// @match\s+.*")
 _VERSION_LINE = re.compile(r"^(// @version\s+)(\S+)\s*$", re.M)
@@ -126,3 +129,12 @@ def version_stamp(digest: str, state_path: Path | None, now: float) -> tuple[int
     except OSError:
         return stamp, False
     return stamp, True
+
+
+def build(template: str, origins, values: dict[str, str], proxy: str, confdir: str | None) -> tuple[bytes, str, bool]:
+    """The served script, its @version, and whether that version could be kept in the confdir."""
+    text = fill_userscript(template, origins, values, proxy=proxy)
+    state_path = Path(os.path.expanduser(confdir)) / VERSION_STATE_FILE if confdir else None
+    stamp, persisted = version_stamp(hashlib.sha256(text.encode()).hexdigest(), state_path, time.time())
+    version = f"{base_version(template)}.{stamp}"
+    return set_version(text, version).encode("utf-8"), version, persisted

@@ -16,9 +16,9 @@ from mitmproxy.test import taddons, tflow, tutils
 
 import csp_policy
 from csp import CSP_PAGE, Csp
+from csp_meta import patch_meta_tags
 from csp_policy import (
-    CHAINS, CN_SDK_URL, OVERSEA_SDK_URL, parse_extra, patch_header_value, patch_meta_tags, patch_policy,
-    resolve_sdk_url, sdk_needs,
+    CHAINS, CN_SDK_URL, OVERSEA_SDK_URL, parse_extra, patch_header_value, patch_policy, resolve_sdk_url, sdk_needs,
 )
 from settings import CozeSettings
 
