@@ -58,7 +58,8 @@ class StatusPages:
         self.userscript: bytes | None = None
         self.userscript_version = ""
         self.sdk_url = ""
-        self.proxy = proxy_address("", None)
+        self.proxy = proxy_address("", None)  # host:port the served script names (see running)
+        self._bound_port: int | None = None
         self.problems: list[str] = []
 
     def load(self, loader):
@@ -93,16 +94,18 @@ class StatusPages:
             problems.append(str(e))
             self.sdk_url = resolve_sdk_url("", api_origins)
         self.problems = problems
-        # Until the servers are up (see running), the address the options name.
-        self.proxy = proxy_address(opts.listen_host, opts.listen_port)
+        if updated & {"listen_host", "listen_port", "mode"}:
+            self._bound_port = None  # the servers are restarted: until `running`, what the options say
+        self.proxy = proxy_address(opts.listen_host, self._bound_port or opts.listen_port)
         self._build_userscript()
 
     def running(self):
         # The port really bound (listen_port 0 means "any free port"); the host stays the browser's view of it.
-        server = ctx.master.addons.get("proxyserver") if hasattr(ctx, "master") else None
-        addrs = server.listen_addrs() if server is not None and hasattr(server, "listen_addrs") else []
+        server = ctx.master.addons.get("proxyserver")
+        addrs = server.listen_addrs() if server is not None else []
         if addrs:
-            real = proxy_address(ctx.options.listen_host, addrs[0][1])
+            self._bound_port = addrs[0][1]
+            real = proxy_address(ctx.options.listen_host, self._bound_port)
             if real != self.proxy:
                 self.proxy = real
                 self._build_userscript()

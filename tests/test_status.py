@@ -373,3 +373,12 @@ def test_filled_proxy_address_and_hostile_one_refused():
     assert config_value(text, "proxy") == "127.0.0.1:9999"
     with pytest.raises(ValueError):
         fill_userscript(TEMPLATE, [PAGE], {}, proxy="x) @match https://evil/*")
+
+
+def test_bound_port_kept_across_other_option_changes(tctx):
+    """After `running` learnt the bound port (listen_port 0), editing another option keeps naming it."""
+    tctx.pages._bound_port = 41943  # what running() reads from the proxy server
+    tctx.configure(tctx.pages, coze_title="Other title")
+    assert config_value(body_of(get(tctx.pages, "/coze-chat.user.js")), "proxy") == "127.0.0.1:41943"
+    tctx.configure(tctx.pages, listen_port=9000)  # servers restarted on the new port
+    assert config_value(body_of(get(tctx.pages, "/coze-chat.user.js")), "proxy") == "127.0.0.1:9000"
