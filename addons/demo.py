@@ -30,7 +30,7 @@ import logging
 import secrets
 from pathlib import Path
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx, http, tls
 
 from answers import accept_connect, answer_json
 from config import Origin, parse_api_origin
@@ -133,7 +133,7 @@ class Demo:
             accept_connect(flow)
             flow.comment = f"coze-mitm demo: tunnel to {SANDBOX_HOST} opened by the proxy"
 
-    def tls_clienthello(self, data) -> None:
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         # TLS inside that tunnel: with connection_strategy=eager mitmproxy would first try TLS with a server
         # of that name (to copy its certificate), fail, and log a warning per tunnel. There is none: make
         # the client's certificate from the name alone. (The requests inside are re-addressed in `request`.)

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx, http, tls
 
 import demo
 from answers import accept_connect
@@ -128,7 +128,7 @@ class StatusPages:
         if flow.request.host.lower() == STATUS_HOST and not flow.response:
             accept_connect(flow)
 
-    def tls_clienthello(self, data) -> None:
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         # No server is called coze.mitm: make the certificate from the name alone rather than first try
         # (connection_strategy=eager) and fail to reach one, with a warning per connection.
         server = data.context.server
