@@ -11,6 +11,10 @@ failed on exactly these pages, which is why the proxy intercepts the page hosts 
 * What is added, and how fallbacks, 'none', nonces and 'strict-dynamic' are handled: csp_policy.py
   (pure logic, tested on its own).
 * The proxy's own pages (http://coze.mitm/) keep their own strict policy.
+* connect-src gets the API origins the pages really call: in the demo, http://sandbox.coze.mitm
+  rather than the sandbox's loopback address (demo.page_api_origins).
+* A page whose style directive allows inline styles only by nonce or hash blocks the SDK's <style>
+  elements whatever is added: said once per origin in the log and on the status page.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import re
 
 from mitmproxy import ctx, http
 
+import demo
 from config import Origin
-from csp_policy import parse_extra, patch_header_value, patch_meta_tags, resolve_sdk_url, sdk_needs
+from csp_meta import meta_policies, patch_meta_tags
+from csp_policy import inline_styles_blocked, parse_extra, patch_header_value, resolve_sdk_url, sdk_needs
 from settings import CozeSettings
 
 log = logging.getLogger("coze.csp")
@@ -55,8 +61,9 @@ class Csp:
             sdk_url = resolve_sdk_url(opts.coze_sdk_url, api_origins)
         except ValueError:
             sdk_url = None  # the status addon reports a bad coze_sdk_url; the API's origins still get in
-        self.needs = sdk_needs(sdk_url, api_origins, extra)
+        self.needs = sdk_needs(sdk_url, demo.page_api_origins(self.settings), extra)
         self._announced.clear()
+        self.settings.stats.page_notes.clear()
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live or not self.enabled:
@@ -107,6 +114,8 @@ class Csp:
         if changed:
             headers.set_all("content-security-policy", patched)
             self._note(flow, origin, "header", changed)
+        if any(inline_styles_blocked(v) for v in patched):
+            self._unstyled(origin, "header")
 
     def _patch_meta(self, flow: http.HTTPFlow) -> None:
         origin = flow.metadata.get(CSP_PAGE)
@@ -123,6 +132,20 @@ class Csp:
         if changed:
             response.text = new
             self._note(flow, origin, "meta tag", changed)
+        if any(inline_styles_blocked(v) for v in meta_policies(new)):
+            self._unstyled(origin, "meta tag")
+
+    def _unstyled(self, origin: str, where: str) -> None:
+        notes = self.settings.stats.page_notes
+        if origin in notes:
+            return
+        notes[origin] = (
+            f"The chat is unstyled here: this page's Content-Security-Policy {where} allows inline styles only by "
+            "nonce or hash, so the Chat SDK's <style> elements are blocked (browsers ignore 'unsafe-inline' next to "
+            "a nonce or hash, so coze_csp_extra cannot fix it). The page itself must allow inline styles: "
+            "style-src 'unsafe-inline' without a nonce or hash."
+        )
+        log.warning(f"coze-mitm: {origin}: {notes[origin]}")
 
     def _note(self, flow: http.HTTPFlow, origin: str, where: str, changed: list[str]) -> None:
         what = f"CSP {where} extended for the Coze Chat SDK ({', '.join(changed)})"

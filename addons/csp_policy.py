@@ -4,9 +4,13 @@ What the Coze Web Chat SDK needs from a page's CSP, and how a policy is widened 
 
 * The needs are a map "fetch directive -> sources": the SDK's CDN origin for script-src, style-src,
   img-src, font-src, media-src and frame-src, and the Coze API origin(s) for connect-src (see
-  `sdk_needs`). Nothing is added that the SDK does not load: no 'unsafe-inline', no 'unsafe-eval',
-  no data:/blob:, no wildcard. Users who find the SDK needs more on their pages (an avatar host, a
-  font CDN) add it explicitly with coze_csp_extra, in CSP syntax.
+  `sdk_needs`). Besides, what the SDK itself puts into the page: its CSS comes as <style> elements
+  ('unsafe-inline' for style-src) and it shows data: and blob: images (inlined icons, upload
+  previews). Nothing else: no 'unsafe-eval', no inline scripts, no wildcard. Users who find the SDK
+  needs more on their pages (an avatar host, a font CDN) add it explicitly with coze_csp_extra.
+* 'unsafe-inline' is never added to a source list that has a nonce or a hash: browsers ignore it
+  there. Such a page keeps its policy, and the chat is unstyled on it (`inline_styles_blocked` tells
+  the caller, which says so); only the page itself can allow inline styles.
 * For each need, the directive that governs that kind of load is found the way a browser finds it
   (script-src-elem -> script-src -> default-src; frame-src -> child-src -> default-src; ...):
   - if it is the kind's own directive, the sources are appended to it ('none' is dropped, since
@@ -23,12 +27,12 @@ What the Coze Web Chat SDK needs from a page's CSP, and how a policy is widened 
 * A header value may hold several policies (comma-separated, like several headers); each is
   enforced on its own, so each is patched on its own. Report-only policies are left alone by the
   caller: they block nothing.
-* <meta http-equiv="Content-Security-Policy"> tags in the document head are patched the same way.
+* <meta http-equiv="Content-Security-Policy"> tags in the document head are patched the same way
+  (csp_meta.py).
 """
 
 from __future__ import annotations
 
-import html
 import re
 from typing import Iterable, Mapping
 from urllib.parse import urlsplit
@@ -38,6 +42,11 @@ from urllib.parse import urlsplit
 # newest seen in the wild there).
 CN_SDK_URL = "https://lf-cdn.coze.cn/obj/unpkg/flow-platform/chat-app-sdk/1.2.0-beta.10/libs/cn/index.js"
 OVERSEA_SDK_URL = "https://sf-cdn.coze.com/obj/unpkg-va/flow-platform/chat-app-sdk/1.2.0-beta.6/libs/oversea/index.js"
+
+# What the SDK puts into the page itself: <style> elements, data: and blob: images.
+SDK_INLINE = {"style-src": ("'unsafe-inline'",), "img-src": ("data:", "blob:")}
+UNSAFE_INLINE = "'unsafe-inline'"
+_NONCE_OR_HASH = re.compile(r"'(?:nonce-|sha256-|sha384-|sha512-)", re.IGNORECASE)
 
 # For each kind of load: the directives a browser consults, most specific first (CSP Level 3).
 # The first one present in a policy governs that load.
@@ -146,6 +155,8 @@ def sdk_needs(sdk_url: str | None, api_origins: Iterable[str],
         cdn = sdk_origin(sdk_url)
         for directive in ("script-src", "style-src", "img-src", "font-src", "media-src", "frame-src"):
             add(directive, [cdn])
+        add("style-src", SDK_INLINE["style-src"])
+        add("img-src", SDK_INLINE["img-src"])
     add("connect-src", sorted(api_origins))
     for directive, sources in (extra or {}).items():
         add(directive, sources)
@@ -170,8 +181,14 @@ def _allows(sources: list[str], wanted: str) -> bool:
     return any(c in have for c in covering.get(scheme, (f"{scheme}:",)))
 
 
+def has_nonce_or_hash(sources: Iterable[str]) -> bool:
+    return any(_NONCE_OR_HASH.match(s) for s in sources)
+
+
 def _widen(sources: list[str], wanted: Iterable[str]) -> list[str] | None:
     """sources + the wanted ones not yet allowed; None when nothing needs adding."""
+    if has_nonce_or_hash(sources):  # browsers ignore 'unsafe-inline' next to a nonce or hash
+        wanted = [w for w in wanted if w.lower() != UNSAFE_INLINE]
     missing = [w for w in wanted if not _allows(sources, w)]
     if not missing:
         return None
@@ -228,6 +245,29 @@ def patch_policy(policy: str, needs: Mapping[str, Iterable[str]]) -> tuple[str, 
     return "; ".join(out), changed
 
 
+def _governing(policy: str, kind: str) -> list[str] | None:
+    """The sources of the directive that governs `kind` in one policy (None: nothing restricts it)."""
+    found: dict[str, list[str]] = {}
+    for raw in policy.split(";"):
+        tokens = [t for t in _WS.split(raw.strip()) if t]
+        if tokens and _DIRECTIVE_NAME.fullmatch(tokens[0]):
+            found.setdefault(tokens[0].lower(), tokens[1:])
+    return next((found[d] for d in CHAINS[kind] if d in found), None)
+
+
+def inline_styles_blocked(value: str) -> bool:
+    """Does this CSP header value (one or more policies) block <style> elements whatever is added?
+
+    True when a policy's governing style directive allows inline styles only by nonce or hash: the
+    SDK's <style> elements carry neither, and 'unsafe-inline' is ignored beside them.
+    """
+    for policy in value.split(","):
+        sources = _governing(policy, "style-src")
+        if sources is not None and has_nonce_or_hash(sources):
+            return True
+    return False
+
+
 def patch_header_value(value: str, needs: Mapping[str, Iterable[str]]) -> tuple[str, list[str]]:
     """A Content-Security-Policy header value, which may hold several comma-separated policies."""
     policies = value.split(",")
@@ -240,48 +280,3 @@ def patch_header_value(value: str, needs: Mapping[str, Iterable[str]]) -> tuple[
     if not changed:
         return value, []
     return ",".join(patched), changed
-
-
-# ------------------------------------------------------------------ <meta http-equiv> in HTML
-
-_HEAD_END = re.compile(r"</head\s*>|<body[\s>/]", re.IGNORECASE)
-_META = re.compile(r"<meta\b[^>]*>", re.IGNORECASE)
-_ATTR = re.compile(r"""([^\s"'>/=]+)(?:\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'=<>`]+)))?""")
-HEAD_SCAN_LIMIT = 256 * 1024  # without a </head>, look no further than this for meta tags
-
-
-def patch_meta_tags(document: str, needs: Mapping[str, Iterable[str]]) -> tuple[str, list[str]]:
-    """Patch <meta http-equiv="Content-Security-Policy" content="..."> tags in the document head.
-
-    Browsers honour such a tag only in the head, so only the head is searched (up to </head> or
-    <body>): text further down, in scripts or comments, is never touched.
-    """
-    end = _HEAD_END.search(document, 0, HEAD_SCAN_LIMIT)
-    limit = end.start() if end else min(len(document), HEAD_SCAN_LIMIT)
-    pieces: list[str] = []
-    pos = 0
-    changed: list[str] = []
-    for tag in _META.finditer(document, 0, limit):
-        attrs = {}
-        for m in _ATTR.finditer(tag.group(0), 5):  # after "<meta"
-            value = next((g for g in m.groups()[1:] if g is not None), None)
-            attrs.setdefault(m.group(1).lower(), (m, value))
-        equiv = attrs.get("http-equiv")
-        content = attrs.get("content")
-        if not equiv or not content or content[1] is None:
-            continue
-        if html.unescape(equiv[1] or "").strip().lower() != "content-security-policy":
-            continue
-        new, names = patch_header_value(html.unescape(content[1]), needs)
-        if not names:
-            continue
-        m = content[0]
-        start, stop = tag.start() + m.start(), tag.start() + m.end()
-        pieces.append(document[pos:start])
-        pieces.append(f'{m.group(1)}="{html.escape(new, quote=True)}"')
-        pos = stop
-        changed.extend(n for n in names if n not in changed)
-    if not changed:
-        return document, []
-    pieces.append(document[pos:])
-    return "".join(pieces), changed

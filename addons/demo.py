@@ -12,6 +12,13 @@ coze_origins. The page then does what the Web Chat SDK does on a real page:
 `sandbox.coze.mitm` is a name only this proxy knows: it is mapped here to the configured API origin,
 and only when that origin is on this machine (a sandbox), never to a real Coze. A browser sends it
 through its proxy like any other host, whereas 127.0.0.1 would bypass the proxy in most browsers.
+Clients that tunnel (a CONNECT to sandbox.coze.mitm:80 or :443: undici's ProxyAgent always does,
+browsers do for ws://) get the tunnel from here too, since no server of that name exists to connect
+to; what arrives inside it, plain http or TLS with the proxy's certificate, is mapped the same way.
+
+In the demo, the pages call the sandbox by that name: the served userscript and the status page name
+the sandbox's bot, and allowed pages' CSP gets http://sandbox.coze.mitm in connect-src (`bot_id`,
+`page_api_origins`; the other addons ask these functions).
 """
 
 from __future__ import annotations
@@ -23,10 +30,10 @@ import logging
 import secrets
 from pathlib import Path
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx, http, tls
 
-from answers import answer_json
-from config import parse_api_origin
+from answers import accept_connect, answer_json
+from config import Origin, parse_api_origin
 from settings import STATUS_HOST, CozeSettings
 
 log = logging.getLogger("coze.demo")
@@ -38,6 +45,39 @@ SANDBOX_API = f"http://{SANDBOX_HOST}"
 DEMO_ORIGIN = f"http://{STATUS_HOST}"
 DEFAULT_BOT_ID = "7000000000000000001"
 DEMO_ROUTED = "coze_demo_routed"  # flow.metadata: this request was sent on to the local sandbox
+
+
+def enabled() -> bool:
+    """Is the coze_demo option on? (False where the Demo addon is not loaded, e.g. in unit tests.)"""
+    return bool(getattr(ctx.options, "coze_demo", False))
+
+
+def sandbox_origin(settings: CozeSettings) -> Origin | None:
+    """The configured API origin if it is a local sandbox (JWT mode, loopback host), else None."""
+    app = settings.app
+    if app is None or settings.broker is None:
+        return None
+    origin = parse_api_origin(app.api_base)
+    return origin if is_local(origin.host) else None
+
+
+def active(settings: CozeSettings) -> bool:
+    """The demo is on and has a local sandbox to send sandbox.coze.mitm to."""
+    return enabled() and sandbox_origin(settings) is not None
+
+
+def bot_id(settings: CozeSettings) -> str:
+    """The bot the pages chat with: coze_bot_id, or in the demo the sandbox's bot."""
+    return ctx.options.coze_bot_id.strip() or (DEFAULT_BOT_ID if active(settings) else "")
+
+
+def page_api_origins(settings: CozeSettings) -> list[str]:
+    """The API origins as pages call them: in the demo the sandbox by its name, not its loopback address."""
+    origins = sorted(str(o) for o in settings.api_origins)
+    sandbox = sandbox_origin(settings) if enabled() else None
+    if sandbox is None:
+        return origins
+    return sorted({SANDBOX_API if o == str(sandbox) else o for o in origins})
 
 
 def is_local(host: str) -> bool:
@@ -81,20 +121,32 @@ class Demo:
     def _api_description(self) -> str:
         return ", ".join(sorted(map(str, self.settings.api_origins))) or "none"
 
-    def sandbox_origin(self):
-        """The configured API origin if it is a local sandbox (JWT mode, loopback host), else None."""
-        app = self.settings.app
-        if app is None or self.settings.broker is None:
-            return None
-        origin = parse_api_origin(app.api_base)
-        return origin if is_local(origin.host) else None
+    def sandbox_origin(self) -> Origin | None:
+        return sandbox_origin(self.settings)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        # No server is called sandbox.coze.mitm: mitmproxy would fail to connect to it (502) before any
+        # request hook ran. Open the tunnel here; the requests inside it are routed in `request`.
+        if flow.response or not ctx.options.coze_demo:
+            return
+        if flow.request.host.lower() == SANDBOX_HOST:
+            accept_connect(flow)
+            flow.comment = f"coze-mitm demo: tunnel to {SANDBOX_HOST} opened by the proxy"
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        # TLS inside that tunnel: with connection_strategy=eager mitmproxy would first try TLS with a server
+        # of that name (to copy its certificate), fail, and log a warning per tunnel. There is none: make
+        # the client's certificate from the name alone. (The requests inside are re-addressed in `request`.)
+        server = data.context.server
+        if ctx.options.coze_demo and server.address and str(server.address[0]).lower() == SANDBOX_HOST:
+            server.tls = False
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live or not ctx.options.coze_demo:
             return
         request = flow.request
         host = request.host.lower()
-        if host == SANDBOX_HOST and request.scheme == "http":
+        if host == SANDBOX_HOST and request.scheme in ("http", "https"):
             self._route_to_sandbox(flow)
         elif host == STATUS_HOST and request.path.split("?", 1)[0] in DEMO_PATHS and request.method in ("GET", "HEAD"):
             self._serve_page(flow)
@@ -117,7 +169,7 @@ class Demo:
         ready = self.sandbox_origin() is not None
         page_config = {
             "apiBase": SANDBOX_API,
-            "botId": ctx.options.coze_bot_id or DEFAULT_BOT_ID,
+            "botId": ctx.options.coze_bot_id.strip() or DEFAULT_BOT_ID,
             "ready": ready,
             "problem": "" if ready else (
                 f"the configured Coze API ({self._api_description()}) is not a local sandbox; "

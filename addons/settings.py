@@ -42,6 +42,7 @@ class Stats:
     preflights: int = 0
     refusals: collections.Counter = field(default_factory=collections.Counter)
     last_errors: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
+    page_notes: dict = field(default_factory=dict)  # page origin -> what the status page says about it (csp.py)
 
     # The keys `refusals` may have: a fixed set, so no upstream text (nor anyone's choice of words) can grow
     # status.json or reach it. A reason not listed here is counted as "other": add new reasons here.

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 
 REPO = Path(__file__).resolve().parent.parent
+# Every test gives mitmproxy its own confdir. HOME points at a throwaway directory as well, so that a
+# test which forgets (or a child process: mitmdump, run_mitm.py, Chromium) never writes into the
+# user's real ~/.mitmproxy (a rewritten coze-mitm-userscript.json there changes the installed
+# userscript's @version). Set before anything expands "~".
+TEST_HOME = Path(tempfile.mkdtemp(prefix="coze-mitm-test-home-"))
+os.environ["HOME"] = str(TEST_HOME)
+(TEST_HOME / ".mitmproxy").mkdir()  # as on a machine where mitmproxy ran before: a leak would land here
 # The addon modules import each other as siblings, the way mitmproxy loads addons/coze.py.
 sys.path.insert(0, str(REPO / "addons"))
 sys.path.insert(0, str(REPO))
@@ -71,3 +80,12 @@ def mitmdump(tmp_path_factory):
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_test_uses_the_default_confdir():
+    """After the suite: nothing wrote the status addon's state into the default confdir (~/.mitmproxy)."""
+    yield
+    leaked = (TEST_HOME / ".mitmproxy" / "coze-mitm-userscript.json").exists()
+    shutil.rmtree(TEST_HOME, ignore_errors=True)
+    assert not leaked, "a test used mitmproxy's default confdir: give it its own (confdir=tmp_path)"

@@ -16,9 +16,9 @@ from mitmproxy.test import taddons, tflow, tutils
 
 import csp_policy
 from csp import CSP_PAGE, Csp
+from csp_meta import patch_meta_tags
 from csp_policy import (
-    CHAINS, CN_SDK_URL, OVERSEA_SDK_URL, parse_extra, patch_header_value, patch_meta_tags, patch_policy,
-    resolve_sdk_url, sdk_needs,
+    CHAINS, CN_SDK_URL, OVERSEA_SDK_URL, parse_extra, patch_header_value, patch_policy, resolve_sdk_url, sdk_needs,
 )
 from settings import CozeSettings
 
@@ -47,20 +47,24 @@ def effective(policy: str, kind: str) -> list[str] | None:
 
 
 class TestNeeds:
-    def test_sdk_needs_are_the_cdn_and_the_api_only(self):
+    def test_sdk_needs_are_the_cdn_the_api_and_what_the_sdk_inlines(self):
         assert NEEDS == {
-            "script-src": (CDN,), "style-src": (CDN,), "img-src": (CDN,), "font-src": (CDN,),
-            "media-src": (CDN,), "frame-src": (CDN,), "connect-src": (API,),
+            "script-src": (CDN,), "style-src": (CDN, "'unsafe-inline'"), "img-src": (CDN, "data:", "blob:"),
+            "font-src": (CDN,), "media-src": (CDN,), "frame-src": (CDN,), "connect-src": (API,),
         }
-        for sources in NEEDS.values():
-            assert not any(s.startswith("'") or s.endswith(":") or "*" in s for s in sources)
+        # <style> elements and data:/blob: images only: no inline script, no eval, no wildcard.
+        inlined = {("style-src", "'unsafe-inline'"), ("img-src", "data:"), ("img-src", "blob:")}
+        for directive, sources in NEEDS.items():
+            for s in sources:
+                if (directive, s) not in inlined:
+                    assert not (s.startswith("'") or s.endswith(":") or "*" in s), (directive, s)
 
     def test_several_api_origins_and_extras(self):
         needs = sdk_needs("http://cdn.test:8000/sdk/index.js", ["http://127.0.0.1:9000", API],
                           parse_extra("img-src https://img.example data:; font-src https://fonts.example"))
         assert needs["script-src"] == ("http://cdn.test:8000",)
         assert needs["connect-src"] == ("http://127.0.0.1:9000", API)
-        assert needs["img-src"] == ("http://cdn.test:8000", "https://img.example", "data:")
+        assert needs["img-src"] == ("http://cdn.test:8000", "data:", "blob:", "https://img.example")
         assert needs["font-src"] == ("http://cdn.test:8000", "https://fonts.example")
 
     def test_no_sdk_url_still_lets_the_api_in(self):
@@ -108,7 +112,7 @@ class TestPatchPolicy:
 
     def test_own_directive_widened_in_place(self):
         new, changed = patch_policy("script-src 'self' https://cdn.example; img-src 'self'", NEEDS)
-        assert new == f"script-src 'self' https://cdn.example {CDN}; img-src 'self' {CDN}"
+        assert new == f"script-src 'self' https://cdn.example {CDN}; img-src 'self' {CDN} data: blob:"
         assert changed == ["script-src", "img-src"]
 
     def test_none_is_replaced_by_the_sources(self):
@@ -116,7 +120,7 @@ class TestPatchPolicy:
         d = directives(new)
         assert d["default-src"] == ["'none'"]
         assert d["script-src"] == [CDN]
-        assert d["style-src"] == [CDN] and d["connect-src"] == [API]
+        assert d["style-src"] == [CDN, "'unsafe-inline'"] and d["connect-src"] == [API]
 
     def test_nonces_hashes_and_strict_dynamic_kept(self):
         policy = "script-src 'nonce-r4nd0m' 'sha256-abc=' 'strict-dynamic' https: 'unsafe-inline'; object-src 'none'"
@@ -133,8 +137,8 @@ class TestPatchPolicy:
             assert new is policy and changed == []
 
     def test_already_allowed_sources_not_repeated(self):
-        policy = f"script-src *; style-src https:; img-src {CDN}/; font-src http:; media-src {CDN.upper()}; " \
-                 f"frame-src *; connect-src {API}"
+        policy = f"script-src *; style-src https: 'unsafe-inline'; img-src {CDN}/ blob: DATA:; font-src http:; " \
+                 f"media-src {CDN.upper()}; frame-src *; connect-src {API}"
         assert patch_policy(policy, NEEDS) == (policy, [])
 
     def test_star_does_not_cover_a_scheme_or_keyword(self):
@@ -169,6 +173,38 @@ class TestPatchPolicy:
         assert directives(second)["frame-ancestors"] == ["'none'"]
         assert changed == ["script-src"]
         assert patch_header_value("frame-ancestors 'none', sandbox", NEEDS) == ("frame-ancestors 'none', sandbox", [])
+
+    def test_sdk_styles_and_images_follow_the_fallback_rules(self):
+        new, _ = patch_policy("default-src 'self'", NEEDS)
+        d = directives(new)
+        assert d["default-src"] == ["'self'"]
+        assert d["style-src"] == ["'self'", CDN, "'unsafe-inline'"]
+        assert d["img-src"] == ["'self'", CDN, "data:", "blob:"]
+        assert "'unsafe-inline'" not in d["script-src"] and "data:" not in d["script-src"]
+        # The element directive governs <style> elements: it gets 'unsafe-inline', style-src stays.
+        new, changed = patch_policy("style-src 'nonce-a'; style-src-elem 'self'", NEEDS)
+        assert directives(new)["style-src-elem"] == ["'self'", CDN, "'unsafe-inline'"]
+        assert directives(new)["style-src"] == ["'nonce-a'"]
+        assert not csp_policy.inline_styles_blocked(new)
+
+    @pytest.mark.parametrize("policy", [
+        "default-src 'self'; style-src 'self' 'nonce-r4nd0m'",
+        "style-src 'sha256-AbC=' 'unsafe-inline'",
+        "default-src 'self' 'NONCE-x'",  # the fallback's nonce is copied into the new style-src
+        "script-src 'self', style-src-elem 'sha384-x'",  # the second policy of a header value
+    ])
+    def test_no_unsafe_inline_next_to_a_nonce_or_hash(self, policy):
+        new, _ = patch_header_value(policy, NEEDS)
+        for one in new.split(","):
+            style = effective(one, "style-src")
+            if style is not None and csp_policy.has_nonce_or_hash(style):
+                assert "'unsafe-inline'" not in style or "'unsafe-inline'" in policy
+                assert CDN in style  # the stylesheet from the CDN still gets in
+        assert csp_policy.inline_styles_blocked(new) and csp_policy.inline_styles_blocked(policy)
+
+    def test_inline_styles_not_blocked_without_nonce_or_hash(self):
+        for policy in ("default-src 'self'", "script-src 'nonce-a'", "style-src 'self'", "", "img-src 'sha256-x'"):
+            assert not csp_policy.inline_styles_blocked(patch_header_value(policy, NEEDS)[0])
 
     def test_idempotent(self):
         for policy in ("default-src 'self'", "default-src 'none'; script-src 'nonce-x' 'strict-dynamic'",
@@ -205,8 +241,13 @@ def test_property_nothing_weakened_beyond_the_needed_sources(policy):
         assert set(now) - set(old) <= needed
         if now != old:  # a changed list never keeps a 'none' (that would still block, or mean nothing)
             assert "'none'" not in now
+        nonce_or_hash = csp_policy.has_nonce_or_hash(now)
+        if nonce_or_hash and "'unsafe-inline'" not in old:  # browsers would ignore it there: never added
+            assert "'unsafe-inline'" not in now
         if kind in NEEDS:  # and what the SDK needs is allowed afterwards
             for source in NEEDS[kind]:
+                if source == "'unsafe-inline'" and nonce_or_hash:
+                    continue
                 assert csp_policy._allows(now, source)
     assert patch_policy(new, NEEDS) == (new, [])  # idempotent
 
@@ -392,7 +433,7 @@ class TestCspAddon:
         tctx.configure(tctx.addon, coze_csp_extra="img-src https://img.example; font-src data:")
         f = run(tctx.addon, page_flow(csp=("img-src 'self'; font-src 'none'",)))
         d = directives(f.response.headers["content-security-policy"])
-        assert d["img-src"] == ["'self'", CDN, "https://img.example"]
+        assert d["img-src"] == ["'self'", CDN, "data:", "blob:", "https://img.example"]
         assert d["font-src"] == [CDN, "data:"]
 
     def test_bad_extra_is_one_clear_error(self, tctx, caplog):
@@ -409,8 +450,115 @@ class TestCspAddon:
         assert d["script-src"] == ["'self'", "http://cdn.test:8000"]
         assert CDN not in f.response.headers["content-security-policy"]
 
+    def test_nonce_styled_page_said_once_in_the_log_and_on_the_status_page(self, tctx, caplog, tmp_path):
+        from status import StatusPages
+        pages = StatusPages(tctx.addon.settings)
+        tctx.master.addons.add(pages)
+        tctx.configure(pages, confdir=str(tmp_path))
+        nonce = "default-src 'self'; style-src 'self' 'nonce-abc'"
+        with caplog.at_level(logging.WARNING):
+            for _ in range(3):
+                f = run(tctx.addon, page_flow(csp=(nonce,)))
+        value = f.response.headers["content-security-policy"]
+        assert directives(value)["style-src"] == ["'self'", "'nonce-abc'", CDN]
+        warnings = [r.getMessage() for r in caplog.records if "unstyled" in r.getMessage()]
+        assert len(warnings) == 1 and PAGE in warnings[0]
+        assert "coze_csp_extra cannot fix it" in warnings[0] and "must allow inline styles" in warnings[0]
+        run(tctx.addon, page_flow("http://localhost:3000/", csp=("default-src 'self'",)))  # a page without nonce
+        data = pages.status()
+        assert list(data["csp"]["inline_styles_blocked"]) == [PAGE]
+        html = pages.render_html()
+        assert "The chat is unstyled here" in html and "must allow inline styles" in html
+        # A meta tag with a hash counts too.
+        doc = b"<head><meta http-equiv=\"Content-Security-Policy\" content=\"style-src 'sha256-x'\"></head>"
+        run(tctx.addon, page_flow("http://localhost:3000/", csp=(), body=doc))
+        assert set(pages.status()["csp"]["inline_styles_blocked"]) == {PAGE, "http://localhost:3000"}
+
     def test_api_hosts_all_in_connect_src(self, tctx):
         tctx.configure(tctx.addon, coze_api_hosts="http://127.0.0.1:8790")
         f = run(tctx.addon, page_flow())
         assert directives(f.response.headers["content-security-policy"])["connect-src"] == \
             ["'self'", "http://127.0.0.1:8790", API]
+
+
+# ---------------------------------------------------------------------------------------------- in Chromium
+
+# What the Web Chat SDK does to a page besides loading files: its CSS as <style> elements, data: icons,
+# blob: upload previews. Run in the page (main world), so the page's CSP applies as it does to the SDK.
+SDK_INLINE_JS = """async () => {
+    const style = document.createElement('style');
+    style.textContent = '.coze-inline-probe { color: rgb(1, 2, 3); }';
+    document.head.appendChild(style);
+    const probe = document.createElement('div');
+    probe.className = 'coze-inline-probe';
+    probe.textContent = 'probe';
+    document.body.appendChild(probe);
+    const png = Uint8Array.from(atob(PNG_B64), (c) => c.charCodeAt(0));
+    const load = (src) => new Promise((resolve) => {
+        const img = new Image();
+        img.onload = () => resolve(img.naturalWidth);
+        img.onerror = () => resolve(0);
+        img.src = src;
+        document.body.appendChild(img);
+    });
+    const data = await load('data:image/png;base64,' + PNG_B64);
+    const blob = await load(URL.createObjectURL(new Blob([png], {type: 'image/png'})));
+    await new Promise((r) => setTimeout(r, 50));  // securitypolicyviolation events are queued as tasks
+    return {color: getComputedStyle(probe).color, data, blob, violations: window.__cspViolations};
+}"""
+RECORD_VIOLATIONS = """window.__cspViolations = [];
+document.addEventListener('securitypolicyviolation',
+    (e) => window.__cspViolations.push(e.effectiveDirective + ' ' + e.blockedURI));"""
+
+
+def test_sdk_styles_and_images_allowed_on_a_strict_page_in_chromium(tmp_path_factory, rsa_key):
+    import base64
+
+    from tests.browser import ICON_PNG, PageServer, chromium_args, find_chromium, gm_xhr_binding, userscript_init_script
+    from tests.clients import session
+    from tests.conftest import CLIENT_ID, KID, write_config
+    from tests.harness import Mitmdump
+    from sandbox.coze_standin import CozeStandIn
+
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("Chromium is not installed")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    standin = CozeStandIn(rsa_key["public_pem"], kid=KID, client_id=CLIENT_ID).start()
+    pages = PageServer(standin.base_url).start()
+    config = write_config(tmp_path_factory.mktemp("config"), rsa_key, standin.base_url)
+    proxy = Mitmdump(tmp_path_factory.mktemp("mitm"), [
+        f"coze_config={config}", "coze_origins=http://page.test", "coze_bot_id=7350000000000000001",
+        "coze_sdk_url=https://cdn.test/sdk/index.js", "connection_strategy=lazy",
+        *pages.map_remote("page.test", "cdn.test", "other.test"),
+    ])
+    try:
+        proxy.start()
+        script = session(proxy).get("http://coze.mitm/coze-chat.user.js", timeout=10).text
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=chromium_args(proxy.port))
+            context = browser.new_context(ignore_https_errors=True)
+            context.set_default_timeout(15_000)
+            context.expose_binding("cozeGmXhr", gm_xhr_binding(proxy.proxies))
+            context.add_init_script(RECORD_VIOLATIONS)
+            context.add_init_script(userscript_init_script(script))
+            inline_js = SDK_INLINE_JS.replace("PNG_B64", repr(base64.b64encode(ICON_PNG).decode()))
+            results = {}
+            for url in ("http://page.test/strict", "http://page.test/meta", "http://other.test/strict"):
+                page = context.new_page()
+                page.goto(url)
+                if "page.test" in url:  # the real userscript loaded the SDK stand-in: the chat is there
+                    page.wait_for_function("() => window.__fakeCozeClient")
+                    page.evaluate("() => window.__fakeCozeClient.ready")
+                results[url] = page.evaluate(inline_js)
+            browser.close()
+    finally:
+        proxy.stop()
+        pages.stop()
+        standin.stop()
+    for url in ("http://page.test/strict", "http://page.test/meta"):
+        assert results[url] == {"color": "rgb(1, 2, 3)", "data": 24, "blob": 24, "violations": []}, url
+    # Control: a page not in coze_origins keeps its policy, which blocks all three.
+    control = results["http://other.test/strict"]
+    assert control["color"] != "rgb(1, 2, 3)" and control["data"] == 0 and control["blob"] == 0
+    assert {v.split()[0] for v in control["violations"]} == {"style-src-elem", "img-src"}

@@ -13,10 +13,16 @@ from pathlib import Path
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
 
-from demo import SANDBOX_HOST, Demo
+import json
+import os
+import socket
+
+from csp import Csp
+from demo import DEFAULT_BOT_ID, SANDBOX_API, SANDBOX_HOST, Demo
 from settings import CozeSettings
-from status import StatusPages
-from tests.conftest import write_config
+from status import VERSION_STATE_FILE, StatusPages
+from tests.clients import session
+from tests.conftest import TEST_HOME, write_config
 from tests.test_run_mitm import Launcher
 
 CHROMIUM = "/usr/bin/chromium"
@@ -30,9 +36,9 @@ def addons(tmp_path, rsa_key):
         config = write_config(tmp_path, rsa_key, api_base)
         settings = CozeSettings()
         demo, status = Demo(settings), StatusPages(settings)
-        ctx = taddons.context(settings, demo, status)
+        ctx = taddons.context(settings, demo, status, Csp(settings))
         tctx = ctx.__enter__()
-        tctx.configure(settings, coze_config=str(config), coze_origins="http://coze.mitm")
+        tctx.configure(settings, confdir=str(tmp_path), coze_config=str(config), coze_origins="http://coze.mitm")
         tctx.configure(demo, coze_demo=demo_on)
         made.append(ctx)
         return demo, status, tctx
@@ -97,6 +103,118 @@ def test_never_mapped_to_a_real_coze(addons, caplog):
     assert "is not a local sandbox: the demo page stays off" in caplog.text
 
 
+def served_script(status) -> str:
+    f = request("coze.mitm", "/coze-chat.user.js")
+    status.request(f)
+    return f.response.get_text()
+
+
+def status_json(status) -> dict:
+    f = request("coze.mitm", "/status.json")
+    status.request(f)
+    return json.loads(f.response.get_text())
+
+
+def test_demo_serves_the_sandbox_bot_unless_coze_bot_id_says_otherwise(addons):
+    _, status, tctx = addons()
+    assert f'  botId: "{DEFAULT_BOT_ID}", // @coze-mitm botId' in served_script(status)
+    assert status_json(status)["bot_id"] == DEFAULT_BOT_ID
+    tctx.options.coze_bot_id = "7350000000000000009"
+    assert '  botId: "7350000000000000009", // @coze-mitm botId' in served_script(status)
+    assert status_json(status)["bot_id"] == "7350000000000000009"
+
+
+def test_no_sandbox_bot_outside_the_demo(addons):
+    _, status, _ = addons(demo_on=False)
+    assert '  botId: "", // @coze-mitm botId' in served_script(status)
+    assert "bot_id" not in status_json(status) and "demo" not in status_json(status)
+    _, status, _ = addons(api_base="https://api.coze.cn")  # coze_demo, but no local sandbox: not the demo
+    assert "bot_id" not in status_json(status)
+
+
+def test_allowed_page_csp_names_the_sandbox_as_pages_call_it(addons):
+    _, _, tctx = addons()
+    tctx.options.coze_origins = "http://coze.mitm,http://page.test"
+    csp = tctx.master.addons.get("csp")
+    f = tflow.tflow(req=tutils.treq(method=b"GET", scheme=b"http", host="page.test", port=80, path=b"/"),
+                    resp=tutils.tresp(headers=tutils.tresp().headers.__class__([
+                        (b"content-type", b"text/html"), (b"content-security-policy", b"default-src 'self'")])))
+    response, f.response = f.response, None
+    csp.request(f)
+    f.response = response
+    csp.responseheaders(f)
+    policy = f.response.headers["content-security-policy"]
+    connect = next(d.split()[1:] for d in policy.split(";") if d.split()[0] == "connect-src")
+    assert connect == ["'self'", SANDBOX_API]  # not http://127.0.0.1:8790, which the page never calls
+
+
+def test_connect_to_the_sandbox_name_is_answered_here(addons):
+    demo, _, tctx = addons()
+    for port in (80, 443):
+        f = tflow.tflow(req=tutils.treq(method=b"CONNECT", host=SANDBOX_HOST, port=port, scheme=b"", path=b"",
+                                        authority=f"{SANDBOX_HOST}:{port}".encode()))
+        demo.http_connect(f)
+        assert f.response.status_code == 200
+    other = tflow.tflow(req=tutils.treq(method=b"CONNECT", host="example.org", port=443, scheme=b"", path=b"",
+                                        authority=b"example.org:443"))
+    demo.http_connect(other)
+    assert other.response is None
+    # Inside the https tunnel: the same mapping as for plain http.
+    g = tflow.tflow(req=tutils.treq(method=b"POST", scheme=b"https", host=SANDBOX_HOST, port=443, path=b"/v3/chat"))
+    demo.request(g)
+    assert (g.request.scheme, g.request.host, g.request.port) == ("http", "127.0.0.1", 8790)
+    tctx.options.coze_demo = False
+    off = tflow.tflow(req=tutils.treq(method=b"CONNECT", host=SANDBOX_HOST, port=443, scheme=b"", path=b"",
+                                      authority=f"{SANDBOX_HOST}:443".encode()))
+    demo.http_connect(off)
+    assert off.response is None  # not the demo: the name is not ours
+
+
+def status_page(status, scheme="http") -> str:
+    f = request("coze.mitm", "/")
+    f.request.scheme = scheme
+    status.request(f)
+    return f.response.get_text()
+
+
+def test_status_page_in_the_demo_says_what_is_true_there(addons):
+    _, status, tctx = addons()
+    data = status_json(status)
+    assert data["https_needed"] is False and data["demo"]["ready"] is True
+    page = status_page(status)
+    # Plain http pages, plain http API: the CA check is not an error here.
+    assert 'data-needed="false"' in page and "Not needed here" in page
+    # Only the demo page is allowed: the userscript would match nothing, so it is not offered.
+    assert "Install userscript" not in page and 'href="/coze-chat.user.js"' not in page
+    assert "would run on no page yet" in page and "--set coze_origins=https://your.page" in page
+    assert DEFAULT_BOT_ID in page and "the sandbox's bot" in page
+    tctx.options.coze_launcher = "run_mitm.py"
+    page = status_page(status)
+    assert "python run_mitm.py --demo --origins https://your.page" in page and "--bot-id &lt;bot id&gt;" in page
+    tctx.options.coze_origins = "http://coze.mitm,http://127.0.0.1:38090"
+    page = status_page(status)
+    assert "Install userscript" in page and 'data-needed="false"' in page
+    tctx.options.coze_origins = "http://coze.mitm,https://chat.example.org"
+    assert status_json(status)["https_needed"] is True
+    assert 'data-needed="true"' in status_page(status)
+
+
+def test_status_page_bot_id_hint_names_the_launcher_flag(addons):
+    _, status, tctx = addons(demo_on=False)
+    assert "--set coze_bot_id=&lt;bot id&gt;" in status_page(status)
+    tctx.options.coze_launcher = "run_mitm.py"
+    page = status_page(status)
+    assert "--bot-id &lt;bot id&gt;" in page and "coze_bot_id" not in page
+
+
+def test_version_state_kept_in_the_test_confdir_not_in_home(addons, tmp_path):
+    addons()
+    assert (tmp_path / VERSION_STATE_FILE).exists()
+    home = Path(os.path.expanduser("~"))
+    assert home == TEST_HOME  # conftest: the user's real ~/.mitmproxy is out of reach of every test
+    assert not (home / ".mitmproxy" / VERSION_STATE_FILE).exists()
+
+
 def test_title_is_escaped(addons):
     demo, _, tctx = addons()
     tctx.options.coze_title = "<img src=x onerror=alert(1)>"
@@ -104,6 +222,36 @@ def test_title_is_escaped(addons):
     demo.request(f)
     assert "<img src=x" not in f.response.get_text()
     assert "&lt;img src=x" in f.response.get_text()
+
+
+# --------------------------------------------------------------------------- through a real mitmdump
+
+def test_sandbox_name_absolute_and_inside_connect_tunnels(mitmdump, config_file, standin):
+    """undici's ProxyAgent always tunnels, browsers tunnel ws://: CONNECT sandbox.coze.mitm must work too."""
+    proxy = mitmdump(f"coze_config={config_file}", "coze_origins=http://coze.mitm", "coze_demo=true")
+    tagged = {"Authorization": "Bearer user:alice-0001"}
+    s = session(proxy)
+    # An absolute-URL request (what a browser sends for http:// through a proxy).
+    r = s.get(f"{SANDBOX_API}/v1/bots/7000", headers=tagged, timeout=10)
+    assert r.status_code == 200 and r.json()["data"]["bot_id"] == "7000"
+    # https inside a CONNECT tunnel, with the certificate the proxy makes for the name.
+    r = s.get(f"https://{SANDBOX_HOST}/v1/bots/7001", headers=tagged, timeout=10,
+              verify=str(proxy.confdir / "mitmproxy-ca-cert.pem"))
+    assert r.status_code == 200 and r.json()["data"]["bot_id"] == "7001"
+    # Plain http inside a CONNECT tunnel (a raw socket, as a WebSocket client does it).
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as c:
+        c.sendall(f"CONNECT {SANDBOX_HOST}:80 HTTP/1.1\r\nHost: {SANDBOX_HOST}:80\r\n\r\n".encode())
+        assert c.recv(4096).startswith(b"HTTP/1.1 200")
+        c.sendall(f"GET /v1/bots/7002 HTTP/1.1\r\nHost: {SANDBOX_HOST}\r\nAuthorization: Bearer user:alice-0001\r\n"
+                  "Connection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := c.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["data"]["bot_id"] == "7002"
+    # Each time with this user's real token: one exchange, the placeholder never reached the sandbox.
+    assert standin.exchange_count("alice-0001") == 1 and standin.placeholder_seen == 0
+    assert "Name or service not known" not in proxy.output
 
 
 # --------------------------------------------------------------------------- the browser
@@ -126,19 +274,29 @@ def demo_proxy(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser(demo_proxy):
+def playwright():
+    """One Playwright per module: its sync API cannot be started twice in one thread."""
     sync_playwright = playwright_or_skip()
     with sync_playwright() as p:
-        chromium = p.chromium.launch(
-            executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
-            # No --proxy-bypass-list=<-loopback>: the demo never asks the browser for a loopback address
-            # (the sandbox is reached as http://sandbox.coze.mitm), so it works with a browser's defaults.
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  f"--proxy-server=http://127.0.0.1:{demo_proxy.port}"],
-        )
-        yield chromium
-        chromium.close()
+        yield p
+
+
+def chromium_path() -> str:
+    return CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
+
+
+@pytest.fixture(scope="module")
+def browser(demo_proxy, playwright):
+    chromium = playwright.chromium.launch(
+        executable_path=chromium_path(),
+        # No --proxy-bypass-list=<-loopback>: the demo never asks the browser for a loopback address
+        # (the sandbox is reached as http://sandbox.coze.mitm), so it works with a browser's defaults.
+        args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              f"--proxy-server=http://127.0.0.1:{demo_proxy.port}"],
+    )
+    yield chromium
+    chromium.close()
 
 
 RECORD_REPLY = """() => {
@@ -207,3 +365,53 @@ def test_demo_page_streams_a_reply_in_chromium(browser, demo_proxy, tmp_path):
 
     assert problems == []
     context.close()
+
+
+def test_demo_with_an_allowed_strict_csp_page_chats_with_the_real_userscript(tmp_path_factory, playwright):
+    """run_mitm.py --demo --origins http://page.test: the served script names the sandbox bot, the page's
+    `default-src 'self'` gets http://sandbox.coze.mitm (what the page calls) in connect-src, and it chats."""
+    from tests.browser import PageServer, chromium_args, gm_xhr_binding, userscript_init_script
+    from tests.clients import session as proxy_session
+
+    pages = PageServer(SANDBOX_API).start()  # the SDK stand-in calls the API as pages in the demo do
+    launcher = Launcher(tmp_path_factory.mktemp("demo-page"), "--demo", "--origins", "http://page.test",
+                        "--set", "coze_sdk_url=http://cdn.test/sdk/index.js",
+                        *[a for spec in pages.map_remote("page.test", "cdn.test") for a in ("--set", spec)])
+    try:
+        launcher.start()
+        script = proxy_session(launcher).get("http://coze.mitm/coze-chat.user.js", timeout=10).text
+        assert f'  botId: "{DEFAULT_BOT_ID}", // @coze-mitm botId' in script
+        assert re.findall(r"^// @match\s+(\S+)$", script, re.M) == ["http://page.test/*"]
+        assert f"coze-mitm proxy (127.0.0.1:{launcher.port})" in script
+        browser = playwright.chromium.launch(executable_path=chromium_path(), args=chromium_args(launcher.port))
+        context = browser.new_context()
+        context.set_default_timeout(15_000)
+        context.expose_binding("cozeGmXhr", gm_xhr_binding(launcher.proxies))
+        context.add_init_script(userscript_init_script(script))
+        page = context.new_page()
+        problems = []
+        page.on("console", lambda m: problems.append(f"{m.text} {m.location.get('url', '')}")
+                if m.type == "error" and not m.location.get("url", "").endswith("/favicon.ico") else None)
+        main = page.goto("http://page.test/strict")
+        policy = main.headers["content-security-policy"]
+        connect = next(d.split()[1:] for d in policy.split(";") if d.split()[0] == "connect-src")
+        assert connect == ["'self'", SANDBOX_API], policy
+        page.wait_for_function("() => window.__fakeCozeClient || document.getElementById('coze-mitm-notice')")
+        assert page.evaluate("() => document.getElementById('coze-mitm-notice')") is None
+        page.evaluate("() => window.__fakeCozeClient.ready")
+        assert page.evaluate("() => window.__cozeMitmClient.options.config.bot_id") == DEFAULT_BOT_ID
+        reply = page.evaluate("(t) => window.__fakeCozeClient.send(t)", "hello from a strict page")
+        assert reply == "Sandbox reply to: hello from a strict page"
+        assert problems == []  # no CSP violation, no failed request
+
+        # The status page tells the demo's truth: no red CA error, plain http is enough here.
+        status = context.new_page()
+        status.goto("http://coze.mitm/")
+        status.wait_for_function("() => !document.getElementById('ca-state').textContent.startsWith('Checking')")
+        assert status.get_attribute("#ca-state", "class") != "bad"
+        assert "Not needed here" in status.inner_text("body")
+        assert status.get_attribute("a.button", "href") == "/coze-chat.user.js"
+        browser.close()
+    finally:
+        launcher.stop()
+        pages.stop()

@@ -333,3 +333,52 @@ def test_bad_option_stops_a_real_mitmdump_with_one_line(tmp_path, option, fix):
     errors = [line for line in proc.lines if "coze-mitm:" in line and "PAT mode" not in line]
     assert len(errors) == 1 and fix in errors[0], proc.output
     assert "Traceback" not in proc.output and PAT not in proc.output
+
+
+def test_served_userscript_names_the_port_the_proxy_really_listens_on(tmp_path):
+    """--listen-port 0: the port is only known once the server is up; @description and the notice name it.
+
+    Also https://coze.mitm with the default connection_strategy (eager): answered without a warning."""
+    from tests.clients import session
+    from tests.harness import Mitmdump
+    proc = Mitmdump(tmp_path, [f"coze_pat={PAT}", f"coze_origins={PAGE}"]).start()
+    try:
+        script = session(proc).get("http://coze.mitm/coze-chat.user.js", timeout=10).text
+        status = session(proc).get("http://coze.mitm/status.json", timeout=10).json()
+        https_status = session(proc).get("https://coze.mitm/status.json", timeout=10,
+                                         verify=str(tmp_path / "mitmproxy-ca-cert.pem")).json()
+    finally:
+        proc.stop()
+    address = f"127.0.0.1:{proc.port}"
+    assert https_status["service"] == "coze-mitm" and https_status["ca"]["fetched_over_https"] is True
+    assert "Unable to establish TLS" not in proc.output  # no attempt to reach a server called coze.mitm
+    assert f"coze-mitm proxy ({address})" in meta(script, "description")[0]
+    assert config_value(script, "proxy") == address
+    assert status["proxy"] == address
+    assert "127.0.0.1:8080" not in meta(script, "description")[0]
+
+
+@pytest.mark.parametrize("host, port, shown", [
+    ("", None, "127.0.0.1:8080"), ("", 9000, "127.0.0.1:9000"), ("0.0.0.0", 8081, "127.0.0.1:8081"),
+    ("::", 8082, "127.0.0.1:8082"), ("192.168.1.5", 8080, "192.168.1.5:8080"), ("::1", 8083, "[::1]:8083"),
+    ("proxy.lan", 3128, "proxy.lan:3128"),
+])
+def test_proxy_address_as_a_browser_names_it(host, port, shown):
+    assert status_mod.proxy_address(host, port) == shown
+
+
+def test_filled_proxy_address_and_hostile_one_refused():
+    text = fill_userscript(TEMPLATE, [PAGE], {}, proxy="127.0.0.1:9999")
+    assert "(127.0.0.1:9999)" in meta(text, "description")[0]
+    assert config_value(text, "proxy") == "127.0.0.1:9999"
+    with pytest.raises(ValueError):
+        fill_userscript(TEMPLATE, [PAGE], {}, proxy="x) @match https://evil/*")
+
+
+def test_bound_port_kept_across_other_option_changes(tctx):
+    """After `running` learnt the bound port (listen_port 0), editing another option keeps naming it."""
+    tctx.pages._bound_port = 41943  # what running() reads from the proxy server
+    tctx.configure(tctx.pages, coze_title="Other title")
+    assert config_value(body_of(get(tctx.pages, "/coze-chat.user.js")), "proxy") == "127.0.0.1:41943"
+    tctx.configure(tctx.pages, listen_port=9000)  # servers restarted on the new port
+    assert config_value(body_of(get(tctx.pages, "/coze-chat.user.js")), "proxy") == "127.0.0.1:9000"

@@ -34,6 +34,7 @@ const COZE_MITM_CONFIG = {
   sdkUrl: "https://lf-cdn.coze.cn/obj/unpkg/flow-platform/chat-app-sdk/1.2.0-beta.10/libs/cn/index.js", // @coze-mitm sdkUrl
   nickname: "", // @coze-mitm nickname
   statusUrl: "http://coze.mitm/status.json", // @coze-mitm statusUrl
+  proxy: "127.0.0.1:8080", // @coze-mitm proxy   (the address the proxy listens on, for the notices)
 };
 
 (function (CONFIG) {
@@ -48,6 +49,7 @@ const COZE_MITM_CONFIG = {
   const SDK_TIMEOUT_MS = 20000;
   const SDK_POLL_MS = 100;
   const DEFAULT_STATUS_URL = 'http://coze.mitm/status.json';
+  const DEFAULT_PROXY = '127.0.0.1:8080';
   const STATUS_PAGE_URL = 'http://coze.mitm/';
   const USERSCRIPT_URL = 'http://coze.mitm/coze-chat.user.js';
   const LOG_PREFIX = '[coze-mitm]';
@@ -285,7 +287,7 @@ const COZE_MITM_CONFIG = {
     switch (kind) {
       case 'proxy':
         return 'This page does not go through the coze-mitm proxy, so the Coze chat was not loaded.\n' +
-          'Set the browser\'s proxy to 127.0.0.1:8080 (for HTTP and HTTPS, including the host coze.mitm), ' +
+          'Set the browser\'s proxy to ' + (i.proxy || DEFAULT_PROXY) + ' (for HTTP and HTTPS, including the host coze.mitm), ' +
           'start the proxy with "python run_mitm.py", trust the mitmproxy CA from http://mitm.it, then reload this page.' +
           (i.detail ? '\n(' + i.detail + ')' : '');
       case 'origin': {
@@ -321,7 +323,7 @@ const COZE_MITM_CONFIG = {
     const doc = e.document;
     if (!doc) return null;
     removeNode(doc.getElementById(NOTICE_ID));
-    const text = noticeText(kind, info);
+    const text = noticeText(kind, Object.assign({ proxy: e.config && e.config.proxy }, info));
     const box = doc.createElement('div');
     box.id = NOTICE_ID;
     box.setAttribute('role', 'alert');

@@ -63,6 +63,14 @@ test('status request errors: proxy notice, SDK not loaded', async () => {
   }
 });
 
+test('the proxy notice names the address the proxy really listens on (filled in by the proxy)', async () => {
+  const { env, document } = makeEnv({ status: 'error', config: { proxy: '127.0.0.1:41943' } });
+  const r = await us.main(env);
+  assert.equal(r.state, 'proxy');
+  assert.match(notice(document).textContent, /Set the browser's proxy to 127\.0\.0\.1:41943 /);
+  assert.doesNotMatch(notice(document).textContent, /8080/);
+});
+
 test('status answered by something that is not coze-mitm: proxy notice, SDK not loaded', async () => {
   for (const status of [{ http: 502, text: 'Bad gateway' }, { http: 200, text: '<html>hello</html>' },
     { service: 'something-else', origins: ['https://example.org'] }, 'null', '"coze-mitm"', { http: 404, text: '{"service":"coze-mitm"}' }]) {

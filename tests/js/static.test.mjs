@@ -22,6 +22,11 @@ test('metadata block has every required directive', () => {
   assert.deepEqual(meta.updateURL, ['http://coze.mitm/coze-chat.user.js']);
 });
 
+test('@description names the proxy as one (host:port) the proxy replaces when it serves the script', () => {
+  const [description] = parseMetadata().description;
+  assert.deepEqual(description.match(/\([^()\s]+\)/g), ['(127.0.0.1:8080)']);
+});
+
 test('the script contains no secret or credential', () => {
   for (const bad of ['pat_', 'czs_', 'cztei_', 'BEGIN', 'PRIVATE KEY', 'access_token', 'Bearer', 'private_key']) {
     assert.ok(!SCRIPT_TEXT.includes(bad), `script must not contain ${JSON.stringify(bad)}`);
@@ -30,7 +35,7 @@ test('the script contains no secret or credential', () => {
 });
 
 test('config block: one marked single-line JSON literal per key, replaceable by regex', () => {
-  const keys = ['botId', 'appId', 'title', 'sdkUrl', 'nickname', 'statusUrl'];
+  const keys = ['botId', 'appId', 'title', 'sdkUrl', 'nickname', 'statusUrl', 'proxy'];
   const re = /^ {2}(\w+): (.*), \/\/ @coze-mitm (\w+)\b.*$/gm;
   const found = {};
   for (const m of SCRIPT_TEXT.matchAll(re)) {
@@ -41,7 +46,7 @@ test('config block: one marked single-line JSON literal per key, replaceable by 
   assert.deepEqual(found, {
     botId: '', appId: '', title: 'Coze',
     sdkUrl: 'https://lf-cdn.coze.cn/obj/unpkg/flow-platform/chat-app-sdk/1.2.0-beta.10/libs/cn/index.js',
-    nickname: '', statusUrl: 'http://coze.mitm/status.json',
+    nickname: '', statusUrl: 'http://coze.mitm/status.json', proxy: '127.0.0.1:8080',
   });
   assert.match(SCRIPT_TEXT, /^const COZE_MITM_CONFIG = \{\n/m);
 
