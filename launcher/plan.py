@@ -16,6 +16,7 @@ from launcher.common import EXIT_CONFIG, EXIT_USAGE, SCRIPT, Fail, config_error,
 
 # Always intercepted, whatever the config: the status/userscript pages and mitmproxy's CA page.
 ALWAYS_INTERCEPT = ("coze.mitm", "mitm.it")
+DEMO_API_HOST = "sandbox.coze.mitm"  # demo.py answers it
 # Without -v: no per-flow dump by mitmproxy (flowlog writes one line per flow coze-mitm acted on),
 # and no per-connection lines (flowlog's coze_quiet).
 QUIET_OPTIONS = (("flow_detail", "0"), ("coze_quiet", "true"))
@@ -71,6 +72,7 @@ def plan(args: argparse.Namespace) -> Plan:
     import config  # addons/config.py: the same checks the addon makes
 
     pl = Plan(args)
+    pl.sets.append(("coze_launcher", "run_mitm.py"))  # the status page's hints then name this launcher's flags
     pl.env = {k: v for k, v in os.environ.items() if k != "COZE_PAT"}
     pl.env["PYTHONUNBUFFERED"] = "1"
     if not args.demo:
@@ -88,7 +90,7 @@ def plan(args: argparse.Namespace) -> Plan:
             config.parse_api_origin(api_override)
         pl.api_bases = [u.strip() for u in extra_hosts.split(",") if u.strip()]
         for u in pl.api_bases:
-            config.parse_api_origin(u, "coze_api_hosts")
+            config.parse_api_origin(u, "coze_api_hosts", websocket=True)
         if pl.pat:
             pl.api_bases.insert(0, api_override or config.DEFAULT_API_BASE)
         elif not args.demo:
@@ -124,9 +126,14 @@ def allow_hosts(pl: Plan) -> list[str]:
     import config
 
     patterns = [host_pattern(h) for h in ALWAYS_INTERCEPT]
+    if pl.args.demo:
+        patterns.append(host_pattern(DEMO_API_HOST))  # the demo page's name for the sandbox, also over https
     for base in pl.api_bases:
-        origin = config.parse_api_origin(base)
+        origin = config.parse_api_origin(base, websocket=True)
         patterns.append(host_pattern(origin.host, origin.port))
+        ws_origin = config.default_ws_origin(origin)  # api.coze.cn -> ws.coze.cn (Coze's WebSocket APIs)
+        if ws_origin is not None:
+            patterns.append(host_pattern(ws_origin.host, ws_origin.port))
     for page in sorted(pl.page_origins):
         origin = config.parse_api_origin(page, "coze_origins")
         patterns.append(host_pattern(origin.host, origin.port))

@@ -301,6 +301,17 @@ def test_allow_hosts_patterns():
     assert allowed("api.coze.cn:443") and allowed("API.COZE.CN:443") and allowed("coze.mitm:443")
     assert not allowed("api.coze.cn.evil.example:443") and not allowed("xapi.coze.cn:443")
     assert not allowed("www.google.com:443") and not allowed("api.coze.com:443")
+    # Coze's WebSocket APIs: the API base's own ws host, and ws(s):// bases of coze_api_hosts.
+    assert allowed("ws.coze.cn:443") and not allowed("ws.coze.com:443") and not allowed("sandbox.coze.mitm:443")
+    pl = run_mitm.Plan(args, api_bases=["https://api.coze.com", "wss://ws.example.org:8443"])
+    pl.page_origins = frozenset()
+    patterns = run_mitm.allow_hosts(pl)
+    assert allowed("ws.coze.com:443") and allowed("ws.example.org:8443") and not allowed("ws.example.org:443")
+
+    demo = run_mitm.Plan(run_mitm.make_parser().parse_args(["--demo"]), api_bases=[])
+    demo.page_origins = frozenset()
+    patterns = run_mitm.allow_hosts(demo)
+    assert allowed("sandbox.coze.mitm:443") and allowed("sandbox.coze.mitm:80")
 
 
 # --------------------------------------------------------------------------- --check
