@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import weakref
 
 import requests
@@ -26,7 +25,7 @@ from mitmproxy import ctx, http
 
 import identity
 from answers import answer_json
-from coze_answers import COZE_HINTS, INVALID_TOKEN_CODES, asks_for_stream, logid_of, watched_code
+from coze_answers import COZE_HINTS, INVALID_TOKEN_CODES, Hints, asks_for_stream, logid_of, unreflect, watched_code
 from cors import CORS_ORIGIN
 from identity import short_id
 from resend import Resender
@@ -37,7 +36,6 @@ log = logging.getLogger("coze.auth")
 
 COZE_USER = "coze_user"  # flow.metadata: the (full) user id whose credential this flow carries
 TOKEN_RETRY = "coze_token_retry"  # flow.metadata: what the transparent retry did (shown in mitmweb)
-HINT_INTERVAL = 60.0  # at most one log line per Coze error code per minute
 
 
 class Auth:
@@ -47,7 +45,7 @@ class Auth:
         self._tokens: weakref.WeakKeyDictionary[http.HTTPFlow, str] = weakref.WeakKeyDictionary()
         self._page_headers: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[list, list]] = weakref.WeakKeyDictionary()
         self._resender = Resender()
-        self._hinted: dict[int, float] = {}
+        self._hints = Hints(settings.stats)
         self._streams_bodies = False
 
     def done(self):
@@ -210,7 +208,7 @@ class Auth:
         self._restore_page_headers(flow)
         token = self._tokens.get(flow)
         if token is not None and flow.response is not None:
-            _unreflect(flow.response, token)
+            unreflect(flow.response, token)
 
     def response(self, flow: http.HTTPFlow):
         """Synchronous, except when the request is re-sent: then it returns the awaitable doing that
@@ -227,7 +225,7 @@ class Auth:
                 if self._may_retry(flow):
                     return self._retry(flow, token, why)
             elif code in COZE_HINTS:
-                self._hint(flow, code)
+                self._hints.note(flow, code, flow.metadata.get(COZE_USER, ""))
         except Exception:
             # Coze's answer is still there and goes to the client as it is.
             log.exception("coze-mitm: unexpected error while checking Coze's answer")
@@ -243,17 +241,6 @@ class Auth:
             log.warning(f"coze-mitm: Coze rejected the token of user {short_id(user_id)} ({why}); "
                         "it is dropped and a fresh one is minted")
             flow.comment += f"; Coze rejected the token ({why}), dropped"
-
-    def _hint(self, flow: http.HTTPFlow, code: int) -> None:
-        logid = logid_of(flow.response)
-        self.settings.stats.error(f"coze-{code}", COZE_HINTS[code], logid)
-        flow.comment += f"; Coze answered code {code}"
-        now = time.monotonic()
-        if now - self._hinted.get(code, -HINT_INTERVAL) >= HINT_INTERVAL:
-            self._hinted[code] = now
-            user_id = flow.metadata.get(COZE_USER, "")
-            log.warning(f"coze-mitm: {flow.request.method} {flow.request.path.split('?')[0]} for user "
-                        f"{short_id(user_id)}: {COZE_HINTS[code]}" + (f" (logid {logid})" if logid else ""))
 
     # ------------------------------------------------------------------ the one transparent retry
 
@@ -307,7 +294,7 @@ class Auth:
             return
         old = flow.response
         answer.data.http_version = old.data.http_version
-        _unreflect(answer, fresh)
+        unreflect(answer, fresh)
         flow.response = answer
         if flow.metadata.get(CORS_ORIGIN):
             # The Cors addon already decided this flow's CORS headers (its hook ran before this one):
@@ -325,14 +312,6 @@ class Auth:
             log.info(f"coze-mitm: {request.method} {request.path.split('?')[0]} for user {short_id(user_id)} "
                      f"re-sent with a fresh token after {why}: HTTP {flow.response.status_code}")
             if code in COZE_HINTS:
-                self._hint(flow, code)
+                self._hints.note(flow, code, flow.metadata.get(COZE_USER, ""))
         flow.comment += f"; re-sent once with a fresh token (HTTP {flow.response.status_code})"
 
-
-def _unreflect(response: http.Response, token: str) -> None:
-    """An upstream that echoes the injected token in a header (a debug header, an error detail) must
-    not hand it to the page: the token is replaced wherever it appears in a response header."""
-    secret = token.encode("utf-8", "surrogateescape")
-    fields = response.headers.fields
-    if any(secret in value for _, value in fields):
-        response.headers.fields = tuple((name, value.replace(secret, b"[redacted]")) for name, value in fields)

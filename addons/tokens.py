@@ -210,20 +210,20 @@ class CozeTokenExchange:
         logid = scrub(answer.headers.get("X-Tt-Logid", ""), 80, (assertion,))
         at = f" (logid {logid})" if logid else ""
         data = None
-        if len(raw) <= MAX_ANSWER:
-            text = decoded_prefix(raw, answer.headers.get("Content-Encoding", ""), MAX_ANSWER + 1)
-            if text is not None and len(text) <= MAX_ANSWER:
-                try:
-                    data = json.loads(text)
-                except (ValueError, UnicodeDecodeError, RecursionError):
-                    data = None
+        text = decoded_prefix(raw, answer.headers.get("Content-Encoding", ""), MAX_ANSWER + 1)
+        oversized = len(raw) > MAX_ANSWER or (text is not None and len(text) > MAX_ANSWER)
+        if text is not None and not oversized:
+            try:
+                data = json.loads(text)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                data = None
         if not isinstance(data, dict):
             kind = answer.headers.get("Content-Type", "no content type")
             raise ExchangeError(
                 502, 5000,
-                f"Coze's token endpoint answered HTTP {answer.status_code} with a body that is not a small JSON "
-                f"object ({scrub(kind, 60, (assertion,))}){at}; check coze_api_base points at the Coze API, "
-                "or try again later",
+                f"Coze's token endpoint answered HTTP {answer.status_code} with a body that is not a JSON object"
+                f"{' of at most 64 KiB' if oversized else ''} ({scrub(kind, 60, (assertion,))}){at}; "
+                "check coze_api_base points at the Coze API, or try again later",
                 "exchange-garbage", logid,
             )
         error_code = data.get("error_code") or data.get("error")
@@ -363,6 +363,8 @@ class TokenBroker:
         task = asyncio.get_running_loop().create_task(self._fetch_and_store(user_id))
         self._inflight[user_id] = task
         task.add_done_callback(lambda _: self._inflight.pop(user_id, None))
+        # Waiters that gave up (504) leave nobody to read a late failure: read it here, or asyncio logs it.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return task
 
     def _fetch_unless_late(self, user_id: str, deadline: float) -> IssuedToken:
