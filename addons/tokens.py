@@ -26,6 +26,7 @@ from typing import Callable
 import jwt
 import requests
 import requests.adapters
+import urllib3
 
 from bounded import decoded_prefix
 from config import OAuthApp
@@ -184,12 +185,12 @@ class CozeTokenExchange:
                 stream=True,  # read below with a bound, not whatever size upstream chooses
             )
             try:
-                raw = answer.raw.read(MAX_ANSWER + 1, decode_content=False)
+                raw = _read_raw(answer.raw, MAX_ANSWER + 1, time.monotonic() + self.timeout)
             finally:
                 answer.close()
-        except requests.Timeout:
+        except (requests.Timeout, urllib3.exceptions.TimeoutError):
             raise self.timed_out() from None
-        except (requests.RequestException, OSError) as e:
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:  # raw reads raise urllib3's
             raise ExchangeError(
                 502, 5000,
                 f"cannot reach Coze's token endpoint {self.app.api_base} ({type(e).__name__}); "
@@ -286,6 +287,23 @@ class CozeTokenExchange:
         if kind not in self._warned:
             self._warned.add(kind)
             log.warning(msg, *args)
+
+
+def _read_raw(raw, limit: int, deadline: float) -> bytes:
+    """At most `limit` bytes of the body as sent, and not after `deadline`: an answer that trickles in,
+    each byte within the socket timeout, must not hold a worker (or the proxy's exit) for minutes."""
+    read1 = getattr(raw, "read1", None)
+    if read1 is None:  # urllib3 1.x
+        return raw.read(limit, decode_content=False)
+    out = bytearray()
+    while len(out) < limit:
+        if time.monotonic() > deadline:
+            raise requests.Timeout("the answer did not arrive in time")
+        piece = read1(limit - len(out), decode_content=False)
+        if not piece:
+            break
+        out += piece
+    return bytes(out)
 
 
 class TokenBroker:
