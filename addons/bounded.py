@@ -66,10 +66,10 @@ def _brotli(raw: bytes, limit: int) -> bytes:
     out = bytearray()
     view = memoryview(raw)
     for i in range(0, len(view), BROTLI_PIECE):
-        out += decoder.process(bytes(view[i:i + BROTLI_PIECE]))
+        out += decoder.process(bytes(view[i:i + BROTLI_PIECE]))[: limit - len(out)]  # no copy of a big piece
         if len(out) >= limit or decoder.is_finished():
             break
-    return bytes(out[:limit])
+    return bytes(out)
 
 
 def _zstd(raw: bytes, limit: int) -> bytes:
