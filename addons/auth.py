@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-import urllib.parse
 import weakref
 
 import requests
@@ -28,7 +26,7 @@ from mitmproxy import ctx, http
 import identity
 import login
 from answers import answer_json
-from coze_answers import COZE_HINTS, INVALID_TOKEN_CODES, asks_for_stream, logid_of, watched_code
+from coze_answers import COZE_HINTS, INVALID_TOKEN_CODES, Hints, asks_for_stream, logid_of, unreflect, watched_code
 from cors import CORS_ORIGIN
 from identity import short_id
 from resend import Resender
@@ -40,7 +38,6 @@ log = logging.getLogger("coze.auth")
 COZE_USER = "coze_user"  # flow.metadata: the (full) user id whose credential this flow carries
 REFUSED = "coze_refused"  # flow.metadata: the reason (a fixed word) of a local answer instead of forwarding
 TOKEN_RETRY = "coze_token_retry"  # flow.metadata: what the transparent retry did (shown in mitmweb)
-HINT_INTERVAL = 60.0  # at most one log line per Coze error code per minute
 
 
 class Auth:
@@ -50,7 +47,7 @@ class Auth:
         self._tokens: weakref.WeakKeyDictionary[http.HTTPFlow, str] = weakref.WeakKeyDictionary()
         self._page_headers: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[list, list]] = weakref.WeakKeyDictionary()
         self._resender = Resender()
-        self._hinted: dict[int, float] = {}
+        self._hints = Hints(settings.stats)
         self._streams_bodies = False
 
     def done(self):
@@ -114,7 +111,7 @@ class Auth:
     def _handle(self, flow: http.HTTPFlow):
         request = flow.request
         seen = identity.gather(request.headers)  # one pass over the headers for every question below
-        in_query = _query_authorizations(request.path)
+        in_query = identity.query_authorizations(request.path)
         if not (self.settings.is_coze_api(request) or self.settings.is_coze_ws(request)):
             self._other_host(flow, seen, in_query)
             return None
@@ -206,13 +203,13 @@ class Auth:
         headers = request.headers
         # What the page sent, put back once the request has left (the path only when its query held the tag).
         original = (seen.get_all("authorization"), seen.get_all("cookie"),
-                    request.path if _query_authorizations(request.path) else None)
+                    request.path if identity.query_authorizations(request.path) else None)
         if original[0] or original[2] is None:
             headers["Authorization"] = f"Bearer {token}"
         if original[1]:
             headers.set_all("cookie", identity.strip_cookie(original[1]))
         if original[2] is not None:
-            request.path = _with_query_token(original[2], token)
+            request.path = identity.with_query_token(original[2], token)
         self._tokens[flow] = token
         self._page_headers[flow] = original
         flow.metadata[COZE_USER] = user_id
@@ -253,7 +250,7 @@ class Auth:
         self._restore_page_headers(flow)
         token = self._tokens.get(flow)
         if token is not None and flow.response is not None:
-            _unreflect(flow.response, token)
+            unreflect(flow.response, token)
 
     def response(self, flow: http.HTTPFlow):
         """Synchronous, except when the request is re-sent: then it returns the awaitable doing that
@@ -270,7 +267,7 @@ class Auth:
                 if self._may_retry(flow):
                     return self._retry(flow, token, why)
             elif code in COZE_HINTS:
-                self._hint(flow, code)
+                self._hints.note(flow, code, flow.metadata.get(COZE_USER, ""))
         except Exception:
             # Coze's answer is still there and goes to the client as it is.
             log.exception("coze-mitm: unexpected error while checking Coze's answer")
@@ -286,17 +283,6 @@ class Auth:
             log.warning(f"coze-mitm: Coze rejected the token of user {short_id(user_id)} ({why}); "
                         "it is dropped and a fresh one is minted")
             flow.comment += f"; Coze rejected the token ({why}), dropped"
-
-    def _hint(self, flow: http.HTTPFlow, code: int) -> None:
-        logid = logid_of(flow.response)
-        self.settings.stats.error(f"coze-{code}", COZE_HINTS[code], logid)
-        flow.comment += f"; Coze answered code {code}"
-        now = time.monotonic()
-        if now - self._hinted.get(code, -HINT_INTERVAL) >= HINT_INTERVAL:
-            self._hinted[code] = now
-            user_id = flow.metadata.get(COZE_USER, "")
-            log.warning(f"coze-mitm: {flow.request.method} {flow.request.path.split('?')[0]} for user "
-                        f"{short_id(user_id)}: {COZE_HINTS[code]}" + (f" (logid {logid})" if logid else ""))
 
     # ------------------------------------------------------------------ the one transparent retry
 
@@ -352,7 +338,7 @@ class Auth:
             return
         old = flow.response
         answer.data.http_version = old.data.http_version
-        _unreflect(answer, fresh)
+        unreflect(answer, fresh)
         flow.response = answer
         if flow.metadata.get(CORS_ORIGIN):
             # The Cors addon already decided this flow's CORS headers (its hook ran before this one):
@@ -370,36 +356,5 @@ class Auth:
             log.debug(f"coze-mitm: {request.method} {request.path.split('?')[0]} for user {short_id(user_id)} "
                      f"re-sent with a fresh token after {why}: HTTP {flow.response.status_code}")
             if code in COZE_HINTS:
-                self._hint(flow, code)
+                self._hints.note(flow, code, flow.metadata.get(COZE_USER, ""))
         flow.comment += f"; re-sent once with a fresh token (HTTP {flow.response.status_code})"
-
-
-def _query_authorizations(path: str) -> list[str]:
-    """The `authorization` query parameters (decoded): where @coze/api puts the token of a WebSocket,
-    because a browser cannot set headers on one. Most paths have none, found without parsing."""
-    if "authorization=" not in path.lower():
-        return []
-    query = path.partition("?")[2]
-    return [v for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True) if k.lower() == "authorization"]
-
-
-def _with_query_token(path: str, token: str) -> str:
-    """`path` with its authorization parameter set to `Bearer <token>` (percent-encoded, as @coze/api
-    sends it); every other parameter left byte for byte."""
-    base, _, query = path.partition("?")
-    pieces = []
-    for piece in query.split("&"):
-        name = piece.partition("=")[0]
-        if urllib.parse.unquote_plus(name).lower() == "authorization":
-            piece = f"{name}={urllib.parse.quote('Bearer ' + token, safe='')}"
-        pieces.append(piece)
-    return f"{base}?{'&'.join(pieces)}"
-
-
-def _unreflect(response: http.Response, token: str) -> None:
-    """An upstream that echoes the injected token in a header (a debug header, an error detail) must
-    not hand it to the page: the token is replaced wherever it appears in a response header."""
-    secret = token.encode("utf-8", "surrogateescape")
-    fields = response.headers.fields
-    if any(secret in value for _, value in fields):
-        response.headers.fields = tuple((name, value.replace(secret, b"[redacted]")) for name, value in fields)

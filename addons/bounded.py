@@ -16,7 +16,9 @@ import brotli  # the codecs mitmproxy itself decodes with (11.x and 12.x)
 import zstandard
 
 ZSTD_MAX_WINDOW = 1 << 24  # a frame asking for a bigger window is not decoded (legit small answers need far less)
-BROTLI_PIECE = 4  # bytes fed per call: brotli 1.1 has no output limit; 4 bytes complete at most ~one 16 MiB command
+# Brotli 1.1 (mitmproxy 11's) has no output limit: it is fed 4 bytes per call, which complete at most about
+# one 16 MiB command, so one call's output stays far below the growth a whole bomb would cause.
+BROTLI_PIECE = 4
 
 
 def decoded_prefix(raw: bytes, encoding: str, limit: int) -> bytes | None:
@@ -46,15 +48,28 @@ def _zlib(raw: bytes, wbits: int, limit: int) -> bytes:
     return zlib.decompressobj(wbits).decompress(raw, limit)
 
 
+def _brotli_has_output_limit() -> bool:
+    try:
+        brotli.Decompressor().process(b"", output_buffer_limit=1)
+    except TypeError:
+        return False
+    return True
+
+
+_BROTLI_OUTPUT_LIMIT = _brotli_has_output_limit()  # Brotli >= 1.2 (what newer mitmproxy releases use)
+
+
 def _brotli(raw: bytes, limit: int) -> bytes:
     decoder = brotli.Decompressor()
+    if _BROTLI_OUTPUT_LIMIT:
+        return decoder.process(raw, output_buffer_limit=limit)[:limit]
     out = bytearray()
     view = memoryview(raw)
     for i in range(0, len(view), BROTLI_PIECE):
-        out += decoder.process(bytes(view[i:i + BROTLI_PIECE]))
+        out += decoder.process(bytes(view[i:i + BROTLI_PIECE]))[: limit - len(out)]  # no copy of a big piece
         if len(out) >= limit or decoder.is_finished():
             break
-    return bytes(out[:limit])
+    return bytes(out)
 
 
 def _zstd(raw: bytes, limit: int) -> bytes:

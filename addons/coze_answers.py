@@ -1,4 +1,5 @@
-"""Reading Coze's answers (and the one thing Auth asks of a request body), cheaply and with bounds.
+"""Reading Coze's answers (and the one thing Auth asks of a request body), cheaply and with bounds;
+the hints for Coze's own refusals; tokens that an answer reflects cut out of its headers.
 
 `watched_code` finds the `code` of Coze's JSON envelope when it is one coze-mitm acts on: an invalid
 token (the transparent retry) or an error worth a hint. It looks at the first MAX_ENVELOPE bytes of
@@ -9,12 +10,17 @@ further than that (bounded.py). Request bodies are never decoded (`asks_for_stre
 from __future__ import annotations
 
 import json
+import logging
 import re
+import time
 
 from mitmproxy import http
 
 from bounded import decoded_prefix
+from identity import short_id
 from tokens import scrub
+
+log = logging.getLogger("coze.auth")
 
 INVALID_TOKEN_CODES = (4100, 700012006)
 # Coze's own refusals: passed through untouched (the page reads them), explained in the log.
@@ -27,6 +33,7 @@ COZE_HINTS = {
     4015: "Coze says the bot is not published to the API (4015): publish it in the Coze console with the "
           "API / Chat SDK channel selected",
 }
+HINT_INTERVAL = 60.0  # at most one log line per Coze error code per minute
 WATCHED_CODES = frozenset(INVALID_TOKEN_CODES) | frozenset(COZE_HINTS)
 MAX_ENVELOPE = 64 * 1024  # raw and decoded: bigger answers are not parsed for a code
 
@@ -61,6 +68,34 @@ def watched_code(response: http.Response) -> int | None:
 
 def logid_of(response: http.Response) -> str:
     return scrub(response.headers.get("x-tt-logid", ""), 80)
+
+
+def unreflect(response: http.Response, token: str) -> None:
+    """An upstream that echoes the injected token in a header (a debug header, an error detail) must
+    not hand it to the page: the token is replaced wherever it appears in a response header."""
+    secret = token.encode("utf-8", "surrogateescape")
+    fields = response.headers.fields
+    if any(secret in value for _, value in fields):
+        response.headers.fields = tuple((name, value.replace(secret, b"[redacted]")) for name, value in fields)
+
+
+class Hints:
+    """Coze's own refusals (COZE_HINTS), explained: every one in the status page's last errors, in the log
+    at most once a minute per code."""
+
+    def __init__(self, stats):
+        self.stats = stats
+        self._hinted: dict[int, float] = {}
+
+    def note(self, flow: http.HTTPFlow, code: int, user_id: str) -> None:
+        logid = logid_of(flow.response)
+        self.stats.error(f"coze-{code}", COZE_HINTS[code], logid)
+        flow.comment += f"; Coze answered code {code}"
+        now = time.monotonic()
+        if now - self._hinted.get(code, -HINT_INTERVAL) >= HINT_INTERVAL:
+            self._hinted[code] = now
+            log.warning(f"coze-mitm: {flow.request.method} {flow.request.path.split('?')[0]} for user "
+                        f"{short_id(user_id)}: {COZE_HINTS[code]}" + (f" (logid {logid})" if logid else ""))
 
 
 def asks_for_stream(request: http.Request) -> bool:

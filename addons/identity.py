@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import urllib.parse
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -136,6 +137,28 @@ def strip_cookie(headers_cookie: list[str], name: str = COOKIE_NAME) -> list[str
         if kept:
             kept_headers.append("; ".join(kept))
     return kept_headers
+
+
+def query_authorizations(path: str) -> list[str]:
+    """The `authorization` query parameters (decoded): where @coze/api puts the token of a WebSocket,
+    because a browser cannot set headers on one. Most paths have none, found without parsing."""
+    if "authorization=" not in path.lower():
+        return []
+    query = path.partition("?")[2]
+    return [v for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True) if k.lower() == "authorization"]
+
+
+def with_query_token(path: str, token: str) -> str:
+    """`path` with its authorization parameter set to `Bearer <token>` (percent-encoded, as @coze/api
+    sends it); every other parameter left byte for byte."""
+    base, _, query = path.partition("?")
+    pieces = []
+    for piece in query.split("&"):
+        name = piece.partition("=")[0]
+        if urllib.parse.unquote_plus(name).lower() == "authorization":
+            piece = f"{name}={urllib.parse.quote('Bearer ' + token, safe='')}"
+        pieces.append(piece)
+    return f"{base}?{'&'.join(pieces)}"
 
 
 def has_tag(headers: HeadersLike) -> bool:

@@ -13,6 +13,7 @@ import concurrent.futures
 import time
 
 import requests
+import urllib3
 from mitmproxy import ctx, http
 from requests.structures import CaseInsensitiveDict
 
@@ -69,6 +70,10 @@ class Resender:
                                   allow_redirects=False, stream=True)
         try:
             raw = r.raw.read(MAX_BODY + 1, decode_content=False)
+        except urllib3.exceptions.TimeoutError as e:  # raw reads raise urllib3's errors, not requests'
+            raise requests.ReadTimeout(str(e)) from None
+        except urllib3.exceptions.HTTPError as e:
+            raise requests.ConnectionError(str(e)) from None
         finally:
             r.close()
         if len(raw) > MAX_BODY:

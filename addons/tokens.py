@@ -26,6 +26,7 @@ from typing import Callable
 import jwt
 import requests
 import requests.adapters
+import urllib3
 
 from bounded import decoded_prefix
 from config import OAuthApp
@@ -184,12 +185,12 @@ class CozeTokenExchange:
                 stream=True,  # read below with a bound, not whatever size upstream chooses
             )
             try:
-                raw = answer.raw.read(MAX_ANSWER + 1, decode_content=False)
+                raw = _read_raw(answer.raw, MAX_ANSWER + 1, time.monotonic() + self.timeout)
             finally:
                 answer.close()
-        except requests.Timeout:
+        except (requests.Timeout, urllib3.exceptions.TimeoutError):
             raise self.timed_out() from None
-        except (requests.RequestException, OSError) as e:
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:  # raw reads raise urllib3's
             raise ExchangeError(
                 502, 5000,
                 f"cannot reach Coze's token endpoint {self.app.api_base} ({type(e).__name__}); "
@@ -210,20 +211,20 @@ class CozeTokenExchange:
         logid = scrub(answer.headers.get("X-Tt-Logid", ""), 80, (assertion,))
         at = f" (logid {logid})" if logid else ""
         data = None
-        if len(raw) <= MAX_ANSWER:
-            text = decoded_prefix(raw, answer.headers.get("Content-Encoding", ""), MAX_ANSWER + 1)
-            if text is not None and len(text) <= MAX_ANSWER:
-                try:
-                    data = json.loads(text)
-                except (ValueError, UnicodeDecodeError, RecursionError):
-                    data = None
+        text = decoded_prefix(raw, answer.headers.get("Content-Encoding", ""), MAX_ANSWER + 1)
+        oversized = len(raw) > MAX_ANSWER or (text is not None and len(text) > MAX_ANSWER)
+        if text is not None and not oversized:
+            try:
+                data = json.loads(text)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                data = None
         if not isinstance(data, dict):
             kind = answer.headers.get("Content-Type", "no content type")
             raise ExchangeError(
                 502, 5000,
-                f"Coze's token endpoint answered HTTP {answer.status_code} with a body that is not a small JSON "
-                f"object ({scrub(kind, 60, (assertion,))}){at}; check coze_api_base points at the Coze API, "
-                "or try again later",
+                f"Coze's token endpoint answered HTTP {answer.status_code} with a body that is not a JSON object"
+                f"{' of at most 64 KiB' if oversized else ''} ({scrub(kind, 60, (assertion,))}){at}; "
+                "check coze_api_base points at the Coze API, or try again later",
                 "exchange-garbage", logid,
             )
         error_code = data.get("error_code") or data.get("error")
@@ -286,6 +287,23 @@ class CozeTokenExchange:
         if kind not in self._warned:
             self._warned.add(kind)
             log.warning(msg, *args)
+
+
+def _read_raw(raw, limit: int, deadline: float) -> bytes:
+    """At most `limit` bytes of the body as sent, and not after `deadline`: an answer that trickles in,
+    each byte within the socket timeout, must not hold a worker (or the proxy's exit) for minutes."""
+    read1 = getattr(raw, "read1", None)
+    if read1 is None:  # urllib3 1.x
+        return raw.read(limit, decode_content=False)
+    out = bytearray()
+    while len(out) < limit:
+        if time.monotonic() > deadline:
+            raise requests.Timeout("the answer did not arrive in time")
+        piece = read1(limit - len(out), decode_content=False)
+        if not piece:
+            break
+        out += piece
+    return bytes(out)
 
 
 class TokenBroker:
@@ -365,6 +383,8 @@ class TokenBroker:
         task = asyncio.get_running_loop().create_task(self._fetch_and_store(user_id))
         self._inflight[user_id] = task
         task.add_done_callback(lambda _: self._inflight.pop(user_id, None))
+        # Waiters that gave up (504) leave nobody to read a late failure: read it here, or asyncio logs it.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return task
 
     def _fetch_unless_late(self, user_id: str, deadline: float) -> IssuedToken:

@@ -117,3 +117,30 @@ def test_sse_responses_stream():
     g = tflow.tflow(resp=True)
     Streaming().responseheaders(g)
     assert not g.response.stream
+
+
+def test_request_bodies_are_never_decoded_to_decide():
+    # A content-encoded request body that decodes to 512 MiB and says "stream": it counts as asking for a
+    # stream (so it is not re-sent), and deciding that costs no decoding at all.
+    import resource
+
+    import zstandard
+
+    from coze_answers import asks_for_stream
+
+    c = zstandard.ZstdCompressor(level=3).compressobj()  # built piece by piece: the test holds no 512 MiB
+    raw = c.compress(b'{"stream":false,"bot_id":"7000","x":"')
+    raw += b"".join(c.compress(b" " * (1 << 20)) for _ in range(512)) + c.compress(b'"}') + c.flush()
+    assert b"stream" in raw and len(raw) < 4 * 1024 * 1024
+    req = tutils.treq(method=b"POST", content=b"")
+    req.headers["Content-Type"] = "application/json"
+    req.headers["Content-Encoding"] = "zstd"
+    req.raw_content = raw
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert asks_for_stream(req) is True
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 48
+    plain = tutils.treq(method=b"POST", content=b'{"stream":true}')
+    plain.headers["Content-Type"] = "application/json"
+    assert asks_for_stream(plain) is True
+    plain.content = b'{"stream":false}'
+    assert asks_for_stream(plain) is False

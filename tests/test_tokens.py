@@ -271,7 +271,7 @@ def test_exchange_answer_read_with_a_bound_and_scrubbed(tmp_path, rsa_key):
         exchange = CozeTokenExchange(app, timeout=5)
         with pytest.raises(ExchangeError) as bomb:
             exchange("alice-0001")
-        assert bomb.value.reason == "exchange-garbage" and "not a small JSON object" in bomb.value.msg
+        assert bomb.value.reason == "exchange-garbage" and "not a JSON object of at most 64 KiB" in bomb.value.msg
         with pytest.raises(ExchangeError) as echo:
             exchange("alice-0001")
     finally:

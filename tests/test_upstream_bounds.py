@@ -52,6 +52,9 @@ def bomb(encoding: str) -> bytes:
 class Hostile(ThreadingHTTPServer):
     daemon_threads = True
 
+    def handle_error(self, request, client_address):
+        pass  # a client that went away mid-answer is expected here
+
     def __init__(self):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.token_mode = "ok"
@@ -86,6 +89,17 @@ class _Handler(BaseHTTPRequestHandler):
             # A token endpoint that puts the signed assertion where the error code belongs (and in the text).
             body = {"error_code": assertion, "error_message": f"bad assertion {assertion}", "error": assertion}
             return self._send(401, json.dumps(body).encode(), {"X-Tt-Logid": assertion})
+        if mode == "drip":
+            # Each byte arrives well within a socket timeout; the whole answer would take minutes.
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(1000):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(0.3)
+            return
         if mode.startswith("bomb-"):
             enc = mode.removeprefix("bomb-")
             return self._send(200, bomb(enc), {"Content-Encoding": enc})
@@ -194,3 +208,15 @@ def test_token_reflected_in_a_response_header_never_reaches_the_page(proxy, host
     assert "X-Debug-Auth" in r.headers  # the header is there, the token is not
     for name, value in r.headers.items():
         assert token not in value, name
+
+
+def test_token_endpoint_dripping_its_answer_504_at_the_deadline(mitmdump, tmp_path, rsa_key, hostile):
+    config = write_config(tmp_path, rsa_key, hostile.base_url)
+    proxy = mitmdump(f"coze_config={config}", f"coze_origins={PAGE}", "coze_exchange_timeout=2")
+    s = session(proxy)
+    assert s.get(f"{hostile.base_url}/v1/ok", headers=tagged(BOB), timeout=30).status_code == 200
+    hostile.token_mode = "drip"
+    r = s.get(f"{hostile.base_url}/v1/ok", headers=tagged(ALICE), timeout=30)
+    assert r.status_code == 504 and "did not answer within 2 s" in r.json()["msg"], r.text
+    assert s.get(f"{hostile.base_url}/v1/ok", headers=tagged(BOB), timeout=30).status_code == 200
+    assert "Traceback" not in proxy.output
