@@ -8,7 +8,7 @@ responseheaders the stored flow gets the page's placeholder back (earlier for a 
                 at its first chunk, the headers having left); reflected tokens cut from the answer
 response        Coze said the token is invalid (HTTP 401 / code 4100, or HTTP 200 / code 700012006):
                 drop it, and for a request that was not streamed re-send it once, with a fresh token,
-                to the same Coze API URL; the page sees only the second answer.
+                to the same Coze API URL (retry.py); the page sees only the second answer.
                 Coze's own errors (4013, 4101, 4015) pass through with a hint in the log.
 Every path that cannot inject answers locally: a flow hook that raised would fail open and
 forward the placeholder, so this addon catches its own errors.
@@ -16,20 +16,17 @@ forward the placeholder, so this addon catches its own errors.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import weakref
 
-import requests
 from mitmproxy import ctx, http
 
 import identity
 import login
 from answers import answer_json
-from coze_answers import COZE_HINTS, INVALID_TOKEN_CODES, Hints, asks_for_stream, logid_of, unreflect, watched_code
-from cors import CORS_ORIGIN
+from coze_answers import COZE_HINTS, INVALID_TOKEN_CODES, Hints, unreflect, watched_code
 from identity import short_id
-from resend import Resender
+from retry import TOKEN_RETRY, TokenRetry
 from settings import CozeSettings
 from tokens import ExchangeError, LimitError
 
@@ -37,7 +34,6 @@ log = logging.getLogger("coze.auth")
 
 COZE_USER = "coze_user"  # flow.metadata: the (full) user id whose credential this flow carries
 REFUSED = "coze_refused"  # flow.metadata: the reason (a fixed word) of a local answer instead of forwarding
-TOKEN_RETRY = "coze_token_retry"  # flow.metadata: what the transparent retry did (shown in mitmweb)
 
 
 class Auth:
@@ -46,8 +42,8 @@ class Auth:
         # Kept beside the flow, not in flow.metadata, which `-w` saves and tools show.
         self._tokens: weakref.WeakKeyDictionary[http.HTTPFlow, str] = weakref.WeakKeyDictionary()
         self._page_headers: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[list, list]] = weakref.WeakKeyDictionary()
-        self._resender = Resender()
         self._hints = Hints(settings.stats)
+        self._retry = TokenRetry(settings, self._hints)
         self._streams_bodies = False
 
     def done(self):
@@ -55,7 +51,7 @@ class Auth:
         # they must hold the page's placeholder by then, not the token.
         for flow in list(self._page_headers):
             self._restore_page_headers(flow)
-        self._resender.close()
+        self._retry.close()
 
     # ------------------------------------------------------------------ request
 
@@ -264,8 +260,8 @@ class Auth:
             if flow.response.status_code == 401 or code in INVALID_TOKEN_CODES:
                 why = f"HTTP {flow.response.status_code}" + (f", code {code}" if code is not None else "")
                 self._drop(flow, token, why)
-                if self._may_retry(flow):
-                    return self._retry(flow, token, why)
+                if self._retry.may_retry(flow):
+                    return self._retry.retry(flow, token, why, flow.metadata.get(COZE_USER, ""))
             elif code in COZE_HINTS:
                 self._hints.note(flow, code, flow.metadata.get(COZE_USER, ""))
         except Exception:
@@ -283,78 +279,3 @@ class Auth:
             log.warning(f"coze-mitm: Coze rejected the token of user {short_id(user_id)} ({why}); "
                         "it is dropped and a fresh one is minted")
             flow.comment += f"; Coze rejected the token ({why}), dropped"
-
-    # ------------------------------------------------------------------ the one transparent retry
-
-    def _may_retry(self, flow: http.HTTPFlow) -> bool:
-        request, response = flow.request, flow.response
-        if TOKEN_RETRY in flow.metadata or not flow.live or response.stream:
-            return False
-        if request.stream or request.raw_content is None:
-            return False  # the body was streamed through: there is nothing to send again
-        if "upgrade" in request.headers:
-            return False  # a WebSocket handshake cannot be re-sent by plain HTTP; the client reconnects
-        if self.settings.broker is None or self.settings.broker.mode != "jwt":
-            return False  # a PAT cannot be renewed: the same answer would come back
-        if asks_for_stream(request):
-            # The answer to the retry would be a live event stream, which this hook could only buffer;
-            # the page's own retry (the Chat SDK retries once after 401/4100/700012006) streams it.
-            flow.metadata[TOKEN_RETRY] = "not retried: a streamed chat; the client's own retry gets a fresh token"
-            return False
-        if not self.settings.is_coze_api(request):
-            return False
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return False  # called outside an event loop (a synchronous caller): nothing could await the retry
-        return True
-
-    async def _retry(self, flow: http.HTTPFlow, stale: str, why: str) -> None:
-        try:
-            await self._retry_once(flow, stale, why)
-        except Exception:
-            flow.metadata[TOKEN_RETRY] = "failed (internal error)"
-            log.exception("coze-mitm: unexpected error while re-sending with a fresh token; passing Coze's answer through")
-
-    async def _retry_once(self, flow: http.HTTPFlow, stale: str, why: str) -> None:
-        user_id = flow.metadata.get(COZE_USER, "")
-        flow.metadata[TOKEN_RETRY] = "started"
-        try:
-            fresh = await self.settings.broker.token_for(user_id)
-        except (ExchangeError, LimitError) as e:
-            flow.metadata[TOKEN_RETRY] = "no fresh token"
-            log.warning(f"coze-mitm: no fresh token for user {short_id(user_id)}, passing Coze's refusal through: {e.msg}")
-            return
-        if fresh == stale or not flow.live:
-            flow.metadata[TOKEN_RETRY] = "not retried"
-            return
-        request = flow.request
-        try:
-            answer = await self._resender.resend(request, fresh)
-        except requests.RequestException as e:
-            flow.metadata[TOKEN_RETRY] = f"failed ({type(e).__name__})"
-            log.warning(f"coze-mitm: re-sending {request.method} {request.path.split('?')[0]} with a fresh token "
-                        f"failed ({type(e).__name__}); passing Coze's refusal through")
-            return
-        old = flow.response
-        answer.data.http_version = old.data.http_version
-        unreflect(answer, fresh)
-        flow.response = answer
-        if flow.metadata.get(CORS_ORIGIN):
-            # The Cors addon already decided this flow's CORS headers (its hook ran before this one):
-            # the answer that replaces the old one keeps them.
-            for name in {k.lower() for k in old.headers if k.lower().startswith("access-control-")} | {"vary"}:
-                flow.response.headers.set_all(name, old.headers.get_all(name))
-        code = watched_code(flow.response)
-        if flow.response.status_code == 401 or code in INVALID_TOKEN_CODES:
-            self.settings.broker.invalidate(user_id, fresh)
-            flow.metadata[TOKEN_RETRY] = f"retried once, refused again (HTTP {flow.response.status_code})"
-            log.warning(f"coze-mitm: Coze refused the fresh token of user {short_id(user_id)} too; "
-                        f"passing its answer through (logid {logid_of(flow.response) or 'none'})")
-        else:
-            flow.metadata[TOKEN_RETRY] = f"retried once with a fresh token: HTTP {flow.response.status_code}"
-            log.debug(f"coze-mitm: {request.method} {request.path.split('?')[0]} for user {short_id(user_id)} "
-                     f"re-sent with a fresh token after {why}: HTTP {flow.response.status_code}")
-            if code in COZE_HINTS:
-                self._hints.note(flow, code, flow.metadata.get(COZE_USER, ""))
-        flow.comment += f"; re-sent once with a fresh token (HTTP {flow.response.status_code})"
