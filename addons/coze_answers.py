@@ -18,7 +18,7 @@ from mitmproxy import http
 
 from bounded import decoded_prefix
 from identity import short_id
-from tokens import scrub
+from exchange import scrub
 
 log = logging.getLogger("coze.auth")
 

@@ -20,7 +20,8 @@ import config
 import login
 from config import WS_SCHEME_OF_HTTP, ConfigError, Origin
 from identity import is_loopback
-from tokens import EXCHANGE_REASONS, CozeTokenExchange, PatBroker, TokenBroker, scrub
+from exchange import EXCHANGE_REASONS, CozeTokenExchange, scrub
+from tokens import PatBroker, TokenBroker
 
 log = logging.getLogger("coze.settings")
 

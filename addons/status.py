@@ -29,7 +29,7 @@ from csp_policy import resolve_sdk_url
 from identity import short_id
 from settings import STATUS_HOST, CozeSettings
 from status_page import PAGE_CSP, PROBE_SCRIPT, STYLE, render  # noqa: F401  (STYLE, PROBE_SCRIPT: for the tests)
-from tokens import scrub
+from exchange import scrub
 import userscript_fill
 from userscript_fill import (  # noqa: F401  (re-exported: the tests and older imports use status.*)
     NO_ORIGIN_MATCH, VERSION_STATE_FILE, base_version, fill_userscript, proxy_address, script_origins, set_version,

@@ -23,7 +23,7 @@ def failed(msg: str) -> None:
 
 def run_check(args: argparse.Namespace) -> int:
     import config
-    from tokens import CozeTokenExchange, ExchangeError
+    from exchange import CozeTokenExchange, ExchangeError
 
     pat = bool(args.pat or os.environ.get("COZE_PAT", "").strip())
     path = config_path(args)
