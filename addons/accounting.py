@@ -2,8 +2,8 @@
 
     coze_user_daily_tokens  Coze tokens a user may use per UTC day (0 = no budget); `budget_refusal`
                             is what the auth addon asks before it injects a credential
-    coze_usage_file         where usage is kept (default: coze-mitm-usage.sqlite in mitmproxy's confdir;
-                            "" keeps it in memory only)
+    coze_usage_file         where usage is kept (default, when empty: coze-mitm-usage.sqlite in
+                            mitmproxy's confdir; "memory" keeps it in memory only)
 
 Hooks (this addon must come after `auth` and after `streaming` in the addon list):
 http_connect, requestheaders  with proxyauth on: the login's password leaves flow.metadata["proxyauth"]
