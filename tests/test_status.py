@@ -435,7 +435,8 @@ class TestTeam:
         assert data["identities"] == {"mode": "htpasswd", "about": "proxy logins (htpasswd file)"}
         text = body_of(get(team.pages, "/"))
         assert "<th>login</th>" in text and "user (shortened id)" not in text
-        assert "history follows the login" in text
+        # (this context is in PAT mode: logins are counted apart but share one Coze history, and the page says so)
+        assert "PAT mode gives every login the same Coze identity" in text and "history follows the login" not in text
         assert config_value(body_of(get(team.pages, "/coze-chat.user.js")), "loginMode") == "htpasswd"
 
     def test_metrics_parse(self, team):
