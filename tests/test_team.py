@@ -308,6 +308,7 @@ def test_metrics_parse_and_the_password_is_nowhere(team, standin):
     assert [u["user"] for u in status["usage"]] == ["alice", "bob"]  # biggest spenders first
     page = alice.get("http://coze.mitm/").text
     assert "<th>login</th>" in page and "<code>alice</code>" in page and TAG_A not in page
+    assert "history follows the login in every browser" in page
     # the served userscript knows the mode: its "fresh identity" dialog says the history follows the login
     assert '  loginMode: "htpasswd", // @coze-mitm loginMode' in alice.get("http://coze.mitm/coze-chat.user.js").text
 
