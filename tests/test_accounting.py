@@ -11,7 +11,6 @@ import json
 import logging
 import sqlite3
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.clients import session, tagged
