@@ -2,15 +2,16 @@
 
     coze_user_daily_tokens  Coze tokens a user may use per UTC day (0 = no budget); `budget_refusal`
                             is what the auth addon asks before it injects a credential
-    coze_usage_file         where usage is kept (default: coze-mitm-usage.sqlite in mitmproxy's confdir;
-                            "" keeps it in memory only)
+    coze_usage_file         where usage is kept (default, when empty: coze-mitm-usage.sqlite in
+                            mitmproxy's confdir; "memory" keeps it in memory only)
 
 Hooks (this addon must come after `auth` and after `streaming` in the addon list):
 http_connect, requestheaders  with proxyauth on: the login's password leaves flow.metadata["proxyauth"]
 responseheaders               a tagged event-stream answer from the Coze API gets a usage reader as its
                               `stream` callable (chunks pass unchanged); a streamed chat counts as a chat
-response                      a non-streamed chat answered with code 0 counts as a chat;
-                              `/v3/chat/retrieve` of a completed chat: its usage (once per chat id)
+response                      a non-streamed chat answered with code 0 counts as a chat (and its usage,
+                              if it is completed already); `/v3/chat/retrieve` of a completed chat: its
+                              usage (once per chat id)
 websocket_start               a WebSocket chat (`/v1/chat` on the ws host) counts as a chat
 
 The user is the key the auth addon leaves in flow.metadata["coze_user"] (a tag id, or `login:<name>`).
@@ -133,8 +134,15 @@ class Accounting:
             usage = usage_from_retrieve(_content(response), MAX_CHAT_ANSWER)
             if usage is not None:
                 self.book.tokens(user, usage)
-        elif is_chat(request.method, request.path) and _code_ok(_content(response)):
-            self.book.chat(user)  # a non-streamed chat (stream: false); its usage comes with retrieve
+        elif is_chat(request.method, request.path):
+            content = _content(response)
+            if _code_ok(content):
+                self.book.chat(user)  # a non-streamed chat (stream: false)
+                # Its usage comes with retrieve once completed; an answer that is completed already (a chat
+                # that needed no polling) carries it here. Counted once per chat id either way.
+                usage = usage_from_retrieve(content, MAX_CHAT_ANSWER)
+                if usage is not None:
+                    self.book.tokens(user, usage)
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         user = flow.metadata.get(COZE_USER)

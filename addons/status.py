@@ -6,6 +6,8 @@
                      install any URL ending in .user.js)
 /ca-probe.png        a 1x1 image the status page loads over HTTPS to see whether the browser
                      accepts the proxy's certificates (i.e. trusts the mitmproxy CA)
+/metrics             the counters in Prometheus' text format (status_usage.py): usage per user,
+                     requests by outcome, token exchanges by result
 
 None of them shows a secret (tokens, the PAT, the key) or carries CORS headers, and no GET changes
 state: a web page can neither read them nor poke them. The page is status.html (status_page.py),
@@ -23,6 +25,8 @@ import time
 from mitmproxy import ctx, http, tls
 
 import demo
+import metrics
+import status_usage
 from answers import accept_connect
 from config import REPO_ROOT
 from csp_policy import resolve_sdk_url
@@ -114,7 +118,8 @@ class StatusPages:
         if not self._template:
             self.userscript, self.userscript_version = None, ""
             return
-        values = {"botId": demo.bot_id(self.settings), "title": ctx.options.coze_title, "sdkUrl": self.sdk_url}
+        values = {"botId": demo.bot_id(self.settings), "title": ctx.options.coze_title, "sdkUrl": self.sdk_url,
+                  "loginMode": status_usage.identities(self.settings)["mode"]}  # its "fresh identity" menu says what follows
         self.userscript, self.userscript_version, persisted = userscript_fill.build(
             self._template, sorted(self.settings.page_origins), values, self.proxy, getattr(ctx.options, "confdir", None))
         if not persisted:
@@ -150,6 +155,11 @@ class StatusPages:
             flow.response = http.Response.make(200, self.render_html(flow).encode("utf-8"), headers)
         elif path == "/status.json":
             flow.response = self._json(200, self.status(flow))
+        elif path == "/metrics":
+            text = status_usage.metrics_text(self.settings)
+            flow.response = http.Response.make(200, text.encode("utf-8"), {
+                "Content-Type": metrics.CONTENT_TYPE, "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+            })
         elif path == "/coze-chat.user.js" and self.userscript is not None:
             flow.response = http.Response.make(200, self.userscript, self._headers("text/javascript; charset=utf-8"))
         elif path == "/ca-probe.png":
@@ -218,6 +228,10 @@ class StatusPages:
                 "exchange_failures": s.broker.failures if s.broker else 0,
                 "refusals": dict(sorted(stats.refusals.items())),
             },
+            # Who the users are (the proxy login, or the userscript's tags) and what they used.
+            "identities": status_usage.identities(s),
+            "usage": status_usage.usage(s),  # biggest spenders first
+            **status_usage.accounting_state(s),
             "users": [
                 {"user": short_id(user_id), "expires_at": int(expires_at), "expires_in_seconds": int(expires_at - now)}
                 for user_id, expires_at in reversed(s.broker.users() if s.broker else [])
@@ -262,6 +276,8 @@ class StatusPages:
             "bot_id": data.get("bot_id", ""),
             "bot_id_is_sandbox": bool(data.get("demo")) and not ctx.options.coze_bot_id.strip(),
             "hints": hints,
+            "logins": data["identities"]["mode"] != "none",
+            "user_label": "login" if data["identities"]["mode"] != "none" else "user (shortened id)",
             "counters": [
                 ("Requests to the Coze API", c["requests"]),
                 ("Credentials injected", c["injected"]),

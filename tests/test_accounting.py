@@ -1,63 +1,32 @@
-"""accounting.py through a real mitmdump: addons/coze.py plus the Accounting addon (loaded as a second
-script, after the bundle, which is where it goes in the addon list), against the Coze stand-in.
+"""accounting.py through a real mitmdump running the bundle (addons/coze.py, where Accounting is one of the
+addons), against the Coze stand-in; usage is read back from http://coze.mitm/metrics.
 
 The bundle's auth addon marks each flow it injected with flow.metadata["coze_user"]; Accounting counts
-from there. A probe host answers the metrics text, the way http://coze.mitm/metrics will.
+from there. (tests/test_team.py covers logins, budgets and the status pages end to end.)
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.clients import session, tagged
-from tests.harness import REPO
 
 PAGE = "https://chat.example.org"
 ALICE = "alice-0001"
 BOB = "bob-000002"
 
-WIRE = """
-import sys
-sys.path.insert(0, {addons!r})
-from mitmproxy import http
-from accounting import Accounting
-from identity import short_id
-import login
-import metrics
 
-accounting = Accounting()
-
-
-class MetricsProbe:
-    def request(self, flow):
-        if flow.request.pretty_host == "usage.probe":
-            text = metrics.render(usage_rows=accounting.book.rows(), display=lambda k: login.display(k, short_id),
-                                  store_ok=not (accounting.store and accounting.store.error))
-            flow.response = http.Response.make(200, text, {{"content-type": metrics.CONTENT_TYPE}})
-
-
-addons = [accounting, MetricsProbe()]
-"""
-
-
-@pytest.fixture
-def wire(tmp_path):
-    path = tmp_path / "wire.py"
-    path.write_text(WIRE.format(addons=str(REPO / "addons")))
-    return path
-
-
-def start(mitmdump, config_file, wire, usage_file):
+def start(mitmdump, config_file, usage_file):
     return mitmdump(f"coze_config={config_file}", f"coze_origins={PAGE}", "connection_strategy=lazy",
-                    f"coze_usage_file={usage_file}", extra_args=["-s", str(wire)])
+                    f"coze_usage_file={usage_file}")
 
 
 def read_metrics(proxy) -> dict:
-    text = session(proxy).get("http://usage.probe/metrics", timeout=10).text
+    text = session(proxy).get("http://coze.mitm/metrics", timeout=10).text
     out = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -83,9 +52,9 @@ def streamed_chat(proxy, standin, user, text):
     return tokens, at_first_delta
 
 
-def test_streamed_chat_counted_exactly_and_still_streamed(mitmdump, config_file, standin, wire, tmp_path):
+def test_streamed_chat_counted_exactly_and_still_streamed(mitmdump, config_file, standin, tmp_path):
     standin.delta_gap = 0.05
-    proxy = start(mitmdump, config_file, wire, tmp_path / "usage.sqlite")
+    proxy = start(mitmdump, config_file, tmp_path / "usage.sqlite")
     tokens1, status1 = streamed_chat(proxy, standin, ALICE, "one two three four five six")
     tokens2, _ = streamed_chat(proxy, standin, ALICE, "and again")
     # The first delta reached the client while Coze was still producing the reply: not buffered.
@@ -96,8 +65,8 @@ def test_streamed_chat_counted_exactly_and_still_streamed(mitmdump, config_file,
     assert m[("coze_mitm_usage_store_ok", ())] == 1
 
 
-def test_non_streamed_chat_and_retrieve_count_once(mitmdump, config_file, standin, wire, tmp_path):
-    proxy = start(mitmdump, config_file, wire, tmp_path / "usage.sqlite")
+def test_non_streamed_chat_and_retrieve_count_once(mitmdump, config_file, standin, tmp_path):
+    proxy = start(mitmdump, config_file, tmp_path / "usage.sqlite")
     s = session(proxy)
     body = {"bot_id": "7000", "user_id": BOB, "stream": False,
             "additional_messages": [{"role": "user", "content": "hello you", "content_type": "text"}]}
@@ -113,24 +82,24 @@ def test_non_streamed_chat_and_retrieve_count_once(mitmdump, config_file, standi
     assert m[("coze_mitm_chats_total", (("user", BOB),))] == 1
 
 
-def test_restart_keeps_usage(mitmdump, config_file, standin, wire, tmp_path):
+def test_restart_keeps_usage(mitmdump, config_file, standin, tmp_path):
     standin.delta_gap = 0
     usage_file = tmp_path / "usage.sqlite"
-    proxy = start(mitmdump, config_file, wire, usage_file)
+    proxy = start(mitmdump, config_file, usage_file)
     tokens, _ = streamed_chat(proxy, standin, ALICE, "remember me")
     proxy.stop()  # mitmdump's done hook writes what is pending
     with sqlite3.connect(usage_file) as db:
         assert db.execute("SELECT user, chats, tokens FROM usage").fetchall() == [(ALICE, 1, tokens)]
-    again = start(mitmdump, config_file, wire, usage_file)
+    again = start(mitmdump, config_file, usage_file)
     m = read_metrics(again)
     assert m[("coze_mitm_tokens_total", (("user", ALICE),))] == tokens
     assert m[("coze_mitm_tokens_today", (("user", ALICE),))] == tokens
 
 
-def test_corrupt_usage_file_is_one_warning_and_the_proxy_serves(mitmdump, config_file, standin, wire, tmp_path):
+def test_corrupt_usage_file_is_one_warning_and_the_proxy_serves(mitmdump, config_file, standin, tmp_path):
     usage_file = tmp_path / "usage.sqlite"
     usage_file.write_bytes(b"garbage " * 1000)
-    proxy = start(mitmdump, config_file, wire, usage_file)
+    proxy = start(mitmdump, config_file, usage_file)
     assert proxy.wait_for_output(r"usage file .* cannot be used \(DatabaseError: file is not a database\)")
     tokens, _ = streamed_chat(proxy, standin, ALICE, "still counted")
     m = read_metrics(proxy)
@@ -140,8 +109,7 @@ def test_corrupt_usage_file_is_one_warning_and_the_proxy_serves(mitmdump, config
 
 
 class TestOptions:
-    def test_negative_budget_is_refused(self, tmp_path):
-        from mitmproxy import exceptions
+    def test_negative_budget_is_refused(self, tmp_path, caplog):
         from mitmproxy.test import taddons
 
         from accounting import Accounting
@@ -149,11 +117,22 @@ class TestOptions:
         acc = Accounting()
         with taddons.context(acc) as tctx:
             tctx.configure(acc, confdir=str(tmp_path), coze_usage_file="memory")
-            with pytest.raises(exceptions.OptionsError, match="coze_user_daily_tokens"):
-                tctx.configure(acc, coze_user_daily_tokens=-1)
             tctx.configure(acc, coze_user_daily_tokens=500)
+            with caplog.at_level(logging.ERROR):
+                tctx.configure(acc, coze_user_daily_tokens=-1)
+            # one error line (at start-up it stops mitmdump), and the last good budget stays
+            assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+                "coze-mitm: coze_user_daily_tokens must be 0 (no budget) or a number of tokens per user and day"]
             assert acc.daily_tokens == 500 and acc.store is None
         assert list(tmp_path.iterdir()) == []  # "memory": no file
+
+    def test_negative_budget_stops_a_real_mitmdump(self, tmp_path, config_file):
+        from tests.harness import Mitmdump
+
+        proc = Mitmdump(tmp_path, [f"coze_config={config_file}", "coze_user_daily_tokens=-5"])
+        assert proc.run_to_exit() == 1
+        assert "coze_user_daily_tokens must be 0 (no budget)" in proc.output
+        assert "Traceback" not in proc.output
 
     def test_default_file_is_in_the_confdir(self, tmp_path):
         from mitmproxy.test import taddons

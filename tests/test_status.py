@@ -382,3 +382,77 @@ def test_bound_port_kept_across_other_option_changes(tctx):
     assert config_value(body_of(get(tctx.pages, "/coze-chat.user.js")), "proxy") == "127.0.0.1:41943"
     tctx.configure(tctx.pages, listen_port=9000)  # servers restarted on the new port
     assert config_value(body_of(get(tctx.pages, "/coze-chat.user.js")), "proxy") == "127.0.0.1:9000"
+
+
+class TestTeam:
+    """Identities, usage and budgets on the status pages (the accounting addon's book, in memory)."""
+
+    @pytest.fixture
+    def team(self, tctx):
+        from accounting import Accounting
+
+        acc = Accounting()
+        acc.daily_tokens = 50
+        tctx.settings.accounting = acc
+        book = acc.book
+        book.chat(FULL_ID)
+        book.tokens(FULL_ID, 7)
+        for _ in range(2):
+            book.chat("login:alice")
+        book.tokens("login:alice", 60)
+        book.chat('login:<b>"zoë"</b>')  # proxyauth=any: names come from clients
+        book.tokens('login:<b>"zoë"</b>', 3)
+        return tctx
+
+    def test_status_json_usage_biggest_spenders_first(self, team):
+        data = json.loads(body_of(get(team.pages, "/status.json")))
+        assert data["usage"] == [
+            {"user": "alice", "chats": 2, "tokens": 60, "tokens_today": 60},
+            {"user": short_id(FULL_ID), "chats": 1, "tokens": 7, "tokens_today": 7},
+            {"user": '<b>"zoë"</b>', "chats": 1, "tokens": 3, "tokens_today": 3},
+        ]
+        assert FULL_ID not in json.dumps(data)  # a full tag id would let a reader act as that user
+        assert data["daily_token_budget"] == 50
+        assert data["usage_users"] == 3 and data["usage_totals"] == {"chats": 4, "tokens": 70, "tokens_today": 70}
+        assert data["usage_file"] == {"path": None, "ok": True, "error": ""}  # memory only, by choice
+        assert data["identities"]["mode"] == "none"
+        assert "self-asserted" in data["identities"]["about"]
+
+    def test_html_usage_table_escaped_and_budget_shown(self, team):
+        text = body_of(get(team.pages, "/"))
+        assert "<b>\"zoë\"" not in text and "&lt;b&gt;&#34;zoë&#34;&lt;/b&gt;" in text
+        rows = re.findall(r"<tr><td><code>([^<]*)</code></td><td>(\d+)</td><td>(\d+)</td><td>(\d+)", text)
+        assert [r[0] for r in rows] == ["alice", short_id(FULL_ID), "&lt;b&gt;&#34;zoë&#34;&lt;/b&gt;"]
+        assert "(budget reached)" in text.split("alice", 1)[1].split("</tr>", 1)[0]  # 60 of 50 today
+        assert "<b>50</b> Coze tokens per user and UTC day" in text
+        assert "user (shortened id)" in text and "self-asserted" in text
+
+    def test_login_mode_shown_and_served_to_the_userscript(self, team):
+        assert config_value(body_of(get(team.pages, "/coze-chat.user.js")), "loginMode") == "none"
+        team.settings.login_mode = "htpasswd"
+        team.configure(team.pages, coze_title="Team desk")  # any option edit rebuilds the served script
+        data = json.loads(body_of(get(team.pages, "/status.json")))
+        assert data["identities"] == {"mode": "htpasswd", "about": "proxy logins (htpasswd file)"}
+        text = body_of(get(team.pages, "/"))
+        assert "<th>login</th>" in text and "user (shortened id)" not in text
+        # (this context is in PAT mode: logins are counted apart but share one Coze history, and the page says so)
+        assert "PAT mode gives every login the same Coze identity" in text and "history follows the login" not in text
+        assert config_value(body_of(get(team.pages, "/coze-chat.user.js")), "loginMode") == "htpasswd"
+
+    def test_metrics_parse(self, team):
+        from prometheus_client.parser import text_string_to_metric_families
+
+        team.settings.stats.injected, team.settings.stats.preflights = 5, 2
+        team.settings.stats.refused("budget")
+        f = get(team.pages, "/metrics")
+        assert f.response.status_code == 200
+        assert f.response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for fam in text_string_to_metric_families(body_of(f)) for s in fam.samples}
+        assert samples[("coze_mitm_tokens_total", (("user", "alice"),))] == 60
+        assert samples[("coze_mitm_chats_total", (("user", short_id(FULL_ID)),))] == 1
+        assert samples[("coze_mitm_tokens_total", (("user", '<b>"zoë"</b>'),))] == 3
+        assert samples[("coze_mitm_requests_total", (("outcome", "injected"),))] == 5
+        assert samples[("coze_mitm_requests_total", (("outcome", "preflight"),))] == 2
+        assert samples[("coze_mitm_requests_total", (("outcome", "refused"), ("reason", "budget")))] == 1
+        assert FULL_ID not in body_of(f) and PAT not in body_of(f)

@@ -35,6 +35,7 @@ const COZE_MITM_CONFIG = {
   nickname: "", // @coze-mitm nickname
   statusUrl: "http://coze.mitm/status.json", // @coze-mitm statusUrl
   proxy: "127.0.0.1:8080", // @coze-mitm proxy   (the address the proxy listens on, for the notices)
+  loginMode: "none", // @coze-mitm loginMode   ("none": users are this script's ids; otherwise the proxy login names them)
 };
 
 (function (CONFIG) {
@@ -158,15 +159,28 @@ const COZE_MITM_CONFIG = {
     return id;
   }
 
+  // With the proxy's login on (mitmproxy's proxyauth; the proxy fills in loginMode when it serves this
+  // script), the proxy names each user by their login: the id below only asks for credentials.
+  function followsLogin(e) {
+    const mode = e.config.loginMode;
+    return typeof mode === 'string' && mode !== '' && mode !== 'none';
+  }
+
+  const LOGIN_NOTE =
+    'This proxy knows you by your proxy login, not by this browser\u2019s id: your Coze chat history ' +
+    'follows your login, the same in every browser you log in from, whatever id this script has.';
+
   // Asks first; returns the new id, or null when the user said no. Reloads the page unless
   // opts.reload === false.
   function resetUserId(env, opts) {
     const e = resolveEnv(env);
-    const ok = e.confirm(
-      'Start a fresh coze-mitm identity?\n\n' +
-      'The Coze bot will treat you as a new user: a new, empty chat history. ' +
-      'Your current history stays with the old id and cannot be reached from this browser afterwards ' +
-      '(use "Show my coze-mitm id" first if you want to note it).'
+    const ok = e.confirm(followsLogin(e)
+      ? 'Start a fresh coze-mitm id?\n\n' + LOGIN_NOTE + ' A fresh id changes nothing about that history; ' +
+        'for a separate history, log in to the proxy with another name.'
+      : 'Start a fresh coze-mitm identity?\n\n' +
+        'The Coze bot will treat you as a new user: a new, empty chat history. ' +
+        'Your current history stays with the old id and cannot be reached from this browser afterwards ' +
+        '(use "Show my coze-mitm id" first if you want to note it).'
     );
     if (!ok) return null;
     const id = makeUserId(e);
@@ -182,7 +196,8 @@ const COZE_MITM_CONFIG = {
     if (typeof e.GM_setClipboard === 'function') {
       try { e.GM_setClipboard(id, 'text'); copied = true; } catch (err) { log(e, 'warn', 'clipboard:', err); }
     }
-    e.alert('Your coze-mitm id:\n\n' + id + (copied ? '\n\n(copied to the clipboard)' : ''));
+    e.alert('Your coze-mitm id:\n\n' + id + (copied ? '\n\n(copied to the clipboard)' : '') +
+      (followsLogin(e) ? '\n\n' + LOGIN_NOTE : ''));
     return id;
   }
 

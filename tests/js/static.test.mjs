@@ -35,7 +35,7 @@ test('the script contains no secret or credential', () => {
 });
 
 test('config block: one marked single-line JSON literal per key, replaceable by regex', () => {
-  const keys = ['botId', 'appId', 'title', 'sdkUrl', 'nickname', 'statusUrl', 'proxy'];
+  const keys = ['botId', 'appId', 'title', 'sdkUrl', 'nickname', 'statusUrl', 'proxy', 'loginMode'];
   const re = /^ {2}(\w+): (.*), \/\/ @coze-mitm (\w+)\b.*$/gm;
   const found = {};
   for (const m of SCRIPT_TEXT.matchAll(re)) {
@@ -46,7 +46,7 @@ test('config block: one marked single-line JSON literal per key, replaceable by 
   assert.deepEqual(found, {
     botId: '', appId: '', title: 'Coze',
     sdkUrl: 'https://lf-cdn.coze.cn/obj/unpkg/flow-platform/chat-app-sdk/1.2.0-beta.10/libs/cn/index.js',
-    nickname: '', statusUrl: 'http://coze.mitm/status.json', proxy: '127.0.0.1:8080',
+    nickname: '', statusUrl: 'http://coze.mitm/status.json', proxy: '127.0.0.1:8080', loginMode: 'none',
   });
   assert.match(SCRIPT_TEXT, /^const COZE_MITM_CONFIG = \{\n/m);
 

@@ -115,6 +115,40 @@ test('resetUserId: confirm false keeps the id and does not reload', () => {
   assert.equal(rec.reloads, 0);
 });
 
+test('resetUserId: without a proxy login the dialog promises a new, empty history', () => {
+  for (const loginMode of [undefined, '', 'none']) {
+    const { env, rec } = makeEnv({ confirm: false, config: { loginMode } });
+    us.resetUserId(env);
+    assert.match(rec.confirms[0], /new, empty chat history/);
+    assert.doesNotMatch(rec.confirms[0], /login/);
+  }
+});
+
+test('resetUserId: with a proxy login the dialog says the history follows the login', () => {
+  for (const loginMode of ['htpasswd', 'ldap', 'single', 'any']) {
+    const store = makeStore();
+    const { env, rec } = makeEnv({ store, confirm: true, config: { loginMode } });
+    const old = us.getOrCreateUserId(env);
+    const fresh = us.resetUserId(env, { reload: false });
+    assert.match(rec.confirms[0], /history follows your login/);
+    assert.match(rec.confirms[0], /changes nothing about that history/);
+    assert.match(rec.confirms[0], /log in to the proxy with another name/);
+    assert.doesNotMatch(rec.confirms[0], /new, empty/);
+    // the id is still renewed when asked (it only asks the proxy for credentials)
+    assert.notEqual(fresh, old);
+    assert.equal(store.data.get('coze_user_id'), fresh);
+  }
+});
+
+test('showUserId: with a proxy login the alert says the history follows the login', () => {
+  const withLogin = makeEnv({ config: { loginMode: 'htpasswd' } });
+  us.showUserId(withLogin.env);
+  assert.match(withLogin.rec.alerts[0], /history follows your login/);
+  const without = makeEnv({ config: { loginMode: 'none' } });
+  us.showUserId(without.env);
+  assert.doesNotMatch(without.rec.alerts[0], /login/);
+});
+
 test('placeholder token is exactly user:<id>; onRefreshToken returns the same', async () => {
   const { env } = makeEnv();
   const id = us.getOrCreateUserId(env);
