@@ -464,6 +464,9 @@ def bench_streams(bundle: Mitmdump, streamer: Mitmdump, standin, token: str, n: 
                                      ("reference", streamer, [with_token(token)] * n),
                                      ("bundle", bundle, [tagged(u) for u in users])):
             print(f"    {n} streams {name} ...", flush=True)
+            # A few short streams first: code paths, imports and first buffers are not a per-stream cost.
+            # (Few: memory a full-size warm-up took would stay with the process and hide the real figure.)
+            run_streams(proxy, standin, headers[:10], "warm up " * 5, 1.0, 0.2)
             res[name] = run_streams(proxy, standin, headers, text, seconds, ramp)
     finally:
         standin.delta_gap = old_gap
@@ -645,27 +648,33 @@ def bench_soak(standin, config_path: Path, workdir: Path, seconds: float, rate: 
 
 
 def compare_snapshots(mid: Path, end: Path, top: int = 15) -> str:
-    """The allocation sites that grew between the middle and the end of the soak, largest first."""
-    old, new = tracemalloc.Snapshot.load(str(mid)), tracemalloc.Snapshot.load(str(end))
+    """The allocation sites that grew between the middle and the end of the soak, largest growth first."""
+    ignore = [tracemalloc.Filter(False, pattern, all_frames=True)
+              for pattern in (tracemalloc.__file__, "*/fnmatch.py", str(REPO / "bench" / "tracemalloc_probe.py"))]
+    old = tracemalloc.Snapshot.load(str(mid)).filter_traces(ignore)
+    new = tracemalloc.Snapshot.load(str(end)).filter_traces(ignore)
     total = sum(s.size_diff for s in new.compare_to(old, "filename"))
-    lines = [f"tracemalloc, middle -> end of the soak: traced memory {total / 1024:+,.1f} KiB in all; "
-             f"top {top} growing lines:", ""]
-    for stat in new.compare_to(old, "lineno")[:top]:
+    grown = sorted((s for s in new.compare_to(old, "lineno") if s.size_diff > 0), key=lambda s: -s.size_diff)
+    lines = [f"tracemalloc, middle -> end of the soak: traced memory {total / 1024:+,.1f} KiB in all "
+             f"({sum(s.size for s in new.statistics('filename')) / 1024 / 1024:,.1f} MiB traced at the end); "
+             f"the {top} lines whose allocations grew most:", ""]
+    for stat in grown[:top]:
         frame = stat.traceback[0]
         lines.append(f"  {stat.size_diff / 1024:+9.1f} KiB {stat.count_diff:+7d} blocks  "
                      f"{short_path(frame.filename)}:{frame.lineno}")
-    lines += ["", "the 3 largest growths with their call stacks (innermost last):"]
-    for stat in new.compare_to(old, "traceback")[:3]:
+    lines += ["", "the 3 largest growths by call stack (innermost last):"]
+    stacks = sorted((s for s in new.compare_to(old, "traceback") if s.size_diff > 0), key=lambda s: -s.size_diff)
+    for stat in stacks[:3]:
         lines.append(f"  {stat.size_diff / 1024:+.1f} KiB {stat.count_diff:+d} blocks")
         lines += [f"      {short_path(f.filename)}:{f.lineno}" for f in list(stat.traceback)[-8:]]
     return "\n".join(lines)
 
 
 def short_path(filename: str) -> str:
-    for marker in ("site-packages/", str(REPO) + "/", "lib/python3"):
-        if marker in filename:
-            return filename.split(marker, 1)[1]
-    return filename
+    if filename.startswith(str(REPO) + "/"):
+        return filename[len(str(REPO)) + 1:]
+    m = re.search(r"(?:site-packages|lib/python3\.\d+)/(.*)$", filename)
+    return m.group(1) if m else filename
 
 
 # ---------------------------------------------------------------- report
