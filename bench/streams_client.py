@@ -8,8 +8,10 @@ event loop ran (a 10 ms ticker), which show whether it kept up.
     python bench/streams_client.py < spec.json   # prints "OPEN" when every stream has its first delta,
                                                    # then one JSON line with the figures
 
-spec: {"proxy": [host, port] or null, "target": [host, port], "path": "/v3/chat",
-       "headers": [{...} per stream], "body": {...}, "ramp": seconds over which the streams start}
+spec: {"target": [host, port], "path": "/v3/chat", "body": {...}, "ramp": seconds over which the streams start,
+       "groups": [{"name": ..., "proxy": [host, port] or null, "headers": [{...} per stream]}, ...]}
+Groups run at the same time (stream i of every group starts together), so an A/B comparison sees the same
+machine load on both sides; the figures are per group.
 """
 
 from __future__ import annotations
@@ -33,15 +35,16 @@ def pct(values: list[float], p: float) -> float:
     return ordered[k]
 
 
-async def one_stream(i: int, spec: dict, start_at: float, result: dict, first_seen: asyncio.Event, state: dict) -> None:
+async def one_stream(i: int, spec: dict, group: dict, start_at: float, result: dict, first_seen: asyncio.Event,
+                     state: dict) -> None:
     await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
-    host, port = spec["proxy"] or spec["target"]
+    host, port = group["proxy"] or spec["target"]
     thost, tport = spec["target"]
     body = json.dumps(spec["body"]).encode()
     # Through an HTTP proxy the request line carries the absolute URL; direct, the path.
-    target = f"http://{thost}:{tport}{spec['path']}" if spec["proxy"] else spec["path"]
+    target = f"http://{thost}:{tport}{spec['path']}" if group["proxy"] else spec["path"]
     head = [f"POST {target} HTTP/1.1", f"Host: {thost}:{tport}", f"Content-Length: {len(body)}", "Connection: close"]
-    head += [f"{k}: {v}" for k, v in spec["headers"][i].items()]
+    head += [f"{k}: {v}" for k, v in group["headers"][i].items()]
     request = ("\r\n".join(head) + "\r\n\r\n").encode() + body
     arrivals: list[float] = []
     t0 = time.perf_counter()
@@ -99,17 +102,18 @@ async def ticker(lags: list[float], stop: asyncio.Event) -> None:
 
 
 async def main_async(spec: dict) -> dict:
-    n = len(spec["headers"])
-    result = {"first": [], "gaps": [], "deltas": 0, "ok": 0, "errors": []}
-    state = {"first": 0, "n": n}
+    groups = spec["groups"]
+    n = max(len(g["headers"]) for g in groups)
+    results = {g["name"]: {"first": [], "gaps": [], "deltas": 0, "ok": 0, "errors": []} for g in groups}
+    state = {"first": 0, "n": sum(len(g["headers"]) for g in groups)}
     first_seen = asyncio.Event()
     lags: list[float] = []
     stop = asyncio.Event()
     tick = asyncio.create_task(ticker(lags, stop))
     t_start = time.perf_counter()
     ramp = float(spec.get("ramp", 2.0))
-    tasks = [asyncio.create_task(one_stream(i, spec, t_start + ramp * i / n, result, first_seen, state))
-             for i in range(n)]
+    tasks = [asyncio.create_task(one_stream(i, spec, g, t_start + ramp * i / n, results[g["name"]], first_seen, state))
+             for i in range(n) for g in groups if i < len(g["headers"])]
 
     async def announce() -> None:
         await first_seen.wait()
@@ -120,16 +124,18 @@ async def main_async(spec: dict) -> dict:
     ann.cancel()
     stop.set()
     await tick
-    return {
-        "streams": n, "ok": result["ok"], "deltas": result["deltas"], "errors": result["errors"][:5],
-        "n_errors": len(result["errors"]),
-        "first_median": pct(result["first"], 50), "first_p99": pct(result["first"], 99),
-        "gap_median": pct(result["gaps"], 50), "gap_p99": pct(result["gaps"], 99),
-        "gap_p999": pct(result["gaps"], 99.9), "gap_max": max(result["gaps"], default=float("nan")),
-        "n_gaps": len(result["gaps"]),
-        "loop_lag_p99": pct(lags, 99), "loop_lag_max": max(lags, default=float("nan")),
-        "wall": time.perf_counter() - t_start,
-    }
+    out = {"wall": time.perf_counter() - t_start, "loop_lag_p99": pct(lags, 99),
+           "loop_lag_max": max(lags, default=float("nan")), "groups": {}}
+    for g in groups:
+        r = results[g["name"]]
+        out["groups"][g["name"]] = {
+            "streams": len(g["headers"]), "ok": r["ok"], "deltas": r["deltas"], "errors": r["errors"][:5],
+            "n_errors": len(r["errors"]),
+            "first_median": pct(r["first"], 50), "first_p99": pct(r["first"], 99),
+            "gap_median": pct(r["gaps"], 50), "gap_p99": pct(r["gaps"], 99),
+            "gap_p999": pct(r["gaps"], 99.9), "gap_max": max(r["gaps"], default=float("nan")), "n_gaps": len(r["gaps"]),
+        }
+    return out
 
 
 def main() -> int:
