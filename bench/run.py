@@ -1,13 +1,16 @@
 """coze-mitm benchmark: one command, every figure measured in the same run, reported as ratios.
 
-    python bench/run.py                 # full run (~7 min, of which a 5-minute soak)
-    python bench/run.py --quick         # short variant (< 1 min), same table
-    python bench/run.py --no-write      # print only; default also writes docs/benchmarks.md
+    python bench/run.py                 # full run (~25 min, of which a 20-minute soak); writes docs/benchmarks.md
+    python bench/run.py --quick         # short variant (~1.5 min), same table
+    python bench/run.py --no-write      # print only
+    python bench/run.py --only streams  # one or more sections (jwt,memory,latency,sse,first,streams,soak); no write
+    python bench/run.py --only soak --tracemalloc   # the soak, listing the allocation sites that grew
 
 Everything runs on this machine against the local Coze stand-in (sandbox/coze_standin.py, a
 SANDBOX, not Coze): the bundle is a real `mitmdump -s addons/coze.py`, "bare mitmdump" is the same
-mitmdump without the script, "direct" is no proxy at all. Targets are printed beside the figures;
-nothing here fails a build.
+mitmdump without the script, the streaming reference is `mitmdump -s bench/stream_only.py` (one hook),
+"direct" is no proxy at all. Ratios are against references measured in the same run, interleaved or
+at the same time. Targets are printed beside the figures; nothing here fails a build.
 """
 
 from __future__ import annotations
@@ -449,12 +452,13 @@ def run_streams(groups: list[tuple[str, Mitmdump | None, list[dict]]], standin, 
 
 def bench_streams(bundle: Mitmdump, streamer: Mitmdump, standin, token: str, n: int, seconds: float,
                   gap: float) -> tuple[list[Row], dict]:
-    """n streamed chats through the bundle and n through the one-hook reference, all open at the same time
-    (so both see the same machine load), a delta every `gap` s for `seconds`; then n direct, for the floor.
-    Each stream is its own connection."""
+    """n streamed chats through the bundle and n through the one-hook reference, all open at the same time (so
+    both see the same machine load), a delta every `gap` s for `seconds`; then n direct, alone, for the floor
+    (600 streams at once were too many for a 2-core machine: the client's loop fell behind). Each stream is
+    its own connection."""
     words = max(1, round(seconds / gap) - 3)  # the stand-in answers "Sandbox reply to: <text>", a delta a word
     text = " ".join(f"w{i}" for i in range(words))
-    ramp = min(2.0, seconds / 4)  # streams start over 2 s (each batch opens its connections in that time)
+    ramp = min(2.0, seconds / 4)  # streams start over 2 s: the stand-in's listen backlog is 128
     users = [f"stream-{i:04d}-{secrets.token_hex(4)}" for i in range(n)]
     s = session(bundle)
     for user in users:  # each user's token minted beforehand: this section is about streams, not minting
@@ -462,15 +466,15 @@ def bench_streams(bundle: Mitmdump, streamer: Mitmdump, standin, token: str, n: 
         if r.status_code != 200:
             raise RuntimeError(f"streams warm-up: HTTP {r.status_code} {r.text[:200]}")
     s.close()
-    ab = [("bundle", bundle, [tagged(u) for u in users]), ("reference", streamer, [with_token(token)] * n)]
+    groups = [("bundle", bundle, [tagged(u) for u in users]), ("reference", streamer, [with_token(token)] * n)]
     old_gap = standin.delta_gap
     standin.delta_gap = gap
     try:
         # A few short streams first: code paths, imports and first buffers are not a per-stream cost.
         # (Few: memory a full-size warm-up took would stay with the process and hide the real figure.)
-        run_streams([(name, proxy, headers[:10]) for name, proxy, headers in ab], standin, "warm up " * 5, 1.0, 0.2)
-        print(f"    {n} streams through the bundle + {n} through the reference, at once ...", flush=True)
-        both = run_streams(ab, standin, text, seconds, ramp)
+        run_streams([(name, proxy, headers[:10]) for name, proxy, headers in groups], standin, "warm up " * 5, 1.0, 0.2)
+        print(f"    {n} streams through the bundle and {n} through the reference, at once ...", flush=True)
+        both = run_streams(groups, standin, text, seconds, ramp)
         print(f"    {n} streams direct ...", flush=True)
         direct = run_streams([("direct", None, [with_token(token)] * n)], standin, text, seconds, ramp)
     finally:
@@ -498,11 +502,12 @@ def bench_streams(bundle: Mitmdump, streamer: Mitmdump, standin, token: str, n: 
         Row(f"{label}: streams complete, deltas received",
             f"{b['ok']}/{n}, {b['deltas']:,}/{expected:,}", f"reference {r['ok']}/{n}, {r['deltas']:,}/{expected:,}",
             "", "all", b["ok"] == n and b["deltas"] == expected),
-        Row(f"{label}: the floor: no proxy (direct), gap median / p99",
+        Row(f"{label}: the floor: no proxy (direct, {n} alone), gap median / p99",
             f"{ms(d['gap_median'])} / {ms(d['gap_p99'])}",
-            f"client ({2 * n} streams at once): {both['client_cpu']:.1f} s CPU "
+            f"bundle + reference batch: client ({2 * n} streams) {both['client_cpu']:.1f} s CPU "
             f"({both['client_cpu'] / wall * 100:.0f}% of a core), loop lag p99 {ms(both['loop_lag_p99'])}; "
-            f"stand-in {both['standin_cpu']:.1f} s", "", "", None),
+            f"stand-in {both['standin_cpu']:.1f} s; direct batch: client loop lag p99 {ms(direct['loop_lag_p99'])}",
+            "", "", None),
     ]
     return rows, {"res": {"bundle": b, "reference": r, "direct": d}, "both": both, "direct": direct, "n": n,
                   "seconds": seconds, "gap": gap, "per_stream_kib": {"bundle": per_stream(b), "reference": per_stream(r)}}
@@ -806,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                     [30] if quick else [30, 100])
                 rows += first_rows
             if want("streams"):
-                step(f"{args.streams} open streams x {stream_seconds:.0f} s (bundle, reference, direct)")
+                step(f"{args.streams} open streams x {stream_seconds:.0f} s through the bundle and the reference at once; direct")
                 st_rows, details["streams"] = bench_streams(bundle, streamer, standin, token, args.streams,
                                                             stream_seconds, 0.1)
                 rows += st_rows
@@ -852,7 +857,7 @@ def load_average() -> str:
 def write_report(path: Path, info: dict, text: str, details: dict, quick: bool, total: float, args, rounds: int,
                  soak_seconds: float, stream_seconds: float) -> None:
     samples = details["soak"]["samples"]
-    every = max(1, len(samples) // 12)
+    every = max(1, -(-len(samples) // 12))
     rss_line = ", ".join(f"{t / 60:.1f} min {kb / 1024:.1f}" for t, kb in samples[::every])
     attribution = ""
     if len(details["latency"]["attribution"]) > 3:
@@ -877,8 +882,8 @@ from issues 5 and 11; a figure that misses its target says "NOT met" and the not
 * **Load average** (1, 5, 15 min) at the start {info['load']}, at the end {info['load_end']} (a shared machine
   shows here)
 * **Python** {info['python']}, **mitmproxy** {info['mitmproxy']}
-* **Run:** {rounds} latency rounds per path; {st['n']} open streams for {stream_seconds:.0f} s; soak
-  {soak_seconds / 60:.0f} min at {args.rate:.0f} req/s
+* **Run:** {rounds} latency rounds per path; {st['n']} open streams per path for {stream_seconds:.0f} s; soak
+  {soak_seconds / 60:.1f} min at {args.rate:.0f} req/s
 
 {text}
 
@@ -896,14 +901,16 @@ from issues 5 and 11; a figure that misses its target says "NOT met" and the not
   `conversation.message.delta`, over many one-word chats (stand-in gap 2 ms); gaps = between consecutive
   deltas as the client receives them, over 14-word chats with a delta every {DELTA_GAP * 1000:.0f} ms.
   Bare mitmdump is shown for contrast: without a streaming hook, mitmproxy buffers the stream.
-* **Open streams.** {st['n']} streamed chats at once, each on its own connection, started over 2 s; the stand-in
-  sends a delta every {st['gap'] * 1000:.0f} ms for {st['seconds']:.0f} s. Direct, then through the reference, then
-  through the bundle (each of {st['n']} users' tokens minted beforehand). The client is
-  `bench/streams_client.py`: its own process, one asyncio loop with raw sockets, no thread per stream; its
-  CPU time and how late its loop woke for a 10 ms sleep (loop lag) show whether it kept up. Gap p99 is over
-  all streams' gaps. Proxy CPU from `/proc/PID/stat` over the batch. RSS per open stream = (median RSS while
-  all streams are open - RSS just before the batch) / {st['n']}. The stand-in (a thread per stream) runs in
-  the benchmark's process.
+* **Open streams.** {st['n']} streamed chats through the bundle and {st['n']} through the reference, all open at
+  the same time (so both share the machine's load); then {st['n']} direct, alone, as the floor (600 streams at
+  once overloaded a 2-core machine). Each stream on its own connection, started
+  over 2 s; the stand-in sends a delta every {st['gap'] * 1000:.0f} ms for {st['seconds']:.0f} s; each of {st['n']} users'
+  tokens minted beforehand. The client is `bench/streams_client.py`: its own process, one asyncio loop
+  with raw sockets, no thread per stream; its CPU time and how late its loop woke for a 10 ms sleep (loop
+  lag) show whether it kept up. Gap p99 is over all of a path's gaps. Proxy CPU from `/proc/PID/stat` over
+  the batch. RSS per open stream = (median RSS while all streams are open - RSS just before the batch,
+  after 10 short warm-up streams) / {st['n']}. The stand-in (a thread per stream) runs in the benchmark's
+  process.
 * **First requests at once.** N threads, each with its own connection to the proxy opened beforehand,
   released together; each sends one tagged request for a new user while the stand-in's token endpoint
   takes 0.5 s. Wall time is until the last answer; exchanges are counted by the stand-in.
@@ -990,8 +997,8 @@ def notes(details: dict, info: dict) -> str:
         client_ok = both["loop_lag_p99"] < 0.005
         out.append(
             f"* **{st['n']} open streams.** Gap p99 as the client sees it: bundle {ms(b['gap_p99'])}, reference "
-            f"{ms(r['gap_p99'])} (both batches open at the same time, so they share the machine's load), direct "
-            f"{ms(d['gap_p99'])} alone (the stand-in sends every {st['gap'] * 1000:.0f} ms; what direct adds to that is "
+            f"{ms(r['gap_p99'])} (all {2 * st['n']} streams open at the same time, so both paths share the machine's "
+            f"load); direct {ms(d['gap_p99'])}, {st['n']} alone (the stand-in sends every {st['gap'] * 1000:.0f} ms; what direct adds to that is "
             f"the stand-in's and the client's own jitter). Proxy CPU {b['proxy_cpu']:.1f} s vs {r['proxy_cpu']:.1f} s "
             f"for the reference; RSS per open stream {st['per_stream_kib']['bundle']:.1f} KiB vs "
             f"{st['per_stream_kib']['reference']:.1f} KiB. The client ({2 * st['n']} streams) used "
