@@ -1027,7 +1027,8 @@ def notes(details: dict, info: dict) -> str:
         "  `TCP_NODELAY` on the stand-in and on the clients (browsers always do).")
     out.append("* Absolute figures on a shared 2-core VM are noisy; the ratios, measured with interleaved paths in one "
                "run, are what the targets are about.")
-    out.append("* `~/.pyenv/versions/3.12.1/bin/python bench/run.py` runs the same benchmark with mitmproxy 12.")
+    out.append("* The same command in a Python 3.12 venv with `requirements-dev.txt` installed runs the benchmark with "
+               "mitmproxy 12.")
     return "\n".join(out)
 
 
