@@ -13,7 +13,7 @@ import os
 import signal
 import tracemalloc
 
-FRAMES = int(os.environ.get("COZE_BENCH_TRACEMALLOC_FRAMES", "12"))
+FRAMES = int(os.environ.get("COZE_BENCH_TRACEMALLOC_FRAMES", "8"))
 
 
 class TracemallocProbe:
