@@ -782,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
     details: dict = {}
     with tempfile.TemporaryDirectory(prefix="coze-bench-") as tmp:
         work = Path(tmp)
-        for name in ("bundle", "bare", "streamer", "soak"):
+        for name in ("bundle", "bare", "streamer", "soak", "soak-traced"):
             (work / name).mkdir()
         config_path = work / "coze_oauth_config.json"
         write_config(str(config_path), app_config)
