@@ -1051,10 +1051,10 @@ def notes(details: dict, info: dict) -> str:
             because = ""
             if lat:
                 extra = (lat["cpu"]["bundle"] - lat["cpu"]["bare mitmdump"]) * 1e6
-                because = (f" The first delta waits for the bundle's request hooks (tag, token, header swap) and its "
-                           f"response-header hooks (CORS, streaming) once; the latency section measures that same "
-                           f"per-request work as {extra:+,.0f} us of CPU over bare mitmdump, which is what the first "
-                           f"delta pays over the one-hook reference.")
+                because = (f" Why: the first delta waits, once, for the bundle's request hooks (tag, token, header "
+                           f"swap) and response-header hooks (CORS, streaming); the reference runs one hook. The "
+                           f"latency section measures that per-request work: {extra:+,.0f} us of proxy CPU per "
+                           f"request over bare mitmdump (its attribution splits it by part).")
             out.append(f"* **SSE first delta (within 0.5 ms of the one-hook reference): not met.** {line}.{because}")
     st = details.get("streams")
     if st:
