@@ -770,6 +770,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="add the 'leaks' section: after the soak, a second soak whose proxy takes tracemalloc snapshots "
                         "at the middle and the end; prints the allocation sites that grew in between")
     p.add_argument("--tracemalloc-seconds", type=float, default=None, help="length of that soak (default: --soak-seconds)")
+    p.add_argument("--tracemalloc-frames", type=int, default=4,
+                   help="frames kept per traced allocation (default 4; 8 saturates the proxy on 2 cores)")
     p.add_argument("--proxy-env", action="append", default=[], metavar="NAME=VALUE",
                    help="environment variable for the soaks' proxy (repeatable), e.g. MALLOC_ARENA_MAX=2")
     p.add_argument("--requests", type=int, default=None, help="latency rounds per path (default 2000, --quick 300)")
@@ -878,7 +880,8 @@ def main(argv: list[str] | None = None) -> int:
         if want("leaks"):
             traced_seconds = args.tracemalloc_seconds or soak_seconds
             step(f"traced soak ({traced_seconds:.0f} s at {args.rate:.0f} req/s, tracemalloc in the proxy)")
-            leak_rows, details["leaks"] = bench_soak(standin, config_path, work, traced_seconds, args.rate, True, proxy_env)
+            leak_rows, details["leaks"] = bench_soak(standin, config_path, work, traced_seconds, args.rate, True,
+                                                     {**proxy_env, "COZE_BENCH_TRACEMALLOC_FRAMES": str(args.tracemalloc_frames)})
             rows += leak_rows
     standin.stop()
 
