@@ -686,8 +686,8 @@ def bench_soak(standin, config_path: Path, workdir: Path, seconds: float, rate: 
             "second half <= 0.5 MiB", None if trace else flat),
         Row(f"{name}: requests, errors, latency median / p99 (non-stream)",
             f"{counts['requests']:,} requests, {len(errors)} errors",
-            f"{hot_ex + cold_ex:,} exchanges: {hot_ex:,} for {SOAK_HOT} hot users ({SOAK_HOT} first tokens, the rest "
-            f"renewals), "
+            f"{hot_ex + cold_ex:,} exchanges: {hot_ex:,} for {SOAK_HOT} hot users ({SOAK_HOT} first tokens; the rest "
+            f"renewals, or re-mints when the LRU dropped one), "
             f"{cold_ex:,} for the {SOAK_COLD:,}-id tail (LRU {SOAK_MAX_USERS})",
             f"{ms(statistics.median(latencies))} / {ms(pct(latencies, 99))}" if latencies else "",
             "no errors", not errors),
@@ -1082,8 +1082,9 @@ def notes(details: dict, info: dict) -> str:
                  if soak["minutes"] < 10 else "")
         if soak["flat"]:
             out.append(f"* **Memory flat (second half <= 0.5 MiB): met.** {growth}, through "
-                       f"{max(0, soak['hot_exchanges'] - SOAK_HOT):,} token renewals for the hot users and "
-                       f"{soak['cold_exchanges']:,} LRU re-mints.{short}")
+                       f"{max(0, soak['hot_exchanges'] - SOAK_HOT):,} renewals (or LRU re-mints) for the hot users and "
+                       f"{soak['cold_exchanges']:,} tokens for the {SOAK_COLD:,}-id tail (first tokens and re-mints "
+                       f"after the LRU of {SOAK_MAX_USERS} dropped them).{short}")
         else:
             where = ("The traced soak below lists the Python allocation sites that grew between its middle and "
                      "its end, and how much of the RSS growth they explain." if "leaks" in details else
