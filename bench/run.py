@@ -820,8 +820,11 @@ def main(argv: list[str] | None = None) -> int:
         app = config.load_oauth_config(config_path)
         exchange = CozeTokenExchange(app)
 
+        marks: list[tuple[str, float]] = []
+
         def step(name: str):
             print(f"  {name} ...", flush=True)
+            marks.append((name.split(" (")[0].split(":")[0], time.perf_counter()))
 
         if want("jwt"):
             step("JWT minting")
@@ -836,6 +839,7 @@ def main(argv: list[str] | None = None) -> int:
         streamer = None
         try:
             if any(want(x) for x in ("latency", "sse", "first", "streams")):
+                step("starting the proxies")
                 proxies["bundle"] = Mitmdump(work / "bundle", coze_sets).start()
                 proxies["bare mitmdump"] = Mitmdump(work / "bare", ["flow_detail=0"], script=False).start()
                 streamer = Mitmdump(work / "streamer", ["flow_detail=0"], script=False,
@@ -887,6 +891,8 @@ def main(argv: list[str] | None = None) -> int:
     standin.stop()
 
     total = time.perf_counter() - t_all
+    marks.append(("end", time.perf_counter()))
+    durations = ", ".join(f"{name} {b - a:.0f} s" for (name, a), (_, b) in zip(marks, marks[1:]))
     info["load_end"] = load_average()
     text = table(rows)
     print()
@@ -899,7 +905,7 @@ def main(argv: list[str] | None = None) -> int:
     if "latency" in details and len(details["latency"]["attribution"]) > 3:
         print()
         print(attribution_table(details["latency"]["attribution"]))
-    print(f"\n(total {total:.0f} s; load average at the end {info['load_end']})")
+    print(f"\n(total {total:.0f} s: {durations}; load average at the end {info['load_end']})")
     if not args.no_write:
         write_report(Path(args.out), info, text, details, quick, total, args, rounds, soak_seconds, stream_seconds)
         print(f"written to {args.out}")
