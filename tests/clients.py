@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import socket
+
 import requests
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, RejectConnection, RejectData, Request, TextMessage
 
 PAGE = "https://chat.example.org"
 
@@ -22,3 +27,62 @@ def tagged(user_id: str, origin: str | None = PAGE, **extra) -> dict:
         headers.update({"Origin": origin, "Sec-Fetch-Mode": "cors", "Sec-Fetch-Site": "cross-site"})
     headers.update(extra)
     return headers
+
+
+class WsClient:
+    """A WebSocket client over a plain socket to the proxy: CONNECT tunnel (as browsers and Node's agents
+    do) or an absolute-URL GET."""
+
+    def __init__(self, proxy_port: int, host: str, port: int, target: str, headers=(), tunnel: bool = True,
+                 proxy_auth: str | None = None):
+        """`proxy_auth`: a Proxy-Authorization value, sent on the CONNECT or on the absolute-URL upgrade."""
+        self.sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
+        headers = list(headers)
+        if tunnel:
+            login = f"Proxy-Authorization: {proxy_auth}\r\n" if proxy_auth else ""
+            self.sock.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n{login}\r\n".encode())
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += self.sock.recv(4096)
+            assert answer.split(b"\r\n")[0].split()[1] == b"200", answer
+        else:
+            target = f"http://{host}:{port}{target}"
+            if proxy_auth:
+                headers.append(("Proxy-Authorization", proxy_auth))
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.sock.sendall(self.ws.send(Request(host=f"{host}:{port}", target=target,
+                                               extra_headers=[(k.encode(), v.encode()) for k, v in headers])))
+        self.status, self.body, self.accepted = None, b"", False
+        body_done = False
+        while not (self.accepted or body_done):
+            for event in self._events():
+                if isinstance(event, AcceptConnection):
+                    self.status, self.accepted = 101, True
+                elif isinstance(event, RejectConnection):
+                    self.status = event.status_code
+                    body_done = not event.has_body
+                elif isinstance(event, RejectData):
+                    self.body += event.data
+                    body_done = event.body_finished
+
+    def _events(self):
+        data = self.sock.recv(65536)
+        self.ws.receive_data(data or None)
+        return list(self.ws.events())
+
+    def send(self, event_type: str, data: dict) -> None:
+        self.sock.sendall(self.ws.send(TextMessage(json.dumps({"id": "1", "event_type": event_type, "data": data}))))
+
+    def until(self, event_type: str) -> list[dict]:
+        seen = []
+        while True:
+            for event in self._events():
+                if isinstance(event, CloseConnection):
+                    raise AssertionError(f"closed before {event_type}: {seen}")
+                if isinstance(event, TextMessage):
+                    seen.append(json.loads(event.data))
+                    if seen[-1]["event_type"] in (event_type, "error"):
+                        return seen
+
+    def close(self):
+        self.sock.close()

@@ -15,18 +15,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import socket
 import urllib.parse
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, RejectConnection, Request
 
-from tests.clients import tagged
+from tests.clients import WsClient, tagged
 from tests.harness import Mitmdump
-from tests.test_websocket import WsClient, placeholder_query
+from tests.test_websocket import placeholder_query
 
 PAGE = "https://chat.example.org"
 PASSWORDS = {"alice": "alice-Pw-5c1e77a0", "bob": "bob-Pw-90d2b4e1"}
@@ -205,7 +202,8 @@ def test_websocket_chat_counts_one_chat_and_its_tokens(team, standin):
     ws_port = urllib.parse.urlsplit(standin.base_url).port
     alice = Client(proxy, standin, "alice", TAG_A)
     for tunnel in (True, False):
-        client = LoginWsClient(proxy.port, ws_port, f"/v1/chat?{placeholder_query(TAG_A)}", alice.auth, tunnel)
+        client = WsClient(proxy.port, "localhost", ws_port, f"/v1/chat?{placeholder_query(TAG_A)}", headers=[("Origin", PAGE)],
+                          tunnel=tunnel, proxy_auth=alice.auth)
         try:
             assert client.status == 101, client.body
             client.send("chat.update", {"chat_config": {}})
@@ -271,7 +269,8 @@ def test_websocket_chat_over_budget_is_refused_before_the_upgrade(team, standin)
     ws_port = urllib.parse.urlsplit(standin.base_url).port
     alice = Client(proxy, standin, "alice", TAG_A)
     alice.chat(FIVE)  # 13 >= 10
-    client = LoginWsClient(proxy.port, ws_port, f"/v1/chat?{placeholder_query(TAG_A)}", alice.auth, tunnel=True)
+    client = WsClient(proxy.port, "localhost", ws_port, f"/v1/chat?{placeholder_query(TAG_A)}", headers=[("Origin", PAGE)],
+                      proxy_auth=alice.auth)
     client.close()
     assert client.status == 429 and json.loads(client.body)["code"] == 4013
     assert standin.ws_seen == []
@@ -319,34 +318,3 @@ def test_metrics_parse_and_the_password_is_nowhere(team, standin):
         for form in (password, basic("alice", password)[6:], basic("bob", password)[6:]):
             assert form.encode() not in saved, form
             assert form not in proxy.output, form
-
-
-class LoginWsClient(WsClient):
-    """WsClient with a proxy login: on the CONNECT (tunnel), or on the absolute-URL upgrade request."""
-
-    def __init__(self, proxy_port: int, ws_port: int, target: str, auth: str, tunnel: bool):
-        host = "localhost"
-        self.sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
-        headers = [(b"Origin", PAGE.encode())]
-        if tunnel:
-            self.sock.sendall(f"CONNECT {host}:{ws_port} HTTP/1.1\r\nHost: {host}:{ws_port}\r\n"
-                              f"Proxy-Authorization: {auth}\r\n\r\n".encode())
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                answer += self.sock.recv(4096)
-            assert answer.split(b"\r\n")[0].split()[1] == b"200", answer
-        else:
-            target = f"http://{host}:{ws_port}{target}"
-            headers.append((b"Proxy-Authorization", auth.encode()))
-        self.ws = WSConnection(ConnectionType.CLIENT)
-        self.sock.sendall(self.ws.send(Request(host=f"{host}:{ws_port}", target=target, extra_headers=headers)))
-        self.status, self.body, self.accepted = None, b"", False
-        while self.status is None:
-            for event in self._events():
-                if isinstance(event, AcceptConnection):
-                    self.status, self.accepted = 101, True
-                elif isinstance(event, RejectConnection):
-                    self.status = event.status_code
-                    if not event.has_body:
-                        break
-                    self._read_body()

@@ -10,10 +10,9 @@ import socket
 import urllib.parse
 
 import pytest
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, RejectConnection, RejectData, Request, TextMessage
 
 from tests.browser import chromium_args, find_chromium
+from tests.clients import WsClient
 from tests.conftest import write_config
 
 PAGE = "https://chat.example.org"
@@ -23,65 +22,6 @@ ALICE, BOB = "alice-ws-00001", "bob-ws-000002"
 def placeholder_query(user_id: str, **more) -> str:
     return urllib.parse.urlencode({"bot_id": "7000", **more, "authorization": f"Bearer user:{user_id}"},
                                   quote_via=urllib.parse.quote)
-
-
-class WsClient:
-    """A WebSocket client over a plain socket to the proxy: CONNECT tunnel (as browsers and Node's agents
-    do) or an absolute-URL GET."""
-
-    def __init__(self, proxy_port: int, host: str, port: int, target: str, headers=(), tunnel: bool = True):
-        self.sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
-        if tunnel:
-            self.sock.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                answer += self.sock.recv(4096)
-            assert answer.split(b"\r\n")[0].split()[1] == b"200", answer
-        else:
-            target = f"http://{host}:{port}{target}"
-        self.ws = WSConnection(ConnectionType.CLIENT)
-        self.sock.sendall(self.ws.send(Request(host=f"{host}:{port}", target=target,
-                                               extra_headers=[(k.encode(), v.encode()) for k, v in headers])))
-        self.status, self.body, self.accepted = None, b"", False
-        while self.status is None:
-            for event in self._events():
-                if isinstance(event, AcceptConnection):
-                    self.status, self.accepted = 101, True
-                elif isinstance(event, RejectConnection):
-                    self.status = event.status_code
-                    if not event.has_body:
-                        break
-                    self._read_body()
-
-    def _events(self):
-        data = self.sock.recv(65536)
-        self.ws.receive_data(data or None)
-        return list(self.ws.events())
-
-    def _read_body(self):
-        while True:
-            for event in self._events():
-                if isinstance(event, RejectData):
-                    self.body += event.data
-                    if event.body_finished:
-                        return
-
-    def send(self, event_type: str, data: dict) -> None:
-        self.sock.sendall(self.ws.send(TextMessage(json.dumps({"id": "1", "event_type": event_type, "data": data}))))
-
-    def until(self, event_type: str) -> list[dict]:
-        seen = []
-        while True:
-            for event in self._events():
-                if isinstance(event, CloseConnection):
-                    raise AssertionError(f"closed before {event_type}: {seen}")
-                if isinstance(event, TextMessage):
-                    seen.append(json.loads(event.data))
-                    if seen[-1]["event_type"] in (event_type, "error"):
-                        return seen
-
-    def close(self):
-        self.sock.close()
 
 
 @pytest.fixture
