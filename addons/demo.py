@@ -72,8 +72,9 @@ def bot_id(settings: CozeSettings) -> str:
 
 
 def page_api_origins(settings: CozeSettings) -> list[str]:
-    """The API origins as pages call them: in the demo the sandbox by its name, not its loopback address."""
-    origins = sorted(str(o) for o in settings.api_origins)
+    """The API origins as pages call them (Coze's ws hosts too: @coze/api's WebSockets need connect-src);
+    in the demo the sandbox by its name, not its loopback address."""
+    origins = sorted(str(o) for o in settings.api_origins | settings.ws_origins)
     sandbox = sandbox_origin(settings) if enabled() else None
     if sandbox is None:
         return origins

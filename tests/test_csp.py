@@ -335,7 +335,7 @@ class TestCspAddon:
         f = run(tctx.addon, page_flow())
         value = f.response.headers["content-security-policy"]
         assert directives(value)["script-src"] == ["'self'", CDN]
-        assert directives(value)["connect-src"] == ["'self'", API]
+        assert directives(value)["connect-src"] == ["'self'", API, "wss://ws.coze.cn"]  # the API's ws host too
         assert directives(value)["default-src"] == ["'self'"]
         assert "CSP header extended" in f.comment
 
@@ -475,10 +475,10 @@ class TestCspAddon:
         assert set(pages.status()["csp"]["inline_styles_blocked"]) == {PAGE, "http://localhost:3000"}
 
     def test_api_hosts_all_in_connect_src(self, tctx):
-        tctx.configure(tctx.addon, coze_api_hosts="http://127.0.0.1:8790")
+        tctx.configure(tctx.addon, coze_api_hosts="http://127.0.0.1:8790,ws://127.0.0.1:9000")
         f = run(tctx.addon, page_flow())
         assert directives(f.response.headers["content-security-policy"])["connect-src"] == \
-            ["'self'", "http://127.0.0.1:8790", API]
+            ["'self'", "http://127.0.0.1:8790", API, "ws://127.0.0.1:9000", "wss://ws.coze.cn"]
 
 
 # ---------------------------------------------------------------------------------------------- in Chromium

@@ -103,3 +103,12 @@ def test_loopback_listener_says_nothing(mitmdump, config_file):
     proxy = mitmdump(f"coze_config={config_file}")
     proxy.wait_for_output("no such line", timeout=1)
     assert "listens on" not in proxy.output
+
+
+def test_plain_http_api_on_another_machine_is_warned(mitmdump, config_file, standin):
+    # Tokens for an http:// (or ws://) Coze host that is not this machine would cross the network in clear text.
+    proxy = mitmdump(f"coze_config={config_file}", "coze_api_hosts=http://coze.example.org:8080,ws://ws.example.org")
+    assert proxy.wait_for_output("http://coze.example.org:8080 is plain http:// on another machine"), proxy.output
+    assert "ws://ws.example.org is plain ws://" in proxy.output
+    # The loopback stand-in (http://127.0.0.1:PORT) is not warned about.
+    assert f"{standin.base_url} is plain" not in proxy.output
