@@ -2,7 +2,9 @@
 
 * A preflight from an allowed origin is answered here (204) and never reaches Coze.
 * Every response to an allowed origin, streamed or not, upstream or local, gets origin-specific
-  CORS headers that replace whatever upstream sent, so the page can read the answer (and errors).
+  CORS headers that replace whatever upstream sent, so the page can read the answer (and errors):
+  once per response, in one pass over its headers (in `responseheaders` for an upstream answer,
+  whose headers may leave right after it; in `response` for an answer made locally).
 * Any other origin gets nothing loosened: its requests pass as they are.
 """
 
@@ -18,9 +20,15 @@ from settings import CozeSettings
 log = logging.getLogger("coze.cors")
 
 CORS_ORIGIN = "coze_cors_origin"  # flow.metadata: the allowed origin this flow's response is for
+CORS_SET = "coze_cors_set"  # flow.metadata: its response got the CORS headers in responseheaders already
 ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 DEFAULT_ALLOW_HEADERS = "Authorization, Content-Type, Accept-Language, X-Coze-Client-User-Agent"
 EXPOSE_HEADERS = "X-Tt-Logid, Content-Type, Content-Length, Retry-After"
+# The headers set on every response to an allowed origin (one value each, whatever upstream sent), spelled
+# as they are added when upstream sent none; Vary is merged rather than replaced.
+_REPLACED = {b"access-control-allow-origin": b"Access-Control-Allow-Origin",
+             b"access-control-allow-credentials": b"Access-Control-Allow-Credentials",
+             b"access-control-expose-headers": b"Access-Control-Expose-Headers"}
 MAX_AGE = "600"
 # A field-name list as the Fetch spec allows it; anything else is not echoed back.
 HEADER_LIST_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*,\s*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
@@ -29,9 +37,8 @@ METHOD_RE = re.compile(r"[A-Za-z]{1,16}")
 
 def _merge_vary(existing: str, *names: str) -> str:
     values = [v.strip() for v in existing.split(",") if v.strip()]
-    for name in names:
-        if name.lower() not in (v.lower() for v in values):
-            values.append(name)
+    present = {v.lower() for v in values}
+    values += [name for name in names if name.lower() not in present]
     return ", ".join(values)
 
 
@@ -56,6 +63,7 @@ class Cors:
             return
         # Decided now, before map_remote or another addon could rewrite the destination.
         flow.metadata[CORS_ORIGIN] = origin
+        flow.metadata.pop(CORS_SET, None)  # a replayed flow passes here again: its new answer needs them
         if flow.request.method == "OPTIONS" and "access-control-request-method" in flow.request.headers:
             self._answer_preflight(flow, origin)
 
@@ -82,19 +90,51 @@ class Cors:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         # Headers of a streamed response leave now; this is the last chance to set them.
-        self._set_cors_headers(flow)
+        if self._set_cors_headers(flow):
+            flow.metadata[CORS_SET] = True
 
     def response(self, flow: http.HTTPFlow) -> None:
-        # Answers made locally in `request` never pass responseheaders.
-        self._set_cors_headers(flow)
+        # Answers made locally in `request` never pass responseheaders: theirs are set here.
+        if not flow.metadata.get(CORS_SET):
+            self._set_cors_headers(flow)
 
-    def _set_cors_headers(self, flow: http.HTTPFlow) -> None:
+    def _set_cors_headers(self, flow: http.HTTPFlow) -> bool:
         origin = flow.metadata.get(CORS_ORIGIN)
         if not origin or not flow.response:
-            return
-        headers = flow.response.headers
-        # Assignment replaces every copy upstream sent: one origin, never "*" beside credentials.
-        headers["Access-Control-Allow-Origin"] = origin
-        headers["Access-Control-Allow-Credentials"] = "true"
-        headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
-        headers["Vary"] = _merge_vary(headers.get("vary", ""), "Origin")
+            return False
+        set_cors_headers(flow.response.headers, origin)
+        return True
+
+
+def set_cors_headers(headers: http.Headers, origin: str) -> None:
+    """Access-Control-Allow-Origin (one origin, never "*" beside credentials), -Allow-Credentials and
+    -Expose-Headers replace every copy upstream sent; Origin is added to Vary. One pass over the
+    fields, with what `headers[name] = value` would do: a replaced header keeps the place and spelling
+    of its first copy, a new one goes at the end."""
+    pending = {b"access-control-allow-origin": origin.encode("utf-8", "surrogateescape"),
+               b"access-control-allow-credentials": b"true",
+               b"access-control-expose-headers": EXPOSE_HEADERS.encode()}
+    fields: list = []
+    vary_values: list[bytes] = []
+    vary_at, vary_name = -1, b"Vary"
+    for field in headers.fields:
+        key = field[0].lower()
+        if key in _REPLACED:
+            value = pending.pop(key, None)
+            if value is not None:  # later copies are dropped
+                fields.append((field[0], value))
+        elif key == b"vary":
+            if vary_at < 0:
+                vary_at, vary_name = len(fields), field[0]
+                fields.append(field)
+            vary_values.append(field[1])
+        else:
+            fields.append(field)
+    fields.extend((_REPLACED[key], value) for key, value in pending.items())
+    existing = b", ".join(vary_values).decode("utf-8", "surrogateescape")
+    vary = (vary_name, _merge_vary(existing, "Origin").encode("utf-8", "surrogateescape"))
+    if vary_at < 0:
+        fields.append(vary)
+    else:
+        fields[vary_at] = vary
+    headers.fields = tuple(fields)

@@ -3,11 +3,12 @@
     mitmdump -s addons/coze.py --set coze_origins=https://example.org
     mitmweb  -s addons/coze.py ...
 
-A request passes these addons in order:
+One addon object is registered with mitmproxy (bundle.py); each of its hooks calls the parts that
+implement it, in this order:
   settings   the coze_* options, validated once; shared state (broker, origins, stats)
   demo       http://coze.mitm/demo and the sandbox.coze.mitm name, only with coze_demo (run_mitm.py --demo)
   status     http://coze.mitm/ pages, answered locally
-  cors       preflights to the Coze API from allowed origins answered locally; CORS headers set
+  cors       preflights to the Coze API from allowed origins answered locally; CORS headers set (once)
   auth       the user tag swapped for that user's Coze token (or refused with a JSON answer)
   csp        pages in coze_origins: their Content-Security-Policy widened by the Chat SDK's sources only
   streaming  text/event-stream responses streamed chunk by chunk
@@ -18,6 +19,7 @@ A request passes these addons in order:
 
 from accounting import Accounting
 from auth import Auth
+from bundle import Bundle
 from cors import Cors
 from csp import Csp
 from demo import Demo
@@ -30,7 +32,7 @@ from streaming import Streaming
 settings = CozeSettings()
 settings.accounting = Accounting()  # auth asks it about budgets, status shows its usage
 
-addons = [
+addons = [Bundle(
     settings,
     Demo(settings),
     StatusPages(settings),
@@ -41,4 +43,4 @@ addons = [
     settings.accounting,  # after streaming: it turns stream=True into a reader that passes chunks unchanged
     FlowLog(),
     QuietExit(),
-]
+)]

@@ -94,6 +94,7 @@ class Demo:
     def __init__(self, settings: CozeSettings):
         self.settings = settings
         self._template: str | None = None
+        self.on = False  # coze_demo, read in configure: the flow hooks of a proxy without the demo return at once
 
     def load(self, loader):
         loader.add_option(
@@ -103,6 +104,8 @@ class Demo:
         )
 
     def configure(self, updated):
+        if "coze_demo" in updated:
+            self.on = bool(ctx.options.coze_demo)
         if "coze_demo" not in updated and not updated & {"coze_config", "coze_api_base", "coze_origins", "coze_pat"}:
             return
         if not ctx.options.coze_demo:
@@ -128,7 +131,7 @@ class Demo:
     def http_connect(self, flow: http.HTTPFlow) -> None:
         # No server is called sandbox.coze.mitm: mitmproxy would fail to connect to it (502) before any
         # request hook ran. Open the tunnel here; the requests inside it are routed in `request`.
-        if flow.response or not ctx.options.coze_demo:
+        if not self.on or flow.response:
             return
         if flow.request.host.lower() == SANDBOX_HOST:
             accept_connect(flow)
@@ -139,11 +142,11 @@ class Demo:
         # of that name (to copy its certificate), fail, and log a warning per tunnel. There is none: make
         # the client's certificate from the name alone. (The requests inside are re-addressed in `request`.)
         server = data.context.server
-        if ctx.options.coze_demo and server.address and str(server.address[0]).lower() == SANDBOX_HOST:
+        if self.on and server.address and str(server.address[0]).lower() == SANDBOX_HOST:
             server.tls = False
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or not flow.live or not ctx.options.coze_demo:
+        if not self.on or flow.response or not flow.live:
             return
         request = flow.request
         host = request.host.lower()

@@ -108,6 +108,8 @@ class FlowLog:
 def describe(flow: http.HTTPFlow) -> str:
     """The line for a flow coze-mitm acted on, or "" for any other flow."""
     meta, request = flow.metadata, flow.request
+    if REFUSED not in meta and CORS_ORIGIN not in meta and COZE_USER not in meta:
+        return ""  # most flows through the proxy: nothing to say, nothing to build
     what = f"{request.method} {request.host}{_clean(request.path.split('?')[0], MAX_PATH)}"
     outcome = "->"
     if flow.response is not None:

@@ -8,6 +8,7 @@ Headers are read through `get_all(name)` (case-insensitive), which mitmproxy's H
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import urllib.parse
@@ -55,6 +56,7 @@ def gather(headers: HeadersLike) -> HeadersLike:
     return headers if fields is None else Gathered(fields)
 
 
+@functools.lru_cache(maxsize=256)  # asked per tagged request, of the few addresses clients come from
 def is_loopback(host: str) -> bool:
     """Is `host` (a client's or a listen address) this machine only? IPv4-mapped IPv6 included."""
     host = host.strip("[]").lower()

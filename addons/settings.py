@@ -241,10 +241,10 @@ class CozeSettings:
 
     def is_coze_ws(self, request: http.Request) -> bool:
         """Is this a WebSocket handshake to a Coze WebSocket host (ws.coze.cn, or one in coze_api_hosts)?"""
-        if request.headers.get("upgrade", "").lower() != "websocket" or not self.ws_origins:
-            return False
         scheme = WS_SCHEME_OF_HTTP.get(request.scheme.lower())
-        return scheme is not None and Origin(scheme, request.host.lower(), request.port) in self.ws_origins
+        if scheme is None or Origin(scheme, request.host.lower(), request.port) not in self.ws_origins:
+            return False  # asked of every request auth sees: the header, a scan of them all, comes last
+        return request.headers.get("upgrade", "").lower() == "websocket"
 
     def is_status_host(self, request: http.Request) -> bool:
         return request.host.lower() == STATUS_HOST

@@ -1,6 +1,7 @@
 """CORS for the Coze API origin(s): preflights answered locally, headers replaced, only for allowed origins."""
 
 import pytest
+from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
 from cors import Cors
@@ -97,3 +98,64 @@ class TestCors:
         f.request.headers.add("Origin", "https://evil.example")
         addon.request(f)
         assert f.response is None
+
+
+def assigned(headers, origin):
+    """What cors.py did before the one-pass rewrite: four assignments (mitmproxy's set_all semantics)."""
+    from cors import EXPOSE_HEADERS, _merge_vary
+    headers["Access-Control-Allow-Origin"] = origin
+    headers["Access-Control-Allow-Credentials"] = "true"
+    headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
+    headers["Vary"] = _merge_vary(headers.get("vary", ""), "Origin")
+
+
+@pytest.mark.parametrize("fields", [
+    [],
+    [(b"Content-Type", b"application/json")],
+    [(b"Access-Control-Allow-Origin", b"*"), (b"Content-Type", b"text/event-stream"),
+     (b"access-control-allow-origin", b"https://coze.cn"), (b"Access-Control-Allow-Credentials", b"false")],
+    [(b"vary", b"Accept-Encoding"), (b"X-Tt-Logid", b"1"), (b"Vary", b"origin, Cookie"), (b"VARY", b"")],
+    [(b"Access-Control-Expose-Headers", b"X-A"), (b"Vary", b"Origin"), (b"access-control-expose-headers", b"X-B"),
+     (b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2")],
+    [(b"Vary", b"\xff-not-utf8"), (b"Access-Control-Allow-Credentials", b"true")],
+])
+def test_one_pass_sets_what_the_four_assignments_set(fields):
+    from cors import set_cors_headers
+    expected = http.Headers(list(fields))
+    assigned(expected, PAGE)
+    got = http.Headers(list(fields))
+    set_cors_headers(got, PAGE)
+    assert got.fields == expected.fields
+
+
+class TestOncePerResponse:
+    def test_an_upstream_answer_gets_them_in_responseheaders_only(self, addon):
+        f = flow(headers=[("Origin", PAGE)])
+        addon.request(f)
+        f.response = tutils.tresp()
+        addon.responseheaders(f)
+        assert f.response.headers["Access-Control-Allow-Origin"] == PAGE
+        fields = f.response.headers.fields
+        addon.response(f)
+        assert f.response.headers.fields is fields  # not rewritten a second time
+
+    def test_a_local_answer_gets_them_in_response(self, addon):
+        f = flow(headers=[("Origin", PAGE)])
+        addon.request(f)
+        f.response = http.Response.make(403, b'{"code":4101,"msg":"no"}')  # e.g. auth's refusal, set in request
+        addon.response(f)
+        assert f.response.headers["Access-Control-Allow-Origin"] == PAGE
+        assert f.response.headers["Vary"] == "Origin"
+
+    def test_a_replayed_flow_gets_them_again(self, addon):
+        f = flow(headers=[("Origin", PAGE)])
+        addon.request(f)
+        f.response = tutils.tresp()
+        addon.responseheaders(f)
+        addon.response(f)
+        # mitmproxy's client replay sends the same flow object through the hooks again.
+        f.response = None
+        addon.request(f)
+        f.response = http.Response.make(502, b"")
+        addon.response(f)
+        assert f.response.headers["Access-Control-Allow-Origin"] == PAGE
