@@ -165,3 +165,29 @@ def test_coze_quiet_hides_connection_chatter_only(hooks, caplog):
     tctx.configure(flowlog, coze_quiet=True)
     flowlog.done()
     assert len(shown()) == 7  # the filter does not outlive the addon
+
+
+def test_with_mitmproxys_flow_lines_only_what_they_cannot_say(caplog):
+    """mitmdump's own line per flow (flow_detail >= 1): coze-mitm adds one for refusals (retries, errors) only."""
+    from mitmproxy.addons.dumper import Dumper
+
+    settings = CozeSettings()
+    cors, auth, flowlog = Cors(settings), Auth(settings), FlowLog()
+    with taddons.context(settings, cors, auth, flowlog, Dumper()) as tctx:
+        tctx.configure(settings, coze_pat=PAT, coze_api_base="https://api.coze.cn", coze_origins=PAGE)
+        tctx.configure(flowlog, flow_detail=1)
+        hooks = (tctx, cors, auth, flowlog)
+        caplog.set_level(logging.INFO)
+        ok = tagged()
+        run_request(hooks, ok)
+        finish(hooks, ok)
+        refused = tagged("https://evil.example")
+        run_request(hooks, refused)
+        finish(hooks, refused)
+        assert [line.split(" ->")[0] for line in lines(caplog)] == ["coze-mitm: refused POST api.coze.cn/v3/chat (origin-not-allowed)"]
+        tctx.configure(flowlog, flow_detail=0)
+        caplog.clear()
+        again = tagged()
+        run_request(hooks, again)
+        finish(hooks, again)
+        assert len(lines(caplog)) == 1 and lines(caplog)[0].startswith("coze-mitm: injected")

@@ -688,7 +688,7 @@ CHATTER = ("client connect", "client disconnect", "server connect", "server disc
            "Streaming response", "<<")
 
 
-def act(launcher: Launcher) -> None:
+def act(launcher: Launcher, done: str = r"coze-mitm: injected POST") -> None:
     """One preflight, one refused request, one injected (streamed) chat, and a status page nobody acts on."""
     user = "1732000000003-DDDDDDDDDD"
     s = launcher.session()
@@ -701,7 +701,7 @@ def act(launcher: Launcher) -> None:
     deltas, _ = chat(launcher, user, "quiet please")
     assert deltas
     assert s.get("http://coze.mitm/status.json").status_code == 200
-    assert launcher.wait_for_output(r"coze-mitm: injected POST")
+    assert launcher.wait_for_output(done)
 
 
 def test_one_line_per_flow_coze_mitm_acted_on(tmp_path):
@@ -724,12 +724,14 @@ def test_one_line_per_flow_coze_mitm_acted_on(tmp_path):
 def test_verbose_restores_mitmproxys_detail(tmp_path):
     launcher = Launcher(tmp_path, "--demo", "-v").start()
     try:
-        act(launcher)
+        act(launcher, done=r"GET http://coze\.mitm/status\.json")
         assert launcher.wait_for_output(r"client disconnect")
     finally:
         assert launcher.stop() == 0
     assert "client connect" in launcher.output
     assert re.search(r"POST http://\S+/v3/chat", launcher.output)  # mitmproxy's own line per flow
     assert re.search(r"<< 200", launcher.output)
-    assert re.search(FLOW_LINES["injected"][:-1], launcher.output)  # coze-mitm's line too
+    # coze-mitm adds what mitmproxy's lines cannot say (the refusal's reason), not a second line per flow.
+    assert re.search(FLOW_LINES["refused"], launcher.output, re.M)
+    assert not re.search(FLOW_LINES["injected"][:-1], launcher.output)
     assert "One line per request" not in launcher.output
