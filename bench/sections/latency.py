@@ -1,0 +1,105 @@
+"""Latency: the same cached-token request through the bundle, bare mitmdump, direct and (full run) parts of
+the bundle (bench/partial_bundle.py), interleaved; with the proxies' CPU per request."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import statistics
+import time
+from pathlib import Path
+
+import requests
+
+from tests.harness import Mitmdump
+
+from . import REPO
+from .common import BOT, REFERENCE, Row, cpu_seconds, ms, pct, session, tagged, with_token
+
+
+def bench_latency(proxies: dict[str, Mitmdump], base: str, token: str, rounds: int) -> tuple[list[Row], dict]:
+    """One keep-alive session per path; the paths alternate in a freshly shuffled order each round.
+
+    proxies: "bundle", "bare mitmdump", and optionally more reference proxies (attribution)."""
+    paths: dict[str, tuple[requests.Session, dict, int | None]] = {}
+    for name, proxy in proxies.items():
+        bundle_like = name == "bundle" or name.startswith("settings")
+        paths[name] = (session(proxy), tagged("bench-latency-user") if bundle_like else with_token(token), proxy.proc.pid)
+    paths["direct"] = (session(None), with_token(token), None)
+    url = base + BOT
+    for s, headers, _ in paths.values():
+        for _ in range(50):
+            r = s.get(url, headers=headers)
+            if r.status_code != 200:
+                raise RuntimeError(f"warm-up: HTTP {r.status_code} {r.text[:200]}")
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    cpu0 = {name: cpu_seconds(pid) for name, (_, _, pid) in paths.items() if pid}
+    order = list(paths)
+    rng = random.Random(5)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            s, headers, _ = paths[name]
+            t0 = time.perf_counter()
+            r = s.get(url, headers=headers)
+            times[name].append(time.perf_counter() - t0)
+            if r.status_code != 200:
+                raise RuntimeError(f"{name}: HTTP {r.status_code} {r.text[:200]}")
+    cpu = {name: (cpu_seconds(pid) - cpu0[name]) / rounds for name, (_, _, pid) in paths.items() if pid}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    p99 = {k: pct(v, 99) for k, v in times.items()}
+    bare = "bare mitmdump"
+    r_med, r_p99, r_cpu = med["bundle"] / med[bare], p99["bundle"] / p99[bare], cpu["bundle"] / cpu[bare]
+    rows = [
+        Row(f"cached-token request, median ({rounds} each, interleaved)", ms(med["bundle"]),
+            f"bare mitmdump {ms(med[bare])}", f"{r_med:.3f}x", "<= 1.05x bare", r_med <= 1.05),
+        Row("cached-token request, p99", ms(p99["bundle"]), f"bare mitmdump {ms(p99[bare])}",
+            f"{r_p99:.3f}x", "<= 1.05x bare", r_p99 <= 1.05),
+        Row("cached-token request, proxy process CPU per request (/proc/PID/stat)", f"{cpu['bundle'] * 1e6:,.0f} us",
+            f"bare mitmdump {cpu[bare] * 1e6:,.0f} us",
+            f"{r_cpu:.3f}x ({(cpu['bundle'] - cpu[bare]) * 1e6:+,.0f} us)", "", None),
+        Row("cached-token request vs no proxy, median / p99", f"{ms(med['bundle'])} / {ms(p99['bundle'])}",
+            f"direct {ms(med['direct'])} / {ms(p99['direct'])}",
+            f"{med['bundle'] / med['direct']:.2f}x / {p99['bundle'] / p99['direct']:.2f}x", "", None),
+    ]
+    attribution = [(name, med[name], p99[name], med[name] / med[bare], cpu.get(name)) for name in paths]
+    return rows, {"median": med, "p99": p99, "cpu": cpu, "attribution": attribution}
+
+
+def attribution_table(attribution) -> str:
+    lines = ["| path | median | p99 | median vs bare mitmdump | mitmdump CPU per request |", "|---|---|---|---|---|"]
+    for name, med, p99, ratio, cpu in attribution:
+        lines.append(f"| {name} | {ms(med)} | {ms(p99)} | {ratio:.3f}x | "
+                     f"{f'{cpu * 1e6:,.0f} us' if cpu is not None else ''} |")
+    return "\n".join(lines)
+
+
+def start_partial(confdir: Path, sets: list[str], parts: str) -> Mitmdump | None:
+    """mitmdump -s bench/partial_bundle.py with COZE_BENCH_ADDONS=parts; None (and a line) if the parts did not
+    load: after the bundle changes shape, an attribution row must be missing, not silently a bare mitmdump."""
+    os.environ["COZE_BENCH_ADDONS"] = parts
+    try:
+        proxy = Mitmdump(confdir, sets, script=False, extra_args=["-s", str(REPO / "bench" / "partial_bundle.py")]).start()
+    finally:
+        del os.environ["COZE_BENCH_ADDONS"]
+    time.sleep(0.5)
+    if re.search(r"Traceback|[Ee]rror", proxy.output):
+        print(f"    attribution path {parts!r} skipped: bench/partial_bundle.py did not load:\n{proxy.output[-800:]}")
+        proxy.stop()
+        return None
+    return proxy
+
+
+def start_attribution(work: Path, coze_sets: list[str], streamer: Mitmdump) -> dict[str, Mitmdump]:
+    """Attribution: the same request through parts of the bundle (bench/partial_bundle.py), and through the
+    one-hook streaming reference; the reference proxies for bench_latency, by name."""
+    proxies = {REFERENCE: streamer}
+    for name, parts in (("7 addons whose hooks do nothing", "noop7"), ("settings + auth", "settings,auth"),
+                        ("settings + cors + auth + streaming", "settings,cors,auth,streaming")):
+        confdir = work / parts.replace(",", "-")
+        confdir.mkdir()
+        partial = start_partial(confdir, coze_sets if parts != "noop7" else ["flow_detail=0"], parts)
+        if partial:
+            proxies[name] = partial
+    return proxies

@@ -1,0 +1,217 @@
+"""Soak: a fresh bundle at a steady request rate, its RSS sampled all along; with tracemalloc in the proxy
+(bench/tracemalloc_probe.py), the allocation sites that grew between the middle and the end."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import secrets
+import signal
+import statistics
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+import requests
+
+from tests.harness import Mitmdump
+
+from . import REPO
+from .common import BOT, PAGE, Row, chat_body, cpu_seconds, ms, pct, rss_kb, session, slope, tagged
+
+
+SOAK_MAX_USERS, SOAK_HOT, SOAK_COLD, SOAK_TTL = 100, 40, 1000, 60
+
+
+def bench_soak(standin, config_path: Path, workdir: Path, seconds: float, rate: float, trace: bool,
+               proxy_env: dict[str, str]) -> tuple[list[Row], dict]:
+    """A fresh bundle at a steady request rate for `seconds`; RSS of the mitmdump process sampled all along.
+
+    Mix: 70% cached-token GETs, 20% POSTs, 10% streamed chats. Users: 60% of requests from 40 "hot" users
+    (they stay in the LRU, so their 60 s tokens are renewed ahead of expiry all along), 40% from a long tail
+    of 1,000 ids against coze_max_users=100 (the LRU keeps dropping and re-minting). With `trace`, the
+    proxy also loads bench/tracemalloc_probe.py and is asked for a snapshot at the middle and at the end.
+    proxy_env: environment variables for the proxy process (e.g. MALLOC_ARENA_MAX=2, to test a hypothesis).
+    """
+    sets = [f"coze_config={config_path}", f"coze_origins={PAGE}", "flow_detail=0", "coze_new_users_per_minute=0",
+            f"coze_max_users={SOAK_MAX_USERS}", f"coze_token_ttl={SOAK_TTL}"]
+    extra = []
+    snap_dir = workdir / "snapshots"
+    env = dict(proxy_env)
+    if trace:
+        snap_dir.mkdir(exist_ok=True)
+        env["COZE_BENCH_TRACEMALLOC_DIR"] = str(snap_dir)
+        extra = ["-s", str(REPO / "bench" / "tracemalloc_probe.py")]
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the harness passes the environment on to mitmdump
+    try:
+        proxy = Mitmdump(workdir / ("soak-traced" if trace else "soak"), sets, extra_args=extra).start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    pid = proxy.proc.pid
+    base = standin.base_url
+    tag = secrets.token_hex(3)
+    hot = [f"soak-hot-{tag}-{i:04d}" for i in range(SOAK_HOT)]
+    cold = [f"soak-cold-{tag}-{i:05d}" for i in range(SOAK_COLD)]
+    stop = threading.Event()
+    latencies: list[float] = []
+    errors: list[str] = []
+    counts = {"requests": 0}
+    lock = threading.Lock()
+    workers = 4
+    interval = workers / rate
+
+    def worker(k: int) -> None:
+        s = session(proxy)
+        rng = random.Random(k)
+        next_at = time.perf_counter() + rng.random() * interval
+        while not stop.is_set():
+            delay = next_at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            next_at += interval
+            user = rng.choice(hot) if rng.random() < 0.6 else rng.choice(cold)
+            roll = rng.random()
+            t0 = time.perf_counter()
+            try:
+                if roll < 0.7:
+                    r = s.get(base + BOT, headers=tagged(user))
+                    good = r.status_code == 200 and r.json()["code"] == 0
+                elif roll < 0.9:
+                    r = s.post(base + "/v1/conversation/create", headers=tagged(user), json={"meta_data": {"k": "v"}})
+                    good = r.status_code == 200 and r.json()["code"] == 0
+                else:
+                    r = s.post(base + "/v3/chat", headers=tagged(user), json=chat_body("hello soak"))
+                    good = r.status_code == 200 and b"event:done" in r.content
+                elapsed = time.perf_counter() - t0
+                with lock:
+                    counts["requests"] += 1
+                    if roll < 0.9:
+                        latencies.append(elapsed)
+                    if not good:
+                        errors.append(f"{r.status_code} {r.text[:120]}")
+            except requests.RequestException as e:
+                with lock:
+                    errors.append(type(e).__name__)
+
+    def snapshot(n: int) -> Path | None:
+        if not trace:
+            return None
+        os.kill(pid, signal.SIGUSR1)
+        path = snap_dir / f"snapshot-{n}.pickle"
+        deadline = time.monotonic() + 120
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return path if path.exists() else None
+
+    old_gap = standin.delta_gap
+    standin.delta_gap = 0.01
+    exchanges_before = len(standin.exchanges)
+    samples: list[tuple[float, int]] = []
+    snaps: list[Path | None] = []
+    snap_rss: list[int] = []  # RSS just after the middle snapshot, just before the end one
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(workers)]
+    t_start = time.perf_counter()
+    cpu0 = cpu_seconds(pid)
+    for t in threads:
+        t.start()
+    try:
+        step = max(1.0, seconds / 240)
+        next_sample = 0.0
+        while (now := time.perf_counter() - t_start) < seconds:
+            if trace and not snaps and now >= seconds / 2:
+                snaps.append(snapshot(1))
+                snap_rss.append(rss_kb(pid))
+            if now >= next_sample:
+                samples.append((now, rss_kb(pid)))
+                next_sample += step
+            time.sleep(min(0.25, step))
+        samples.append((time.perf_counter() - t_start, rss_kb(pid)))
+        if trace:
+            snap_rss.append(samples[-1][1])
+            snaps.append(snapshot(2))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        standin.delta_gap = old_gap
+    elapsed = time.perf_counter() - t_start
+    cpu = cpu_seconds(pid) - cpu0
+    proxy.stop()
+    new = standin.exchanges[exchanges_before:]
+    hot_ex = sum(1 for e in new if f"soak-hot-{tag}-" in str(e["session_name"]))
+    cold_ex = sum(1 for e in new if f"soak-cold-{tag}-" in str(e["session_name"]))
+
+    xs, ys = [t / 60 for t, _ in samples], [kb / 1024 for _, kb in samples]
+    mid_i = min(range(len(xs)), key=lambda i: abs(xs[i] - xs[-1] / 2))
+    start_mb, mid_mb, end_mb, peak_mb = ys[0], ys[mid_i], ys[-1], max(ys)
+    late_slope = slope(xs[mid_i:], ys[mid_i:])  # MiB/min over the second half
+    late_growth = late_slope * (xs[-1] - xs[mid_i])
+    whole_slope = slope(xs, ys)
+    flat = late_growth <= 0.5
+    rate_done = counts["requests"] / elapsed
+    traced = " (tracemalloc on: RSS includes its bookkeeping)" if trace else ""
+    name = "traced soak" if trace else "soak"
+    rows = [
+        Row(f"{name} {elapsed / 60:.1f} min at {rate_done:.0f} req/s: mitmdump RSS start / mid / end (peak){traced}",
+            f"{start_mb:.1f} / {mid_mb:.1f} / {end_mb:.1f} MiB ({peak_mb:.1f})",
+            f"fitted slope: whole run {whole_slope * 1024:+.0f} KiB/min, second half {late_slope * 1024:+.0f} KiB/min",
+            f"second half {late_growth:+.2f} MiB fitted ({end_mb - mid_mb:+.2f} MiB end - mid)",
+            "second half <= 0.5 MiB", None if trace else flat),
+        Row(f"{name}: requests, errors, latency median / p99 (non-stream)",
+            f"{counts['requests']:,} requests, {len(errors)} errors",
+            f"{hot_ex + cold_ex:,} exchanges: {hot_ex:,} for {SOAK_HOT} hot users ({SOAK_HOT} first tokens; the rest "
+            f"renewals, or re-mints when the LRU dropped one), "
+            f"{cold_ex:,} for the {SOAK_COLD:,}-id tail (LRU {SOAK_MAX_USERS})",
+            f"{ms(statistics.median(latencies))} / {ms(pct(latencies, 99))}" if latencies else "",
+            "no errors", not errors),
+        Row(f"{name}: mitmdump CPU", f"{cpu / elapsed * 100:.0f}% of one core", "", "", "", None),
+    ]
+    details = {"samples": samples, "errors": errors[:10], "late_growth": late_growth, "late_slope": late_slope,
+               "whole_slope": whole_slope, "flat": flat, "trace": trace, "hot_exchanges": hot_ex, "minutes": elapsed / 60,
+               "cold_exchanges": cold_ex}
+    if trace:
+        details["tracemalloc"] = compare_snapshots(*snaps, snap_rss) if len(snaps) == 2 and all(snaps) else \
+            "no snapshots were written (see the proxy's output)"
+    return rows, details
+
+
+def compare_snapshots(mid: Path, end: Path, rss: list[int], top: int = 15) -> str:
+    """The allocation sites that grew between the middle and the end of the soak, largest growth first; and
+    how much of the RSS growth over the same time those Python allocations explain."""
+    ignore = [tracemalloc.Filter(False, pattern, all_frames=True)
+              for pattern in (tracemalloc.__file__, "*/fnmatch.py", str(REPO / "bench" / "tracemalloc_probe.py"))]
+    old = tracemalloc.Snapshot.load(str(mid)).filter_traces(ignore)
+    new = tracemalloc.Snapshot.load(str(end)).filter_traces(ignore)
+    total = sum(s.size_diff for s in new.compare_to(old, "filename"))
+    grown = sorted((s for s in new.compare_to(old, "lineno") if s.size_diff > 0), key=lambda s: -s.size_diff)
+    rss_growth = (rss[1] - rss[0]) if len(rss) == 2 else 0
+    lines = [f"tracemalloc, middle -> end of the soak: Python allocations alive {total / 1024:+,.1f} KiB "
+             f"({sum(s.size for s in new.statistics('filename')) / 1024 / 1024:,.2f} MiB traced at the end, all made "
+             f"since the proxy started); RSS over the same time {rss_growth:+,} KiB.",
+             "RSS growth that traced Python allocations do not explain is outside Python objects: the C allocator's "
+             "arenas and fragmentation, or C libraries (OpenSSL); try --proxy-env MALLOC_ARENA_MAX=2.", "",
+             f"The {top} lines whose allocations grew most:", ""]
+    for stat in grown[:top]:
+        frame = stat.traceback[0]
+        lines.append(f"  {stat.size_diff / 1024:+9.1f} KiB {stat.count_diff:+7d} blocks  "
+                     f"{short_path(frame.filename)}:{frame.lineno}")
+    lines += ["", "the 3 largest growths by call stack (innermost last):"]
+    stacks = sorted((s for s in new.compare_to(old, "traceback") if s.size_diff > 0), key=lambda s: -s.size_diff)
+    for stat in stacks[:3]:
+        lines.append(f"  {stat.size_diff / 1024:+.1f} KiB {stat.count_diff:+d} blocks")
+        lines += [f"      {short_path(f.filename)}:{f.lineno}" for f in list(stat.traceback)[-8:]]
+    return "\n".join(lines)
+
+
+def short_path(filename: str) -> str:
+    if filename.startswith(str(REPO) + "/"):
+        return filename[len(str(REPO)) + 1:]
+    m = re.search(r"(?:site-packages|lib/python3\.\d+)/(.*)$", filename)
+    return m.group(1) if m else filename
