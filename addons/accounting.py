@@ -29,7 +29,8 @@ import login
 from auth import COZE_USER
 from bounded import decoded_prefix
 from usage import SSEUsageReader, parse_usage, retrieve_body_ok, usage_from_retrieve
-from usage_store import SqliteUsageStore, UsageBook, budget_refusal, default_path, is_chat
+from usage_book import UsageBook, budget_refusal, is_chat
+from usage_store import SqliteUsageStore, default_path
 
 log = logging.getLogger("coze.accounting")
 
@@ -86,7 +87,7 @@ class Accounting:
 
     # -- budgets (asked by auth before it injects) ------------------------------------------------
     def budget_refusal(self, flow: http.HTTPFlow, user: str, shown_as: str):
-        """None, or (status, code, reason, msg, headers) for a local answer; see usage_store.budget_refusal."""
+        """None, or (status, code, reason, msg, headers) for a local answer; see usage_book.budget_refusal."""
         return budget_refusal(self.book, user, shown_as, self.daily_tokens, flow.request.method, flow.request.path)
 
     # -- the proxy login's password ------------------------------------------------------------------

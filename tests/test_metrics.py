@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from identity import short_id
 from metrics import CONTENT_TYPE, escape_label, render
-from usage_store import OTHERS, UsageBook
+from usage_book import OTHERS, UsageBook
 
 
 def parse(text: str) -> dict:

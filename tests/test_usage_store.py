@@ -1,4 +1,4 @@
-"""usage_store.py: the per-user usage book, budgets, and the SQLite store (real files, real threads)."""
+"""usage_book.py and usage_store.py: the per-user usage book, budgets, and the SQLite store (real files, real threads)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import threading
 import pytest
 
 from usage import Usage
-from usage_store import (OTHERS, SqliteUsageStore, UsageBook, budget_refusal, default_path, is_chat,
-                         next_utc_midnight, spends_tokens, utc_day)
+from usage_book import OTHERS, UsageBook, budget_refusal, is_chat, next_utc_midnight, spends_tokens, utc_day
+from usage_store import SqliteUsageStore, default_path
 
 T0 = 1_790_000_000.0  # 2026-09-21 14:13:20 UTC
 MIDNIGHT = next_utc_midnight(T0)
