@@ -12,6 +12,9 @@ SANDBOX, not Coze): the bundle is a real `mitmdump -s addons/coze.py`, "bare mit
 mitmdump without the script, the streaming reference is `mitmdump -s bench/stream_only.py` (one hook),
 "direct" is no proxy at all. Ratios are against references measured in the same run, interleaved or
 at the same time. Targets are printed beside the figures; nothing here fails a build.
+
+This file is the run, in order; each section's measurement is a module of bench/sections/ (common.py:
+percentiles, /proc figures, client sessions; report.py: the table, the notes, docs/benchmarks.md).
 """
 
 from __future__ import annotations
