@@ -76,44 +76,37 @@ def _lifecycle(handlers):
 
 def _in_order(hook: str, handlers):
     def dispatch(*args):
-        for i, handler in enumerate(handlers):
-            try:
-                result = handler(*args)
-            except _PASS_THROUGH:
-                raise
-            except Exception as e:
-                _addon_error(hook, handler, e)
-                continue
-            if result is not None and inspect.isawaitable(result):
-                return _finish(hook, handler, result, handlers[i + 1:], args)
-        return None
+        return _call_from(hook, handlers, args)
     dispatch.__name__ = dispatch.__qualname__ = hook
     return dispatch
 
 
-async def _finish(hook: str, handler, pending, rest, args) -> None:
-    """The rest of one event once a part returned an awaitable: that awaited, then the later parts,
-    each awaitable they return awaited in turn."""
-    while True:
+def _call_from(hook: str, handlers, args):
+    """Call the handlers in order. When one returns an awaitable, stop and return a coroutine that awaits
+    it and then goes on with the rest; None when every handler was synchronous (the common path)."""
+    for i, handler in enumerate(handlers):
         try:
-            await pending
+            result = handler(*args)
         except _PASS_THROUGH:
             raise
         except Exception as e:
             _addon_error(hook, handler, e)
-        for k, handler in enumerate(rest):
-            try:
-                result = handler(*args)
-            except _PASS_THROUGH:
-                raise
-            except Exception as e:
-                _addon_error(hook, handler, e)
-                continue
-            if result is not None and inspect.isawaitable(result):
-                pending, rest = result, rest[k + 1:]
-                break
-        else:
-            return
+            continue
+        if result is not None and inspect.isawaitable(result):
+            return _finish(hook, handler, result, handlers[i + 1:], args)
+    return None
+
+
+async def _finish(hook: str, handler, pending, rest, args) -> None:
+    try:
+        await pending
+    except _PASS_THROUGH:
+        raise
+    except Exception as e:
+        _addon_error(hook, handler, e)
+    more = _call_from(hook, rest, args)
+    if more is not None:
+        await more
 
 
 def _addon_error(hook: str, handler, error: Exception) -> None:
