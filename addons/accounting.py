@@ -28,6 +28,7 @@ from mitmproxy import ctx, http
 import login
 from auth import COZE_USER
 from bounded import decoded_prefix
+from exchange import scrub
 from usage import SSEUsageReader, parse_usage, retrieve_body_ok, usage_from_retrieve
 from usage_book import UsageBook, budget_refusal, is_chat
 from usage_store import SqliteUsageStore, default_path
@@ -109,17 +110,21 @@ class Accounting:
             self.book.chat(user)
         if callable(response.stream):
             # another addon watches this stream already; replacing its callable would break it
-            self.unreadable_streams += 1
-            log.info("coze-mitm: usage of a stream not counted: another addon set its stream callable")
+            self._not_counted("another addon set its stream callable")
             return
         book = self.book
         reader = SSEUsageReader(lambda usage: book.tokens(user, usage),
                                 content_encoding=response.headers.get("content-encoding", ""))
         if reader.unreadable:
-            self.unreadable_streams += 1
-            log.info(f"coze-mitm: usage of a stream not counted: {reader.unreadable}")
+            self._not_counted(reader.unreadable)
         # Replaces streaming.py's True: the stream still goes out chunk by chunk, each chunk unchanged.
         response.stream = reader
+
+    def _not_counted(self, why: str) -> None:
+        """Said once (the first such stream), then only counted: the reason may quote upstream's header."""
+        self.unreadable_streams += 1
+        if self.unreadable_streams == 1:
+            log.warning(f"coze-mitm: usage of a stream not counted: {scrub(why, 120)} (later ones are only counted)")
 
     def response(self, flow: http.HTTPFlow) -> None:
         user = flow.metadata.get(COZE_USER)

@@ -25,6 +25,7 @@ import re
 from mitmproxy import ctx, http
 
 import demo
+from bounded import decoded_prefix
 from config import Origin
 from csp_meta import meta_policies, patch_meta_tags
 from csp_policy import inline_styles_blocked, parse_extra, patch_header_value, resolve_sdk_url, sdk_needs
@@ -37,6 +38,9 @@ CSP_DONE = "coze_csp_done"  # flow.metadata: headers already handled (responsehe
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 DOCUMENT_DESTS = ("document", "iframe", "frame")
 _META_HINT = re.compile(rb"content-security-policy", re.IGNORECASE)
+# A page bigger than this (decoded) keeps its meta tags as they are: a small compressed body can decode to
+# GiBs, and the rewrite needs the whole page in memory, on the event loop.
+MAX_PAGE = 8 * 1024 * 1024
 
 
 class Csp:
@@ -122,9 +126,12 @@ class Csp:
         response = flow.response
         if not origin or not response or response.stream or not self.needs or not self._is_document(flow):
             return
-        content = response.get_content(strict=False)
+        content = decoded_prefix(response.raw_content or b"", response.headers.get("content-encoding", ""), MAX_PAGE + 1)
         if not content or not _META_HINT.search(content):
-            return  # no meta CSP: leave the body (and its encoding) exactly as it came
+            return  # no meta CSP (or a body we do not decode): leave it exactly as it came
+        if len(content) > MAX_PAGE:
+            log.debug(f"coze-mitm: {flow.request.pretty_url}: page over {MAX_PAGE // 2**20} MiB, meta CSP left as it is")
+            return
         text = response.get_text(strict=False)
         if text is None:
             return

@@ -474,6 +474,23 @@ class TestCspAddon:
         run(tctx.addon, page_flow("http://localhost:3000/", csp=(), body=doc))
         assert set(pages.status()["csp"]["inline_styles_blocked"]) == {PAGE, "http://localhost:3000"}
 
+    def test_meta_tag_of_a_huge_page_left_alone(self, tctx):
+        """A small gzip body that decodes to more than MAX_PAGE is not decoded whole to rewrite its meta tag."""
+        import gzip
+
+        import csp
+
+        head = b'<html><head><meta http-equiv="Content-Security-Policy" content="default-src \'self\'"></head><body>'
+        raw = gzip.compress(head + b" " * (csp.MAX_PAGE + 1) + b"</body></html>")
+        f = page_flow(csp=(), body=b"")
+        f.response.headers["content-encoding"] = "gzip"
+        f.response.raw_content = raw
+        run(tctx.addon, f)
+        assert f.response.raw_content == raw  # untouched, still compressed
+        small = page_flow(csp=(), body=head + b"</body></html>")
+        run(tctx.addon, small)
+        assert CDN in small.response.text  # a normal page's meta tag is still extended
+
     def test_api_hosts_all_in_connect_src(self, tctx):
         tctx.configure(tctx.addon, coze_api_hosts="http://127.0.0.1:8790,ws://127.0.0.1:9000")
         f = run(tctx.addon, page_flow())
