@@ -8,11 +8,12 @@ The line is made from what the other addons left on the flow (flow.metadata), so
 not what was intended: a retried request shows the retry's outcome, a stream that broke shows the error.
 No query string (a WebSocket tag may ride there), no header, never a token: users by identity.short_id.
 
-`coze_quiet` hides mitmproxy's own per-connection lines ("client connect", "server disconnect ...",
-"Streaming response from ..."); run_mitm.py sets it, with flow_detail=0, unless it is given -v.
-With flow_detail=0 (or in mitmweb) every flow coze-mitm acted on gets its line; with mitmproxy's own flow
-lines on (plain mitmdump, run_mitm.py -v) only refusals, retries and errors do: a log line is an event
-for every addon, not free on the fast path.
+`coze_quiet` (run_mitm.py sets it, with flow_detail=0, unless it is given -v) makes this line the log:
+mitmproxy's own per-connection lines ("client connect", "server disconnect ...", "Streaming response from ...")
+are hidden and every flow coze-mitm acted on gets its line. Otherwise (plain mitmdump, whatever its
+flow_detail; mitmweb, whose flow list is the log) only refusals, retries and errors get one: a log record is
+an event to every addon of mitmproxy (~300 us of CPU a line on a 2-core Xeon), which the fast path of a
+cached-token request does not pay unless the per-flow log was asked for.
 """
 
 from __future__ import annotations
@@ -67,21 +68,22 @@ class FlowLog:
     def __init__(self):
         self._filter = ConnectionChatter()
         self._logged: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
-        # With mitmproxy's own flow lines off (flow_detail=0, as run_mitm.py runs it; mitmweb has none) this
-        # line is the log of every flow coze-mitm acted on. With them on (mitmdump's default), only what they
-        # cannot say gets a line: refusals, retries, errors. A log line is an event for every addon (~100-250 us).
-        self._every_flow = True
+        # Every flow's line only where it is the log (coze_quiet with mitmproxy's own flow lines off, as
+        # run_mitm.py runs it); otherwise only what mitmproxy's flow lines or flow list cannot say.
+        self._every_flow = False
 
     def load(self, loader):
         loader.add_option(
             "coze_quiet", bool, False,
             "Hide mitmproxy's per-connection log lines (client/server connect and disconnect, streaming "
-            "notices); with flow_detail=0 the log then has one line per request coze-mitm acted on.",
+            "notices); with flow_detail=0 the log then has one line per request coze-mitm acted on "
+            "(without it, only refusals, token retries and errors get a line).",
         )
 
     def configure(self, updated):
-        if "flow_detail" in updated:
-            self._every_flow = not getattr(ctx.options, "flow_detail", 0)
+        if "flow_detail" in updated or "coze_quiet" in updated:
+            # flow_detail is the Dumper's option: absent in mitmweb and bare test contexts.
+            self._every_flow = ctx.options.coze_quiet and not getattr(ctx.options, "flow_detail", 0)
         if "coze_quiet" not in updated:
             return
         logger = logging.getLogger(CONNECTION_LOGGER)

@@ -26,7 +26,9 @@ def hooks():
     cors, auth, flowlog = Cors(settings), Auth(settings), FlowLog()
     with taddons.context(settings, cors, auth, flowlog) as tctx:
         tctx.configure(settings, coze_pat=PAT, coze_api_base="https://api.coze.cn", coze_origins=PAGE)
+        tctx.configure(flowlog, coze_quiet=True)  # the per-flow log, as run_mitm.py runs it
         yield tctx, cors, auth, flowlog
+        flowlog.done()  # its filter on mitmproxy's connection logger must not outlive the test
 
 
 def make_flow(method="POST", path=f"/v3/chat?conversation_id=123&authorization=Bearer%20user:{USER}", headers=()):
@@ -157,6 +159,7 @@ def test_coze_quiet_hides_connection_chatter_only(hooks, caplog):
         server_log.warning("client connect")  # only INFO chatter is hidden
         return [r.getMessage() for r in caplog.records if r.name == CONNECTION_LOGGER]
 
+    tctx.configure(flowlog, coze_quiet=False)
     assert len(shown()) == 7  # mitmproxy's default
     tctx.configure(flowlog, coze_quiet=True)
     assert shown() == ["Client TLS handshake failed. The client disconnected during the handshake.", "client connect"]
@@ -168,7 +171,8 @@ def test_coze_quiet_hides_connection_chatter_only(hooks, caplog):
 
 
 def test_with_mitmproxys_flow_lines_only_what_they_cannot_say(caplog):
-    """mitmdump's own line per flow (flow_detail >= 1): coze-mitm adds one for refusals (retries, errors) only."""
+    """mitmdump's own line per flow (flow_detail >= 1), or no per-flow log asked for (flow_detail=0 without
+    coze_quiet, as in the benchmark's bare comparison): coze-mitm adds a line for refusals (retries, errors) only."""
     from mitmproxy.addons.dumper import Dumper
 
     settings = CozeSettings()
@@ -185,8 +189,13 @@ def test_with_mitmproxys_flow_lines_only_what_they_cannot_say(caplog):
         run_request(hooks, refused)
         finish(hooks, refused)
         assert [line.split(" ->")[0] for line in lines(caplog)] == ["coze-mitm: refused POST api.coze.cn/v3/chat (origin-not-allowed)"]
-        tctx.configure(flowlog, flow_detail=0)
+        tctx.configure(flowlog, flow_detail=0)  # mitmdump's flow lines off, but no per-flow log asked for
         caplog.clear()
+        quiet = tagged()
+        run_request(hooks, quiet)
+        finish(hooks, quiet)
+        assert lines(caplog) == []
+        tctx.configure(flowlog, coze_quiet=True)  # as run_mitm.py runs it: this line is the log
         again = tagged()
         run_request(hooks, again)
         finish(hooks, again)
