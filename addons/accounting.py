@@ -25,6 +25,7 @@ from pathlib import Path
 
 from mitmproxy import ctx, http
 
+import fields
 import login
 from auth import COZE_USER
 from bounded import decoded_prefix
@@ -104,7 +105,7 @@ class Accounting:
         response = flow.response
         if not user or response is None or response.status_code != 200:
             return
-        if not response.headers.get("content-type", "").lower().startswith("text/event-stream"):
+        if not fields.get(response.headers, b"content-type").lower().startswith("text/event-stream"):
             return
         if is_chat(flow.request.method, flow.request.path):
             self.book.chat(user)
@@ -114,7 +115,7 @@ class Accounting:
             return
         book = self.book
         reader = SSEUsageReader(lambda usage: book.tokens(user, usage),
-                                content_encoding=response.headers.get("content-encoding", ""))
+                                content_encoding=fields.get(response.headers, b"content-encoding"))
         if reader.unreadable:
             self._not_counted(reader.unreadable)
         # Replaces streaming.py's True: the stream still goes out chunk by chunk, each chunk unchanged.
@@ -133,10 +134,13 @@ class Accounting:
             return
         request = flow.request
         route = request.path.split("?", 1)[0].rstrip("/")
+        retrieve = route.endswith("/v3/chat/retrieve")
+        if not retrieve and not is_chat(request.method, request.path):
+            return  # most answers: nothing to count, no header or body read
         raw = response.raw_content or b""
-        if not retrieve_body_ok(len(raw), response.headers.get("content-encoding", ""), MAX_CHAT_ANSWER):
+        if not retrieve_body_ok(len(raw), fields.get(response.headers, b"content-encoding"), MAX_CHAT_ANSWER):
             return
-        if route.endswith("/v3/chat/retrieve"):
+        if retrieve:
             usage = usage_from_retrieve(_content(response), MAX_CHAT_ANSWER)
             if usage is not None:
                 self.book.tokens(user, usage)
@@ -175,7 +179,7 @@ class Accounting:
 
 def _content(response: http.Response) -> bytes:
     """The answer decoded, never more than MAX_CHAT_ANSWER of it (a small compressed body can decode to GiBs)."""
-    return decoded_prefix(response.raw_content or b"", response.headers.get("content-encoding", ""), MAX_CHAT_ANSWER) or b""
+    return decoded_prefix(response.raw_content or b"", fields.get(response.headers, b"content-encoding"), MAX_CHAT_ANSWER) or b""
 
 
 def _code_ok(body: bytes) -> bool:

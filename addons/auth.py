@@ -21,6 +21,7 @@ import weakref
 
 from mitmproxy import ctx, http
 
+import fields
 import identity
 import login
 from answers import answer_json
@@ -36,12 +37,23 @@ COZE_USER = "coze_user"  # flow.metadata: the (full) user id whose credential th
 REFUSED = "coze_refused"  # flow.metadata: the reason (a fixed word) of a local answer instead of forwarding
 
 
+class _Sent:
+    """What auth keeps beside a flow it injected: the token (to know it again in the answer) and, until
+    the request has left, what the page sent (authorization, cookie, and the path when its query held
+    the tag), to be put back."""
+
+    __slots__ = ("token", "page")
+
+    def __init__(self, token: str, page: tuple[list, list, str | None]):
+        self.token, self.page = token, page
+
+
 class Auth:
     def __init__(self, settings: CozeSettings):
         self.settings = settings
-        # Kept beside the flow, not in flow.metadata, which `-w` saves and tools show.
-        self._tokens: weakref.WeakKeyDictionary[http.HTTPFlow, str] = weakref.WeakKeyDictionary()
-        self._page_headers: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[list, list]] = weakref.WeakKeyDictionary()
+        # Kept beside the flow, not in flow.metadata, which `-w` saves and tools show. One entry per
+        # injected flow (a weak-key lookup is Python code, asked a few times per flow on the fast path).
+        self._sent: weakref.WeakKeyDictionary[http.HTTPFlow, _Sent] = weakref.WeakKeyDictionary()
         self._hints = Hints(settings.stats)
         self._retry = TokenRetry(settings, self._hints)
         self._streams_bodies = False
@@ -49,7 +61,7 @@ class Auth:
     def done(self):
         # `-w` saves flows still in flight at shutdown (Save.done runs after this script's done):
         # they must hold the page's placeholder by then, not the token.
-        for flow in list(self._page_headers):
+        for flow in list(self._sent):
             self._restore_page_headers(flow)
         self._retry.close()
 
@@ -75,7 +87,7 @@ class Auth:
             # A local answer cannot be combined with a streamed request body: refuse by closing instead.
             log.debug(f"coze-mitm: closed a streamed {flow.request.method} to {flow.request.host} instead of answering it")
             flow.kill()
-        elif flow.request.stream is True and flow in self._page_headers:
+        elif flow.request.stream is True and self._page_waiting(flow):
             # mitmproxy sends the headers before it hands the first body chunk to a stream callable:
             # from then on the stored request may show the page's placeholder again.
             flow.request.stream = self._restored_once_sent(flow)
@@ -89,9 +101,11 @@ class Auth:
     def request(self, flow: http.HTTPFlow):
         """Synchronous, except for a tagged request whose user has no token yet: then it returns the
         awaitable that mints one (mitmproxy awaits what a hook returns; other flows keep moving)."""
-        if flow in self._tokens and flow.request.stream:
-            self._restore_page_headers(flow)  # swapped in requestheaders; streamed, the headers have left
-        if flow.response or not flow.live or flow in self._tokens:
+        if flow in self._sent:  # swapped in requestheaders already
+            if flow.request.stream:
+                self._restore_page_headers(flow)  # streamed: the headers have left
+            return None
+        if flow.response or not flow.live:
             return None
         try:
             return self._handle(flow)
@@ -145,7 +159,9 @@ class Auth:
 
     def _over_budget(self, flow: http.HTTPFlow, user_id: str) -> bool:
         accounting = self.settings.accounting
-        refusal = accounting.budget_refusal(flow, user_id, short_id(user_id)) if accounting is not None else None
+        if accounting is None or accounting.daily_tokens <= 0:
+            return False  # no budgets: nothing to ask on the fast path
+        refusal = accounting.budget_refusal(flow, user_id, short_id(user_id))
         if refusal is None:
             return False
         status, code, reason, msg, headers = refusal
@@ -201,13 +217,12 @@ class Auth:
         original = (seen.get_all("authorization"), seen.get_all("cookie"),
                     request.path if identity.query_authorizations(request.path) else None)
         if original[0] or original[2] is None:
-            headers["Authorization"] = f"Bearer {token}"
+            fields.replace(headers, b"authorization", [f"Bearer {token}"], spelled=b"Authorization")
         if original[1]:
             headers.set_all("cookie", identity.strip_cookie(original[1]))
         if original[2] is not None:
             request.path = identity.with_query_token(original[2], token)
-        self._tokens[flow] = token
-        self._page_headers[flow] = original
+        self._sent[flow] = _Sent(token, original)
         flow.metadata[COZE_USER] = user_id
         flow.metadata.pop(TOKEN_RETRY, None)
         flow.comment = (
@@ -232,29 +247,39 @@ class Auth:
 
     # ------------------------------------------------------------------ response
 
-    def _restore_page_headers(self, flow: http.HTTPFlow) -> None:
+    def _page_waiting(self, flow: http.HTTPFlow) -> bool:
+        sent = self._sent.get(flow)
+        return sent is not None and sent.page is not None
+
+    def _restore_page_headers(self, flow: http.HTTPFlow, sent: _Sent | None = None) -> None:
         """The request has left: put the page's own headers back, so no view of the flow shows the token."""
-        original = self._page_headers.pop(flow, None)
+        sent = sent or self._sent.get(flow)
+        if sent is None:
+            return
+        original, sent.page = sent.page, None
         if original is not None:
-            flow.request.headers.set_all("authorization", original[0])
+            fields.replace(flow.request.headers, b"authorization", original[0])
             if original[1]:
                 flow.request.headers.set_all("cookie", original[1])
             if original[2] is not None:
                 flow.request.path = original[2]
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        self._restore_page_headers(flow)
-        token = self._tokens.get(flow)
-        if token is not None and flow.response is not None:
-            unreflect(flow.response, token)
+        sent = self._sent.get(flow)
+        if sent is None:
+            return
+        self._restore_page_headers(flow, sent)
+        if flow.response is not None:
+            unreflect(flow.response, sent.token)
 
     def response(self, flow: http.HTTPFlow):
         """Synchronous, except when the request is re-sent: then it returns the awaitable doing that
         (mitmproxy awaits what a hook returns)."""
-        token = self._tokens.pop(flow, None)
-        if token is None or flow.response is None:
+        sent = self._sent.pop(flow, None)
+        if sent is None or flow.response is None:
             return None
-        self._restore_page_headers(flow)  # a response set by another addon skips responseheaders
+        token = sent.token
+        self._restore_page_headers(flow, sent)  # a response set by another addon skips responseheaders
         try:
             code = watched_code(flow.response)
             if flow.response.status_code == 401 or code in INVALID_TOKEN_CODES:
@@ -270,8 +295,9 @@ class Auth:
         return None
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._restore_page_headers(flow)
-        self._tokens.pop(flow, None)
+        sent = self._sent.pop(flow, None)
+        if sent is not None:
+            self._restore_page_headers(flow, sent)
 
     def _drop(self, flow: http.HTTPFlow, token: str, why: str) -> None:
         user_id = flow.metadata.get(COZE_USER, "")

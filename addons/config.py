@@ -53,7 +53,8 @@ class Origin:
 
     @property
     def netloc(self) -> str:
-        return self.host if self.default_port else f"{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal, as browsers write it
+        return host if self.default_port else f"{host}:{self.port}"
 
     def __str__(self) -> str:
         return f"{self.scheme}://{self.netloc}"
@@ -217,6 +218,13 @@ def permissions_warning(path: str | os.PathLike) -> str | None:
             f"it holds your private key: chmod 600 {path}"
         )
     return None
+
+
+def origin_key(origin: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an origin as parse_page_origins writes it: what a request's own
+    scheme, host and port are compared with."""
+    parts = urlsplit(origin)
+    return parts.scheme, parts.hostname or "", parts.port or DEFAULT_PORTS[parts.scheme]
 
 
 def parse_page_origins(spec: str) -> frozenset[str]:

@@ -15,6 +15,7 @@ import re
 
 from mitmproxy import http
 
+import fields
 from settings import CozeSettings
 
 log = logging.getLogger("coze.cors")
@@ -48,7 +49,7 @@ class Cors:
 
     def allowed_origin(self, request: http.Request) -> str | None:
         """The request's Origin if it is exactly one allowed origin, else None."""
-        origins = request.headers.get_all("origin")
+        origins = fields.every(request.headers, b"origin")
         if len(origins) != 1 or origins[0] not in self.settings.page_origins:
             return None
         return origins[0]
@@ -114,27 +115,26 @@ def set_cors_headers(headers: http.Headers, origin: str) -> None:
     pending = {b"access-control-allow-origin": origin.encode("utf-8", "surrogateescape"),
                b"access-control-allow-credentials": b"true",
                b"access-control-expose-headers": EXPOSE_HEADERS.encode()}
-    fields: list = []
+    out: list = []
     vary_values: list[bytes] = []
-    vary_at, vary_name = -1, b"Vary"
+    vary_at, vary_name = -1, b""
     for field in headers.fields:
         key = field[0].lower()
         if key in _REPLACED:
             value = pending.pop(key, None)
             if value is not None:  # later copies are dropped
-                fields.append((field[0], value))
+                out.append((field[0], value))
         elif key == b"vary":
             if vary_at < 0:
-                vary_at, vary_name = len(fields), field[0]
-                fields.append(field)
+                vary_at, vary_name = len(out), field[0]
+                out.append(field)
             vary_values.append(field[1])
         else:
-            fields.append(field)
-    fields.extend((_REPLACED[key], value) for key, value in pending.items())
-    existing = b", ".join(vary_values).decode("utf-8", "surrogateescape")
-    vary = (vary_name, _merge_vary(existing, "Origin").encode("utf-8", "surrogateescape"))
+            out.append(field)
+    out.extend((_REPLACED[key], value) for key, value in pending.items())
     if vary_at < 0:
-        fields.append(vary)
+        out.append((b"Vary", b"Origin"))
     else:
-        fields[vary_at] = vary
-    headers.fields = tuple(fields)
+        existing = b", ".join(vary_values).decode("utf-8", "surrogateescape")
+        out[vary_at] = (vary_name, _merge_vary(existing, "Origin").encode("utf-8", "surrogateescape"))
+    headers.fields = tuple(out)

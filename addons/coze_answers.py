@@ -16,6 +16,7 @@ import time
 
 from mitmproxy import http
 
+import fields
 from bounded import decoded_prefix
 from identity import short_id
 from exchange import scrub
@@ -49,14 +50,14 @@ def watched_code(response: http.Response) -> int | None:
     raw = response.raw_content
     if not raw or len(raw) > MAX_ENVELOPE:
         return None
-    encoding = response.headers.get("content-encoding", "")
+    encoding = fields.get(response.headers, b"content-encoding")
     if encoding:
         raw = decoded_prefix(raw, encoding, MAX_ENVELOPE + 1)
         if not raw or len(raw) > MAX_ENVELOPE:
             return None  # not decodable, or not a small envelope: nothing to act on
     if not any(int(c) in WATCHED_CODES for c in _CODE_RE.findall(raw)):
         return None
-    if "json" not in response.headers.get("content-type", "").lower():
+    if "json" not in fields.get(response.headers, b"content-type").lower():
         return None
     try:
         data = json.loads(raw)
@@ -74,9 +75,9 @@ def unreflect(response: http.Response, token: str) -> None:
     """An upstream that echoes the injected token in a header (a debug header, an error detail) must
     not hand it to the page: the token is replaced wherever it appears in a response header."""
     secret = token.encode("utf-8", "surrogateescape")
-    fields = response.headers.fields
-    if any(secret in value for _, value in fields):
-        response.headers.fields = tuple((name, value.replace(secret, b"[redacted]")) for name, value in fields)
+    pairs = response.headers.fields
+    if any(secret in value for _, value in pairs):
+        response.headers.fields = tuple((name, value.replace(secret, b"[redacted]")) for name, value in pairs)
 
 
 class Hints:

@@ -26,7 +26,6 @@ from mitmproxy import ctx, http
 
 import demo
 from bounded import decoded_prefix
-from config import Origin
 from csp_meta import meta_policies, patch_meta_tags
 from csp_policy import inline_styles_blocked, parse_extra, patch_header_value, resolve_sdk_url, sdk_needs
 from settings import CozeSettings
@@ -75,8 +74,8 @@ class Csp:
         request = flow.request
         if request.scheme not in ("http", "https") or self.settings.is_status_host(request):
             return
-        origin = str(Origin(request.scheme, request.host.lower(), request.port))
-        if origin in self.settings.page_origins:
+        origin = self.settings.page_origin_of(request)
+        if origin is not None:
             # Decided now: map_remote and other addons may rewrite the destination later.
             flow.metadata[CSP_PAGE] = origin
 

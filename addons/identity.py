@@ -12,8 +12,7 @@ import functools
 import ipaddress
 import re
 import urllib.parse
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 USER_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,128}")
 PLACEHOLDER_RE = re.compile(r"\s*bearer\s+user:(.*)", re.IGNORECASE | re.DOTALL)
@@ -27,26 +26,30 @@ class HeadersLike(Protocol):
     def get_all(self, name: str) -> list[str]: ...
 
 
-_GATHERED = frozenset({b"authorization", b"cookie", b"origin", *(h.encode() for h in BROWSER_HEADERS)})
+_GATHERED = {name.encode(): name for name in ("authorization", "cookie", "origin", *BROWSER_HEADERS)}
 
 
 class Gathered:
     """The few headers the rules read, collected in one pass over a mitmproxy `Headers`' fields, with
     exactly its matching and decoding (bytes names lowered, values utf-8 with surrogateescape). Four
-    `get_all` calls each walk every field; a browser request has about twenty."""
+    `get_all` calls each walk every field; a browser request has about twenty. Asked with the lower-case
+    names above; the lists it returns are its own (read them, do not change them)."""
 
     __slots__ = ("_found",)
 
     def __init__(self, fields):
-        found: dict[bytes, list[str]] = {}
+        found: dict[str, list[str]] = {}
         for name, value in fields:
-            key = name.lower()
-            if key in _GATHERED:
+            key = _GATHERED.get(name.lower())
+            if key is not None:
                 found.setdefault(key, []).append(value.decode("utf-8", "surrogateescape"))
         self._found = found
 
     def get_all(self, name: str) -> list[str]:
-        return list(self._found.get(name.lower().encode(), ()))
+        return self._found.get(name, _NONE)
+
+
+_NONE: list[str] = []  # what Gathered answers for a header the request does not carry (never changed)
 
 
 def gather(headers: HeadersLike) -> HeadersLike:
@@ -91,8 +94,7 @@ def _describe(value: str) -> str:
     return repr(shown)
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     """What to do with one request to the Coze API.
 
     action: "pass" (no tag: leave it alone), "inject" (swap in user_id's credential),
@@ -110,6 +112,9 @@ class Decision:
     @classmethod
     def refuse(cls, status: int, code: int, reason: str, msg: str, origin: str | None = None) -> "Decision":
         return cls("refuse", origin=origin, status=status, code=code, msg=msg, reason=reason)
+
+
+PASS = Decision("pass")
 
 
 def _cookie_pairs(header: str):
@@ -172,18 +177,17 @@ def find_user_id(headers: HeadersLike, query_authorizations: list[str] | tuple =
     """The tagged user id, None when the request carries no tag; ValueError names a malformed tag.
     `query_authorizations`: the `authorization` query parameters of a WebSocket handshake (browsers
     cannot set headers there, so @coze/api puts `Bearer <token>` in the URL)."""
-    ids = []
     authorizations = headers.get_all("authorization")
-    placeholders = [a for a in authorizations if is_placeholder(a)]
-    if placeholders and len(authorizations) > 1:
+    ids = [m.group(1).strip() for m in map(PLACEHOLDER_RE.fullmatch, authorizations) if m]
+    if ids and len(authorizations) > 1:
         raise ValueError("the request carries more than one Authorization header; send exactly one")
-    in_query = [a for a in query_authorizations if is_placeholder(a)]
-    if in_query and len(query_authorizations) > 1:
-        raise ValueError("the URL carries more than one authorization parameter; send exactly one")
-    placeholders += in_query
-    for value in placeholders:
-        ids.append(PLACEHOLDER_RE.fullmatch(value).group(1).strip())
-    ids.extend(cookie_values(headers))
+    if query_authorizations:
+        in_query = [m.group(1).strip() for m in map(PLACEHOLDER_RE.fullmatch, query_authorizations) if m]
+        if in_query and len(query_authorizations) > 1:
+            raise ValueError("the URL carries more than one authorization parameter; send exactly one")
+        ids += in_query
+    if headers.get_all("cookie"):
+        ids.extend(cookie_values(headers))
     if not ids:
         return None
     malformed = sorted(user_id for user_id in ids if not USER_ID_RE.fullmatch(user_id))
@@ -208,7 +212,7 @@ def admit(headers: HeadersLike, allowed_origins: frozenset[str] | set[str], *,
     except ValueError as e:
         return Decision.refuse(400, 4000, "malformed-tag", str(e))
     if user_id is None:
-        return Decision("pass")
+        return PASS
     if not local_client:
         return Decision.refuse(
             403, 4101, "remote-client",

@@ -6,10 +6,12 @@ This runs for every host the proxy intercepts (page hosts too), since buffering 
 
 from mitmproxy import http
 
+import fields
+
 
 class Streaming:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if not flow.response:
             return
-        if flow.response.headers.get("content-type", "").lower().startswith("text/event-stream"):
+        if fields.get(flow.response.headers, b"content-type").lower().startswith("text/event-stream"):
             flow.response.stream = True

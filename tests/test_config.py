@@ -89,6 +89,16 @@ def test_page_origins_normalised_and_validated():
             config.parse_page_origins(bad)
 
 
+def test_ipv6_origins_are_written_as_browsers_write_them():
+    """A browser sends `Origin: http://[::1]:3000`; the configured origin must be that exact text (it was
+    `http://::1:3000`, which no browser sends), and its key the request's own (scheme, host, port)."""
+    assert config.parse_page_origins("http://[::1]:3000, https://[2001:DB8::1]") == {
+        "http://[::1]:3000", "https://[2001:db8::1]"}
+    assert str(config.parse_api_origin("http://[::1]:8000/v1")) == "http://[::1]:8000"
+    assert config.origin_key("http://[::1]:3000") == ("http", "::1", 3000)
+    assert config.origin_key("https://example.org") == ("https", "example.org", 443)
+
+
 def test_permissions_warning(tmp_path, rsa_key):
     path = write_config(tmp_path, rsa_key, "https://api.coze.cn")
     assert config.permissions_warning(path) is None
