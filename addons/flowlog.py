@@ -108,9 +108,9 @@ class FlowLog:
         self._log(flow)
 
     def _log(self, flow: http.HTTPFlow) -> None:
-        if flow in self._logged:
-            return
         if not self._every_flow and REFUSED not in flow.metadata and TOKEN_RETRY not in flow.metadata and flow.error is None:
+            return  # the fast path: nothing to say about this flow
+        if flow in self._logged:
             return
         line = describe(flow)
         if line:

@@ -1,21 +1,30 @@
 """Benchmark-only: a part of the addon bundle, to attribute its cost (python bench/run.py).
 
 COZE_BENCH_ADDONS names the parts, comma-separated, in bundle order: settings, cors, auth,
-streaming (behind one Bundle, as addons/coze.py registers them); or "noop7" for seven addons whose
-hooks do nothing (mitmproxy's dispatch cost alone).
+streaming (behind one Bundle, as addons/coze.py registers them); "all" for addons/coze.py's own
+list; or "noop" for one object whose four flow hooks do nothing (what any `-s` script costs).
+
+COZE_BENCH_TIMING=<file>: every flow hook of every part is timed (perf_counter around the call, in
+the running proxy), and the totals per part and hook are written to <file> as JSON every 256
+responses: {"flows": n, "us": {"Auth.request": total_us, ...}}.
 """
 
+import collections
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addons"))
 
-from auth import Auth  # noqa: E402
-from bundle import Bundle  # noqa: E402
+from bundle import Bundle, handler_of  # noqa: E402
 from cors import Cors  # noqa: E402
+from auth import Auth  # noqa: E402
 from settings import CozeSettings  # noqa: E402
 from streaming import Streaming  # noqa: E402
+
+FLOW_HOOKS = ("requestheaders", "request", "responseheaders", "response")
 
 
 class Noop:
@@ -32,11 +41,58 @@ class Noop:
         pass
 
 
-parts = [p.strip() for p in os.environ.get("COZE_BENCH_ADDONS", "").split(",") if p.strip()]
-if parts == ["noop7"]:
-    addons = [Noop() for _ in range(7)]
+def all_parts():
+    """addons/coze.py's parts, in its order."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("coze_bundle_for_bench", Path(__file__).resolve().parent.parent / "addons" / "coze.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (bundle,) = module.addons
+    return list(bundle.parts)
+
+
+def timed(parts, out: Path):
+    """The parts with each flow hook wrapped in a timer; the totals written to `out` as the flows end."""
+    totals: collections.Counter[str] = collections.Counter()
+    flows = [0]
+
+    def wrap(part, hook):
+        func = getattr(part, hook)
+        name = f"{type(part).__name__}.{hook}"
+
+        def timed_hook(*args):
+            t0 = time.perf_counter()
+            try:
+                return func(*args)
+            finally:
+                totals[name] += time.perf_counter() - t0
+                if hook == "response" and name == last_response:
+                    flows[0] += 1
+                    if flows[0] % 256 == 0:
+                        tmp = out.with_suffix(".tmp")
+                        tmp.write_text(json.dumps({"flows": flows[0], "us": {k: v * 1e6 for k, v in totals.items()}}))
+                        tmp.replace(out)
+        return timed_hook
+
+    responders = [p for p in parts if handler_of(p, "response")]
+    last_response = f"{type(responders[-1]).__name__}.response" if responders else ""
+    for part in parts:
+        for hook in FLOW_HOOKS:
+            if handler_of(part, hook):
+                setattr(part, hook, wrap(part, hook))
+    return parts
+
+
+names = [p.strip() for p in os.environ.get("COZE_BENCH_ADDONS", "").split(",") if p.strip()]
+if names == ["noop"]:
+    parts = [Noop()]
+elif names == ["all"]:
+    parts = all_parts()
 else:
     settings = CozeSettings()
     make = {"settings": lambda: settings, "cors": lambda: Cors(settings), "auth": lambda: Auth(settings),
             "streaming": Streaming}
-    addons = [Bundle(*(make[p]() for p in parts))]  # registered as addons/coze.py registers them
+    parts = [make[p]() for p in names]
+if os.environ.get("COZE_BENCH_TIMING"):
+    parts = timed(parts, Path(os.environ["COZE_BENCH_TIMING"]))
+addons = [Bundle(*parts)]  # registered as addons/coze.py registers them

@@ -3,6 +3,7 @@ the bundle (bench/partial_bundle.py), interleaved; with the proxies' CPU per req
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -24,7 +25,7 @@ def bench_latency(proxies: dict[str, Mitmdump], base: str, token: str, rounds: i
     proxies: "bundle", "bare mitmdump", and optionally more reference proxies (attribution)."""
     paths: dict[str, tuple[requests.Session, dict, int | None]] = {}
     for name, proxy in proxies.items():
-        bundle_like = name == "bundle" or name.startswith("settings")
+        bundle_like = name.startswith(("bundle", "settings"))
         paths[name] = (session(proxy), tagged("bench-latency-user") if bundle_like else with_token(token), proxy.proc.pid)
     paths["direct"] = (session(None), with_token(token), None)
     url = base + BOT
@@ -64,7 +65,18 @@ def bench_latency(proxies: dict[str, Mitmdump], base: str, token: str, rounds: i
             f"{med['bundle'] / med['direct']:.2f}x / {p99['bundle'] / p99['direct']:.2f}x", "", None),
     ]
     attribution = [(name, med[name], p99[name], med[name] / med[bare], cpu.get(name)) for name in paths]
-    return rows, {"median": med, "p99": p99, "cpu": cpu, "attribution": attribution}
+    timing = None
+    if TIMED in proxies:
+        try:
+            timing = json.loads(Path(proxies[TIMED].timing_file).read_text())
+        except (OSError, ValueError) as e:
+            print(f"    per-part timing not read: {e}")
+    return rows, {"median": med, "p99": p99, "cpu": cpu, "attribution": attribution, "timing": timing}
+
+
+NOOP = "one object, 4 flow hooks that do nothing (any -s script)"
+TIMED = "bundle, every part's hooks timed"
+AS_RUN_MITM = "bundle as run_mitm.py runs it (coze_quiet: a log line per flow)"
 
 
 def attribution_table(attribution) -> str:
@@ -75,14 +87,29 @@ def attribution_table(attribution) -> str:
     return "\n".join(lines)
 
 
-def start_partial(confdir: Path, sets: list[str], parts: str) -> Mitmdump | None:
+def timing_table(timing: dict | None) -> str:
+    """Time inside each part's hooks in the running proxy, per request (bench/partial_bundle.py's timer)."""
+    if not timing or not timing.get("flows"):
+        return ""
+    n = timing["flows"]
+    lines = ["| part.hook | us per request |", "|---|---|"]
+    for name, us in sorted(timing["us"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {name} | {us / n:.1f} |")
+    lines.append(f"| **all parts** | **{sum(timing['us'].values()) / n:.1f}** |")
+    return "\n".join(lines)
+
+
+def start_partial(confdir: Path, sets: list[str], parts: str, timing_file: Path | None = None) -> Mitmdump | None:
     """mitmdump -s bench/partial_bundle.py with COZE_BENCH_ADDONS=parts; None (and a line) if the parts did not
     load: after the bundle changes shape, an attribution row must be missing, not silently a bare mitmdump."""
-    os.environ["COZE_BENCH_ADDONS"] = parts
+    env = {"COZE_BENCH_ADDONS": parts, **({"COZE_BENCH_TIMING": str(timing_file)} if timing_file else {})}
+    os.environ.update(env)
     try:
         proxy = Mitmdump(confdir, sets, script=False, extra_args=["-s", str(REPO / "bench" / "partial_bundle.py")]).start()
     finally:
-        del os.environ["COZE_BENCH_ADDONS"]
+        for name in env:
+            del os.environ[name]
+    proxy.timing_file = timing_file
     time.sleep(0.5)
     if re.search(r"Traceback|[Ee]rror", proxy.output):
         print(f"    attribution path {parts!r} skipped: bench/partial_bundle.py did not load:\n{proxy.output[-800:]}")
@@ -95,11 +122,15 @@ def start_attribution(work: Path, coze_sets: list[str], streamer: Mitmdump) -> d
     """Attribution: the same request through parts of the bundle (bench/partial_bundle.py), and through the
     one-hook streaming reference; the reference proxies for bench_latency, by name."""
     proxies = {REFERENCE: streamer}
-    for name, parts in (("7 addons whose hooks do nothing", "noop7"), ("settings + auth", "settings,auth"),
-                        ("settings + cors + auth + streaming", "settings,cors,auth,streaming")):
+    for name, parts in ((NOOP, "noop"), ("settings + auth", "settings,auth"),
+                        ("settings + cors + auth + streaming", "settings,cors,auth,streaming"), (TIMED, "all")):
         confdir = work / parts.replace(",", "-")
         confdir.mkdir()
-        partial = start_partial(confdir, coze_sets if parts != "noop7" else ["flow_detail=0"], parts)
+        partial = start_partial(confdir, coze_sets if parts != "noop" else ["flow_detail=0"], parts,
+                                timing_file=confdir / "timing.json" if name == TIMED else None)
         if partial:
             proxies[name] = partial
+    # As run_mitm.py runs it: coze_quiet on, so every flow coze-mitm acted on gets its log line.
+    (work / "as-run-mitm").mkdir()
+    proxies[AS_RUN_MITM] = Mitmdump(work / "as-run-mitm", [*coze_sets, "coze_quiet=true"]).start()
     return proxies

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .common import DELTA_GAP, REFERENCE, Row, ms
-from .latency import attribution_table
+from .latency import AS_RUN_MITM, NOOP, TIMED, attribution_table, timing_table
 from .soak import SOAK_COLD, SOAK_HOT, SOAK_MAX_USERS, SOAK_TTL
 
 
@@ -30,6 +30,8 @@ def print_results(rows: list[Row], details: dict, total: float, durations: str, 
     if "latency" in details and len(details["latency"]["attribution"]) > 3:
         print()
         print(attribution_table(details["latency"]["attribution"]))
+        if details["latency"].get("timing"):
+            print("\n" + timing_table(details["latency"]["timing"]))
     print(f"\n(total {total:.0f} s: {durations}; load average at the end {load_end})")
     return text
 
@@ -44,6 +46,13 @@ def write_report(path: Path, info: dict, text: str, details: dict, quick: bool, 
                        "rounds, through parts of the bundle (`bench/partial_bundle.py`); CPU is the mitmdump process's "
                        "user+system time over the timed rounds (`/proc/PID/stat`), divided by the number of requests.\n\n"
                        + attribution_table(details["latency"]["attribution"]) + "\n")
+        if details["latency"].get("timing"):
+            attribution += ("\nTime spent inside each part's hooks in the running proxy (the \"" + TIMED + "\" path: "
+                            "`bench/partial_bundle.py` wraps every flow hook of addons/coze.py's parts in a "
+                            "`perf_counter` timer), per request, over its warm-up and timed rounds. The same code costs "
+                            "several times more here than in a tight loop in one process: between two hooks mitmproxy "
+                            "runs about a millisecond of its own code, and each hook starts with cold caches.\n\n"
+                            + timing_table(details["latency"]["timing"]) + "\n")
     trace = ""
     if "leaks" in details:
         trace = f"## What grew during the traced soak (tracemalloc)\n\n```\n{details['leaks']['tracemalloc']}\n```\n"
@@ -137,30 +146,45 @@ def notes(details: dict, info: dict) -> str:
         head = (f"median {r_med:.3f}x, p99 {r_p99:.3f}x bare mitmdump; the bundle's process spent "
                 f"{extra_cpu:+,.0f} us of CPU per request over bare mitmdump's {cpu[bare] * 1e6:,.0f} us "
                 f"(5% of that is {cpu[bare] * 0.05 * 1e6:,.0f} us)")
+        att = {name: (ratio, c) for name, _, _, ratio, c in lat["attribution"]}
+
+        def share(a: str, b: str) -> str:
+            if a not in att or b not in att or att[a][1] is None or att[b][1] is None:
+                return "n/a"
+            return f"{(att[a][0] - att[b][0]) * 100:+.1f}% ({(att[a][1] - att[b][1]) * 1e6:+,.0f} us CPU)"
+
         if r_med <= 1.05 and r_p99 <= 1.05:
             out.append(f"* **Latency target (<= 1.05x bare mitmdump, median and p99): met.** {head}.")
         else:
             why = [f"* **Latency target (<= 1.05x bare mitmdump, median and p99): not met.** {head}."]
-            att = {name: (ratio, c) for name, _, _, ratio, c in lat["attribution"]}
             if len(att) > 3:
-                def share(a: str, b: str) -> str:
-                    if a not in att or b not in att:
-                        return "n/a"
-                    return f"{(att[a][0] - att[b][0]) * 100:+.1f}% ({(att[a][1] - att[b][1]) * 1e6:+,.0f} us CPU)"
+                timing = lat.get("timing")
+                top = ""
+                if timing and timing.get("flows"):
+                    n = timing["flows"]
+                    biggest = sorted(timing["us"].items(), key=lambda kv: -kv[1])[:4]
+                    top = (f" Inside the parts' hooks, in the running proxy: {sum(timing['us'].values()) / n:.0f} us per "
+                           f"request, most in " + ", ".join(f"{k} {v / n:.0f} us" for k, v in biggest) + ".")
                 why.append(
                     f"  Attribution in this run (latency vs bare, CPU per request): a one-hook script "
-                    f"{share(REFERENCE, bare)}; seven addon objects whose hooks do nothing "
-                    f"{share('7 addons whose hooks do nothing', bare)} (that is mitmproxy calling each hook of each "
-                    f"addon object, 4 events per request: the share a single dispatcher object removes); settings + "
-                    f"auth {share('settings + auth', bare)}; adding cors + streaming "
+                    f"{share(REFERENCE, bare)}; one object whose 4 flow hooks do nothing (the floor of any `-s` "
+                    f"script: mitmproxy's own dispatch) {share(NOOP, bare)}; settings + auth "
+                    f"{share('settings + auth', bare)}; adding cors + streaming "
                     f"{share('settings + cors + auth + streaming', 'settings + auth')}; the rest of the bundle "
-                    f"(demo, status, CSP) {share('bundle', 'settings + cors + auth + streaming')}.")
+                    f"(demo, status, CSP, accounting, flowlog) {share('bundle', 'settings + cors + auth + streaming')}."
+                    + top)
             else:
                 why.append("  (The attribution by parts runs in the full benchmark, not with --quick.)")
             if r_med <= 1.05 < r_p99:
                 why.append(f"  The median is within target and the p99 is not: tails on a shared 2-core machine follow "
                            f"other load (load average {info['load']} at the start).")
             out.append("\n".join(why))
+        if AS_RUN_MITM in att:
+            out.append(f"* **As run_mitm.py runs it** (coze_quiet: one log line per flow coze-mitm acted on, mitmproxy's "
+                       f"own flow lines off): {att[AS_RUN_MITM][0]:.3f}x bare mitmdump; the line costs "
+                       f"{share(AS_RUN_MITM, 'bundle')} over the same bundle without it (a log record is an event to "
+                       f"every mitmproxy addon). `mitmdump -s addons/coze.py`, whatever its flow_detail, and mitmweb "
+                       f"write a line only for refusals, token retries and errors.")
     sse = details.get("sse")
     if sse:
         fm = sse["first_median"]
