@@ -101,7 +101,8 @@ class Auth:
     def request(self, flow: http.HTTPFlow):
         """Synchronous, except for a tagged request whose user has no token yet: then it returns the
         awaitable that mints one (mitmproxy awaits what a hook returns; other flows keep moving)."""
-        if flow in self._sent:  # swapped in requestheaders already
+        # Swapped in requestheaders already (only ever for a streamed request body: asked only then).
+        if (self._streams_bodies or flow.request.stream) and flow in self._sent:
             if flow.request.stream:
                 self._restore_page_headers(flow)  # streamed: the headers have left
             return None
@@ -143,9 +144,9 @@ class Auth:
             return None
         token = broker.cached_token(user_id)
         if token is not None:  # the common case: no await, no task
-            self._inject(flow, seen, user_id, token)
+            self._inject(flow, seen, in_query, user_id, token)
             return None
-        return self._mint_and_inject(flow, seen, user_id)
+        return self._mint_and_inject(flow, seen, in_query, user_id)
 
     def _login_of(self, flow: http.HTTPFlow) -> str | None:
         """With proxyauth on, the user is the proxy login (its history follows the login, whatever the tag)."""
@@ -190,7 +191,7 @@ class Auth:
             # The tag names the user to Coze only; no other site learns it.
             request.headers.set_all("cookie", identity.strip_cookie(cookies))
 
-    async def _mint_and_inject(self, flow: http.HTTPFlow, seen, user_id: str) -> None:
+    async def _mint_and_inject(self, flow: http.HTTPFlow, seen, in_query: list[str], user_id: str) -> None:
         try:
             try:
                 token = await self.settings.broker.token_for(user_id)
@@ -206,16 +207,15 @@ class Auth:
                 # forwarded for a dead flow, but it must not keep the placeholder either.
                 answer_json(flow, 499, 5000, "the client closed the connection before coze-mitm could add credentials")
                 return
-            self._inject(flow, seen, user_id, token)
+            self._inject(flow, seen, in_query, user_id, token)
         except Exception:
             self._internal_error(flow)
 
-    def _inject(self, flow: http.HTTPFlow, seen, user_id: str, token: str) -> None:
+    def _inject(self, flow: http.HTTPFlow, seen, in_query: list[str], user_id: str, token: str) -> None:
         request = flow.request
         headers = request.headers
         # What the page sent, put back once the request has left (the path only when its query held the tag).
-        original = (seen.get_all("authorization"), seen.get_all("cookie"),
-                    request.path if identity.query_authorizations(request.path) else None)
+        original = (seen.get_all("authorization"), seen.get_all("cookie"), request.path if in_query else None)
         if original[0] or original[2] is None:
             fields.replace(headers, b"authorization", [f"Bearer {token}"], spelled=b"Authorization")
         if original[1]:
