@@ -57,6 +57,20 @@ class TestCors:
         addon.request(f)
         assert f.response is None  # passes to Coze as it is
 
+    def test_ipv6_page_origin_as_the_browser_writes_it(self):
+        """A page on http://[::1]:3000 sends exactly that Origin; configured so, it is allowed (it used to
+        be stored as http://::1:3000, which no browser sends)."""
+        settings = CozeSettings()
+        cors = Cors(settings)
+        with taddons.context(settings, cors) as tctx:
+            tctx.configure(settings, coze_pat="pat_" + "x" * 30, coze_api_base="https://api.coze.cn",
+                           coze_origins="http://[::1]:3000")
+            f = preflight("http://[::1]:3000")
+            cors.request(f)
+            cors.response(f)
+            assert f.response.status_code == 204
+            assert f.response.headers["Access-Control-Allow-Origin"] == "http://[::1]:3000"
+
     def test_other_port_is_another_origin(self, addon):
         f = preflight(port=8443)
         addon.request(f)
