@@ -25,6 +25,7 @@ def print_results(rows: list[Row], details: dict, total: float, durations: str, 
     if "soak" in details:
         print("\nsoak RSS samples (min, MiB): " + ", ".join(f"{t / 60:.2f} {kb / 1024:.1f}"
                                                           for t, kb in details["soak"]["samples"][::4]))
+        print("\n" + details["soak"]["attribution"])
     if "leaks" in details:
         print("\n" + details["leaks"]["tracemalloc"])
     if "latency" in details and len(details["latency"]["attribution"]) > 3:
