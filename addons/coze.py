@@ -15,6 +15,9 @@ implement it, in this order:
   accounting usage per user (chats, Coze tokens) read from the answers as they pass; daily budgets
   flowlog    one log line per flow coze-mitm acted on (and, with coze_quiet, no connection chatter)
   quiet_exit no asyncio traceback when the proxy stops with clients still connected
+
+Before them, typecheck_cycles replaces mitmproxy's per-message type check by one that leaves no
+reference cycles (they kept every flow alive until a full garbage collection: the soak's RSS creep).
 """
 
 from accounting import Accounting
@@ -28,6 +31,9 @@ from quiet_exit import QuietExit
 from settings import CozeSettings
 from status import StatusPages
 from streaming import Streaming
+from typecheck_cycles import install as install_cycle_free_typecheck
+
+install_cycle_free_typecheck()
 
 settings = CozeSettings()
 settings.accounting = Accounting()  # auth asks it about budgets, status shows its usage

@@ -7,7 +7,8 @@ $COZE_BENCH_MEMSTATS_DIR/memstats-<n>.json (temporary name, then renamed) with:
   now, bytes in live blocks, bytes in free blocks and unused pools (held, not used);
 * glibc malloc, from mallinfo2(): bytes taken from the system in arenas (brk heap + per-thread
   arenas) and in mmap'ed blocks, how much of that is in use and how much is free inside the arenas;
-* the number of threads, and of arenas glibc made (one per thread up to 8 x cores).
+* the threads by name, and the garbage collector's figures (collections and objects collected per
+  generation, objects tracked).
 
 It does nothing per flow; a sample is a few ms on the event loop, when the benchmark asks.
 """
@@ -15,6 +16,7 @@ It does nothing per flow; a sample is a few ms on the event loop, when the bench
 import asyncio
 import collections
 import ctypes
+import gc
 import json
 import os
 import re
@@ -71,18 +73,48 @@ def _pymalloc_figures() -> dict:
     return out
 
 
+# Experiments only (the soak leaves it empty): "collect" runs a full collection at each sample, "census" also
+# lists the types of the unreachable objects it found, "freeze" moves the start-up objects to the
+# collector's permanent generation (gc.freeze) when the proxy is running.
+GC_MODE = os.environ.get("COZE_BENCH_MEMSTATS_GC", "")
+
+
 class MemstatsProbe:
     def __init__(self):
         self.out = os.environ.get("COZE_BENCH_MEMSTATS_DIR", "")
         self.count = 0
 
     def running(self):
+        if GC_MODE == "freeze":  # an experiment: start-up objects out of the collector's way
+            gc.collect()
+            gc.freeze()
         if self.out:
             asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, self.dump)
 
     def dump(self):
         names = collections.Counter(re.sub(r"_\d+$", "", t.name) for t in threading.enumerate())
-        figures = {**_pymalloc_figures(), **_libc_figures(), "threads": dict(names)}
+        figures = {**_pymalloc_figures(), **_libc_figures(), "threads": dict(names),
+                   "gc_count": list(gc.get_count()), "gc_stats": gc.get_stats(), "gc_objects": len(gc.get_objects()),
+                   "gc_frozen": gc.get_freeze_count()}
+        if GC_MODE == "collect":  # an experiment: is what grows cyclic garbage waiting for a full collection?
+            figures["gc_collected_now"] = gc.collect()
+        elif GC_MODE == "census":  # an experiment: what that garbage is (the types of the unreachable objects)
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            figures["gc_collected_now"] = gc.collect()
+            gc.set_debug(0)
+            figures["gc_garbage_types"] = dict(collections.Counter(
+                f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.garbage).most_common(40))
+            errors = collections.Counter()
+            for o in gc.garbage:
+                if isinstance(o, BaseException):
+                    tb, where = o.__traceback__, []
+                    while tb is not None:
+                        where.append(f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno} {tb.tb_frame.f_code.co_name}")
+                        tb = tb.tb_next
+                    errors[f"{type(o).__name__}: {str(o)[:100]} @ " + " <- ".join(reversed(where))] += 1
+            figures["gc_garbage_errors"] = dict(errors.most_common(5))
+            gc.garbage.clear()
+            gc.collect()  # now without DEBUG_SAVEALL: what was saved is freed, not found again next time
         self.count += 1
         path = os.path.join(self.out, f"memstats-{self.count}.json")
         with open(path + ".tmp", "w") as f:

@@ -27,6 +27,7 @@ from usage_store import FILE_NAME
 
 
 SOAK_MAX_USERS, SOAK_HOT, SOAK_COLD, SOAK_TTL = 100, 40, 1000, 60
+HOT_SHARE = 0.6  # of the requests, from the hot users; the rest from the long tail
 
 
 def bench_soak(standin, config_path: Path, workdir: Path, seconds: float, rate: float, trace: bool,
@@ -89,7 +90,7 @@ def bench_soak(standin, config_path: Path, workdir: Path, seconds: float, rate: 
             if delay > 0:
                 time.sleep(delay)
             next_at += interval
-            user = rng.choice(hot) if rng.random() < 0.6 else rng.choice(cold)
+            user = rng.choice(hot) if rng.random() < HOT_SHARE else rng.choice(cold)
             roll = rng.random()
             t0 = time.perf_counter()
             try:
