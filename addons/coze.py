@@ -5,6 +5,8 @@
 
 One addon object is registered with mitmproxy (bundle.py); each of its hooks calls the parts that
 implement it, in this order:
+  cycles     mitmproxy's per-message type check without reference cycles; start-up objects out of the
+             garbage collector's way, so that the cycles flows leave are freed within minutes
   settings   the coze_* options, validated once; shared state (broker, origins, stats)
   demo       http://coze.mitm/demo and the sandbox.coze.mitm name, only with coze_demo (run_mitm.py --demo)
   status     http://coze.mitm/ pages, answered locally
@@ -15,15 +17,13 @@ implement it, in this order:
   accounting usage per user (chats, Coze tokens) read from the answers as they pass; daily budgets
   flowlog    one log line per flow coze-mitm acted on (and, with coze_quiet, no connection chatter)
   quiet_exit no asyncio traceback when the proxy stops with clients still connected
-
-Before them, typecheck_cycles replaces mitmproxy's per-message type check by one that leaves no
-reference cycles (they kept every flow alive until a full garbage collection: the soak's RSS creep).
 """
 
 from accounting import Accounting
 from auth import Auth
 from bundle import Bundle
 from cors import Cors
+from cycles import Cycles
 from csp import Csp
 from demo import Demo
 from flowlog import FlowLog
@@ -31,14 +31,12 @@ from quiet_exit import QuietExit
 from settings import CozeSettings
 from status import StatusPages
 from streaming import Streaming
-from typecheck_cycles import install as install_cycle_free_typecheck
-
-install_cycle_free_typecheck()
 
 settings = CozeSettings()
 settings.accounting = Accounting()  # auth asks it about budgets, status shows its usage
 
 addons = [Bundle(
+    Cycles(),
     settings,
     Demo(settings),
     StatusPages(settings),

@@ -74,8 +74,7 @@ def _pymalloc_figures() -> dict:
 
 
 # Experiments only (the soak leaves it empty): "collect" runs a full collection at each sample, "census" also
-# lists the types of the unreachable objects it found, "freeze" moves the start-up objects to the
-# collector's permanent generation (gc.freeze) when the proxy is running.
+# lists the types of the unreachable objects it found (and the errors among them, with where they were raised).
 GC_MODE = os.environ.get("COZE_BENCH_MEMSTATS_GC", "")
 
 
@@ -85,9 +84,6 @@ class MemstatsProbe:
         self.count = 0
 
     def running(self):
-        if GC_MODE == "freeze":  # an experiment: start-up objects out of the collector's way
-            gc.collect()
-            gc.freeze()
         if self.out:
             asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, self.dump)
 

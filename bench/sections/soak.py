@@ -266,6 +266,8 @@ def window_figures(proc: list[tuple[float, dict]], memstats: list[tuple[float, d
         for k in STAT_NAMES:
             if k in m0 and k in m1:
                 w[k] = m1[k] - m0[k]
+        if "gc_stats" in m0 and "gc_stats" in m1:  # full collections (of the oldest generation) in the window
+            w["gc_full"] = m1["gc_stats"][2]["collections"] - m0["gc_stats"][2]["collections"]
         out.append(w)
         a = b
     return out
@@ -276,10 +278,11 @@ def windows_table(windows: list[dict], window: float) -> str:
     head = (f"Growth per {window / 60:.3g}-min window, KiB (proxy RSS; anonymous memory; by kind of mapping: "
             "heap = main malloc arena, tarenas = glibc per-thread arenas, stacks = thread stacks, other = pymalloc "
             "arenas and other anonymous maps, files = file-backed; inside the process: pymalloc arenas x 1 MiB, "
-            "Python blocks in use, glibc in use / free); threads, sockets at the window's end")
+            "Python blocks in use, glibc in use / free; full garbage collections); threads, sockets at the window's end")
     lines = [head, ""]
     lines.append(f"  {'minutes':>11} {'RSS':>7} {'anon':>7} {'heap':>7} {'tarenas':>7} {'stacks':>7} {'other':>7} "
-                 f"{'files':>7} {'pyarenas':>8} {'py used':>8} {'libc use':>8} {'libc free':>9} {'threads':>7} {'socks':>5}")
+                 f"{'files':>7} {'pyarenas':>8} {'py used':>8} {'libc use':>8} {'libc free':>9} {'full gc':>7} {'threads':>7} "
+                 f"{'socks':>5}")
     for w in windows:
         py = w.get("py_arenas")
         lines.append(
@@ -288,7 +291,8 @@ def windows_table(windows: list[dict], window: float) -> str:
             f"{(f'{py:+d}' if py is not None else '?'):>8} "
             f"{kib(w['py_used'] // 1024 if 'py_used' in w else None):>8} "
             f"{kib(w['libc_used'] // 1024 if 'libc_used' in w else None):>8} "
-            f"{kib(w['libc_free'] // 1024 if 'libc_free' in w else None):>9} {w['threads']:>7} {w['sockets']:>5}")
+            f"{kib(w['libc_free'] // 1024 if 'libc_free' in w else None):>9} {w.get('gc_full', '?'):>7} "
+            f"{w['threads']:>7} {w['sockets']:>5}")
     return "\n".join(lines)
 
 

@@ -1,8 +1,9 @@
-"""addons/typecheck_cycles.py: mitmproxy's per-message type check without reference cycles, same verdicts.
+"""addons/cycles.py: mitmproxy's per-message type check without reference cycles, same verdicts; start-up
+objects frozen out of the collector's way while the proxy runs.
 
 The cycles are counted with the garbage collector itself (disabled while messages are built, then one
 collection says how many objects only it could free); the verdicts are compared with mitmproxy's own
-function on the same values and types.
+function on the same values and types; the real mitmdump with the bundle says what it runs with.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy.utils import typecheck
 
-import typecheck_cycles
+import cycles
 from tests.harness import Mitmdump
 
 
@@ -49,19 +50,19 @@ def restore():
 def test_mitmproxys_check_leaves_cycles_and_installed_one_does_not(restore):
     if not __debug__:
         pytest.skip("under -O mitmproxy does not check messages at all")
-    typecheck.check_option_type = typecheck_cycles._original
+    typecheck.check_option_type = cycles._original
     assert cyclic_garbage_after(20) >= 20 * 4  # exception, traceback, frames per optional None field
-    typecheck_cycles.install()
-    assert typecheck.check_option_type is typecheck_cycles.check_option_type
+    cycles.install()
+    assert typecheck.check_option_type is cycles.check_option_type
     assert cyclic_garbage_after(20) == 0
 
 
 def test_a_wrong_field_is_still_refused_with_mitmproxys_message(restore):
-    typecheck_cycles.install()
+    cycles.install()
     with pytest.raises(TypeError) as ours:
         http.Response(b"HTTP/1.1", 200, b"OK", http.Headers(), None, None, 1.0, "late")
     with pytest.raises(TypeError) as theirs:
-        typecheck_cycles._original("timestamp_end", "late", float | None)
+        cycles._original("timestamp_end", "late", float | None)
     assert str(ours.value) == str(theirs.value) == "Expected float | None for timestamp_end, but got <class 'str'>."
 
 
@@ -87,19 +88,40 @@ def test_same_verdict_as_mitmproxy_for_every_value(typeinfo):
             except TypeError as e:
                 return f"refused: {e}"
             return "accepted"
-        assert verdict(typecheck_cycles.check_option_type) == verdict(typecheck_cycles._original), (typeinfo, value)
+        assert verdict(cycles.check_option_type) == verdict(cycles._original), (typeinfo, value)
+
+
+def test_running_freezes_what_exists_and_done_unfreezes():
+    part = cycles.Cycles()
+    try:
+        gc.disable()
+        garbage = [[]]
+        garbage[0].append(garbage)  # a cycle nobody holds: must be collected, not frozen
+        del garbage
+        part.running()
+        frozen = gc.get_freeze_count()
+        assert frozen > 1000
+        assert gc.collect() == 0  # the cycle was collected before the freeze
+        # the oldest generation is empty after the second collection: its next full collection is not
+        # held back by the start-up objects any more
+        assert gc.get_count()[2] == 0
+    finally:
+        gc.enable()
+        part.done()
+    assert gc.get_freeze_count() == 0
 
 
 def test_the_bundle_installs_it(tmp_path):
-    """The real mitmdump with the bundle: its messages are checked by the cycle-free function."""
+    """The real mitmdump with the bundle: messages checked by the cycle-free function, start-up frozen."""
     probe = tmp_path / "probe.py"
     probe.write_text(
-        "import logging\nfrom mitmproxy.utils import typecheck\n"
+        "import gc, logging\nfrom mitmproxy.utils import typecheck\n"
         "class P:\n    def running(self):\n"
-        "        logging.warning('typecheck is %s.%s', typecheck.check_option_type.__module__,"
-        " typecheck.check_option_type.__name__)\naddons = [P()]\n")
+        "        logging.warning('typecheck is %s.%s, %d objects frozen', typecheck.check_option_type.__module__,"
+        " typecheck.check_option_type.__name__, gc.get_freeze_count())\naddons = [P()]\n")
     proxy = Mitmdump(tmp_path, ["coze_pat=pat_test_only_0123456789abcdef"], extra_args=["-s", str(probe)]).start()
     try:
-        assert proxy.wait_for_output(r"typecheck is typecheck_cycles\.check_option_type", timeout=15), proxy.output
+        assert proxy.wait_for_output(r"typecheck is cycles\.check_option_type, \d{5,} objects frozen", timeout=15), \
+            proxy.output
     finally:
         proxy.stop()
