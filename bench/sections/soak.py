@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import secrets
 import signal
-import json
 import statistics
 import threading
 import time
