@@ -5,6 +5,8 @@
 
 One addon object is registered with mitmproxy (bundle.py); each of its hooks calls the parts that
 implement it, in this order:
+  cycles     mitmproxy's per-message type check without reference cycles; start-up objects out of the
+             garbage collector's way, so that the cycles flows leave are freed within minutes
   settings   the coze_* options, validated once; shared state (broker, origins, stats)
   demo       http://coze.mitm/demo and the sandbox.coze.mitm name, only with coze_demo (run_mitm.py --demo)
   status     http://coze.mitm/ pages, answered locally
@@ -21,6 +23,7 @@ from accounting import Accounting
 from auth import Auth
 from bundle import Bundle
 from cors import Cors
+from cycles import Cycles
 from csp import Csp
 from demo import Demo
 from flowlog import FlowLog
@@ -33,6 +36,7 @@ settings = CozeSettings()
 settings.accounting = Accounting()  # auth asks it about budgets, status shows its usage
 
 addons = [Bundle(
+    Cycles(),
     settings,
     Demo(settings),
     StatusPages(settings),

@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None):
                    help="frames kept per traced allocation (default 4; 8 saturates the proxy on 2 cores)")
     p.add_argument("--proxy-env", action="append", default=[], metavar="NAME=VALUE",
                    help="environment variable for the soaks' proxy (repeatable), e.g. MALLOC_ARENA_MAX=2")
+    p.add_argument("--proxy-set", action="append", default=[], metavar="NAME=VALUE",
+                   help="more --set for the soaks' proxy (repeatable), e.g. coze_usage_file=memory")
     p.add_argument("--requests", type=int, default=None, help="latency rounds per path (default 2000, --quick 300)")
     p.add_argument("--streams", type=int, default=200, help="open streams at once (default 200)")
     p.add_argument("--stream-seconds", type=float, default=None, help="length of each open stream (default 30, --quick 6)")
@@ -161,13 +163,15 @@ def main(argv: list[str] | None = None) -> int:
                 proxy.stop()
         if want("soak"):
             step(f"soak ({soak_seconds:.0f} s at {args.rate:.0f} req/s)")
-            soak_rows, details["soak"] = bench_soak(standin, config_path, work, soak_seconds, args.rate, False, proxy_env)
+            soak_rows, details["soak"] = bench_soak(standin, config_path, work, soak_seconds, args.rate, False, proxy_env,
+                                                   args.proxy_set)
             rows += soak_rows
         if want("leaks"):
             traced_seconds = args.tracemalloc_seconds or soak_seconds
             step(f"traced soak ({traced_seconds:.0f} s at {args.rate:.0f} req/s, tracemalloc in the proxy)")
             leak_rows, details["leaks"] = bench_soak(standin, config_path, work, traced_seconds, args.rate, True,
-                                                     {**proxy_env, "COZE_BENCH_TRACEMALLOC_FRAMES": str(args.tracemalloc_frames)})
+                                                     {**proxy_env, "COZE_BENCH_TRACEMALLOC_FRAMES": str(args.tracemalloc_frames)},
+                                                     args.proxy_set)
             rows += leak_rows
     standin.stop()
 

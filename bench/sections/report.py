@@ -25,6 +25,7 @@ def print_results(rows: list[Row], details: dict, total: float, durations: str, 
     if "soak" in details:
         print("\nsoak RSS samples (min, MiB): " + ", ".join(f"{t / 60:.2f} {kb / 1024:.1f}"
                                                           for t, kb in details["soak"]["samples"][::4]))
+        print("\n" + details["soak"]["attribution"])
     if "leaks" in details:
         print("\n" + details["leaks"]["tracemalloc"])
     if "latency" in details and len(details["latency"]["attribution"]) > 3:
@@ -119,7 +120,19 @@ from issues 5 and 11; a figure that misses its target says "NOT met" and the not
   (tracemalloc from start-up, a snapshot at the middle and at the end, on SIGUSR1), and the run lists the
   allocation sites that grew in between beside the RSS growth over the same time. Tracing slows the proxy
   (its achieved rate is in its row), so its RSS is not judged.
+  Beside RSS, each sample reads the proxy's thread count, open fds and sockets, the usage SQLite files'
+  size, and its resident anonymous memory by kind of mapping from `/proc/PID/smaps`
+  (`bench/sections/procmem.py`); `bench/memstats_probe.py`, loaded into the soak's proxy, reports on
+  SIGUSR2 what pymalloc and glibc malloc hold (`sys._debugmallocstats`, `mallinfo2`) and the garbage
+  collector's counts. Growth is given per {details['soak']['window'] / 60:.3g}-minute window, so a rate that
+  falls (warm-up) can be told from one that does not (a leak).
   RSS samples (time, MiB): {rss_line}.
+
+## What the soak's memory is made of, window by window
+
+```
+{details['soak']['attribution']}
+```
 
 {attribution}{trace}
 ## Notes
@@ -218,7 +231,12 @@ def notes(details: dict, info: dict) -> str:
                "it was short of CPU at times (a shared machine); that lag is in the gaps too."))
     soak = details.get("soak")
     if soak:
-        growth = f"second half {soak['late_growth']:+.2f} MiB fitted ({soak['late_slope'] * 1024:+.0f} KiB/min)"
+        threads = [p["threads"] for _, p in soak["proc"]]
+        growth = (f"second half {soak['late_growth']:+.2f} MiB fitted ({soak['late_slope'] * 1024:+.0f} KiB/min); RSS "
+                  f"growth per {soak['window'] / 60:.3g}-min window "
+                  + ", ".join(f"{w['rss'] / 1024:+.2f}" for w in soak["windows"])
+                  + f" MiB (the first includes start-up); proxy threads {threads[0]} at the start, {threads[-1]} at "
+                  f"the end, {max(threads)} at most")
         short = (f" (A {soak['minutes']:.1f}-minute soak says little: the target is about a 20-minute one.)"
                  if soak["minutes"] < 10 else "")
         if soak["flat"]:

@@ -1,0 +1,127 @@
+"""addons/cycles.py: mitmproxy's per-message type check without reference cycles, same verdicts; start-up
+objects frozen out of the collector's way while the proxy runs.
+
+The cycles are counted with the garbage collector itself (disabled while messages are built, then one
+collection says how many objects only it could free); the verdicts are compared with mitmproxy's own
+function on the same values and types; the real mitmdump with the bundle says what it runs with.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import gc
+import io
+import typing
+
+import pytest
+from mitmproxy import http
+from mitmproxy.utils import typecheck
+
+import cycles
+from tests.harness import Mitmdump
+
+
+def build_messages(n: int) -> None:
+    for _ in range(n):
+        body = bytearray(64 * 1024)  # what a frame that builds a message may hold (a buffer)
+        http.Request("example.org", 80, b"GET", b"http", b"example.org", b"/", b"HTTP/1.1", http.Headers(),
+                     None, None, 1.0, None)
+        http.Response(b"HTTP/1.1", 200, b"OK", http.Headers(), None, None, 1.0, None)
+        del body
+
+
+def cyclic_garbage_after(n: int) -> int:
+    gc.collect()
+    gc.disable()
+    try:
+        build_messages(n)
+        return gc.collect()
+    finally:
+        gc.enable()
+
+
+@pytest.fixture
+def restore():
+    saved = typecheck.check_option_type
+    yield
+    typecheck.check_option_type = saved
+
+
+def test_mitmproxys_check_leaves_cycles_and_installed_one_does_not(restore):
+    if not __debug__:
+        pytest.skip("under -O mitmproxy does not check messages at all")
+    typecheck.check_option_type = cycles._original
+    assert cyclic_garbage_after(20) >= 20 * 4  # exception, traceback, frames per optional None field
+    cycles.install()
+    assert typecheck.check_option_type is cycles.check_option_type
+    assert cyclic_garbage_after(20) == 0
+
+
+def test_a_wrong_field_is_still_refused_with_mitmproxys_message(restore):
+    cycles.install()
+    with pytest.raises(TypeError) as ours:
+        http.Response(b"HTTP/1.1", 200, b"OK", http.Headers(), None, None, 1.0, "late")
+    with pytest.raises(TypeError) as theirs:
+        cycles._original("timestamp_end", "late", float | None)
+    assert str(ours.value) == str(theirs.value) == "Expected float | None for timestamp_end, but got <class 'str'>."
+
+
+class Readable:
+    def read(self):
+        return b""
+
+
+TYPES = [bytes | None, typing.Optional[bytes], str, int, float, float | None, bool, typing.Any, type(None),
+         typing.Optional[str], typing.Sequence[str], collections.abc.Sequence[str], typing.Optional[typing.Sequence[str]],
+         tuple[int, str], typing.Union[tuple[int, str], None], http.Headers | None, typing.TextIO, typing.BinaryIO,
+         typing.IO[str], typing.Union[int, str, None]]
+VALUES = [None, b"x", "x", 1, 1.5, True, ["a", "b"], ("a", "b"), (1, "a"), [1, "a"], http.Headers(), Readable(),
+          io.BytesIO(), object(), [1, 2]]
+
+
+@pytest.mark.parametrize("typeinfo", TYPES, ids=str)
+def test_same_verdict_as_mitmproxy_for_every_value(typeinfo):
+    for value in VALUES:
+        def verdict(check):
+            try:
+                check("field", value, typeinfo)
+            except TypeError as e:
+                return f"refused: {e}"
+            return "accepted"
+        assert verdict(cycles.check_option_type) == verdict(cycles._original), (typeinfo, value)
+
+
+def test_running_freezes_what_exists_and_done_unfreezes():
+    part = cycles.Cycles()
+    try:
+        gc.disable()
+        garbage = [[]]
+        garbage[0].append(garbage)  # a cycle nobody holds: must be collected, not frozen
+        del garbage
+        part.running()
+        frozen = gc.get_freeze_count()
+        assert frozen > 1000
+        assert gc.collect() == 0  # the cycle was collected before the freeze
+        # the oldest generation is empty after the second collection: its next full collection is not
+        # held back by the start-up objects any more
+        assert gc.get_count()[2] == 0
+    finally:
+        gc.enable()
+        part.done()
+    assert gc.get_freeze_count() == 0
+
+
+def test_the_bundle_installs_it(tmp_path):
+    """The real mitmdump with the bundle: messages checked by the cycle-free function, start-up frozen."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import gc, logging\nfrom mitmproxy.utils import typecheck\n"
+        "class P:\n    def running(self):\n"
+        "        logging.warning('typecheck is %s.%s, %d objects frozen', typecheck.check_option_type.__module__,"
+        " typecheck.check_option_type.__name__, gc.get_freeze_count())\naddons = [P()]\n")
+    proxy = Mitmdump(tmp_path, ["coze_pat=pat_test_only_0123456789abcdef"], extra_args=["-s", str(probe)]).start()
+    try:
+        assert proxy.wait_for_output(r"typecheck is cycles\.check_option_type, \d{5,} objects frozen", timeout=15), \
+            proxy.output
+    finally:
+        proxy.stop()
