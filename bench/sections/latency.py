@@ -76,6 +76,7 @@ def bench_latency(proxies: dict[str, Mitmdump], base: str, token: str, rounds: i
 
 NOOP = "one object, 4 flow hooks that do nothing (any -s script)"
 TIMED = "bundle, every part's hooks timed"
+CYCLES_ONLY = "bare mitmdump + cycles.py (the part that changes mitmproxy itself)"
 AS_RUN_MITM = "bundle as run_mitm.py runs it (coze_quiet: a log line per flow)"
 
 
@@ -130,6 +131,10 @@ def start_attribution(work: Path, coze_sets: list[str], streamer: Mitmdump) -> d
                                 timing_file=confdir / "timing.json" if name == TIMED else None)
         if partial:
             proxies[name] = partial
+    # What cycles.py alone does to mitmproxy (its type check, the collector): against it, coze-mitm's own work.
+    (work / "cycles-only").mkdir()
+    proxies[CYCLES_ONLY] = Mitmdump(work / "cycles-only", ["flow_detail=0"], script=False,
+                                    extra_args=["-s", str(REPO / "bench" / "cycles_only.py")]).start()
     # As run_mitm.py runs it: coze_quiet on, so every flow coze-mitm acted on gets its log line.
     (work / "as-run-mitm").mkdir()
     proxies[AS_RUN_MITM] = Mitmdump(work / "as-run-mitm", [*coze_sets, "coze_quiet=true"]).start()
