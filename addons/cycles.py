@@ -1,8 +1,8 @@
 """The reference cycles every flow leaves behind: fewer of them, and the rest collected sooner.
 
-A part of the bundle, first in its list. Measured by the benchmark's soak (bench/sections/soak.py): without
-it the proxy's RSS crept up all along a 20-minute soak, the C allocator's heap growing with freed memory it
-could not give back, while the live Python objects stayed flat.
+A part of the bundle, first in its list. Found with the benchmark's soak (bench/sections/soak.py): dead flows
+waited in cycles for the collector, and the C allocator's heap, fragmented by them, kept growing with free
+memory it could not give back while the live objects stayed flat.
 
 1. mitmproxy's type check of every HTTP message (`install`, at load). Unless Python runs with -O,
    mitmproxy checks the fields of every Request and Response it builds (`http.MessageData.__post_init__`
@@ -20,10 +20,11 @@ could not give back, while the live Python objects stayed flat.
    context, bound methods kept as state): only the collector frees them, and a flow lives long enough to
    reach its oldest generation. That generation is collected when the objects promoted into it since the
    last full collection reach a quarter of those it held then: ~90,000 start-up objects (modules,
-   classes, mitmproxy's options), so ~22,000 promotions, a quarter of an hour of dead flows at 20
-   requests/s. Once running, the start-up objects are moved out of the collector's sight (`gc.freeze`,
-   after a collection so that no garbage is frozen), and a collection of the then empty oldest generation
-   resets that count: full collections come every minute or two and scan a few thousand objects.
+   classes, mitmproxy's options), so ~22,000 promotions (the soak at 20 requests/s saw no full collection
+   in its first 5 minutes). Once running, the start-up objects are moved out of the collector's sight
+   (`gc.freeze`, after a collection so that no garbage is frozen), and a collection of the then empty
+   oldest generation resets that count: the soak then saw a full collection every 2-3 minutes, each
+   scanning a few thousand objects.
    `done` (exit, or mitmproxy reloading this script) unfreezes them, so a reloaded script's old modules
    can still be freed.
 """
