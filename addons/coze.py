@@ -7,6 +7,7 @@ One addon object is registered with mitmproxy (bundle.py); each of its hooks cal
 implement it, in this order:
   cycles     mitmproxy's per-message type check without reference cycles; start-up objects out of the
              garbage collector's way, so that the cycles flows leave are freed within minutes
+  heap_trim  memory the C allocator holds free given back to the system once a minute (its own thread)
   settings   the coze_* options, validated once; shared state (broker, origins, stats)
   demo       http://coze.mitm/demo and the sandbox.coze.mitm name, only with coze_demo (run_mitm.py --demo)
   status     http://coze.mitm/ pages, answered locally
@@ -27,6 +28,7 @@ from cycles import Cycles
 from csp import Csp
 from demo import Demo
 from flowlog import FlowLog
+from heap_trim import HeapTrim
 from quiet_exit import QuietExit
 from settings import CozeSettings
 from status import StatusPages
@@ -37,6 +39,7 @@ settings.accounting = Accounting()  # auth asks it about budgets, status shows i
 
 addons = [Bundle(
     Cycles(),
+    HeapTrim(),
     settings,
     Demo(settings),
     StatusPages(settings),

@@ -191,7 +191,7 @@ def test_coze_py_is_one_addon_object_with_the_parts_in_order(tmp_path):
     (bundle,) = ns.addons
     assert list(addonmanager.traverse([ns])) == [ns, bundle]
     assert [type(p).__name__ for p in bundle.parts] == [
-        "Cycles", "CozeSettings", "Demo", "StatusPages", "Cors", "Auth", "Csp", "Streaming", "Accounting", "FlowLog",
+        "Cycles", "HeapTrim", "CozeSettings", "Demo", "StatusPages", "Cors", "Auth", "Csp", "Streaming", "Accounting", "FlowLog",
         "QuietExit"]
     # Every part's options are registered, as when each part was an addon of its own.
     for name in ("coze_config", "coze_origins", "coze_demo", "coze_launcher", "coze_user_daily_tokens",
