@@ -37,7 +37,7 @@ import typing
 
 from mitmproxy.utils import typecheck
 
-_original = typecheck.check_option_type
+_original = getattr(typecheck, "check_option_type", None)
 _UNIONS = (typing.Union, getattr(types, "UnionType", typing.Union))
 
 
@@ -61,7 +61,10 @@ def check_option_type(name: str, value: typing.Any, typeinfo: typing.Any) -> Non
 
 
 def install() -> None:
-    """Replace mitmproxy's check (its callers look it up on the module at each call). Idempotent."""
+    """Replace mitmproxy's check (its callers look it up on the module at each call). Idempotent. A
+    mitmproxy without that function (renamed upstream) is left as it is: more memory, nothing broken."""
+    if _original is None:
+        return
     typecheck.check_option_type = check_option_type
 
 
