@@ -72,7 +72,11 @@ class Readable:
         return b""
 
 
-TYPES = [bytes | None, typing.Optional[bytes], str, int, float, float | None, bool, typing.Any, type(None),
+class Reader(typing.Protocol):  # not runtime_checkable: isinstance refuses it (raises TypeError)
+    def read(self) -> bytes: ...
+
+
+TYPES = [typing.Optional[Reader], bytes | None, typing.Optional[bytes], str, int, float, float | None, bool, typing.Any, type(None),
          typing.Optional[str], typing.Sequence[str], collections.abc.Sequence[str], typing.Optional[typing.Sequence[str]],
          tuple[int, str], typing.Union[tuple[int, str], None], http.Headers | None, typing.TextIO, typing.BinaryIO,
          typing.IO[str], typing.Union[int, str, None]]
