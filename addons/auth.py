@@ -276,10 +276,12 @@ class Auth:
         """Synchronous, except when the request is re-sent: then it returns the awaitable doing that
         (mitmproxy awaits what a hook returns)."""
         sent = self._sent.pop(flow, None)
-        if sent is None or flow.response is None:
+        if sent is None:
+            return None
+        self._restore_page_headers(flow, sent)  # a response set by another addon skips responseheaders
+        if flow.response is None:
             return None
         token = sent.token
-        self._restore_page_headers(flow, sent)  # a response set by another addon skips responseheaders
         try:
             code = watched_code(flow.response)
             if flow.response.status_code == 401 or code in INVALID_TOKEN_CODES:

@@ -16,7 +16,8 @@ implement it, in this order:
   csp        pages in coze_origins: their Content-Security-Policy widened by the Chat SDK's sources only
   streaming  text/event-stream responses streamed chunk by chunk
   accounting usage per user (chats, Coze tokens) read from the answers as they pass; daily budgets
-  flowlog    one log line per flow coze-mitm acted on (and, with coze_quiet, no connection chatter)
+  flowlog    with coze_quiet (run_mitm.py): one log line per flow coze-mitm acted on, no connection chatter;
+             otherwise a line for refusals, token retries and errors only
   quiet_exit no asyncio traceback when the proxy stops with clients still connected
 """
 

@@ -9,8 +9,8 @@ memory it could not give back while the live objects stayed flat.
    calls `utils.typecheck.check_option_type` for each field). For an optional field that is None (a body
    not read yet, no trailers, no end time: most messages) the check of `X | None` first tries X, which
    raises a TypeError made up front and caught at once. That exception's traceback holds the checking
-   frame, whose local `e` holds the exception: a cycle; and since Python 3.11 a frame object keeps its
-   callers' frames alive, so the cycle holds the whole stack that built the message: the flow, its
+   frame, whose local `e` holds the exception: a cycle; and a frame keeps its callers' frames
+   alive (f_back), so the cycle holds the whole stack that built the message: the flow, its
    request and response, their bodies and buffers. `install` puts a check with the same verdicts and the
    same errors in its place: a union is checked member by member without raising when a member is a
    plain class (isinstance, as mitmproxy does, with its one exception: an int is a valid float); anything
@@ -25,8 +25,10 @@ memory it could not give back while the live objects stayed flat.
    (`gc.freeze`, after a collection so that no garbage is frozen), and a collection of the then empty
    oldest generation resets that count: the soak then saw a full collection every 2-3 minutes, each
    scanning a few thousand objects.
+   This happens once per process, at the first start: at a script reload's `running` the flows in
+   flight (in mitmweb, every flow in its view) are alive, and frozen objects are never collected.
    `done` (exit, or mitmproxy reloading this script) unfreezes them, so a reloaded script's old modules
-   can still be freed.
+   can still be freed; after a reload full collections are mitmproxy's default again.
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ def _plain_match(value: typing.Any, member: typing.Any) -> bool | None:
         return None
     if member in (typing.TextIO, typing.BinaryIO):
         return None
-    return isinstance(value, member) or (member is float and isinstance(value, int))
+    try:
+        return isinstance(value, member) or (member is float and isinstance(value, int))
+    except TypeError:
+        return None  # isinstance refused the class (a Protocol that is not runtime-checkable): mitmproxy decides
 
 
 def check_option_type(name: str, value: typing.Any, typeinfo: typing.Any) -> None:
@@ -68,11 +73,21 @@ def install() -> None:
     typecheck.check_option_type = check_option_type
 
 
+# Module state, not the part's: mitmproxy reloads a changed script by running coze.py again, while this
+# module stays imported. Frozen objects are never collected, and at a reload's `running` the flows in
+# flight (in mitmweb, every flow in its view) are alive: only the first start of the process freezes.
+_froze_at_start = False
+
+
 class Cycles:
     def load(self, loader) -> None:
         install()
 
     def running(self) -> None:
+        global _froze_at_start
+        if _froze_at_start:
+            return  # a script reload: freezing now would freeze live flows for good
+        _froze_at_start = True
         gc.collect()
         gc.freeze()
         gc.collect()

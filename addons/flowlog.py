@@ -10,8 +10,8 @@ No query string (a WebSocket tag may ride there), no header, never a token: user
 
 `coze_quiet` (run_mitm.py sets it, with flow_detail=0, unless it is given -v) makes this line the log:
 mitmproxy's own per-connection lines ("client connect", "server disconnect ...", "Streaming response from ...")
-are hidden and every flow coze-mitm acted on gets its line. Otherwise (plain mitmdump, whatever its
-flow_detail; mitmweb, whose flow list is the log) only refusals, retries and errors get one: a log record is
+are hidden and every flow coze-mitm acted on gets its line. Otherwise (plain `mitmdump -s`, whatever its
+flow_detail; plain `mitmweb -s`, whose flow list is the log) only refusals, retries and errors get one: a log record is
 an event to every addon of mitmproxy (~300 us of CPU a line on a 2-core Xeon), which the fast path of a
 cached-token request does not pay unless the per-flow log was asked for.
 """

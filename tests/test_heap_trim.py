@@ -42,12 +42,24 @@ def test_trim_gives_free_pages_in_the_middle_of_the_heap_back():
     assert before - after > 40 * 1024, (before, after)  # most of the ~80 MiB freed went back
 
 
-def test_the_part_trims_from_its_own_thread_while_running():
+def test_the_part_trims_from_its_own_thread_while_running(monkeypatch):
+    calls: list[tuple[str, int]] = []
+    trimmed = threading.Event()
+
+    def counting_trim(pad):
+        calls.append((threading.current_thread().name, pad))
+        trimmed.set()
+        return 1
+
+    monkeypatch.setattr(heap_trim, "_malloc_trim", lambda: counting_trim)
     part = heap_trim.HeapTrim(interval=0.01)
     part.running()
     try:
-        names = {t.name for t in threading.enumerate()}
-        assert "coze-heap-trim" in names
+        assert trimmed.wait(5)
+        assert calls[0] == ("coze-heap-trim", 0)  # malloc_trim(0), off the caller's thread
     finally:
         part.done()
     assert "coze-heap-trim" not in {t.name for t in threading.enumerate()}
+    seen = len(calls)
+    threading.Event().wait(0.05)
+    assert len(calls) == seen  # stopped at done

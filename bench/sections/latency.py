@@ -111,9 +111,15 @@ def start_partial(confdir: Path, sets: list[str], parts: str, timing_file: Path 
         for name in env:
             del os.environ[name]
     proxy.timing_file = timing_file
+    return loaded(proxy, f"attribution path {parts!r}")
+
+
+def loaded(proxy: Mitmdump, what: str) -> Mitmdump | None:
+    """The proxy, or None (and a line) if its script did not load: a reference row must then be missing,
+    not silently a bare mitmdump."""
     time.sleep(0.5)
     if re.search(r"Traceback|[Ee]rror", proxy.output):
-        print(f"    attribution path {parts!r} skipped: bench/partial_bundle.py did not load:\n{proxy.output[-800:]}")
+        print(f"    {what} skipped: its script did not load:\n{proxy.output[-800:]}")
         proxy.stop()
         return None
     return proxy
@@ -133,9 +139,14 @@ def start_attribution(work: Path, coze_sets: list[str], streamer: Mitmdump) -> d
             proxies[name] = partial
     # What cycles.py alone does to mitmproxy (its type check, the collector): against it, coze-mitm's own work.
     (work / "cycles-only").mkdir()
-    proxies[CYCLES_ONLY] = Mitmdump(work / "cycles-only", ["flow_detail=0"], script=False,
-                                    extra_args=["-s", str(REPO / "bench" / "cycles_only.py")]).start()
-    # As run_mitm.py runs it: coze_quiet on, so every flow coze-mitm acted on gets its log line.
+    references = {
+        CYCLES_ONLY: Mitmdump(work / "cycles-only", ["flow_detail=0"], script=False,
+                              extra_args=["-s", str(REPO / "bench" / "cycles_only.py")]),
+        # As run_mitm.py runs it: coze_quiet on, so every flow coze-mitm acted on gets its log line.
+        AS_RUN_MITM: Mitmdump(work / "as-run-mitm", [*coze_sets, "coze_quiet=true"]),
+    }
     (work / "as-run-mitm").mkdir()
-    proxies[AS_RUN_MITM] = Mitmdump(work / "as-run-mitm", [*coze_sets, "coze_quiet=true"]).start()
+    for name, proxy in references.items():
+        if loaded(proxy.start(), name):
+            proxies[name] = proxy
     return proxies
