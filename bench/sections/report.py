@@ -203,8 +203,8 @@ def notes(details: dict, info: dict) -> str:
             out.append(f"* **As run_mitm.py runs it** (coze_quiet: one log line per flow coze-mitm acted on, mitmproxy's "
                        f"own flow lines off): {att[AS_RUN_MITM][0]:.3f}x bare mitmdump; the line costs "
                        f"{share(AS_RUN_MITM, 'bundle')} over the same bundle without it (a log record is an event to "
-                       f"every mitmproxy addon). Plain `mitmdump -s addons/coze.py` (whatever its flow_detail) and plain `mitmweb -s` "
-                       f"write a line only for refusals, token retries and errors.")
+                       f"every mitmproxy addon). Plain `mitmdump -s addons/coze.py` (whatever its flow_detail) "
+                       f"and plain `mitmweb -s` write a line only for refusals, token retries and errors.")
     sse = details.get("sse")
     if sse:
         fm = sse["first_median"]
