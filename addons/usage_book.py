@@ -80,7 +80,12 @@ class UsageBook:
         self.clock = clock
         self._users: collections.OrderedDict[str, UserUsage] = collections.OrderedDict()  # LRU order
         self._others = UserUsage()
-        self._chat_ids: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        # The chats whose usage was counted, oldest first, as hashes of (user, chat id): ~70 bytes each
+        # instead of ~250 for the strings in an OrderedDict (10,000 of them at most either way). str
+        # hashes are salted per process, so no client can aim at another's; a collision (2^-64 a pair)
+        # would leave one chat uncounted.
+        self._chat_ids: set[int] = set()
+        self._chat_order: collections.deque[int] = collections.deque()
         self._max_chat_ids = max_chat_ids
         self.folded = 0  # users folded into OTHERS so far
 
@@ -118,12 +123,13 @@ class UsageBook:
         if count < 0:
             return False
         if chat_id:  # a client may stream a chat and also poll /v3/chat/retrieve for it: count it once
-            key = (user, chat_id)
+            key = hash((user, chat_id))
             if key in self._chat_ids:
                 return False
-            self._chat_ids[key] = None
-            if len(self._chat_ids) > self._max_chat_ids:
-                self._chat_ids.popitem(last=False)
+            self._chat_ids.add(key)
+            self._chat_order.append(key)
+            if len(self._chat_order) > self._max_chat_ids:
+                self._chat_ids.discard(self._chat_order.popleft())
         today = utc_day(self.clock())
         entry = self._entry(user, today)
         entry.tokens += count

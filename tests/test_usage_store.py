@@ -60,7 +60,9 @@ class TestBook:
         book = UsageBook(clock=Clock(), max_chat_ids=3)
         for i in range(10):
             book.tokens("u-00000001", Usage(1, chat_id=f"c{i}"))
-        assert len(book._chat_ids) == 3
+        assert len(book._chat_ids) == len(book._chat_order) == 3
+        assert book.tokens("u-00000001", Usage(1, chat_id="c9")) is False  # the newest are remembered
+        assert book.tokens("u-00000001", Usage(1, chat_id="c0")) is True  # the oldest were let go
 
     def test_budget(self):
         clock = Clock()
