@@ -23,28 +23,30 @@ import resource
 from pathlib import Path
 
 GLIBC_HEAP_ALIGN = 64 * 1024 * 1024
-STACK_KB = resource.getrlimit(resource.RLIMIT_STACK)[0] // 1024 if resource.getrlimit(resource.RLIMIT_STACK)[0] > 0 \
-    else 8192
+_STACK_LIMIT = resource.getrlimit(resource.RLIMIT_STACK)[0]
+STACK_KB = _STACK_LIMIT // 1024 if _STACK_LIMIT > 0 else 8192
 KINDS = ("heap", "tarenas", "stacks", "other", "files")
 
 
-def proc_sample(pid: int, files: list[Path] = ()) -> dict:
-    out = {"threads": 0, "rss": 0, "anon": 0, "private_dirty": 0, "fds": 0, "sockets": 0, "file_bytes": 0}
-    with open(f"/proc/{pid}/status") as f:
+def proc_numbers(path: str, wanted: dict[str, str]) -> dict[str, int]:
+    """The first number of each line of a /proc file that starts with a key of `wanted`, under its name
+    there; 0 for the keys the file does not have."""
+    found = dict.fromkeys(wanted.values(), 0)
+    with open(path) as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                out["rss"] = int(line.split()[1])
-            elif line.startswith("Threads:"):
-                out["threads"] = int(line.split()[1])
+            name = wanted.get(line.split(maxsplit=1)[0] if line.strip() else "")
+            if name is not None:
+                found[name] = int(line.split()[1])
+    return found
+
+
+def proc_sample(pid: int, files: list[Path] = ()) -> dict:
+    out = {"fds": 0, "sockets": 0, "file_bytes": 0}
+    out.update(proc_numbers(f"/proc/{pid}/status", {"VmRSS:": "rss", "Threads:": "threads"}))
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Anonymous:"):
-                    out["anon"] = int(line.split()[1])
-                elif line.startswith("Private_Dirty:"):
-                    out["private_dirty"] = int(line.split()[1])
+        out.update(proc_numbers(f"/proc/{pid}/smaps_rollup", {"Anonymous:": "anon", "Private_Dirty:": "private_dirty"}))
     except OSError:
-        pass
+        out.update(anon=0, private_dirty=0)
     out.update(mapping_kinds(pid))
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):
