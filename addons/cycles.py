@@ -12,9 +12,11 @@ memory it could not give back while the live objects stayed flat.
    frame, whose local `e` holds the exception: a cycle; and a frame keeps its callers' frames
    alive (f_back), so the cycle holds the whole stack that built the message: the flow, its
    request and response, their bodies and buffers. `install` puts a check with the same verdicts and the
-   same errors in its place: a union is checked member by member without raising when a member is a
-   plain class (isinstance, as mitmproxy does, with its one exception: an int is a valid float); anything
-   else, and every mismatch, goes to mitmproxy's own function, so its messages and rules stay the only ones.
+   same errors in its place: a field whose type is a plain class, or a union with plain classes, is
+   accepted by one isinstance against those classes (as mitmproxy decides it, with its one exception: an
+   int is a valid float); anything else, and every mismatch, goes to mitmproxy's own function, so its
+   messages and rules stay the only ones. The classes are worked out once per type object: mitmproxy's
+   function also formats its error message before every check, passed or not (~20 fields per request).
 
 2. The garbage collector (`running`). mitmproxy's layers still make cycles per flow (a layer and its
    context, bound methods kept as state): only the collector frees them, and a flow lives long enough to
@@ -43,26 +45,55 @@ _original = getattr(typecheck, "check_option_type", None)
 _UNIONS = (typing.Union, getattr(types, "UnionType", typing.Union))
 
 
-def _plain_match(value: typing.Any, member: typing.Any) -> bool | None:
-    """True/False when `member` is a plain class (or Any), None when only mitmproxy's check can tell."""
-    if member is typing.Any:
-        return True
+_ANY = (object,)  # the plan of typing.Any: every value is an instance of object
+_MAX_PLANS = 1024  # distinct types checked: the fields of mitmproxy's few message and option classes
+
+
+def _plain_class(member: typing.Any) -> bool:
+    """Is `member` a class whose check in mitmproxy is `isinstance` alone (and isinstance accepts it)?"""
     if not isinstance(member, type) or typing.get_origin(member) is not None:
-        return None
+        return False
     if member in (typing.TextIO, typing.BinaryIO):
-        return None
+        return False  # mitmproxy accepts anything with a `read` for these
     try:
-        return isinstance(value, member) or (member is float and isinstance(value, int))
+        isinstance(None, member)
     except TypeError:
-        return None  # isinstance refused the class (a Protocol that is not runtime-checkable): mitmproxy decides
+        return False  # isinstance refuses the class (a Protocol that is not runtime-checkable): mitmproxy decides
+    return True
+
+
+def _plan_for(typeinfo: typing.Any) -> tuple:
+    """The classes an instance of which mitmproxy's check accepts for `typeinfo` without a doubt: the plain
+    classes of a union (or the class itself), int beside float (mitmproxy's one exception), object for
+    Any. Empty when only mitmproxy's own check can tell (a sequence, a tuple, IO)."""
+    members = typing.get_args(typeinfo) if typing.get_origin(typeinfo) in _UNIONS else (typeinfo,)
+    if typing.Any in members:
+        return _ANY
+    plain = [m for m in members if _plain_class(m)]
+    if float in plain:
+        plain.append(int)
+    return tuple(plain)
+
+
+# id(typeinfo) -> (typeinfo, plan): keyed by identity, asked ~20 times per proxied request with the same
+# few type objects (a union's own hash is computed in Python each time); the type is kept so its id is never reused.
+_plans: dict[int, tuple[typing.Any, tuple]] = {}
 
 
 def check_option_type(name: str, value: typing.Any, typeinfo: typing.Any) -> None:
-    if typing.get_origin(typeinfo) in _UNIONS:
-        for member in typing.get_args(typeinfo):
-            if _plain_match(value, member):
-                return
-    _original(name, value, typeinfo)
+    entry = _plans.get(id(typeinfo))
+    if entry is not None and entry[0] is typeinfo:
+        plan = entry[1]
+    else:
+        plan = _plan_for(typeinfo)
+        if len(_plans) < _MAX_PLANS:
+            _plans[id(typeinfo)] = (typeinfo, plan)
+    try:
+        if plan and isinstance(value, plan):
+            return
+    except TypeError:
+        pass  # a class's own __instancecheck__ refused the value: mitmproxy's check says what that means
+    _original(name, value, typeinfo)  # a mismatch (its message), or a type only mitmproxy's check knows
 
 
 def install() -> None:

@@ -79,7 +79,8 @@ class Reader(typing.Protocol):  # not runtime_checkable: isinstance refuses it (
 TYPES = [typing.Optional[Reader], bytes | None, typing.Optional[bytes], str, int, float, float | None, bool, typing.Any, type(None),
          typing.Optional[str], typing.Sequence[str], collections.abc.Sequence[str], typing.Optional[typing.Sequence[str]],
          tuple[int, str], typing.Union[tuple[int, str], None], http.Headers | None, typing.TextIO, typing.BinaryIO,
-         typing.IO[str], typing.Union[int, str, None]]
+         typing.IO[str], typing.Union[int, str, None], float | int | None, typing.Union[Reader, float],
+         collections.abc.Sequence, object, http.Headers]
 VALUES = [None, b"x", "x", 1, 1.5, True, ["a", "b"], ("a", "b"), (1, "a"), [1, "a"], http.Headers(), Readable(),
           io.BytesIO(), object(), [1, 2]]
 
@@ -157,3 +158,13 @@ def test_the_bundle_installs_it(tmp_path):
             proxy.output
     finally:
         proxy.stop()
+
+
+def test_the_types_remembered_stay_bounded():
+    # Every new type object is remembered (by identity) until the bound; later ones are checked without.
+    for i in range(cycles._MAX_PLANS + 50):
+        kind = type(f"Kind{i}", (), {})
+        cycles.check_option_type("field", kind(), kind | None)
+        with pytest.raises(TypeError):
+            cycles.check_option_type("field", "not a kind", kind | None)
+    assert len(cycles._plans) <= cycles._MAX_PLANS
