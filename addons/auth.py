@@ -40,12 +40,13 @@ REFUSED = "coze_refused"  # flow.metadata: the reason (a fixed word) of a local 
 class _Sent:
     """What auth keeps beside a flow it injected: the token (to know it again in the answer) and, until
     the request has left, what the page sent (authorization, cookie, and the path when its query held
-    the tag), to be put back."""
+    the tag), to be put back; with the header fields as the page sent them and as auth left them: while
+    nothing else has touched them, putting them back is one assignment."""
 
-    __slots__ = ("token", "page")
+    __slots__ = ("token", "page", "fields")
 
-    def __init__(self, token: str, page: tuple[list, list, str | None]):
-        self.token, self.page = token, page
+    def __init__(self, token: str, page: tuple[list, list, str | None], fields: tuple[tuple, tuple]):
+        self.token, self.page, self.fields = token, page, fields
 
 
 class Auth:
@@ -216,13 +217,14 @@ class Auth:
         headers = request.headers
         # What the page sent, put back once the request has left (the path only when its query held the tag).
         original = (seen.get_all("authorization"), seen.get_all("cookie"), request.path if in_query else None)
+        page_fields = headers.fields
         if original[0] or original[2] is None:
             fields.replace(headers, b"authorization", [f"Bearer {token}"], spelled=b"Authorization")
         if original[1]:
             headers.set_all("cookie", identity.strip_cookie(original[1]))
         if original[2] is not None:
             request.path = identity.with_query_token(original[2], token)
-        self._sent[flow] = _Sent(token, original)
+        self._sent[flow] = _Sent(token, original, (page_fields, headers.fields))
         flow.metadata[COZE_USER] = user_id
         flow.metadata.pop(TOKEN_RETRY, None)
         flow.comment = (
@@ -257,12 +259,18 @@ class Auth:
         if sent is None:
             return
         original, sent.page = sent.page, None
-        if original is not None:
-            fields.replace(flow.request.headers, b"authorization", original[0])
+        if original is None:
+            return
+        headers = flow.request.headers
+        page_fields, injected_fields = sent.fields
+        if headers.fields is injected_fields:
+            headers.fields = page_fields  # untouched since the swap: exactly what the page sent
+        else:  # another addon changed the headers after the swap: only ours are put back
+            fields.replace(headers, b"authorization", original[0])
             if original[1]:
-                flow.request.headers.set_all("cookie", original[1])
-            if original[2] is not None:
-                flow.request.path = original[2]
+                headers.set_all("cookie", original[1])
+        if original[2] is not None:
+            flow.request.path = original[2]
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         sent = self._sent.get(flow)

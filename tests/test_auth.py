@@ -62,6 +62,31 @@ class TestAuth:
         assert f.request.headers["Authorization"] == f"Bearer user:{ALICE}"
         assert token not in json.dumps(f.get_state(), default=repr)
 
+    def test_a_header_another_addon_set_after_the_swap_is_kept_beside_the_placeholder(self, bundle):
+        tctx, addons, standin = bundle
+        f = api_flow(standin, [("Authorization", f"Bearer user:{ALICE}"), ("Cookie", f"a=1; coze_user={ALICE}"),
+                               ("Accept", "application/json")])
+        through_request(tctx, addons, f)
+        f.request.headers["X-Later-Addon"] = "1"  # e.g. modify_headers, or a user's addon after coze-mitm
+        f.request.headers["Accept"] = "text/plain"
+        f.response = tutils.tresp()
+        addons[2].responseheaders(f)
+        assert f.request.headers["Authorization"] == f"Bearer user:{ALICE}"
+        assert f.request.headers["Cookie"] == f"a=1; coze_user={ALICE}"
+        assert f.request.headers["X-Later-Addon"] == "1" and f.request.headers["Accept"] == "text/plain"
+
+    def test_untouched_headers_come_back_exactly_as_the_page_sent_them(self, bundle):
+        tctx, addons, standin = bundle
+        sent = [("accept", "*/*"), ("authorization", f"Bearer user:{ALICE}"), ("cookie", f"coze_user={ALICE}; a=1"),
+                ("origin", PAGE)]
+        f = api_flow(standin, sent)
+        page_fields = f.request.headers.fields
+        through_request(tctx, addons, f)
+        assert f.request.headers.fields != page_fields
+        f.response = tutils.tresp()
+        addons[2].responseheaders(f)
+        assert f.request.headers.fields == page_fields  # order, spelling and every value
+
     def test_flows_in_flight_at_shutdown_hold_the_placeholder(self, bundle):
         # `-w` writes unfinished flows in Save.done, which runs after the script's done.
         tctx, addons, standin = bundle
