@@ -3,7 +3,9 @@
 mitmproxy calls every hook of every registered addon object for every flow (and an `update` event
 after each), walking its whole addon tree each time. With the parts registered one by one that walk
 was a measurable share of a proxied request; here mitmproxy sees one object, and each of its hooks
-calls only the parts that implement that hook, found once at start-up.
+calls only the parts that implement that hook, found once at start-up. addons/coze.py makes the
+script module itself that object (`hooks()`): a module's `addons` list would be one more level of
+that walk, for every event.
 
 What mitmproxy did per addon, done here per part:
 * lifecycle hooks (load, configure, running, done) go to every part that has them, in order; an
@@ -62,6 +64,10 @@ class Bundle:
                 setattr(self, hook, handlers[0])
             else:
                 setattr(self, hook, _in_order(hook, handlers))
+
+    def hooks(self) -> dict:
+        """Every hook this bundle has, by name: what a script module exports to be the addon itself."""
+        return {name: handler for name, handler in vars(self).items() if name in hooks.all_hooks}
 
     def __repr__(self) -> str:
         return f"Bundle({', '.join(type(p).__name__ for p in self.parts)})"

@@ -188,8 +188,11 @@ def load_coze(tmp_path):
 
 def test_coze_py_is_one_addon_object_with_the_parts_in_order(tmp_path):
     tctx, ns = load_coze(tmp_path)
-    (bundle,) = ns.addons
-    assert list(addonmanager.traverse([ns])) == [ns, bundle]
+    bundle = ns.bundle
+    # The script module is the one object mitmproxy walks: no `addons` level below it.
+    assert not hasattr(ns, "addons")
+    assert list(addonmanager.traverse([ns])) == [ns]
+    assert bundle.hooks() and all(getattr(ns, name) is handler for name, handler in bundle.hooks().items())
     assert [type(p).__name__ for p in bundle.parts] == [
         "Cycles", "HeapTrim", "CozeSettings", "Demo", "StatusPages", "Cors", "Auth", "Csp", "Streaming", "Accounting", "FlowLog",
         "QuietExit"]
@@ -277,8 +280,7 @@ def test_the_bundle_treats_flows_as_the_parts_registered_one_by_one(tmp_path, co
         confdir = tmp_path / shape.replace(" ", "-")
         confdir.mkdir()
         ns = script.load_script(str(COZE_PY))
-        (bundle,) = ns.addons
-        addons = bundle.parts if shape == "one by one" else [bundle]
+        addons = ns.bundle.parts if shape == "one by one" else [ns]
         # confdir first: registered one by one, earlier parts are configured as later ones add options.
         tctx = taddons.context(*addons, options=options.Options(confdir=str(confdir)))
         tctx.options.update(coze_config=str(config_file), coze_origins=f"{PAGE},{DEMO_PAGE}", coze_usage_file="memory",
