@@ -66,8 +66,15 @@ class Bundle:
                 setattr(self, hook, _in_order(hook, handlers))
 
     def hooks(self) -> dict:
-        """Every hook this bundle has, by name: what a script module exports to be the addon itself."""
+        """Every hook this bundle has, by name."""
         return {name: handler for name, handler in vars(self).items() if name in hooks.all_hooks}
+
+    def script_namespace(self) -> dict:
+        """What a script module sets to be this bundle to mitmproxy (addons/coze.py): its hooks, None for
+        every other hook, and an empty `addons`. mitmproxy asks the module for the event's hook and for
+        `addons` on every event; on Python 3.11 a name a module lacks costs ~1.6 us per question (an
+        AttributeError built and dropped), one that is there ~0.07 us."""
+        return {**dict.fromkeys(hooks.all_hooks), **self.hooks(), "addons": ()}
 
     def __repr__(self) -> str:
         return f"Bundle({', '.join(type(p).__name__ for p in self.parts)})"

@@ -13,4 +13,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addons"))
 from bundle import Bundle  # noqa: E402
 from cycles import Cycles  # noqa: E402
 
-globals().update(Bundle(Cycles()).hooks())  # the module is the addon, as addons/coze.py is
+globals().update(Bundle(Cycles()).script_namespace())  # the module is the addon, as addons/coze.py is
