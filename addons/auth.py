@@ -55,6 +55,7 @@ class Auth:
         # Kept beside the flow, not in flow.metadata, which `-w` saves and tools show. One entry per
         # injected flow (a weak-key lookup is Python code, asked a few times per flow on the fast path).
         self._sent: weakref.WeakKeyDictionary[http.HTTPFlow, _Sent] = weakref.WeakKeyDictionary()
+        self._admissions = identity.Admissions()
         self._hints = Hints(settings.stats)
         self._retry = TokenRetry(settings, self._hints)
         self._streams_bodies = False
@@ -122,15 +123,15 @@ class Auth:
 
     def _handle(self, flow: http.HTTPFlow):
         request = flow.request
-        seen = identity.gather(request.headers)  # one pass over the headers for every question below
         in_query = identity.query_authorizations(request.path)
         if not (self.settings.is_coze_api(request) or self.settings.is_coze_ws(request)):
-            self._other_host(flow, seen, in_query)
+            self._other_host(flow, identity.gather(request.headers), in_query)
             return None
 
         self.settings.stats.requests += 1
-        decision = identity.admit(seen, self.settings.page_origins, query_authorizations=in_query,
-                                  local_client=self._is_local(flow))
+        # `seen`: the headers the rules read, gathered in one pass, for every question below
+        seen, decision = self._admissions(request.headers.fields, self.settings.page_origins, in_query,
+                                          self._is_local(flow))
         if decision.action == "pass":
             return None
         if decision.action == "refuse":

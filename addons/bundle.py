@@ -88,36 +88,37 @@ def _lifecycle(handlers):
 
 
 def _in_order(hook: str, handlers):
-    def dispatch(*args):
-        return _call_from(hook, handlers, args)
+    # Every hook but the lifecycle ones takes exactly one argument (a flow, or a connection's data).
+    def dispatch(data):
+        return _call_from(hook, handlers, data)
     dispatch.__name__ = dispatch.__qualname__ = hook
     return dispatch
 
 
-def _call_from(hook: str, handlers, args):
+def _call_from(hook: str, handlers, data):
     """Call the handlers in order. When one returns an awaitable, stop and return a coroutine that awaits
     it and then goes on with the rest; None when every handler was synchronous (the common path)."""
     for i, handler in enumerate(handlers):
         try:
-            result = handler(*args)
+            result = handler(data)
         except _PASS_THROUGH:
             raise
         except Exception as e:
             _addon_error(hook, handler, e)
             continue
         if result is not None and inspect.isawaitable(result):
-            return _finish(hook, handler, result, handlers[i + 1:], args)
+            return _finish(hook, handler, result, handlers[i + 1:], data)
     return None
 
 
-async def _finish(hook: str, handler, pending, rest, args) -> None:
+async def _finish(hook: str, handler, pending, rest, data) -> None:
     try:
         await pending
     except _PASS_THROUGH:
         raise
     except Exception as e:
         _addon_error(hook, handler, e)
-    more = _call_from(hook, rest, args)
+    more = _call_from(hook, rest, data)
     if more is not None:
         await more
 

@@ -250,3 +250,41 @@ def admit(headers: HeadersLike, allowed_origins: frozenset[str] | set[str], *,
             origin=origin,
         )
     return Decision("inject", user_id=user_id, origin=origin)
+
+
+class Admissions:
+    """`admit()` of mitmproxy header fields, remembered for the last few distinct sets of the headers it
+    reads. A page's requests carry the same tag, Origin and Sec-Fetch-* headers each time; deciding them
+    anew (regexes, lists, the Decision) was the largest piece of a cached-token request's own work.
+    Keyed by exactly those header fields as they came (bytes), the URL's authorization parameters and
+    whether the client is local: the same key, the same answer (admit is pure). Forgotten when the
+    allowed origins change; bounded in entries and in the bytes of a key (larger ones are decided each
+    time, never kept)."""
+
+    MAX_ENTRIES = 256
+    MAX_KEY_BYTES = 4096
+
+    __slots__ = ("_known", "_origins")
+
+    def __init__(self):
+        self._known: dict[tuple, tuple[Gathered, Decision]] = {}
+        self._origins: frozenset[str] | None = None
+
+    def __call__(self, fields, allowed_origins: frozenset[str], query_authorizations: list[str],
+                 local_client: bool) -> tuple[Gathered, Decision]:
+        """(the headers the rules read, gathered; the decision)."""
+        read = tuple([field for field in fields if field[0].lower() in _GATHERED])
+        key = (read, tuple(query_authorizations), local_client)
+        if allowed_origins is not self._origins:
+            self._known.clear()
+            self._origins = allowed_origins
+        known = self._known.get(key)
+        if known is not None:
+            return known
+        seen = Gathered(read)
+        answer = (seen, admit(seen, allowed_origins, query_authorizations=query_authorizations, local_client=local_client))
+        if sum(len(name) + len(value) for name, value in read) + sum(map(len, query_authorizations)) <= self.MAX_KEY_BYTES:
+            if len(self._known) >= self.MAX_ENTRIES:
+                del self._known[next(iter(self._known))]  # the oldest
+            self._known[key] = answer
+        return answer

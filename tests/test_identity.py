@@ -126,3 +126,54 @@ def test_remote_client_refused_only_when_tagged():
 def test_is_loopback(host, local):
     from identity import is_loopback
     assert is_loopback(host) is local
+
+
+# ----------------------------------------------------------------- Admissions: admit() remembered
+
+SAMPLES = [
+    [("Authorization", f"Bearer user:{ID}"), ("Origin", "https://chat.example.org"), ("Sec-Fetch-Site", "cross-site")],
+    [("Authorization", f"Bearer user:{ID}"), ("Origin", "https://evil.example")],
+    [("Authorization", f"Bearer user:{ID}")],
+    [("Authorization", "Bearer user:short")],
+    [("Cookie", f"coze_user={ID}")],
+    [("Cookie", f"coze_user={ID}"), ("Origin", "https://chat.example.org")],
+    [("Authorization", f"Bearer user:{ID}"), ("Sec-Fetch-Dest", "document")],
+    [("Authorization", "Bearer czs_real"), ("Origin", "https://evil.example")],
+    [("Accept", "*/*")],
+]
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_admissions_answer_as_admit_the_first_time_and_every_time_after(local):
+    from identity import Admissions
+    admissions = Admissions()
+    for _ in range(3):  # the first round decides, the later ones are remembered
+        for pairs in SAMPLES:
+            for query in ([], [f"Bearer user:{ID}"]):
+                # Headers the rules do not read vary from request to request; the answer does not.
+                headers = h(*pairs, ("Content-Length", str(len(query) + len(pairs))))
+                seen, decision = admissions(headers.fields, ALLOWED, query, local)
+                assert decision == admit(h(*pairs), ALLOWED, query_authorizations=query, local_client=local), pairs
+                assert seen.get_all("authorization") == h(*pairs).get_all("authorization")
+                assert seen.get_all("cookie") == h(*pairs).get_all("cookie")
+
+
+def test_admissions_forget_when_the_allowed_origins_change():
+    from identity import Admissions
+    admissions = Admissions()
+    headers = h(("Authorization", f"Bearer user:{ID}"), ("Origin", "https://chat.example.org"))
+    assert admissions(headers.fields, ALLOWED, [], True)[1].action == "inject"
+    assert admissions(headers.fields, frozenset({"https://other.example"}), [], True)[1].reason == "origin-not-allowed"
+
+
+def test_admissions_stay_bounded():
+    from identity import Admissions
+    admissions = Admissions()
+    for i in range(Admissions.MAX_ENTRIES + 100):
+        admissions(h(("Authorization", f"Bearer user:user-{i:08d}")).fields, ALLOWED, [], True)
+    assert len(admissions._known) == Admissions.MAX_ENTRIES
+    # A set of headers larger than a key may be is decided (correctly) but never kept.
+    big = h(("Authorization", f"Bearer user:{ID}"), ("Cookie", "a=" + "x" * Admissions.MAX_KEY_BYTES))
+    before = dict(admissions._known)
+    assert admissions(big.fields, ALLOWED, [], True)[1].action == "inject"
+    assert admissions._known == before
