@@ -133,6 +133,8 @@ class Accounting:
         if not user or response is None or response.stream or response.status_code != 200:
             return
         request = flow.request
+        if b"/chat" not in request.data.path:
+            return  # neither a chat nor its retrieve (most answers): decided on the raw path, not decoded
         route = request.path.split("?", 1)[0].rstrip("/")
         retrieve = route.endswith("/v3/chat/retrieve")
         if not retrieve and not is_chat(request.method, request.path):

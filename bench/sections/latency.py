@@ -20,9 +20,45 @@ from .common import BOT, REFERENCE, Row, cpu_seconds, ms, pct, session, tagged, 
 
 
 def bench_latency(proxies: dict[str, Mitmdump], base: str, token: str, rounds: int) -> tuple[list[Row], dict]:
-    """One keep-alive session per path; the paths alternate in a freshly shuffled order each round.
+    """The headline pass: bundle, bare mitmdump and direct, interleaved. Then, when more proxies are given
+    (the full run), the attribution pass: every path interleaved, bundle and bare again among them.
 
-    proxies: "bundle", "bare mitmdump", and optionally more reference proxies (attribution)."""
+    Two passes because the attribution paths change what they measure: with ten paths taking turns, each
+    proxy gets its next request after nine others have run through the same two cores and their caches,
+    and every proxy's own code costs more than when it serves requests one after another (the notes show
+    the bundle's ratio in both passes)."""
+    bare = "bare mitmdump"
+    times, cpu = _interleaved({name: proxies[name] for name in ("bundle", bare)}, base, token, rounds, seed=5)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    p99 = {k: pct(v, 99) for k, v in times.items()}
+    r_med, r_p99, r_cpu = med["bundle"] / med[bare], p99["bundle"] / p99[bare], cpu["bundle"] / cpu[bare]
+    rows = [
+        Row(f"cached-token request, median ({rounds} each, interleaved with bare mitmdump and direct)", ms(med["bundle"]),
+            f"bare mitmdump {ms(med[bare])}", f"{r_med:.3f}x", "<= 1.05x bare", r_med <= 1.05),
+        Row("cached-token request, p99", ms(p99["bundle"]), f"bare mitmdump {ms(p99[bare])}",
+            f"{r_p99:.3f}x", "<= 1.05x bare", r_p99 <= 1.05),
+        Row("cached-token request, proxy process CPU per request (/proc/PID/stat)", f"{cpu['bundle'] * 1e6:,.0f} us",
+            f"bare mitmdump {cpu[bare] * 1e6:,.0f} us",
+            f"{r_cpu:.3f}x ({(cpu['bundle'] - cpu[bare]) * 1e6:+,.0f} us)", "", None),
+        Row("cached-token request vs no proxy, median / p99", f"{ms(med['bundle'])} / {ms(p99['bundle'])}",
+            f"direct {ms(med['direct'])} / {ms(p99['direct'])}",
+            f"{med['bundle'] / med['direct']:.2f}x / {p99['bundle'] / p99['direct']:.2f}x", "", None),
+    ]
+    a_times, a_cpu = (times, cpu) if len(proxies) <= 2 else _interleaved(proxies, base, token, rounds, seed=6)
+    a_med = {k: statistics.median(v) for k, v in a_times.items()}
+    attribution = [(name, a_med[name], pct(v, 99), a_med[name] / a_med[bare], a_cpu.get(name)) for name, v in a_times.items()]
+    timing = None
+    if TIMED in proxies:
+        try:
+            timing = json.loads(Path(proxies[TIMED].timing_file).read_text())
+        except (OSError, ValueError) as e:
+            print(f"    per-part timing not read: {e}")
+    return rows, {"median": med, "p99": p99, "cpu": cpu, "attribution": attribution, "timing": timing}
+
+
+def _interleaved(proxies: dict[str, Mitmdump], base: str, token: str, rounds: int, seed: int):
+    """One keep-alive session per path (and one direct); the paths alternate in a freshly shuffled order
+    each round. The times per path, and each proxy's CPU per request."""
     paths: dict[str, tuple[requests.Session, dict, int | None]] = {}
     for name, proxy in proxies.items():
         bundle_like = name.startswith(("bundle", "settings"))
@@ -37,7 +73,7 @@ def bench_latency(proxies: dict[str, Mitmdump], base: str, token: str, rounds: i
     times: dict[str, list[float]] = {name: [] for name in paths}
     cpu0 = {name: cpu_seconds(pid) for name, (_, _, pid) in paths.items() if pid}
     order = list(paths)
-    rng = random.Random(5)
+    rng = random.Random(seed)
     for _ in range(rounds):
         rng.shuffle(order)
         for name in order:
@@ -48,30 +84,9 @@ def bench_latency(proxies: dict[str, Mitmdump], base: str, token: str, rounds: i
             if r.status_code != 200:
                 raise RuntimeError(f"{name}: HTTP {r.status_code} {r.text[:200]}")
     cpu = {name: (cpu_seconds(pid) - cpu0[name]) / rounds for name, (_, _, pid) in paths.items() if pid}
-    med = {k: statistics.median(v) for k, v in times.items()}
-    p99 = {k: pct(v, 99) for k, v in times.items()}
-    bare = "bare mitmdump"
-    r_med, r_p99, r_cpu = med["bundle"] / med[bare], p99["bundle"] / p99[bare], cpu["bundle"] / cpu[bare]
-    rows = [
-        Row(f"cached-token request, median ({rounds} each, interleaved)", ms(med["bundle"]),
-            f"bare mitmdump {ms(med[bare])}", f"{r_med:.3f}x", "<= 1.05x bare", r_med <= 1.05),
-        Row("cached-token request, p99", ms(p99["bundle"]), f"bare mitmdump {ms(p99[bare])}",
-            f"{r_p99:.3f}x", "<= 1.05x bare", r_p99 <= 1.05),
-        Row("cached-token request, proxy process CPU per request (/proc/PID/stat)", f"{cpu['bundle'] * 1e6:,.0f} us",
-            f"bare mitmdump {cpu[bare] * 1e6:,.0f} us",
-            f"{r_cpu:.3f}x ({(cpu['bundle'] - cpu[bare]) * 1e6:+,.0f} us)", "", None),
-        Row("cached-token request vs no proxy, median / p99", f"{ms(med['bundle'])} / {ms(p99['bundle'])}",
-            f"direct {ms(med['direct'])} / {ms(p99['direct'])}",
-            f"{med['bundle'] / med['direct']:.2f}x / {p99['bundle'] / p99['direct']:.2f}x", "", None),
-    ]
-    attribution = [(name, med[name], p99[name], med[name] / med[bare], cpu.get(name)) for name in paths]
-    timing = None
-    if TIMED in proxies:
-        try:
-            timing = json.loads(Path(proxies[TIMED].timing_file).read_text())
-        except (OSError, ValueError) as e:
-            print(f"    per-part timing not read: {e}")
-    return rows, {"median": med, "p99": p99, "cpu": cpu, "attribution": attribution, "timing": timing}
+    for s, _, _ in paths.values():
+        s.close()
+    return times, cpu
 
 
 NOOP = "one object, 4 flow hooks that do nothing (any -s script)"
