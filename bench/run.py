@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None):
                    help="environment variable for the soaks' proxy (repeatable), e.g. MALLOC_ARENA_MAX=2")
     p.add_argument("--proxy-set", action="append", default=[], metavar="NAME=VALUE",
                    help="more --set for the soaks' proxy (repeatable), e.g. coze_usage_file=memory")
-    p.add_argument("--requests", type=int, default=None, help="latency rounds per path (default 2000, --quick 300)")
+    p.add_argument("--requests", type=int, default=None, help="latency rounds per path in the headline pass (default 4000, --quick 300); "
+                   "the attribution pass (full run) makes half as many")
     p.add_argument("--streams", type=int, default=200, help="open streams at once (default 200)")
     p.add_argument("--stream-seconds", type=float, default=None, help="length of each open stream (default 30, --quick 6)")
     p.add_argument("--rate", type=float, default=20.0, help="soak request rate per second (default 20)")
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args, want = parse_args(argv)
     quick = args.quick
     proxy_env = dict(item.split("=", 1) for item in args.proxy_env if "=" in item)
-    rounds = args.requests or (300 if quick else 2000)
+    rounds = args.requests or (300 if quick else 4000)
     soak_seconds = args.soak_seconds if args.soak_seconds is not None else (20 if quick else 1200)
     stream_seconds = args.stream_seconds if args.stream_seconds is not None else (6 if quick else 30)
     info = machine()
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 proxies.update(start_attribution(work, coze_sets, streamer))
             token = exchange("bench-reference-user").token  # the same kind of token the bundle injects
             if want("latency"):
-                step(f"latency ({rounds} rounds x {len(proxies) + 1} paths)")
+                step(f"latency ({rounds} rounds x 3 paths{f', then {rounds // 2} x {len(proxies) + 1}' if len(proxies) > 2 else ''})")
                 lat_rows, details["latency"] = bench_latency(proxies, standin.base_url, token, rounds)
                 rows += lat_rows
             if want("sse"):

@@ -44,7 +44,7 @@ def bench_latency(proxies: dict[str, Mitmdump], base: str, token: str, rounds: i
             f"direct {ms(med['direct'])} / {ms(p99['direct'])}",
             f"{med['bundle'] / med['direct']:.2f}x / {p99['bundle'] / p99['direct']:.2f}x", "", None),
     ]
-    a_times, a_cpu = (times, cpu) if len(proxies) <= 2 else _interleaved(proxies, base, token, rounds, seed=6)
+    a_times, a_cpu = (times, cpu) if len(proxies) <= 2 else _interleaved(proxies, base, token, max(rounds // 2, 1), seed=6)
     a_med = {k: statistics.median(v) for k, v in a_times.items()}
     attribution = [(name, a_med[name], pct(v, 99), a_med[name] / a_med[bare], a_cpu.get(name)) for name, v in a_times.items()]
     timing = None

@@ -75,7 +75,7 @@ from issues 5 and 11; a figure that misses its target says "NOT met" and the not
 * **Load average** (1, 5, 15 min) at the start {info['load']}, at the end {info['load_end']} (a shared machine
   shows here)
 * **Python** {info['python']}, **mitmproxy** {info['mitmproxy']}
-* **Run:** {rounds} latency rounds per path; {st['n']} open streams per path for {stream_seconds:.0f} s; soak
+* **Run:** {rounds} latency rounds per path (the attribution pass: {rounds // 2}); {st['n']} open streams per path for {stream_seconds:.0f} s; soak
   {soak_seconds / 60:.1f} min at {args.rate:.0f} req/s
 
 {text}
