@@ -4,8 +4,8 @@ mitmproxy calls every hook of every registered addon object for every flow (and 
 after each), walking its whole addon tree each time. With the parts registered one by one that walk
 was a measurable share of a proxied request; here mitmproxy sees one object, and each of its hooks
 calls only the parts that implement that hook, found once at start-up. addons/coze.py makes the
-script module itself that object (`hooks()`): a module's `addons` list would be one more level of
-that walk, for every event.
+script module itself that object (`script_namespace()`): a module's `addons` list would be one more
+level of that walk, for every event.
 
 What mitmproxy did per addon, done here per part:
 * lifecycle hooks (load, configure, running, done) go to every part that has them, in order; an
