@@ -8,7 +8,10 @@ $COZE_BENCH_MEMSTATS_DIR/memstats-<n>.json (temporary name, then renamed) with:
 * glibc malloc, from mallinfo2(): bytes taken from the system in arenas (brk heap + per-thread
   arenas) and in mmap'ed blocks, how much of that is in use and how much is free inside the arenas;
 * the threads by name, and the garbage collector's figures (collections and objects collected per
-  generation, objects tracked).
+  generation).
+
+When it is ready for requests (its `running` hook, which mitmproxy runs after it says it listens) it writes
+$COZE_BENCH_MEMSTATS_DIR/ready.
 
 It does nothing per flow; a sample is a few ms on the event loop, when the benchmark asks.
 """
@@ -24,6 +27,11 @@ import signal
 import sys
 import tempfile
 import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addons"))
+
+from bundle import Bundle  # noqa: E402
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -73,11 +81,6 @@ def _pymalloc_figures() -> dict:
     return out
 
 
-# Experiments only (the soak leaves it empty): "collect" runs a full collection at each sample, "census" also
-# lists the types of the unreachable objects it found (and the errors among them, with where they were raised).
-GC_MODE = os.environ.get("COZE_BENCH_MEMSTATS_GC", "")
-
-
 class MemstatsProbe:
     def __init__(self):
         self.out = os.environ.get("COZE_BENCH_MEMSTATS_DIR", "")
@@ -86,31 +89,12 @@ class MemstatsProbe:
     def running(self):
         if self.out:
             asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, self.dump)
+            # mitmproxy says it listens before the scripts' `running` hooks have run: the soak waits for this.
+            open(os.path.join(self.out, "ready"), "w").close()
 
     def dump(self):
         names = collections.Counter(re.sub(r"_\d+$", "", t.name) for t in threading.enumerate())
-        figures = {**_pymalloc_figures(), **_libc_figures(), "threads": dict(names),
-                   "gc_count": list(gc.get_count()), "gc_stats": gc.get_stats(), "gc_objects": len(gc.get_objects()),
-                   "gc_frozen": gc.get_freeze_count()}
-        if GC_MODE == "collect":  # an experiment: is what grows cyclic garbage waiting for a full collection?
-            figures["gc_collected_now"] = gc.collect()
-        elif GC_MODE == "census":  # an experiment: what that garbage is (the types of the unreachable objects)
-            gc.set_debug(gc.DEBUG_SAVEALL)
-            figures["gc_collected_now"] = gc.collect()
-            gc.set_debug(0)
-            figures["gc_garbage_types"] = dict(collections.Counter(
-                f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.garbage).most_common(40))
-            errors = collections.Counter()
-            for o in gc.garbage:
-                if isinstance(o, BaseException):
-                    tb, where = o.__traceback__, []
-                    while tb is not None:
-                        where.append(f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno} {tb.tb_frame.f_code.co_name}")
-                        tb = tb.tb_next
-                    errors[f"{type(o).__name__}: {str(o)[:100]} @ " + " <- ".join(reversed(where))] += 1
-            figures["gc_garbage_errors"] = dict(errors.most_common(5))
-            gc.garbage.clear()
-            gc.collect()  # now without DEBUG_SAVEALL: what was saved is freed, not found again next time
+        figures = {**_pymalloc_figures(), **_libc_figures(), "threads": dict(names), "gc_stats": gc.get_stats()}
         self.count += 1
         path = os.path.join(self.out, f"memstats-{self.count}.json")
         with open(path + ".tmp", "w") as f:
@@ -118,4 +102,5 @@ class MemstatsProbe:
         os.replace(path + ".tmp", path)
 
 
-addons = [MemstatsProbe()]
+# The module is the addon, as addons/coze.py is: no second `addons` list for mitmproxy to walk per event.
+globals().update(Bundle(MemstatsProbe()).script_namespace())

@@ -66,12 +66,20 @@ def with_token(token: str) -> dict:
     return {"Authorization": f"Bearer {token}", "Content-Type": "application/json", "Origin": PAGE}
 
 
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
+def proc_numbers(path: str, wanted: dict[str, str]) -> dict[str, int]:
+    """The first number of each line of a /proc file that starts with a key of `wanted`, under its name
+    there; 0 for the keys the file does not have."""
+    found = dict.fromkeys(wanted.values(), 0)
+    with open(path) as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+            name = wanted.get(line.split(maxsplit=1)[0] if line.strip() else "")
+            if name is not None:
+                found[name] = int(line.split()[1])
+    return found
+
+
+def rss_kb(pid: int) -> int:
+    return proc_numbers(f"/proc/{pid}/status", {"VmRSS:": "rss"})["rss"]
 
 
 def cpu_seconds(pid: int) -> float:

@@ -22,22 +22,12 @@ import os
 import resource
 from pathlib import Path
 
+from .common import proc_numbers
+
 GLIBC_HEAP_ALIGN = 64 * 1024 * 1024
 _STACK_LIMIT = resource.getrlimit(resource.RLIMIT_STACK)[0]
 STACK_KB = _STACK_LIMIT // 1024 if _STACK_LIMIT > 0 else 8192
 KINDS = ("heap", "tarenas", "stacks", "other", "files")
-
-
-def proc_numbers(path: str, wanted: dict[str, str]) -> dict[str, int]:
-    """The first number of each line of a /proc file that starts with a key of `wanted`, under its name
-    there; 0 for the keys the file does not have."""
-    found = dict.fromkeys(wanted.values(), 0)
-    with open(path) as f:
-        for line in f:
-            name = wanted.get(line.split(maxsplit=1)[0] if line.strip() else "")
-            if name is not None:
-                found[name] = int(line.split()[1])
-    return found
 
 
 def proc_sample(pid: int, files: list[Path] = ()) -> dict:

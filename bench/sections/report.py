@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .common import DELTA_GAP, REFERENCE, Row, ms
 from .latency import AS_RUN_MITM, CYCLES_ONLY, NOOP, TIMED, attribution_table, timing_table
-from .soak import SOAK_COLD, SOAK_HOT, SOAK_MAX_USERS, SOAK_TTL
+from .soak import HOT_SHARE, SOAK_COLD, SOAK_HOT, SOAK_MAX_USERS, SOAK_TTL
 
 
 def table(rows: list[Row]) -> str:
@@ -47,7 +47,8 @@ def write_report(path: Path, info: dict, text: str, details: dict, quick: bool, 
                        "through every path below, interleaved in the same rounds (a second pass, after the headline "
                        "one), including parts of the bundle (`bench/partial_bundle.py`); CPU is the mitmdump process's "
                        "user+system time over the timed rounds (`/proc/PID/stat`), divided by the number of requests. "
-                       "With ten paths taking turns every proxy's own code costs more than in the headline pass, so "
+                       f"With {len(details['latency']['attribution'])} paths taking turns every proxy's own code costs "
+                       "more than in the headline pass, so "
                        "compare rows with each other, not with the table above.\n\n"
                        + attribution_table(details["latency"]["attribution"]) + "\n")
         if details["latency"].get("timing"):
@@ -75,7 +76,7 @@ from issues 5 and 11; a figure that misses its target says "NOT met" and the not
 * **Load average** (1, 5, 15 min) at the start {info['load']}, at the end {info['load_end']} (a shared machine
   shows here)
 * **Python** {info['python']}, **mitmproxy** {info['mitmproxy']}
-* **Run:** {rounds} latency rounds per path (the attribution pass: {rounds // 2}); {st['n']} open streams per path for {stream_seconds:.0f} s; soak
+* **Run:** {rounds} latency rounds per path{'' if quick else f' (the attribution pass: {rounds // 2})'}; {st['n']} open streams per path for {stream_seconds:.0f} s; soak
   {soak_seconds / 60:.1f} min at {args.rate:.0f} req/s
 
 {text}
@@ -89,7 +90,7 @@ from issues 5 and 11; a figure that misses its target says "NOT met" and the not
   `flow_detail=0` on every proxy. Median and p99 (nearest rank). CPU per request: the proxy process's
   user+system time (`/proc/PID/stat`) over the timed rounds / rounds. The full run then makes a second,
   attribution pass with every path of "Where the bundle's latency goes" interleaved (the bundle and bare
-  mitmdump again among them): it is a pass of its own because ten proxies taking turns on two cores
+  mitmdump again among them): it is a pass of its own because nine proxies taking turns on two cores
   evict each other's caches, which makes every proxy's own code dearer than it is for a proxy serving
   its requests (the bundle's ratio in both passes is in the notes).
 * **SSE.** `POST /v3/chat` with `"stream": true`, through the bundle, through `mitmdump -s
@@ -118,7 +119,7 @@ from issues 5 and 11; a figure that misses its target says "NOT met" and the not
   Coze's (`czs_` + 48 chars, a logid) for ids shaped like the userscript's (36 chars); the growth over
   10,000 users after a 200-user warm-up, divided by 10,000.
 * **Soak.** A fresh bundle process; 4 client threads at a steady total rate, 70% cached-token GETs,
-  20% POSTs, 10% streamed chats. 60% of requests come from {SOAK_HOT} "hot" users who stay cached, so their
+  20% POSTs, 10% streamed chats. {HOT_SHARE:.0%} of requests come from {SOAK_HOT} "hot" users who stay cached, so their
   `coze_token_ttl={SOAK_TTL}` tokens are renewed ahead of expiry all along; 40% from a tail of {SOAK_COLD:,} ids
   against `coze_max_users={SOAK_MAX_USERS}`, so the LRU keeps dropping and re-minting. RSS of the mitmdump
   process from `/proc/PID/status`. The target is about the second half (the first includes warm-up:
@@ -175,7 +176,7 @@ def notes(details: dict, info: dict) -> str:
 
         if len(att) > 3:
             head += (f". In the attribution pass (all {len(att)} paths taking turns, so each proxy meets caches the "
-                     f"other nine have just used) the same bundle measured {att['bundle'][0]:.3f}x bare mitmdump, "
+                     f"others have just used) the same bundle measured {att['bundle'][0]:.3f}x bare mitmdump, "
                      f"{share('bundle', bare)}")
         if r_med <= 1.05 and r_p99 <= 1.05:
             out.append(f"* **Latency target (<= 1.05x bare mitmdump, median and p99): met.** {head}.")
@@ -195,7 +196,8 @@ def notes(details: dict, info: dict) -> str:
                     f"script: mitmproxy's own dispatch) {share(NOOP, bare)}; settings + auth "
                     f"{share('settings + auth', bare)}; adding cors + streaming "
                     f"{share('settings + cors + auth + streaming', 'settings + auth')}; the rest of the bundle "
-                    f"(demo, status, CSP, accounting, flowlog) {share('bundle', 'settings + cors + auth + streaming')}."
+                    f"(cycles, heap_trim, demo, status, CSP, accounting, flowlog, quiet_exit; cycles makes mitmproxy's "
+                    f"own work cheaper) {share('bundle', 'settings + cors + auth + streaming')}."
                     + top)
             else:
                 why.append("  (The attribution by parts runs in the full benchmark, not with --quick.)")
@@ -208,8 +210,9 @@ def notes(details: dict, info: dict) -> str:
             out.append(f"* **What cycles.py does to mitmproxy itself.** Bare mitmdump with only addons/cycles.py (the "
                        f"cycle-free type check of every message, start-up objects frozen out of the collector's way): "
                        f"{att[CYCLES_ONLY][0]:.3f}x bare, {share(CYCLES_ONLY, bare)}. Against that reference, coze-mitm's "
-                       f"own work on a cached-token request costs {own:.3f}x (median); the figure against bare "
-                       f"mitmdump above includes what cycles.py saves mitmproxy, so it is not all coze-mitm's own.")
+                       f"own work on a cached-token request costs {own:.3f}x (median), where the same pass measured "
+                       f"the bundle at {att['bundle'][0]:.3f}x bare mitmdump: that figure includes what cycles.py saves "
+                       f"mitmproxy, so it is not all coze-mitm's own.")
         if AS_RUN_MITM in att:
             out.append(f"* **As run_mitm.py runs it** (coze_quiet: one log line per flow coze-mitm acted on, mitmproxy's "
                        f"own flow lines off): {att[AS_RUN_MITM][0]:.3f}x bare mitmdump; the line costs "
@@ -230,7 +233,7 @@ def notes(details: dict, info: dict) -> str:
                 because = (f" Why: the first delta waits, once, for the bundle's request hooks (tag, token, header "
                            f"swap) and response-header hooks (CORS, streaming); the reference runs one hook. The "
                            f"latency section measures that per-request work: {extra:+,.0f} us of proxy CPU per "
-                           f"request over bare mitmdump (its attribution splits it by part).")
+                           f"request over bare mitmdump in the headline pass (the attribution pass splits the same work by part).")
             out.append(f"* **SSE first delta (within 0.5 ms of the one-hook reference): not met.** {line}.{because}")
     st = details.get("streams")
     if st:

@@ -69,6 +69,9 @@ def bench_soak(standin, config_path: Path, workdir: Path, seconds: float, rate: 
             else:
                 os.environ[k] = v
     pid = proxy.proc.pid
+    ready = time.monotonic() + 30  # the probe's `running` (mitmproxy says it listens before running the hooks)
+    while not (stats_dir / "ready").exists() and time.monotonic() < ready:
+        time.sleep(0.05)
     base = standin.base_url
     tag = secrets.token_hex(3)
     hot = [f"soak-hot-{tag}-{i:04d}" for i in range(SOAK_HOT)]
@@ -129,7 +132,7 @@ def bench_soak(standin, config_path: Path, workdir: Path, seconds: float, rate: 
     memstats: list[tuple[float, dict]] = []
 
     def ask_memstats(now: float) -> None:
-        n = len(memstats) + 1
+        n = len(list(stats_dir.glob("memstats-*.json"))) + 1  # the probe's count, even after a lost answer
         os.kill(pid, signal.SIGUSR2)
         path = stats_dir / f"memstats-{n}.json"
         deadline = time.monotonic() + 10
