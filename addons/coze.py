@@ -1,58 +1,70 @@
-"""coze-mitm: Coze Web Chat SDK on any page, no credential in the page.
+"""coze-mitm: Coze's chat SDKs on any page, no credential in the page.
 
     mitmdump -s addons/coze.py --set coze_origins=https://example.org
     mitmweb  -s addons/coze.py ...
 
-One addon object is registered with mitmproxy: this module, whose hooks are the bundle's (bundle.py);
-each hook calls the parts that implement it, in this order:
-  cycles     mitmproxy's per-message type check without reference cycles; start-up objects out of the
-             garbage collector's way, so that the cycles flows leave are freed within minutes
-  heap_trim  memory the C allocator holds free given back to the system once a minute (its own thread)
-  settings   the coze_* options, validated once; shared state (broker, origins, stats)
-  demo       http://coze.mitm/demo and the sandbox.coze.mitm name, only with coze_demo (run_mitm.py --demo)
-  status     http://coze.mitm/ pages, answered locally
-  cors       preflights to the Coze API from allowed origins answered locally; CORS headers set (once)
-  auth       the user tag swapped for that user's Coze token (or refused with a JSON answer)
-  csp        pages in coze_origins: their Content-Security-Policy widened by the Chat SDK's sources only
-  streaming  text/event-stream responses streamed chunk by chunk
-  accounting usage per user (chats, Coze tokens) read from the answers as they pass; daily budgets
-  flowlog    with coze_quiet (run_mitm.py): one log line per flow coze-mitm acted on, no connection chatter;
-             otherwise a line for refusals, token retries and errors only
-  quiet_exit no asyncio traceback when the proxy stops with clients still connected
+The parts, in the order every request meets them (the code: addons/coze_mitm/parts/):
+  settings    the coze_* options (declared in coze_mitm/options.py), validated; the token broker, origins, stats
+  tuning      opt-in process tuning (coze_tune_process; run_mitm.py turns it on), off by default
+  login       with mitmproxy's proxyauth: the login's password removed from the flow at once
+  demo        http://coze.mitm/demo and the sandbox.coze.mitm name, only with coze_demo (run_mitm.py --demo)
+  status      http://coze.mitm/ pages, answered locally
+  cors        preflights to the Coze API from allowed origins answered locally; CORS headers set (once)
+  auth        the user tag swapped for that user's Coze token (or refused with a JSON answer)
+  csp         pages in coze_origins: their Content-Security-Policy widened by the Chat SDK's sources only
+  streaming   text/event-stream responses streamed chunk by chunk
+  accounting  usage per user (chats, Coze tokens) read from the answers as they pass; daily budgets
+  flowlog     with coze_quiet (run_mitm.py): one log line per flow coze-mitm acted on
+  quiet_exit  no asyncio traceback when the proxy stops with clients still connected
+
+mitmproxy sees one addon object, the Bundle (coze_mitm/bundle.py: each hook calls the parts that have it).
+
+A script reload (mitmproxy reloads this file when it changes) runs the package's current code: the
+coze_mitm modules are imported afresh, except coze_mitm.process, which remembers what it did to the process.
 """
 
-from accounting import Accounting
-from auth import Auth
-from bundle import Bundle
-from cors import Cors
-from cycles import Cycles
-from csp import Csp
-from demo import Demo
-from flowlog import FlowLog
-from heap_trim import HeapTrim
-from quiet_exit import QuietExit
-from settings import CozeSettings
-from status import StatusPages
-from streaming import Streaming
+import sys
+
+# Python keeps imported modules across a reload of this script: forget the package's (a first load finds
+# none of them loaded by us), so that an edit to any module takes effect when this file is touched.
+if getattr(sys.modules.get("coze_mitm"), "loaded_by_script", False):
+    for _name in [n for n in sys.modules if n == "coze_mitm" or n.startswith("coze_mitm.")]:
+        if not _name.startswith("coze_mitm.process"):
+            del sys.modules[_name]
+
+import coze_mitm  # noqa: E402
+from coze_mitm.bundle import Bundle  # noqa: E402
+from coze_mitm.parts.accounting import Accounting  # noqa: E402
+from coze_mitm.parts.auth import Auth  # noqa: E402
+from coze_mitm.parts.cors import Cors  # noqa: E402
+from coze_mitm.parts.csp import Csp  # noqa: E402
+from coze_mitm.parts.demo import Demo  # noqa: E402
+from coze_mitm.parts.flowlog import FlowLog  # noqa: E402
+from coze_mitm.parts.login import Login  # noqa: E402
+from coze_mitm.parts.quiet_exit import QuietExit  # noqa: E402
+from coze_mitm.parts.settings import CozeSettings  # noqa: E402
+from coze_mitm.parts.status import StatusPages  # noqa: E402
+from coze_mitm.parts.streaming import Streaming  # noqa: E402
+from coze_mitm.process.tuning import ProcessTuning  # noqa: E402
+
+coze_mitm.loaded_by_script = True
 
 settings = CozeSettings()
-settings.accounting = Accounting()  # auth asks it about budgets, status shows its usage
+accounting = Accounting()  # auth asks it about budgets, status shows its usage
 
 bundle = Bundle(
-    Cycles(),
-    HeapTrim(),
     settings,
+    ProcessTuning(),
+    Login(),
     Demo(settings),
-    StatusPages(settings),
+    StatusPages(settings, accounting),
     Cors(settings),
-    Auth(settings),
+    Auth(settings, accounting),
     Csp(settings),
     Streaming(),
-    settings.accounting,  # after streaming: it turns stream=True into a reader that passes chunks unchanged
+    accounting,  # after streaming: it turns stream=True into a reader that passes chunks unchanged
     FlowLog(),
     QuietExit(),
 )
-# The module is the addon: mitmproxy walks a script's `addons` list on every event of every flow, and
-# that level cost ~20-30 us per proxied request in the benchmark. So the hooks are the module's own
-# (and its `addons` is empty).
-globals().update(bundle.script_namespace())
+
+addons = [bundle]

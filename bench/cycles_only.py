@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addons"))
 
-from bundle import Bundle  # noqa: E402
-from cycles import Cycles  # noqa: E402
+from coze_mitm.bundle import Bundle  # noqa: E402
+from coze_mitm.process.cycles import Cycles  # noqa: E402
 
 globals().update(Bundle(Cycles()).script_namespace())  # the module is the addon, as addons/coze.py is

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addons"))
 
-from bundle import Bundle  # noqa: E402
+from coze_mitm.bundle import Bundle  # noqa: E402
 
 
 class _Mallinfo2(ctypes.Structure):

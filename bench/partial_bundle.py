@@ -18,11 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addons"))
 
-from bundle import Bundle, handler_of  # noqa: E402
-from cors import Cors  # noqa: E402
-from auth import Auth  # noqa: E402
-from settings import CozeSettings  # noqa: E402
-from streaming import Streaming  # noqa: E402
+from coze_mitm.bundle import Bundle, handler_of  # noqa: E402
+from coze_mitm.parts.cors import Cors  # noqa: E402
+from coze_mitm.parts.auth import Auth  # noqa: E402
+from coze_mitm.parts.settings import CozeSettings  # noqa: E402
+from coze_mitm.parts.streaming import Streaming  # noqa: E402
 
 FLOW_HOOKS = ("requestheaders", "request", "responseheaders", "response")
 

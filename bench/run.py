@@ -37,10 +37,10 @@ from bench.sections.soak import bench_soak  # noqa: E402
 from bench.sections.sse import bench_sse  # noqa: E402
 from bench.sections.streams import bench_streams  # noqa: E402
 
-import config  # noqa: E402
+from coze_mitm.core import config  # noqa: E402
 from sandbox.coze_standin import make_sandbox_app, write_config  # noqa: E402
 from tests.harness import Mitmdump  # noqa: E402
-from tokens import CozeTokenExchange  # noqa: E402
+from coze_mitm.core.tokens import CozeTokenExchange  # noqa: E402
 
 SECTIONS = ("jwt", "memory", "latency", "sse", "first", "streams", "soak", "leaks")
 

@@ -22,8 +22,8 @@ def failed(msg: str) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    import config
-    from exchange import CozeTokenExchange, ExchangeError
+    from coze_mitm.core import config
+    from coze_mitm.core.exchange import CozeTokenExchange, ExchangeError
 
     pat = bool(args.pat or os.environ.get("COZE_PAT", "").strip())
     path = config_path(args)

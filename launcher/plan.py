@@ -62,17 +62,18 @@ def read_pat(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def config_path(args: argparse.Namespace) -> str:
-    import config  # addons/config.py
+    from coze_mitm.core import config  # addons/config.py
 
     return str(Path(args.config).expanduser().resolve()) if args.config else str(config.DEFAULT_CONFIG_PATH)
 
 
 def plan(args: argparse.Namespace) -> Plan:
     """Validate everything that can be validated offline, and work out the mitmproxy options."""
-    import config  # addons/config.py: the same checks the addon makes
+    from coze_mitm.core import config  # addons/config.py: the same checks the addon makes
 
     pl = Plan(args)
     pl.sets.append(("coze_launcher", "run_mitm.py"))  # the status page's hints then name this launcher's flags
+    pl.sets.append(("coze_tune_process", "true"))  # the launcher owns its process: the soak-flat tuning (docs/benchmarks.md)
     pl.env = {k: v for k, v in os.environ.items() if k != "COZE_PAT"}
     pl.env["PYTHONUNBUFFERED"] = "1"
     if not args.demo:
@@ -123,7 +124,7 @@ def host_pattern(host: str, port: int | None = None) -> str:
 
 
 def allow_hosts(pl: Plan) -> list[str]:
-    import config
+    from coze_mitm.core import config
 
     patterns = [host_pattern(h) for h in ALWAYS_INTERCEPT]
     if pl.args.demo:

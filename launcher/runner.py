@@ -155,7 +155,7 @@ def run_demo(pl: Plan) -> int:
     """The proxy in front of a local Coze stand-in with a throwaway key, and the demo page."""
     from sandbox.coze_standin import make_sandbox_app, write_config
 
-    import demo  # addons/demo.py
+    from coze_mitm.parts import demo  # addons/demo.py
 
     standin, sandbox_config = make_sandbox_app("127.0.0.1", 0, delta_gap=0.12)
     workdir = tempfile.mkdtemp(prefix="coze-mitm-demo-")  # mode 0700

@@ -112,7 +112,7 @@ class TestOptions:
     def test_negative_budget_is_refused(self, tmp_path, caplog):
         from mitmproxy.test import taddons
 
-        from accounting import Accounting
+        from coze_mitm.parts.accounting import Accounting
 
         acc = Accounting()
         with taddons.context(acc) as tctx:
@@ -137,7 +137,7 @@ class TestOptions:
     def test_default_file_is_in_the_confdir(self, tmp_path):
         from mitmproxy.test import taddons
 
-        from accounting import Accounting
+        from coze_mitm.parts.accounting import Accounting
 
         acc = Accounting()
         with taddons.context(acc) as tctx:

@@ -7,10 +7,10 @@ import json
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
 
-from auth import Auth
-from cors import Cors
-from settings import CozeSettings
-from streaming import Streaming
+from coze_mitm.parts.auth import Auth
+from coze_mitm.parts.cors import Cors
+from coze_mitm.parts.settings import CozeSettings
+from coze_mitm.parts.streaming import Streaming
 
 PAGE = "https://chat.example.org"
 ALICE = "alice-0001"
@@ -151,7 +151,7 @@ def test_request_bodies_are_never_decoded_to_decide():
 
     import zstandard
 
-    from coze_answers import asks_for_stream
+    from coze_mitm.parts.coze_answers import asks_for_stream
 
     c = zstandard.ZstdCompressor(level=3).compressobj()  # built piece by piece: the test holds no 512 MiB
     raw = c.compress(b'{"stream":false,"bot_id":"7000","x":"')

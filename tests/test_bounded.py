@@ -7,7 +7,7 @@ import brotli
 import pytest
 import zstandard
 
-from bounded import decoded_prefix
+from coze_mitm.core.bounded import decoded_prefix
 
 BODY = b'{"code":4100,"msg":"' + b"token invalid " * 2000 + b'"}'
 ENCODERS = {

@@ -15,7 +15,7 @@ import time
 import pytest
 import requests
 
-from identity import short_id
+from coze_mitm.core.identity import short_id
 from tests.browser import (
     NONCE_CSP, STRICT_CSP, PageServer, chromium_args, find_chromium, gm_xhr_binding, png_colour_stats,
     png_size, userscript_init_script,

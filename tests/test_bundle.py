@@ -21,7 +21,7 @@ from mitmproxy.addons import script
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.test import taddons, tflow, tutils
 
-from bundle import Bundle
+from coze_mitm.bundle import Bundle
 from tests.conftest import REPO
 from tests.harness import Mitmdump
 

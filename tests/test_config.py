@@ -8,8 +8,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-import config
-from config import ConfigError
+from coze_mitm.core import config
+from coze_mitm.core.config import ConfigError
 from tests.conftest import write_config
 from tests.harness import Mitmdump
 
@@ -114,7 +114,7 @@ def test_default_path_is_in_the_repository_not_the_cwd(tmp_path, monkeypatch):
 
 
 def test_websocket_bases_and_the_api_bases_own_ws_host():
-    from config import Origin, default_ws_origin, parse_api_origin
+    from coze_mitm.core.config import Origin, default_ws_origin, parse_api_origin
     assert str(parse_api_origin("ws://127.0.0.1:9000", websocket=True)) == "ws://127.0.0.1:9000"
     assert str(parse_api_origin("wss://ws.coze.cn/v1/chat", websocket=True)) == "wss://ws.coze.cn"
     with pytest.raises(ConfigError, match="http\\(s\\) URL"):

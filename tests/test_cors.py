@@ -4,8 +4,8 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
-from cors import Cors
-from settings import CozeSettings
+from coze_mitm.parts.cors import Cors
+from coze_mitm.parts.settings import CozeSettings
 
 PAGE = "https://chat.example.org"
 
@@ -116,7 +116,7 @@ class TestCors:
 
 def assigned(headers, origin):
     """What cors.py did before the one-pass rewrite: four assignments (mitmproxy's set_all semantics)."""
-    from cors import EXPOSE_HEADERS, _merge_vary
+    from coze_mitm.parts.cors import EXPOSE_HEADERS, _merge_vary
     headers["Access-Control-Allow-Origin"] = origin
     headers["Access-Control-Allow-Credentials"] = "true"
     headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
@@ -134,7 +134,7 @@ def assigned(headers, origin):
     [(b"Vary", b"\xff-not-utf8"), (b"Access-Control-Allow-Credentials", b"true")],
 ])
 def test_one_pass_sets_what_the_four_assignments_set(fields):
-    from cors import set_cors_headers
+    from coze_mitm.parts.cors import set_cors_headers
     expected = http.Headers(list(fields))
     assigned(expected, PAGE)
     got = http.Headers(list(fields))

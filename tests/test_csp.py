@@ -14,13 +14,14 @@ import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 from mitmproxy.test import taddons, tflow, tutils
 
-import csp_policy
-from csp import CSP_PAGE, Csp
-from csp_meta import patch_meta_tags
-from csp_policy import (
+from coze_mitm.core import csp_policy
+from coze_mitm.flowmeta import CSP_PAGE
+from coze_mitm.parts.csp import Csp
+from coze_mitm.core.csp_meta import patch_meta_tags
+from coze_mitm.core.csp_policy import (
     CHAINS, CN_SDK_URL, OVERSEA_SDK_URL, parse_extra, patch_header_value, patch_policy, resolve_sdk_url, sdk_needs,
 )
-from settings import CozeSettings
+from coze_mitm.parts.settings import CozeSettings
 
 CDN = "https://lf-cdn.coze.cn"
 API = "https://api.coze.cn"
@@ -451,7 +452,7 @@ class TestCspAddon:
         assert CDN not in f.response.headers["content-security-policy"]
 
     def test_nonce_styled_page_said_once_in_the_log_and_on_the_status_page(self, tctx, caplog, tmp_path):
-        from status import StatusPages
+        from coze_mitm.parts.status import StatusPages
         pages = StatusPages(tctx.addon.settings)
         tctx.master.addons.add(pages)
         tctx.configure(pages, confdir=str(tmp_path))
@@ -478,7 +479,7 @@ class TestCspAddon:
         """A small gzip body that decodes to more than MAX_PAGE is not decoded whole to rewrite its meta tag."""
         import gzip
 
-        import csp
+        from coze_mitm.parts import csp
 
         head = b'<html><head><meta http-equiv="Content-Security-Policy" content="default-src \'self\'"></head><body>'
         raw = gzip.compress(head + b" " * (csp.MAX_PAGE + 1) + b"</body></html>")

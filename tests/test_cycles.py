@@ -18,7 +18,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy.utils import typecheck
 
-import cycles
+from coze_mitm.process import cycles
 from tests.harness import Mitmdump
 
 

@@ -17,10 +17,10 @@ import json
 import os
 import socket
 
-from csp import Csp
-from demo import DEFAULT_BOT_ID, SANDBOX_API, SANDBOX_HOST, Demo
-from settings import CozeSettings
-from status import VERSION_STATE_FILE, StatusPages
+from coze_mitm.parts.csp import Csp
+from coze_mitm.parts.demo import DEFAULT_BOT_ID, SANDBOX_API, SANDBOX_HOST, Demo
+from coze_mitm.parts.settings import CozeSettings
+from coze_mitm.parts.status import VERSION_STATE_FILE, StatusPages
 from tests.clients import session
 from tests.conftest import TEST_HOME, write_config
 from tests.test_run_mitm import Launcher

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mitmproxy import http
 
-import fields
+from coze_mitm.core import fields
 
 NAMES = [b"Origin", b"origin", b"ORIGIN", b"Authorization", b"authorization", b"Content-Type", b"Cookie", b"X-Other"]
 VALUES = st.binary(max_size=12) | st.sampled_from([b"https://a.example", b"Bearer user:abcdefgh", "é".encode(), b"\xff\xfe"])

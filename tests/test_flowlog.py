@@ -10,10 +10,11 @@ from mitmproxy import flow as mflow
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
-from auth import TOKEN_RETRY, Auth
-from cors import Cors
-from flowlog import CONNECTION_LOGGER, REFUSED, FlowLog
-from settings import CozeSettings
+from coze_mitm.flowmeta import REFUSED, TOKEN_RETRY
+from coze_mitm.parts.auth import Auth
+from coze_mitm.parts.cors import Cors
+from coze_mitm.parts.flowlog import CONNECTION_LOGGER, FlowLog
+from coze_mitm.parts.settings import CozeSettings
 
 PAGE = "https://chat.example.org"
 PAT = "pat_" + "S" * 40

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-import heap_trim
+from coze_mitm.process import heap_trim
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.skipif(heap_trim._malloc_trim() is None, reason="the C library has no malloc_trim (not glibc)")
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(heap_trim._malloc_trim() is None, reason="the C 
 FRAGMENT = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[1])
-    import heap_trim
+    from coze_mitm.process import heap_trim
 
     def rss_kib():
         with open("/proc/self/status") as f:

@@ -25,12 +25,12 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
-import identity
-from auth import Auth
-from cors import Cors
-from identity import admit
-from settings import CozeSettings
-from streaming import Streaming
+from coze_mitm.core import identity
+from coze_mitm.parts.auth import Auth
+from coze_mitm.parts.cors import Cors
+from coze_mitm.core.identity import admit
+from coze_mitm.parts.settings import CozeSettings
+from coze_mitm.parts.streaming import Streaming
 
 PAGE = "https://chat.example.org"
 LOCAL_PAGE = "http://localhost:3000"

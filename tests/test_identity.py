@@ -3,7 +3,7 @@
 import pytest
 from mitmproxy.http import Headers
 
-from identity import admit, find_user_id, short_id, strip_cookie
+from coze_mitm.core.identity import admit, find_user_id, short_id, strip_cookie
 
 ALLOWED = frozenset({"https://chat.example.org"})
 ID = "1732700000000-AbCdEfGhIjKlMnOpQrStUv"
@@ -124,7 +124,7 @@ def test_remote_client_refused_only_when_tagged():
     ("192.168.1.4", False), ("example.org", False), ("fe80::1%eth0", False),
 ])
 def test_is_loopback(host, local):
-    from identity import is_loopback
+    from coze_mitm.core.identity import is_loopback
     assert is_loopback(host) is local
 
 
@@ -145,7 +145,7 @@ SAMPLES = [
 
 @pytest.mark.parametrize("local", [True, False])
 def test_admissions_answer_as_admit_the_first_time_and_every_time_after(local):
-    from identity import Admissions
+    from coze_mitm.core.identity import Admissions
     admissions = Admissions()
     for _ in range(3):  # the first round decides, the later ones are remembered
         for pairs in SAMPLES:
@@ -159,7 +159,7 @@ def test_admissions_answer_as_admit_the_first_time_and_every_time_after(local):
 
 
 def test_admissions_forget_when_the_allowed_origins_change():
-    from identity import Admissions
+    from coze_mitm.core.identity import Admissions
     admissions = Admissions()
     headers = h(("Authorization", f"Bearer user:{ID}"), ("Origin", "https://chat.example.org"))
     assert admissions(headers.fields, ALLOWED, [], True)[1].action == "inject"
@@ -167,7 +167,7 @@ def test_admissions_forget_when_the_allowed_origins_change():
 
 
 def test_admissions_stay_bounded():
-    from identity import Admissions
+    from coze_mitm.core.identity import Admissions
     admissions = Admissions()
     for i in range(Admissions.MAX_ENTRIES + 100):
         admissions(h(("Authorization", f"Bearer user:user-{i:08d}")).fields, ALLOWED, [], True)

@@ -19,14 +19,15 @@ import requests
 import requests.adapters
 from websockets.sync.server import serve
 
-from identity import USER_ID_RE, short_id
-from login import (MAX_LOGIN, REDACTED, auth_mode, is_login_key, login_problem, session_name)
+from coze_mitm.core.identity import USER_ID_RE, short_id
+from coze_mitm.core.logins import MAX_LOGIN, auth_mode, is_login_key, login_problem, session_name
+from coze_mitm.parts.login import REDACTED
 from tests.harness import REPO
 
 PROBE = """
 import json, logging, sys
 sys.path.insert(0, {addons!r})
-import login
+from coze_mitm.parts import login
 from mitmproxy import http
 
 

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from identity import short_id
-from metrics import CONTENT_TYPE, escape_label, render
-from usage_book import OTHERS, UsageBook
+from coze_mitm.core.identity import short_id
+from coze_mitm.core.metrics import CONTENT_TYPE, escape_label, render
+from coze_mitm.core.usage_book import OTHERS, UsageBook
 
 
 def parse(text: str) -> dict:

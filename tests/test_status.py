@@ -12,11 +12,11 @@ import time
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
 
-import status as status_mod
-from identity import short_id
-from csp_policy import CN_SDK_URL
-from settings import CozeSettings
-from status import (
+from coze_mitm.parts import status as status_mod
+from coze_mitm.core.identity import short_id
+from coze_mitm.core.csp_policy import CN_SDK_URL
+from coze_mitm.parts.settings import CozeSettings
+from coze_mitm.parts.status import (
     NO_ORIGIN_MATCH, PAGE_CSP, StatusPages, base_version, fill_userscript, set_version, version_stamp,
 )
 
@@ -389,7 +389,7 @@ class TestTeam:
 
     @pytest.fixture
     def team(self, tctx):
-        from accounting import Accounting
+        from coze_mitm.parts.accounting import Accounting
 
         acc = Accounting()
         acc.daily_tokens = 50

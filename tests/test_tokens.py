@@ -6,9 +6,9 @@ import time
 import jwt
 import pytest
 
-import config
+from coze_mitm.core import config
 from tests.conftest import CLIENT_ID, KID, write_config
-from tokens import CozeTokenExchange, ExchangeError, IssuedToken, LimitError, TokenBroker, scrub
+from coze_mitm.core.tokens import CozeTokenExchange, ExchangeError, IssuedToken, LimitError, TokenBroker, scrub
 
 
 @pytest.fixture

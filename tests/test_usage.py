@@ -10,7 +10,7 @@ import zlib
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from usage import COMPLETED, MAX_FRAME, SSEUsageReader, Usage, retrieve_body_ok, usage_from_retrieve
+from coze_mitm.core.usage import COMPLETED, MAX_FRAME, SSEUsageReader, Usage, retrieve_body_ok, usage_from_retrieve
 
 
 def chat_obj(chat_id="7390000000000000001", status="completed", tokens=42, inp=40, out=2, **extra):

@@ -7,9 +7,9 @@ import threading
 
 import pytest
 
-from usage import Usage
-from usage_book import OTHERS, UsageBook, budget_refusal, is_chat, next_utc_midnight, spends_tokens, utc_day
-from usage_store import SqliteUsageStore, default_path
+from coze_mitm.core.usage import Usage
+from coze_mitm.core.usage_book import OTHERS, UsageBook, budget_refusal, is_chat, next_utc_midnight, spends_tokens, utc_day
+from coze_mitm.core.usage_store import SqliteUsageStore, default_path
 
 T0 = 1_790_000_000.0  # 2026-09-21 14:13:20 UTC
 MIDNIGHT = next_utc_midnight(T0)

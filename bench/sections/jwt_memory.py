@@ -11,7 +11,7 @@ import tracemalloc
 
 import jwt
 
-from tokens import CozeTokenExchange, IssuedToken, TokenBroker
+from coze_mitm.core.tokens import CozeTokenExchange, IssuedToken, TokenBroker
 
 from .common import Row, ms, pct
 

@@ -23,7 +23,7 @@ from . import REPO
 from .common import BOT, PAGE, Row, chat_body, cpu_seconds, ms, pct, rss_kb, session, slope, tagged
 from .procmem import KINDS, proc_sample
 
-from usage_store import FILE_NAME
+from coze_mitm.core.usage_store import FILE_NAME
 
 
 SOAK_MAX_USERS, SOAK_HOT, SOAK_COLD, SOAK_TTL = 100, 40, 1000, 60

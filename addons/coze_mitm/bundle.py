@@ -1,0 +1,137 @@
+"""The one addon mitmproxy sees: it hands each event to the parts that handle it, in the bundle's order.
+
+mitmproxy calls every hook of every registered addon object for every flow (and an `update` event
+after each), walking its whole addon tree each time. With the parts registered one by one that walk
+was a measurable share of a proxied request; here mitmproxy sees one object (addons/coze.py's
+`addons = [bundle]`), and each of its hooks calls only the parts that implement that hook, found once
+at start-up. Only the hooks some part has become attributes: mitmproxy asks for the rest and finds
+nothing (no `add_log`: mitmproxy warns about any addon that merely has that name).
+
+What mitmproxy did per addon, done here per part:
+* lifecycle hooks (load, configure, running, done) go to every part that has them, in order; an
+  exception goes to mitmproxy as before (a bad option stops the start-up as it did).
+* every other hook (requestheaders, request, ..., websocket_end, tls_clienthello, error) goes to the
+  parts that implement it, in order, each part's own guards deciding whether the flow is its business.
+  A later part runs even when an earlier one set flow.response, as in mitmproxy.
+* a hook may return an awaitable (auth's `request` does when a token must be minted): it is awaited
+  before the next part runs, and only then does the hook return one itself: the common path stays
+  synchronous, with no coroutine per flow.
+* an exception in one part is logged ("Addon error", with the traceback, as mitmproxy would) and the
+  next parts still run: one failing part does not silently skip the others.
+
+The parts keep their hook methods, so each is tested on its own with mitmproxy.test.taddons.
+Never give this object an `addons` attribute: mitmproxy would register every part a second time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import types
+
+from mitmproxy import exceptions, hooks
+# The modules that define mitmproxy's hooks, so that hooks.all_hooks is complete outside mitmproxy too.
+from mitmproxy import addonmanager, eventsequence  # noqa: F401
+from mitmproxy.proxy import server_hooks  # noqa: F401
+
+log = logging.getLogger("coze.bundle")
+
+LIFECYCLE = ("load", "configure", "running", "done")
+_PASS_THROUGH = (exceptions.AddonHalt, exceptions.OptionsError)  # what mitmproxy's own safecall lets through
+
+
+def handler_of(part, name: str):
+    """The part's handler for hook `name`, or None (a module imported under a hook's name is not one)."""
+    func = getattr(part, name, None)
+    if func is None or isinstance(func, types.ModuleType) or not callable(func):
+        return None
+    return func
+
+
+class Bundle:
+    name = "coze-mitm"
+
+    def __init__(self, *parts):
+        self.parts = parts
+        for hook in hooks.all_hooks:
+            handlers = tuple(h for h in (handler_of(p, hook) for p in parts) if h is not None)
+            if not handlers:
+                continue  # no attribute at all: mitmproxy skips this object for that event
+            if hook in LIFECYCLE:
+                setattr(self, hook, _lifecycle(handlers))
+            elif len(handlers) == 1:
+                # One part: mitmproxy's own handling of its exception and awaitable is the same as ours.
+                setattr(self, hook, handlers[0])
+            else:
+                setattr(self, hook, _in_order(hook, handlers))
+
+    def hooks(self) -> dict:
+        """Every hook this bundle has, by name."""
+        return {name: handler for name, handler in vars(self).items() if name in hooks.all_hooks}
+
+    def __repr__(self) -> str:
+        return f"Bundle({', '.join(type(p).__name__ for p in self.parts)})"
+
+
+def _lifecycle(handlers):
+    """Every part's handler, in order; exceptions go to mitmproxy (a bad option stops the start-up). An async
+    `running` or `done` is awaited before the next part's: the returned coroutine is what mitmproxy awaits."""
+    def call_all(*args):
+        return _lifecycle_from(handlers, args)
+    return call_all
+
+
+def _lifecycle_from(handlers, args):
+    for i, handler in enumerate(handlers):
+        result = handler(*args)
+        if result is not None and inspect.isawaitable(result):
+            return _finish_lifecycle(result, handlers[i + 1:], args)
+    return None
+
+
+async def _finish_lifecycle(pending, rest, args) -> None:
+    await pending
+    more = _lifecycle_from(rest, args)
+    if more is not None:
+        await more
+
+
+def _in_order(hook: str, handlers):
+    # Every hook but the lifecycle ones takes exactly one argument (a flow, or a connection's data).
+    def dispatch(data):
+        return _call_from(hook, handlers, data)
+    dispatch.__name__ = dispatch.__qualname__ = hook
+    return dispatch
+
+
+def _call_from(hook: str, handlers, data):
+    """Call the handlers in order. When one returns an awaitable, stop and return a coroutine that awaits
+    it and then goes on with the rest; None when every handler was synchronous (the common path)."""
+    for i, handler in enumerate(handlers):
+        try:
+            result = handler(data)
+        except _PASS_THROUGH:
+            raise
+        except Exception as e:
+            _addon_error(hook, handler, e)
+            continue
+        if result is not None and inspect.isawaitable(result):
+            return _finish(hook, handler, result, handlers[i + 1:], data)
+    return None
+
+
+async def _finish(hook: str, handler, pending, rest, data) -> None:
+    try:
+        await pending
+    except _PASS_THROUGH:
+        raise
+    except Exception as e:
+        _addon_error(hook, handler, e)
+    more = _call_from(hook, rest, data)
+    if more is not None:
+        await more
+
+
+def _addon_error(hook: str, handler, error: Exception) -> None:
+    part = type(getattr(handler, "__self__", handler)).__name__
+    log.error(f"Addon error: {part}.{hook}: {error}", exc_info=True)

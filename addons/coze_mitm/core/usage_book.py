@@ -1,0 +1,250 @@
+"""Usage per user, in memory: the book the request path reads, and the daily-budget rules.
+
+Pure logic, no mitmproxy import, no I/O.
+
+* `UsageBook` counts chats and Coze tokens per user (all time, and today in UTC), answers budget checks
+  without touching a disk, and is bounded: user names come from clients, so past `max_users` the least
+  recently active user is folded into one "(others)" row.
+* `UsageStore` is what the book needs from persistence: rows at start-up, increments afterwards
+  (`usage_store.SqliteUsageStore` keeps them in a SQLite file). A team running several proxies behind a
+  load balancer would implement the same two methods against a shared server (see the README, "Sharing
+  the proxy with a team").
+* `budget_refusal` is the daily budget: which requests spend tokens, and the 429 a user over budget gets.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, NamedTuple, Protocol
+
+from coze_mitm.core.usage import Usage
+
+OTHERS = "(others)"  # users folded away; no tag id (no parentheses) and no "login:" key can equal it
+DAY = 86400
+
+
+def utc_day(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d")
+
+
+def next_utc_midnight(t: float) -> int:
+    return (int(t) // DAY + 1) * DAY
+
+
+class StoredUsage(NamedTuple):
+    user: str
+    chats: int  # all time
+    tokens: int
+    chats_today: int
+    tokens_today: int
+
+
+class UsageStore(Protocol):
+    """Persistence behind the book. `record` is called on the event loop: it must return at once."""
+
+    error: str  # "" while healthy; otherwise the one line that says what failed (the book keeps counting)
+
+    def load(self, today: str) -> list[StoredUsage]:
+        """Every user's totals, and today's, biggest spenders first (called once, at start-up)."""
+
+    def record(self, user: str, day: str, chats: int, tokens: int) -> None:
+        """Add to the user's row of that UTC day (increments, never absolute values)."""
+
+    def close(self) -> None:
+        """Write what is pending; called once when the proxy stops."""
+
+
+@dataclass
+class UserUsage:
+    chats: int = 0
+    tokens: int = 0
+    day: str = ""  # the UTC day the *_today figures belong to
+    chats_today: int = 0
+    tokens_today: int = 0
+
+    def roll(self, today: str) -> None:
+        if self.day != today:
+            self.day, self.chats_today, self.tokens_today = today, 0, 0
+
+
+class UsageBook:
+    """Per-user chats and tokens, in memory; every change is also handed to the store (if any)."""
+
+    def __init__(self, store: UsageStore | None = None, *, max_users: int = 10_000,
+                 clock: Callable[[], float] = time.time, max_chat_ids: int = 10_000):
+        self.store = store
+        self.max_users = max(1, max_users)
+        self.clock = clock
+        self._users: collections.OrderedDict[str, UserUsage] = collections.OrderedDict()  # LRU order
+        self._others = UserUsage()
+        # The chats whose usage was counted, oldest first, as hashes of (user, chat id): ~70 bytes each
+        # instead of ~250 for the strings in an OrderedDict (10,000 of them at most either way). str
+        # hashes are salted per process, so no client can aim at another's; a collision (2^-64 a pair)
+        # would leave one chat uncounted.
+        self._chat_ids: set[int] = set()
+        self._chat_order: collections.deque[int] = collections.deque()
+        self._max_chat_ids = max_chat_ids
+        self.folded = 0  # users folded into OTHERS so far
+
+    # -- start-up --------------------------------------------------------------------------------
+    def load(self) -> str:
+        """Fill the book from the store. Returns the store's error line ("" when all is well); the store
+        has already reported it once through its on_error."""
+        if self.store is None:
+            return ""
+        today = utc_day(self.clock())
+        rows = self.store.load(today)
+        # biggest spenders first: those who stay tracked when there are more than max_users
+        for row in reversed(rows):  # least first, so the biggest end up most recently used
+            entry = self._entry(row.user, today)
+            entry.chats, entry.tokens = row.chats, row.tokens
+            entry.chats_today, entry.tokens_today = row.chats_today, row.tokens_today
+        return self.store.error
+
+    # -- counting (event loop; memory only, the store write is queued) -----------------------------
+    def chat(self, user: str) -> None:
+        """One chat request of `user` went to Coze."""
+        now = self.clock()
+        today = utc_day(now)
+        entry = self._entry(user, today)
+        entry.chats += 1
+        entry.chats_today += 1
+        self._record(user, today, 1, 0)
+
+    def tokens(self, user: str, usage: Usage | int) -> bool:
+        """Coze reported `usage` for one of `user`'s chats; False if that chat was counted already."""
+        if isinstance(usage, Usage):
+            count, chat_id = usage.token_count, usage.chat_id
+        else:
+            count, chat_id = int(usage), ""
+        if count < 0:
+            return False
+        if chat_id:  # a client may stream a chat and also poll /v3/chat/retrieve for it: count it once
+            key = hash((user, chat_id))
+            if key in self._chat_ids:
+                return False
+            self._chat_ids.add(key)
+            self._chat_order.append(key)
+            if len(self._chat_order) > self._max_chat_ids:
+                self._chat_ids.discard(self._chat_order.popleft())
+        today = utc_day(self.clock())
+        entry = self._entry(user, today)
+        entry.tokens += count
+        entry.tokens_today += count
+        self._record(user, today, 0, count)
+        return True
+
+    def over_budget(self, user: str, daily_tokens: int) -> tuple[bool, int, int]:
+        """(whether `user` has used `daily_tokens` or more today, tokens used today, when that resets).
+
+        A budget of 0 or less is no budget. Looking does not make a user recently active."""
+        now = self.clock()
+        today = utc_day(now)
+        entry = self._users.get(user)
+        used = entry.tokens_today if entry is not None and entry.day == today else 0
+        return (daily_tokens > 0 and used >= daily_tokens), used, next_utc_midnight(now)
+
+    # -- reading -----------------------------------------------------------------------------------
+    def rows(self) -> list[dict]:
+        """One dict per user, biggest spenders (all time) first; the folded users last, as OTHERS."""
+        today = utc_day(self.clock())
+        out = []
+        for user, e in self._users.items():
+            today_tokens = e.tokens_today if e.day == today else 0
+            out.append({"user": user, "chats": e.chats, "tokens": e.tokens, "tokens_today": today_tokens})
+        out.sort(key=lambda r: (-r["tokens"], -r["chats"], r["user"]))
+        if self.folded:
+            o = self._others
+            out.append({"user": OTHERS, "chats": o.chats, "tokens": o.tokens,
+                        "tokens_today": o.tokens_today if o.day == today else 0})
+        return out
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+    # -- inside ----------------------------------------------------------------------------------
+    def _entry(self, user: str, today: str) -> UserUsage:
+        entry = self._users.get(user)
+        if entry is None:
+            entry = self._users[user] = UserUsage(day=today)
+            while len(self._users) > self.max_users:
+                self._fold(*self._users.popitem(last=False))
+        else:
+            self._users.move_to_end(user)
+        entry.roll(today)
+        return entry
+
+    def _fold(self, user: str, entry: UserUsage) -> None:
+        o = self._others
+        if entry.day > o.day:
+            o.roll(entry.day)
+        o.chats += entry.chats
+        o.tokens += entry.tokens
+        if entry.day == o.day:
+            o.chats_today += entry.chats_today
+            o.tokens_today += entry.tokens_today
+        self.folded += 1
+
+    def _record(self, user: str, day: str, chats: int, tokens: int) -> None:
+        if self.store is not None:
+            self.store.record(user, day, chats, tokens)
+
+
+def sum_rows(rows: Iterable[dict]) -> dict:
+    """Totals of `rows()` (for a status line)."""
+    total = {"chats": 0, "tokens": 0, "tokens_today": 0}
+    for r in rows:
+        for k in total:
+            total[k] += r[k]
+    return total
+
+
+# -- daily budgets ----------------------------------------------------------------------------------
+# Requests that make Coze spend tokens; everything else (history, conversations, files) stays allowed.
+# /v1/chat is the WebSocket chat's upgrade (on the ws host); submit_tool_outputs resumes a chat.
+SPENDING_PATHS = ("/v3/chat", "/v3/chat/submit_tool_outputs", "/v1/workflows/chat", "/v1/chat")
+CHAT_PATHS = ("/v3/chat", "/v1/workflows/chat", "/v1/chat")  # each request is one chat
+
+
+def _route(path: str) -> str:
+    return path.split("?", 1)[0].rstrip("/") or "/"
+
+
+def spends_tokens(method: str, path: str) -> bool:
+    """Whether a request to the Coze API is subject to the daily budget (an API base may have a path
+    prefix, e.g. a self-hosted Coze Studio, so the end of the path is what counts)."""
+    route = _route(path)
+    if method.upper() == "GET":
+        return route.endswith("/v1/chat")  # the WebSocket chat's upgrade
+    return method.upper() == "POST" and any(route.endswith(p) for p in SPENDING_PATHS if p != "/v1/chat")
+
+
+def is_chat(method: str, path: str) -> bool:
+    route = _route(path)
+    if method.upper() == "GET":
+        return route.endswith("/v1/chat")
+    return method.upper() == "POST" and (route.endswith("/v3/chat") or route.endswith("/v1/workflows/chat"))
+
+
+def _clock_text(t: int) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def budget_refusal(book: UsageBook, user: str, shown_as: str, daily_tokens: int,
+                   method: str, path: str) -> tuple[int, int, str, str, dict[str, str]] | None:
+    """None when the request may go on; otherwise the local answer: (HTTP status, Coze code, reason,
+    message, headers) — 429, code 4013 (Coze's own "rate limited"), Retry-After until the UTC midnight."""
+    if daily_tokens <= 0 or not spends_tokens(method, path):
+        return None
+    over, used, resets_at = book.over_budget(user, daily_tokens)
+    if not over:
+        return None
+    wait = max(1, resets_at - int(book.clock()))
+    msg = (f"coze-mitm: {shown_as} has used {used} Coze tokens today, and the daily budget is {daily_tokens} "
+           f"(coze_user_daily_tokens); chats resume at {_clock_text(resets_at)} (in {wait // 3600} h "
+           f"{wait % 3600 // 60} min). Reading history still works; ask the proxy's owner for a bigger budget.")
+    return 429, 4013, "budget", msg, {"Retry-After": str(wait)}

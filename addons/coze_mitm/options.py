@@ -1,0 +1,112 @@
+"""Every coze_* option, declared in one place: name, type, default, and the help mitmweb and `--options` show.
+
+The parts read them as ctx.options.coze_* in their own `configure` (each validates what it uses: a bad
+value stops the start-up with one line; later, in mitmweb or with `set`, it raises OptionsError and
+mitmproxy keeps the previous value). Declared by the settings part, the first part that has options.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from coze_mitm.core import config
+
+LAUNCHER = "run_mitm.py"
+
+
+def declare(loader) -> None:
+    # read by parts/settings.py
+    loader.add_option(
+        "coze_config", str, str(config.DEFAULT_CONFIG_PATH),
+        "Path of the OAuth (JWT) app config JSON downloaded from the Coze console.",
+    )
+    loader.add_option(
+        "coze_pat", Optional[str], None,
+        "A Coze personal access token. When set: PAT mode, no config file, no per-user isolation.",
+    )
+    loader.add_option(
+        "coze_origins", str, "",
+        "Comma-separated page origins allowed to use the injected credentials and loosened CORS, "
+        "e.g. https://www.coze.cn,https://example.org (exact match).",
+    )
+    loader.add_option(
+        "coze_api_base", Optional[str], None,
+        "Coze API base URL; overrides the config's coze_api_base (default https://api.coze.cn).",
+    )
+    loader.add_option(
+        "coze_api_hosts", str, "",
+        "Comma-separated extra Coze API base URLs that get CORS and credentials too; ws:// and wss:// "
+        "bases for the WebSocket APIs (the API base's own, e.g. wss://ws.coze.cn, is included).",
+    )
+    loader.add_option(
+        "coze_allow_remote", bool, False,
+        "Give Coze credentials to tagged requests from clients on other machines too. Off: they get a "
+        "local 403, because anyone who reaches the proxy could spend your Coze quota as any user.",
+    )
+    loader.add_option("coze_token_ttl", int, 900, "Lifetime asked of Coze for each access token, in seconds (60-86399).")
+    loader.add_option("coze_exchange_timeout", int, 10, "Seconds to wait for Coze's token endpoint (1-120).")
+    loader.add_option("coze_max_users", int, 10_000, "Users whose tokens are kept in memory (least recently used dropped).")
+    loader.add_option(
+        "coze_new_users_per_minute", int, 300,
+        "New users whose first token may be minted per minute; 0 means no limit.",
+    )
+    loader.add_option("coze_bot_id", str, "", "Bot id written into the served userscript.")
+    loader.add_option("coze_title", str, "Coze", "Chat title written into the served userscript.")
+    loader.add_option(
+        "coze_sdk_url", str, "",
+        "URL of the Coze Web Chat SDK for the served userscript and the pages' CSP; empty: the official "
+        "CDN build for the API's site (coze.cn or coze.com).",
+    )
+    loader.add_option(
+        "coze_csp", bool, True,
+        "Add the Chat SDK's sources (its CDN, the Coze API) to the Content-Security-Policy of pages in "
+        "coze_origins, so the SDK loads there; nothing else in the policy changes.",
+    )
+    loader.add_option(
+        "coze_csp_extra", str, "",
+        "More sources for those pages' CSP, in CSP syntax, e.g. \"img-src https://img.example; "
+        "font-src https://fonts.example\" (fetch directives and plain sources only).",
+    )
+
+    # read by parts/demo.py
+    loader.add_option(
+        "coze_demo", bool, False,
+        "Serve the demo chat page at http://coze.mitm/demo; its API http://sandbox.coze.mitm is mapped "
+        "to the configured Coze API when that is a local sandbox (python run_mitm.py --demo sets this up).",
+    )
+
+    # read by parts/status.py
+    loader.add_option(
+        "coze_launcher", str, "",
+        f"Set by {LAUNCHER} ({LAUNCHER} passes coze_launcher={LAUNCHER}) so the status page's hints name its "
+        "flags (--bot-id, --origins) instead of --set options.",
+    )
+
+    # read by parts/accounting.py
+    loader.add_option(
+        "coze_user_daily_tokens", int, 0,
+        "Coze tokens one user may use per UTC day; at the budget, chat requests get a local 429 "
+        "(code 4013) until midnight UTC. 0 = no budget.",
+    )
+    loader.add_option(
+        "coze_usage_file", str, "",
+        "SQLite file where usage per user and day is kept (default: coze-mitm-usage.sqlite in "
+        "mitmproxy's confdir); 'memory' keeps it in memory only.",
+    )
+
+    # read by parts/flowlog.py
+    loader.add_option(
+        "coze_quiet", bool, False,
+        "Hide mitmproxy's per-connection log lines (client/server connect and disconnect, streaming "
+        "notices); with flow_detail=0 the log then has one line per request coze-mitm acted on "
+        "(without it, only refusals, token retries and errors get a line).",
+    )
+
+    # read by process/tuning.py
+    loader.add_option(
+        "coze_tune_process", bool, False,
+        "Tune the whole mitmproxy process for a long-running proxy (run_mitm.py turns this on): mitmproxy's "
+        "per-message type check without reference cycles, start-up objects frozen out of the garbage "
+        "collector's way, and glibc's free heap pages handed back once a minute. Off by default: it changes "
+        "the process for every addon in it. Everything it changes is put back at exit or when turned off.",
+    )

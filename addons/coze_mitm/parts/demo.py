@@ -1,0 +1,202 @@
+"""http://coze.mitm/demo — a small chat page that talks to the local SANDBOX through the whole path.
+
+Active only with `--set coze_demo=true`, which `python run_mitm.py --demo` sets together with a
+local Coze stand-in (sandbox/coze_standin.py) as the configured API and http://coze.mitm in
+coze_origins. The page then does what the Web Chat SDK does on a real page:
+
+    page http://coze.mitm/demo ── POST http://sandbox.coze.mitm/v3/chat   Authorization: Bearer user:<id>
+        a cross-origin call: the browser sends a CORS preflight first (answered by cors.py),
+        then the tagged POST: auth.py mints this user's token from the sandbox and swaps it in,
+        and the SSE reply streams back delta by delta.
+
+`sandbox.coze.mitm` is a name only this proxy knows: it is mapped here to the configured API origin,
+and only when that origin is on this machine (a sandbox), never to a real Coze. A browser sends it
+through its proxy like any other host, whereas 127.0.0.1 would bypass the proxy in most browsers.
+Clients that tunnel (a CONNECT to sandbox.coze.mitm:80 or :443: undici's ProxyAgent always does,
+browsers do for ws://) get the tunnel from here too, since no server of that name exists to connect
+to; what arrives inside it, plain http or TLS with the proxy's certificate, is mapped the same way.
+
+In the demo, the pages call the sandbox by that name: the served userscript and the status page name
+the sandbox's bot, and allowed pages' CSP gets http://sandbox.coze.mitm in connect-src (`bot_id`,
+`page_api_origins`; the other addons ask these functions).
+"""
+
+from __future__ import annotations
+
+import html
+import ipaddress
+import json
+import logging
+import secrets
+from pathlib import Path
+
+from mitmproxy import ctx, http, tls
+
+from coze_mitm.parts.answers import accept_connect, answer_json
+from coze_mitm.core.config import Origin, parse_api_origin
+from coze_mitm.core.config import STATUS_HOST
+from coze_mitm.parts.settings import CozeSettings
+from coze_mitm.flowmeta import DEMO_ROUTED
+
+log = logging.getLogger("coze.demo")
+
+DEMO_PATHS = ("/demo", "/demo/")
+DEMO_HTML = Path(__file__).resolve().parent.parent / "pages" / "demo.html"
+SANDBOX_HOST = "sandbox.coze.mitm"
+SANDBOX_API = f"http://{SANDBOX_HOST}"
+DEMO_ORIGIN = f"http://{STATUS_HOST}"
+DEFAULT_BOT_ID = "7000000000000000001"
+
+
+def enabled() -> bool:
+    """Is the coze_demo option on? (False where the Demo addon is not loaded, e.g. in unit tests.)"""
+    return bool(getattr(ctx.options, "coze_demo", False))
+
+
+def sandbox_origin(settings: CozeSettings) -> Origin | None:
+    """The configured API origin if it is a local sandbox (JWT mode, loopback host), else None."""
+    app = settings.app
+    if app is None or settings.broker is None:
+        return None
+    origin = parse_api_origin(app.api_base)
+    return origin if is_local(origin.host) else None
+
+
+def active(settings: CozeSettings) -> bool:
+    """The demo is on and has a local sandbox to send sandbox.coze.mitm to."""
+    return enabled() and sandbox_origin(settings) is not None
+
+
+def bot_id(settings: CozeSettings) -> str:
+    """The bot the pages chat with: coze_bot_id, or in the demo the sandbox's bot."""
+    return ctx.options.coze_bot_id.strip() or (DEFAULT_BOT_ID if active(settings) else "")
+
+
+def page_api_origins(settings: CozeSettings) -> list[str]:
+    """The API origins as pages call them (Coze's ws hosts too: @coze/api's WebSockets need connect-src);
+    in the demo the sandbox by its name, not its loopback address."""
+    origins = sorted(str(o) for o in settings.api_origins | settings.ws_origins)
+    sandbox = sandbox_origin(settings) if enabled() else None
+    if sandbox is None:
+        return origins
+    return sorted({SANDBOX_API if o == str(sandbox) else o for o in origins})
+
+
+def is_local(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Demo:
+    def __init__(self, settings: CozeSettings):
+        self.settings = settings
+        self._template: str | None = None
+        self.on = False  # coze_demo, read in configure: the flow hooks of a proxy without the demo return at once
+
+
+    def configure(self, updated):
+        if "coze_demo" in updated:
+            self.on = bool(ctx.options.coze_demo)
+        if "coze_demo" not in updated and not updated & {"coze_config", "coze_api_base", "coze_origins", "coze_pat"}:
+            return
+        if not ctx.options.coze_demo:
+            return
+        target = self.sandbox_origin()
+        if target is None:
+            log.warning(
+                f"coze-mitm: coze_demo is on, but the configured Coze API ({self._api_description()}) is not a local "
+                "sandbox: the demo page stays off; start it with: python run_mitm.py --demo"
+            )
+            return
+        self.template()  # read the page now, not on the event loop when the first request arrives
+        if DEMO_ORIGIN not in self.settings.page_origins:
+            log.warning(f"coze-mitm: coze_demo: add {DEMO_ORIGIN} to coze_origins, or the demo page gets no credentials")
+        log.info(f"coze-mitm: demo page at {DEMO_ORIGIN}/demo; its API {SANDBOX_API} goes to the local SANDBOX at {target}")
+
+    def _api_description(self) -> str:
+        return ", ".join(sorted(map(str, self.settings.api_origins))) or "none"
+
+    def sandbox_origin(self) -> Origin | None:
+        return sandbox_origin(self.settings)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        # No server is called sandbox.coze.mitm: mitmproxy would fail to connect to it (502) before any
+        # request hook ran. Open the tunnel here; the requests inside it are routed in `request`.
+        if not self.on or flow.response:
+            return
+        if flow.request.host.lower() == SANDBOX_HOST:
+            accept_connect(flow)
+            flow.comment = f"coze-mitm demo: tunnel to {SANDBOX_HOST} opened by the proxy"
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        # TLS inside that tunnel: with connection_strategy=eager mitmproxy would first try TLS with a server
+        # of that name (to copy its certificate), fail, and log a warning per tunnel. There is none: make
+        # the client's certificate from the name alone. (The requests inside are re-addressed in `request`.)
+        server = data.context.server
+        if self.on and server.address and str(server.address[0]).lower() == SANDBOX_HOST:
+            server.tls = False
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if not self.on or flow.response or not flow.live:
+            return
+        request = flow.request
+        host = request.host.lower()
+        if host == SANDBOX_HOST and request.scheme in ("http", "https"):
+            self._route_to_sandbox(flow)
+        elif host == STATUS_HOST and request.path.split("?", 1)[0] in DEMO_PATHS and request.method in ("GET", "HEAD"):
+            self._serve_page(flow)
+
+    def _route_to_sandbox(self, flow: http.HTTPFlow) -> None:
+        target = self.sandbox_origin()
+        if target is None:
+            answer_json(flow, 503, 5000,
+                        f"{SANDBOX_HOST} is the coze-mitm demo's name for a local sandbox, and none is configured "
+                        f"(the Coze API is {self._api_description()}); start the demo with: python run_mitm.py --demo")
+            flow.comment = "coze-mitm demo: no local sandbox configured; answered locally"
+            return
+        # Before cors/auth see the flow: from here on it is a request to the configured API origin.
+        flow.request.scheme, flow.request.host, flow.request.port = target.scheme, target.host, target.port
+        flow.metadata[DEMO_ROUTED] = True
+        flow.comment = f"coze-mitm demo: {SANDBOX_HOST} sent to the local SANDBOX at {target} (not Coze)"
+
+    def _serve_page(self, flow: http.HTTPFlow) -> None:
+        nonce = secrets.token_urlsafe(16)
+        ready = self.sandbox_origin() is not None
+        page_config = {
+            "apiBase": SANDBOX_API,
+            "botId": ctx.options.coze_bot_id.strip() or DEFAULT_BOT_ID,
+            "ready": ready,
+            "problem": "" if ready else (
+                f"the configured Coze API ({self._api_description()}) is not a local sandbox; "
+                "start the demo with: python run_mitm.py --demo"
+            ),
+        }
+        # JSON inside <script>: "<" escaped so no value can close the element.
+        config_json = json.dumps(page_config).replace("<", "\\u003c")
+        body = (
+            self.template()
+            .replace("__NONCE__", nonce)
+            .replace("__CONFIG_JSON__", config_json)
+            .replace("__TITLE__", html.escape(ctx.options.coze_title or "Coze"))
+        )
+        csp = (
+            f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
+            f"connect-src {SANDBOX_API}; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        )
+        flow.response = http.Response.make(200, body.encode(), {
+            "Content-Type": "text/html; charset=utf-8",
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": csp,
+            "Referrer-Policy": "no-referrer",
+        })
+        flow.comment = "coze-mitm: demo page"
+
+    def template(self) -> str:
+        if self._template is None:
+            self._template = DEMO_HTML.read_text(encoding="utf-8")
+        return self._template

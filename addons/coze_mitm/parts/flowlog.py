@@ -1,0 +1,138 @@
+"""One log line per flow coze-mitm acted on, written when the flow ends; optionally nothing else per flow.
+
+    coze-mitm: injected POST api.coze.cn/v3/chat for user 1732…AAAA -> 200
+    coze-mitm: refused POST api.coze.cn/v3/chat (origin-not-allowed) -> 403: <what to do>
+    coze-mitm: preflight OPTIONS api.coze.cn/v3/chat from https://example.org -> 204
+
+The line is made from what the other addons left on the flow (flow.metadata), so it says what happened,
+not what was intended: a retried request shows the retry's outcome, a stream that broke shows the error.
+No query string (a WebSocket tag may ride there), no header, never a token: users by identity.short_id.
+
+`coze_quiet` (run_mitm.py sets it, with flow_detail=0, unless it is given -v) makes this line the log:
+mitmproxy's own per-connection lines ("client connect", "server disconnect ...", "Streaming response from ...")
+are hidden and every flow coze-mitm acted on gets its line. Otherwise (plain `mitmdump -s`, whatever its
+flow_detail; plain `mitmweb -s`, whose flow list is the log) only refusals, retries and errors get one: a log record is
+an event to every addon of mitmproxy (~300 us of CPU a line on a 2-core Xeon), which the fast path of a
+cached-token request does not pay unless the per-flow log was asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import weakref
+
+from mitmproxy import ctx, http
+
+from coze_mitm.flowmeta import CORS_ORIGIN, COZE_USER, LOCAL_ANSWER, REFUSED, TOKEN_RETRY
+from coze_mitm.core.identity import short_id
+
+log = logging.getLogger("coze.flowlog")
+
+MAX_PATH = 120
+MAX_MSG = 300
+# Where mitmproxy 11.0.2 and 12.x log connections (ConnectionHandler.log, INFO), and what it says there
+# per connection or per stream; its warnings (TLS handshake failed, ...) and other lines stay.
+CONNECTION_LOGGER = "mitmproxy.proxy.server"
+CHATTER_RE = re.compile(
+    r"client (connect|disconnect|kill connection)$|server (connect|disconnect) |Streaming (request to|response from) "
+)
+
+
+class ConnectionChatter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or not CHATTER_RE.match(str(record.msg))
+
+
+def _clean(text: str, limit: int) -> str:
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _refusal_msg(flow: http.HTTPFlow) -> str:
+    """The "msg" of the local answer in Coze's envelope: what the page was told to do."""
+    response = flow.response
+    if response is None or not flow.metadata.get(LOCAL_ANSWER) or len(response.raw_content or b"") > 8192:
+        return ""
+    try:
+        msg = json.loads(response.raw_content).get("msg", "")
+    except (ValueError, AttributeError):
+        return ""
+    return _clean(msg, MAX_MSG) if isinstance(msg, str) else ""
+
+
+class FlowLog:
+    def __init__(self):
+        self._filter = ConnectionChatter()
+        self._logged: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
+        # Every flow's line only where it is the log (coze_quiet with mitmproxy's own flow lines off, as
+        # run_mitm.py runs it); otherwise only what mitmproxy's flow lines or flow list cannot say.
+        self._every_flow = False
+
+
+    def configure(self, updated):
+        if "flow_detail" in updated or "coze_quiet" in updated:
+            # flow_detail is the Dumper's option: absent in mitmweb and bare test contexts.
+            self._every_flow = ctx.options.coze_quiet and not getattr(ctx.options, "flow_detail", 0)
+        if "coze_quiet" not in updated:
+            return
+        logger = logging.getLogger(CONNECTION_LOGGER)
+        if ctx.options.coze_quiet:
+            logger.addFilter(self._filter)
+        else:
+            logger.removeFilter(self._filter)
+
+    def done(self):
+        logging.getLogger(CONNECTION_LOGGER).removeFilter(self._filter)
+
+    # ------------------------------------------------------------------ the end of a flow
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.websocket is None:  # a WebSocket ends later, in websocket_end
+            self._log(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._log(flow)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self._log(flow)
+
+    def _log(self, flow: http.HTTPFlow) -> None:
+        if not self._every_flow and REFUSED not in flow.metadata and TOKEN_RETRY not in flow.metadata and flow.error is None:
+            return  # the fast path: nothing to say about this flow
+        if flow in self._logged:
+            return
+        line = describe(flow)
+        if line:
+            self._logged.add(flow)
+            log.info(line)
+
+
+def describe(flow: http.HTTPFlow) -> str:
+    """The line for a flow coze-mitm acted on, or "" for any other flow."""
+    meta, request = flow.metadata, flow.request
+    if REFUSED not in meta and CORS_ORIGIN not in meta and COZE_USER not in meta:
+        return ""  # most flows through the proxy: nothing to say, nothing to build
+    what = f"{request.method} {request.host}{_clean(request.path.split('?')[0], MAX_PATH)}"
+    outcome = "->"
+    if flow.response is not None:
+        outcome += f" {flow.response.status_code}" + (" WebSocket, closed" if flow.websocket is not None else "")
+    if flow.error is not None:
+        outcome += ("," if flow.response is not None else "") + f" error: {_clean(flow.error.msg, MAX_MSG)}"
+    if REFUSED in meta:
+        msg = _refusal_msg(flow)
+        return f"coze-mitm: refused {what} ({_clean(str(meta[REFUSED]), 40)}) {outcome}" + (f": {msg}" if msg else "")
+    if _is_preflight(flow):
+        return f"coze-mitm: preflight {what} from {_clean(meta[CORS_ORIGIN], MAX_PATH)} {outcome}"
+    if COZE_USER in meta:
+        line = f"coze-mitm: injected {what} for user {short_id(meta[COZE_USER])} {outcome}"
+        retry = meta.get(TOKEN_RETRY)
+        return line + (f"; token retry: {_clean(str(retry), MAX_MSG)}" if retry else "")
+    return ""
+
+
+def _is_preflight(flow: http.HTTPFlow) -> bool:
+    """The Cors addon answers every preflight it marks with CORS_ORIGIN itself (never upstream)."""
+    return (flow.request.method == "OPTIONS" and CORS_ORIGIN in flow.metadata
+            and "access-control-request-method" in flow.request.headers)

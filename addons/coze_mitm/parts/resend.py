@@ -1,0 +1,119 @@
+"""The transparent retry's sender: one request sent again, with another token, outside mitmproxy.
+
+`Resender.resend(request, token)` sends the request as the page sent it (its headers, tag swapped for
+`token`, its raw body) to the same URL and returns the answer as a mitmproxy Response, body still
+content-encoded, the way mitmproxy itself would have stored it. Auth decides whether to re-send;
+this module only sends. Blocking I/O runs in its own small thread pool, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+
+import requests
+import urllib3
+from mitmproxy import ctx, http
+from requests.structures import CaseInsensitiveDict
+
+from coze_mitm.core import identity
+
+WORKERS = 8
+MAX_BODY = 16 * 1024 * 1024  # a retried answer is buffered like any non-streamed one; never more than this
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "transfer-encoding", "upgrade",
+})
+
+
+class AnswerTooLarge(requests.RequestException):
+    """The answer to the retry is bigger than MAX_BODY: not buffered, the first answer stands."""
+
+
+class Resender:
+    def __init__(self, workers: int = WORKERS):
+        self._workers = workers
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._session: requests.Session | None = None
+
+    async def resend(self, request: http.Request, token: str) -> http.Response:
+        """The answer to `request` sent again with `token`; raises requests.RequestException on failure."""
+        opts = ctx.options
+        timeout = float(getattr(opts, "coze_exchange_timeout", 10))
+        verify: bool | str = False if opts.ssl_insecure else (opts.ssl_verify_upstream_trusted_ca or True)
+        headers = _headers(request, token)
+        started = time.time()
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self._workers, thread_name_prefix="coze-retry")
+        answer = await asyncio.get_running_loop().run_in_executor(
+            self._pool, self._send, request.method, request.url, headers, request.raw_content or None, timeout, verify,
+        )
+        return _as_response(answer, request, started)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    def _send(self, method: str, url: str, headers: dict, body: bytes | None, timeout: float, verify):
+        """Blocking (runs in the pool): one request, the body read raw (still content-encoded), bounded."""
+        if self._session is None:
+            session = requests.Session()
+            session.trust_env = False  # never through a proxy from the environment (that could be us)
+            session.headers.clear()  # send the page's headers, not requests' defaults
+            self._session = session
+        r = self._session.request(method, url, headers=headers, data=body, timeout=timeout, verify=verify,
+                                  allow_redirects=False, stream=True)
+        try:
+            raw = r.raw.read(MAX_BODY + 1, decode_content=False)
+        except urllib3.exceptions.TimeoutError as e:  # raw reads raise urllib3's errors, not requests'
+            raise requests.ReadTimeout(str(e)) from None
+        except urllib3.exceptions.HTTPError as e:
+            raise requests.ConnectionError(str(e)) from None
+        finally:
+            r.close()
+        if len(raw) > MAX_BODY:
+            raise AnswerTooLarge(f"more than {MAX_BODY} bytes")
+        return r.status_code, r.reason or "", list(r.raw.headers.items()), raw
+
+
+def _headers(request: http.Request, token: str) -> CaseInsensitiveDict:
+    """The headers the request left with the first time: the page's, tag swapped for the token."""
+    headers = CaseInsensitiveDict()
+    skip = HOP_BY_HOP | {"host", "content-length", "authorization", "cookie"}
+    for name, value in request.headers.fields:
+        key = name.decode("latin-1")
+        if key.lower() in skip or key.lower().startswith("proxy-"):
+            continue
+        headers[key] = headers[key] + b", " + value if key in headers else value
+    cookies = identity.strip_cookie(request.headers.get_all("cookie"))
+    if cookies:
+        headers["Cookie"] = "; ".join(cookies).encode("utf-8", "surrogateescape")
+    headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+def _as_response(answer, request: http.Request, started: float) -> http.Response:
+    status, reason, header_items, raw = answer
+    fields = []
+    for key, value in header_items:
+        lower = key.lower()
+        if lower in HOP_BY_HOP or (lower == "content-length" and request.method != "HEAD"):
+            continue
+        fields.append((key.encode("latin-1", "replace"), value.encode("latin-1", "replace")))
+    if request.method != "HEAD" and status >= 200 and status not in (204, 304):
+        fields.append((b"Content-Length", str(len(raw)).encode()))
+    return http.Response(
+        http_version=request.data.http_version,
+        status_code=status,
+        reason=reason.encode("latin-1", "replace"),
+        headers=http.Headers(fields),
+        content=raw,
+        trailers=None,
+        timestamp_start=started,
+        timestamp_end=time.time(),
+    )

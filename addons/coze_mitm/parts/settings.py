@@ -1,0 +1,210 @@
+"""The coze_* options, validated in one place, and the state the other addons share.
+
+Every other addon reads its settings from here rather than from ctx.options, so a bad value is
+refused once, at startup, with one line naming the cause and the fix.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from mitmproxy import ctx, http
+
+from coze_mitm.core import config
+from coze_mitm import options
+from coze_mitm.core import logins
+from coze_mitm.core.config import STATUS_HOST, WS_SCHEME_OF_HTTP, ConfigError, Origin
+from coze_mitm.core.identity import is_loopback
+from coze_mitm.core.exchange import EXCHANGE_REASONS, CozeTokenExchange, scrub
+from coze_mitm.core.tokens import PatBroker, TokenBroker
+
+log = logging.getLogger("coze.settings")
+
+OPTION_NAMES = (
+    "coze_config", "coze_pat", "coze_origins", "coze_api_base", "coze_api_hosts", "coze_token_ttl",
+    "coze_exchange_timeout", "coze_max_users", "coze_new_users_per_minute", "coze_bot_id", "coze_title",
+    "coze_sdk_url", "coze_csp", "coze_csp_extra", "coze_allow_remote",
+)
+
+
+@dataclass
+class Stats:
+    """What the status page shows: counters and the last errors (never a secret)."""
+
+    started: float = field(default_factory=time.time)
+    requests: int = 0
+    injected: int = 0
+    preflights: int = 0
+    refusals: collections.Counter = field(default_factory=collections.Counter)
+    last_errors: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
+    page_notes: dict = field(default_factory=dict)  # page origin -> what the status page says about it (csp.py)
+
+    # The keys `refusals` may have: a fixed set, so no upstream text (nor anyone's choice of words) can grow
+    # status.json or reach it. A reason not listed here is counted as "other": add new reasons here.
+    REASONS = frozenset({
+        "malformed-tag", "duplicate-origin", "browser-without-origin", "cookie-without-origin",
+        "origin-not-allowed", "remote-client", "tag-to-other-host", "not-configured", "internal-error",
+        "new-user-limit", "login-unusable", "budget", *EXCHANGE_REASONS,
+    })
+
+    def refused(self, reason: str) -> None:
+        self.refusals[reason if reason in self.REASONS else "other"] += 1
+
+    def error(self, reason: str, msg: str, logid: str = "") -> None:
+        # Bounded whatever the caller passes: 20 entries of at most ~1 KB each.
+        self.last_errors.append({"time": time.time(), "reason": scrub(reason, 80), "msg": scrub(msg, 600),
+                                 "logid": scrub(logid, 80)})
+
+
+class CozeSettings:
+    """Owns the coze_* options and builds what they describe: origins, the token broker, stats."""
+
+    def __init__(self):
+        self.app: config.OAuthApp | None = None
+        self.broker: TokenBroker | PatBroker | None = None
+        self.api_origins: frozenset[Origin] = frozenset()
+        self.ws_origins: frozenset[Origin] = frozenset()  # ws:// and wss:// Coze hosts (WebSocket APIs)
+        # The same as plain (scheme, host, port) tuples: asked of every request, a tuple hashes and
+        # compares several times faster than a frozen dataclass.
+        self._api_keys: frozenset[tuple] = frozenset()
+        self._ws_keys: frozenset[tuple] = frozenset()
+        self._page_keys: dict[tuple, str] = {}  # (scheme, host, port) -> its coze_origins entry
+        self.allow_remote = False
+        self.login_mode = "none"  # which form of mitmproxy's proxyauth names the users (logins.MODES)
+        self.page_origins: frozenset[str] = frozenset()
+        self.stats = Stats()
+        self.problem = "not configured yet"  # why tagged requests cannot be served, while broker is None
+
+
+    def load(self, loader):
+        options.declare(loader)
+
+    def configure(self, updated):
+        if "proxyauth" in updated:
+            # With mitmproxy's proxy login on, a user is who logged in; the tag only asks for credentials.
+            self.login_mode = logins.auth_mode(getattr(ctx.options, "proxyauth", None))
+        if not updated & set(OPTION_NAMES) and self.broker is not None:
+            return
+        try:
+            self._rebuild()
+        except ConfigError as e:
+            # Not OptionsError: mitmproxy would print a traceback under it. An ERROR line at startup
+            # makes mitmdump/mitmweb exit; later (options edited in mitmweb) the last good settings stay.
+            self.problem = str(e)
+            log.error(f"coze-mitm: {e}")
+        else:
+            self.problem = ""
+
+    def _rebuild(self) -> None:
+        opts = ctx.options
+        if not 60 <= opts.coze_token_ttl <= 86399:
+            raise ConfigError(f"coze_token_ttl={opts.coze_token_ttl} is out of range: Coze accepts 60 to 86399 seconds")
+        if not 1 <= opts.coze_exchange_timeout <= 120:
+            raise ConfigError(f"coze_exchange_timeout={opts.coze_exchange_timeout} must be 1 to 120 seconds")
+        if opts.coze_max_users < 1:
+            raise ConfigError(f"coze_max_users={opts.coze_max_users} must be at least 1")
+        if opts.coze_new_users_per_minute < 0:
+            raise ConfigError("coze_new_users_per_minute must be 0 (no limit) or more")
+        page_origins = config.parse_page_origins(opts.coze_origins)
+
+        # COZE_PAT from the environment keeps the PAT out of `ps` and shell history (run_mitm.py passes it so).
+        pat = (opts.coze_pat or os.environ.get("COZE_PAT") or "").strip()
+        if pat:
+            app = None
+            if any(c.isspace() for c in pat) or pat.startswith("user:"):
+                raise ConfigError("coze_pat does not look like a personal access token (pat_...); paste it without spaces")
+            api_base = opts.coze_api_base or config.DEFAULT_API_BASE
+            broker = PatBroker(pat)
+        else:
+            app = config.load_oauth_config(opts.coze_config)
+            if opts.coze_api_base:
+                config.parse_api_origin(opts.coze_api_base)
+                app = dataclasses.replace(app, api_base=opts.coze_api_base.rstrip("/"))
+            api_base = app.api_base
+            exchange = CozeTokenExchange(
+                app, duration_seconds=opts.coze_token_ttl, timeout=opts.coze_exchange_timeout,
+                verify=not opts.ssl_insecure,
+            )
+            broker = TokenBroker(
+                exchange, max_users=opts.coze_max_users, new_users_per_minute=opts.coze_new_users_per_minute,
+            )
+        api_origins = {config.parse_api_origin(api_base)}
+        ws_origins = {config.default_ws_origin(origin) for origin in api_origins} - {None}
+        for url in filter(None, map(str.strip, opts.coze_api_hosts.split(","))):
+            origin = config.parse_api_origin(url, "coze_api_hosts", websocket=True)
+            (api_origins if origin.scheme in WS_SCHEME_OF_HTTP else ws_origins).add(origin)
+
+        if self.broker is not None:
+            self.broker.close()
+        self.app, self.broker = app, broker
+        self.api_origins, self.page_origins = frozenset(api_origins), page_origins
+        self.ws_origins = frozenset(ws_origins)
+        self._api_keys = frozenset((o.scheme, o.host, o.port) for o in api_origins)
+        self._ws_keys = frozenset((o.scheme, o.host, o.port) for o in ws_origins)
+        self._page_keys = {config.origin_key(o): o for o in page_origins}
+        self.allow_remote = opts.coze_allow_remote
+        self._announce(pat)
+
+    def _announce(self, pat: str) -> None:
+        apis = ", ".join(sorted(map(str, self.api_origins)))
+        if pat:
+            log.warning(
+                "coze-mitm: PAT mode: every user shares one Coze identity and one chat history (no isolation); "
+                "use a JWT app config for per-user sessions"
+            )
+        else:
+            warning = config.permissions_warning(self.app.path)
+            if warning:
+                log.warning(f"coze-mitm: {warning}")
+        for origin in sorted(self.api_origins | self.ws_origins, key=str):
+            if origin.scheme in ("http", "ws") and not is_loopback(origin.host):
+                log.warning(f"coze-mitm: {origin} is plain {origin.scheme}:// on another machine: the access tokens "
+                            "coze-mitm adds would cross the network in clear text; use https:// (wss://)")
+        if not self.page_origins:
+            log.warning("coze-mitm: coze_origins is empty: no web page may use the credentials (set --set coze_origins=...)")
+        log.info(f"coze-mitm: {self.broker.mode.upper()} mode for {apis}; page origins: {', '.join(sorted(self.page_origins)) or 'none'}")
+
+    def running(self):
+        self._warn_if_reachable()
+
+    def _warn_if_reachable(self) -> None:
+        """mitmdump listens on every interface unless told otherwise: say who can reach the credentials."""
+        host = getattr(ctx.options, "listen_host", "127.0.0.1")
+        if is_loopback(host):
+            return
+        where = f"address {host}" if host else "every interface (mitmdump's default)"
+        if self.allow_remote:
+            who = "and coze_allow_remote is on: anyone who reaches it gets Coze credentials as any user they name"
+        else:
+            who = ("but coze_allow_remote is off: tagged requests from other machines are refused; "
+                   "add --listen-host 127.0.0.1 to listen on this machine only")
+        log.warning(f"coze-mitm: the proxy listens on {where}, {who}")
+
+    def done(self):
+        if self.broker is not None:
+            self.broker.close()
+
+    # -- questions the other addons ask about a request --
+
+    def is_coze_api(self, request: http.Request) -> bool:
+        """Is this request addressed (by its real destination, not its Host header) to a Coze API origin?"""
+        return (request.scheme.lower(), request.host.lower(), request.port) in self._api_keys
+
+    def is_coze_ws(self, request: http.Request) -> bool:
+        """Is this a WebSocket handshake to a Coze WebSocket host (ws.coze.cn, or one in coze_api_hosts)?"""
+        scheme = WS_SCHEME_OF_HTTP.get(request.scheme.lower())
+        if scheme is None or (scheme, request.host.lower(), request.port) not in self._ws_keys:
+            return False  # asked of every request auth sees: the header, a scan of them all, comes last
+        return request.headers.get("upgrade", "").lower() == "websocket"
+
+    def page_origin_of(self, request: http.Request) -> str | None:
+        """The coze_origins entry this request is addressed to (one of the user's pages), or None."""
+        return self._page_keys.get((request.scheme.lower(), request.host.lower(), request.port))
+
+    def is_status_host(self, request: http.Request) -> bool:
+        return request.host.lower() == STATUS_HOST

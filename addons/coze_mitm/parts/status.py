@@ -1,0 +1,286 @@
+"""http://coze.mitm/ — the proxy's own pages, answered here and never forwarded.
+
+/                    HTML status page for a person (also over https://coze.mitm/)
+/status.json         the same data for scripts (and the userscript's "am I proxied?" check)
+/coze-chat.user.js   the userscript with this proxy's settings filled in (Tampermonkey offers to
+                     install any URL ending in .user.js)
+/ca-probe.png        a 1x1 image the status page loads over HTTPS to see whether the browser
+                     accepts the proxy's certificates (i.e. trusts the mitmproxy CA)
+/metrics             the counters in Prometheus' text format (status_usage.py): usage per user,
+                     requests by outcome, token exchanges by result
+
+None of them shows a secret (tokens, the PAT, the key) or carries CORS headers, and no GET changes
+state: a web page can neither read them nor poke them. The page is status.html (status_page.py),
+rendered from the data of /status.json (`status()`) with autoescape: the one place values are
+escaped. To add a section, add its data to `status()` and its markup to status.html.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+
+from mitmproxy import ctx, http, tls
+
+from coze_mitm.parts import demo
+from coze_mitm.core import metrics
+from coze_mitm.pages import status_usage
+from coze_mitm.parts.answers import accept_connect
+from coze_mitm.core.config import REPO_ROOT
+from coze_mitm.core.csp_policy import resolve_sdk_url
+from coze_mitm.core.identity import short_id
+from coze_mitm.core.config import STATUS_HOST
+from coze_mitm.parts.settings import CozeSettings
+from coze_mitm.pages.status_page import PAGE_CSP, PROBE_SCRIPT, STYLE, render  # noqa: F401  (STYLE, PROBE_SCRIPT: for the tests)
+from coze_mitm.core.exchange import scrub
+from coze_mitm.pages import userscript_fill
+from coze_mitm.pages.userscript_fill import (  # noqa: F401  (re-exported: the tests and older imports use status.*)
+    NO_ORIGIN_MATCH, VERSION_STATE_FILE, base_version, fill_userscript, proxy_address, script_origins, set_version,
+    version_stamp,
+)
+
+log = logging.getLogger("coze.status")
+
+USERSCRIPT_PATH = REPO_ROOT / "userscript" / "coze-chat.user.js"
+USERSCRIPT_URL = f"http://{STATUS_HOST}/coze-chat.user.js"
+# A 1x1 transparent PNG.
+PROBE_PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+)
+from coze_mitm.options import LAUNCHER  # noqa: E402  (how each way of starting names a setting)
+# How each way of starting the proxy spells a setting, for the page's hints (option coze_launcher).
+HINTS = {
+    "": {"bot_id": "--set coze_bot_id=<bot id>", "origins": "--set coze_origins=https://your.page"},
+    LAUNCHER: {"bot_id": "--bot-id <bot id>", "origins": "--origins https://your.page"},
+}
+
+class StatusPages:
+    def __init__(self, settings: CozeSettings, accounting=None):
+        self.settings = settings
+        self.accounting = accounting  # the Accounting part: usage per user, budgets
+        self._template: str | None = None
+        self.userscript: bytes | None = None
+        self.userscript_version = ""
+        self.sdk_url = ""
+        self.proxy = proxy_address("", None)  # host:port the served script names (see running)
+        self._bound_port: int | None = None
+        self.problems: list[str] = []
+
+
+    # ------------------------------------------------------------ configuration
+
+    def configure(self, updated):
+        if self._template is None:
+            try:
+                self._template = USERSCRIPT_PATH.read_text(encoding="utf-8")
+            except OSError as e:
+                log.warning(f"coze-mitm: cannot read the userscript {USERSCRIPT_PATH} ({e}); "
+                            f"{USERSCRIPT_URL} will answer 404")
+                self._template = ""
+        opts = ctx.options
+        if "coze_launcher" in updated and opts.coze_launcher not in HINTS:
+            log.warning(f"coze-mitm: coze_launcher={opts.coze_launcher!r} is unknown (only {LAUNCHER} is); "
+                        "the status page's hints name --set options")
+        problems = []
+        api_origins = sorted(str(o) for o in self.settings.api_origins)
+        try:
+            self.sdk_url = resolve_sdk_url(opts.coze_sdk_url, api_origins)
+        except ValueError as e:
+            # An ERROR line at startup stops mitmdump, as a bad setting should (said once, not per reconfigure).
+            if str(e) not in self.problems:
+                log.error(f"coze-mitm: {e}; use the SDK's https:// URL, or leave coze_sdk_url empty for the official one")
+            problems.append(str(e))
+            self.sdk_url = resolve_sdk_url("", api_origins)
+        self.problems = problems
+        if updated & {"listen_host", "listen_port", "mode"}:
+            self._bound_port = None  # the servers are restarted: until `running`, what the options say
+        self.proxy = proxy_address(opts.listen_host, self._bound_port or opts.listen_port)
+        self._build_userscript()
+
+    def running(self):
+        # The port really bound (listen_port 0 means "any free port"); the host stays the browser's view of it.
+        server = ctx.master.addons.get("proxyserver")
+        addrs = server.listen_addrs() if server is not None else []
+        if addrs:
+            self._bound_port = addrs[0][1]
+            real = proxy_address(ctx.options.listen_host, self._bound_port)
+            if real != self.proxy:
+                self.proxy = real
+                self._build_userscript()
+
+    def _build_userscript(self) -> None:
+        if not self._template:
+            self.userscript, self.userscript_version = None, ""
+            return
+        values = {"botId": demo.bot_id(self.settings), "title": ctx.options.coze_title, "sdkUrl": self.sdk_url,
+                  "loginMode": status_usage.identities(self.settings)["mode"]}  # its "fresh identity" menu says what follows
+        self.userscript, self.userscript_version, persisted = userscript_fill.build(
+            self._template, sorted(self.settings.page_origins), values, self.proxy, getattr(ctx.options, "confdir", None))
+        if not persisted:
+            log.debug("coze-mitm: could not keep the userscript's version in the confdir; "
+                      "installed copies may be offered an update after each restart")
+
+    # ------------------------------------------------------------ hooks
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        # https://coze.mitm exists only here: accept the CONNECT without trying to reach a server first.
+        if flow.request.host.lower() == STATUS_HOST and not flow.response:
+            accept_connect(flow)
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        # No server is called coze.mitm: make the certificate from the name alone rather than first try
+        # (connection_strategy=eager) and fail to reach one, with a warning per connection.
+        server = data.context.server
+        if server.address and str(server.address[0]).lower() == STATUS_HOST:
+            server.tls = False
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or not flow.live:
+            return
+        if not self.settings.is_status_host(flow.request):
+            return
+        path = flow.request.path.split("?", 1)[0]
+        if flow.request.method not in ("GET", "HEAD"):
+            flow.response = self._json(405, {"code": 4000, "msg": "coze.mitm pages are read-only: use GET"})
+        elif path in ("/", "/index.html"):
+            headers = self._headers("text/html; charset=utf-8")
+            headers["Content-Security-Policy"] = PAGE_CSP
+            headers["X-Frame-Options"] = "DENY"
+            flow.response = http.Response.make(200, self.render_html(flow).encode("utf-8"), headers)
+        elif path == "/status.json":
+            flow.response = self._json(200, self.status(flow))
+        elif path == "/metrics":
+            text = status_usage.metrics_text(self.settings, self.accounting)
+            flow.response = http.Response.make(200, text.encode("utf-8"), {
+                "Content-Type": metrics.CONTENT_TYPE, "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+            })
+        elif path == "/coze-chat.user.js" and self.userscript is not None:
+            flow.response = http.Response.make(200, self.userscript, self._headers("text/javascript; charset=utf-8"))
+        elif path == "/ca-probe.png":
+            # Loaded cross-origin by the http:// status page, so no Cross-Origin-Resource-Policy here.
+            flow.response = http.Response.make(200, PROBE_PNG, {
+                "Content-Type": "image/png", "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+            })
+        else:
+            flow.response = self._json(404, {"code": 4000, "msg": f"no page {path} here; see http://{STATUS_HOST}/"})
+        flow.comment = "coze-mitm: status page"
+
+    @staticmethod
+    def _headers(content_type: str) -> dict[str, str]:
+        return {
+            "Content-Type": content_type,
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+            # Other sites may not embed these (as <script>, <img>, ...); navigating to them still works.
+            "Cross-Origin-Resource-Policy": "same-origin",
+            "Referrer-Policy": "no-referrer",
+        }
+
+    def _json(self, status: int, data: dict) -> http.Response:
+        body = json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8")
+        return http.Response.make(status, body, self._headers("application/json; charset=utf-8"))
+
+    # ------------------------------------------------------------ the data
+
+    def status(self, flow: http.HTTPFlow | None = None) -> dict:
+        s = self.settings
+        stats = s.stats
+        now = time.time()
+        # (Inside a CONNECT tunnel the scheme follows the server side, which tls_clienthello set to none.)
+        over_https = bool(flow and (flow.request.scheme == "https" or flow.client_conn.tls))
+        demo_on = demo.enabled()
+        data = {
+            "service": "coze-mitm",
+            "mode": s.broker.mode if s.broker else None,
+            "api": sorted(map(str, s.api_origins)),
+            "origins": sorted(s.page_origins),
+            "problems": [scrub(p) for p in ([s.problem] if s.problem else []) + self.problems],
+            "uptime_seconds": int(now - stats.started),
+            "proxy": self.proxy,
+            "https_needed": self._https_needed(),
+            "ca": {
+                # Fetched over https: the browser accepted the proxy's certificate (trusted CA, or a
+                # warning clicked through). Over http nothing is known here; the HTML page probes.
+                "fetched_over_https": over_https,
+                "probably_trusted": True if over_https else None,
+                "install_from": "http://mitm.it",
+            },
+            "userscript": {
+                "url": USERSCRIPT_URL, "version": self.userscript_version, "sdk_url": self.sdk_url,
+                "title": ctx.options.coze_title, "pages": script_origins(s.page_origins),
+            },
+            "csp": {
+                "enabled": bool(ctx.options.coze_csp),
+                # page origin -> why the chat is unstyled there (see csp.py), scrub()bed like all upstream text
+                "inline_styles_blocked": {o: scrub(m) for o, m in sorted(stats.page_notes.items())},
+            },
+            "counters": {
+                "requests": stats.requests,
+                "injected": stats.injected,
+                "preflights": stats.preflights,
+                "exchanges": s.broker.exchanges if s.broker else 0,
+                "exchange_failures": s.broker.failures if s.broker else 0,
+                "refusals": dict(sorted(stats.refusals.items())),
+            },
+            # Who the users are (the proxy login, or the userscript's tags) and what they used.
+            "identities": status_usage.identities(s),
+            "usage": status_usage.usage(self.accounting),  # biggest spenders first
+            **status_usage.accounting_state(self.accounting),
+            "users": [
+                {"user": short_id(user_id), "expires_at": int(expires_at), "expires_in_seconds": int(expires_at - now)}
+                for user_id, expires_at in reversed(s.broker.users() if s.broker else [])
+            ][:100],
+            "last_errors": [
+                {"time": e.get("time"), "reason": scrub(str(e.get("reason", "")), 80), "msg": scrub(str(e.get("msg", ""))),
+                 "logid": scrub(str(e.get("logid", "")), 80)}
+                for e in reversed(stats.last_errors)
+            ],
+        }
+        bot_id = demo.bot_id(s)
+        if bot_id:
+            data["bot_id"] = bot_id
+        if demo_on:
+            data["demo"] = {"sandbox": demo.SANDBOX_API, "page": f"{demo.DEMO_ORIGIN}/demo", "ready": demo.active(s)}
+        return data
+
+    def _https_needed(self) -> bool:
+        """Does anything the pages load need the mitmproxy CA: an https page, or an https API they call?"""
+        if any(o.startswith("https://") for o in script_origins(self.settings.page_origins)):
+            return True
+        called = demo.page_api_origins(self.settings)
+        return any(o.startswith(("https://", "wss://")) for o in called)
+
+    # ------------------------------------------------------------ the page
+
+    def render_html(self, flow: http.HTTPFlow | None = None) -> str:
+        data = self.status(flow)
+        launcher = ctx.options.coze_launcher if ctx.options.coze_launcher in HINTS else ""
+        hints = dict(HINTS[launcher])
+        hints["origins_demo"] = ""
+        if data.get("demo"):
+            if launcher:
+                hints["origins"] = f"python {LAUNCHER} --demo {hints['origins']}"
+            hints["origins_demo"] = f" (the demo page {data['demo']['page']} needs no userscript)"
+        c = data["counters"]
+        view = {
+            "mode": (data["mode"] or "not configured").upper(),
+            "running_ok": data["mode"] is not None and not data["problems"],
+            "install": bool(self.userscript) and bool(data["userscript"]["pages"]),
+            "demo": data.get("demo"),  # optional keys of status.json: None when absent
+            "bot_id": data.get("bot_id", ""),
+            "bot_id_is_sandbox": bool(data.get("demo")) and not ctx.options.coze_bot_id.strip(),
+            "hints": hints,
+            "logins": data["identities"]["mode"] != "none",
+            "user_label": "login" if data["identities"]["mode"] != "none" else "user (shortened id)",
+            "counters": [
+                ("Requests to the Coze API", c["requests"]),
+                ("Credentials injected", c["injected"]),
+                ("CORS preflights answered", c["preflights"]),
+                ("Token exchanges", c["exchanges"]),
+                ("Token exchange failures", c["exchange_failures"]),
+                ("Requests refused", sum(c["refusals"].values())),
+            ],
+        }
+        return render(data, view)
