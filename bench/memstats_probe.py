@@ -103,4 +103,4 @@ class MemstatsProbe:
 
 
 # The module is the addon, as addons/coze.py is: no second `addons` list for mitmproxy to walk per event.
-globals().update(Bundle(MemstatsProbe()).script_namespace())
+addons = [Bundle(MemstatsProbe())]  # one addon object, as addons/coze.py registers its bundle

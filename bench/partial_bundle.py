@@ -94,4 +94,4 @@ else:
     parts = [make[p]() for p in names]
 if os.environ.get("COZE_BENCH_TIMING"):
     parts = timed(parts, Path(os.environ["COZE_BENCH_TIMING"]))
-globals().update(Bundle(*parts).script_namespace())  # the module is the addon, as addons/coze.py is
+addons = [Bundle(*parts)]  # one addon object, as addons/coze.py registers its bundle

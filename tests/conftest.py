@@ -89,3 +89,18 @@ def no_test_uses_the_default_confdir():
     leaked = (TEST_HOME / ".mitmproxy" / "coze-mitm-userscript.json").exists()
     shutil.rmtree(TEST_HOME, ignore_errors=True)
     assert not leaked, "a test used mitmproxy's default confdir: give it its own (confdir=tmp_path)"
+
+
+@pytest.fixture(autouse=True)
+def coze_mitm_modules_as_imported():
+    """A test that loads addons/coze.py twice in this process (as mitmproxy's script loader does) gets fresh
+    coze_mitm modules the second time (coze.py's reload rule); the tests after it keep the modules they
+    imported, as one mitmdump process keeps its own."""
+    before = {name: module for name, module in sys.modules.items() if name.split(".")[0] == "coze_mitm"}
+    yield
+    for name in [n for n in sys.modules if n.split(".")[0] == "coze_mitm"]:
+        del sys.modules[name]
+    sys.modules.update(before)
+    package = before.get("coze_mitm")
+    if package is not None and hasattr(package, "loaded_by_script"):
+        del package.loaded_by_script

@@ -13,6 +13,7 @@ import sqlite3
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from coze_mitm.options import OptionsOnly
 from tests.clients import session, tagged
 
 PAGE = "https://chat.example.org"
@@ -115,7 +116,7 @@ class TestOptions:
         from coze_mitm.parts.accounting import Accounting
 
         acc = Accounting()
-        with taddons.context(acc) as tctx:
+        with taddons.context(OptionsOnly(), acc) as tctx:
             tctx.configure(acc, confdir=str(tmp_path), coze_usage_file="memory")
             tctx.configure(acc, coze_user_daily_tokens=500)
             with caplog.at_level(logging.ERROR):
@@ -140,7 +141,7 @@ class TestOptions:
         from coze_mitm.parts.accounting import Accounting
 
         acc = Accounting()
-        with taddons.context(acc) as tctx:
+        with taddons.context(OptionsOnly(), acc) as tctx:
             tctx.configure(acc, confdir=str(tmp_path))
             acc.book.tokens("login:alice", 5)
             acc.done()

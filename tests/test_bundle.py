@@ -175,6 +175,34 @@ class TestDispatch:
                 taddons_ctx.configure(bundle, coze_test_b=-1)
 
 
+    def test_async_running_and_done_are_awaited_in_order(self):
+        """mitmproxy awaits an async running/done; behind the bundle the next part runs only after it."""
+        seen = []
+
+        class Sync:
+            def running(self):
+                seen.append("sync running")
+
+            def done(self):
+                seen.append("sync done")
+
+        class Async:
+            async def running(self):
+                await asyncio.sleep(0)
+                seen.append("async running")
+
+            async def done(self):
+                await asyncio.sleep(0)
+                seen.append("async done")
+
+        bundle = Bundle(Async(), Sync(), Async())
+        run(bundle.running())
+        run(bundle.done())
+        assert seen == ["async running", "sync running", "async running", "async done", "sync done", "async done"]
+        # all synchronous: nothing to await, as before
+        assert Bundle(Sync()).running() is None
+
+
 # --------------------------------------------------------------------------- the real bundle
 
 def load_coze(tmp_path):
@@ -189,19 +217,20 @@ def load_coze(tmp_path):
 def test_coze_py_is_one_addon_object_with_the_parts_in_order(tmp_path):
     tctx, ns = load_coze(tmp_path)
     bundle = ns.bundle
-    # The script module is the one object mitmproxy walks: no `addons` level below it; every hook name is
-    # there (None for those no part has: a name a module lacks is a costly question on Python 3.11).
-    assert ns.addons == ()
-    assert list(addonmanager.traverse([ns])) == [ns]
-    assert bundle.hooks() and all(getattr(ns, name) is handler for name, handler in bundle.hooks().items())
-    assert all(hasattr(ns, name) for name in addonmanager.hooks.all_hooks)
-    assert ns.update is None and ns.request is bundle.request
+    # Registered as mitmproxy documents: the module's `addons` holds the one Bundle object. The module has no
+    # hook names of its own, and the bundle only those some part has: mitmproxy warns "The add_log event has
+    # been deprecated" for any addon that merely has that name.
+    assert ns.addons == [bundle]
+    assert list(addonmanager.traverse([ns])) == [ns, bundle]
+    assert not any(hasattr(ns, name) for name in addonmanager.hooks.all_hooks)
+    assert not hasattr(bundle, "add_log") and not hasattr(bundle, "update")
+    assert bundle.hooks() and bundle.request is bundle.hooks()["request"]
     assert [type(p).__name__ for p in bundle.parts] == [
-        "Cycles", "HeapTrim", "CozeSettings", "Demo", "StatusPages", "Cors", "Auth", "Csp", "Streaming", "Accounting", "FlowLog",
-        "QuietExit"]
+        "CozeSettings", "ProcessTuning", "Login", "Demo", "StatusPages", "Cors", "Auth", "Csp", "Streaming", "Accounting",
+        "FlowLog", "QuietExit"]
     # Every part's options are registered, as when each part was an addon of its own.
     for name in ("coze_config", "coze_origins", "coze_demo", "coze_launcher", "coze_user_daily_tokens",
-                 "coze_usage_file", "coze_quiet"):
+                 "coze_usage_file", "coze_quiet", "coze_tune_process"):
         assert name in tctx.options
     # Every hook a part implements is one the bundle has.
     for part in bundle.parts:
@@ -209,7 +238,7 @@ def test_coze_py_is_one_addon_object_with_the_parts_in_order(tmp_path):
                      "tls_clienthello", "websocket_start", "websocket_message", "websocket_end"):
             if hasattr(part, hook):
                 assert hasattr(bundle, hook), (type(part).__name__, hook)
-    tctx.master.addons.invoke_addon_sync(ns, addonmanager.hooks.DoneHook())
+    tctx.master.addons.invoke_addon_sync(bundle, addonmanager.hooks.DoneHook())
 
 
 async def drive(manager, f: http.HTTPFlow, upstream: http.Response | None) -> None:
@@ -283,7 +312,7 @@ def test_the_bundle_treats_flows_as_the_parts_registered_one_by_one(tmp_path, co
         confdir = tmp_path / shape.replace(" ", "-")
         confdir.mkdir()
         ns = script.load_script(str(COZE_PY))
-        addons = ns.bundle.parts if shape == "one by one" else [ns]
+        addons = ns.bundle.parts if shape == "one by one" else [ns.bundle]
         # confdir first: registered one by one, earlier parts are configured as later ones add options.
         tctx = taddons.context(*addons, options=options.Options(confdir=str(confdir)))
         tctx.options.update(coze_config=str(config_file), coze_origins=f"{PAGE},{DEMO_PAGE}", coze_usage_file="memory",
@@ -349,3 +378,22 @@ def test_script_reload_keeps_the_bundle_working(tmp_path, standin, config_file):
         assert "Addon error" not in proxy.output and "already exists" not in proxy.output, proxy.output
     finally:
         proxy.stop()
+
+
+def test_a_bad_value_once_running_is_refused_and_rolled_back(tmp_path, config_file):
+    """At start-up a bad coze_* value is one ERROR line (mitmdump exits); once running it is an OptionsError,
+    so mitmproxy keeps the value in force and mitmweb shows why (tests/test_config.py covers start-up)."""
+    ns = script.load_script(str(COZE_PY))
+    tctx = taddons.context(ns, options=options.Options(confdir=str(tmp_path)))  # in the chain: told of changes
+    tctx.options.update(coze_config=str(config_file), coze_origins=PAGE, coze_usage_file="memory")
+    tctx.master.addons.invoke_addon_sync(ns.bundle, addonmanager.hooks.RunningHook())
+    for bad in ({"coze_token_ttl": 5}, {"coze_origins": "not an origin"}, {"coze_user_daily_tokens": -1},
+                {"coze_sdk_url": "javascript:alert(1)"}, {"coze_csp_extra": "script-src 'nonce-abc'"},
+                {"coze_config": str(tmp_path / "missing.json")}):
+        with pytest.raises(exceptions.OptionsError, match="coze-mitm: "):
+            tctx.options.update(**bad)
+        name = next(iter(bad))
+        assert getattr(tctx.options, name) != bad[name], name  # rolled back by mitmproxy
+    assert ns.settings.broker is not None and ns.settings.problem == ""  # the settings in force still serve
+    assert tctx.options.coze_token_ttl == 900 and tctx.options.coze_origins == PAGE
+    tctx.master.addons.invoke_addon_sync(ns.bundle, addonmanager.hooks.DoneHook())

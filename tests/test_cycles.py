@@ -144,17 +144,19 @@ def test_a_script_reload_does_not_freeze_live_flows(monkeypatch):
         first.done()
 
 
-def test_the_bundle_installs_it(tmp_path):
-    """The real mitmdump with the bundle: messages checked by the cycle-free function, start-up frozen."""
+def test_the_bundle_installs_it_when_asked(tmp_path):
+    """The real mitmdump with the bundle and coze_tune_process (as run_mitm.py runs it): messages checked by the
+    cycle-free function, start-up frozen. Without the option nothing changes (tests/test_neighbours.py)."""
     probe = tmp_path / "probe.py"
     probe.write_text(
         "import gc, logging\nfrom mitmproxy.utils import typecheck\n"
         "class P:\n    def running(self):\n"
         "        logging.warning('typecheck is %s.%s, %d objects frozen', typecheck.check_option_type.__module__,"
         " typecheck.check_option_type.__name__, gc.get_freeze_count())\naddons = [P()]\n")
-    proxy = Mitmdump(tmp_path, ["coze_pat=pat_test_only_0123456789abcdef"], extra_args=["-s", str(probe)]).start()
+    proxy = Mitmdump(tmp_path, ["coze_pat=pat_test_only_0123456789abcdef", "coze_tune_process=true"],
+                     extra_args=["-s", str(probe)]).start()
     try:
-        assert proxy.wait_for_output(r"typecheck is cycles\.check_option_type, \d{5,} objects frozen", timeout=15), \
+        assert proxy.wait_for_output(r"typecheck is coze_mitm\.process\.cycles\.check_option_type, \d{5,} objects frozen", timeout=15), \
             proxy.output
     finally:
         proxy.stop()
@@ -168,3 +170,60 @@ def test_the_types_remembered_stay_bounded():
         with pytest.raises(TypeError):
             cycles.check_option_type("field", "not a kind", kind | None)
     assert len(cycles._plans) <= cycles._MAX_PLANS
+
+
+def test_tuning_puts_back_what_it_changed(monkeypatch):
+    """ProcessTuning (coze_tune_process): applied at running, undone at done: mitmproxy's own check back, nothing
+    frozen, no trim thread."""
+    import threading
+
+    from coze_mitm.process.tuning import ProcessTuning
+
+    monkeypatch.setattr(cycles, "_froze_at_start", False)
+    original = typecheck.check_option_type
+    tuning = ProcessTuning()
+    tuning.wanted = True
+    tuning.running()
+    try:
+        assert typecheck.check_option_type is cycles.check_option_type
+        assert gc.get_freeze_count() > 1000
+    finally:
+        tuning.done()
+    assert typecheck.check_option_type is original
+    assert gc.get_freeze_count() == 0
+    assert "coze-heap-trim" not in {t.name for t in threading.enumerate()}
+
+
+def test_someone_elses_freeze_and_check_are_left_alone(monkeypatch):
+    monkeypatch.setattr(cycles, "_froze_at_start", False)
+    gc.freeze()  # another addon's
+    theirs = gc.get_freeze_count()
+    part = cycles.Cycles()
+    try:
+        part.running()
+        assert gc.get_freeze_count() == theirs  # not frozen again, and not thawed at done
+        part.done()
+        assert gc.get_freeze_count() == theirs
+    finally:
+        gc.unfreeze()
+
+    def their_check(name, value, typeinfo):
+        return None
+
+    monkeypatch.setattr(typecheck, "check_option_type", their_check)
+    cycles.uninstall()
+    assert typecheck.check_option_type is their_check  # replaced after ours: theirs stays
+
+
+def test_a_failing_tuning_step_never_stops_the_start(monkeypatch, caplog):
+    from coze_mitm.process.tuning import ProcessTuning
+
+    tuning = ProcessTuning()
+    tuning.wanted = True
+    monkeypatch.setattr(tuning.heap_trim, "running", lambda: (_ for _ in ()).throw(RuntimeError("no threads here")))
+    monkeypatch.setattr(cycles, "_froze_at_start", True)
+    original = typecheck.check_option_type
+    tuning.running()
+    assert "process tuning not applied (no threads here)" in caplog.text
+    assert typecheck.check_option_type is original and not tuning.active
+    tuning.done()

@@ -13,7 +13,7 @@ import pytest
 from coze_mitm.process import heap_trim
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.skipif(heap_trim._malloc_trim() is None, reason="the C library has no malloc_trim (not glibc)")
+needs_glibc = pytest.mark.skipif(heap_trim._malloc_trim() is None, reason="the C library has no malloc_trim (not glibc)")
 
 # Fragments the heap as a proxy does: many small blocks freed, every 64th kept (so the free space is in the
 # middle of the heap, not at its top, where glibc would give it back by itself), then one trim.
@@ -35,6 +35,7 @@ FRAGMENT = textwrap.dedent("""
 """)
 
 
+@needs_glibc
 def test_trim_gives_free_pages_in_the_middle_of_the_heap_back():
     out = subprocess.run([sys.executable, "-c", FRAGMENT, str(REPO / "addons")], capture_output=True, text=True,
                          timeout=60, check=True).stdout.split()
@@ -42,6 +43,7 @@ def test_trim_gives_free_pages_in_the_middle_of_the_heap_back():
     assert before - after > 40 * 1024, (before, after)  # most of the ~80 MiB freed went back
 
 
+@needs_glibc
 def test_the_part_trims_from_its_own_thread_while_running(monkeypatch):
     calls: list[tuple[str, int]] = []
     trimmed = threading.Event()
@@ -63,3 +65,19 @@ def test_the_part_trims_from_its_own_thread_while_running(monkeypatch):
     seen = len(calls)
     threading.Event().wait(0.05)
     assert len(calls) == seen  # stopped at done
+
+
+@pytest.mark.parametrize("refusal", [TypeError("bad argument type for built-in operation"), OSError("no such library"),
+                                     AttributeError("function 'malloc_trim' not found")])
+def test_a_c_library_without_malloc_trim_is_a_no_op(monkeypatch, refusal):
+    """Windows refuses ctypes.CDLL(None) with a TypeError; musl and macOS have no malloc_trim. Tuning then does
+    nothing for the heap, and the start-up goes on."""
+    def refuse(*args, **kwargs):
+        raise refusal
+
+    monkeypatch.setattr(heap_trim.ctypes, "CDLL", refuse)
+    assert heap_trim._malloc_trim() is None and heap_trim.trim_now() is False
+    part = heap_trim.HeapTrim(interval=0.01)
+    part.running()
+    assert part._thread is None
+    part.done()

@@ -393,7 +393,7 @@ class TestTeam:
 
         acc = Accounting()
         acc.daily_tokens = 50
-        tctx.settings.accounting = acc
+        tctx.pages.accounting = acc
         book = acc.book
         book.chat(FULL_ID)
         book.tokens(FULL_ID, 7)

@@ -7,11 +7,25 @@ mitmproxy keeps the previous value). Declared by the settings part, the first pa
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
+
+from mitmproxy import exceptions
 
 from coze_mitm.core import config
 
 LAUNCHER = "run_mitm.py"
+
+log = logging.getLogger("coze.options")
+
+
+def refuse(message: str, *, started: bool) -> None:
+    """A coze_* value that cannot be used. At start-up: one ERROR line, which makes mitmdump/mitmweb exit
+    (an OptionsError there would print a traceback). Once running (mitmweb's options, `set` in the console):
+    OptionsError, so mitmproxy keeps the previous value and shows why; the part keeps its last good state."""
+    if started:
+        raise exceptions.OptionsError(message)
+    log.error(message)
 
 
 def declare(loader) -> None:
@@ -110,3 +124,10 @@ def declare(loader) -> None:
         "collector's way, and glibc's free heap pages handed back once a minute. Off by default: it changes "
         "the process for every addon in it. Everything it changes is put back at exit or when turned off.",
     )
+
+
+class OptionsOnly:
+    """The options without the settings part: for a part tested on its own (taddons.context(OptionsOnly(), part))."""
+
+    def load(self, loader):
+        declare(loader)

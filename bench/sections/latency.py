@@ -92,7 +92,7 @@ def _interleaved(proxies: dict[str, Mitmdump], base: str, token: str, rounds: in
 NOOP = "one object, 4 flow hooks that do nothing (any -s script)"
 TIMED = "bundle, every part's hooks timed"
 CYCLES_ONLY = "bare mitmdump + cycles.py (the part that changes mitmproxy itself)"
-AS_RUN_MITM = "bundle as run_mitm.py runs it (coze_quiet: a log line per flow)"
+AS_RUN_MITM = "bundle as run_mitm.py runs it (coze_quiet: a log line per flow; coze_tune_process)"
 
 
 def attribution_table(attribution) -> str:
@@ -158,7 +158,7 @@ def start_attribution(work: Path, coze_sets: list[str], streamer: Mitmdump) -> d
         CYCLES_ONLY: Mitmdump(work / "cycles-only", ["flow_detail=0"], script=False,
                               extra_args=["-s", str(REPO / "bench" / "cycles_only.py")]),
         # As run_mitm.py runs it: coze_quiet on, so every flow coze-mitm acted on gets its log line.
-        AS_RUN_MITM: Mitmdump(work / "as-run-mitm", [*coze_sets, "coze_quiet=true"]),
+        AS_RUN_MITM: Mitmdump(work / "as-run-mitm", [*coze_sets, "coze_quiet=true", "coze_tune_process=true"]),
     }
     (work / "as-run-mitm").mkdir()
     for name, proxy in references.items():

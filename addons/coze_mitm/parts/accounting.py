@@ -24,6 +24,7 @@ from pathlib import Path
 
 from mitmproxy import ctx, http
 
+from coze_mitm import options
 from coze_mitm.core import fields
 from coze_mitm.flowmeta import COZE_USER
 from coze_mitm.core.bounded import decoded_prefix
@@ -45,13 +46,14 @@ class Accounting:
         self.store: SqliteUsageStore | None = None
         self.daily_tokens = 0
         self.unreadable_streams = 0
+        self.started = False
 
 
     def configure(self, updated):
         if "coze_user_daily_tokens" in updated:
             if ctx.options.coze_user_daily_tokens < 0:
-                # Logged, not raised: an OptionsError from a script comes with a traceback (see settings.py).
-                log.error("coze-mitm: coze_user_daily_tokens must be 0 (no budget) or a number of tokens per user and day")
+                options.refuse("coze-mitm: coze_user_daily_tokens must be 0 (no budget) or a number of tokens per user "
+                               "and day", started=self.started)
                 return
             self.daily_tokens = ctx.options.coze_user_daily_tokens
         if "coze_usage_file" in updated or ("confdir" in updated and self.store is None):
@@ -70,6 +72,9 @@ class Accounting:
         self.store = SqliteUsageStore(path, on_error=log.warning)
         self.book = UsageBook(self.store, max_users=self.max_users)
         self.book.load()
+
+    def running(self):
+        self.started = True
 
     def done(self):
         self.book.close()  # the pending increments reach the file

@@ -24,6 +24,7 @@ import re
 
 from mitmproxy import ctx, http
 
+from coze_mitm import options
 from coze_mitm.parts import demo
 from coze_mitm.core.bounded import decoded_prefix
 from coze_mitm.core.csp_meta import meta_policies, patch_meta_tags
@@ -54,9 +55,8 @@ class Csp:
         try:
             extra = parse_extra(opts.coze_csp_extra)
         except ValueError as e:
-            # An ERROR line at startup stops mitmdump; later (mitmweb's option editor) the extras are dropped.
             if "coze_csp_extra" in updated:
-                log.error(f"coze-mitm: {e}")
+                options.refuse(f"coze-mitm: {e}", started=self.settings.started)
             extra = {}
         api_origins = sorted(str(o) for o in self.settings.api_origins)
         try:

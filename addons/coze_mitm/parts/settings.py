@@ -78,6 +78,7 @@ class CozeSettings:
         self.login_mode = "none"  # which form of mitmproxy's proxyauth names the users (logins.MODES)
         self.page_origins: frozenset[str] = frozenset()
         self.stats = Stats()
+        self.started = False  # running: a bad value is then refused with OptionsError (rolled back)
         self.problem = "not configured yet"  # why tagged requests cannot be served, while broker is None
 
 
@@ -93,10 +94,10 @@ class CozeSettings:
         try:
             self._rebuild()
         except ConfigError as e:
-            # Not OptionsError: mitmproxy would print a traceback under it. An ERROR line at startup
-            # makes mitmdump/mitmweb exit; later (options edited in mitmweb) the last good settings stay.
+            if self.started:
+                options.refuse(f"coze-mitm: {e}", started=True)  # rolled back: the last good settings stay
             self.problem = str(e)
-            log.error(f"coze-mitm: {e}")
+            options.refuse(f"coze-mitm: {e}", started=False)
         else:
             self.problem = ""
 
@@ -170,6 +171,7 @@ class CozeSettings:
         log.info(f"coze-mitm: {self.broker.mode.upper()} mode for {apis}; page origins: {', '.join(sorted(self.page_origins)) or 'none'}")
 
     def running(self):
+        self.started = True
         self._warn_if_reachable()
 
     def _warn_if_reachable(self) -> None:

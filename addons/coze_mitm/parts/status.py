@@ -24,6 +24,7 @@ import time
 
 from mitmproxy import ctx, http, tls
 
+from coze_mitm import options
 from coze_mitm.parts import demo
 from coze_mitm.core import metrics
 from coze_mitm.pages import status_usage
@@ -88,9 +89,11 @@ class StatusPages:
         try:
             self.sdk_url = resolve_sdk_url(opts.coze_sdk_url, api_origins)
         except ValueError as e:
-            # An ERROR line at startup stops mitmdump, as a bad setting should (said once, not per reconfigure).
+            message = f"coze-mitm: {e}; use the SDK's https:// URL, or leave coze_sdk_url empty for the official one"
+            if self.settings.started and "coze_sdk_url" in updated:
+                options.refuse(message, started=True)  # rolled back: the SDK URL in force stays
             if str(e) not in self.problems:
-                log.error(f"coze-mitm: {e}; use the SDK's https:// URL, or leave coze_sdk_url empty for the official one")
+                options.refuse(message, started=False)  # said once, not per reconfigure
             problems.append(str(e))
             self.sdk_url = resolve_sdk_url("", api_origins)
         self.problems = problems
