@@ -164,9 +164,16 @@ def main(argv: list[str] | None = None) -> int:
                 proxy.stop()
         if want("soak"):
             step(f"soak ({soak_seconds:.0f} s at {args.rate:.0f} req/s)")
+            # Twice: plain `mitmdump -s addons/coze.py`, then the process as run_mitm.py runs it (coze_tune_process),
+            # so the report says what the opt-in tuning buys.
             soak_rows, details["soak"] = bench_soak(standin, config_path, work, soak_seconds, args.rate, False, proxy_env,
-                                                   args.proxy_set)
+                                                   args.proxy_set, label="plain mitmdump -s")
             rows += soak_rows
+            step(f"soak as run_mitm.py runs it, coze_tune_process ({soak_seconds:.0f} s at {args.rate:.0f} req/s)")
+            tuned_rows, details["soak-tuned"] = bench_soak(standin, config_path, work, soak_seconds, args.rate, False,
+                                                           proxy_env, [*args.proxy_set, "coze_tune_process=true"],
+                                                           label="coze_tune_process")
+            rows += tuned_rows
         if want("leaks"):
             traced_seconds = args.tracemalloc_seconds or soak_seconds
             step(f"traced soak ({traced_seconds:.0f} s at {args.rate:.0f} req/s, tracemalloc in the proxy)")

@@ -31,7 +31,7 @@ HOT_SHARE = 0.6  # of the requests, from the hot users; the rest from the long t
 
 
 def bench_soak(standin, config_path: Path, workdir: Path, seconds: float, rate: float, trace: bool,
-               proxy_env: dict[str, str], proxy_sets: list[str] = ()) -> tuple[list[Row], dict]:
+               proxy_env: dict[str, str], proxy_sets: list[str] = (), label: str = "") -> tuple[list[Row], dict]:
     """A fresh bundle at a steady request rate for `seconds`; RSS of the mitmdump process sampled all along.
 
     Mix: 70% cached-token GETs, 20% POSTs, 10% streamed chats. Users: 60% of requests from 40 "hot" users
@@ -48,7 +48,7 @@ def bench_soak(standin, config_path: Path, workdir: Path, seconds: float, rate: 
     """
     sets = [f"coze_config={config_path}", f"coze_origins={PAGE}", "flow_detail=0", "coze_new_users_per_minute=0",
             f"coze_max_users={SOAK_MAX_USERS}", f"coze_token_ttl={SOAK_TTL}", *proxy_sets]
-    confdir = workdir / ("soak-traced" if trace else "soak")
+    confdir = workdir / ("soak-traced" if trace else "soak") / (label.replace(" ", "-") or "plain")
     stats_dir = confdir / "memstats"
     stats_dir.mkdir(parents=True, exist_ok=True)
     extra = ["-s", str(REPO / "bench" / "memstats_probe.py")]
@@ -201,7 +201,7 @@ def bench_soak(standin, config_path: Path, workdir: Path, seconds: float, rate: 
     flat = late_growth <= 0.5
     rate_done = counts["requests"] / elapsed
     traced = " (tracemalloc on: RSS includes its bookkeeping)" if trace else ""
-    name = "traced soak" if trace else "soak"
+    name = ("traced soak" if trace else "soak") + (f" ({label})" if label else "")
     rows = [
         Row(f"{name} {elapsed / 60:.1f} min at {rate_done:.0f} req/s: mitmdump RSS start / mid / end (peak){traced}",
             f"{start_mb:.1f} / {mid_mb:.1f} / {end_mb:.1f} MiB ({peak_mb:.1f})",
