@@ -129,6 +129,8 @@ def allow_hosts(pl: Plan) -> list[str]:
     patterns = [host_pattern(h) for h in ALWAYS_INTERCEPT]
     if pl.args.demo:
         patterns.append(host_pattern(DEMO_API_HOST))  # the demo page's name for the sandbox, also over https
+        # Coze's own hosts: the demo answers them locally (demo.py), so a page written for Coze learns why
+        patterns += [host_pattern(h) for h in ("api.coze.cn", "api.coze.com", "ws.coze.cn", "ws.coze.com")]
     for base in pl.api_bases:
         origin = config.parse_api_origin(base, websocket=True)
         patterns.append(host_pattern(origin.host, origin.port))

@@ -51,10 +51,11 @@ class TestNeeds:
     def test_sdk_needs_are_the_cdn_the_api_and_what_the_sdk_inlines(self):
         assert NEEDS == {
             "script-src": (CDN,), "style-src": (CDN, "'unsafe-inline'"), "img-src": (CDN, "data:", "blob:"),
-            "font-src": (CDN,), "media-src": (CDN,), "frame-src": (CDN,), "connect-src": (API,),
+            "font-src": (CDN, "data:"), "media-src": (CDN,), "frame-src": (CDN,), "connect-src": (API,),
         }
-        # <style> elements and data:/blob: images only: no inline script, no eval, no wildcard.
-        inlined = {("style-src", "'unsafe-inline'"), ("img-src", "data:"), ("img-src", "blob:")}
+        # <style> elements, data:/blob: images and a data: icon font (@coze/chat-sdk's) only: no inline script, no
+        # eval, no wildcard.
+        inlined = {("style-src", "'unsafe-inline'"), ("img-src", "data:"), ("img-src", "blob:"), ("font-src", "data:")}
         for directive, sources in NEEDS.items():
             for s in sources:
                 if (directive, s) not in inlined:
@@ -66,7 +67,7 @@ class TestNeeds:
         assert needs["script-src"] == ("http://cdn.test:8000",)
         assert needs["connect-src"] == ("http://127.0.0.1:9000", API)
         assert needs["img-src"] == ("http://cdn.test:8000", "data:", "blob:", "https://img.example")
-        assert needs["font-src"] == ("http://cdn.test:8000", "https://fonts.example")
+        assert needs["font-src"] == ("http://cdn.test:8000", "data:", "https://fonts.example")
 
     def test_no_sdk_url_still_lets_the_api_in(self):
         assert sdk_needs(None, [API]) == {"connect-src": (API,)}
@@ -138,7 +139,7 @@ class TestPatchPolicy:
             assert new is policy and changed == []
 
     def test_already_allowed_sources_not_repeated(self):
-        policy = f"script-src *; style-src https: 'unsafe-inline'; img-src {CDN}/ blob: DATA:; font-src http:; " \
+        policy = f"script-src *; style-src https: 'unsafe-inline'; img-src {CDN}/ blob: DATA:; font-src http: data:; " \
                  f"media-src {CDN.upper()}; frame-src *; connect-src {API}"
         assert patch_policy(policy, NEEDS) == (policy, [])
 

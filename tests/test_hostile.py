@@ -41,7 +41,7 @@ PLACEHOLDER_SENT = re.compile(r"\s*bearer\s+user:", re.IGNORECASE | re.DOTALL)
 
 # ---------------------------------------------------------------- strategies
 
-VALID_IDS = st.from_regex(r"[A-Za-z0-9_-]{8,128}", fullmatch=True)
+VALID_IDS = st.from_regex(r"[A-Za-z0-9_-]{1,128}", fullmatch=True)
 SAFE_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n\x00"), max_size=40)
 IDS = st.one_of(
     VALID_IDS,

@@ -21,10 +21,16 @@ def test_placeholder_and_cookie_tags():
     assert find_user_id(h()) is None
 
 
-@pytest.mark.parametrize("bad", ["short", "x" * 129, "has space!", "ümlaut-user", "a/b/c/d/e/f", ""])
+@pytest.mark.parametrize("bad", ["x" * 129, "has space!", "ümlaut-user", "a/b/c/d/e/f", ""])
 def test_malformed_ids_refused(bad):
     with pytest.raises(ValueError, match="malformed"):
         find_user_id(h(("Authorization", f"Bearer user:{bad}")))
+
+
+@pytest.mark.parametrize("good", ["a", "UserId1", "UserId123", "x" * 128, "alice-1"])
+def test_ids_as_short_as_cozes_examples_are_accepted(good):
+    """@coze/chat-sdk's and Coze's examples use ids like UserId123: 1-128 characters of A-Z a-z 0-9 _ -."""
+    assert find_user_id(h(("Authorization", f"Bearer user:{good}"))) == good
 
 
 def test_conflicting_or_duplicated_tags_refused():

@@ -41,7 +41,7 @@ const COZE_MITM_CONFIG = {
 (function (CONFIG) {
   'use strict';
 
-  const USER_ID_RE = /^[A-Za-z0-9_-]{8,128}$/;
+  const USER_ID_RE = /^[A-Za-z0-9_-]{1,128}$/;
   const STORE_KEY = 'coze_user_id';
   const RANDOM_BYTES = 16; // 128 bits
   const NOTICE_ID = 'coze-mitm-notice';

@@ -6,7 +6,7 @@ What the Coze Web Chat SDK needs from a page's CSP, and how a policy is widened 
   img-src, font-src, media-src and frame-src, and the Coze API origin(s) for connect-src (see
   `sdk_needs`). Besides, what the SDK itself puts into the page: its CSS comes as <style> elements
   ('unsafe-inline' for style-src) and it shows data: and blob: images (inlined icons, upload
-  previews). Nothing else: no 'unsafe-eval', no inline scripts, no wildcard. Users who find the SDK
+  previews); @coze/chat-sdk also brings its icon font as a data: URL (font-src data:). Nothing else: no 'unsafe-eval', no inline scripts, no wildcard. Users who find the SDK
   needs more on their pages (an avatar host, a font CDN) add it explicitly with coze_csp_extra.
 * 'unsafe-inline' is never added to a source list that has a nonce or a hash: browsers ignore it
   there. Such a page keeps its policy, and the chat is unstyled on it (`inline_styles_blocked` tells
@@ -44,7 +44,9 @@ CN_SDK_URL = "https://lf-cdn.coze.cn/obj/unpkg/flow-platform/chat-app-sdk/1.2.0-
 OVERSEA_SDK_URL = "https://sf-cdn.coze.com/obj/unpkg-va/flow-platform/chat-app-sdk/1.2.0-beta.6/libs/oversea/index.js"
 
 # What the SDK puts into the page itself: <style> elements, data: and blob: images.
-SDK_INLINE = {"style-src": ("'unsafe-inline'",), "img-src": ("data:", "blob:")}
+# What the SDKs put into the page themselves: <style> elements, data:/blob: images (icons, upload previews), and
+# @coze/chat-sdk's icon font as a data: URL (docs/chat-sdk-notes.md: the one violation on a strict page).
+SDK_INLINE = {"style-src": ("'unsafe-inline'",), "img-src": ("data:", "blob:"), "font-src": ("data:",)}
 UNSAFE_INLINE = "'unsafe-inline'"
 _NONCE_OR_HASH = re.compile(r"'(?:nonce-|sha256-|sha384-|sha512-)", re.IGNORECASE)
 
@@ -157,6 +159,7 @@ def sdk_needs(sdk_url: str | None, api_origins: Iterable[str],
             add(directive, [cdn])
         add("style-src", SDK_INLINE["style-src"])
         add("img-src", SDK_INLINE["img-src"])
+        add("font-src", SDK_INLINE["font-src"])
     add("connect-src", sorted(api_origins))
     for directive, sources in (extra or {}).items():
         add(directive, sources)

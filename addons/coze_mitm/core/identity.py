@@ -14,7 +14,11 @@ import re
 import urllib.parse
 from typing import NamedTuple, Protocol
 
-USER_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,128}")
+# A user id: 1-128 of A-Z a-z 0-9 _ - (Coze's own examples use ids like `UserId123`; Coze documents no alphabet
+# or length for session_name/user_id, so the id keeps to what is safe unchanged in a JWT claim, a URL, a header
+# and a log line, and never holds the ':' of a login's `login:` key). Short ids are fine: what keeps one user
+# from naming another is the origin allowlist (and, for a team, the proxy login), not the id's length.
+USER_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 PLACEHOLDER_RE = re.compile(r"\s*bearer\s+user:(.*)", re.IGNORECASE | re.DOTALL)
 COOKIE_NAME = "coze_user"
 # Browsers send Sec-Fetch-Site, -Mode and -Dest together (to trustworthy URLs); Node's fetch (undici, used by
@@ -194,7 +198,7 @@ def find_user_id(headers: HeadersLike, query_authorizations: list[str] | tuple =
     if malformed:  # sorted: the same message whatever the order of the headers
         raise ValueError(
             f"user tag {_describe(malformed[0])} is malformed: the id after 'user:' (or in the coze_user cookie) "
-            "must be 8-128 characters of A-Z a-z 0-9 _ -; reinstall the userscript or reset its identity"
+            "must be 1-128 characters of A-Z a-z 0-9 _ -; reinstall the userscript or reset its identity"
         )
     if len(set(ids)) > 1:
         raise ValueError("the request names two different users (Authorization and/or coze_user cookies); send one")

@@ -137,6 +137,8 @@ class Auth:
             return None
         if decision.action == "refuse":
             self._refuse(flow, decision.status, decision.code, decision.reason, decision.msg)
+            if decision.reason == "origin-not-allowed" and decision.origin and decision.origin != "null":
+                self.settings.origin_refused(decision.origin, "a tagged request")
             return None
         user_id = decision.user_id if self.settings.login_mode == "none" else self._login_of(flow)
         if user_id is None or self._over_budget(flow, user_id):

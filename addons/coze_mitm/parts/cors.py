@@ -60,12 +60,22 @@ class Cors:
             return
         origin = self.allowed_origin(flow.request)
         if origin is None:
+            self._note_refused_preflight(flow.request)
             return
         # Decided now, before map_remote or another addon could rewrite the destination.
         flow.metadata[CORS_ORIGIN] = origin
         flow.metadata.pop(CORS_SET, None)  # a replayed flow passes here again: its new answer needs them
         if flow.request.method == "OPTIONS" and "access-control-request-method" in flow.request.headers:
             self._answer_preflight(flow, origin)
+
+    def _note_refused_preflight(self, request: http.Request) -> None:
+        # Forwarded untouched (the page may use Coze with its own token), but the user should learn why their page
+        # gets no loosened CORS: the browser only says "CORS error".
+        if request.method != "OPTIONS" or "access-control-request-method" not in request.headers:
+            return
+        origins = fields.every(request.headers, b"origin")
+        if len(origins) == 1 and origins[0] != "null":
+            self.settings.origin_refused(origins[0], "a CORS preflight to the Coze API")
 
     def _answer_preflight(self, flow: http.HTTPFlow, origin: str) -> None:
         asked = flow.request.headers

@@ -46,6 +46,9 @@ SANDBOX_HOST = "sandbox.coze.mitm"
 SANDBOX_API = f"http://{SANDBOX_HOST}"
 DEMO_ORIGIN = f"http://{STATUS_HOST}"
 DEFAULT_BOT_ID = "7000000000000000001"
+# Coze's own hosts. In the demo they are answered here (a JSON note that the demo talks to the sandbox), never
+# tunnelled to the internet: a page written for the real Coze then says why it gets no answer, instead of a 502.
+REAL_COZE_HOSTS = frozenset({"api.coze.cn", "api.coze.com", "ws.coze.cn", "ws.coze.com"})
 
 
 def enabled() -> bool:
@@ -96,6 +99,7 @@ class Demo:
         self.settings = settings
         self._template: str | None = None
         self.on = False  # coze_demo, read in configure: the flow hooks of a proxy without the demo return at once
+        self._told: set[str] = set()  # real Coze hosts a page called during the demo (logged once each)
 
 
     def configure(self, updated):
@@ -128,16 +132,23 @@ class Demo:
         # request hook ran. Open the tunnel here; the requests inside it are routed in `request`.
         if not self.on or flow.response:
             return
-        if flow.request.host.lower() == SANDBOX_HOST:
+        host = flow.request.host.lower()
+        if host == SANDBOX_HOST:
             accept_connect(flow)
             flow.comment = f"coze-mitm demo: tunnel to {SANDBOX_HOST} opened by the proxy"
+        elif host in REAL_COZE_HOSTS and self._real_coze_answered_here():
+            accept_connect(flow)
+            flow.comment = f"coze-mitm demo: {host} answered by the proxy (the demo talks to {SANDBOX_API})"
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         # TLS inside that tunnel: with connection_strategy=eager mitmproxy would first try TLS with a server
         # of that name (to copy its certificate), fail, and log a warning per tunnel. There is none: make
         # the client's certificate from the name alone. (The requests inside are re-addressed in `request`.)
         server = data.context.server
-        if self.on and server.address and str(server.address[0]).lower() == SANDBOX_HOST:
+        if not (self.on and server.address):
+            return
+        host = str(server.address[0]).lower()
+        if host == SANDBOX_HOST or (host in REAL_COZE_HOSTS and self._real_coze_answered_here()):
             server.tls = False
 
     def request(self, flow: http.HTTPFlow) -> None:
@@ -149,6 +160,32 @@ class Demo:
             self._route_to_sandbox(flow)
         elif host == STATUS_HOST and request.path.split("?", 1)[0] in DEMO_PATHS and request.method in ("GET", "HEAD"):
             self._serve_page(flow)
+        elif host in REAL_COZE_HOSTS and self._real_coze_answered_here():
+            self._answer_for_real_coze(flow, host)
+
+    def _real_coze_answered_here(self) -> bool:
+        # Only while the demo's API is the local sandbox: a real Coze configured with coze_demo on is real.
+        return not any(o.host in REAL_COZE_HOSTS for o in self.settings.api_origins)
+
+    def _answer_for_real_coze(self, flow: http.HTTPFlow, host: str) -> None:
+        origin = flow.request.headers.get("origin", "")
+        cors = {}
+        if origin in self.settings.page_origins:
+            cors = {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
+                    "Access-Control-Allow-Headers": "Authorization, Content-Type, Accept-Language, X-Coze-Client-User-Agent",
+                    "Access-Control-Allow-Methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS"}
+        if flow.request.method == "OPTIONS" and "access-control-request-method" in flow.request.headers:
+            # The preflight passes, so the page can read the note below rather than a bare CORS failure.
+            flow.response = http.Response.make(204, b"", cors)
+        else:
+            answer_json(flow, 503, 5000,
+                        f"coze-mitm runs the demo (run_mitm.py --demo): it talks to the local sandbox at {SANDBOX_API}, "
+                        f"not to {host}. Point the page's API base at {SANDBOX_API}, or start coze-mitm without --demo "
+                        "and with your app's config to reach Coze.", cors)
+        flow.comment = f"coze-mitm demo: {host} answered locally; the demo talks to {SANDBOX_API}"
+        if host not in self._told:
+            self._told.add(host)
+            log.warning(f"coze-mitm: demo: a page called {host}; the demo answers it locally (the sandbox is {SANDBOX_API})")
 
     def _route_to_sandbox(self, flow: http.HTTPFlow) -> None:
         target = self.sandbox_origin()

@@ -18,6 +18,7 @@ from mitmproxy import ctx, http
 from coze_mitm.core import config
 from coze_mitm import options
 from coze_mitm.core import logins
+from coze_mitm.core.refused_origins import RefusedOrigins
 from coze_mitm.core.config import STATUS_HOST, WS_SCHEME_OF_HTTP, ConfigError, Origin
 from coze_mitm.core.identity import is_loopback
 from coze_mitm.core.exchange import EXCHANGE_REASONS, CozeTokenExchange, scrub
@@ -78,6 +79,7 @@ class CozeSettings:
         self.login_mode = "none"  # which form of mitmproxy's proxyauth names the users (logins.MODES)
         self.page_origins: frozenset[str] = frozenset()
         self.stats = Stats()
+        self.refused_origins = RefusedOrigins()  # pages outside coze_origins that asked: log + status page
         self.started = False  # running: a bad value is then refused with OptionsError (rolled back)
         self.problem = "not configured yet"  # why tagged requests cannot be served, while broker is None
 
@@ -148,6 +150,7 @@ class CozeSettings:
         self._api_keys = frozenset((o.scheme, o.host, o.port) for o in api_origins)
         self._ws_keys = frozenset((o.scheme, o.host, o.port) for o in ws_origins)
         self._page_keys = {config.origin_key(o): o for o in page_origins}
+        self.refused_origins.clear()  # the list says what the settings in force refuse
         self.allow_remote = opts.coze_allow_remote
         self._announce(pat)
 
@@ -207,6 +210,12 @@ class CozeSettings:
     def page_origin_of(self, request: http.Request) -> str | None:
         """The coze_origins entry this request is addressed to (one of the user's pages), or None."""
         return self._page_keys.get((request.scheme.lower(), request.host.lower(), request.port))
+
+    def origin_refused(self, origin: str, what: str) -> None:
+        """A page outside coze_origins asked for Coze (a preflight, a tagged request): say so, now and then."""
+        line = self.refused_origins.note(origin, what)
+        if line:
+            log.warning(line)
 
     def is_status_host(self, request: http.Request) -> bool:
         return request.host.lower() == STATUS_HOST

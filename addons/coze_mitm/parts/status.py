@@ -235,6 +235,8 @@ class StatusPages:
                 {"user": short_id(user_id), "expires_at": int(expires_at), "expires_in_seconds": int(expires_at - now)}
                 for user_id, expires_at in reversed(s.broker.users() if s.broker else [])
             ][:100],
+            # Pages outside coze_origins that asked for Coze lately (newest first): why "my page gets a CORS error".
+            "refused_origins": [{**r, "origin": scrub(r["origin"], 200)} for r in s.refused_origins.recent()],
             "last_errors": [
                 {"time": e.get("time"), "reason": scrub(str(e.get("reason", "")), 80), "msg": scrub(str(e.get("msg", ""))),
                  "logid": scrub(str(e.get("logid", "")), 80)}
