@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .server import Handler
-    from .standin import CozeStandIn
+    from .state import State
 
 DEFAULT_CONNECTOR = "1024"  # Coze's "API" channel
 
@@ -29,11 +29,11 @@ def conversation_obj(conv: dict) -> dict:
     }
 
 
-def create_conversation(st: "CozeStandIn", session: str, bot_id: str | None, meta_data: Any = None,
+def create_conversation(st: "State", session: str, bot_id: str | None, meta_data: Any = None,
                         connector_id: Any = None, name: str = "", app_id: str | None = None) -> dict:
     now = int(time.time())
     conv = {
-        "id": st._new_id(),
+        "id": st.new_id(),
         "session": session,
         "bot_id": bot_id,
         "app_id": app_id,
@@ -42,20 +42,20 @@ def create_conversation(st: "CozeStandIn", session: str, bot_id: str | None, met
         "created_at": now,
         "updated_at": now,
         "meta_data": {str(k): str(v) for k, v in meta_data.items()} if isinstance(meta_data, dict) else {},
-        "section_id": st._new_id(),
+        "section_id": st.new_id(),
         "messages": [],
     }
-    with st._lock:
-        st._conversations[conv["id"]] = conv
+    with st.lock:
+        st.conversations[conv["id"]] = conv
     return conv
 
 
-def find_conversation(st: "CozeStandIn", session: str, conv_id: Any) -> tuple[dict | None, tuple[int, str] | None]:
+def find_conversation(st: "State", session: str, conv_id: Any) -> tuple[dict | None, tuple[int, str] | None]:
     """-> (conversation, None), or (None, (code, msg)): 4000 unknown, 4101 another session's."""
     if not isinstance(conv_id, str) or not conv_id:
         return None, (4000, "conversation_id is required")
-    with st._lock:
-        conv = st._conversations.get(conv_id)
+    with st.lock:
+        conv = st.conversations.get(conv_id)
     if conv is None:
         return None, (4000, f"conversation {conv_id} does not exist")
     if conv["session"] != session:
@@ -63,11 +63,11 @@ def find_conversation(st: "CozeStandIn", session: str, conv_id: Any) -> tuple[di
     return conv, None
 
 
-def add_message(st: "CozeStandIn", conv: dict, role: str, content: str, content_type: str = "text",
+def add_message(st: "State", conv: dict, role: str, content: str, content_type: str = "text",
                 chat_id: str | None = None, bot_id: str | None = None, msg_type: str | None = None) -> dict:
     now = int(time.time())
     msg = {
-        "id": st._new_id(),
+        "id": st.new_id(),
         "conversation_id": conv["id"],
         "section_id": conv["section_id"],
         "bot_id": bot_id or conv.get("bot_id") or "",
@@ -80,13 +80,13 @@ def add_message(st: "CozeStandIn", conv: dict, role: str, content: str, content_
         "created_at": now,
         "updated_at": now,
     }
-    with st._lock:
+    with st.lock:
         conv["messages"].append(msg)
         conv["updated_at"] = now
     return msg
 
 
-def _add_initial_messages(st: "CozeStandIn", conv: dict, messages: Any) -> None:
+def _add_initial_messages(st: "State", conv: dict, messages: Any) -> None:
     for m in messages if isinstance(messages, list) else []:
         if isinstance(m, dict) and isinstance(m.get("content"), str):
             role = m.get("role") if m.get("role") in ("user", "assistant") else "user"
@@ -94,19 +94,19 @@ def _add_initial_messages(st: "CozeStandIn", conv: dict, messages: Any) -> None:
 
 
 # ------------------------------------------------------------------ endpoints
-def create(req: "Handler") -> None:
+def create(st: "State", req: "Handler") -> None:
     """POST /v1/conversation/create {bot_id?, messages?, meta_data?, connector_id?}"""
     data = req.json_body()
     if data is None:
         return req.error(4000, "request body must be a JSON object")
     bot_id = data.get("bot_id")
-    conv = create_conversation(req.standin, req.session, bot_id if isinstance(bot_id, str) and bot_id else None,
+    conv = create_conversation(st, req.session, bot_id if isinstance(bot_id, str) and bot_id else None,
                                data.get("meta_data"), data.get("connector_id"))
-    _add_initial_messages(req.standin, conv, data.get("messages"))
+    _add_initial_messages(st, conv, data.get("messages"))
     req.ok(conversation_obj(conv))
 
 
-def workflow_create(req: "Handler") -> None:
+def workflow_create(st: "State", req: "Handler") -> None:
     """POST /v1/workflow/conversation/create {app_id, workflow_id, conversation_name, get_or_create, ...}
     (app mode): get_or_create returns the session's conversation of that name in that app if there is one."""
     data = req.json_body()
@@ -116,10 +116,9 @@ def workflow_create(req: "Handler") -> None:
     if not isinstance(app_id, str) or not app_id:
         return req.error(4000, "app_id is required")
     name = data.get("conversation_name") if isinstance(data.get("conversation_name"), str) else ""
-    st = req.standin
     if data.get("get_or_create") is True and name:
-        with st._lock:
-            found = [c for c in st._conversations.values()
+        with st.lock:
+            found = [c for c in st.conversations.values()
                      if c["session"] == req.session and c["app_id"] == app_id and c["name"] == name]
         if found:
             return req.ok(conversation_obj(found[-1]))
@@ -128,7 +127,7 @@ def workflow_create(req: "Handler") -> None:
     req.ok(conversation_obj(conv))
 
 
-def list_(req: "Handler") -> None:
+def list_(st: "State", req: "Handler") -> None:
     """GET /v1/conversations?bot_id&page_num&page_size: the caller's conversations with that bot, newest first."""
     bot_id = req.query.get("bot_id")
     if not bot_id:
@@ -138,9 +137,8 @@ def list_(req: "Handler") -> None:
         page_size = min(50, max(1, int(req.query.get("page_size") or 50)))
     except ValueError:
         return req.error(4000, "page_num and page_size must be integers")
-    st = req.standin
-    with st._lock:
-        convs = [c for c in st._conversations.values()
+    with st.lock:
+        convs = [c for c in st.conversations.values()
                  if c["session"] == req.session and c["app_id"] is None and c["bot_id"] in (None, bot_id)]
         convs.sort(key=lambda c: (c["created_at"], c["id"]), reverse=True)
         start = (page_num - 1) * page_size
@@ -149,48 +147,45 @@ def list_(req: "Handler") -> None:
     req.ok({"conversations": page, "has_more": has_more})
 
 
-def retrieve(req: "Handler") -> None:
+def retrieve(st: "State", req: "Handler") -> None:
     """GET|POST /v1/conversation/retrieve?conversation_id"""
-    conv, err = find_conversation(req.standin, req.session, req.query.get("conversation_id"))
+    conv, err = find_conversation(st, req.session, req.query.get("conversation_id"))
     if err:
         return req.error(*err)
     req.ok(conversation_obj(conv))
 
 
-def update(req: "Handler", conv_id: str) -> None:
+def update(st: "State", req: "Handler", conv_id: str) -> None:
     """PUT /v1/conversations/{id} {name}: rename (the Web Chat SDK's conversation list)."""
-    st = req.standin
     conv, err = find_conversation(st, req.session, conv_id)
     if err:
         return req.error(*err)
     data = req.json_body()
     if data is None or not isinstance(data.get("name"), str):
         return req.error(4000, "name is required")
-    with st._lock:
+    with st.lock:
         conv["name"] = data["name"][:100]
         conv["updated_at"] = int(time.time())
     req.ok(conversation_obj(conv))
 
 
-def delete(req: "Handler", conv_id: str) -> None:
+def delete(st: "State", req: "Handler", conv_id: str) -> None:
     """DELETE /v1/conversations/{id}"""
-    st = req.standin
     conv, err = find_conversation(st, req.session, conv_id)
     if err:
         return req.error(*err)
-    with st._lock:
-        st._conversations.pop(conv["id"], None)
+    with st.lock:
+        st.conversations.pop(conv["id"], None)
     req.ok({})
 
 
-def clear(req: "Handler", conv_id: str) -> None:
+def clear(st: "State", req: "Handler", conv_id: str) -> None:
     """POST /v1/conversations/{id}/clear: a new section, no messages; answers the section's id."""
-    st = req.standin
     conv, err = find_conversation(st, req.session, conv_id)
     if err:
         return req.error(*err)
-    with st._lock:
+    with st.lock:
         conv["messages"] = []
-        conv["section_id"] = st._new_id()
+        conv["section_id"] = st.new_id()
         conv["updated_at"] = int(time.time())
     req.ok({"id": conv["section_id"], "conversation_id": conv["id"]})
