@@ -4,7 +4,9 @@ which the server calls for each request (standin.py hands it the state).
 A handler is called as ``handler(state, req, *path_args)``.
 
 ``{name}`` in a pattern matches one path segment and is passed to the handler (URL-decoded).
-Method ``WS`` is a WebSocket upgrade (``GET`` with ``Upgrade: websocket``) on the same port.
+Method ``WS`` is a WebSocket upgrade (``GET`` with ``Upgrade: websocket``) on the same port; the
+same path may answer plain HTTP methods too (``/v1/audio/speech``: POST is HTTP, an upgrade is the
+WebSocket; a GET without upgrade answers 426).
 Every endpoint but the token exchange and the WebSockets (which read the token from the query
 string as well, see websocket.py) first checks ``Authorization: Bearer <access token>`` against the
 tokens this sandbox minted. A path that matches no pattern answers 404, a method that is not listed
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 from urllib.parse import unquote
 
-from . import bots, chat, conversations, files, messages, tokens, ws_events
+from . import audio, bots, chat, conversations, files, messages, tokens, ws_events
 from .common import TOKEN_PATH
 
 if TYPE_CHECKING:
@@ -72,7 +74,10 @@ ROUTES: tuple[Route, ...] = (
     # files
     Route("POST", "/v1/files/upload", files.upload),
     Route("GET", "/v1/files/retrieve", files.retrieve),
-    # WebSockets (ws://<sandbox>/...; Coze: wss://ws.coze.cn/...)
+    # audio over HTTP (the chat component with audio on, cozepy, @coze/api)
+    Route("POST", "/v1/audio/speech", audio.speech),
+    Route("POST", "/v1/audio/transcriptions", audio.transcriptions),
+    # WebSockets (ws://<sandbox>/...; Coze: wss://ws.coze.cn/...); a path may also have HTTP methods above
     Route("WS", "/v1/chat", ws_events.chat, auth=False),
     Route("WS", "/v1/audio/speech", ws_events.speech, auth=False),
     Route("WS", "/v1/audio/transcriptions", ws_events.transcriptions, auth=False),

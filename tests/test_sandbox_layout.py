@@ -87,7 +87,7 @@ def test_sandbox_roles():
     # the state is a leaf; the server knows no endpoint; routes.py is the one place naming the endpoints
     assert graph["state"] <= {"common"}
     assert graph["server"] <= {"common"}
-    endpoint_modules = {"bots", "chat", "conversations", "files", "messages", "tokens", "ws_events"}
+    endpoint_modules = {"audio", "bots", "chat", "conversations", "files", "messages", "tokens", "ws_events"}
     assert endpoint_modules <= graph["routes"]
     assert {m for m, deps in graph.items() if "routes" in deps} == {"standin"}
     assert "standin" not in set().union(*(deps for m, deps in graph.items() if m not in ("coze_standin", "__init__")))
