@@ -10,6 +10,7 @@ from .common import BOT_DESCRIPTION, BOT_NAME
 
 if TYPE_CHECKING:
     from .server import Handler
+    from .state import State
 
 PROLOGUE = "This is the coze-mitm sandbox, not Coze: replies are canned."
 CREATED = 1700000000
@@ -34,12 +35,12 @@ def bot_obj(bot_id: str) -> dict:
     }
 
 
-def bot(req: "Handler", bot_id: str) -> None:
+def bot(st: "State", req: "Handler", bot_id: str) -> None:
     """GET /v1/bots/{bot_id}"""
     req.ok(bot_obj(bot_id))
 
 
-def bot_online_info(req: "Handler") -> None:
+def bot_online_info(st: "State", req: "Handler") -> None:
     """GET /v1/bot/get_online_info?bot_id"""
     bot_id = req.query.get("bot_id")
     if not bot_id:
@@ -47,13 +48,13 @@ def bot_online_info(req: "Handler") -> None:
     req.ok(bot_obj(bot_id))
 
 
-def app(req: "Handler", app_id: str) -> None:
+def app(st: "State", req: "Handler", app_id: str) -> None:
     """GET /v1/apps/{app_id}?version&connector_id (app mode)"""
     req.ok({"app_id": app_id, "name": "Sandbox app", "description": BOT_DESCRIPTION, "icon_url": "",
             "version": req.query.get("version") or "sandbox", "created_at": CREATED, "updated_at": CREATED})
 
 
-def workflow(req: "Handler", workflow_id: str) -> None:
+def workflow(st: "State", req: "Handler", workflow_id: str) -> None:
     """GET /v1/workflows/{workflow_id}?connector_id&is_debug&caller (app mode). The Web Chat SDK reads
     ``data.role`` (the chat's persona); ``workflow_detail`` is what the API documents."""
     connector_id = req.query.get("connector_id") or "1024"

@@ -14,26 +14,25 @@ from .conversations import add_message, create_conversation, find_conversation
 
 if TYPE_CHECKING:
     from .server import Handler
-    from .standin import CozeStandIn
+    from .state import State
 
 
-# ------------------------------------------------------------------ the chat record (shared with websocket.py)
-def new_chat(st: "CozeStandIn", session: str, conv: dict, bot_id: str, user_id: str, messages: list) -> dict:
+# ------------------------------------------------------------------ the chat record (shared with ws_events.py)
+def new_chat(st: "State", session: str, conv: dict, bot_id: str, user_id: str, messages: list) -> dict:
     """Record a chat, store its additional messages, and decide its reply and usage."""
+    text = user_text(messages)
+    reply = reply_for(text)
     chat = {
-        "id": st._new_id(), "conversation_id": conv["id"], "bot_id": bot_id, "session": session,
+        "id": st.new_id(), "conversation_id": conv["id"], "bot_id": bot_id, "session": session,
         "user_id": user_id, "created_at": int(time.time()), "status": "created", "completed_at": None,
-        "failed_at": None,
+        "failed_at": None, "reply": reply, "usage": usage_for(text, reply),
     }
-    with st._lock:
-        st._chats[chat["id"]] = chat
+    with st.lock:
+        st.chats[chat["id"]] = chat
     for m in messages:
         if isinstance(m, dict) and isinstance(m.get("content"), str):
             role = m.get("role") if m.get("role") in ("user", "assistant") else "user"
             add_message(st, conv, role, m["content"], m.get("content_type") or "text", chat_id=chat["id"], bot_id=bot_id)
-    text = user_text(messages)
-    chat["reply"] = reply_for(text)
-    chat["usage"] = usage_for(text, chat["reply"])
     return chat
 
 
@@ -49,12 +48,12 @@ def chat_obj(chat: dict) -> dict:
     return obj
 
 
-def run_stream(st: "CozeStandIn", conv: dict, chat: dict, emit: Callable[[str, Any], None],
+def run_stream(st: "State", conv: dict, chat: dict, emit: Callable[[str, Any], None],
                cut_after: int | None = None) -> str:
     """Play a chat's events through ``emit(event, data)``: created, in_progress, one delta per word,
     message completed, chat completed (with usage). Returns how it ended: "completed", "canceled" (the
     chat was canceled meanwhile), "cut" (chat_mode cut) or "stopped" (the sandbox is stopping)."""
-    msg_id = st._new_id()
+    msg_id = st.new_id()
     base = {"id": msg_id, "conversation_id": conv["id"], "section_id": conv["section_id"],
             "bot_id": chat["bot_id"], "chat_id": chat["id"], "role": "assistant", "type": "answer",
             "content_type": "text"}
@@ -63,7 +62,7 @@ def run_stream(st: "CozeStandIn", conv: dict, chat: dict, emit: Callable[[str, A
     chat["status"] = "in_progress"
     emit("conversation.chat.in_progress", chat_obj(chat))
     for i, piece in enumerate(re.findall(r"\S+\s*", reply)):
-        if i and st.delta_gap > 0 and st._stopping.wait(st.delta_gap):
+        if i and st.delta_gap > 0 and st.stopping.wait(st.delta_gap):
             return "stopped"
         if chat["status"] == "canceled":
             return "canceled"
@@ -71,7 +70,7 @@ def run_stream(st: "CozeStandIn", conv: dict, chat: dict, emit: Callable[[str, A
             return "cut"
         emit("conversation.message.delta", dict(base, content=piece))
     msg = add_message(st, conv, "assistant", reply, chat_id=chat["id"], bot_id=chat["bot_id"])
-    with st._lock:  # the stored message keeps the id the deltas announced
+    with st.lock:  # the stored message keeps the id the deltas announced
         msg["id"] = msg_id
     now = int(time.time())
     emit("conversation.message.completed", dict(base, content=reply, created_at=now, updated_at=now, meta_data={}))
@@ -87,8 +86,7 @@ def fail(chat: dict) -> None:
 
 
 # ------------------------------------------------------------------ endpoints
-def _start(req: "Handler", data: dict, bot_id: str, user_id: str, conv_id: Any, stream: bool) -> None:
-    st = req.standin
+def _start(st: "State", req: "Handler", data: dict, bot_id: str, user_id: str, conv_id: Any, stream: bool) -> None:
     extra = data.get("additional_messages") or []
     if not isinstance(extra, list):
         return req.error(4000, "additional_messages must be a list")
@@ -103,18 +101,18 @@ def _start(req: "Handler", data: dict, bot_id: str, user_id: str, conv_id: Any, 
         conv = create_conversation(st, req.session, bot_id)
     chat = new_chat(st, req.session, conv, bot_id, user_id, extra)
     if stream:
-        return _stream(req, conv, chat, cut=(mode == "cut"))
+        return _stream(st, req, conv, chat, cut=(mode == "cut"))
     add_message(st, conv, "assistant", chat["reply"], chat_id=chat["id"], bot_id=bot_id)
     chat["status"] = "completed"
     chat["completed_at"] = int(time.time())
     req.ok(chat_obj(chat))
 
 
-def _stream(req: "Handler", conv: dict, chat: dict, cut: bool) -> None:
+def _stream(st: "State", req: "Handler", conv: dict, chat: dict, cut: bool) -> None:
     req.start_stream()
     cut_after = max(1, min(3, len(chat["reply"].split()) - 1)) if cut else None
     try:
-        ended = run_stream(req.standin, conv, chat, req.emit, cut_after)
+        ended = run_stream(st, conv, chat, req.emit, cut_after)
         if ended in ("cut", "stopped"):  # close mid-stream: no done event, no terminating chunk
             fail(chat)
             return req.cut()
@@ -125,7 +123,7 @@ def _stream(req: "Handler", conv: dict, chat: dict, cut: bool) -> None:
         req.close_connection = True
 
 
-def chat(req: "Handler") -> None:
+def chat(st: "State", req: "Handler") -> None:
     """POST /v3/chat?conversation_id {bot_id, user_id, stream, additional_messages, ...}"""
     data = req.json_body()
     if data is None:
@@ -136,10 +134,10 @@ def chat(req: "Handler") -> None:
     user_id = data.get("user_id")
     if not isinstance(user_id, str) or not user_id:
         return req.error(4000, "user_id is required")
-    _start(req, data, bot_id, user_id, req.query.get("conversation_id"), stream=data.get("stream") is True)
+    _start(st, req, data, bot_id, user_id, req.query.get("conversation_id"), stream=data.get("stream") is True)
 
 
-def workflow_chat(req: "Handler") -> None:
+def workflow_chat(st: "State", req: "Handler") -> None:
     """POST /v1/workflows/chat {workflow_id, additional_messages, app_id?|bot_id?, conversation_id?, ext?}:
     always streamed, with the same events as /v3/chat."""
     data = req.json_body()
@@ -154,16 +152,16 @@ def workflow_chat(req: "Handler") -> None:
     ext = data.get("ext") if isinstance(data.get("ext"), dict) else {}
     user_id = str(ext.get("user_id") or req.session or "sandbox_user")
     conv_id = data.get("conversation_id") or req.query.get("conversation_id")
-    _start(req, data, owner, user_id, conv_id, stream=True)
+    _start(st, req, data, owner, user_id, conv_id, stream=True)
 
 
-def _find_chat(req: "Handler", conv_id: Any, chat_id: Any) -> dict | None:
+def _find_chat(st: "State", req: "Handler", conv_id: Any, chat_id: Any) -> dict | None:
     """The caller's chat, having answered the error when it is not."""
     if not conv_id or not chat_id:
         req.error(4000, "conversation_id and chat_id are required")
         return None
-    with req.standin._lock:
-        found = req.standin._chats.get(chat_id)
+    with st.lock:
+        found = st.chats.get(chat_id)
     if found is None or found["conversation_id"] != conv_id:
         req.error(4000, f"chat {chat_id} does not exist in conversation {conv_id}")
         return None
@@ -173,10 +171,10 @@ def _find_chat(req: "Handler", conv_id: Any, chat_id: Any) -> dict | None:
     return found
 
 
-def cancel(req: "Handler") -> None:
+def cancel(st: "State", req: "Handler") -> None:
     """POST /v3/chat/cancel {conversation_id, chat_id}: a streaming chat stops after the current delta."""
     data = req.json_body() or {}
-    found = _find_chat(req, data.get("conversation_id"), data.get("chat_id"))
+    found = _find_chat(st, req, data.get("conversation_id"), data.get("chat_id"))
     if found is None:
         return
     if found["status"] not in ("created", "in_progress"):
@@ -185,20 +183,19 @@ def cancel(req: "Handler") -> None:
     req.ok(chat_obj(found))
 
 
-def retrieve(req: "Handler") -> None:
+def retrieve(st: "State", req: "Handler") -> None:
     """GET|POST /v3/chat/retrieve?conversation_id&chat_id"""
-    found = _find_chat(req, req.query.get("conversation_id"), req.query.get("chat_id"))
+    found = _find_chat(st, req, req.query.get("conversation_id"), req.query.get("chat_id"))
     if found is not None:
         req.ok(chat_obj(found))
 
 
-def message_list(req: "Handler") -> None:
+def message_list(st: "State", req: "Handler") -> None:
     """GET|POST /v3/chat/message/list?conversation_id&chat_id: the chat's answers."""
-    found = _find_chat(req, req.query.get("conversation_id"), req.query.get("chat_id"))
+    found = _find_chat(st, req, req.query.get("conversation_id"), req.query.get("chat_id"))
     if found is None:
         return
-    st = req.standin
-    with st._lock:
-        conv = st._conversations.get(found["conversation_id"]) or {"messages": []}  # deleted meanwhile
+    with st.lock:
+        conv = st.conversations.get(found["conversation_id"]) or {"messages": []}  # deleted meanwhile
         msgs = [dict(m) for m in conv["messages"] if m["chat_id"] == found["id"] and m["role"] == "assistant"]
     req.ok(msgs)

@@ -19,9 +19,12 @@ It is labelled as a sandbox everywhere a person could see it: every answer carri
 ``Server: coze-sandbox``, the bot is called "Sandbox bot" and replies "Sandbox reply to: ...".
 
 The package, by Coze API area: tokens.py (token exchange), bots.py (bots, apps, workflows),
-conversations.py and messages.py, chat.py (chat and streaming), files.py, websocket.py and
-ws_events.py (WebSockets); routes.py lists every endpoint; server.py is the HTTP plumbing and
-standin.py the state. This module is the public entry point. Run the sandbox alone with::
+conversations.py and messages.py, chat.py (chat and streaming), files.py, audio.py (speech and
+transcription over HTTP), websocket.py (handshake, framing) and ws_events.py (the WebSocket endpoints). state.py holds the state every endpoint is
+handed (a leaf: it imports none of them); routes.py lists every endpoint and dispatches to them;
+server.py is the HTTP plumbing, which knows no endpoint; standin.py assembles the three. No module
+imports one that imports it back (tests/test_sandbox_layout.py). This module is the public entry
+point. Run the sandbox alone with::
 
     python -m sandbox.coze_standin --port 8790 --write-config /tmp/sandbox_oauth.json
 """

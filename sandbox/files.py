@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .server import Handler
+    from .state import State
 
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.I)
 _DISPOSITION_PARAM = re.compile(r';\s*([A-Za-z*]+)="((?:[^"\\]|\\.)*)"')
@@ -46,25 +47,24 @@ def _file_obj(f: dict) -> dict:
     return {"id": f["id"], "bytes": f["bytes"], "created_at": f["created_at"], "file_name": f["file_name"]}
 
 
-def upload(req: "Handler") -> None:
+def upload(st: "State", req: "Handler") -> None:
     """POST /v1/files/upload: answers {id, bytes, created_at, file_name} (the chat refers to data.id)."""
     fields = parse_multipart(req.headers.get("Content-Type"), req.body)
     if "file" not in fields:
         return req.error(4000, "a multipart/form-data body with a 'file' field is required")
     name, ctype, content = fields["file"]
-    st = req.standin
-    f = {"id": st._new_id(), "session": req.session, "file_name": name or "file", "content_type": ctype,
+    f = {"id": st.new_id(), "session": req.session, "file_name": name or "file", "content_type": ctype,
          "bytes": len(content), "sha256": hashlib.sha256(content).hexdigest(), "created_at": int(time.time())}
-    with st._lock:
-        st._files[f["id"]] = f
+    with st.lock:
+        st.files[f["id"]] = f
     req.ok(_file_obj(f))
 
 
-def retrieve(req: "Handler") -> None:
+def retrieve(st: "State", req: "Handler") -> None:
     """GET /v1/files/retrieve?file_id"""
     file_id = req.query.get("file_id")
-    with req.standin._lock:
-        f = req.standin._files.get(file_id or "")
+    with st.lock:
+        f = st.files.get(file_id or "")
     if f is None:
         return req.error(4000, f"file {file_id} does not exist")
     if f["session"] != req.session:

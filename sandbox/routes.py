@@ -1,7 +1,12 @@
-"""THE list of every endpoint the sandbox answers: method, path pattern, handler.
+"""THE list of every endpoint the sandbox answers: method, path pattern, handler; and ``dispatch``,
+which the server calls for each request (standin.py hands it the state).
+
+A handler is called as ``handler(state, req, *path_args)``.
 
 ``{name}`` in a pattern matches one path segment and is passed to the handler (URL-decoded).
-Method ``WS`` is a WebSocket upgrade (``GET`` with ``Upgrade: websocket``) on the same port.
+Method ``WS`` is a WebSocket upgrade (``GET`` with ``Upgrade: websocket``) on the same port; the
+same path may answer plain HTTP methods too (``/v1/audio/speech``: POST is HTTP, an upgrade is the
+WebSocket; a GET without upgrade answers 426).
 Every endpoint but the token exchange and the WebSockets (which read the token from the query
 string as well, see websocket.py) first checks ``Authorization: Bearer <access token>`` against the
 tokens this sandbox minted. A path that matches no pattern answers 404, a method that is not listed
@@ -12,11 +17,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import unquote
 
-from . import bots, chat, conversations, files, messages, tokens, websocket
+from . import audio, bots, chat, conversations, files, messages, tokens, ws_events
 from .common import TOKEN_PATH
+
+if TYPE_CHECKING:
+    from .server import Handler
+    from .state import State
 
 
 @dataclass(frozen=True)
@@ -65,10 +74,13 @@ ROUTES: tuple[Route, ...] = (
     # files
     Route("POST", "/v1/files/upload", files.upload),
     Route("GET", "/v1/files/retrieve", files.retrieve),
-    # WebSockets (ws://<sandbox>/...; Coze: wss://ws.coze.cn/...)
-    Route("WS", "/v1/chat", websocket.chat, auth=False),
-    Route("WS", "/v1/audio/speech", websocket.speech, auth=False),
-    Route("WS", "/v1/audio/transcriptions", websocket.transcriptions, auth=False),
+    # audio over HTTP (the chat component with audio on, cozepy, @coze/api)
+    Route("POST", "/v1/audio/speech", audio.speech),
+    Route("POST", "/v1/audio/transcriptions", audio.transcriptions),
+    # WebSockets (ws://<sandbox>/...; Coze: wss://ws.coze.cn/...); a path may also have HTTP methods above
+    Route("WS", "/v1/chat", ws_events.chat, auth=False),
+    Route("WS", "/v1/audio/speech", ws_events.speech, auth=False),
+    Route("WS", "/v1/audio/transcriptions", ws_events.transcriptions, auth=False),
 )
 
 
@@ -83,3 +95,34 @@ def match(method: str, path: str) -> tuple[Route | None, tuple[str, ...], list[s
             return route, tuple(unquote(g) for g in m.groups()), []
         allowed.append(route.method)
     return None, (), allowed
+
+
+def dispatch(st: "State", req: "Handler") -> None:
+    """Answer one request: record it, find its route, check the access token, call the handler."""
+    req.logid = st.new_logid()
+    st.record_request(req.command, req.path, req.headers.items(), req.logid)
+    if req.body_error is not None:
+        return req.error(4000, req.body_error, 400)
+    if req.command == "OPTIONS":
+        # deliberately no CORS headers: the proxy must answer preflights itself
+        return req.send_bytes(200, b"", "text/plain; charset=utf-8")
+    method, path = req.command, req.route_path
+    upgrade = req.is_upgrade
+    route, args, allowed = match("WS" if upgrade else method, path)
+    if route is None and upgrade:  # not a WebSocket endpoint: answer the plain GET
+        route, args, allowed = match(method, path)
+    if route is None:
+        if "WS" in allowed and (method == "GET" or allowed == ["WS"]):
+            return req.error(4000, f"{path} is a WebSocket endpoint: send Upgrade: websocket", 426)
+        if allowed:
+            return req.error(4000, f"method {method} not allowed on {path}", 405)
+        return req.error(4000, f"no such endpoint in the coze-mitm sandbox: {method} {path}", 404)
+    if not route.auth:  # the token endpoint, and WebSockets (they read the token from the query too)
+        return route.handler(st, req, *args)
+    rec, problem, message = tokens.check_access(st, req.headers.get("Authorization"))
+    if problem == "200":
+        return req.error(700012006, message)
+    if problem:
+        return req.error(4100, f"authentication is invalid: {message}", 401)
+    req.session = rec["session"]
+    route.handler(st, req, *args)

@@ -1,5 +1,6 @@
 """The sandbox's HTTP plumbing: a threading server that can cut its connections, and the request
-handler every endpoint receives (body, JSON envelope, Server-Sent Events, dispatch through routes.py)."""
+handler every endpoint receives (body, JSON envelope, Server-Sent Events). It knows no endpoint: each
+request goes to the ``dispatch`` callable the server was made with (routes.dispatch, see standin.py)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,10 @@ import sys
 import threading
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
-from . import routes, tokens
 from .common import MAX_BODY, SERVER_NAME, BadRequestBody, compact_json
-
-if TYPE_CHECKING:
-    from .standin import CozeStandIn
 
 
 class Server(ThreadingHTTPServer):
@@ -24,8 +21,8 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 128
     allow_reuse_address = True
 
-    def __init__(self, addr, handler, standin: "CozeStandIn"):
-        self.standin = standin
+    def __init__(self, addr, handler, dispatch: Callable[["Handler"], None]):
+        self.dispatch = dispatch
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
         super().__init__(addr, handler)
@@ -58,9 +55,11 @@ class Server(ThreadingHTTPServer):
 
 
 class Handler(BaseHTTPRequestHandler):
-    """One connection. Endpoints (see routes.py) get it as ``req`` and use: ``standin``, ``session``
-    (the caller's session_name, "" without one), ``query`` (last value of each parameter), ``body``,
-    ``logid``, ``json_body()``, ``ok()``, ``error()``, and the SSE helpers."""
+    """One connection. For each request it reads the body (``body``; ``body_error`` says why it could
+    not), the query (``query``, the last value of each parameter) and the path without trailing slash
+    (``route_path``), then calls the server's ``dispatch(req)``, which sets ``logid`` and ``session``
+    (the caller's session_name, "" without one). Endpoints answer with ``ok()``, ``error()``,
+    ``send_json()``, ``send_bytes()`` and the SSE helpers; ``json_body()`` reads a JSON object."""
 
     protocol_version = "HTTP/1.1"
     server_version = SERVER_NAME
@@ -78,10 +77,6 @@ class Handler(BaseHTTPRequestHandler):
     def send_response(self, code: int, message: str | None = None) -> None:
         self._responded = True
         super().send_response(code, message)
-
-    @property
-    def standin(self) -> "CozeStandIn":
-        return self.server.standin
 
     def _read_body(self) -> bytes:
         te = self.headers.get("Transfer-Encoding", "")
@@ -182,25 +177,22 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    # --- dispatch
+    # --- one request
     def do_GET(self) -> None:
-        self.logid = self.standin._new_logid()
+        self.logid = ""
+        self.session = ""
+        self.body_error: str | None = None
         try:
             self.body = self._read_body()
         except BadRequestBody as e:
             self.close_connection = True
-            self.standin._record_request(self)
-            return self.error(4000, str(e), 400)
-        self.standin._record_request(self)
-        if self.command == "OPTIONS":
-            # deliberately no CORS headers: the proxy must answer preflights itself
-            return self.send_bytes(200, b"", "text/plain; charset=utf-8")
+            self.body, self.body_error = b"", str(e)
         split = urlsplit(self.path)
         self.query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
-        path = split.path.rstrip("/") or "/"
+        self.route_path = split.path.rstrip("/") or "/"
         self._responded = False
         try:
-            self._route(path)
+            self.server.dispatch(self)
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
             self.close_connection = True
         except Exception:  # a sandbox bug: say so (code 5000) rather than hang up silently
@@ -211,32 +203,7 @@ class Handler(BaseHTTPRequestHandler):
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_GET
 
-    def _route(self, path: str) -> None:
-        method = self.command
-        upgrade = method == "GET" and self.headers.get("Upgrade", "").strip().lower() == "websocket"
-        route, args, allowed = routes.match("WS" if upgrade else method, path)
-        if route is None and upgrade:  # not a WebSocket endpoint: answer the plain GET
-            route, args, allowed = routes.match(method, path)
-        if route is None:
-            if allowed == ["WS"]:
-                return self.error(4000, f"{path} is a WebSocket endpoint: send Upgrade: websocket", 426)
-            if allowed:
-                return self.error(4000, f"method {method} not allowed on {path}", 405)
-            return self.error(4000, f"no such endpoint in the coze-mitm sandbox: {method} {path}", 404)
-        if not route.auth:  # the token endpoint, and WebSockets (they read the token from the query too)
-            return route.handler(self, *args)
-        if not self.authenticate(self.headers.get("Authorization")):
-            return
-        route.handler(self, *args)
-
-    def authenticate(self, authorization: str | None) -> bool:
-        """Check an access token like Coze; answer the refusal and return False when it is not good."""
-        rec, problem, message = tokens.check_access(self.standin, authorization)
-        if problem == "200":
-            self.error(700012006, message)
-            return False
-        if problem:
-            self.error(4100, f"authentication is invalid: {message}", 401)
-            return False
-        self.session: str = rec["session"]
-        return True
+    @property
+    def is_upgrade(self) -> bool:
+        """A WebSocket handshake: GET with ``Upgrade: websocket``."""
+        return self.command == "GET" and self.headers.get("Upgrade", "").strip().lower() == "websocket"

@@ -1,19 +1,32 @@
-"""``CozeStandIn``: the sandbox's state, knobs and observations; one server on one port (HTTP and WebSocket)."""
+"""``CozeStandIn``: the assembly of the sandbox — its state (state.py), its one routing table
+(routes.py) and one server on one port for HTTP and WebSocket (server.py) — and the API tests use."""
 
 from __future__ import annotations
 
-import itertools
-import secrets
+import functools
 import threading
-import time
-from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .common import ANY, CHAT_MODES, PLACEHOLDER_COOKIE, REVOKE_STYLES, TOKEN_MODES, is_placeholder
+from . import routes
 from .server import Handler, Server
+from .state import State
+
+
+class _FromState:
+    """A CozeStandIn attribute that is the state's attribute of the same name (read and write)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        return getattr(obj.state, self.name)
+
+    def __set__(self, obj, value) -> None:
+        setattr(obj.state, self.name, value)
 
 
 class CozeStandIn:
@@ -21,7 +34,21 @@ class CozeStandIn:
 
     The socket is bound in ``__init__`` so :attr:`base_url` (with the real port) is known before
     :meth:`start`. Knobs are plain attributes and may be changed at any time, also while serving.
+    ``state`` is everything the endpoints know (:class:`sandbox.state.State`); ``server`` the bound
+    HTTP server (its ``RequestHandlerClass`` may be swapped before :meth:`start`).
     """
+
+    # knobs and observations live in the state; these names keep working on the stand-in
+    kid = _FromState()
+    client_id = _FromState()
+    token_mode = _FromState()
+    chat_mode = _FromState()
+    token_delay = _FromState()
+    delta_gap = _FromState()
+    exchanges = _FromState()
+    requests_seen = _FromState()
+    placeholder_seen = _FromState()
+    ws_seen = _FromState()
 
     def __init__(
         self,
@@ -38,42 +65,15 @@ class CozeStandIn:
         key = serialization.load_pem_public_key(public_key_pem)
         if not isinstance(key, rsa.RSAPublicKey):
             raise ValueError("the sandbox verifies RS256 JWTs: public_key_pem must be an RSA public key")
-        self._public_key = key
-        self.kid = kid
-        self.client_id = client_id
-        self.token_delay = float(token_delay)
-        self.delta_gap = float(delta_gap)
-        self._token_mode = "ok"
-        self._chat_mode = "ok"
-
-        self._lock = threading.RLock()
-        self._stopping = threading.Event()
+        self.state = State(key, kid, client_id, token_delay=token_delay, delta_gap=delta_gap)
         self._thread: threading.Thread | None = None
         self._closed = False
 
-        # observation
-        self.exchanges: list[dict] = []
-        self.requests_seen: list[dict] = []
-        self.placeholder_seen = 0
-        # WebSocket handshakes: {path, query_authorization, header_authorization, session (None: refused),
-        # status (101 or the refusal's), time}
-        self.ws_seen: list[dict] = []
-
-        # state
-        self._used_jti: dict[str, float] = {}  # jti -> its exp (pruned once expired)
-        self._tokens: dict[str, dict] = {}  # access token -> {session, session_name, expires_at, revoked}
-        self._conversations: dict[str, dict] = {}  # conversation id -> conversation (has "session")
-        self._chats: dict[str, dict] = {}  # chat id -> chat (has "session")
-        self._files: dict[str, dict] = {}  # file id -> uploaded file (has "session")
-        self._ids = itertools.count(7_400_000_000_000_000_000 + secrets.randbelow(10**15) * 1000)
-        self._logids = itertools.count(1)
-        self._logid_salt = secrets.token_hex(3).upper()
-
-        self._server = Server((host, port), Handler, self)
-        self.port = int(self._server.server_address[1])
+        self.server = Server((host, port), Handler, functools.partial(routes.dispatch, self.state))
+        self.port = int(self.server.server_address[1])
         # listening on all interfaces: clients (and the JWT aud) use the loopback address
         self.host = "127.0.0.1" if host in ("", "0.0.0.0") else host
-        self.audience = f"{self.host}:{self.port}"
+        self.audience = self.state.audience = f"{self.host}:{self.port}"
         self.base_url = f"http://{self.audience}"
         self.ws_url = f"ws://{self.audience}"  # the WebSocket APIs (/v1/chat, ...) on the same port
 
@@ -81,7 +81,7 @@ class CozeStandIn:
     def start(self) -> "CozeStandIn":
         if self._thread is None:
             self._thread = threading.Thread(
-                target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
                 name=f"coze-sandbox:{self.port}", daemon=True,
             )
             self._thread.start()
@@ -91,12 +91,12 @@ class CozeStandIn:
         if self._closed:
             return
         self._closed = True
-        self._stopping.set()
+        self.state.stopping.set()
         if self._thread is not None:
-            self._server.shutdown()
+            self.server.shutdown()
             self._thread.join(timeout=5)
-        self._server.server_close()
-        self._server.drop_connections()
+        self.server.server_close()
+        self.server.drop_connections()
 
     def __enter__(self) -> "CozeStandIn":
         return self.start()
@@ -107,131 +107,36 @@ class CozeStandIn:
     def __repr__(self) -> str:
         return f"<CozeStandIn SANDBOX (not Coze) at {self.base_url}>"
 
-    # ----------------------------------------------------------------- knobs
-    @property
-    def token_mode(self) -> str:
-        return self._token_mode
-
-    @token_mode.setter
-    def token_mode(self, value: str) -> None:
-        if value not in TOKEN_MODES:
-            raise ValueError(f"token_mode must be one of {TOKEN_MODES}, got {value!r}")
-        self._token_mode = value
-
-    @property
-    def chat_mode(self) -> str:
-        return self._chat_mode
-
-    @chat_mode.setter
-    def chat_mode(self, value: str) -> None:
-        if value not in CHAT_MODES:
-            raise ValueError(f"chat_mode must be one of {CHAT_MODES}, got {value!r}")
-        self._chat_mode = value
-
-    # ----------------------------------------------------------------- observation
-    def exchange_count(self, session_name: Any = ANY) -> int:
-        """Successful token exchanges; only those whose JWT had this session_name if given
-        (``None`` counts exchanges whose JWT had no session_name)."""
-        with self._lock:
-            if session_name is ANY:
-                return len(self.exchanges)
-            return sum(1 for e in self.exchanges if e["session_name"] == session_name)
+    # ----------------------------------------------------------------- observation (see State)
+    def exchange_count(self, *args, **kw) -> int:
+        return self.state.exchange_count(*args, **kw)
 
     def reset_observations(self) -> None:
-        with self._lock:
-            self.exchanges.clear()
-            self.requests_seen.clear()
-            self.ws_seen.clear()
-            self.placeholder_seen = 0
+        self.state.reset_observations()
 
     def revoke(self, session_name: str | None = None, token: str | None = None, style: str = "401") -> int:
-        """Revoke one token, or every token of a session (``""`` = the shared no-session_name session),
-        or every token when both are None. Later calls with a revoked token answer HTTP 401 code 4100
-        (style "401") or HTTP 200 code 700012006 (style "200"). Returns how many tokens this revoked."""
-        if style not in REVOKE_STYLES:
-            raise ValueError(f"style must be one of {REVOKE_STYLES}, got {style!r}")
-        n = 0
-        with self._lock:
-            for tok, rec in self._tokens.items():
-                if token is not None:
-                    hit = tok == token
-                elif session_name is not None:
-                    hit = rec["session"] == session_name
-                else:
-                    hit = True
-                if hit and rec["revoked"] is None:
-                    rec["revoked"] = style
-                    n += 1
-        return n
+        return self.state.revoke(session_name, token, style)
 
     def tokens_of(self, session_name: str) -> list[str]:
-        """Access tokens minted for a session ("" = no session_name), oldest first."""
-        with self._lock:
-            return [t for t, r in self._tokens.items() if r["session"] == session_name]
+        return self.state.tokens_of(session_name)
 
-    def chats_of(self, session_name: Any = ANY) -> list[dict]:
-        """Copies of the chats (HTTP, workflow and WebSocket) of a session, oldest first: id,
-        conversation_id, status, usage (what conversation.chat.completed reported), ..."""
-        with self._lock:
-            return [dict(c, usage=dict(c["usage"])) for c in self._chats.values()
-                    if session_name is ANY or c["session"] == session_name]
+    def chats_of(self, *args, **kw) -> list[dict]:
+        return self.state.chats_of(*args, **kw)
 
-    def usage_of(self, session_name: Any = ANY) -> dict:
-        """The usage of the completed chats of a session summed up: what Coze would charge for it."""
-        total = {"token_count": 0, "output_count": 0, "input_count": 0}
-        for c in self.chats_of(session_name):
-            if c["status"] == "completed":
-                for k in total:
-                    total[k] += c["usage"][k]
-        return total
+    def usage_of(self, *args, **kw) -> dict:
+        return self.state.usage_of(*args, **kw)
 
-    def files_of(self, session_name: Any = ANY) -> list[dict]:
-        """Copies of the files uploaded by a session: id, file_name, content_type, bytes, sha256, ..."""
-        with self._lock:
-            return [dict(f) for f in self._files.values() if session_name is ANY or f["session"] == session_name]
+    def files_of(self, *args, **kw) -> list[dict]:
+        return self.state.files_of(*args, **kw)
 
     def feedback_of(self, message_id: str) -> dict | None:
-        """The feedback given on a message ({feedback_type, comment, reason_types}), None if none."""
-        with self._lock:
-            for conv in self._conversations.values():
-                for m in conv["messages"]:
-                    if m["id"] == message_id:
-                        return dict(m["feedback"]) if "feedback" in m else None
-        return None
+        return self.state.feedback_of(message_id)
 
-    # ----------------------------------------------------------------- internals
-    def _new_id(self) -> str:
-        return str(next(self._ids))
-
-    def _new_logid(self) -> str:
-        return f"{time.strftime('%Y%m%d%H%M%S')}{self._logid_salt}{next(self._logids):010d}SANDBOX"
-
-    def _record_request(self, handler: Handler) -> None:
-        headers: dict[str, str] = {}
-        placeholder = False
-        for name, value in handler.headers.items():
-            lname = name.lower()
-            if lname in headers:
-                headers[lname] += ("; " if lname == "cookie" else ", ") + value
-            else:
-                headers[lname] = value
-            if lname == "authorization" and is_placeholder(value):
-                placeholder = True
-            elif lname == "cookie" and PLACEHOLDER_COOKIE.search(value):
-                placeholder = True
-        split = urlsplit(handler.path)
-        # browsers cannot set headers on a WebSocket: the token (or a placeholder) rides in the query
-        if any(is_placeholder(v) for v in parse_qs(split.query).get("authorization", [])):
-            placeholder = True
-        with self._lock:
-            self.requests_seen.append({
-                "method": handler.command,
-                "path": split.path,
-                "query": split.query,
-                "target": handler.path,
-                "headers": headers,
-                "time": time.time(),
-                "logid": handler.logid,
-            })
-            if placeholder:
-                self.placeholder_seen += 1
+    exchange_count.__doc__ = State.exchange_count.__doc__
+    reset_observations.__doc__ = State.reset_observations.__doc__
+    revoke.__doc__ = State.revoke.__doc__
+    tokens_of.__doc__ = State.tokens_of.__doc__
+    chats_of.__doc__ = State.chats_of.__doc__
+    usage_of.__doc__ = State.usage_of.__doc__
+    files_of.__doc__ = State.files_of.__doc__
+    feedback_of.__doc__ = State.feedback_of.__doc__

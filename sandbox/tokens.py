@@ -17,7 +17,7 @@ from .common import JWT_GRANT_TYPE, is_int, is_number
 
 if TYPE_CHECKING:
     from .server import Handler
-    from .standin import CozeStandIn
+    from .state import State
 
 DEFAULT_DURATION = 900
 MAX_DURATION = 86399
@@ -33,7 +33,7 @@ class TokenError(Exception):
         self.message = message
 
 
-def verify_jwt(st: "CozeStandIn", authorization: str | None) -> dict:
+def verify_jwt(st: "State", authorization: str | None) -> dict:
     if not authorization:
         raise TokenError(401, "invalid_request", "missing Authorization header: expected 'Bearer <JWT>'")
     scheme, _, tok = authorization.strip().partition(" ")
@@ -54,7 +54,7 @@ def verify_jwt(st: "CozeStandIn", authorization: str | None) -> dict:
             f"unknown kid {header.get('kid')!r}: the JWT header kid must be the app's public_key_id",
         )
     try:
-        decoded = jwt.PyJWS().decode_complete(tok, key=st._public_key, algorithms=["RS256"])
+        decoded = jwt.PyJWS().decode_complete(tok, key=st.public_key, algorithms=["RS256"])
     except jwt.InvalidSignatureError:
         raise TokenError(
             401, "invalid_client", "JWT signature does not verify with the public key registered for this kid"
@@ -92,8 +92,8 @@ def verify_jwt(st: "CozeStandIn", authorization: str | None) -> dict:
     sn = claims.get("session_name")
     if sn is not None and not isinstance(sn, str):
         raise TokenError(401, "invalid_request", "claim session_name must be a string")
-    with st._lock:
-        if jti in st._used_jti:
+    with st.lock:
+        if jti in st.used_jti:
             raise TokenError(401, "invalid_request", "jti already used: a JWT can be exchanged only once")
     return claims
 
@@ -121,17 +121,17 @@ def check_token_body(content_type: str | None, body: bytes) -> int:
     return d
 
 
-def consume_jti(st: "CozeStandIn", jti: str, exp: float) -> None:
+def consume_jti(st: "State", jti: str, exp: float) -> None:
     now = time.time()
-    with st._lock:
-        if jti in st._used_jti:
+    with st.lock:
+        if jti in st.used_jti:
             raise TokenError(401, "invalid_request", "jti already used: a JWT can be exchanged only once")
-        if len(st._used_jti) > 50_000:  # an expired JWT is refused anyway: forget its jti
-            st._used_jti = {j: e for j, e in st._used_jti.items() if e > now}
-        st._used_jti[jti] = float(exp)
+        if len(st.used_jti) > 50_000:  # an expired JWT is refused anyway: forget its jti
+            st.used_jti = {j: e for j, e in st.used_jti.items() if e > now}
+        st.used_jti[jti] = float(exp)
 
 
-def issue_token(st: "CozeStandIn", claims: dict, duration: int, mode: str) -> dict:
+def issue_token(st: "State", claims: dict, duration: int, mode: str) -> dict:
     now = time.time()
     token = "czs_" + secrets.token_urlsafe(36)
     if mode == "expired":
@@ -144,8 +144,8 @@ def issue_token(st: "CozeStandIn", claims: dict, duration: int, mode: str) -> di
         expires_at = int(now + duration)
         answer = expires_at
     sn = claims.get("session_name")
-    with st._lock:
-        st._tokens[token] = {
+    with st.lock:
+        st.tokens[token] = {
             "session": sn if sn is not None else "",
             "session_name": sn,
             "expires_at": expires_at,
@@ -163,7 +163,7 @@ def issue_token(st: "CozeStandIn", claims: dict, duration: int, mode: str) -> di
     return {"access_token": token, "expires_in": answer, "token_type": "Bearer"}
 
 
-def check_access(st: "CozeStandIn", authorization: str | None) -> tuple[dict | None, str, str]:
+def check_access(st: "State", authorization: str | None) -> tuple[dict | None, str, str]:
     """-> (token record, problem, message); problem is "" when the token is good, "401" or "200" (the
     HTTP status Coze answers a revoked token with) otherwise."""
     if not authorization:
@@ -172,8 +172,8 @@ def check_access(st: "CozeStandIn", authorization: str | None) -> tuple[dict | N
     tok = tok.strip()
     if scheme.lower() != "bearer" or not tok:
         return None, "401", "Authorization must be 'Bearer <access token>'"
-    with st._lock:
-        rec = st._tokens.get(tok)
+    with st.lock:
+        rec = st.tokens.get(tok)
         if rec is None:
             return None, "401", "access token unknown to this sandbox (not minted here)"
         if rec["revoked"] == "200":
@@ -185,9 +185,8 @@ def check_access(st: "CozeStandIn", authorization: str | None) -> tuple[dict | N
         return rec, "", ""
 
 
-def token(req: "Handler") -> None:
+def token(st: "State", req: "Handler") -> None:
     """POST /api/permission/oauth2/token: a JWT in, an access token out (or Coze's OAuth error body)."""
-    st = req.standin
     try:
         claims = verify_jwt(st, req.headers.get("Authorization"))
         duration = check_token_body(req.headers.get("Content-Type"), req.body)
@@ -195,12 +194,12 @@ def token(req: "Handler") -> None:
     except TokenError as e:
         return req.send_json(e.status, {"error_code": e.error_code, "error_message": e.message, "error": e.error_code})
     delay = st.token_delay
-    if delay > 0 and st._stopping.wait(delay):
+    if delay > 0 and st.stopping.wait(delay):
         req.close_connection = True
         return
     mode = st.token_mode
     if mode == "hang":
-        if st._stopping.wait(HANG_SECONDS):
+        if st.stopping.wait(HANG_SECONDS):
             req.close_connection = True
             return
         mode = "ok"

@@ -1,8 +1,8 @@
 """Coze's WebSocket APIs on the sandbox's port: the handshake (token from the ``authorization`` query
 parameter and/or the header, as @coze/api sends it), framing (wsproto, which mitmproxy brings) and the JSON event envelope
-``{id, event_type, data, detail: {logid}}``. What each endpoint says is in ws_events.py.
+``{id, event_type, data, detail: {logid}}``. The endpoints, and what each says, are in ws_events.py.
 
-Every handshake is recorded in ``standin.ws_seen`` (the path, both authorizations exactly as they
+Every handshake is recorded in ``state.ws_seen`` (the path, both authorizations exactly as they
 arrived, the session they resolved to, the status answered), so proxy tests can tell that the real
 token arrived and no placeholder did.
 """
@@ -20,10 +20,10 @@ from wsproto.utilities import LocalProtocolError, generate_accept_token
 
 from . import tokens
 from .common import compact_json
-from .ws_events import ChatProtocol, SpeechProtocol, TranscriptionsProtocol
 
 if TYPE_CHECKING:
     from .server import Handler
+    from .state import State
 
 MAX_MESSAGE = 1024 * 1024  # a client event bigger than this closes the socket (1009)
 
@@ -31,9 +31,9 @@ MAX_MESSAGE = 1024 * 1024  # a client event bigger than this closes the socket (
 class WsSession:
     """One accepted WebSocket: ``send(event_type, data)`` from any thread, ``events()`` in the handler's."""
 
-    def __init__(self, req: "Handler"):
+    def __init__(self, st: "State", req: "Handler"):
         self.req = req
-        self.standin = req.standin
+        self.state = st
         self.session: str = req.session
         self.conn = Connection(ConnectionType.SERVER)
         self._send_lock = threading.Lock()
@@ -52,7 +52,7 @@ class WsSession:
             self.req.wfile.flush()
 
     def send(self, event_type: str, data: Any = None, event_id: str | None = None) -> None:
-        obj: dict[str, Any] = {"id": event_id or self.standin._new_id(), "event_type": event_type}
+        obj: dict[str, Any] = {"id": event_id or self.state.new_id(), "event_type": event_type}
         if data is not None:
             obj["data"] = data
         obj["detail"] = {"logid": self.req.logid}
@@ -112,15 +112,14 @@ def _refuse(req: "Handler", seen: dict, status: int, code: int, msg: str) -> Non
     req.error(code, msg, status)
 
 
-def accept(req: "Handler") -> WsSession | None:
+def accept(st: "State", req: "Handler") -> WsSession | None:
     """Check the handshake and the token(s); answer 101 and return the session, or answer the refusal
     (JSON, before any upgrade) and return None."""
-    st = req.standin
     query_auth = req.query.get("authorization")
     header_auth = req.headers.get("Authorization")
     seen = {"path": req.path.split("?", 1)[0], "query_authorization": query_auth, "header_authorization": header_auth,
             "origin": req.headers.get("Origin"), "session": None, "status": None, "time": time.time()}
-    with st._lock:
+    with st.lock:
         st.ws_seen.append(seen)
     key = req.headers.get("Sec-WebSocket-Key")
     if not key or req.headers.get("Sec-WebSocket-Version", "").strip() != "13":
@@ -152,31 +151,4 @@ def accept(req: "Handler") -> WsSession | None:
     req.send_header("X-Tt-Logid", req.logid)
     req.end_headers()
     req.wfile.flush()
-    return WsSession(req)
-
-
-def _serve(req: "Handler", protocol: Any) -> None:
-    ws = accept(req)
-    if ws is None:
-        return
-    try:
-        protocol(ws).run()
-    except OSError:  # the client went away
-        pass
-    finally:
-        ws.closed = True
-
-
-def chat(req: "Handler") -> None:
-    """WS /v1/chat?bot_id=…[&workflow_id=…]: text chat (ws_events.ChatProtocol)."""
-    _serve(req, ChatProtocol)
-
-
-def speech(req: "Handler") -> None:
-    """WS /v1/audio/speech: text in, (silent) audio out (ws_events.SpeechProtocol)."""
-    _serve(req, SpeechProtocol)
-
-
-def transcriptions(req: "Handler") -> None:
-    """WS /v1/audio/transcriptions: audio in, a canned transcript out (ws_events.TranscriptionsProtocol)."""
-    _serve(req, TranscriptionsProtocol)
+    return WsSession(st, req)

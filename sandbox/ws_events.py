@@ -1,4 +1,4 @@
-"""What the sandbox's WebSocket endpoints say: the events of @coze/api's websocket clients
+"""The sandbox's WebSocket endpoints (handshake and framing: websocket.py) and what they say: the events of @coze/api's websocket clients
 (coze-js ``src/resources/websockets/types.ts``). Text chat is complete; speech and transcription are
 minimal (silent audio, a canned transcript) but follow the same sequence of events.
 
@@ -16,14 +16,16 @@ from __future__ import annotations
 import base64
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .chat import chat_obj, fail, new_chat, run_stream
 from .common import CHAT_MODE_ERRORS
 from .conversations import create_conversation, find_conversation
+from .websocket import WsSession, accept
 
 if TYPE_CHECKING:
-    from .websocket import WsSession
+    from .server import Handler
+    from .state import State
 
 INPUT_AUDIO = {"format": "pcm", "codec": "pcm", "sample_rate": 24000, "channel": 1, "bit_depth": 16}
 OUTPUT_AUDIO = {"codec": "pcm", "pcm_config": {"sample_rate": 24000}, "speech_rate": 0, "voice_id": ""}
@@ -34,9 +36,9 @@ def _merged(base: dict, update: object) -> dict:
 
 
 class ChatProtocol:
-    def __init__(self, ws: "WsSession"):
+    def __init__(self, ws: WsSession):
         self.ws = ws
-        self.st = ws.standin
+        self.st = ws.state
         query = ws.req.query
         self.bot_id = query.get("bot_id") or query.get("workflow_id") or ""
         self.chat_config = {"conversation_id": "", "user_id": ws.session, "auto_save_history": True,
@@ -84,7 +86,7 @@ class ChatProtocol:
             return self.ws.error(*CHAT_MODE_ERRORS[mode])
         if self.worker is not None:
             self.worker.join()  # one chat at a time, in order
-        if self.conv is None or self.conv["id"] not in self.st._conversations:
+        if self.conv is None or self.conv["id"] not in self.st.conversations:
             self.conv = create_conversation(self.st, self.ws.session, self.bot_id)
             self.chat_config["conversation_id"] = self.conv["id"]
         message = {"role": "user", "content": data["content"], "content_type": data.get("content_type") or "text"}
@@ -116,9 +118,9 @@ class ChatProtocol:
         if self.worker is not None:
             self.worker.join()
         if self.conv is not None:
-            with self.st._lock:
+            with self.st.lock:
                 self.conv["messages"] = []
-                self.conv["section_id"] = self.st._new_id()
+                self.conv["section_id"] = self.st.new_id()
                 self.conv["updated_at"] = int(time.time())
         self.ws.send("conversation.cleared")
 
@@ -138,7 +140,7 @@ class SpeechProtocol:
     {delta}...; input_text_buffer.complete -> input_text_buffer.completed, speech.audio.update
     {delta: base64 PCM silence, 10 ms per character}, speech.audio.completed."""
 
-    def __init__(self, ws: "WsSession"):
+    def __init__(self, ws: WsSession):
         self.ws = ws
         self.output_audio = dict(OUTPUT_AUDIO)
         self.text: list[str] = []
@@ -167,7 +169,7 @@ class TranscriptionsProtocol:
     input_audio_buffer.append {delta: base64}...; input_audio_buffer.complete -> input_audio_buffer.completed,
     transcriptions.message.update and .completed with a canned transcript; input_audio_buffer.clear -> .cleared."""
 
-    def __init__(self, ws: "WsSession"):
+    def __init__(self, ws: WsSession):
         self.ws = ws
         self.input_audio = dict(INPUT_AUDIO)
         self.received = 0
@@ -192,3 +194,31 @@ class TranscriptionsProtocol:
                 self.received = 0
             else:
                 self.ws.error(4000, f"the sandbox does not handle {kind!r} on /v1/audio/transcriptions")
+
+
+# ------------------------------------------------------------------ endpoints (routes.py)
+def _serve(st: "State", req: "Handler", protocol: Any) -> None:
+    ws = accept(st, req)
+    if ws is None:
+        return
+    try:
+        protocol(ws).run()
+    except OSError:  # the client went away
+        pass
+    finally:
+        ws.closed = True
+
+
+def chat(st: "State", req: "Handler") -> None:
+    """WS /v1/chat?bot_id=…[&workflow_id=…]: text chat (ChatProtocol)."""
+    _serve(st, req, ChatProtocol)
+
+
+def speech(st: "State", req: "Handler") -> None:
+    """WS /v1/audio/speech: text in, (silent) audio out (SpeechProtocol)."""
+    _serve(st, req, SpeechProtocol)
+
+
+def transcriptions(st: "State", req: "Handler") -> None:
+    """WS /v1/audio/transcriptions: audio in, a canned transcript out (TranscriptionsProtocol)."""
+    _serve(st, req, TranscriptionsProtocol)

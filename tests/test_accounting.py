@@ -47,7 +47,7 @@ def streamed_chat(proxy, standin, user, text):
         if line.startswith(b"event:"):
             event = line[6:].decode()
         elif line.startswith(b"data:") and event == "conversation.message.delta" and at_first_delta is None:
-            at_first_delta = [c["status"] for c in standin._chats.values() if c["user_id"] == user][-1]
+            at_first_delta = [c["status"] for c in standin.chats_of() if c["user_id"] == user][-1]
         elif line.startswith(b"data:") and event == "conversation.chat.completed":
             tokens = json.loads(line[5:])["usage"]["token_count"]
     return tokens, at_first_delta

@@ -801,6 +801,142 @@ def test_web_chat_sdk_app_mode_calls(st, key):
     assert api(st, "GET", "/v1/conversations", alice, params={"bot_id": "app42"}).json()["data"]["conversations"] == []
 
 
+# ---------------------------------------------------------------- the chat component (@coze/chat-sdk)
+def cozepy_client(st, key, session_name):
+    pytest.importorskip("cozepy")
+    from cozepy import Coze, TokenAuth
+    return Coze(auth=TokenAuth(access_token(st, key, session_name)), base_url=st.base_url)
+
+
+def test_chat_component_app_mode_gets_the_same_conversation_on_every_load(st, key):
+    alice = access_token(st, key, "alice_0001")
+    bob = access_token(st, key, "bob_000001")
+    # what ChatFlowFramework sends on load (getOrCreateConversationId)
+    load = {"app_id": "app42", "conversation_name": "Default", "get_or_create": True, "workflow_id": "wf7",
+            "draft_mode": False, "connector_id": "999"}
+
+    def create(token, **change):
+        r = api(st, "POST", "/v1/conversation/create", token, json=dict(load, **change))
+        assert r.status_code == 200
+        return r.json()
+
+    first = create(alice)
+    assert first["code"] == 0 and first["data"]["id"] and first["data"]["last_section_id"]
+    conv = first["data"]["id"]
+    assert first["data"]["connector_id"] == "999" and first["data"]["name"] == "Default"
+    chat = stream_chat(st, alice, "remember me", None, path="/v1/workflows/chat", workflow_id="wf7",
+                       app_id="app42", conversation_id=conv, connector_id="999")
+    assert chat[-1][0] == "done"
+    # a reload: the same conversation, with its messages
+    again = create(alice)["data"]
+    assert again["id"] == conv and again["last_section_id"] == first["data"]["last_section_id"]
+    msgs = api(st, "POST", "/v1/conversation/message/list", alice, params={"conversation_id": conv},
+               json={"limit": 20}).json()["data"]
+    assert [m["content"] for m in msgs] == ["Sandbox reply to: remember me", "remember me"]
+    assert create(alice, conversation_name=None)["data"]["id"] == conv  # an app's conversation is "Default"
+    # scoped by user, app, connector and name
+    assert create(bob)["data"]["id"] != conv
+    assert create(bob)["data"]["id"] == create(bob)["data"]["id"]
+    others = {create(alice, app_id="app43")["data"]["id"], create(alice, connector_id="1024")["data"]["id"],
+              create(alice, conversation_name="Trip")["data"]["id"]}
+    assert conv not in others and len(others) == 3
+    # the component's "new conversation": get_or_create false makes one; the next load answers that one
+    fresh = create(alice, get_or_create=False)["data"]["id"]
+    assert fresh != conv
+    assert create(alice)["data"]["id"] == fresh
+    # the same through the Web Chat SDK's endpoint
+    assert api(st, "POST", "/v1/workflow/conversation/create", alice, json=load).json()["data"]["id"] == fresh
+    # strict: types checked, a token needed, another user's conversation refused
+    for bad in ({"get_or_create": "yes"}, {"conversation_name": 7}, {"app_id": 42}, {"conversation_name": "x" * 101}):
+        assert create(alice, **bad)["code"] == 4000, bad
+    r = api(st, "POST", "/v1/conversation/create", None, json=load)
+    assert r.status_code == 401 and r.json()["code"] == 4100
+    r = api(st, "POST", "/v1/conversation/message/list", bob, params={"conversation_id": conv}, json={})
+    assert r.json()["code"] == 4101
+
+
+def test_chat_component_bot_mode_get_or_create_and_cozepy_names(st, key):
+    alice = access_token(st, key, "alice_0001")
+    body = {"bot_id": "bot9", "conversation_name": "support", "get_or_create": True, "connector_id": "999"}
+    one = api(st, "POST", "/v1/conversation/create", alice, json=body).json()["data"]["id"]
+    assert api(st, "POST", "/v1/conversation/create", alice, json=body).json()["data"]["id"] == one
+    assert api(st, "POST", "/v1/conversation/create", alice, json=dict(body, bot_id="bot8")).json()["data"]["id"] != one
+    # without get_or_create (the bot-mode component, cozepy): a new one each time
+    plain = {"bot_id": "bot9", "connector_id": "999"}
+    assert len({api(st, "POST", "/v1/conversation/create", alice, json=plain).json()["data"]["id"]
+                for _ in range(2)}) == 2
+
+    coze = cozepy_client(st, key, "carol_0001")
+    conv = coze.conversations.create(bot_id="bot9", name="My trip", connector_id="999")
+    assert conv.name == "My trip" and conv.connector_id == "999" and conv.last_section_id
+    assert coze.conversations.create(bot_id="bot9").name == ""
+    assert [c.name for c in coze.conversations.list(bot_id="bot9")] == ["", "My trip"]
+
+
+def test_audio_speech_over_http(st, key, tmp_path):
+    import wave
+    from cozepy import CozeAPIError
+    from cozepy.audio.speech import AudioFormat
+
+    coze = cozepy_client(st, key, "alice_0001")
+    # cozepy's default: mp3 at 24 kHz (MPEG-2 layer III frames)
+    mp3 = coze.audio.speech.create(input="hello there", voice_id="v1")
+    assert mp3.response.logid
+    mp3.write_to_file(str(tmp_path / "a.mp3"))
+    data = (tmp_path / "a.mp3").read_bytes()
+    assert data[:2] == b"\xff\xf3" and len(data) > 100  # frame sync, MPEG-2, layer III, no CRC
+
+    coze.audio.speech.create(input="hello", voice_id="v1", response_format=AudioFormat.WAV, sample_rate=16000,
+                             speed=2).write_to_file(str(tmp_path / "a.wav"))
+    with wave.open(str(tmp_path / "a.wav")) as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 16000)
+        assert w.getnframes() == 16000 * 125 // 1000  # 5 characters, 50 ms each, at twice the speed
+
+    r = api(st, "POST", "/v1/audio/speech", access_token(st, key, "alice_0001"),
+            json={"input": "hi", "voice_id": "v1", "response_format": "pcm", "sample_rate": 24000})
+    assert r.status_code == 200 and r.headers["Content-Type"] == "audio/pcm"
+    assert r.content == bytes(2 * 24000 * 100 // 1000)  # at least 100 ms of 16-bit silence
+
+    coze.audio.speech.create(input="hi", voice_id="v1",
+                             response_format=AudioFormat.OGG_OPUS).write_to_file(str(tmp_path / "a.ogg"))
+    ogg = (tmp_path / "a.ogg").read_bytes()
+    assert ogg[:4] == b"OggS" and ogg[5] == 0x02 and ogg[28:36] == b"OpusHead" and b"OpusTags" in ogg
+    assert ogg.count(b"OggS") == 3
+
+    for bad in ({"voice_id": ""}, {"input": ""}, {"input": "x" * 1025}, {"response_format": "flac"},
+                {"speed": 5}, {"sample_rate": 12345}):
+        with pytest.raises(CozeAPIError) as ei:
+            coze.audio.speech.create(**dict({"input": "hi", "voice_id": "v1"}, **bad))
+        assert ei.value.code == 4000, bad
+    r = api(st, "POST", "/v1/audio/speech", None, json={"input": "hi", "voice_id": "v1"})
+    assert r.status_code == 401 and r.json()["code"] == 4100
+    r = api(st, "GET", "/v1/audio/speech", access_token(st, key, "alice_0001"))
+    assert r.status_code == 426 and r.json()["code"] == 4000  # the WebSocket, without its upgrade
+    r = api(st, "PUT", "/v1/audio/speech", access_token(st, key, "alice_0001"))
+    assert r.status_code == 405
+
+
+def test_audio_transcriptions_over_http(st, key, tmp_path):
+    from cozepy import CozeAPIError
+
+    coze = cozepy_client(st, key, "alice_0001")
+    audio = tmp_path / "q.wav"
+    audio.write_bytes(b"RIFF" + bytes(996))
+    assert coze.audio.transcriptions.create(file=audio).text == "Sandbox transcript of 1000 bytes of audio"
+    assert coze.audio.transcriptions.create(file=("q.mp3", b"\xff\xf3" + bytes(98))).text.endswith(" 100 bytes of audio")
+    # what the component's upload sends: multipart, field "file"; the answer in Coze's envelope
+    tok = access_token(st, key, "bob_000001")
+    r = api(st, "POST", "/v1/audio/transcriptions", tok, files={"file": ("voice.wav", bytes(64), "audio/wav")})
+    assert r.status_code == 200 and r.json()["code"] == 0 and r.json()["msg"] == ""
+    assert r.json()["data"] == {"text": "Sandbox transcript of 64 bytes of audio"}
+    with pytest.raises(CozeAPIError) as ei:
+        coze.audio.transcriptions.create(file=("empty.wav", b""))
+    assert ei.value.code == 4000
+    assert api(st, "POST", "/v1/audio/transcriptions", tok, json={"file": "x"}).json()["code"] == 4000
+    r = api(st, "POST", "/v1/audio/transcriptions", None, files={"file": ("voice.wav", bytes(64), "audio/wav")})
+    assert r.status_code == 401 and r.json()["code"] == 4100
+
+
 def test_routing_table_lists_every_endpoint():
     from sandbox import routes
     table = {(r.method, r.pattern) for r in routes.ROUTES}
@@ -817,6 +953,13 @@ def test_routing_table_lists_every_endpoint():
         ("WS", "/v1/chat"), ("WS", "/v1/audio/speech"), ("WS", "/v1/audio/transcriptions"),
     }
     assert web_chat_sdk <= table
+    chat_component = {  # @coze/chat-sdk
+        ("GET", "/v1/bot/get_online_info"), ("GET", "/v1/conversations"), ("POST", "/v1/conversation/create"),
+        ("POST", "/v1/conversation/message/list"), ("POST", "/v3/chat"), ("POST", "/v1/conversations/{conversation_id}/clear"),
+        ("POST", "/v1/files/upload"), ("GET", "/v1/apps/{app_id}"), ("GET", "/v1/workflows/{workflow_id}"),
+        ("POST", "/v1/workflows/chat"), ("POST", "/v1/audio/speech"), ("POST", "/v1/audio/transcriptions"),
+    }
+    assert chat_component <= table
     assert len(table) == len(routes.ROUTES)  # no endpoint listed twice
     assert routes.match("GET", "/v1/conversations/123/clear")[2] == ["POST"]
     route, args, _ = routes.match("POST", "/v1/conversations/c%2F1/messages/m2/feedback")

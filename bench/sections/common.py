@@ -139,8 +139,8 @@ def no_nagle(standin) -> None:
     """The stand-in writes an answer's headers and body in two sends; with Nagle's algorithm on, the
     second waits for the client's delayed ACK (~40 ms on Linux) and that stall, not the proxy, would
     dominate every figure. Real servers (and mitmproxy, via asyncio) set TCP_NODELAY: so does this run."""
-    handler = standin._server.RequestHandlerClass
-    standin._server.RequestHandlerClass = type(handler.__name__, (handler,), {"disable_nagle_algorithm": True})
+    handler = standin.server.RequestHandlerClass
+    standin.server.RequestHandlerClass = type(handler.__name__, (handler,), {"disable_nagle_algorithm": True})
 
 
 def chat_body(text: str) -> dict:
