@@ -352,10 +352,6 @@ def test_app_mode_streams_the_answer(chat_page, standin):
     assert not page.errors
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "sandbox: POST /v1/conversation/create ignores app_id, conversation_name and get_or_create (the stand-in's "
-    "app-mode get-or-create lives on /v1/workflow/conversation/create only), so ChatFlowFramework gets a new, "
-    "empty conversation on every page load and the history is gone"))
 def test_app_mode_reload_shows_the_history(chat_page, standin):
     page, _ = chat_page(mode="app")
     send(page, "app history please")

@@ -254,6 +254,50 @@ def test_sandbox_name_absolute_and_inside_connect_tunnels(mitmdump, config_file,
     assert "Name or service not known" not in proxy.output
 
 
+
+def test_a_page_calling_the_real_coze_in_the_demo_gets_a_local_note(mitmdump, config_file, standin):
+    """In the demo, https://api.coze.cn (and ws.coze.cn, coze.com) is answered by coze-mitm with a JSON note that
+    names the sandbox: intercepted, never a tunnel to the internet (no "Name or service not known", no 502)."""
+    proxy = mitmdump(f"coze_config={config_file}", "coze_origins=http://coze.mitm", "coze_demo=true")
+    s = session(proxy)
+    ca = str(proxy.confdir / "mitmproxy-ca-cert.pem")
+    page = {"Origin": "http://coze.mitm", "Sec-Fetch-Site": "cross-site"}
+    pre = s.options("https://api.coze.cn/v3/chat", headers={**page, "Access-Control-Request-Method": "POST",
+                                                            "Access-Control-Request-Headers": "authorization"},
+                    verify=ca, timeout=10)
+    assert pre.status_code == 204 and pre.headers["Access-Control-Allow-Origin"] == "http://coze.mitm"
+    r = s.post("https://api.coze.cn/v3/chat", headers={**page, "Authorization": "Bearer user:alice-0001"},
+               json={"bot_id": "1"}, verify=ca, timeout=10)
+    assert r.status_code == 503 and r.headers["Access-Control-Allow-Origin"] == "http://coze.mitm"
+    body = r.json()
+    assert set(body) == {"code", "msg"} and body["code"] == 5000
+    assert SANDBOX_API in body["msg"] and "api.coze.cn" in body["msg"] and "--demo" in body["msg"]
+    r = s.get("http://api.coze.com/v1/bots/1", timeout=10)
+    assert r.status_code == 503 and SANDBOX_API in r.json()["msg"]
+    assert standin.requests_seen == [] and standin.exchanges == []  # nothing went anywhere
+    assert proxy.wait_for_output(r"demo: a page called api\.coze\.cn; the demo answers it locally", 5), proxy.output
+    assert "Name or service not known" not in proxy.output and "502" not in proxy.output
+
+
+def test_a_page_outside_coze_origins_is_named_in_the_log_and_on_the_status_page(mitmdump, config_file, standin):
+    proxy = mitmdump(f"coze_config={config_file}", "coze_origins=https://mine.example")
+    s = session(proxy)
+    for _ in range(3):
+        s.options(standin.base_url + "/v3/chat", headers={"Origin": "https://not-mine.example",
+                                                          "Access-Control-Request-Method": "POST"}, timeout=10)
+    r = s.get(standin.base_url + "/v1/bots/1", headers={"Origin": "https://other.example",
+                                                        "Authorization": "Bearer user:alice-0001"}, timeout=10)
+    assert r.status_code == 403
+    assert proxy.wait_for_output(r"a CORS preflight to the Coze API from page origin https://not-mine\.example, "
+                                 r"which is not in coze_origins; if it is your page, add it", 5), proxy.output
+    assert proxy.wait_for_output(r"a tagged request from page origin https://other\.example", 5), proxy.output
+    assert proxy.output.count("https://not-mine.example, which is not in coze_origins") == 1  # rate-limited
+    refused = s.get("http://coze.mitm/status.json", timeout=10).json()["refused_origins"]
+    assert [(r["origin"], r["count"]) for r in refused] == [("https://other.example", 1), ("https://not-mine.example", 3)]
+    page = s.get("http://coze.mitm/", timeout=10).text
+    assert "Pages refused lately" in page and "https://not-mine.example" in page
+
+
 # --------------------------------------------------------------------------- the browser
 
 def playwright_or_skip():
