@@ -158,3 +158,16 @@ def test_mitmdump_with_a_fifo_as_config_exits_with_one_line(tmp_path):
     errors = [line for line in proc.lines if "not a regular file" in line]
     assert len(errors) == 1 and "a FIFO" in errors[0], proc.output
     assert "Traceback" not in proc.output
+
+
+def test_no_mode_warning_on_windows_where_mode_bits_say_nothing(tmp_path, monkeypatch):
+    """Windows reports every file as 0o666 (mode bits from the read-only flag only): a mode warning there would
+    be said for every config, so it is POSIX only."""
+    from coze_mitm.core import config as config_module
+
+    path = tmp_path / "cfg.json"
+    path.write_text("{}")
+    path.chmod(0o644)
+    assert "chmod 600" in config_module.permissions_warning(path)
+    monkeypatch.setattr(config_module.os, "name", "nt")
+    assert config_module.permissions_warning(path) is None

@@ -208,7 +208,13 @@ def _read_small_file(path: str) -> bytes:
 
 
 def permissions_warning(path: str | os.PathLike) -> str | None:
-    """The private key file should be readable by its owner only."""
+    """The private key file should be readable by its owner only.
+
+    POSIX only: on Windows the mode bits are made up from the read-only flag (every file looks 0o666), and
+    who may read a file is an ACL this check cannot see; a file in the user's own profile is readable by that
+    user (and administrators) only, which is what the README asks there."""
+    if os.name == "nt":
+        return None
     try:
         mode = os.stat(path).st_mode
     except OSError:
