@@ -26,6 +26,7 @@ for _path in (str(REPO), str(REPO / "addons")):  # addons/ first: its modules im
         sys.path.insert(0, _path)
 
 from launcher.args import check_args, make_parser  # noqa: E402
+from launcher.ca import prepare as prepare_ca  # noqa: E402
 from launcher.check import run_check  # noqa: E402
 from launcher.common import EXIT_FAILED, EXIT_OK, Fail, Stop, tell  # noqa: E402
 from launcher.plan import Plan, allow_hosts, plan  # noqa: E402,F401  (Plan, allow_hosts: for the tests)
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.web:  # 3. never a mitmweb whose API anyone can use
             require_safe_mitmweb()
         pl = plan(args)  # 4. everything that can be checked offline: PAT, config, origins, options
-        return run_demo(pl) if args.demo else run_proxy(pl)  # 5. mitmproxy, until Ctrl-C
+        prepare_ca(pl)  # 5. the CA scoped to what it intercepts (launcher/ca.py), in its own confdir
+        return run_demo(pl) if args.demo else run_proxy(pl)  # 6. mitmproxy, until Ctrl-C
     except Fail as e:
         tell("error", e.msg)
         return e.code

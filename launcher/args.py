@@ -80,6 +80,9 @@ def make_parser() -> Parser:
     net.add_argument("--intercept-all", action="store_true",
                      help="intercept TLS for every host (mitmproxy's default) instead of only the hosts "
                           "coze-mitm needs; every HTTPS site then needs mitmproxy's CA")
+    net.add_argument("--new-ca", action="store_true",
+                     help="make a new CA (in ~/.mitmproxy-coze-mitm) that vouches only for the hosts coze-mitm "
+                          "intercepts now, e.g. after --origins grew; then trust it and remove the old one (README)")
     net.add_argument("-v", "--verbose", action="store_true",
                      help="mitmproxy's own detail: every flow and connection (by default one line per request "
                           "coze-mitm acted on)")

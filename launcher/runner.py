@@ -72,7 +72,8 @@ def next_steps(pl: Plan, host: str, port: int, sandbox=None, web_url: str = "") 
         lines += [
             f"coze-mitm is running: proxy {proxy}, {mode}.",
             f"  1. Point your browser's proxy at {proxy} (HTTP and HTTPS), e.g. with a proxy-switcher extension.",
-            "  2. Install and trust mitmproxy's CA certificate: open http://mitm.it through the proxy.",
+            "  2. Trust the proxy's CA certificate: open http://mitm.it through the proxy (README step 5; "
+            f"{STATUS_URL} shows the names it can vouch for).",
             f"  3. Install the userscript (Tampermonkey/Violentmonkey): open {STATUS_URL} through the proxy.",
         ]
         if not pl.page_origins:

@@ -21,6 +21,7 @@ import base64
 import json
 import logging
 import time
+from pathlib import Path
 
 from mitmproxy import ctx, http, tls
 
@@ -36,6 +37,7 @@ from coze_mitm.core.config import STATUS_HOST
 from coze_mitm.parts.settings import CozeSettings
 from coze_mitm.pages.status_page import PAGE_CSP, PROBE_SCRIPT, STYLE, render  # noqa: F401  (STYLE, PROBE_SCRIPT: for the tests)
 from coze_mitm.core.exchange import scrub
+from coze_mitm.core import scoped_ca
 from coze_mitm.pages import userscript_fill
 from coze_mitm.pages.userscript_fill import (  # noqa: F401  (re-exported: the tests and older imports use status.*)
     NO_ORIGIN_MATCH, VERSION_STATE_FILE, base_version, fill_userscript, proxy_address, script_origins, set_version,
@@ -56,6 +58,12 @@ HINTS = {
     "": {"bot_id": "--set coze_bot_id=<bot id>", "origins": "--set coze_origins=https://your.page"},
     LAUNCHER: {"bot_id": "--bot-id <bot id>", "origins": "--origins https://your.page"},
 }
+# How to get a CA that vouches only for what coze-mitm intercepts (launcher/ca.py makes it).
+NEW_CA_HINTS = {
+    "": "python run_mitm.py --new-ca (it lives in ~/.mitmproxy-coze-mitm; plain mitmdump uses it with "
+        "--set confdir=~/.mitmproxy-coze-mitm)",
+    LAUNCHER: f"python {LAUNCHER} --new-ca with your other flags",
+}
 
 class StatusPages:
     def __init__(self, settings: CozeSettings, accounting=None):
@@ -68,6 +76,7 @@ class StatusPages:
         self.proxy = proxy_address("", None)  # host:port the served script names (see running)
         self._bound_port: int | None = None
         self.problems: list[str] = []
+        self._ca_cache: tuple | None = None  # ((confdir, mtime, hosts), scoped_ca.describe(...))
 
 
     # ------------------------------------------------------------ configuration
@@ -210,6 +219,7 @@ class StatusPages:
                 "probably_trusted": True if over_https else None,
                 "install_from": "http://mitm.it",
             },
+            "ca_file": self.ca_file(),  # the CA in the confdir: which names it can vouch for
             "userscript": {
                 "url": USERSCRIPT_URL, "version": self.userscript_version, "sdk_url": self.sdk_url,
                 "title": ctx.options.coze_title, "pages": script_origins(s.page_origins),
@@ -249,6 +259,25 @@ class StatusPages:
         if demo_on:
             data["demo"] = {"sandbox": demo.SANDBOX_API, "page": f"{demo.DEMO_ORIGIN}/demo", "ready": demo.active(s)}
         return data
+
+    def ca_file(self) -> dict:
+        """The CA mitmproxy signs with (its confdir): the names it can vouch for, and the intercepted hosts it
+        cannot (coze_origins or the API hosts grew since it was made). Read again only when the file changes."""
+        s = self.settings
+        origins = [*map(str, s.api_origins), *map(str, s.ws_origins), *s.page_origins]
+        hosts = scoped_ca.hosts_for(origins, [demo.SANDBOX_HOST] if demo.enabled() else [])
+        confdir = str(getattr(ctx.options, "confdir", "") or "~/.mitmproxy")
+        try:
+            stamp = (Path(confdir).expanduser() / scoped_ca.SIGNING_FILE).stat().st_mtime_ns
+        except OSError:
+            stamp = None
+        key = (confdir, stamp, tuple(hosts))
+        if self._ca_cache is None or self._ca_cache[0] != key:
+            self._ca_cache = (key, scoped_ca.describe(confdir, hosts))
+        info = dict(self._ca_cache[1])
+        launcher = ctx.options.coze_launcher if ctx.options.coze_launcher in NEW_CA_HINTS else ""
+        info["new_ca"] = NEW_CA_HINTS[launcher] if (info["every_site"] or info["missing"]) else ""
+        return info
 
     def _https_needed(self) -> bool:
         """Does anything the pages load need the mitmproxy CA: an https page, or an https API they call?"""
