@@ -1,5 +1,7 @@
 """The parts of run_mitm.py, the one-command launcher (run_mitm.py reads as what it does, in order).
 
+bootstrap  first of all: Python >= 3.11, and the project venv (.venv-3.X) when this interpreter lacks the
+           requirements; standard library only, parseable by any Python (run_tests.py uses it too)
 common  names, exit codes, the one-message error and how messages are printed
 args    the command line: flags, --set pass-through, the refusals found from the arguments alone
 plan    what to start, worked out offline: PAT, OAuth config, origins, mitmproxy options
