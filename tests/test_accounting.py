@@ -133,6 +133,7 @@ class TestOptions:
         proc = Mitmdump(tmp_path, [f"coze_config={config_file}", "coze_user_daily_tokens=-5"])
         assert proc.run_to_exit() == 1
         assert "coze_user_daily_tokens must be 0 (no budget)" in proc.output
+        assert "listening at" not in proc.output and "Error logged during startup" not in proc.output  # a quiet failing start
         assert "Traceback" not in proc.output
 
     def test_default_file_is_in_the_confdir(self, tmp_path):

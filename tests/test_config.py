@@ -157,4 +157,17 @@ def test_mitmdump_with_a_fifo_as_config_exits_with_one_line(tmp_path):
     assert proc.run_to_exit(timeout=60) == 1
     errors = [line for line in proc.lines if "not a regular file" in line]
     assert len(errors) == 1 and "a FIFO" in errors[0], proc.output
+    assert "listening at" not in proc.output and "Error logged during startup" not in proc.output  # a quiet failing start
+    assert "Traceback" not in proc.output
+
+
+def test_mitmweb_with_a_bad_config_exits_with_one_line_and_never_listens(tmp_path):
+    """The same quiet start for mitmweb: the coze-mitm line, exit code 1, no proxy or web server started."""
+    (tmp_path / "coze_oauth_config.json").write_text("{not json")
+    proc = Mitmdump(tmp_path, [f"coze_config={tmp_path / 'coze_oauth_config.json'}"], tool="mitmweb",
+                    extra_args=["--no-web-open-browser", "--web-port", "0"])
+    assert proc.run_to_exit(timeout=60) == 1
+    errors = [line for line in proc.lines if "coze-mitm:" in line]
+    assert len(errors) == 1 and "not valid JSON" in errors[0], proc.output
+    assert "listening at" not in proc.output and "Error logged during startup" not in proc.output
     assert "Traceback" not in proc.output
