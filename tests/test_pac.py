@@ -8,8 +8,10 @@ the proxy address the browser reached, and follows the running settings.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
+import time
 
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
@@ -175,3 +177,94 @@ class TestPart:
         assert data["pac_url"] == "http://127.0.0.1:8080/proxy.pac"
         assert 'href="/proxy.pac"' in tctx.status.render_html()
         assert "http://127.0.0.1:8080/proxy.pac" in tctx.status.render_html()
+
+
+# --------------------------------------------------------------------------- a real browser
+
+
+class OutsideSite:
+    """A site not on the PAC's list: outside.test, which Chromium resolves to 127.0.0.1 (--host-resolver-rules)
+    and the proxy cannot resolve at all, so a request sent through the proxy could not load it."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        import threading
+
+        seen = self.hosts = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                seen.append(self.headers.get("Host", ""))
+                body = b"<!doctype html><title>outside</title><p id=o>outside page</p>"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(body)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://outside.test:{self._server.server_address[1]}/"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_chromium_with_the_pac_chats_through_the_proxy_and_goes_direct_elsewhere(tmp_path_factory):
+    """run_mitm.py --demo (a real mitmdump with the stand-in) and Chromium set up with --proxy-pac-url only:
+    the demo page chats; outside.test loads directly and never reaches the proxy; with the proxy stopped,
+    outside.test still loads and only the Coze (demo) page fails."""
+    from tests.test_demo import RECORD_REPLY, chromium_path, playwright_or_skip
+    from tests.test_run_mitm import Launcher
+
+    sync_playwright = playwright_or_skip()
+    outside = OutsideSite()
+    proxy = Launcher(tmp_path_factory.mktemp("pac-browser"), "--demo", "-v").start()  # -v: every flow in the log
+    pac_url = f"http://127.0.0.1:{proxy.port}/proxy.pac"
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=chromium_path(),
+                args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                      "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                      f"--proxy-pac-url={pac_url}", "--host-resolver-rules=MAP outside.test 127.0.0.1"],
+            )
+            try:
+                context = browser.new_context()
+                page = context.new_page()
+                page.goto("http://coze.mitm/demo")
+                assert "SANDBOX" in page.inner_text(".sandbox")
+                page.evaluate(RECORD_REPLY)
+                page.fill("#message", "hello through the PAC")
+                page.click("#send")
+                page.wait_for_selector('.msg.bot[data-done="true"]', timeout=15_000)
+                assert page.inner_text(".msg.bot") == "Sandbox reply to: hello through the PAC"
+                assert proxy.wait_for_output(r"POST http://127\.0\.0\.1:\d+/v3/chat"), proxy.output  # via the proxy
+
+                other = context.new_page()
+                other.goto(outside.url)
+                assert other.inner_text("#o") == "outside page"
+                assert outside.hosts and all(h.startswith("outside.test:") for h in outside.hosts)
+                time.sleep(0.5)
+                assert "outside.test" not in proxy.output  # the proxy never saw it (-v logs every flow)
+                assert re.search(r"GET http://127\.0\.0\.1:\d+/proxy\.pac", proxy.output), proxy.output  # asked of the proxy
+
+                assert proxy.stop() == 0
+                before = len(outside.hosts)
+                fresh = browser.new_context().new_page()
+                fresh.goto(outside.url)
+                assert fresh.inner_text("#o") == "outside page" and len(outside.hosts) > before
+                with pytest.raises(Exception, match="ERR_PROXY_CONNECTION_FAILED"):
+                    fresh.goto("http://coze.mitm/demo", timeout=15_000)
+            finally:
+                browser.close()
+    finally:
+        proxy.stop()
+        outside.stop()
+    assert "coze-mitm: the proxy at" in proxy.output and "Traceback" not in proxy.output
