@@ -171,3 +171,27 @@ def test_mitmweb_with_a_bad_config_exits_with_one_line_and_never_listens(tmp_pat
     assert len(errors) == 1 and "not valid JSON" in errors[0], proc.output
     assert "listening at" not in proc.output and "Error logged during startup" not in proc.output
     assert "Traceback" not in proc.output
+
+
+def test_the_example_config_is_recognised():
+    with pytest.raises(ConfigError) as e:
+        config.load_oauth_config(config.REPO_ROOT / "config" / "coze_oauth_config.example.json")
+    msg = str(e.value)
+    assert "this is the example" in msg and "download your app's config from the Coze console" in msg
+    assert "OpenSSL" not in msg and "deserialize" not in msg
+
+
+def test_a_key_without_pem_lines_gets_a_plain_reason(tmp_path, rsa_key):
+    with pytest.raises(ConfigError) as e:
+        config.load_oauth_config(write_config(tmp_path, rsa_key, "https://api.coze.cn", private_key="garbage"))
+    assert "no -----BEGIN PRIVATE KEY----- line" in str(e.value)
+    assert "OpenSSLError" not in str(e.value) and "[<" not in str(e.value)
+
+
+def test_utf8_bom_accepted(tmp_path, rsa_key):
+    """Windows Notepad saves UTF-8 with a byte order mark: the file still loads."""
+    path = write_config(tmp_path, rsa_key, "https://api.coze.cn")
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    app = config.load_oauth_config(path)
+    assert app.client_id and app.api_base == "https://api.coze.cn"
+    assert config.parse_oauth_config("\ufeff" + path.read_bytes()[3:].decode()).client_id == app.client_id

@@ -358,6 +358,8 @@ def test_check_refused_by_coze_quotes_error_logid_and_hint(tmp_path, standin, rs
     (None, "OAuth config not found"),
     ("{not json", "not valid JSON (line 1"),
     (json.dumps({"client_type": "pkce", "client_id": "1"}), "JWT (service)"),
+    ((REPO / "config" / "coze_oauth_config.example.json").read_text(), "this is the example"),
+    ("\ufeff{not json", "not valid JSON (line 1, column 2"),  # the BOM is not what is wrong
 ])
 def test_check_bad_config_offline(tmp_path, content, expect):
     path = tmp_path / "coze_oauth_config.json"
