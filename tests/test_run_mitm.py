@@ -748,6 +748,9 @@ def test_ctrl_c_says_what_browsers_pointed_at_the_proxy_will_do(launch):
     r = requests.get(pac, proxies={"http": "", "https": ""}, timeout=10)  # asked of the proxy itself
     assert r.status_code == 200 and r.headers["Content-Type"] == "application/x-ns-proxy-autoconfig"
     assert f'"PROXY 127.0.0.1:{launcher.port}"' in r.text and '"sandbox.coze.mitm"' in r.text
+    deltas, _ = chat(launcher, "1732000000000-DemoUserForTheUsageFile", "counted?")  # a chat with usage
+    assert deltas
+    assert launcher.session().get("http://coze.mitm/status.json").json()["usage_users"] == 1
     for pid in [launcher.proc.pid, *launcher.children()]:
         os.kill(pid, signal.SIGINT)
     assert launcher.proc.wait(20) == 0
@@ -760,3 +763,4 @@ def test_ctrl_c_says_what_browsers_pointed_at_the_proxy_will_do(launch):
         f"pages fail, other sites keep loading; browsers with 127.0.0.1:{launcher.port} as their proxy for everything: "
         "every page fails until that proxy setting is removed."]
     assert "Traceback" not in launcher.output
+    assert list(launcher.cwd.glob("*.sqlite")) == []  # the demo's usage stays in memory: no later run sees it
