@@ -260,7 +260,9 @@ def test_chromium_with_the_pac_chats_through_the_proxy_and_goes_direct_elsewhere
                 fresh = browser.new_context().new_page()
                 fresh.goto(outside.url)
                 assert fresh.inner_text("#o") == "outside page" and len(outside.hosts) > before
-                with pytest.raises(Exception, match="ERR_PROXY_CONNECTION_FAILED"):
+                # The Coze (demo) page fails: through the stopped proxy (ERR_PROXY_CONNECTION_FAILED), or, once
+                # Chromium could not fetch the PAC again and went direct, because only the proxy knows the name.
+                with pytest.raises(Exception, match="ERR_PROXY_CONNECTION_FAILED|ERR_NAME_NOT_RESOLVED"):
                     fresh.goto("http://coze.mitm/demo", timeout=15_000)
             finally:
                 browser.close()

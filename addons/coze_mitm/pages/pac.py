@@ -8,7 +8,9 @@ A browser that uses it sends the Coze API and WebSocket hosts, the allowed page 
 mitm.it (and in the demo sandbox.coze.mitm) to the proxy, and everything else DIRECT: when the proxy
 stops, only those fail; every other site keeps loading. There is deliberately no "; DIRECT" fallback
 after the proxy: a Coze request sent around a stopped proxy would carry the user tag to Coze instead of
-a credential, and coze.mitm exists only in the proxy.
+a credential, and coze.mitm exists only in the proxy. (A browser that cannot fetch the PAC file at all,
+e.g. Chromium re-reading it while the proxy is stopped, goes DIRECT for everything: the Coze pages then
+fail too, coze.mitm does not resolve and Coze refuses the tag, which is no credential.)
 
 Pure: no mitmproxy import; the part (parts/pac.py) hands in what to list and the proxy's address.
 """
