@@ -8,6 +8,7 @@ The parts, in the order every request meets them (the code: addons/coze_mitm/par
   tuning      opt-in process tuning (coze_tune_process; run_mitm.py turns it on), off by default
   login       with mitmproxy's proxyauth: the login's password removed from the flow at once
   demo        http://coze.mitm/demo and the sandbox.coze.mitm name, only with coze_demo (run_mitm.py --demo)
+  pac         the PAC file (http://127.0.0.1:8080/proxy.pac, http://coze.mitm/proxy.pac), answered locally
   status      http://coze.mitm/ pages, answered locally
   cors        preflights to the Coze API from allowed origins answered locally; CORS headers set (once)
   auth        the user tag swapped for that user's Coze token (or refused with a JSON answer)
@@ -41,6 +42,7 @@ from coze_mitm.parts.csp import Csp  # noqa: E402
 from coze_mitm.parts.demo import Demo  # noqa: E402
 from coze_mitm.parts.flowlog import FlowLog  # noqa: E402
 from coze_mitm.parts.login import Login  # noqa: E402
+from coze_mitm.parts.pac import Pac  # noqa: E402
 from coze_mitm.parts.quiet_exit import QuietExit  # noqa: E402
 from coze_mitm.parts.settings import CozeSettings  # noqa: E402
 from coze_mitm.parts.status import StatusPages  # noqa: E402
@@ -57,6 +59,7 @@ bundle = Bundle(
     ProcessTuning(),
     Login(),
     Demo(settings),
+    Pac(settings),
     StatusPages(settings, accounting),
     Cors(settings),
     Auth(settings, accounting),

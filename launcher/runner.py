@@ -13,7 +13,7 @@ import tempfile
 
 from launcher.args import is_anonymous
 from launcher.common import (DEMO_URL, EXIT_FAILED, EXIT_OK, EXIT_PORT_IN_USE, EXIT_USAGE, STATUS_URL, Fail, Stop,
-                             is_loopback, say, tell)
+                             is_loopback, say, tell, wrap)
 from launcher.plan import Plan, mitm_command
 from launcher.ports import PORT_IN_USE_RE, check_port_free, port_in_use_message
 
@@ -63,7 +63,8 @@ def next_steps(pl: Plan, host: str, port: int, sandbox=None, web_url: str = "") 
             f"coze-mitm DEMO is running: proxy {proxy}, talking to a local SANDBOX (not Coze).",
             f"  Open {DEMO_URL} in a browser that uses this proxy, e.g. a fresh Chromium:",
             f"    chromium --user-data-dir=\"$(mktemp -d)\" --proxy-server=http://{proxy} {DEMO_URL}",
-            f"  or set the HTTP proxy {proxy} in your browser (Firefox: Settings > Network Settings > Manual).",
+            f"  or set the PAC URL {pac_url(proxy)} in your browser (Firefox: Settings > Network Settings >",
+            "  Automatic proxy configuration URL): only the demo's names then go through the proxy.",
             "  No CA certificate is needed: the demo is plain HTTP.",
             f"  Check from a shell: curl -x http://{proxy} {STATUS_URL}status.json",
         ]
@@ -71,7 +72,8 @@ def next_steps(pl: Plan, host: str, port: int, sandbox=None, web_url: str = "") 
         mode = f"PAT mode (from {pl.pat_source})" if pl.pat else f"JWT mode ({pl.config_path})"
         lines += [
             f"coze-mitm is running: proxy {proxy}, {mode}.",
-            f"  1. Point your browser's proxy at {proxy} (HTTP and HTTPS), e.g. with a proxy-switcher extension.",
+            f"  1. Set your browser's automatic proxy configuration (PAC) URL to {pac_url(proxy)}: only Coze",
+            f"     goes through the proxy (Chrome/Edge: --proxy-pac-url=...). Or the whole browser: proxy {proxy}.",
             "  2. Trust the proxy's CA certificate: open http://mitm.it through the proxy (README step 5; "
             f"{STATUS_URL} shows the names it can vouch for).",
             f"  3. Install the userscript (Tampermonkey/Violentmonkey): open {STATUS_URL} through the proxy.",
@@ -86,6 +88,23 @@ def next_steps(pl: Plan, host: str, port: int, sandbox=None, web_url: str = "") 
         lines.append("  One line per request coze-mitm acts on; -v shows mitmproxy's own detail.")
     lines += ["  Ctrl-C stops it.", "=" * 78, ""]
     return "\n".join(lines)
+
+
+def pac_url(proxy: str) -> str:
+    return f"http://{proxy}/proxy.pac"
+
+
+def stopped_line(listening: tuple[str, int] | None) -> str:
+    """Said once when Ctrl-C (or SIGTERM) stopped a proxy that was listening: what browsers pointed at it do now."""
+    if listening is None:
+        return ""  # it never listened: no browser was using it
+    host, port = listening
+    if host in ("*", "", "0.0.0.0", "::"):
+        host = "127.0.0.1"  # every interface: this machine's browsers name it so
+    proxy = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return (f"coze-mitm: the proxy at {proxy} stopped. Browsers using its PAC file ({pac_url(proxy)}): only Coze pages "
+            f"fail, other sites keep loading; browsers with {proxy} as their proxy for everything: every page fails "
+            "until that proxy setting is removed.")
 
 
 def run_proxy(pl: Plan, sandbox=None) -> int:
@@ -117,9 +136,13 @@ def run_proxy(pl: Plan, sandbox=None) -> int:
         rc = proc.wait()
     except KeyboardInterrupt:
         stop_child(proc, signalled=True)
+        if gone := stopped_line(listening):
+            say(wrap(gone))
         return EXIT_OK
     except Stop:
         stop_child(proc, signalled=False)
+        if gone := stopped_line(listening):
+            say(wrap(gone))
         return EXIT_OK
     if port_in_use:
         raise Fail(port_in_use_message(args.host, args.port), EXIT_PORT_IN_USE)

@@ -133,7 +133,32 @@ class TestOptions:
         proc = Mitmdump(tmp_path, [f"coze_config={config_file}", "coze_user_daily_tokens=-5"])
         assert proc.run_to_exit() == 1
         assert "coze_user_daily_tokens must be 0 (no budget)" in proc.output
+        assert "listening at" not in proc.output and "Error logged during startup" not in proc.output  # a quiet failing start
         assert "Traceback" not in proc.output
+
+    def test_demo_users_stay_out_of_later_runs(self, tmp_path):
+        """coze_demo without a named file: usage in memory only; a later run with the same confdir starts empty."""
+        from mitmproxy.test import taddons
+
+        from coze_mitm.parts.accounting import Accounting
+
+        demo_run = Accounting()
+        with taddons.context(OptionsOnly(), demo_run) as tctx:
+            tctx.configure(demo_run, confdir=str(tmp_path), coze_demo=True)
+            assert demo_run.store is None
+            demo_run.book.tokens("sandbox-user-0001", 7)
+            demo_run.done()
+        assert not (tmp_path / "coze-mitm-usage.sqlite").exists() and list(tmp_path.glob("*.sqlite")) == []
+        later = Accounting()
+        with taddons.context(OptionsOnly(), later) as tctx:
+            tctx.configure(later, confdir=str(tmp_path))
+            assert later.store is not None and later.book.rows() == []
+            later.done()
+        named = Accounting()  # an explicit file is used even in the demo
+        with taddons.context(OptionsOnly(), named) as tctx:
+            tctx.configure(named, confdir=str(tmp_path), coze_demo=True, coze_usage_file=str(tmp_path / "d.sqlite"))
+            assert named.store is not None and named.store.path == tmp_path / "d.sqlite"
+            named.done()
 
     def test_default_file_is_in_the_confdir(self, tmp_path):
         from mitmproxy.test import taddons

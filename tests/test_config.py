@@ -157,6 +157,7 @@ def test_mitmdump_with_a_fifo_as_config_exits_with_one_line(tmp_path):
     assert proc.run_to_exit(timeout=60) == 1
     errors = [line for line in proc.lines if "not a regular file" in line]
     assert len(errors) == 1 and "a FIFO" in errors[0], proc.output
+    assert "listening at" not in proc.output and "Error logged during startup" not in proc.output  # a quiet failing start
     assert "Traceback" not in proc.output
 
 
@@ -171,3 +172,39 @@ def test_no_mode_warning_on_windows_where_mode_bits_say_nothing(tmp_path, monkey
     assert "chmod 600" in config_module.permissions_warning(path)
     monkeypatch.setattr(config_module.os, "name", "nt")
     assert config_module.permissions_warning(path) is None
+
+
+def test_mitmweb_with_a_bad_config_exits_with_one_line_and_never_listens(tmp_path):
+    """The same quiet start for mitmweb: the coze-mitm line, exit code 1, no proxy or web server started."""
+    (tmp_path / "coze_oauth_config.json").write_text("{not json")
+    proc = Mitmdump(tmp_path, [f"coze_config={tmp_path / 'coze_oauth_config.json'}"], tool="mitmweb",
+                    extra_args=["--no-web-open-browser", "--web-port", "0"])
+    assert proc.run_to_exit(timeout=60) == 1
+    errors = [line for line in proc.lines if "coze-mitm:" in line]
+    assert len(errors) == 1 and "not valid JSON" in errors[0], proc.output
+    assert "listening at" not in proc.output and "Error logged during startup" not in proc.output
+    assert "Traceback" not in proc.output
+
+
+def test_the_example_config_is_recognised():
+    with pytest.raises(ConfigError) as e:
+        config.load_oauth_config(config.REPO_ROOT / "config" / "coze_oauth_config.example.json")
+    msg = str(e.value)
+    assert "this is the example" in msg and "download your app's config from the Coze console" in msg
+    assert "OpenSSL" not in msg and "deserialize" not in msg
+
+
+def test_a_key_without_pem_lines_gets_a_plain_reason(tmp_path, rsa_key):
+    with pytest.raises(ConfigError) as e:
+        config.load_oauth_config(write_config(tmp_path, rsa_key, "https://api.coze.cn", private_key="garbage"))
+    assert "no -----BEGIN PRIVATE KEY----- line" in str(e.value)
+    assert "OpenSSLError" not in str(e.value) and "[<" not in str(e.value)
+
+
+def test_utf8_bom_accepted(tmp_path, rsa_key):
+    """Windows Notepad saves UTF-8 with a byte order mark: the file still loads."""
+    path = write_config(tmp_path, rsa_key, "https://api.coze.cn")
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    app = config.load_oauth_config(path)
+    assert app.client_id and app.api_base == "https://api.coze.cn"
+    assert config.parse_oauth_config("\ufeff" + path.read_bytes()[3:].decode()).client_id == app.client_id

@@ -130,8 +130,49 @@ def test_broken_stream_logs_the_error_once(hooks, caplog):
     auth.error(f)
     flowlog.error(f)
     flowlog.error(f)
-    assert lines(caplog) == ["coze-mitm: injected POST api.coze.cn/v3/chat for user 1732…AAAA -> error: "
+    assert lines(caplog) == ["coze-mitm: injected POST api.coze.cn/v3/chat for user 1732…AAAA -> error (api.coze.cn:443): "
                              "peer closed connection"]
+
+
+def test_connection_error_names_the_host_it_was_for(hooks, caplog):
+    caplog.set_level(logging.INFO)
+    _, _, auth, flowlog = hooks
+    f = tagged()
+    run_request(hooks, f)
+    f.request.host, f.request.port = "127.0.0.1", 9
+    f.error = mflow.Error("Connection refused")
+    flowlog.error(f)
+    assert lines(caplog)[-1].endswith("-> error (127.0.0.1:9): Connection refused")
+
+
+@pytest.mark.parametrize("message, lowered", [
+    ("Client TLS handshake failed. The client does not trust the proxy's certificate for coze.mitm "
+     "(OpenSSL Error([('SSL routines', '', 'ssl/tls alert certificate unknown')]))", True),
+    ("Client TLS handshake failed. The client disconnected during the handshake. If this happens consistently "
+     "for coze.mitm, this may indicate that the client does not trust the proxy's certificate.", True),
+    ("Client TLS handshake failed. The client does not trust the proxy's certificate for api.coze.cn "
+     "(tlsv1 alert unknown ca)", False),
+    ("Client TLS handshake failed. The client does not trust the proxy's certificate for coze.mitm.evil.example "
+     "(tlsv1 alert unknown ca)", False),
+])
+def test_the_status_pages_ca_probe_handshake_is_not_a_warning(hooks, message, lowered):
+    """The status page's https probe fails by design until the CA is trusted: no warning for coze.mitm only."""
+    from coze_mitm.parts.flowlog import CONNECTION_LOGGER
+
+    logger = logging.getLogger(CONNECTION_LOGGER)
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record)
+
+    handler = Keep(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        logger.warning(message)
+    finally:
+        logger.removeHandler(handler)
+    assert (seen == []) is lowered
 
 
 def test_websocket_is_logged_when_it_ends(hooks, caplog):

@@ -256,5 +256,6 @@ def test_bad_config_stops_startup_with_one_line(mitmdump, tmp_path, rsa_key, con
     assert proc.run_to_exit() == 1
     errors = [line for line in proc.lines if "coze-mitm:" in line]
     assert len(errors) == 1 and fix in errors[0], proc.output
+    assert "listening at" not in proc.output and "Error logged during startup" not in proc.output  # a quiet failing start
     assert "Traceback" not in proc.output
 

@@ -358,6 +358,8 @@ def test_check_refused_by_coze_quotes_error_logid_and_hint(tmp_path, standin, rs
     (None, "OAuth config not found"),
     ("{not json", "not valid JSON (line 1"),
     (json.dumps({"client_type": "pkce", "client_id": "1"}), "JWT (service)"),
+    ((REPO / "config" / "coze_oauth_config.example.json").read_text(), "this is the example"),
+    ("\ufeff{not json", "not valid JSON (line 1, column 2"),  # the BOM is not what is wrong
 ])
 def test_check_bad_config_offline(tmp_path, content, expect):
     path = tmp_path / "coze_oauth_config.json"
@@ -735,3 +737,30 @@ def test_verbose_restores_mitmproxys_detail(tmp_path):
     assert re.search(FLOW_LINES["refused"], launcher.output, re.M)
     assert not re.search(FLOW_LINES["injected"][:-1], launcher.output)
     assert "One line per request" not in launcher.output
+
+
+def test_ctrl_c_says_what_browsers_pointed_at_the_proxy_will_do(launch):
+    """Ctrl-C in a terminal reaches the launcher and mitmdump alike: one line says the proxy stopped, and
+    what a browser using the PAC file and one using the proxy for everything see from now on."""
+    launcher = launch("--demo")
+    pac = f"http://127.0.0.1:{launcher.port}/proxy.pac"
+    assert pac in launcher.output  # the next steps name the PAC URL
+    r = requests.get(pac, proxies={"http": "", "https": ""}, timeout=10)  # asked of the proxy itself
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/x-ns-proxy-autoconfig"
+    assert f'"PROXY 127.0.0.1:{launcher.port}"' in r.text and '"sandbox.coze.mitm"' in r.text
+    deltas, _ = chat(launcher, "1732000000000-DemoUserForTheUsageFile", "counted?")  # a chat with usage
+    assert deltas
+    assert launcher.session().get("http://coze.mitm/status.json").json()["usage_users"] == 1
+    for pid in [launcher.proc.pid, *launcher.children()]:
+        os.kill(pid, signal.SIGINT)
+    assert launcher.proc.wait(20) == 0
+    launcher._listening.wait(5)
+    start = [i for i, line in enumerate(launcher.lines) if line.startswith("coze-mitm: the proxy at")]
+    assert len(start) == 1, launcher.output
+    stopped = [m for m in messages("\n".join(launcher.lines[start[0]:])) if m.startswith("coze-mitm: the proxy at")]
+    assert stopped == [
+        f"coze-mitm: the proxy at 127.0.0.1:{launcher.port} stopped. Browsers using its PAC file ({pac}): only Coze "
+        f"pages fail, other sites keep loading; browsers with 127.0.0.1:{launcher.port} as their proxy for everything: "
+        "every page fails until that proxy setting is removed."]
+    assert "Traceback" not in launcher.output
+    assert list(launcher.cwd.glob("*.sqlite")) == []  # the demo's usage stays in memory: no later run sees it

@@ -332,6 +332,7 @@ def test_bad_option_stops_a_real_mitmdump_with_one_line(tmp_path, option, fix):
     assert proc.run_to_exit() == 1
     errors = [line for line in proc.lines if "coze-mitm:" in line and "PAT mode" not in line]
     assert len(errors) == 1 and fix in errors[0], proc.output
+    assert "listening at" not in proc.output and "Error logged during startup" not in proc.output  # a quiet failing start
     assert "Traceback" not in proc.output and PAT not in proc.output
 
 

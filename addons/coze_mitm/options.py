@@ -8,9 +8,10 @@ mitmproxy keeps the previous value). Declared by the settings part, the first pa
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Optional
 
-from mitmproxy import exceptions
+from mitmproxy import ctx, exceptions
 
 from coze_mitm.core import config
 
@@ -20,12 +21,35 @@ log = logging.getLogger("coze.options")
 
 
 def refuse(message: str, *, started: bool) -> None:
-    """A coze_* value that cannot be used. At start-up: one ERROR line, which makes mitmdump/mitmweb exit
-    (an OptionsError there would print a traceback). Once running (mitmweb's options, `set` in the console):
-    OptionsError, so mitmproxy keeps the previous value and shows why; the part keeps its last good state."""
+    """A coze_* value that cannot be used. At start-up: one ERROR line, and mitmdump/mitmweb exit 1 at once
+    (an OptionsError there would print a traceback; the ERROR alone would stop it only after it printed
+    "HTTP(S) proxy listening at ..." and "Error logged during startup, exiting..."). Once running (mitmweb's
+    options, `set` in the console): OptionsError, so mitmproxy keeps the previous value and shows why; the
+    part keeps its last good state. Elsewhere (a script reload, a test's context): the ERROR line only."""
     if started:
         raise exceptions.OptionsError(message)
     log.error(message)
+    if starting_up():
+        # SystemExit from a configure during mitmproxy's start-up ends it with this code and prints nothing
+        # more (mitmproxy-notes.md); the line above is already written, flushed here for a piped stdout.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+        raise SystemExit(1)
+
+
+def starting_up() -> bool:
+    """Is mitmdump/mitmweb starting, so that an ERROR logged now makes it exit anyway? True while its
+    errorcheck addon still watches the log (it stops once the proxy runs); False in tests' contexts (no
+    errorcheck) and on a script reload of a running proxy."""
+    try:
+        checker = ctx.master.addons.get("errorcheck")
+    except AttributeError:
+        return False
+    handler = getattr(checker, "logger", None)
+    return handler is not None and handler in logging.getLogger().handlers
 
 
 def declare(loader) -> None:

@@ -109,7 +109,11 @@ def load_private_key(pem: str, path: str) -> rsa.RSAPrivateKey:
     try:
         key = serialization.load_pem_private_key(pem.encode(), password=None)
     except (ValueError, TypeError) as e:
-        reason = str(e).split("\n")[0] or type(e).__name__
+        # cryptography's message may be a tuple with OpenSSL's error objects: its first sentence only.
+        first = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+        reason = first.split("\n")[0].split(". ")[0].rstrip(".") or type(e).__name__
+        if "-----BEGIN" not in pem:
+            reason = "no -----BEGIN PRIVATE KEY----- line"
         raise ConfigError(
             f"{path}: private_key does not parse as a PEM private key ({reason}); "
             "paste it exactly as downloaded, with its -----BEGIN/END----- lines and \\n line breaks"
@@ -132,7 +136,18 @@ def _require_str(data: dict, name: str, path: str) -> str:
     return value.strip()
 
 
+EXAMPLE_CONFIG = "config/coze_oauth_config.example.json"
+# What the example file holds in place of an app's values.
+_EXAMPLE_MARKS = ("PASTE_THE_PUBLIC_KEY_ID_HERE", "<paste ")
+
+
+def is_example(data: dict) -> bool:
+    return any(isinstance(data.get(k), str) and any(m in data[k] for m in _EXAMPLE_MARKS)
+               for k in ("public_key_id", "private_key", "client_id"))
+
+
 def parse_oauth_config(text: str, path: str = "<config>") -> OAuthApp:
+    text = text.removeprefix("\ufeff")  # a UTF-8 BOM (Windows Notepad saves one)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -143,6 +158,11 @@ def parse_oauth_config(text: str, path: str = "<config>") -> OAuthApp:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object with client_id, private_key, ...; got {type(data).__name__}")
 
+    if is_example(data):
+        raise ConfigError(
+            f"{path}: this is the example ({EXAMPLE_CONFIG}), placeholders and no key: download your app's config "
+            f"from the Coze console instead: {WHERE_TO_GET_IT}"
+        )
     client_type = data.get("client_type", "jwt")
     if client_type not in JWT_CLIENT_TYPES:
         raise ConfigError(
@@ -171,7 +191,7 @@ def parse_oauth_config(text: str, path: str = "<config>") -> OAuthApp:
 def load_oauth_config(path: str | os.PathLike) -> OAuthApp:
     path = str(path)
     try:
-        text = _read_small_file(path).decode("utf-8")
+        text = _read_small_file(path).decode("utf-8-sig")  # a UTF-8 BOM (Windows Notepad) is not part of the JSON
     except FileNotFoundError:
         raise ConfigError(
             f"OAuth config not found at {path}: {WHERE_TO_GET_IT}, and save it there "

@@ -3,7 +3,8 @@
     coze_user_daily_tokens  Coze tokens a user may use per UTC day (0 = no budget); `budget_refusal`
                             is what the auth addon asks before it injects a credential
     coze_usage_file         where usage is kept (default, when empty: coze-mitm-usage.sqlite in
-                            mitmproxy's confdir; "memory" keeps it in memory only)
+                            mitmproxy's confdir; "memory" keeps it in memory only; with coze_demo and
+                            no file named: memory, so the sandbox's users never reach a later run's file)
 
 Hooks (this addon must come after `auth` and after `streaming` in the addon list):
 responseheaders               a tagged event-stream answer from the Coze API gets a usage reader as its
@@ -56,8 +57,13 @@ class Accounting:
                                "and day", started=self.started)
                 return
             self.daily_tokens = ctx.options.coze_user_daily_tokens
-        if "coze_usage_file" in updated or ("confdir" in updated and self.store is None):
-            self._open(ctx.options.coze_usage_file)
+        if updated & {"coze_usage_file", "coze_demo"} or ("confdir" in updated and self.store is None):
+            spec = ctx.options.coze_usage_file
+            if not spec and getattr(ctx.options, "coze_demo", False):
+                # The demo's users are the sandbox's (a throwaway stand-in): counted in memory only, so they
+                # never appear in the usage file of a later run with a real Coze. An explicit file still counts.
+                spec = "memory"
+            self._open(spec)
 
     def _open(self, spec: str) -> None:
         """At start-up (before traffic): read the file once, then only the writer thread touches it."""

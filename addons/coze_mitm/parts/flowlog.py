@@ -40,6 +40,19 @@ CHATTER_RE = re.compile(
 )
 
 
+# The status page's CA probe (https://coze.mitm/ca-probe.png) fails by design in a browser that does not
+# trust the mitmproxy CA yet, and the page itself says so: mitmproxy's warning for that one name is lowered
+# to DEBUG (shown with termlog_verbosity=debug), whatever coze_quiet says. Any other host's stays a warning.
+PROBE_TLS_RE = re.compile(r"Client TLS handshake failed\. .*\bfor coze\.mitm(:\d+)?(?=[\s,(]|$)")
+
+
+class ProbeHandshake(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG and PROBE_TLS_RE.match(str(record.msg)):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
 class ConnectionChatter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno > logging.INFO or not CHATTER_RE.match(str(record.msg))
@@ -65,6 +78,7 @@ def _refusal_msg(flow: http.HTTPFlow) -> str:
 class FlowLog:
     def __init__(self):
         self._filter = ConnectionChatter()
+        self._probe_filter = ProbeHandshake()
         self._logged: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         # Every flow's line only where it is the log (coze_quiet with mitmproxy's own flow lines off, as
         # run_mitm.py runs it); otherwise only what mitmproxy's flow lines or flow list cannot say.
@@ -72,6 +86,7 @@ class FlowLog:
 
 
     def configure(self, updated):
+        logging.getLogger(CONNECTION_LOGGER).addFilter(self._probe_filter)  # once (logging keeps one); removed at done
         if "flow_detail" in updated or "coze_quiet" in updated:
             # flow_detail is the Dumper's option: absent in mitmweb and bare test contexts.
             self._every_flow = ctx.options.coze_quiet and not getattr(ctx.options, "flow_detail", 0)
@@ -85,6 +100,7 @@ class FlowLog:
 
     def done(self):
         logging.getLogger(CONNECTION_LOGGER).removeFilter(self._filter)
+        logging.getLogger(CONNECTION_LOGGER).removeFilter(self._probe_filter)
 
     # ------------------------------------------------------------------ the end of a flow
 
@@ -119,7 +135,9 @@ def describe(flow: http.HTTPFlow) -> str:
     if flow.response is not None:
         outcome += f" {flow.response.status_code}" + (" WebSocket, closed" if flow.websocket is not None else "")
     if flow.error is not None:
-        outcome += ("," if flow.response is not None else "") + f" error: {_clean(flow.error.msg, MAX_MSG)}"
+        # Which server it was for: a connection error ("Connection refused", a DNS failure) names no host itself.
+        where = _clean(f"{request.host}:{request.port}", MAX_PATH)
+        outcome += ("," if flow.response is not None else "") + f" error ({where}): {_clean(flow.error.msg, MAX_MSG)}"
     if REFUSED in meta:
         msg = _refusal_msg(flow)
         return f"coze-mitm: refused {what} ({_clean(str(meta[REFUSED]), 40)}) {outcome}" + (f": {msg}" if msg else "")

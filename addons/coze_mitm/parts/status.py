@@ -6,6 +6,7 @@
                      install any URL ending in .user.js)
 /ca-probe.png        a 1x1 image the status page loads over HTTPS to see whether the browser
                      accepts the proxy's certificates (i.e. trusts the mitmproxy CA)
+/proxy.pac           the PAC file (answered by parts/pac.py, before this part; status.json's "pac_url")
 /metrics             the counters in Prometheus' text format (status_usage.py): usage per user,
                      requests by outcome, token exchanges by result
 
@@ -39,6 +40,7 @@ from coze_mitm.pages.status_page import PAGE_CSP, PROBE_SCRIPT, STYLE, render  #
 from coze_mitm.core.exchange import scrub
 from coze_mitm.core import scoped_ca
 from coze_mitm.pages import userscript_fill
+from coze_mitm.pages.pac import PAC_PATH
 from coze_mitm.pages.userscript_fill import (  # noqa: F401  (re-exported: the tests and older imports use status.*)
     NO_ORIGIN_MATCH, VERSION_STATE_FILE, base_version, fill_userscript, proxy_address, script_origins, set_version,
     version_stamp,
@@ -211,6 +213,8 @@ class StatusPages:
             "problems": [scrub(p) for p in ([s.problem] if s.problem else []) + self.problems],
             "uptime_seconds": int(now - stats.started),
             "proxy": self.proxy,
+            # A browser's automatic proxy configuration URL: only Coze goes through the proxy (parts/pac.py).
+            "pac_url": f"http://{self.proxy}{PAC_PATH}",
             "https_needed": self._https_needed(),
             "ca": {
                 # Fetched over https: the browser accepted the proxy's certificate (trusted CA, or a

@@ -1,0 +1,109 @@
+"""The PAC file (pages/pac.py), answered by the proxy itself and never forwarded.
+
+    GET http://127.0.0.1:8080/proxy.pac   a browser's automatic proxy configuration URL: the browser asks
+                                          the proxy directly (origin-form, `GET /proxy.pac`, Host: the
+                                          proxy), which reaches this hook like any request; answered here,
+                                          or mitmproxy would send it to itself in a loop and answer 502
+    GET http://coze.mitm/proxy.pac        the same file through the proxy (the status page links it)
+
+The proxy address in the file is the one the browser reached: the request's Host when it asked the
+proxy directly, else the listen address and the port really bound (as the status page names it).
+What it lists follows the running settings: rebuilt on every configure.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+from mitmproxy import ctx, http
+
+from coze_mitm.core.config import STATUS_HOST
+from coze_mitm.flowmeta import LOCAL_ANSWER
+from coze_mitm.pages import pac
+from coze_mitm.pages.userscript_fill import proxy_address
+from coze_mitm.parts import demo
+from coze_mitm.parts.settings import CozeSettings
+
+log = logging.getLogger("coze.pac")
+
+ALWAYS = (STATUS_HOST, "mitm.it")  # the proxy's own pages and mitmproxy's CA page
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Pac:
+    def __init__(self, settings: CozeSettings):
+        self.settings = settings
+        self.hosts: list[str] = list(ALWAYS)
+        self.origins: list[str] = []
+        self.proxy = proxy_address("", None)
+        self._bound_port: int | None = None
+
+    def configure(self, updated):
+        hosts = list(ALWAYS)
+        if getattr(ctx.options, "coze_demo", False):
+            hosts.append(demo.SANDBOX_HOST)
+        s = self.settings
+        self.hosts = hosts
+        self.origins = sorted({str(o) for o in s.api_origins | s.ws_origins} | set(s.page_origins))
+        if updated & {"listen_host", "listen_port", "mode"}:
+            self._bound_port = None
+        self.proxy = proxy_address(getattr(ctx.options, "listen_host", ""),
+                                   self._bound_port or getattr(ctx.options, "listen_port", None))
+
+    def running(self):
+        server = ctx.master.addons.get("proxyserver")
+        addrs = server.listen_addrs() if server is not None else []
+        if addrs:
+            self._bound_port = addrs[0][1]
+            self.proxy = proxy_address(getattr(ctx.options, "listen_host", ""), self._bound_port)
+
+    def text(self, proxy: str | None = None) -> str:
+        return pac.render(proxy or self.proxy, self.hosts, self.origins)
+
+    def _to_the_proxy(self, flow: http.HTTPFlow) -> bool:
+        """Is this request addressed to the proxy itself (host:port of the socket the client reached)?"""
+        request = flow.request
+        sockname = flow.client_conn.sockname
+        ports = {p for p in (sockname[1] if sockname else None, self._bound_port) if p}
+        if request.port not in ports:
+            return False
+        host = request.host.lower().strip("[]")
+        own = str(sockname[0]).lower() if sockname and sockname[0] else ""
+        return host == own or _is_loopback(host) or host == (getattr(ctx.options, "listen_host", "") or "").lower()
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or not flow.live:
+            return
+        request = flow.request
+        if request.path.split("?", 1)[0] != pac.PAC_PATH:
+            return
+        if request.host.lower() == STATUS_HOST:
+            proxy = self.proxy
+        elif self._to_the_proxy(flow):
+            proxy = request.host_header or ""
+            if not pac.valid_proxy(proxy):  # no port in Host, or something odd: the address as configured
+                proxy = proxy_address(request.host, request.port)
+                if not pac.valid_proxy(proxy):
+                    proxy = self.proxy
+        else:
+            return
+        if request.method not in ("GET", "HEAD"):
+            flow.response = http.Response.make(405, b"the PAC file is read with GET\n",
+                                               {"Content-Type": "text/plain; charset=utf-8", "Allow": "GET, HEAD"})
+        else:
+            flow.response = http.Response.make(200, self.text(proxy).encode("ascii"), {
+                "Content-Type": pac.CONTENT_TYPE,
+                "Cache-Control": "no-store",
+                "X-Content-Type-Options": "nosniff",
+            })
+        flow.metadata[LOCAL_ANSWER] = True
+        flow.comment = "coze-mitm: PAC file"
