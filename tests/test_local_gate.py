@@ -55,7 +55,7 @@ def _hook_data(peer, host, port=80):
 
 def _run(result):
     if result is not None:
-        asyncio.get_event_loop().run_until_complete(result)
+        asyncio.run(result)
 
 
 def test_server_connect_refuses_remote_clients_and_pins_names():
