@@ -4,9 +4,11 @@
     mitmweb  -s addons/coze.py ...
 
 The parts, in the order every request meets them (the code: addons/coze_mitm/parts/):
+  web_guard   refuses to run inside mitmweb < 11.1.2 (CVE-2025-23217: its web API has no authentication)
   settings    the coze_* options (declared in coze_mitm/options.py), validated; the token broker, origins, stats
   tuning      opt-in process tuning (coze_tune_process; run_mitm.py turns it on), off by default
-  login       with mitmproxy's proxyauth: the login's password removed from the flow at once
+  login       with mitmproxy's proxyauth: the login's password (and Proxy-Authorization) removed from the flow
+  local_gate  without coze_allow_remote: clients on other machines reach neither coze.mitm nor this host
   demo        http://coze.mitm/demo and the sandbox.coze.mitm name, only with coze_demo (run_mitm.py --demo)
   pac         the PAC file (http://127.0.0.1:8080/proxy.pac, http://coze.mitm/proxy.pac), answered locally
   status      http://coze.mitm/ pages, answered locally
@@ -41,12 +43,14 @@ from coze_mitm.parts.cors import Cors  # noqa: E402
 from coze_mitm.parts.csp import Csp  # noqa: E402
 from coze_mitm.parts.demo import Demo  # noqa: E402
 from coze_mitm.parts.flowlog import FlowLog  # noqa: E402
+from coze_mitm.parts.local_gate import LocalGate  # noqa: E402
 from coze_mitm.parts.login import Login  # noqa: E402
 from coze_mitm.parts.pac import Pac  # noqa: E402
 from coze_mitm.parts.quiet_exit import QuietExit  # noqa: E402
 from coze_mitm.parts.settings import CozeSettings  # noqa: E402
 from coze_mitm.parts.status import StatusPages  # noqa: E402
 from coze_mitm.parts.streaming import Streaming  # noqa: E402
+from coze_mitm.parts.web_guard import MitmwebGuard  # noqa: E402
 from coze_mitm.process.tuning import ProcessTuning  # noqa: E402
 
 coze_mitm.loaded_by_script = True
@@ -55,9 +59,11 @@ settings = CozeSettings()
 accounting = Accounting()  # auth asks it about budgets, status shows its usage
 
 bundle = Bundle(
+    MitmwebGuard(),
     settings,
     ProcessTuning(),
     Login(),
+    LocalGate(),  # before demo and status: their pages are this host too
     Demo(settings),
     Pac(settings),
     StatusPages(settings, accounting),

@@ -3,8 +3,11 @@ real mitmdump that listens on every interface, as `mitmdump -s addons/coze.py` d
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 
@@ -81,9 +84,11 @@ def test_remote_clients_get_no_credentials_by_default(other_host, mitmdump, conf
     assert "coze_allow_remote" in body["msg"] and set(body) == {"code", "msg"}
     assert standin.exchanges == [] and standin.requests_seen == []
 
-    # Untagged traffic of remote clients is not coze-mitm's business: it passes untouched.
-    status, _ = remote_get(other_host, proxy.port, url, {"Authorization": "Bearer czs_their_own"})
-    assert status == 401 and standin.requests_seen[-1]["headers"]["authorization"] == "Bearer czs_their_own"
+    # Untagged traffic of remote clients to a service on this machine's loopback (the stand-in) is not
+    # relayed either: local means local (issue 19).
+    status, body = remote_get(other_host, proxy.port, url, {"Authorization": "Bearer czs_their_own"})
+    assert (status, body["code"]) == (403, 4101) and "coze_allow_remote" in body["msg"]
+    assert standin.requests_seen == []
 
     # The same request from this machine gets credentials.
     r = session(proxy).get(url, headers=tagged(ALICE, origin=None))
@@ -112,3 +117,154 @@ def test_plain_http_api_on_another_machine_is_warned(mitmdump, config_file, stan
     assert "ws://ws.example.org is plain ws://" in proxy.output
     # The loopback stand-in (http://127.0.0.1:PORT) is not warned about.
     assert f"{standin.base_url} is plain" not in proxy.output
+
+
+RAW_CLIENT = r"""
+import json, socket, sys, time
+proxy_host, proxy_port, parts, pause = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), float(sys.argv[4])
+s = socket.create_connection((proxy_host, proxy_port), timeout=10)
+def read_head():
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    while len(body) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+answers = []
+for i, part in enumerate(parts):
+    s.sendall(part.encode())
+    if part.startswith("CONNECT "):
+        head = read_head()
+        answers.append(head.decode("latin-1"))
+        if not head.startswith(b"HTTP/1.1 200"):
+            break
+    elif i + 1 < len(parts):
+        time.sleep(pause)
+else:
+    s.settimeout(5)
+    data = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    answers.append(data.decode("latin-1"))
+print(json.dumps(answers))
+"""
+
+
+def remote_raw(ns: str, proxy_port: int, parts: list[str], pause: float = 0.5) -> list[str]:
+    """From the other host, over one socket to the proxy: each part sent as one packet (a CONNECT part waits
+    for the proxy's answer and stops unless it is 200; other parts are `pause` s apart); then everything the
+    proxy sends until it closes (or 5 s). Returns the answers."""
+    done = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", RAW_CLIENT, HOST_ADDR, str(proxy_port), json.dumps(parts),
+         str(pause)], capture_output=True, text=True, timeout=40,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def chat_request(standin, user: str) -> str:
+    """The rest of the split request of the review: an absolute-URL POST /v3/chat with a user tag."""
+    body = json.dumps({"bot_id": "7000", "user_id": user, "stream": False,
+                       "additional_messages": [{"role": "user", "content": "hi", "content_type": "text"}]})
+    return (f" {standin.base_url}/v3/chat HTTP/1.1\r\nHost: {standin.base_url[7:]}\r\n"
+            f"Authorization: Bearer user:{user}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}")
+
+
+def json_refusal(answer: str) -> dict:
+    head, _, body = answer.partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 403"), answer
+    return json.loads(body)
+
+
+@pytest.mark.parametrize("strategy", ["eager", "lazy"])
+def test_split_packet_self_connect_is_refused(other_host, mitmdump, config_file, standin, strategy):
+    """Issue 19: CONNECT 127.0.0.2:<proxy port>, then "POST" alone and the rest 0.5 s later. mitmproxy passes
+    such a tunnel through raw to itself, where the inner request arrived from 127.0.0.1 and got the owner's
+    credentials (a completed chat at the stand-in on the code before the gate)."""
+    proxy = mitmdump(f"coze_config={config_file}", f"connection_strategy={strategy}", extra_args=["--listen-host", ""])
+    for target in ("127.0.0.2", HOST_ADDR):  # another loopback address; this host's own (veth) address
+        answers = remote_raw(other_host, proxy.port,
+                             [f"CONNECT {target}:{proxy.port} HTTP/1.1\r\n\r\n", "POST", chat_request(standin, "lan-attacker-0001")])
+        refusal = json_refusal(answers[0])
+        assert refusal["code"] == 4101 and "coze_allow_remote" in refusal["msg"], refusal
+        assert ("this host's address" if target == HOST_ADDR else "loopback") in refusal["msg"]
+    assert standin.exchanges == [] and standin.requests_seen == []
+
+
+def test_remote_clients_reach_nothing_on_this_host(other_host, mitmdump, config_file, standin):
+    proxy = mitmdump(f"coze_config={config_file}", extra_args=["--listen-host", ""])
+    api_port = int(standin.base_url.rsplit(":", 1)[1])
+    targets = [f"127.0.0.1:{api_port}", f"[::1]:{api_port}", f"0.0.0.0:{api_port}", f"localhost:{api_port}",
+               f"{HOST_ADDR}:{api_port}", f"[::ffff:127.0.0.1]:{api_port}"]
+    name = socket.gethostname()
+    try:
+        if any(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(name, None)):
+            targets.append(f"{name}:{api_port}")  # a name that resolves to loopback (Debian: 127.0.1.1)
+    except OSError:
+        pass
+    for target in targets:
+        # CONNECT: answered 403 before any connection
+        refusal = json_refusal(remote_raw(other_host, proxy.port, [f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n"])[0])
+        assert refusal["code"] == 4101 and "coze_allow_remote" in refusal["msg"], (target, refusal)
+        # absolute URL, untagged (their own token): no relay to the host's services either
+        status, body = remote_get(other_host, proxy.port, f"http://{target}/v1/bots/7000", {"Authorization": "Bearer czs_own"})
+        assert (status, body["code"]) == (403, 4101) and "coze_allow_remote" in body["msg"], (target, body)
+    # a WebSocket upgrade (absolute URL) is a request like the others
+    answer = remote_raw(other_host, proxy.port, [
+        f"GET http://127.0.0.1:{api_port}/v1/chat HTTP/1.1\r\nHost: 127.0.0.1:{api_port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"])[0]
+    assert json_refusal(answer)["code"] == 4101
+    assert standin.requests_seen == [] and standin.exchanges == []
+    # the proxy's own pages
+    for path in ("/status.json", "/metrics", "/", "/coze-chat.user.js"):
+        status, body = remote_get(other_host, proxy.port, f"http://coze.mitm{path}", {}) if path != "/" else (None, None)
+        if path == "/":
+            body = json_refusal(remote_raw(other_host, proxy.port, ["GET http://coze.mitm/ HTTP/1.1\r\nHost: coze.mitm\r\n\r\n"])[0])
+            status = 403
+        assert (status, body["code"]) == (403, 4101) and "coze_allow_remote" in body["msg"], (path, body)
+    refusal = json_refusal(remote_raw(other_host, proxy.port, ["CONNECT coze.mitm:443 HTTP/1.1\r\n\r\n"])[0])
+    assert refusal["code"] == 4101
+    # this machine keeps its pages
+    r = session(proxy).get("http://coze.mitm/status.json")
+    assert r.status_code == 200 and r.json()["service"] == "coze-mitm"
+
+
+def test_allow_remote_pages_without_login_show_no_users(other_host, mitmdump, config_file, standin):
+    proxy = mitmdump(f"coze_config={config_file}", "coze_allow_remote=true", "coze_usage_file=memory",
+                     extra_args=["--listen-host", ""])
+    chat = session(proxy).post(f"{standin.base_url}/v3/chat", headers=tagged(ALICE, origin=None),
+                               json={"bot_id": "7000", "user_id": ALICE, "stream": True,
+                                     "additional_messages": [{"role": "user", "content": "hi", "content_type": "text"}]})
+    assert chat.status_code == 200
+    local = session(proxy).get("http://coze.mitm/status.json").json()
+    assert local["usage"] and local["users"]
+    status, remote = remote_get(other_host, proxy.port, "http://coze.mitm/status.json", {})
+    assert status == 200 and remote["usage"] == [] and remote["users"] == []
+    assert remote["usage_totals"] == local["usage_totals"] and remote["usage_users"] == 1
+    script = ("import sys, urllib.request\n"
+              "o = urllib.request.build_opener(urllib.request.ProxyHandler({'http': sys.argv[1]}))\n"
+              "print(o.open('http://coze.mitm/metrics', timeout=15).read().decode())\n")
+    done = subprocess.run(["ip", "netns", "exec", other_host, sys.executable, "-c", script, f"http://{HOST_ADDR}:{proxy.port}"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    users = set(re.findall(r'user="([^"]*)"', done.stdout))
+    assert users == {"(all)"}, done.stdout
+    assert ALICE[:6] not in done.stdout

@@ -47,7 +47,11 @@ def accounting_state(accounting) -> dict:
     }
 
 
-def metrics_text(settings, accounting) -> str:
+ALL_USERS = "(all)"  # the one `user` label value an anonymous reader on another machine sees
+
+
+def metrics_text(settings, accounting, hide_users: bool = False) -> str:
+    """hide_users: every usage row under user="(all)" (the sums), for readers who may not see names."""
     stats, broker = settings.stats, settings.broker
     store_ok = None
     if accounting is not None and accounting.store is not None:
@@ -58,7 +62,7 @@ def metrics_text(settings, accounting) -> str:
         preflights=stats.preflights,
         refusals=stats.refusals,  # keys are Stats.REASONS (a fixed set) or "other"
         exchanges=getattr(broker, "results", None) or {},
-        display=short_id,
+        display=(lambda _user: ALL_USERS) if hide_users else short_id,
         started=stats.started,
         store_ok=store_ok,
     )

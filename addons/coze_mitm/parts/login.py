@@ -24,11 +24,18 @@ Which logins can be a Coze identity, and as what: core/logins.py.
 
 The password stays in `flow.metadata["proxyauth"]`, which `-w` files save and mitmweb shows:
 `strip_password` replaces it (the username is kept, the tuple shape too).
+
+`Proxy-Authorization` is for this proxy only, yet proxyauth removes it only where it checks it (absolute-form
+requests): one sent inside an authenticated CONNECT tunnel (a client that repeats it on every request, as
+some do) would reach the server (Coze) and the `-w` file. `requestheaders` removes it from every request,
+with or without proxyauth, except the one mitmproxy itself puts there for an upstream proxy (`upstream_auth`
+in `--mode upstream:`, plain http requests).
 """
 
 from __future__ import annotations
 
-from mitmproxy import http
+from mitmproxy import ctx, http
+from mitmproxy.proxy import mode_specs
 
 from coze_mitm.flowmeta import PROXYAUTH
 
@@ -44,6 +51,8 @@ class Login:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         strip_password(flow)
+        if "Proxy-Authorization" in flow.request.headers and not _for_upstream_proxy(flow):
+            del flow.request.headers["Proxy-Authorization"]
 
 
 def proxy_login(flow: http.HTTPFlow) -> str | None:
@@ -52,6 +61,12 @@ def proxy_login(flow: http.HTTPFlow) -> str | None:
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], str) and value[0]:
         return value[0]
     return None
+
+
+def _for_upstream_proxy(flow: http.HTTPFlow) -> bool:
+    """The header mitmproxy's upstream_auth set for the upstream proxy (upstream mode, plain http)."""
+    return (isinstance(flow.client_conn.proxy_mode, mode_specs.UpstreamMode) and flow.request.scheme == "http"
+            and bool(getattr(ctx.options, "upstream_auth", None)))
 
 
 def strip_password(flow: http.HTTPFlow) -> None:

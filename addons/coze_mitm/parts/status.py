@@ -10,6 +10,11 @@
 /metrics             the counters in Prometheus' text format (status_usage.py): usage per user,
                      requests by outcome, token exchanges by result
 
+Who may read them: clients on this machine; others only with coze_allow_remote (the local_gate part
+answers them 403 before this part runs); with proxyauth, only after the login (mitmproxy's proxyauth
+answers 407 first). A client on another machine without a login (coze_allow_remote, no proxyauth) sees no
+user: status.json's `usage` and `users` are empty (the totals stay) and /metrics has one user, "(all)".
+
 None of them shows a secret (tokens, the PAT, the key) or carries CORS headers, and no GET changes
 state: a web page can neither read them nor poke them. The page is status.html (status_page.py),
 rendered from the data of /status.json (`status()`) with autoescape: the one place values are
@@ -33,7 +38,7 @@ from coze_mitm.pages import status_usage
 from coze_mitm.parts.answers import accept_connect
 from coze_mitm.core.config import REPO_ROOT
 from coze_mitm.core.csp_policy import resolve_sdk_url
-from coze_mitm.core.identity import short_id
+from coze_mitm.core.identity import is_loopback, short_id
 from coze_mitm.core.config import STATUS_HOST
 from coze_mitm.parts.settings import CozeSettings
 from coze_mitm.pages.status_page import PAGE_CSP, PROBE_SCRIPT, STYLE, render  # noqa: F401  (STYLE, PROBE_SCRIPT: for the tests)
@@ -166,7 +171,7 @@ class StatusPages:
         elif path == "/status.json":
             flow.response = self._json(200, self.status(flow))
         elif path == "/metrics":
-            text = status_usage.metrics_text(self.settings, self.accounting)
+            text = status_usage.metrics_text(self.settings, self.accounting, hide_users=self.hide_users(flow))
             flow.response = http.Response.make(200, text.encode("utf-8"), {
                 "Content-Type": metrics.CONTENT_TYPE, "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
             })
@@ -180,6 +185,13 @@ class StatusPages:
         else:
             flow.response = self._json(404, {"code": 4000, "msg": f"no page {path} here; see http://{STATUS_HOST}/"})
         flow.comment = "coze-mitm: status page"
+
+    def hide_users(self, flow: http.HTTPFlow | None) -> bool:
+        """An anonymous reader on another machine (coze_allow_remote without proxyauth): no user names."""
+        if flow is None or self.settings.login_mode != "none":
+            return False
+        peer = flow.client_conn.peername
+        return not (peer and is_loopback(str(peer[0])))
 
     @staticmethod
     def _headers(content_type: str) -> dict[str, str]:
@@ -257,6 +269,8 @@ class StatusPages:
                 for e in reversed(stats.last_errors)
             ],
         }
+        if self.hide_users(flow):
+            data["usage"], data["users"] = [], []
         bot_id = demo.bot_id(s)
         if bot_id:
             data["bot_id"] = bot_id

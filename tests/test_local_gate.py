@@ -1,0 +1,210 @@
+"""The local gate's decisions on their own (parts/local_gate.py, core/destinations.py), the proxy login in
+front of coze.mitm, Proxy-Authorization never forwarded, and the mitmweb < 11.1.2 refusal: through real
+mitmdump/mitmweb processes where the behaviour is mitmproxy's."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import socket
+import subprocess
+import time
+
+import pytest
+from mitmproxy import connection
+from mitmproxy import version as mitmproxy_version
+from mitmproxy.proxy import server_hooks
+from mitmproxy.test import taddons
+
+from coze_mitm.core import destinations
+from coze_mitm.options import OptionsOnly
+from coze_mitm.parts import web_guard
+from coze_mitm.parts.local_gate import LocalGate
+from tests.harness import Mitmdump
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+# ------------------------------------------------------------------ destinations
+
+
+def test_what_counts_as_this_host():
+    assert destinations.why_forbidden("127.0.0.2") == "loopback"
+    assert destinations.why_forbidden("127.255.255.254") == "loopback"
+    assert destinations.why_forbidden("[::1]") == "loopback"
+    assert destinations.why_forbidden("::ffff:127.0.0.1") == "loopback"
+    assert destinations.why_forbidden("localhost") == "loopback"
+    assert destinations.why_forbidden("LOCALHOST.") == "loopback"
+    assert destinations.why_forbidden("0.0.0.0") == "unspecified"
+    assert destinations.why_forbidden("0.1.2.3") == "unspecified"
+    assert destinations.why_forbidden("::") == "unspecified"
+    assert destinations.why_forbidden("192.0.2.1") is None  # TEST-NET-1: nobody's address
+    assert destinations.why_forbidden("example.org") is None  # a name: resolved by the caller
+    own = next((a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+                if not a[4][0].startswith("127.")), None)
+    if own:
+        assert destinations.why_forbidden(own) == "this host's address"
+
+
+def _hook_data(peer, host, port=80):
+    client = connection.Client(peername=(peer, 50000), sockname=("0.0.0.0", 8080), timestamp_start=time.time())
+    return server_hooks.ServerConnectionHookData(client=client, server=connection.Server(address=(host, port)))
+
+
+def _run(result):
+    if result is not None:
+        asyncio.run(result)
+
+
+def test_server_connect_refuses_remote_clients_and_pins_names():
+    gate = LocalGate()
+    with taddons.context(OptionsOnly(), gate) as tctx:
+        tctx.configure(gate, coze_allow_remote=False)
+        # a local client: nothing asked, nothing changed
+        data = _hook_data("127.0.0.1", "127.0.0.2")
+        assert gate.server_connect(data) is None and data.server.error is None
+        # a remote client: loopback, unspecified and names that resolve to loopback are refused
+        for host in ("127.0.0.2", "::1", "0.0.0.0", "localhost"):
+            data = _hook_data("10.0.0.9", host)
+            _run(gate.server_connect(data))
+            assert "coze_allow_remote" in (data.server.error or ""), host
+        name = socket.gethostname()
+        if all(a[4][0].startswith("127.") for a in socket.getaddrinfo(name, 80, socket.AF_INET)):
+            data = _hook_data("10.0.0.9", name)
+            _run(gate.server_connect(data))
+            assert "resolves to 127." in data.server.error
+        # a name that does not resolve is refused (never left to a second lookup)
+        data = _hook_data("10.0.0.9", "no-such-host.invalid")
+        _run(gate.server_connect(data))
+        assert "did not resolve" in data.server.error
+        # an outside address passes; an outside name is pinned to the address checked
+        data = _hook_data("10.0.0.9", "192.0.2.1")
+        assert gate.server_connect(data) is None and data.server.error is None
+        destinations._names[("outside.test", 443)] = (("192.0.2.7",), time.monotonic() + 60)
+        data = _hook_data("10.0.0.9", "outside.test", 443)
+        _run(gate.server_connect(data))
+        assert data.server.error is None and data.server.address == ("192.0.2.7", 443)
+        # coze_allow_remote: the gate is off
+        tctx.configure(gate, coze_allow_remote=True)
+        data = _hook_data("10.0.0.9", "127.0.0.2")
+        assert gate.server_connect(data) is None and data.server.error is None
+    destinations.clear_caches()
+
+
+def test_decision_cost_for_a_local_client():
+    """The gate's price on this machine's own traffic: one cached loopback test of the peer."""
+    gate = LocalGate()
+    with taddons.context(OptionsOnly(), gate) as tctx:
+        tctx.configure(gate, coze_allow_remote=False)
+        data = _hook_data("127.0.0.1", "api.coze.cn", 443)
+        n = 20000
+        start = time.perf_counter()
+        for _ in range(n):
+            gate.server_connect(data)
+        per_call = (time.perf_counter() - start) / n
+        print(f"server_connect, local client: {per_call * 1e6:.2f} us per call")
+        assert per_call < 50e-6
+
+
+# ------------------------------------------------------------------ the proxy login
+
+
+@pytest.fixture
+def htpasswd(tmp_path):
+    path = tmp_path / "htpasswd"
+    done = subprocess.run(["htpasswd", "-B", "-b", "-c", str(path), "alice", "pw-alice"], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("htpasswd (apache2-utils) is not installed")
+    return path
+
+
+def _exchange(port: int, data: bytes, *, then: bytes = b"", timeout: float = 10) -> tuple[bytes, bytes]:
+    """One socket to the proxy: send `data`, read one answer head (+ body by Content-Length); then `then`
+    and its answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        def answer() -> bytes:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                chunk = s.recv(65536)
+                if not chunk:
+                    return buf
+                buf += chunk
+            head, _, body = buf.partition(b"\r\n\r\n")
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            while len(body) < length:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                body += chunk
+            return head + b"\r\n\r\n" + body
+        s.sendall(data)
+        first = answer()
+        second = b""
+        if then and first.startswith(b"HTTP/1.1 200"):
+            s.sendall(then)
+            second = answer()
+        return first, second
+
+
+def test_coze_mitm_pages_need_the_login(mitmdump, config_file, htpasswd):
+    proxy = mitmdump(f"coze_config={config_file}", f"proxyauth=@{htpasswd}")
+    for path in ("/status.json", "/metrics", "/"):
+        plain, _ = _exchange(proxy.port, f"GET http://coze.mitm{path} HTTP/1.1\r\nHost: coze.mitm\r\n\r\n".encode())
+        assert plain.startswith(b"HTTP/1.1 407"), plain[:200]
+        wrong, _ = _exchange(proxy.port, (f"GET http://coze.mitm{path} HTTP/1.1\r\nHost: coze.mitm\r\n"
+                                          f"Proxy-Authorization: {basic('alice', 'nope')}\r\n\r\n").encode())
+        assert wrong.startswith(b"HTTP/1.1 407"), wrong[:200]
+        good, _ = _exchange(proxy.port, (f"GET http://coze.mitm{path} HTTP/1.1\r\nHost: coze.mitm\r\n"
+                                         f"Proxy-Authorization: {basic('alice', 'pw-alice')}\r\n\r\n").encode())
+        assert good.startswith(b"HTTP/1.1 200"), good[:200]
+    tunnel, _ = _exchange(proxy.port, b"CONNECT coze.mitm:80 HTTP/1.1\r\nHost: coze.mitm:80\r\n\r\n")
+    assert tunnel.startswith(b"HTTP/1.1 407"), tunnel[:200]
+    tunnel, inner = _exchange(
+        proxy.port, f"CONNECT coze.mitm:80 HTTP/1.1\r\nProxy-Authorization: {basic('alice', 'pw-alice')}\r\n\r\n".encode(),
+        then=b"GET /status.json HTTP/1.1\r\nHost: coze.mitm\r\n\r\n")
+    assert tunnel.startswith(b"HTTP/1.1 200") and inner.startswith(b"HTTP/1.1 200"), (tunnel[:100], inner[:200])
+
+
+def test_proxy_authorization_never_leaves(mitmdump, config_file, htpasswd, standin, tmp_path):
+    flows = tmp_path / "flows.mitm"
+    proxy = mitmdump(f"coze_config={config_file}", f"proxyauth=@{htpasswd}", extra_args=["-w", str(flows)])
+    host = standin.base_url[len("http://"):]
+    login = basic("alice", "pw-alice")
+    # inside an authenticated CONNECT tunnel, a client that repeats the header on every request
+    tunnel, inner = _exchange(
+        proxy.port, f"CONNECT {host} HTTP/1.1\r\nProxy-Authorization: {login}\r\n\r\n".encode(),
+        then=(f"GET /v1/bots/7000 HTTP/1.1\r\nHost: {host}\r\nProxy-Authorization: {login}\r\n"
+              "Authorization: Bearer czs_their_own\r\n\r\n").encode())
+    assert tunnel.startswith(b"HTTP/1.1 200") and inner.startswith(b"HTTP/1.1 401"), (tunnel[:100], inner[:200])
+    # absolute form (proxyauth removes it there itself)
+    plain, _ = _exchange(proxy.port, (f"GET {standin.base_url}/v1/bots/7000 HTTP/1.1\r\nHost: {host}\r\n"
+                                      f"Proxy-Authorization: {login}\r\nAuthorization: Bearer czs_their_own\r\n\r\n").encode())
+    assert plain.startswith(b"HTTP/1.1 401"), plain[:200]
+    assert len(standin.requests_seen) == 2
+    assert all("proxy-authorization" not in r["headers"] for r in standin.requests_seen), standin.requests_seen
+    proxy.stop()
+    saved = flows.read_bytes()
+    assert b"pw-alice" not in saved and base64.b64encode(b"alice:pw-alice") not in saved
+
+
+# ------------------------------------------------------------------ mitmweb < 11.1.2
+
+
+def test_mitmweb_with_the_unauthenticated_api_is_refused(tmp_path, config_file):
+    version = web_guard.version_tuple(mitmproxy_version.VERSION)
+    if version >= web_guard.MITMWEB_FIXED:
+        pytest.skip(f"mitmproxy {mitmproxy_version.VERSION} >= 11.1.2: mitmweb's API requires a token, coze-mitm runs in it")
+    web = Mitmdump(tmp_path, [f"coze_config={config_file}", "web_open_browser=false", "web_port=0"], tool="mitmweb")
+    code = web.run_to_exit(timeout=60)
+    lines = [line for line in web.lines if "CVE-2025-23217" in line]
+    assert code != 0, web.output
+    assert len(lines) == 1 and "11.1.2" in lines[0] and "mitmproxy>=12" in lines[0], web.output
+    assert "Web server listening" not in web.output and "proxy listening" not in web.output, web.output
+
+
+def test_mitmdump_is_not_refused(mitmdump, config_file):
+    proxy = mitmdump(f"coze_config={config_file}")
+    assert "CVE-2025-23217" not in proxy.output
