@@ -56,7 +56,7 @@ from coze_mitm.process.tuning import ProcessTuning  # noqa: E402
 coze_mitm.loaded_by_script = True
 
 settings = CozeSettings()
-accounting = Accounting()  # auth asks it about budgets, status shows its usage
+accounting = Accounting(settings)  # auth asks it about budgets, status shows its usage
 
 bundle = Bundle(
     MitmwebGuard(),

@@ -5,8 +5,8 @@ mitmproxy's `proxyauth` set to an htpasswd file, against the strict Coze stand-i
   asked; a wrong password is mitmproxy's 407 and nothing reaches Coze;
 * usage per user is counted from what Coze reports (the stand-in's usage is deterministic, usage_of()
   says what it charged), for streamed chats (still streamed) and WebSocket chats;
-* a daily budget lets the chat that crosses it finish, then answers 429 (code 4013) while history stays
-  readable, and survives a restart;
+* a daily budget lets the chat that crosses it finish, then answers code 4013 (HTTP 200 to a page, 429 to
+  other clients) while history stays readable, and survives a restart;
 * /metrics parses with prometheus_client's parser; the password is in no saved flow and no output.
 """
 
@@ -236,7 +236,7 @@ def test_budget_lets_the_crossing_chat_finish_then_429_history_readable_and_kept
     chats_before = len(standin.requests_seen)
 
     refused = alice.call("POST", "/v3/chat", origin=PAGE, json=body(TAG_A, "one more", stream=True))
-    assert refused.status_code == 429
+    assert refused.status_code == 200  # a page: Coze's chat component shows the msg of a 4013 only with a 200
     answer = refused.json()
     assert answer["code"] == 4013
     assert "alice has used 26 Coze tokens today" in answer["msg"] and "daily budget is 20" in answer["msg"]

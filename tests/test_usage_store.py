@@ -240,6 +240,8 @@ class TestBudgetRefusal:
         ("POST", "/v3/chat", True), ("POST", "/v3/chat?conversation_id=1", True),
         ("POST", "/v1/workflows/chat", True), ("POST", "/v3/chat/submit_tool_outputs?x=1", True),
         ("GET", "/v1/chat?bot_id=7", True), ("POST", "/studio/api/v3/chat", True),
+        ("POST", "/v1/workflow/run", True), ("POST", "/v1/workflow/stream_run", True),
+        ("POST", "/v1/workflow/stream_resume", True),
         ("POST", "/v3/chat/retrieve", False), ("GET", "/v3/chat/retrieve", False), ("POST", "/v3/chat/cancel", False),
         ("POST", "/v1/conversation/message/list", False), ("GET", "/v1/conversations", False),
         ("OPTIONS", "/v3/chat", False), ("GET", "/v3/chat", False),
@@ -261,6 +263,13 @@ class TestBudgetRefusal:
         assert headers == {"Retry-After": str(int(MIDNIGHT - T0))}
         assert "alice has used 150 Coze tokens today" in msg and "daily budget is 150" in msg
         assert "2026-09-22 00:00 UTC" in msg and "Reading history still works" in msg
+
+    def test_a_page_gets_200_other_clients_and_handshakes_429(self):
+        book = UsageBook(clock=Clock())
+        book.tokens("login:alice", 150)
+        assert budget_refusal(book, "login:alice", "alice", 150, "POST", "/v3/chat", from_page=True)[:2] == (200, 4013)
+        assert budget_refusal(book, "login:alice", "alice", 150, "POST", "/v3/chat", from_page=False)[:2] == (429, 4013)
+        assert budget_refusal(book, "login:alice", "alice", 150, "GET", "/v1/chat", from_page=True)[:2] == (429, 4013)
 
     def test_is_chat(self):
         assert is_chat("POST", "/v3/chat?conversation_id=1") and is_chat("POST", "/v1/workflows/chat")

@@ -123,8 +123,16 @@ def declare(loader) -> None:
     # read by parts/accounting.py
     loader.add_option(
         "coze_user_daily_tokens", int, 0,
-        "Coze tokens one user may use per UTC day; at the budget, chat requests get a local 429 "
-        "(code 4013) until midnight UTC. 0 = no budget.",
+        "Coze tokens one user may use per UTC day; at the budget, every request that spends tokens (chats, "
+        "workflow runs, WebSocket chat events) is answered locally with code 4013 until midnight UTC "
+        "(HTTP 200 for pages, so Coze's chat component shows why; 429 with Retry-After for other clients). "
+        "0 = no budget.",
+    )
+    loader.add_option(
+        "coze_user_max_parallel_chats", int, 4,
+        "With a daily budget: chats one user may have in progress at once; more are answered locally (code "
+        "4013). A budget can be overshot by the chats already running when it is reached, so this bounds the "
+        "overshoot. 0 = no cap.",
     )
     loader.add_option(
         "coze_usage_file", str, "",

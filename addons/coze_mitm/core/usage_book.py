@@ -205,9 +205,21 @@ def sum_rows(rows: Iterable[dict]) -> dict:
 
 # -- daily budgets ----------------------------------------------------------------------------------
 # Requests that make Coze spend tokens; everything else (history, conversations, files) stays allowed.
-# /v1/chat is the WebSocket chat's upgrade (on the ws host); submit_tool_outputs resumes a chat.
-SPENDING_PATHS = ("/v3/chat", "/v3/chat/submit_tool_outputs", "/v1/workflows/chat", "/v1/chat")
+# /v1/chat is the WebSocket chat's upgrade (on the ws host); submit_tool_outputs resumes a chat;
+# the workflow endpoints run a workflow (whose LLM nodes spend tokens) once per request.
+SPENDING_PATHS = ("/v3/chat", "/v3/chat/submit_tool_outputs", "/v1/workflows/chat", "/v1/workflow/run",
+                  "/v1/workflow/stream_run", "/v1/workflow/stream_resume")
+WS_CHAT_PATH = "/v1/chat"
 CHAT_PATHS = ("/v3/chat", "/v1/workflows/chat", "/v1/chat")  # each request is one chat
+# Client events of the WebSocket chat (/v1/chat) that make Coze start (or resume) a reply: each is one
+# chat in flight, budgeted before it is forwarded. Over budget, audio input is not forwarded either (with
+# server-side voice detection, audio alone starts replies).
+WS_CHAT_STARTS = frozenset({"conversation.message.create", "input_audio_buffer.complete",
+                            "conversation.chat.submit_tool_outputs"})
+WS_SPENDING = WS_CHAT_STARTS | {"input_audio_buffer.append"}
+# Server events that end the reply a chat start began (the socket's end ends them all).
+WS_CHAT_ENDS = frozenset({"conversation.chat.completed", "conversation.chat.failed", "conversation.chat.canceled",
+                          "conversation.chat.requires_action"})
 
 
 def _route(path: str) -> str:
@@ -219,8 +231,8 @@ def spends_tokens(method: str, path: str) -> bool:
     prefix, e.g. a self-hosted Coze Studio, so the end of the path is what counts)."""
     route = _route(path)
     if method.upper() == "GET":
-        return route.endswith("/v1/chat")  # the WebSocket chat's upgrade
-    return method.upper() == "POST" and any(route.endswith(p) for p in SPENDING_PATHS if p != "/v1/chat")
+        return route.endswith(WS_CHAT_PATH)  # the WebSocket chat's upgrade
+    return method.upper() == "POST" and any(route.endswith(p) for p in SPENDING_PATHS)
 
 
 def is_chat(method: str, path: str) -> bool:
@@ -230,16 +242,49 @@ def is_chat(method: str, path: str) -> bool:
     return method.upper() == "POST" and (route.endswith("/v3/chat") or route.endswith("/v1/workflows/chat"))
 
 
+def api_prefix(path: str) -> str | None:
+    """The API base's path prefix ("" for Coze) of a /v3/chat or /v3/chat/submit_tool_outputs request, to
+    address /v3/chat/retrieve on the same base; None for any other path."""
+    route = _route(path)
+    for end in ("/v3/chat/submit_tool_outputs", "/v3/chat"):
+        if route.endswith(end):
+            return route[: -len(end)]
+    return None
+
+
 def _clock_text(t: int) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
+# The status of a refusal (issue 19 asks for "429/4013 with Retry-After"). Coze's official chat component
+# (@coze/chat-sdk) throws away the code and msg of any HTTP 402-599 answer and shows "Send Failed"; it shows
+# the msg of a code 4013 as the bot's answer only when the HTTP status is 200 (docs/chat-sdk-notes.md).
+# So: 200 for a request from a page (it carries Origin), 429 for every other client; the body (code
+# 4013, the msg) and the Retry-After header are the same for both.
+PAGE_STATUS, CLIENT_STATUS = 200, 429
+
+
+def refusal_status(from_page: bool, method: str = "POST") -> int:
+    # A WebSocket handshake is never answered 200 (the client waits for a 101): always 429 there.
+    return PAGE_STATUS if from_page and method.upper() != "GET" else CLIENT_STATUS
+
+
 def budget_refusal(book: UsageBook, user: str, shown_as: str, daily_tokens: int,
-                   method: str, path: str) -> tuple[int, int, str, str, dict[str, str]] | None:
+                   method: str, path: str, from_page: bool = False) -> tuple[int, int, str, str, dict[str, str]] | None:
     """None when the request may go on; otherwise the local answer: (HTTP status, Coze code, reason,
-    message, headers) — 429, code 4013 (Coze's own "rate limited"), Retry-After until the UTC midnight."""
+    message, headers) — code 4013 (Coze's own "rate limited"), Retry-After until the UTC midnight, HTTP 429
+    (200 for a page: see refusal_status)."""
     if daily_tokens <= 0 or not spends_tokens(method, path):
         return None
+    over = over_budget_msg(book, user, shown_as, daily_tokens)
+    if over is None:
+        return None
+    msg, wait = over
+    return refusal_status(from_page, method), 4013, "budget", msg, {"Retry-After": str(wait)}
+
+
+def over_budget_msg(book: UsageBook, user: str, shown_as: str, daily_tokens: int) -> tuple[str, int] | None:
+    """(the message, seconds until the budget resets) when `user` has used the daily budget; else None."""
     over, used, resets_at = book.over_budget(user, daily_tokens)
     if not over:
         return None
@@ -247,4 +292,13 @@ def budget_refusal(book: UsageBook, user: str, shown_as: str, daily_tokens: int,
     msg = (f"coze-mitm: {shown_as} has used {used} Coze tokens today, and the daily budget is {daily_tokens} "
            f"(coze_user_daily_tokens); chats resume at {_clock_text(resets_at)} (in {wait // 3600} h "
            f"{wait % 3600 // 60} min). Reading history still works; ask the proxy's owner for a bigger budget.")
-    return 429, 4013, "budget", msg, {"Retry-After": str(wait)}
+    return msg, wait
+
+
+PARALLEL_RETRY_AFTER = 2  # seconds: a chat usually ends within that; the client may try again then
+
+
+def parallel_msg(shown_as: str, in_flight: int, cap: int) -> str:
+    return (f"coze-mitm: {shown_as} has {in_flight} chats in progress, and at most {cap} may run at once "
+            f"(coze_user_max_parallel_chats, which keeps the daily budget from being overshot); send this one "
+            f"again when one of them has ended.")

@@ -2,6 +2,8 @@
 
     coze_user_daily_tokens  Coze tokens a user may use per UTC day (0 = no budget); `budget_refusal`
                             is what the auth addon asks before it injects a credential
+    coze_user_max_parallel_chats  with a budget: chats one user may have in flight at once (0 = no cap);
+                            what bounds the overshoot (a chat's usage is known only when it ends)
     coze_usage_file         where usage is kept (default, when empty: coze-mitm-usage.sqlite in
                             mitmproxy's confdir; "memory" keeps it in memory only; with coze_demo and
                             no file named: memory, so the sandbox's users never reach a later run's file)
@@ -10,9 +12,17 @@ Hooks (this addon must come after `auth` and after `streaming` in the addon list
 responseheaders               a tagged event-stream answer from the Coze API gets a usage reader as its
                               `stream` callable (chunks pass unchanged); a streamed chat counts as a chat
 response                      a non-streamed chat answered with code 0 counts as a chat (and its usage,
-                              if it is completed already); `/v3/chat/retrieve` of a completed chat: its
-                              usage (once per chat id)
-websocket_start               a WebSocket chat (`/v1/chat` on the ws host) counts as a chat
+                              if it is completed already; answered `in_progress`, the proxy polls
+                              `/v3/chat/retrieve` for it itself: core/usage_poll.py); `/v3/chat/retrieve`
+                              of a completed chat: its usage (once per chat id); the chat leaves the
+                              in-flight count (a polled one when its poll ends)
+error                         the chat leaves the in-flight count
+websocket_message             on the WebSocket chat (`/v1/chat` on the ws host): a client event that starts
+                              a reply counts as a chat, is budgeted (over budget or at the parallel cap it
+                              is dropped and the client gets Coze's `error` event, code 4013) and is in
+                              flight until `conversation.chat.completed`/`failed`/`canceled`/
+                              `requires_action`; `conversation.chat.completed` carries the usage
+websocket_end                 the socket's chats leave the in-flight count
 
 The user is the key the auth addon leaves in flow.metadata["coze_user"] (a tag id, or `login:<name>`).
 """
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from pathlib import Path
 
 from mitmproxy import ctx, http
@@ -31,23 +42,39 @@ from coze_mitm.flowmeta import COZE_USER
 from coze_mitm.core.bounded import decoded_prefix
 from coze_mitm.core.exchange import scrub
 from coze_mitm.core.usage import SSEUsageReader, parse_usage, retrieve_body_ok, usage_from_retrieve
-from coze_mitm.core.usage_book import UsageBook, budget_refusal, is_chat
+from coze_mitm.core.identity import short_id
+from coze_mitm.core.usage_book import (
+    PARALLEL_RETRY_AFTER, WS_CHAT_ENDS, WS_CHAT_STARTS, WS_SPENDING, UsageBook, api_prefix, budget_refusal, is_chat,
+    over_budget_msg, parallel_msg, refusal_status, spends_tokens,
+)
+from coze_mitm.core.usage_flight import InFlight
+from coze_mitm.core.usage_poll import Chat, UsagePoller
 from coze_mitm.core.usage_store import SqliteUsageStore, default_path
 
 log = logging.getLogger("coze.accounting")
 
 MAX_CHAT_ANSWER = 256 * 1024  # a non-streamed chat answer is ~1 KB; bigger ones are not parsed
 MAX_WS_EVENT = 64 * 1024  # a WebSocket event carrying usage is small; bigger messages are not parsed
+MAX_WS_CLIENT_EVENT = 1024 * 1024  # with a budget, a client event bigger than this is not forwarded (not checkable)
+DEFAULT_PARALLEL = 4
+_WS_START_NAMES = tuple(name.encode() for name in WS_CHAT_STARTS)
 
 
 class Accounting:
-    def __init__(self, max_users: int = 10_000):
+    def __init__(self, settings=None, max_users: int = 10_000):
+        self.settings = settings  # CozeSettings: the token broker and the Coze API origins (for usage polls)
         self.max_users = max_users
         self.book = UsageBook(max_users=max_users)  # memory only until configure opens the file
         self.store: SqliteUsageStore | None = None
         self.daily_tokens = 0
+        self.max_parallel = DEFAULT_PARALLEL
+        self.flight = InFlight()  # chats in flight per user (only while a budget is set)
+        self.poller: UsagePoller | None = None  # built at the first non-streamed chat answered in_progress
+        self.not_polled = 0  # non-streamed chats answered in_progress whose usage could not be polled
+        self.refused_ws_events = 0
         self.unreadable_streams = 0
         self.started = False
+        self._ws_warned: set[str] = set()  # sockets told once that their audio is not forwarded
 
 
     def configure(self, updated):
@@ -57,6 +84,12 @@ class Accounting:
                                "and day", started=self.started)
                 return
             self.daily_tokens = ctx.options.coze_user_daily_tokens
+        if "coze_user_max_parallel_chats" in updated:
+            if ctx.options.coze_user_max_parallel_chats < 0:
+                options.refuse("coze-mitm: coze_user_max_parallel_chats must be 0 (no cap) or the number of chats one "
+                               "user may have in progress at once", started=self.started)
+                return
+            self.max_parallel = ctx.options.coze_user_max_parallel_chats
         if updated & {"coze_usage_file", "coze_demo"} or ("confdir" in updated and self.store is None):
             spec = ctx.options.coze_usage_file
             if not spec and getattr(ctx.options, "coze_demo", False):
@@ -83,12 +116,35 @@ class Accounting:
         self.started = True
 
     def done(self):
+        if self.poller is not None:
+            self.poller.close()  # chats still polled are not counted
+            self.poller = None
         self.book.close()  # the pending increments reach the file
 
     # -- budgets (asked by auth before it injects) ------------------------------------------------
-    def budget_refusal(self, flow: http.HTTPFlow, user: str, shown_as: str):
-        """None, or (status, code, reason, msg, headers) for a local answer; see usage_book.budget_refusal."""
-        return budget_refusal(self.book, user, shown_as, self.daily_tokens, flow.request.method, flow.request.path)
+    def budget_refusal(self, flow: http.HTTPFlow, user: str, shown_as: str, from_page: bool = False):
+        """None when the request may go to Coze (a chat is then in flight until its answer ends), or
+        (status, code, reason, msg, headers) for a local answer; see usage_book.budget_refusal."""
+        request = flow.request
+        refusal = budget_refusal(self.book, user, shown_as, self.daily_tokens, request.method, request.path, from_page)
+        if refusal is not None or self.daily_tokens <= 0 or request.method.upper() != "POST":
+            return refusal  # the WebSocket handshake starts no chat: its chat-starting events are counted
+        if not spends_tokens(request.method, request.path):
+            return None
+        in_flight = self.flight.count(user)
+        if self.max_parallel and in_flight >= self.max_parallel:
+            return (refusal_status(from_page), 4013, "budget", parallel_msg(shown_as, in_flight, self.max_parallel),
+                    {"Retry-After": str(PARALLEL_RETRY_AFTER)})
+        self.flight.add(flow.id, user)
+        return None
+
+    def in_flight(self) -> dict:
+        poll = self.poller.stats.as_dict() if self.poller is not None else None
+        return {"chats_in_flight": self.flight.total(), "max_parallel_chats": self.max_parallel,
+                "usage_polls": poll, "usage_not_polled": self.not_polled}
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.flight.release_all(flow.id)
 
     # -- counting ------------------------------------------------------------------------------------
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -119,55 +175,167 @@ class Accounting:
             log.warning(f"coze-mitm: usage of a stream not counted: {scrub(why, 120)} (later ones are only counted)")
 
     def response(self, flow: http.HTTPFlow) -> None:
+        try:
+            self._count_answer(flow)
+        finally:
+            # The chat's answer has ended (a streamed one after its last chunk): it is no longer in flight,
+            # unless its usage poll holds it now.
+            self.flight.release_all(flow.id)
+
+    def _count_answer(self, flow: http.HTTPFlow) -> None:
         user = flow.metadata.get(COZE_USER)
         response = flow.response
         if not user or response is None or response.stream or response.status_code != 200:
             return
         request = flow.request
-        if b"/chat" not in request.data.path:
+        if b"/chat" not in request.data.path and b"/workflow/run" not in request.data.path:
             return  # neither a chat nor its retrieve (most answers): decided on the raw path, not decoded
         route = request.path.split("?", 1)[0].rstrip("/")
         retrieve = route.endswith("/v3/chat/retrieve")
-        if not retrieve and not is_chat(request.method, request.path):
+        prefix = api_prefix(request.path) if request.method.upper() == "POST" else None
+        workflow = request.method.upper() == "POST" and route.endswith("/v1/workflow/run")
+        if not retrieve and prefix is None and not workflow:
             return  # most answers: nothing to count, no header or body read
         raw = response.raw_content or b""
         if not retrieve_body_ok(len(raw), fields.get(response.headers, b"content-encoding"), MAX_CHAT_ANSWER):
             return
+        content = _content(response)
         if retrieve:
-            usage = usage_from_retrieve(_content(response), MAX_CHAT_ANSWER)
+            usage = usage_from_retrieve(content, MAX_CHAT_ANSWER)
             if usage is not None:
                 self.book.tokens(user, usage)
-        elif is_chat(request.method, request.path):
-            content = _content(response)
-            if _code_ok(content):
-                self.book.chat(user)  # a non-streamed chat (stream: false)
-                # Its usage comes with retrieve once completed; an answer that is completed already (a chat
-                # that needed no polling) carries it here. Counted once per chat id either way.
-                usage = usage_from_retrieve(content, MAX_CHAT_ANSWER)
-                if usage is not None:
-                    self.book.tokens(user, usage)
+            return
+        answer = _json(content)
+        if not isinstance(answer, dict) or answer.get("code") != 0:
+            return
+        if workflow:  # a workflow run answers once, its usage (when Coze reports one) beside its output
+            usage = parse_usage(answer)
+            if usage is not None:
+                self.book.tokens(user, usage)
+            return
+        if is_chat(request.method, request.path):
+            self.book.chat(user)  # a non-streamed chat (stream: false)
+        # Its usage comes with retrieve once completed; an answer that is completed already (a chat
+        # that needed no polling) carries it here. Counted once per chat id either way.
+        usage = usage_from_retrieve(content, MAX_CHAT_ANSWER)
+        if usage is not None:
+            self.book.tokens(user, usage)
+            return
+        data = answer.get("data")
+        if isinstance(data, dict) and data.get("status") in ("created", "in_progress"):
+            self._poll(flow, user, prefix, data)
 
-    def websocket_start(self, flow: http.HTTPFlow) -> None:
-        user = flow.metadata.get(COZE_USER)
-        if user and is_chat("GET", flow.request.path):
-            self.book.chat(user)
+    def _poll(self, flow: http.HTTPFlow, user: str, prefix: str, data: dict) -> None:
+        """Coze answered `in_progress`: fetch the usage the client may never ask for, with the user's token,
+        from the Coze API origin the chat went to (and no other)."""
+        conversation_id, chat_id = data.get("conversation_id"), data.get("id")
+        settings = self.settings
+        if (not isinstance(conversation_id, str) or not isinstance(chat_id, str) or not conversation_id
+                or not chat_id or len(conversation_id) > 128 or len(chat_id) > 128 or settings is None
+                or settings.broker is None or not settings.is_coze_api(flow.request)):
+            self.not_polled += 1
+            return
+        if self.poller is None:
+            opts = ctx.options
+            verify: bool | str = False if opts.ssl_insecure else (opts.ssl_verify_upstream_trusted_ca or True)
+            self.poller = UsagePoller(
+                lambda u: self.settings.broker.token_for(u), self._polled_usage, self._poll_done,
+                invalidate=lambda u, token: self.settings.broker.invalidate(u, token),
+                timeout=float(getattr(opts, "coze_exchange_timeout", 10)), verify=verify,
+            )
+        request = flow.request
+        origin = f"{request.scheme}://{request.host}" + ("" if (request.scheme, request.port) in
+                                                          (("http", 80), ("https", 443)) else f":{request.port}")
+        key = f"poll:{flow.id}"
+        self.flight.rekey(flow.id, key)  # in flight until its usage is counted (or the poll ends)
+        self.poller.start(Chat(key, user, origin, prefix, conversation_id, chat_id))
+
+    def _polled_usage(self, user: str, usage) -> None:
+        self.book.tokens(user, usage)
+
+    def _poll_done(self, key: str, outcome: str) -> None:
+        self.flight.release_all(key)
+        if outcome == "dropped":
+            log.warning("coze-mitm: too many non-streamed chats awaiting their usage; the oldest one is not counted")
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
-        """A WebSocket chat's usage: Coze's `conversation.chat.completed` event, as for a stream."""
+        """The WebSocket chat: a client event that starts a reply is counted and budgeted before it leaves;
+        Coze's `conversation.chat.completed` carries the usage, as for a stream."""
         user = flow.metadata.get(COZE_USER)
-        if not user or flow.websocket is None:
+        if not user or flow.websocket is None or not is_chat("GET", flow.request.path):
             return
         message = flow.websocket.messages[-1]
-        if message.from_client or len(message.content) > MAX_WS_EVENT or b"conversation.chat.completed" not in message.content:
+        if message.from_client:
+            if not message.injected:
+                self._client_event(flow, user, message)
             return
-        try:
-            event = json.loads(message.content)
-        except (ValueError, UnicodeDecodeError, RecursionError):
+        content = message.content
+        if len(content) > MAX_WS_EVENT or b"conversation.chat." not in content:
             return
-        if isinstance(event, dict) and event.get("event_type") == "conversation.chat.completed":
+        event = _json(content)
+        kind = event.get("event_type") if isinstance(event, dict) else None
+        if kind not in WS_CHAT_ENDS:
+            return
+        if kind == "conversation.chat.completed":
             usage = parse_usage(event.get("data"))
             if usage is not None:
                 self.book.tokens(user, usage)
+        self.flight.release(flow.id)  # the reply ended: one chat of this socket is no longer in flight
+
+    def _client_event(self, flow: http.HTTPFlow, user: str, message) -> None:
+        content = message.content
+        budgeted = self.daily_tokens > 0
+        if not budgeted:
+            # No budget: only counting, so a cheap look first (most events are no chat start).
+            if len(content) > MAX_WS_CLIENT_EVENT or not any(n in content for n in _WS_START_NAMES):
+                return
+        elif len(content) > MAX_WS_CLIENT_EVENT:
+            # Too big to read on the event loop, so it cannot be told apart from a chat start: not forwarded.
+            self._refuse_event(flow, message, 4000, "coze-mitm: a WebSocket event over "
+                               f"{MAX_WS_CLIENT_EVENT // 1024} KiB is not forwarded while a daily budget is set "
+                               "(it cannot be checked); send smaller events")
+            return
+        event = _json(content)
+        kind = event.get("event_type") if isinstance(event, dict) else None
+        if kind not in WS_SPENDING:
+            return  # chat.update, conversation.clear, ... spend nothing; text that is no event: Coze says so
+        if budgeted:
+            shown_as = short_id(user)
+            over = over_budget_msg(self.book, user, shown_as, self.daily_tokens)
+            if over is not None:
+                if kind in WS_CHAT_STARTS or flow.id not in self._ws_warned:
+                    self._ws_warned.add(flow.id)  # audio: said once per socket, then dropped quietly
+                    self._refuse_event(flow, message, 4013, over[0])
+                else:
+                    message.drop()
+                    self.refused_ws_events += 1
+                return
+            if kind not in WS_CHAT_STARTS:
+                return  # audio input within the budget: the reply it may start is counted by its usage
+            in_flight = self.flight.count(user)
+            if self.max_parallel and in_flight >= self.max_parallel:
+                self._refuse_event(flow, message, 4013, parallel_msg(shown_as, in_flight, self.max_parallel))
+                return
+            self.flight.add(flow.id, user)
+        if kind in WS_CHAT_STARTS:
+            self.book.chat(user)
+
+    def _refuse_event(self, flow: http.HTTPFlow, message, code: int, msg: str) -> None:
+        """Not forwarded; the client gets Coze's own error event instead (nothing reaches Coze)."""
+        message.drop()
+        self.refused_ws_events += 1
+        if self.settings is not None:
+            self.settings.stats.refused("budget")
+        event = {"id": f"coze-mitm-{secrets.token_hex(8)}", "event_type": "error", "data": {"code": code, "msg": msg}}
+        payload = json.dumps(event, ensure_ascii=False).encode()
+        try:
+            ctx.master.commands.call("inject.websocket", flow, True, payload, True)
+        except Exception as e:  # the socket closed meanwhile: the event was dropped all the same
+            log.debug(f"coze-mitm: could not tell the WebSocket client why an event was dropped: {e}")
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self.flight.release_all(flow.id)
+        self._ws_warned.discard(flow.id)
 
 
 def _content(response: http.Response) -> bytes:
@@ -175,9 +343,8 @@ def _content(response: http.Response) -> bytes:
     return decoded_prefix(response.raw_content or b"", fields.get(response.headers, b"content-encoding"), MAX_CHAT_ANSWER) or b""
 
 
-def _code_ok(body: bytes) -> bool:
+def _json(body: bytes):
     try:
-        answer = json.loads(body)
+        return json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
-        return False
-    return isinstance(answer, dict) and answer.get("code") == 0
+        return None

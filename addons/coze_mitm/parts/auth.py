@@ -141,7 +141,7 @@ class Auth:
                 self.settings.origin_refused(decision.origin, "a tagged request")
             return None
         user_id = decision.user_id if self.settings.login_mode == "none" else self._login_of(flow)
-        if user_id is None or self._over_budget(flow, user_id):
+        if user_id is None or self._over_budget(flow, user_id, decision.origin is not None):
             return None
         broker = self.settings.broker
         if broker is None:
@@ -163,11 +163,14 @@ class Auth:
             return None
         return logins.session_name(name, self.settings.login_mode)
 
-    def _over_budget(self, flow: http.HTTPFlow, user_id: str) -> bool:
+    def _over_budget(self, flow: http.HTTPFlow, user_id: str, from_page: bool) -> bool:
+        """Asked before a token is minted or injected: a request that would spend tokens over the user's
+        budget (or beyond coze_user_max_parallel_chats) is answered locally with code 4013; HTTP 200 for a
+        page (Coze's chat component shows the msg of a 200 only), 429 + Retry-After for other clients."""
         accounting = self.accounting
         if accounting is None or accounting.daily_tokens <= 0:
             return False  # no budgets: nothing to ask on the fast path
-        refusal = accounting.budget_refusal(flow, user_id, short_id(user_id))
+        refusal = accounting.budget_refusal(flow, user_id, short_id(user_id), from_page)
         if refusal is None:
             return False
         status, code, reason, msg, headers = refusal
