@@ -55,7 +55,7 @@ accounting = Accounting()  # auth asks it about budgets, status shows its usage
 bundle = Bundle(
     settings,
     ProcessTuning(),
-    Login(),
+    Login(settings),  # builds settings.login_names: LDAP logins as directory entries
     Demo(settings),
     StatusPages(settings, accounting),
     Cors(settings),
