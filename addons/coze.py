@@ -62,7 +62,7 @@ bundle = Bundle(
     MitmwebGuard(),
     settings,
     ProcessTuning(),
-    Login(),
+    Login(settings),  # builds settings.login_names: LDAP logins as directory entries
     LocalGate(),  # before demo and status: their pages are this host too
     Demo(settings),
     Pac(settings),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import stat
 from pathlib import Path
 
 from launcher.common import (DEFAULT_PORT, DEMO_URL, EXIT_CODES_HELP, EXIT_USAGE, PROG, Fail, is_loopback,
@@ -17,6 +19,9 @@ FLAG_ALIASES = {"coze_config": "config", "coze_origins": "origins", "coze_bot_id
                 "proxyauth": "proxyauth"}
 # proxyauth values that let anyone in: mitmproxy's "any" accepts every user name and password.
 ANONYMOUS_PROXYAUTH = ("any",)
+# The proxyauth spec from the environment: keeps an LDAP bind password or a user:pass out of ps and shell history.
+# The launcher hands it to mitmdump the same way (never on the child's command line).
+PROXYAUTH_ENV = "COZE_PROXYAUTH"
 
 
 class Parser(argparse.ArgumentParser):
@@ -70,7 +75,12 @@ def make_parser() -> Parser:
                           "a --host they can reach; needs --proxyauth (or --allow-anonymous)")
     net.add_argument("--proxyauth", metavar="SPEC",
                      help="clients log in to the proxy, and each login is one Coze user (mitmproxy's proxyauth: "
-                          "@/path/to/htpasswd, ldap[s]:..., or user:pass, which shows in ps)")
+                          "@/path/to/htpasswd, ldap[s]:..., or user:pass; a password here stays in your shell "
+                          f"history and shows in ps: use --proxyauth-file or {PROXYAUTH_ENV} for those)")
+    net.add_argument("--proxyauth-file", metavar="PATH",
+                     help="read the --proxyauth SPEC from this file's first line (e.g. an ldap:... spec with its "
+                          f"bind password; keep the file mode 0600); the environment variable {PROXYAUTH_ENV} "
+                          "works too. Either way it never appears on a command line")
     net.add_argument("--allow-anonymous", action="store_true",
                      help="with --allow-remote and no --proxyauth: start anyway; anyone who reaches the port "
                           "can then spend your Coze quota")
@@ -114,6 +124,7 @@ def set_value(args: argparse.Namespace, name: str, default: str | None = None) -
 def check_args(args: argparse.Namespace) -> None:
     """Refuse what the arguments alone show to be wrong or unsafe; fold --set aliases into the flags."""
     _fold_sets(args)
+    _read_proxyauth(args)
     _check_reach(args)
     if args.demo:
         for flag, given in (("--config", args.config), ("--pat", args.pat),
@@ -164,6 +175,7 @@ def _check_reach(args: argparse.Namespace) -> None:
             raise Fail(f"--proxyauth {args.proxyauth.strip()}: there is no htpasswd file at {path} (make one with: "
                        f"htpasswd -cB {path} USER)", EXIT_USAGE)
         args.proxyauth = f"@{path}"  # mitmproxy reads it as it is: no ~, and not relative to another directory
+        _check_htpasswd(path)
     anonymous = is_anonymous(args)
     if args.allow_anonymous and not args.allow_remote:
         raise Fail("--allow-anonymous only means something with --allow-remote: drop it", EXIT_USAGE)
@@ -172,9 +184,48 @@ def _check_reach(args: argparse.Namespace) -> None:
         raise Fail(f"--allow-remote: {how}, so anyone who can connect to the proxy could spend your Coze quota; "
                    "add --proxyauth @/path/to/htpasswd (each login is then one Coze user), or --allow-anonymous "
                    "if you really mean it", EXIT_USAGE)
-    if args.proxyauth and _inline_password(args.proxyauth):
+    if args.proxyauth and args.proxyauth_source == "--proxyauth" and _inline_password(args.proxyauth):
         tell("warning", "a --proxyauth user:pass stays in your shell history and shows in ps; "
                         "an htpasswd file (--proxyauth @/path/to/htpasswd) keeps the password off the command line")
+
+
+def _read_proxyauth(args: argparse.Namespace) -> None:
+    """The proxyauth SPEC from --proxyauth, --proxyauth-file or COZE_PROXYAUTH (args.proxyauth_source says which)."""
+    args.proxyauth_source = "--proxyauth" if args.proxyauth is not None else ""
+    path = getattr(args, "proxyauth_file", None)
+    if path:
+        if args.proxyauth is not None:
+            raise Fail("--proxyauth and --proxyauth-file are both given: give one", EXIT_USAGE)
+        path = Path(path).expanduser()
+        try:
+            lines = [line.strip() for line in path.read_text("utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise Fail(f"--proxyauth-file {path}: cannot read it ({type(e).__name__}: {e.strerror or e})"
+                       if isinstance(e, OSError) else f"--proxyauth-file {path}: not UTF-8 text", EXIT_USAGE) from None
+        if len(lines) != 1:
+            raise Fail(f"--proxyauth-file {path}: want exactly one line, the SPEC (@/path/to/htpasswd, ldap[s]:..., "
+                       f"or user:pass); it has {len(lines)}", EXIT_USAGE)
+        args.proxyauth, args.proxyauth_source = lines[0], "--proxyauth-file"
+        if os.name == "posix" and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            tell("warning", f"--proxyauth-file {path} can be read by other users of this machine; "
+                            f"chmod 600 {path}")
+    elif args.proxyauth is None and os.environ.get(PROXYAUTH_ENV, "").strip():
+        args.proxyauth, args.proxyauth_source = os.environ[PROXYAUTH_ENV].strip(), PROXYAUTH_ENV
+
+
+def _check_htpasswd(path: Path) -> None:
+    """Name the lines the installed mitmproxy cannot verify: mitmproxy 12 refuses the whole file for one of them
+    ("Could not open htpasswd file", no line named), so the launcher refuses first, naming them; on mitmproxy 11
+    the file loads and those users just cannot log in: a warning each."""
+    from coze_mitm.parts.login import htpasswd_problems, mitmproxy_version
+
+    problems = htpasswd_problems(path)
+    if not problems:
+        return
+    if mitmproxy_version() >= (12,):
+        raise Fail("; ".join(problems), EXIT_USAGE)
+    for problem in problems:
+        tell("warning", problem)
 
 
 def is_anonymous(args: argparse.Namespace) -> bool:

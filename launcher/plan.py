@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.args import set_value
+from launcher.args import PROXYAUTH_ENV, set_value
 from launcher.common import EXIT_CONFIG, EXIT_USAGE, SCRIPT, Fail, config_error, tell
 
 # Always intercepted, whatever the config: the status/userscript pages and mitmproxy's CA page.
@@ -74,7 +74,7 @@ def plan(args: argparse.Namespace) -> Plan:
     pl = Plan(args)
     pl.sets.append(("coze_launcher", "run_mitm.py"))  # the status page's hints then name this launcher's flags
     pl.sets.append(("coze_tune_process", "true"))  # the launcher owns its process: the soak-flat tuning (docs/benchmarks.md)
-    pl.env = {k: v for k, v in os.environ.items() if k != "COZE_PAT"}
+    pl.env = {k: v for k, v in os.environ.items() if k not in ("COZE_PAT", PROXYAUTH_ENV)}
     pl.env["PYTHONUNBUFFERED"] = "1"
     if not args.demo:
         pl.pat, pl.pat_source = read_pat(args)
@@ -114,7 +114,9 @@ def plan(args: argparse.Namespace) -> Plan:
     if args.allow_remote:
         pl.sets.append(("coze_allow_remote", "true"))
     if args.proxyauth:
-        pl.sets.append(("proxyauth", args.proxyauth.strip()))
+        # by environment, never on the child's command line (ps, /proc/PID/cmdline): it may hold an LDAP bind
+        # password or a user:pass; mitm_command's child code moves it into mitmproxy's own --set parsing
+        pl.env[PROXYAUTH_ENV] = args.proxyauth.strip()
     return pl
 
 
@@ -143,10 +145,20 @@ def allow_hosts(pl: Plan) -> list[str]:
     return list(dict.fromkeys(patterns))
 
 
+def child_code(tool: str) -> str:
+    """The child's `python -c` program: mitmproxy's own main, with the proxyauth SPEC (if any) taken from the
+    environment into its argument list in memory only. /proc/PID/cmdline (what ps shows any user) keeps the
+    command line the child started with; the variable leaves the child's environment before mitmproxy runs
+    (the kernel's copy of the start-up environment, /proc/PID/environ, is readable by the same user only)."""
+    return (f"import os, sys; spec = os.environ.pop({PROXYAUTH_ENV!r}, None); "
+            "spec and sys.argv.extend(['--set', 'proxyauth=' + spec]); del spec; "
+            f"from mitmproxy.tools.main import {tool}; {tool}()")
+
+
 def mitm_command(pl: Plan) -> list[str]:
     args = pl.args
     tool = "mitmweb" if args.web else "mitmdump"
-    cmd = [sys.executable, "-c", f"from mitmproxy.tools.main import {tool}; {tool}()",
+    cmd = [sys.executable, "-c", child_code(tool),
            "--listen-host", args.host, "--listen-port", str(args.port), "-s", str(SCRIPT)]
     sets = list(pl.sets)
     if not args.intercept_all:

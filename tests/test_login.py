@@ -20,7 +20,9 @@ import requests.adapters
 from websockets.sync.server import serve
 
 from coze_mitm.core.identity import USER_ID_RE, short_id
-from coze_mitm.core.logins import MAX_LOGIN, auth_mode, is_login_key, login_problem, session_name
+from coze_mitm.core.directory import Cache
+from coze_mitm.core.logins import (MAX_LOGIN, auth_mode, identity_problem, is_login_key, ldap_identity_problem,
+                                   login_problem, session_name)
 from coze_mitm.parts.login import REDACTED
 from tests.harness import REPO
 
@@ -285,7 +287,41 @@ class TestRules:
         assert login_problem(name, "ldap")
         assert login_problem(name, "htpasswd") is None
 
-    def test_ldap_names_are_case_folded_others_unchanged(self):
-        # the directory matches `Alice` and `alice` to one entry: one account, one history, one budget
-        assert session_name("Alice", "ldap") == session_name("ALICE", "ldap") == "login:alice"
-        assert session_name("Alice", "htpasswd") == "login:Alice" != session_name("alice", "htpasswd")
+    def test_htpasswd_and_single_names_stay_exact(self):
+        # mitmproxy compares htpasswd and user:pass names exactly: `Alice` and `alice` are two accounts with two
+        # passwords, so two identities (no aliasing to undo). LDAP names become their directory entry instead
+        # (core/directory.py; tests/test_ldap.py against a real slapd).
+        assert session_name("Alice") == "login:Alice" != session_name("alice")
+        assert session_name(" alice") == "login: alice"
+
+    @pytest.mark.parametrize("value", ["dn", "DN", "uid", "sAMAccountName", "employee-id", "0.9.2342.19200300.100.1.1"])
+    def test_ldap_identity_values(self, value):
+        assert ldap_identity_problem(value) is None
+
+    @pytest.mark.parametrize("value", ["", "(uid)", "uid,cn", "1uid", "u id", "x" * 65])
+    def test_bad_ldap_identity_values(self, value):
+        assert "coze_ldap_identity" in ldap_identity_problem(value)
+
+    def test_directory_identities(self):
+        assert identity_problem("uid=alice,ou=people,dc=example,dc=org", "DN") is None
+        assert "shorter single-valued attribute such as uid" in identity_problem("x" * (MAX_LOGIN + 1), "DN")
+        assert identity_problem("", "uid") and identity_problem("a\nb", "uid")
+
+
+class TestDirectoryCache:
+    def test_bounded_least_recently_used_first(self):
+        cache = Cache(entries=3, seconds=60)
+        for name in ["a", "b", "c"]:
+            cache.put(name, "dn-" + name)
+        assert cache.get("a") == "dn-a"  # a is now the most recently used
+        cache.put("d", "dn-d")
+        assert len(cache) == 3 and cache.get("b") is None and cache.get("a") == "dn-a"
+
+    def test_answers_expire(self):
+        now = [1000.0]
+        cache = Cache(entries=10, seconds=300, clock=lambda: now[0])
+        cache.put(" alice", "uid=alice")
+        now[0] += 299
+        assert cache.get(" alice") == "uid=alice"
+        now[0] += 2
+        assert cache.get(" alice") is None and len(cache) == 0

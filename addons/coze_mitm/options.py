@@ -106,6 +106,14 @@ def declare(loader) -> None:
         "font-src https://fonts.example\" (fetch directives and plain sources only).",
     )
 
+    # read by parts/login.py
+    loader.add_option(
+        "coze_ldap_identity", str, "dn",
+        "With an LDAP proxyauth: what names a Coze user: dn (the directory entry's DN, the default) or one "
+        "single-valued attribute of the entry, e.g. uid. The typed login name never does (the directory "
+        "matches ' alice', 'ALICE' and a second cn as the same entry).",
+    )
+
     # read by parts/demo.py
     loader.add_option(
         "coze_demo", bool, False,

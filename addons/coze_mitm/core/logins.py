@@ -2,11 +2,19 @@
 identity, and the session_name a login becomes. No mitmproxy import; parts/login.py reads the login off
 the flow.
 
-Identity rule: a login becomes the Coze `session_name` `login:<name>`, the name unchanged (LDAP: case-folded,
-as the directory matches names; see session_name). Tag ids never contain a colon, so no tag can ever name
-a login's history, and the token cache can keep using the session_name as its key. A name that cannot be
-carried unchanged and safely (empty, over 128 characters, control characters, U+FFFD from undecodable
-bytes) is refused.
+Identity rule: a login becomes the Coze `session_name` `login:<identity>`. Tag ids never contain a colon, so
+no tag can ever name a login's history, and the token cache can keep using the session_name as its key.
+
+* htpasswd, `user:pass`, `any`: the identity is the typed name, unchanged. mitmproxy compares these names
+  byte for byte (a dict lookup, `==`), so `alice`, `Alice` and ` alice` are three accounts with three
+  passwords: no aliasing, nothing to normalise.
+* LDAP: the directory matches names its own way (case, spaces, Unicode width, any of several `cn` values:
+  ` alice`, `ＡＬＩＣＥ` and `Alice Liddell` all log in as one entry), so the typed name is not an identity.
+  The identity is the entry the directory found: its DN, or one attribute of it as the directory stores it
+  (`coze_ldap_identity`), looked up after mitmproxy accepted the login (core/directory.py, parts/login.py).
+
+A name that cannot be carried unchanged and safely (empty, over 128 characters, control characters, U+FFFD
+from undecodable bytes) is refused, and so is a directory identity that cannot.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ MODES = {
     "none": "no proxy login: identities come from the userscript's tags (self-asserted)",
     "single": "proxy login (one user:password)",
     "htpasswd": "proxy logins (htpasswd file)",
-    "ldap": "proxy logins (LDAP)",
+    "ldap": "proxy logins (LDAP): one user per directory entry, however the name is typed",
     "any": "proxy logins with any name and password accepted: names are self-asserted, like tags",
 }
 
@@ -58,12 +66,33 @@ def login_problem(name: str, mode: str = "") -> str | None:
     return None
 
 
-def session_name(name: str, mode: str = "") -> str:
-    """The Coze session_name (and token-cache key) of a login; call login_problem first.
+def session_name(identity: str) -> str:
+    """The Coze session_name (and token-cache key) of a login's identity: the typed name (htpasswd, single,
+    any) or the directory's identity of the entry (LDAP); call login_problem / identity_problem first."""
+    return PREFIX + identity
 
-    LDAP compares names without regard to case (`Alice` and `alice` are one directory entry), so in ldap
-    mode the name is case-folded: one account, one history and one budget, however it is typed."""
-    return PREFIX + (name.casefold() if mode == "ldap" else name)
+
+IDENTITY_ATTRIBUTE = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,63}|[0-9]+(?:\.[0-9]+)+")
+
+
+def ldap_identity_problem(value: str) -> str | None:
+    """Why a `coze_ldap_identity` value is unusable: "dn", or one attribute name (or OID)."""
+    if value.lower() == "dn" or IDENTITY_ATTRIBUTE.fullmatch(value):
+        return None
+    return (f"coze_ldap_identity={value!r} is not an LDAP attribute name: use dn (the entry's DN, the default) "
+            "or one single-valued attribute such as uid")
+
+
+def identity_problem(identity: str, attribute: str) -> str | None:
+    """Why the identity the directory gave cannot be a Coze session_name unchanged, or None."""
+    if not identity:
+        return f"the directory entry has no {attribute}"
+    if len(identity) > MAX_LOGIN:
+        return (f"the directory's {attribute} of this login is longer than {MAX_LOGIN} characters; "
+                "set coze_ldap_identity to a shorter single-valued attribute such as uid")
+    if _UNSAFE.search(identity):
+        return f"the directory's {attribute} of this login contains control characters"
+    return None
 
 
 def is_login_key(key: str) -> bool:

@@ -140,8 +140,24 @@ class Auth:
             if decision.reason == "origin-not-allowed" and decision.origin and decision.origin != "null":
                 self.settings.origin_refused(decision.origin, "a tagged request")
             return None
-        user_id = decision.user_id if self.settings.login_mode == "none" else self._login_of(flow)
-        if user_id is None or self._over_budget(flow, user_id, decision.origin is not None):
+        from_page = decision.origin is not None  # a page's refusal is shown by Coze's component only with a 200
+        if self.settings.login_mode == "none":
+            return self._serve(flow, seen, in_query, decision.user_id, from_page)
+        name = self._login_of(flow)
+        if name is None:
+            return None
+        names = self.settings.login_names
+        if self.settings.login_mode == "ldap" and (names is None or not names.looks_up):
+            self._refuse(flow, 503, 5000, "not-configured", "coze-mitm has no LDAP directory lookup configured "
+                         "(see the mitmproxy log): LDAP logins cannot be mapped to their directory entry")
+            return None
+        user_id = logins.session_name(name) if names is None else names.cached(name)
+        if user_id is not None:
+            return self._serve(flow, seen, in_query, user_id, from_page)
+        return self._resolve_and_serve(flow, seen, in_query, names, name, from_page)  # LDAP, first use of this name
+
+    def _serve(self, flow: http.HTTPFlow, seen, in_query, user_id: str, from_page: bool):
+        if self._over_budget(flow, user_id, from_page):
             return None
         broker = self.settings.broker
         if broker is None:
@@ -154,14 +170,34 @@ class Auth:
         return self._mint_and_inject(flow, seen, in_query, user_id)
 
     def _login_of(self, flow: http.HTTPFlow) -> str | None:
-        """With proxyauth on, the user is the proxy login (its history follows the login, whatever the tag)."""
+        """With proxyauth on, the user is the proxy login (its history follows the login, whatever the tag):
+        the name as typed, when it can be one; None (refused) otherwise."""
         name = proxy_login(flow)
         problem = "the request carries no proxy login" if name is None else logins.login_problem(name, self.settings.login_mode)
         if problem:
             self._refuse(flow, 403, 4101, "login-unusable",
                          f"{problem}: coze-mitm names Coze users by their proxy login; log in with another name")
             return None
-        return logins.session_name(name, self.settings.login_mode)
+        return name
+
+    async def _resolve_and_serve(self, flow: http.HTTPFlow, seen, in_query, names, name: str, from_page: bool) -> None:
+        """LDAP: the directory's identity of a login not seen lately (a worker thread asks the directory;
+        other flows keep moving), then on as for any user."""
+        from coze_mitm.parts.login import LoginRefused
+
+        try:
+            try:
+                user_id = await names.resolve(name)
+            except LoginRefused as e:
+                self._refuse(flow, e.status, e.code, e.reason, e.msg)
+                return
+            if flow.response is not None or not flow.live:
+                return
+            pending = self._serve(flow, seen, in_query, user_id, from_page)
+            if pending is not None:
+                await pending
+        except Exception:
+            self._internal_error(flow)
 
     def _over_budget(self, flow: http.HTTPFlow, user_id: str, from_page: bool) -> bool:
         """Asked before a token is minted or injected: a request that would spend tokens over the user's

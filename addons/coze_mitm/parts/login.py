@@ -20,7 +20,13 @@ Where mitmproxy records who logged in (read from mitmproxy/addons/proxyauth.py, 
 proxyauth runs before every `-s` script (it is one of mitmproxy's built-in addons, loaded before the
 script loader), so a script's `http_connect`/`requestheaders` already see the metadata.
 
-Which logins can be a Coze identity, and as what: core/logins.py.
+Which logins can be a Coze identity, and as what: core/logins.py. With LDAP the identity is the directory
+entry, not the typed name: `LoginNames` looks the entry up (core/directory.py) in worker threads, cached per
+typed name, the first time a typed name asks for credentials.
+
+Also here, because no other place can say it: which lines of an `@htpasswd` file the running mitmproxy
+cannot verify (mitmproxy 12 refuses the whole file for one apr1 line, without naming it), and the warning
+that Basic proxy logins cross the network in clear when the proxy listens beyond loopback.
 
 The password stays in `flow.metadata["proxyauth"]`, which `-w` files save and mitmweb shows:
 `strip_password` replaces it (the username is kept, the tuple shape too).
@@ -34,17 +40,154 @@ in `--mode upstream:`, plain http requests).
 
 from __future__ import annotations
 
-from mitmproxy import ctx, http
+import asyncio
+import concurrent.futures
+import logging
+import time
+from pathlib import Path
+
 from mitmproxy.proxy import mode_specs
 
+from mitmproxy import ctx, exceptions, http
+
+from coze_mitm import options
+from coze_mitm.core import logins
+from coze_mitm.core.identity import is_loopback
 from coze_mitm.flowmeta import PROXYAUTH
 
+log = logging.getLogger("coze.login")
+
 REDACTED = "(password removed by coze-mitm)"
+LOOKUP_THREADS = 2  # directory lookups at once; the others wait their turn (cached answers need none)
+
+
+class LoginRefused(Exception):
+    """A login that passed mitmproxy's check but cannot be a Coze identity: answered locally."""
+
+    def __init__(self, status: int, code: int, reason: str, msg: str):
+        super().__init__(msg)
+        self.status, self.code, self.reason, self.msg = status, code, reason, msg
+
+
+class LoginNames:
+    """Proxy login -> Coze session_name. htpasswd, `user:pass` and `any`: the name as typed (mitmproxy
+    compares those exactly). LDAP: the directory's identity of the entry, looked up off the event loop,
+    one lookup per typed name at a time, answers cached (bounded, with a TTL)."""
+
+    def __init__(self, mode: str = "none", directory=None):
+        from coze_mitm.core.directory import Cache
+
+        self.mode = mode
+        self.directory = directory  # core.directory.Directory in ldap mode, else None
+        self.cache = Cache()
+        self._pending: dict[str, asyncio.Future] = {}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.lookups = 0  # directory lookups made (status/metrics material; tests read it)
+        self.last_lookup_ms = 0.0
+
+    @property
+    def looks_up(self) -> bool:
+        return self.directory is not None
+
+    def cached(self, name: str) -> str | None:
+        """The session_name of a login without waiting, or None when the directory must be asked first."""
+        if self.directory is None:
+            return logins.session_name(name)
+        identity = self.cache.get(name)
+        return None if identity is None else logins.session_name(identity)
+
+    async def resolve(self, name: str) -> str:
+        """The session_name of an LDAP login, asking the directory (in a worker thread) when not cached.
+        Raises LoginRefused."""
+        hit = self.cached(name)
+        if hit is not None:
+            return hit
+        pending = self._pending.get(name)
+        if pending is None:
+            pending = self._pending[name] = asyncio.ensure_future(self._lookup(name))
+            pending.add_done_callback(lambda _f: self._pending.pop(name, None))
+        return logins.session_name(await asyncio.shield(pending))
+
+    async def _lookup(self, name: str) -> str:
+        from coze_mitm.core.directory import DirectoryError
+
+        directory = self.directory
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="coze-ldap")
+        started = time.perf_counter()
+        try:
+            identity = await asyncio.get_running_loop().run_in_executor(self._pool, directory.lookup, name)
+        except DirectoryError as e:
+            if e.unreachable:
+                raise LoginRefused(502, 5000, "login-directory",
+                                   f"{e.msg}: coze-mitm names LDAP users by their directory entry; try again "
+                                   "shortly, or tell the proxy's operator") from None
+            raise LoginRefused(403, 4101, "login-unusable",
+                               f"{e.msg}: coze-mitm names LDAP users by their directory entry") from None
+        finally:
+            self.lookups += 1
+            self.last_lookup_ms = (time.perf_counter() - started) * 1000
+            log.debug(f"coze-mitm: LDAP lookup of a login took {self.last_lookup_ms:.1f} ms")
+        attribute = "DN" if directory.identity == "dn" else directory.identity
+        problem = logins.identity_problem(identity, attribute)
+        if problem:
+            raise LoginRefused(403, 4101, "login-unusable", f"{problem}: coze-mitm cannot name this Coze user")
+        if directory is self.directory:  # not reconfigured meanwhile
+            self.cache.put(name, identity)
+        return identity
+
+    def close(self) -> None:
+        if self.directory is not None:
+            self.directory.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
 class Login:
     """Runs after mitmproxy's proxyauth (a built-in addon, before every script): the password leaves the
-    flow as soon as proxyauth has checked it."""
+    flow as soon as proxyauth has checked it. Builds `settings.login_names` from the proxyauth spec."""
+
+    def __init__(self, settings=None):
+        self.settings = settings
+        self.names = LoginNames()
+        if settings is not None:
+            settings.login_names = self.names
+
+    def configure(self, updated):
+        if not updated & {"proxyauth", "coze_ldap_identity"}:
+            return
+        spec = getattr(ctx.options, "proxyauth", None)
+        mode = logins.auth_mode(spec)
+        started = bool(getattr(self.settings, "started", False))
+        identity = getattr(ctx.options, "coze_ldap_identity", "dn") or "dn"
+        problem = logins.ldap_identity_problem(identity)
+        if problem:
+            options.refuse(f"coze-mitm: {problem}", started=started)
+            return
+        directory = None
+        if mode == "ldap":
+            try:
+                directory = ldap_directory(spec, identity)
+            except exceptions.OptionsError as e:  # mitmproxy's own proxyauth says the same, and stops
+                options.refuse(f"coze-mitm: {e}", started=started)
+                return
+        elif mode == "htpasswd" and "proxyauth" in updated:
+            for line in htpasswd_problems(Path(spec[1:]).expanduser()):
+                log.warning(f"coze-mitm: {line}")
+        old, self.names = self.names, LoginNames(mode, directory)
+        old.close()
+        if self.settings is not None:
+            self.settings.login_names = self.names
+
+    def running(self):
+        warning = clear_text_warning(getattr(ctx.options, "proxyauth", None),
+                                     getattr(ctx.options, "listen_host", "127.0.0.1"))
+        if warning:
+            log.warning(f"coze-mitm: {warning}")
+
+    def done(self):
+        self.names.close()
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         strip_password(flow)
@@ -53,6 +196,113 @@ class Login:
         strip_password(flow)
         if "Proxy-Authorization" in flow.request.headers and not _for_upstream_proxy(flow):
             del flow.request.headers["Proxy-Authorization"]
+
+
+def ldap_directory(spec: str, identity: str):
+    """A Directory for mitmproxy's `ldap[s]:...` proxyauth spec, read by mitmproxy's own parser (so the
+    lookup uses exactly the server, bind DN, subtree and search key mitmproxy's check uses)."""
+    from mitmproxy.addons.proxyauth import Ldap
+
+    from coze_mitm.core.directory import Directory, LdapSettings
+
+    return Directory(LdapSettings.from_parsed(Ldap.parse_spec(spec)), identity)
+
+
+def clear_text_warning(spec: str | None, listen_host: str | None) -> str | None:
+    """One line when proxy logins (Basic: base64, not encrypted) would cross the network."""
+    if logins.auth_mode(spec) == "none" or is_loopback(listen_host or ""):
+        return None
+    return ("proxy logins are Basic authentication, sent in clear text with every request; with the proxy "
+            f"listening on {listen_host or 'every interface'}, anyone on the network path can read them: "
+            "reach it through an SSH tunnel (ssh -L 8080:127.0.0.1:8080 HOST) or a TLS front such as stunnel")
+
+
+# ----------------------------------------------------------------------------- htpasswd lines
+
+_SCHEMES = (  # (prefix, what it is, how htpasswd makes it)
+    ("$apr1$", "apr1 MD5", "htpasswd -m"),
+    ("$2y$", "bcrypt", "htpasswd -B"), ("$2b$", "bcrypt", "htpasswd -B"), ("$2a$", "bcrypt", "htpasswd -B"),
+    ("{SHA}", "SHA-1", "htpasswd -s"),
+    ("$1$", "MD5-crypt", "openssl passwd -1"), ("$5$", "SHA-256-crypt", "htpasswd -2"),
+    ("$6$", "SHA-512-crypt", "htpasswd -5"),
+)
+
+
+def scheme_of(pwhash: str) -> str:
+    for prefix, name, made in _SCHEMES:
+        if pwhash.startswith(prefix):
+            return f"{name} ({made})"
+    if len(pwhash) == 13:
+        return "DES crypt (htpasswd -d)"
+    return "plain text or unknown"
+
+
+def _line_verifier():
+    """A function (user, pwhash) -> None or why the running mitmproxy cannot verify that line: it asks
+    mitmproxy's own htpasswd reader (12.x: mitmproxy.utils.htpasswd; 11.x: passlib)."""
+    try:
+        from mitmproxy.utils import htpasswd as mitm_htpasswd  # mitmproxy >= 12
+    except ImportError:
+        mitm_htpasswd = None
+    if mitm_htpasswd is not None:
+        def verify(user: str, pwhash: str) -> str | None:
+            try:
+                mitm_htpasswd.HtpasswdFile(f"{user}:{pwhash}").check_password(user, "coze-mitm-probe")
+            except Exception as e:
+                return str(e) or type(e).__name__
+            return None
+        return verify
+
+    import passlib.apache
+
+    def verify(user: str, pwhash: str) -> str | None:
+        try:
+            f = passlib.apache.HtpasswdFile.from_string(f"{user}:{pwhash}\n")
+            f.check_password(user, "coze-mitm-probe")
+        except Exception as e:
+            return str(e) or type(e).__name__
+        return None
+    return verify
+
+
+def htpasswd_problems(path: Path) -> list[str]:
+    """One message per line of an htpasswd file the running mitmproxy cannot read or verify, naming the
+    line, the user, the hash scheme, what mitmproxy does about it and the fix. [] when all is well (or
+    when the file cannot be read: mitmproxy itself says so)."""
+    try:
+        text = Path(path).read_text("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return []
+    version = mitmproxy_version()
+    whole_file = version >= (12,)  # mitmproxy 12's reader refuses the whole file for one bad line
+    consequence = (f"mitmproxy {'.'.join(map(str, version))} then refuses the WHOLE file "
+                   "(\"Could not open htpasswd file\") and does not start" if whole_file
+                   else f"mitmproxy {'.'.join(map(str, version))} loads the file but this user cannot log in")
+    verify = _line_verifier()
+    problems = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, pwhash = line.partition(":")
+        if not sep or not user:
+            problems.append(f"{path} line {number}: not USER:HASH; {consequence}; remove or fix the line")
+            continue
+        why = verify(user, pwhash)
+        if why is None:
+            continue
+        problems.append(f"{path} line {number} (user {user!r}): its hash is {scheme_of(pwhash)}, which "
+                        f"this mitmproxy cannot verify ({why}); {consequence}; fix: htpasswd -B {path} {user} "
+                        "(bcrypt)")
+    return problems
+
+
+def mitmproxy_version() -> tuple[int, ...]:
+    import re
+
+    from mitmproxy import version
+
+    return tuple(int(x) for x in re.findall(r"\d+", version.VERSION)[:3])
 
 
 def proxy_login(flow: http.HTTPFlow) -> str | None:

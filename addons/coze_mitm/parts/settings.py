@@ -50,7 +50,7 @@ class Stats:
     REASONS = frozenset({
         "malformed-tag", "duplicate-origin", "browser-without-origin", "cookie-without-origin",
         "origin-not-allowed", "remote-client", "tag-to-other-host", "not-configured", "internal-error",
-        "new-user-limit", "login-unusable", "budget", *EXCHANGE_REASONS,
+        "new-user-limit", "login-unusable", "login-directory", "budget", *EXCHANGE_REASONS,
     })
 
     def refused(self, reason: str) -> None:
@@ -77,6 +77,7 @@ class CozeSettings:
         self._page_keys: dict[tuple, str] = {}  # (scheme, host, port) -> its coze_origins entry
         self.allow_remote = False
         self.login_mode = "none"  # which form of mitmproxy's proxyauth names the users (logins.MODES)
+        self.login_names = None  # parts.login.LoginNames (set by the login part): login -> session_name
         self.page_origins: frozenset[str] = frozenset()
         self.stats = Stats()
         self.refused_origins = RefusedOrigins()  # pages outside coze_origins that asked: log + status page

@@ -1,0 +1,174 @@
+"""LDAP logins as directory entries: which entry a login that mitmproxy's proxyauth accepted belongs to.
+
+mitmproxy's LDAP check (addons/proxyauth.py, 11.0.2 and 12.x) searches `(<search_filter_key>=<name>)` under
+the spec's subtree, bound as the spec's DN, and binds as the FIRST entry found with the typed password. The
+directory compares names its own way (OpenLDAP's `cn`: case, leading/trailing/repeated spaces, Unicode
+width, and any one of several values), so ` alice`, `ａｌｉｃｅ` and `Alice Liddell` are all alice. This
+module makes the same search, with the same connection settings, and returns the entry's identity: its DN
+(`dn`), or one attribute of it as the directory stores it (e.g. `uid`).
+
+Blocking (ldap3, synchronous): parts/login.py calls `lookup` in worker threads, never on the event loop,
+and caches its answers (`Cache`). No mitmproxy import.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+
+import ldap3
+import ldap3.utils.conv
+
+CACHE_ENTRIES = 10_000  # typed names remembered
+CACHE_SECONDS = 300.0  # how long a typed name -> identity answer is trusted (a renamed entry shows after this)
+TIMEOUT = 5  # seconds, for connecting to and answering from the directory
+
+
+class DirectoryError(Exception):
+    """The login cannot be mapped to one directory entry; `msg` says why (never the bind password)."""
+
+    def __init__(self, msg: str, unreachable: bool = False):
+        super().__init__(msg)
+        self.msg = msg
+        self.unreachable = unreachable  # the directory did not answer (vs. answered: no usable entry)
+
+
+@dataclass(frozen=True)
+class LdapSettings:
+    """mitmproxy's proxyauth LDAP spec, as its own `Ldap.parse_spec` reads it."""
+
+    use_ssl: bool
+    host: str
+    port: int | None
+    bind_dn: str
+    bind_password: str = field(repr=False)
+    subtree: str
+    filter_key: str
+
+    @classmethod
+    def from_parsed(cls, parsed: tuple) -> "LdapSettings":
+        use_ssl, host, port, bind_dn, bind_password, subtree, filter_key = parsed
+        return cls(use_ssl, host, port, bind_dn, bind_password, subtree, filter_key)
+
+
+class Directory:
+    """Finds the entry of a login: the same search mitmproxy's proxyauth makes. One connection per worker
+    thread (an ldap3 Connection is not shared between threads), bound as the spec's DN, re-made once when it
+    has gone away."""
+
+    def __init__(self, settings: LdapSettings, identity: str = "dn"):
+        self.settings = settings
+        self.identity = "dn" if identity.lower() == "dn" else identity
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[ldap3.Connection] = []
+        self._closed = False
+
+    def _connect(self) -> ldap3.Connection:
+        s = self.settings
+        server = ldap3.Server(s.host, port=s.port, use_ssl=s.use_ssl, connect_timeout=TIMEOUT)
+        conn = ldap3.Connection(server, s.bind_dn, s.bind_password, auto_bind=True, receive_timeout=TIMEOUT,
+                                read_only=True)
+        with self._lock:
+            self._connections.append(conn)
+        return conn
+
+    def _connection(self) -> ldap3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    def _drop(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            with self._lock:
+                if conn in self._connections:
+                    self._connections.remove(conn)
+            try:
+                conn.unbind()
+            except Exception:
+                pass
+
+    def search_filter(self, name: str) -> str:
+        return f"({self.settings.filter_key}={ldap3.utils.conv.escape_filter_chars(name)})"
+
+    def lookup(self, name: str) -> str:
+        """The identity of the entry `name` logs in as (blocking; call it from a worker thread)."""
+        if self._closed:
+            raise DirectoryError("the directory lookup was shut down", unreachable=True)
+        attributes = [] if self.identity == "dn" else [self.identity]
+        for attempt in (1, 2):
+            try:
+                conn = self._connection()
+                conn.search(self.settings.subtree, self.search_filter(name), attributes=attributes,
+                            size_limit=2)
+                response = [r for r in (conn.response or []) if r.get("type") == "searchResEntry"]
+                break
+            except ldap3.core.exceptions.LDAPSizeLimitExceededResult:
+                response = [r for r in (conn.response or []) if r.get("type") == "searchResEntry"]
+                break
+            except ldap3.core.exceptions.LDAPException as e:
+                self._drop()
+                if attempt == 2:
+                    raise DirectoryError(f"the LDAP directory {self.settings.host} could not be searched "
+                                         f"({type(e).__name__})", unreachable=True) from None
+        if not response:
+            raise DirectoryError("the LDAP directory has no entry for this login")
+        entry = response[0]  # the entry mitmproxy's proxyauth bound as: the first one found
+        if self.identity == "dn":
+            return entry["dn"]
+        values = entry.get("attributes", {}).get(self.identity)
+        if isinstance(values, (list, tuple)):
+            values = [v for v in values if v not in (None, "")]
+            if len(values) != 1:
+                raise DirectoryError(
+                    f"the directory entry of this login has {len(values) or 'no'} {self.identity} values; "
+                    f"coze_ldap_identity wants an attribute with exactly one (or dn)")
+            values = values[0]
+        if isinstance(values, bytes):
+            raise DirectoryError(f"the directory's {self.identity} of this login is binary; use dn or uid")
+        if not values:
+            raise DirectoryError(f"the directory entry of this login has no {self.identity}")
+        return str(values)
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            try:
+                conn.unbind()
+            except Exception:
+                pass
+
+
+class Cache:
+    """typed name -> identity, at most `entries` names (least recently used dropped), each for `seconds`.
+    Only answers are cached; a failed lookup is asked again next time."""
+
+    def __init__(self, entries: int = CACHE_ENTRIES, seconds: float = CACHE_SECONDS, clock=time.monotonic):
+        self.entries, self.seconds, self.clock = entries, seconds, clock
+        self._data: collections.OrderedDict[str, tuple[str, float]] = collections.OrderedDict()
+
+    def get(self, name: str) -> str | None:
+        hit = self._data.get(name)
+        if hit is None:
+            return None
+        if hit[1] <= self.clock():
+            del self._data[name]
+            return None
+        self._data.move_to_end(name)
+        return hit[0]
+
+    def put(self, name: str, identity: str) -> None:
+        self._data[name] = (identity, self.clock() + self.seconds)
+        self._data.move_to_end(name)
+        while len(self._data) > self.entries:
+            self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
