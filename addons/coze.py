@@ -57,18 +57,19 @@ coze_mitm.loaded_by_script = True
 
 settings = CozeSettings()
 accounting = Accounting(settings)  # auth asks it about budgets, status shows its usage
+login = Login(settings)  # auth asks it who a proxy login is (LDAP: the directory entry)
 
 bundle = Bundle(
     MitmwebGuard(),
     settings,
     ProcessTuning(),
-    Login(settings),  # builds settings.login_names: LDAP logins as directory entries
+    login,
     LocalGate(),  # before demo and status: their pages are this host too
     Demo(settings),
     Pac(settings),
     StatusPages(settings, accounting),
     Cors(settings),
-    Auth(settings, accounting),
+    Auth(settings, accounting, login),
     Csp(settings),
     Streaming(),
     accounting,  # after streaming: it turns stream=True into a reader that passes chunks unchanged

@@ -50,8 +50,9 @@ class _Sent:
 
 
 class Auth:
-    def __init__(self, settings: CozeSettings, accounting=None):
+    def __init__(self, settings: CozeSettings, accounting=None, login=None):
         self.settings = settings
+        self.login = login  # the Login part: its `names` maps a proxy login to a session_name (LDAP: the entry)
         self.accounting = accounting  # the Accounting part: asked about budgets before a token is injected
         # Kept beside the flow, not in flow.metadata, which `-w` saves and tools show. One entry per
         # injected flow (a weak-key lookup is Python code, asked a few times per flow on the fast path).
@@ -146,7 +147,7 @@ class Auth:
         name = self._login_of(flow)
         if name is None:
             return None
-        names = self.settings.login_names
+        names = self.login.names if self.login is not None else None
         if self.settings.login_mode == "ldap" and (names is None or not names.looks_up):
             self._refuse(flow, 503, 5000, "not-configured", "coze-mitm has no LDAP directory lookup configured "
                          "(see the mitmproxy log): LDAP logins cannot be mapped to their directory entry")

@@ -146,13 +146,12 @@ class LoginNames:
 
 class Login:
     """Runs after mitmproxy's proxyauth (a built-in addon, before every script): the password leaves the
-    flow as soon as proxyauth has checked it. Builds `settings.login_names` from the proxyauth spec."""
+    flow as soon as proxyauth has checked it. `names` (LoginNames, rebuilt when proxyauth changes) maps a login
+    to its Coze session_name; auth asks it."""
 
     def __init__(self, settings=None):
         self.settings = settings
         self.names = LoginNames()
-        if settings is not None:
-            settings.login_names = self.names
 
     def configure(self, updated):
         if not updated & {"proxyauth", "coze_ldap_identity"}:
@@ -177,8 +176,6 @@ class Login:
                 log.warning(f"coze-mitm: {line}")
         old, self.names = self.names, LoginNames(mode, directory)
         old.close()
-        if self.settings is not None:
-            self.settings.login_names = self.names
 
     def running(self):
         warning = clear_text_warning(getattr(ctx.options, "proxyauth", None),

@@ -77,7 +77,6 @@ class CozeSettings:
         self._page_keys: dict[tuple, str] = {}  # (scheme, host, port) -> its coze_origins entry
         self.allow_remote = False
         self.login_mode = "none"  # which form of mitmproxy's proxyauth names the users (logins.MODES)
-        self.login_names = None  # parts.login.LoginNames (set by the login part): login -> session_name
         self.page_origins: frozenset[str] = frozenset()
         self.stats = Stats()
         self.refused_origins = RefusedOrigins()  # pages outside coze_origins that asked: log + status page
