@@ -1,6 +1,7 @@
 """Loading the Coze console's OAuth JSON: every accepted shape and every refusal message."""
 
 import json
+import re
 import os
 import threading
 
@@ -176,6 +177,9 @@ def test_no_mode_warning_on_windows_where_mode_bits_say_nothing(tmp_path, monkey
 
 def test_mitmweb_with_a_bad_config_exits_with_one_line_and_never_listens(tmp_path):
     """The same quiet start for mitmweb: the coze-mitm line, exit code 1, no proxy or web server started."""
+    import mitmproxy.version
+    if tuple(int(x) for x in re.findall(r"\d+", mitmproxy.version.VERSION)[:3]) < (11, 1, 2):
+        pytest.skip("mitmweb < 11.1.2: coze-mitm refuses it before reading its config (tests/test_local_gate.py)")
     (tmp_path / "coze_oauth_config.json").write_text("{not json")
     proc = Mitmdump(tmp_path, [f"coze_config={tmp_path / 'coze_oauth_config.json'}"], tool="mitmweb",
                     extra_args=["--no-web-open-browser", "--web-port", "0"])

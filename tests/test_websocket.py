@@ -72,7 +72,7 @@ def test_refusals_come_before_any_upgrade(ws_proxy, standin, ws_port):
     cases = [
         ([("Origin", "https://evil.example")], placeholder_query(ALICE), 403),
         ([("Origin", "null")], placeholder_query(ALICE), 403),
-        ([("Origin", PAGE)], "bot_id=7000&authorization=Bearer%20user:bad", 400),
+        ([("Origin", PAGE)], "bot_id=7000&authorization=Bearer%20user:bad.id", 400),
         ([("Origin", PAGE)], placeholder_query(ALICE) + "&authorization=Bearer%20czs_x", 400),
     ]
     for headers, query, status in cases:

@@ -139,7 +139,7 @@ class Auth:
         if decision.action == "refuse":
             self._refuse(flow, decision.status, decision.code, decision.reason, decision.msg)
             if decision.reason == "origin-not-allowed" and decision.origin and decision.origin != "null":
-                self.settings.origin_refused(decision.origin, "a tagged request")
+                self.settings.origin_refused(decision.origin, "a tagged request", logged_already=True)  # flowlog's line
             return None
         from_page = decision.origin is not None  # a page's refusal is shown by Coze's component only with a 200
         if self.settings.login_mode == "none":

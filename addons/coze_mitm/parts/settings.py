@@ -211,10 +211,11 @@ class CozeSettings:
         """The coze_origins entry this request is addressed to (one of the user's pages), or None."""
         return self._page_keys.get((request.scheme.lower(), request.host.lower(), request.port))
 
-    def origin_refused(self, origin: str, what: str) -> None:
-        """A page outside coze_origins asked for Coze (a preflight, a tagged request): say so, now and then."""
+    def origin_refused(self, origin: str, what: str, *, logged_already: bool = False) -> None:
+        """A page outside coze_origins asked for Coze (a preflight, a tagged request): remembered for the status
+        page, and said in the log now and then unless the caller's own line said it (a refusal's flow line)."""
         line = self.refused_origins.note(origin, what)
-        if line:
+        if line and not logged_already:
             log.warning(line)
 
     def is_status_host(self, request: http.Request) -> bool:
