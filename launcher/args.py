@@ -185,8 +185,8 @@ def _check_reach(args: argparse.Namespace) -> None:
                    "add --proxyauth @/path/to/htpasswd (each login is then one Coze user), or --allow-anonymous "
                    "if you really mean it", EXIT_USAGE)
     if args.proxyauth and args.proxyauth_source == "--proxyauth" and _inline_password(args.proxyauth):
-        tell("warning", "a --proxyauth user:pass stays in your shell history and shows in ps; "
-                        "an htpasswd file (--proxyauth @/path/to/htpasswd) keeps the password off the command line")
+        tell("warning", "a --proxyauth with a password (user:pass, or an LDAP spec's bind password) stays in your "
+                        "shell history and shows in ps; give it with --proxyauth-file PATH or COZE_PROXYAUTH instead")
 
 
 def _read_proxyauth(args: argparse.Namespace) -> None:
@@ -234,5 +234,6 @@ def is_anonymous(args: argparse.Namespace) -> bool:
 
 
 def _inline_password(spec: str) -> bool:
+    """Does this spec carry a password (user:pass, or an LDAP spec's bind password)?"""
     spec = spec.strip()
-    return ":" in spec and not spec.startswith("@") and not re.match(r"ldaps?:", spec, re.I)
+    return ":" in spec and not spec.startswith("@")

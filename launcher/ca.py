@@ -44,7 +44,7 @@ def needed_hosts(pl) -> list[str]:
     """The hosts the launcher intercepts TLS for (plan.allow_hosts) that a certificate is ever made for."""
     from coze_mitm.core import config, scoped_ca
 
-    from launcher.plan import ALWAYS_INTERCEPT, DEMO_API_HOST
+    from launcher.plan import ALWAYS_INTERCEPT, DEMO_API_HOST, DEMO_REAL_COZE_HOSTS
 
     origins = []
     for base in pl.api_bases:
@@ -54,7 +54,7 @@ def needed_hosts(pl) -> list[str]:
         if ws_origin is not None:
             origins.append(str(ws_origin))
     origins += sorted(pl.page_origins)
-    extra = [*ALWAYS_INTERCEPT, *([DEMO_API_HOST] if pl.args.demo else [])]
+    extra = [*ALWAYS_INTERCEPT, *([DEMO_API_HOST, *DEMO_REAL_COZE_HOSTS] if pl.args.demo else [])]
     return scoped_ca.hosts_for(origins, extra)
 
 

@@ -17,6 +17,8 @@ from launcher.common import EXIT_CONFIG, EXIT_USAGE, SCRIPT, Fail, config_error,
 # Always intercepted, whatever the config: the status/userscript pages and mitmproxy's CA page.
 ALWAYS_INTERCEPT = ("coze.mitm", "mitm.it")
 DEMO_API_HOST = "sandbox.coze.mitm"  # demo.py answers it
+# Coze's own hosts: in the demo, demo.py answers them with a note (a page written for Coze learns why)
+DEMO_REAL_COZE_HOSTS = ("api.coze.cn", "api.coze.com", "ws.coze.cn", "ws.coze.com")
 # Without -v: no per-flow dump by mitmproxy (flowlog writes one line per flow coze-mitm acted on),
 # and no per-connection lines (flowlog's coze_quiet).
 QUIET_OPTIONS = (("flow_detail", "0"), ("coze_quiet", "true"))
@@ -131,8 +133,7 @@ def allow_hosts(pl: Plan) -> list[str]:
     patterns = [host_pattern(h) for h in ALWAYS_INTERCEPT]
     if pl.args.demo:
         patterns.append(host_pattern(DEMO_API_HOST))  # the demo page's name for the sandbox, also over https
-        # Coze's own hosts: the demo answers them locally (demo.py), so a page written for Coze learns why
-        patterns += [host_pattern(h) for h in ("api.coze.cn", "api.coze.com", "ws.coze.cn", "ws.coze.com")]
+        patterns += [host_pattern(h) for h in DEMO_REAL_COZE_HOSTS]
     for base in pl.api_bases:
         origin = config.parse_api_origin(base, websocket=True)
         patterns.append(host_pattern(origin.host, origin.port))

@@ -169,3 +169,22 @@ def test_request_bodies_are_never_decoded_to_decide():
     assert asks_for_stream(plain) is True
     plain.content = b'{"stream":false}'
     assert asks_for_stream(plain) is False
+
+
+def test_a_remote_clients_tag_is_refused_as_remote_whatever_its_destination(bundle):
+    """local_gate pins a remote client's tunnel to an IP address (coze_allow_remote off), so its request's host is
+    no Coze API name: the tag is still refused as from another machine (403/4101), not as a tag to another host."""
+    tctx, addons, standin = bundle
+    req = tutils.treq(method=b"GET", scheme=b"https", host="192.0.2.10", port=443, path=b"/v1/bots/7000",
+                      headers=tutils.treq().headers.__class__([(b"Authorization", f"Bearer user:{ALICE}".encode())]))
+    f = tflow.tflow(req=req)
+    f.client_conn.peername = ("10.0.0.9", 50000)
+    through_request(tctx, addons, f)
+    body = json.loads(f.response.content)
+    assert (f.response.status_code, body["code"]) == (403, 4101) and "coze_allow_remote" in body["msg"]
+    assert standin.exchanges == []
+    # an untagged request of a remote client is not coze-mitm's business
+    g = tflow.tflow(req=tutils.treq(host="192.0.2.10", port=443))
+    g.client_conn.peername = ("10.0.0.9", 50000)
+    through_request(tctx, addons, g)
+    assert g.response is None

@@ -75,10 +75,12 @@ def test_server_connect_refuses_remote_clients_and_pins_names():
             data = _hook_data("10.0.0.9", name)
             _run(gate.server_connect(data))
             assert "resolves to 127." in data.server.error
-        # a name that does not resolve is refused (never left to a second lookup)
-        data = _hook_data("10.0.0.9", "no-such-host.invalid")
-        _run(gate.server_connect(data))
-        assert "did not resolve" in data.server.error
+        # a name that does not resolve is refused (never left to a second lookup); one the IDNA codec refuses
+        # (an empty label, a label over 63 characters) too, rather than an exception that would fail open
+        for bad in ("no-such-host.invalid", "x..y", "a" * 64 + ".example"):
+            data = _hook_data("10.0.0.9", bad)
+            _run(gate.server_connect(data))
+            assert "did not resolve" in data.server.error, bad
         # an outside address passes; an outside name is pinned to the address checked
         data = _hook_data("10.0.0.9", "192.0.2.1")
         assert gate.server_connect(data) is None and data.server.error is None
@@ -208,3 +210,13 @@ def test_mitmweb_with_the_unauthenticated_api_is_refused(tmp_path, config_file):
 def test_mitmdump_is_not_refused(mitmdump, config_file):
     proxy = mitmdump(f"coze_config={config_file}")
     assert "CVE-2025-23217" not in proxy.output
+
+
+def test_the_pac_file_needs_no_login(mitmdump, config_file, htpasswd):
+    """Browsers never answer a 407 for their PAC file: with proxyauth on, the proxy's own /proxy.pac is served
+    anyway (it holds no secret); everything else still needs the login."""
+    proxy = mitmdump(f"coze_config={config_file}", f"proxyauth=@{htpasswd}")
+    pac_file, _ = _exchange(proxy.port, f"GET /proxy.pac HTTP/1.1\r\nHost: 127.0.0.1:{proxy.port}\r\n\r\n".encode())
+    assert pac_file.startswith(b"HTTP/1.1 200") and b"FindProxyForURL" in pac_file, pac_file[:300]
+    page, _ = _exchange(proxy.port, b"GET http://coze.mitm/status.json HTTP/1.1\r\nHost: coze.mitm\r\n\r\n")
+    assert page.startswith(b"HTTP/1.1 407"), page[:200]

@@ -527,7 +527,7 @@ def test_password_on_the_command_line_is_warned_about(tmp_path):
     result = run("--proxyauth", "alice:s3cret-word", "--config", str(tmp_path / "absent.json"), cwd=tmp_path)
     assert result.returncode == 3
     warning, error = messages(result.stderr)
-    assert warning.startswith("run_mitm.py: warning: a --proxyauth user:pass stays in your shell history")
+    assert warning.startswith("run_mitm.py: warning: a --proxyauth with a password (user:pass, or an LDAP spec")
     assert "s3cret-word" not in result.stdout + result.stderr
 
 

@@ -126,14 +126,17 @@ class Auth:
     def _handle(self, flow: http.HTTPFlow):
         request = flow.request
         in_query = identity.query_authorizations(request.path)
+        local = self._is_local(flow)
         if not (self.settings.is_coze_api(request) or self.settings.is_coze_ws(request)):
-            self._other_host(flow, identity.gather(request.headers), in_query)
-            return None
+            if local:
+                self._other_host(flow, identity.gather(request.headers), in_query)
+                return None
+            # A remote client (coze_allow_remote off): local_gate pinned its tunnel to an address, so the host is no
+            # name to go by; the rules below refuse a tag as from another machine (403/4101), pass anything else.
 
         self.settings.stats.requests += 1
         # `seen`: the headers the rules read, gathered in one pass, for every question below
-        seen, decision = self._admissions(request.headers.fields, self.settings.page_origins, in_query,
-                                          self._is_local(flow))
+        seen, decision = self._admissions(request.headers.fields, self.settings.page_origins, in_query, local)
         if decision.action == "pass":
             return None
         if decision.action == "refuse":

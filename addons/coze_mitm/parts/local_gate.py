@@ -114,7 +114,7 @@ class LocalGate:
     async def _check_name(self, flow: http.HTTPFlow, host: str, port: int) -> None:
         try:
             addresses = await destinations.resolve(host, port)
-        except (OSError, asyncio.TimeoutError):
+        except (OSError, asyncio.TimeoutError, UnicodeError, ValueError):  # x..y: the IDNA codec refuses
             return  # no answer here: server_connect refuses it (it never connects to an unchecked name)
         self._judge_addresses(flow, host, port, addresses)
 
@@ -151,7 +151,7 @@ class LocalGate:
     async def _connect_name(self, server: connection.Server, host: str, port: int) -> None:
         try:
             addresses = await destinations.resolve(host, port)
-        except (OSError, asyncio.TimeoutError) as e:
+        except (OSError, asyncio.TimeoutError, UnicodeError, ValueError) as e:
             server.error = (f"coze-mitm: {host} did not resolve ({type(e).__name__}{': ' + str(e) if str(e) else ''}); "
                             f"for clients on other machines the proxy checks every destination first ({SETTING} is off)")
             return

@@ -171,7 +171,9 @@ class Login:
             except exceptions.OptionsError as e:  # mitmproxy's own proxyauth says the same, and stops
                 options.refuse(f"coze-mitm: {e}", started=started)
                 return
-        elif mode == "htpasswd" and "proxyauth" in updated:
+        elif mode == "htpasswd" and "proxyauth" in updated and not started:
+            # At start-up only: it verifies every line (bcrypt, by design slow), which must not hold up traffic
+            # once the proxy runs; run_mitm.py --check says the same at any time.
             for line in htpasswd_problems(Path(spec[1:]).expanduser()):
                 log.warning(f"coze-mitm: {line}")
         old, self.names = self.names, LoginNames(mode, directory)

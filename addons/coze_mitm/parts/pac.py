@@ -50,7 +50,8 @@ class Pac:
     def configure(self, updated):
         hosts = list(ALWAYS)
         if getattr(ctx.options, "coze_demo", False):
-            hosts.append(demo.SANDBOX_HOST)
+            # the sandbox's name, and Coze's own hosts, which the demo answers with a note (never the internet)
+            hosts += [demo.SANDBOX_HOST, *sorted(demo.REAL_COZE_HOSTS)]
         s = self.settings
         self.hosts = hosts
         self.origins = sorted({str(o) for o in s.api_origins | s.ws_origins} | set(s.page_origins))
@@ -67,7 +68,10 @@ class Pac:
             self.proxy = proxy_address(getattr(ctx.options, "listen_host", ""), self._bound_port)
 
     def text(self, proxy: str | None = None) -> str:
-        return pac.render(proxy or self.proxy, self.hosts, self.origins)
+        proxy = proxy or self.proxy
+        if not pac.valid_proxy(proxy):  # e.g. a zoned IPv6 listen address: the browser is on this machine
+            proxy = f"127.0.0.1:{proxy.rsplit(':', 1)[-1]}" if proxy.rsplit(":", 1)[-1].isdigit() else "127.0.0.1:8080"
+        return pac.render(proxy, self.hosts, self.origins)
 
     def _to_the_proxy(self, flow: http.HTTPFlow) -> bool:
         """Is this request addressed to the proxy itself (host:port of the socket the client reached)?"""
@@ -79,6 +83,16 @@ class Pac:
         host = request.host.lower().strip("[]")
         own = str(sockname[0]).lower() if sockname and sockname[0] else ""
         return host == own or _is_loopback(host) or host == (getattr(ctx.options, "listen_host", "") or "").lower()
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # mitmproxy's proxyauth (before every script) answers 407 to a fetch without a login, and a browser never
+        # answers a 407 for its PAC file: the PAC (no secret in it) is served to the proxy's own URL regardless.
+        response = flow.response
+        if response is None or response.status_code != 407 or flow.request.method not in ("GET", "HEAD"):
+            return
+        if flow.request.path.split("?", 1)[0] == pac.PAC_PATH and self._to_the_proxy(flow):
+            flow.response = None
+            self.request(flow)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live:

@@ -187,8 +187,9 @@ class StatusPages:
         flow.comment = "coze-mitm: status page"
 
     def hide_users(self, flow: http.HTTPFlow | None) -> bool:
-        """An anonymous reader on another machine (coze_allow_remote without proxyauth): no user names."""
-        if flow is None or self.settings.login_mode != "none":
+        """An anonymous reader on another machine (coze_allow_remote without proxyauth, or with proxyauth `any`,
+        which accepts any name): no user names."""
+        if flow is None or self.settings.login_mode not in ("none", "any"):
             return False
         peer = flow.client_conn.peername
         return not (peer and is_loopback(str(peer[0])))
@@ -283,7 +284,7 @@ class StatusPages:
         cannot (coze_origins or the API hosts grew since it was made). Read again only when the file changes."""
         s = self.settings
         origins = [*map(str, s.api_origins), *map(str, s.ws_origins), *s.page_origins]
-        hosts = scoped_ca.hosts_for(origins, [demo.SANDBOX_HOST] if demo.enabled() else [])
+        hosts = scoped_ca.hosts_for(origins, [demo.SANDBOX_HOST, *sorted(demo.REAL_COZE_HOSTS)] if demo.enabled() else [])
         confdir = str(getattr(ctx.options, "confdir", "") or "~/.mitmproxy")
         try:
             stamp = (Path(confdir).expanduser() / scoped_ca.SIGNING_FILE).stat().st_mtime_ns
