@@ -13,4 +13,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addons"))
 from coze_mitm.bundle import Bundle  # noqa: E402
 from coze_mitm.process.cycles import Cycles  # noqa: E402
 
-addons = [Bundle(Cycles())]  # one addon object, as addons/coze.py registers its bundle
+addons = [Bundle(Cycles(), name="coze-mitm-cycles-only")]  # one addon object, as addons/coze.py registers its bundle

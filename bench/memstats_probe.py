@@ -31,7 +31,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addons"))
 
-from coze_mitm.bundle import Bundle  # noqa: E402
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -103,4 +102,4 @@ class MemstatsProbe:
 
 
 # The module is the addon, as addons/coze.py is: no second `addons` list for mitmproxy to walk per event.
-addons = [Bundle(MemstatsProbe())]  # one addon object, as addons/coze.py registers its bundle
+addons = [MemstatsProbe()]  # one plain addon beside addons/coze.py's bundle

@@ -94,4 +94,4 @@ else:
     parts = [make[p]() for p in names]
 if os.environ.get("COZE_BENCH_TIMING"):
     parts = timed(parts, Path(os.environ["COZE_BENCH_TIMING"]))
-addons = [Bundle(*parts)]  # one addon object, as addons/coze.py registers its bundle
+addons = [Bundle(*parts, name="coze-mitm-partial")]  # one addon object, as addons/coze.py registers its bundle

@@ -397,3 +397,12 @@ def test_a_bad_value_once_running_is_refused_and_rolled_back(tmp_path, config_fi
     assert ns.settings.broker is not None and ns.settings.problem == ""  # the settings in force still serve
     assert tctx.options.coze_token_ttl == 900 and tctx.options.coze_origins == PAGE
     tctx.master.addons.invoke_addon_sync(ns.bundle, addonmanager.hooks.DoneHook())
+
+
+def test_a_second_bundle_with_its_own_name_registers_beside_coze_mitm():
+    """mitmproxy refuses two addons of one name ("An addon called 'coze-mitm' already exists"): a bundle another
+    script makes (the bench's probes and references) names itself."""
+    with taddons.context(Bundle(Quiet()), Bundle(Quiet(), name="coze-mitm-probe")) as tctx:
+        assert tctx.master.addons.get("coze-mitm") and tctx.master.addons.get("coze-mitm-probe")
+    with pytest.raises(Exception, match="already exists"):
+        taddons.context(Bundle(Quiet()), Bundle(Quiet()))

@@ -49,9 +49,9 @@ def handler_of(part, name: str):
 
 
 class Bundle:
-    name = "coze-mitm"
-
-    def __init__(self, *parts):
+    def __init__(self, *parts, name: str = "coze-mitm"):
+        # mitmproxy refuses a second addon of the same name: another script's bundle names itself
+        self.name = name
         self.parts = parts
         for hook in hooks.all_hooks:
             handlers = tuple(h for h in (handler_of(p, hook) for p in parts) if h is not None)
