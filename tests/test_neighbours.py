@@ -6,6 +6,8 @@ script reload runs the package's edited code."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import shutil
 import textwrap
 import time
@@ -111,7 +113,10 @@ def test_plain_mitmdump_leaves_the_process_alone_and_the_option_tunes_it(tmp_pat
             assert int(line.split("frozen=")[1].split()[0]) > 10_000, line
         else:
             assert "check=mitmproxy.utils.typecheck.check_option_type" in line, line
-            assert "frozen=0 threads=[]" in line, line
+            # nothing frozen beyond what a fresh interpreter holds (0 on 3.11, its own few hundred on 3.12)
+            fresh = subprocess.run([sys.executable, "-c", "import gc; print(gc.get_freeze_count())"],
+                                   capture_output=True, text=True, check=True).stdout.strip()
+            assert f"frozen={fresh} threads=[]" in line, line
 
 
 def test_a_reload_runs_the_packages_edited_code(tmp_path, standin, config_file):

@@ -115,6 +115,9 @@ def uninstall() -> None:
 # `running` the flows in flight (in mitmweb, every flow in its view) are alive: only the first start of the
 # process freezes.
 _froze_at_start = False
+# What the permanent generation holds before anyone froze anything: 0 on Python 3.11, a few hundred objects on 3.12
+# (the interpreter's own). More than this at `running` means another addon froze objects: theirs to undo.
+_BASELINE_FROZEN = gc.get_freeze_count()
 
 
 class Cycles:
@@ -129,7 +132,7 @@ class Cycles:
         if _froze_at_start:
             return  # a script reload: freezing now would freeze live flows for good
         _froze_at_start = True
-        if gc.get_freeze_count():
+        if gc.get_freeze_count() > _BASELINE_FROZEN:
             return  # someone else froze already: their freeze is theirs to undo, and ours could not be told apart
         gc.collect()
         gc.freeze()
@@ -139,6 +142,7 @@ class Cycles:
     def done(self) -> None:
         uninstall()
         if self._froze:
-            # gc.unfreeze() thaws everything: we only froze when nothing else was frozen, so this is exactly ours
+            # gc.unfreeze() thaws everything: we only froze when no other addon had (the interpreter's own few
+            # hundred on 3.12 are thawed too, as mitmproxy would find them in any process that never froze)
             gc.unfreeze()
             self._froze = False
