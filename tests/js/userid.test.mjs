@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { webcrypto } from 'node:crypto';
 import { loadModule, makeEnv, makeStore } from './gm_shim.mjs';
 
-const ID_RE = /^[A-Za-z0-9_-]{8,128}$/;
+const ID_RE = /^[A-Za-z0-9_-]{1,128}$/;  // what the proxy accepts (1-128, as Coze's examples)
 const us = loadModule();
 
 function splitId(id) {
@@ -77,7 +77,7 @@ test('getOrCreateUserId: stored once, reused on the next load', () => {
 });
 
 test('getOrCreateUserId: an invalid stored value is replaced', () => {
-  for (const bad of ['', 'short', 'has space in it', 'x'.repeat(129), 'user:12345678', '../../etc/passwd', 12345678901, null, { id: 'abcdefghij' }]) {
+  for (const bad of ['', 'dot.in.it', 'has space in it', 'x'.repeat(129), 'user:12345678', '../../etc/passwd', 12345678901, null, { id: 'abcdefghij' }]) {
     const store = makeStore({ coze_user_id: bad });
     const id = us.getOrCreateUserId(makeEnv({ store }).env);
     assert.match(id, ID_RE);
@@ -88,8 +88,10 @@ test('getOrCreateUserId: an invalid stored value is replaced', () => {
 });
 
 test('getOrCreateUserId: a valid stored value is kept as is', () => {
-  const store = makeStore({ coze_user_id: 'legacy_id-12345' });
-  assert.equal(us.getOrCreateUserId(makeEnv({ store }).env), 'legacy_id-12345');
+  for (const kept of ['legacy_id-12345', 'UserId1', 'a']) {  // short ids, as Coze's examples use, are valid
+    const store = makeStore({ coze_user_id: kept });
+    assert.equal(us.getOrCreateUserId(makeEnv({ store }).env), kept);
+  }
 });
 
 test('resetUserId: confirm true stores a new id and reloads', () => {
