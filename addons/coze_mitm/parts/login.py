@@ -51,7 +51,7 @@ from mitmproxy.proxy import mode_specs
 from mitmproxy import ctx, exceptions, http
 
 from coze_mitm import options
-from coze_mitm.core import logins
+from coze_mitm.core import fields, logins
 from coze_mitm.core.identity import is_loopback
 from coze_mitm.flowmeta import PROXYAUTH
 
@@ -192,9 +192,12 @@ class Login:
         strip_password(flow)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        strip_password(flow)
-        if "Proxy-Authorization" in flow.request.headers and not _for_upstream_proxy(flow):
-            del flow.request.headers["Proxy-Authorization"]
+        if PROXYAUTH in flow.metadata or flow.response is not None:
+            strip_password(flow)
+        # asked of every request: one pass over the raw fields (fields.py), not mitmproxy's Headers lookup
+        if any(key.lower() == b"proxy-authorization" for key, _ in flow.request.headers.fields) \
+                and not _for_upstream_proxy(flow):
+            fields.replace(flow.request.headers, b"proxy-authorization", [])
 
 
 def ldap_directory(spec: str, identity: str):

@@ -39,6 +39,9 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+PAC_PATH_BYTES = pac.PAC_PATH.encode()
+
+
 class Pac:
     def __init__(self, settings: CozeSettings):
         self.settings = settings
@@ -98,7 +101,8 @@ class Pac:
         if flow.response or not flow.live:
             return
         request = flow.request
-        if request.path.split("?", 1)[0] != pac.PAC_PATH:
+        # asked of every request: the raw path bytes first (request.path decodes them each time)
+        if not request.data.path.startswith(PAC_PATH_BYTES) or request.path.split("?", 1)[0] != pac.PAC_PATH:
             return
         if request.host.lower() == STATUS_HOST:
             proxy = self.proxy
