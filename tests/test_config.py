@@ -201,7 +201,7 @@ def test_the_example_config_is_recognised():
 def test_a_key_without_pem_lines_gets_a_plain_reason(tmp_path, rsa_key):
     with pytest.raises(ConfigError) as e:
         config.load_oauth_config(write_config(tmp_path, rsa_key, "https://api.coze.cn", private_key="garbage"))
-    assert "no -----BEGIN PRIVATE KEY----- line" in str(e.value)
+    assert "no PEM header line" in str(e.value)
     assert "OpenSSLError" not in str(e.value) and "[<" not in str(e.value)
 
 

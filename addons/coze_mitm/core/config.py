@@ -113,7 +113,7 @@ def load_private_key(pem: str, path: str) -> rsa.RSAPrivateKey:
         first = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
         reason = first.split("\n")[0].split(". ")[0].rstrip(".") or type(e).__name__
         if "-----BEGIN" not in pem:
-            reason = "no -----BEGIN PRIVATE KEY----- line"
+            reason = "no PEM header line (BEGIN ... PRIVATE KEY between five dashes)"
         raise ConfigError(
             f"{path}: private_key does not parse as a PEM private key ({reason}); "
             "paste it exactly as downloaded, with its -----BEGIN/END----- lines and \\n line breaks"
