@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import json
 import time
 import urllib.parse
@@ -31,6 +30,7 @@ from typing import Awaitable, Callable
 import requests
 import urllib3
 
+from coze_mitm.core.off_loop import OffLoopHttp
 from coze_mitm.core.usage import Usage, parse_usage
 
 MAX_POLLERS = 64
@@ -83,8 +83,7 @@ class UsagePoller:
         self.timeout, self.verify = timeout, verify
         self.stats = PollStats()
         self._tasks: collections.OrderedDict[str, asyncio.Task] = collections.OrderedDict()  # oldest first
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._session: requests.Session | None = None
+        self._http = OffLoopHttp(WORKERS, "coze-usage-poll")
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -108,12 +107,7 @@ class UsagePoller:
             task.cancel()
             self.on_done(key, "closed")
         self._tasks.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-        if self._session is not None:
-            self._session.close()
-            self._session = None
+        self._http.close()
 
     async def _poll(self, chat: Chat, started: float) -> None:
         outcome = "gave-up"
@@ -157,11 +151,9 @@ class UsagePoller:
             return "", None
         query = urllib.parse.urlencode({"conversation_id": chat.conversation_id, "chat_id": chat.chat_id})
         url = f"{chat.origin}{chat.prefix}/v3/chat/retrieve?{query}"
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="coze-usage-poll")
         self.stats.requests += 1
         try:
-            status_code, body = await asyncio.get_running_loop().run_in_executor(self._pool, self._get, url, token)
+            status_code, body = await self._http.run(self._get, url, token)
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError):
             self.stats.errors += 1
             return "", None
@@ -192,11 +184,7 @@ class UsagePoller:
 
     def _get(self, url: str, token: str) -> tuple[int, bytes]:
         """Blocking (runs in the pool): one retrieve, its body read raw and bounded."""
-        if self._session is None:
-            session = requests.Session()
-            session.trust_env = False  # never through a proxy from the environment (that could be us)
-            self._session = session
-        r = self._session.get(url, headers={"Authorization": f"Bearer {token}", "Accept": "application/json",
+        r = self._http.session().get(url, headers={"Authorization": f"Bearer {token}", "Accept": "application/json",
                                             "Accept-Encoding": "identity"},
                               timeout=self.timeout, verify=self.verify, allow_redirects=False, stream=True)
         try:

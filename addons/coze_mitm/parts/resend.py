@@ -8,8 +8,6 @@ this module only sends. Blocking I/O runs in its own small thread pool, never on
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import time
 
 import requests
@@ -18,6 +16,7 @@ from mitmproxy import ctx, http
 from requests.structures import CaseInsensitiveDict
 
 from coze_mitm.core import identity
+from coze_mitm.core.off_loop import OffLoopHttp
 
 WORKERS = 8
 MAX_BODY = 16 * 1024 * 1024  # a retried answer is buffered like any non-streamed one; never more than this
@@ -33,9 +32,8 @@ class AnswerTooLarge(requests.RequestException):
 
 class Resender:
     def __init__(self, workers: int = WORKERS):
-        self._workers = workers
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._session: requests.Session | None = None
+        # the page's own headers are sent, not requests' defaults
+        self._http = OffLoopHttp(workers, "coze-retry", default_headers=False)
 
     async def resend(self, request: http.Request, token: str) -> http.Response:
         """The answer to `request` sent again with `token`; raises requests.RequestException on failure."""
@@ -44,29 +42,17 @@ class Resender:
         verify: bool | str = False if opts.ssl_insecure else (opts.ssl_verify_upstream_trusted_ca or True)
         headers = _headers(request, token)
         started = time.time()
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(self._workers, thread_name_prefix="coze-retry")
-        answer = await asyncio.get_running_loop().run_in_executor(
-            self._pool, self._send, request.method, request.url, headers, request.raw_content or None, timeout, verify,
+        answer = await self._http.run(
+            self._send, request.method, request.url, headers, request.raw_content or None, timeout, verify,
         )
         return _as_response(answer, request, started)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-        if self._session is not None:
-            self._session.close()
-            self._session = None
+        self._http.close()
 
     def _send(self, method: str, url: str, headers: dict, body: bytes | None, timeout: float, verify):
         """Blocking (runs in the pool): one request, the body read raw (still content-encoded), bounded."""
-        if self._session is None:
-            session = requests.Session()
-            session.trust_env = False  # never through a proxy from the environment (that could be us)
-            session.headers.clear()  # send the page's headers, not requests' defaults
-            self._session = session
-        r = self._session.request(method, url, headers=headers, data=body, timeout=timeout, verify=verify,
+        r = self._http.session().request(method, url, headers=headers, data=body, timeout=timeout, verify=verify,
                                   allow_redirects=False, stream=True)
         try:
             raw = r.raw.read(MAX_BODY + 1, decode_content=False)

@@ -1,0 +1,47 @@
+"""Blocking HTTP kept off mitmproxy's event loop: a thread pool of its own and one `requests` session used only
+from it. The transparent retry (parts/resend.py) and the usage poller (core/usage_poll.py) send through one each.
+No mitmproxy import.
+
+The session never goes through a proxy from the environment (`trust_env=False`: that proxy could be this one), and
+both are made on first use, so a proxy that never needs them starts no thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+import requests
+
+
+class OffLoopHttp:
+    def __init__(self, workers: int, thread_name: str, *, default_headers: bool = True):
+        self.workers = workers
+        self.thread_name = thread_name
+        self.default_headers = default_headers  # False: send exactly the headers given (the page's own)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._session: requests.Session | None = None
+
+    async def run(self, blocking, *args):
+        """`blocking(*args)` in the pool; the event loop goes on meanwhile."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix=self.thread_name)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, blocking, *args)
+
+    def session(self) -> requests.Session:
+        """The session, for code running in the pool."""
+        if self._session is None:
+            session = requests.Session()
+            session.trust_env = False
+            if not self.default_headers:
+                session.headers.clear()
+            self._session = session
+        return self._session
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        if self._session is not None:
+            self._session.close()
+            self._session = None
