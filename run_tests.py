@@ -65,6 +65,19 @@ def same_interpreter(path):
 
 # --- Python 3.11+ from here on -------------------------------------------------------------------------------
 
+# (Debian package, the program it brings): the browser tests (chromium, firefox-esr: playwright drives them, no
+# browser download), NSS trust stores (certutil), proxy logins (htpasswd, slapd), the shared usage store (redis).
+DEBIAN_TOOLS = (
+    ("chromium", "chromium"),
+    ("firefox-esr", "firefox-esr"),
+    ("libnss3-tools", "certutil"),
+    ("apache2-utils", "htpasswd"),
+    ("slapd", "/usr/sbin/slapd"),
+    ("ldap-utils", "ldapsearch"),
+    ("redis-server", "redis-server"),
+)
+
+
 def step(msg):
     bootstrap.say("== " + msg)
 
@@ -86,12 +99,14 @@ def run(pytest_args):
     def call(cmd, **kw):
         return subprocess.call([str(c) for c in cmd], cwd=kw.pop("cwd", repo), **kw)
 
-    # Browser tests: Debian's chromium (playwright drives it; no browser download).
-    if (os.name != "nt" and os.geteuid() == 0 and not shutil.which("chromium") and shutil.which("apt-get")):
-        step("installing Debian's chromium for the browser tests")
+    # The tools some tests drive, from Debian's packages (as root, where apt-get exists); each test that needs
+    # one skips with a reason where it is missing (other systems, no root).
+    missing = [package for package, tool in DEBIAN_TOOLS if not shutil.which(tool) and not os.path.exists(tool)]
+    if missing and os.name != "nt" and os.geteuid() == 0 and shutil.which("apt-get"):
+        step("installing Debian's %s for the tests that drive them" % ", ".join(missing))
         quiet = {"stdout": subprocess.DEVNULL, "env": dict(os.environ, DEBIAN_FRONTEND="noninteractive")}
-        if call(["apt-get", "update", "-qq"], **quiet) or call(["apt-get", "install", "-y", "-qq", "chromium"], **quiet):
-            warn("could not install chromium: browser tests will be skipped")
+        if call(["apt-get", "update", "-qq"], **quiet) or call(["apt-get", "install", "-y", "-qq"] + missing, **quiet):
+            warn("could not install %s: the tests that need them will be skipped" % ", ".join(missing))
 
     requirements = [repo / "requirements-dev.txt", repo / "requirements.txt"]
     venv = bootstrap.active_venv()
