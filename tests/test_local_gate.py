@@ -198,6 +198,7 @@ def test_proxy_authorization_never_leaves(mitmdump, config_file, htpasswd, stand
 # ------------------------------------------------------------------ mitmweb < 11.1.2
 
 
+@pytest.mark.process
 def test_mitmweb_with_the_unauthenticated_api_is_refused(tmp_path, config_file):
     version = web_guard.version_tuple(mitmproxy_version.VERSION)
     if version >= web_guard.MITMWEB_FIXED:

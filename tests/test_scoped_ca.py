@@ -358,6 +358,7 @@ def chromium_trusting_only_the_scoped_ca(made_ca, tmp_path_factory):
     yield home, sync_api
 
 
+@pytest.mark.process
 def test_chromium_through_mitmdump(made_ca, chromium_trusting_only_the_scoped_ca, tmp_path):
     confdir, key, signer, root = made_ca
     home, sync_api = chromium_trusting_only_the_scoped_ca
