@@ -70,6 +70,10 @@ class CozeSettings:
         self.broker: TokenBroker | PatBroker | None = None
         self.api_origins: frozenset[Origin] = frozenset()
         self.ws_origins: frozenset[Origin] = frozenset()  # ws:// and wss:// Coze hosts (WebSocket APIs)
+        # coze_api_base's origin and its WebSocket host (the one it implies, else the first ws(s):// entry of
+        # coze_api_hosts): where a request sent straight to the proxy's own address goes (direct_api.py)
+        self.api_base: Origin | None = None
+        self.ws_base: Origin | None = None
         # The same as plain (scheme, host, port) tuples: asked of every request, a tuple hashes and
         # compares several times faster than a frozen dataclass.
         self._api_keys: frozenset[tuple] = frozenset()
@@ -136,17 +140,22 @@ class CozeSettings:
             broker = TokenBroker(
                 exchange, max_users=opts.coze_max_users, new_users_per_minute=opts.coze_new_users_per_minute,
             )
-        api_origins = {config.parse_api_origin(api_base)}
-        ws_origins = {config.default_ws_origin(origin) for origin in api_origins} - {None}
+        base = config.parse_api_origin(api_base)
+        api_origins = {base}
+        ws_base = config.default_ws_origin(base)
+        ws_origins = {ws_base} - {None}
         for url in filter(None, map(str.strip, opts.coze_api_hosts.split(","))):
             origin = config.parse_api_origin(url, "coze_api_hosts", websocket=True)
             (api_origins if origin.scheme in WS_SCHEME_OF_HTTP else ws_origins).add(origin)
+            if ws_base is None and origin.scheme not in WS_SCHEME_OF_HTTP:
+                ws_base = origin
 
         if self.broker is not None:
             self.broker.close()
         self.app, self.broker = app, broker
         self.api_origins, self.page_origins = frozenset(api_origins), page_origins
         self.ws_origins = frozenset(ws_origins)
+        self.api_base, self.ws_base = base, ws_base
         self._api_keys = frozenset((o.scheme, o.host, o.port) for o in api_origins)
         self._ws_keys = frozenset((o.scheme, o.host, o.port) for o in ws_origins)
         self._page_keys = {config.origin_key(o): o for o in page_origins}
