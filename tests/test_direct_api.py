@@ -343,3 +343,76 @@ def test_cozepy_with_only_a_base_url(proxy, standin):
     assert all(r["headers"]["authorization"].startswith("Bearer czs_") for r in api)
     assert standin.exchange_count(ALICE) == 1
     assert_clean(proxy, standin)
+
+
+# --------------------------------------------------------------------------- WebSockets on the proxy's address
+
+
+def test_websocket_chat_on_the_proxys_address_origin_checked(proxy, standin):
+    query = urllib.parse.urlencode({"bot_id": BOT, "authorization": f"Bearer user:{ALICE}"}, quote_via=urllib.parse.quote)
+    # a browser's upgrade: origin-form, Host the proxy, Origin the page's
+    client = WsClient(proxy.port, "127.0.0.1", proxy.port, f"/v1/chat?{query}", headers=[("Origin", PAGE)],
+                      origin_form=True)
+    try:
+        assert client.status == 101, client.body
+        client.send("chat.update", {"chat_config": {}})
+        client.send("conversation.message.create", {"role": "user", "content_type": "text", "content": "over the socket"})
+        events = client.until("conversation.chat.completed")
+        text = "".join(e["data"]["content"] for e in events if e["event_type"] == "conversation.message.delta")
+        assert text == "Sandbox reply to: over the socket"
+    finally:
+        client.close()
+    seen = standin.ws_seen
+    assert len(seen) == 1 and seen[0]["session"] == ALICE and seen[0]["query_authorization"].startswith("Bearer czs_")
+    # WebSockets have no CORS: the proxy itself refuses other origins, before any upgrade
+    for origin in ("http://localhost:4000", "null"):
+        refused = WsClient(proxy.port, "localhost", proxy.port, f"/v1/chat?{query}", headers=[("Origin", origin)],
+                           origin_form=True)
+        refused.close()
+        assert refused.status == 403 and json.loads(refused.body)["code"] == 4101
+    assert len(standin.ws_seen) == 1
+    assert_clean(proxy, standin)
+
+
+# --------------------------------------------------------------------------- Node's @coze/api with only baseURL
+
+from tests.test_node_sdk import NODE, JS, run_sdk  # noqa: E402
+
+needs_node_sdk = pytest.mark.skipif(NODE is None or not (JS / "node_modules" / "@coze" / "api").is_dir(),
+                                    reason="node or @coze/api is not installed: run `npm ci` in tests/js (run_tests.sh does)")
+
+
+@needs_node_sdk
+def test_node_sdk_with_only_base_url(proxy, standin):
+    standin.delta_gap = 0.15
+    out = run_sdk("stream", baseURL=proxy.url, botId=BOT, user=ALICE, text="one two three four five")
+    assert out["reply"] == "Sandbox reply to: one two three four five"
+    arrivals = [e["t"] / 1000 for e in out["events"] if e["event"] == "conversation.message.delta"]
+    assert len(arrivals) >= 8 and arrivals[-1] - arrivals[0] > 0.6 * 0.15 * (len(arrivals) - 1)
+    calls = run_sdk("calls", baseURL=proxy.url, botId=BOT, user=ALICE, text="hello there", fileName="n.txt",
+                    fileText="direct upload\n")
+    assert calls["polled"]["messages"] == ["Sandbox reply to: hello there again"]
+    assert calls["file"]["bytes"] == len("direct upload\n")
+    api = [r for r in standin.requests_seen if r["path"] != TOKEN_PATH]
+    assert {r["path"] for r in api} >= {"/v3/chat", "/v1/conversation/create", "/v1/files/upload"}
+    assert all(r["headers"]["authorization"].startswith("Bearer czs_") for r in api)
+    assert standin.exchange_count(ALICE) == 1
+    assert_clean(proxy, standin)
+
+
+@needs_node_sdk
+def test_node_sdk_websocket_chat_with_only_base_ws_url(proxy, standin):
+    base = dict(baseURL=proxy.url, baseWsURL=f"ws://127.0.0.1:{proxy.port}", botId=BOT, user=ALICE, timeoutMs=10000)
+    out = run_sdk("ws", text="over the socket", origin=PAGE, **base)
+    assert out["outcome"] == "completed", out
+    assert out["reply"] == "Sandbox reply to: over the socket"
+    plain_node = run_sdk("ws", text="no origin at all", **base)  # Node sends no Origin: a non-browser client
+    assert plain_node["outcome"] == "completed", plain_node
+    seen = standin.ws_seen
+    assert len(seen) == 2 and all(s["session"] == ALICE and s["status"] == 101 for s in seen)
+    assert all(s["header_authorization"] == s["query_authorization"] and s["query_authorization"].startswith("Bearer czs_")
+               for s in seen)
+    refused = run_sdk("ws", text="from elsewhere", origin="https://elsewhere.example", **base)
+    assert refused["outcome"] == "error", refused
+    assert len(standin.ws_seen) == 2
+    assert_clean(proxy, standin)
