@@ -140,8 +140,13 @@ class TestPart:
                        coze_api_hosts="https://more.example,ws://localhost:9001")
         f = run(tctx.part, to_proxy("/v1/chat", headers=[("Upgrade", "websocket")]))
         assert (f.request.scheme, f.request.host, f.request.port) == ("http", "localhost", 9001)
+        assert f.request.headers.get_all("Host") == ["localhost:9001"]
         f = run(tctx.part, to_proxy("/v3/chat", "POST"))
         assert (f.request.scheme, f.request.host, f.request.port) == ("http", "127.0.0.1", 9000)
+        assert f.request.headers.get_all("Host") == ["127.0.0.1:9000"]
+        tctx.configure(tctx.settings, coze_api_base="http://[::1]:9000", coze_api_hosts="")
+        f = run(tctx.part, to_proxy("/v3/chat", "POST"))
+        assert (f.request.host, f.request.port) == ("::1", 9000) and f.request.headers["Host"] == "[::1]:9000"
 
     def test_no_ws_host_known(self, tctx):
         tctx.configure(tctx.settings, coze_api_base="http://127.0.0.1:9000")

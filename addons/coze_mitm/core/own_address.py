@@ -22,20 +22,34 @@ API_PATH = re.compile(r"/(?:v\d{1,2}|api|open_api)/")
 LOCALHOST_OF = frozenset({"127.0.0.1", "::1"})  # the socket addresses `localhost` names (hosts files, RFC 6761)
 
 
+_canonical: dict[str, str | None] = {}  # a socket's address as the OS gives it -> canonical loopback text, or None
+_MAX_CACHE = 64  # a proxy listens on a few addresses
+
+
 def socket_address(sockname) -> tuple[str, int] | None:
     """(canonical loopback address, port) of the socket a client reached, or None when it is not loopback (or
     unknown). An IPv4 client on a dual-stack socket shows as ::ffff:127.0.0.1: named 127.0.0.1."""
     if not sockname or len(sockname) < 2 or not sockname[0]:
         return None
+    raw = str(sockname[0])
     try:
-        address = ipaddress.ip_address(str(sockname[0]).split("%", 1)[0])
+        canonical = _canonical[raw]
+    except KeyError:
+        canonical = _canonical_loopback(raw)
+        if len(_canonical) >= _MAX_CACHE:
+            _canonical.clear()
+        _canonical[raw] = canonical
+    return None if canonical is None else (canonical, int(sockname[1]))
+
+
+def _canonical_loopback(raw: str) -> str | None:
+    try:
+        address = ipaddress.ip_address(raw.split("%", 1)[0])
     except ValueError:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    if not address.is_loopback:
-        return None
-    return str(address), int(sockname[1])
+    return str(address) if address.is_loopback else None
 
 
 def names_socket(host: str, port: int, sock: tuple[str, int]) -> bool:

@@ -35,8 +35,8 @@ import logging
 
 from mitmproxy import http
 
-from coze_mitm.core import fields, own_address
-from coze_mitm.core.config import STATUS_HOST, WS_SCHEME_OF_HTTP
+from coze_mitm.core import own_address
+from coze_mitm.core.config import DEFAULT_PORTS, STATUS_HOST, WS_SCHEME_OF_HTTP
 from coze_mitm.core.identity import is_loopback
 from coze_mitm.flowmeta import DIRECT, LOCAL_ANSWER, REFUSED
 from coze_mitm.pages import direct_page
@@ -57,6 +57,7 @@ def _shown(value: str) -> str:
 class DirectApi:
     def __init__(self, settings: CozeSettings):
         self.settings = settings
+        self._targets: dict = {}  # Origin -> (scheme bytes, host, port, Host header bytes): computed once each
 
     # ------------------------------------------------------------ which requests
 
@@ -88,15 +89,19 @@ class DirectApi:
             return
         if self._refused_remote(flow):
             return
-        origins = fields.every(flow.request.headers, b"origin")
+        origins, websocket = [], False
+        for key, value in flow.request.headers.fields:  # one pass for both questions
+            key = key.lower()
+            if key == b"origin":
+                origins.append(value.decode("utf-8", "surrogateescape"))
+            elif key == b"upgrade":
+                websocket = value.strip().lower() == b"websocket"
         if origins and (len(origins) != 1 or origins[0] not in self.settings.page_origins):
             self._refuse_origin(flow, origins)
             return
-        self._readdress(flow, own)
+        self._readdress(flow, own, websocket)
 
-    def _readdress(self, flow: http.HTTPFlow, own: tuple[str, int]) -> None:
-        request = flow.request
-        websocket = request.headers.get("upgrade", "").lower() == "websocket"
+    def _readdress(self, flow: http.HTTPFlow, own: tuple[str, int], websocket: bool) -> None:
         target = self.settings.ws_base if websocket else self.settings.api_base
         if target is None:
             if websocket:
@@ -107,17 +112,40 @@ class DirectApi:
                 self._refuse(flow, 503, 5000, "not-configured",
                              f"coze-mitm cannot add credentials: {self.settings.problem}")
             return
-        # the scheme first: host and port then write the Host header the API expects (api.coze.cn, no :443)
-        request.scheme = HTTP_OF_WS.get(target.scheme, target.scheme)
-        request.host = target.host
-        request.port = target.port
+        scheme, host, port, host_header = self._fields_of(target)
+        # The request's own fields, and the Host header once (what the scheme, host and port setters would do, each
+        # rewriting the header): the API gets the Host it expects (api.coze.cn, no :443).
+        request = flow.request
+        data = request.data
+        data.scheme, data.host, data.port = scheme, host, port
+        headers = data.headers
+        fields_ = headers.fields
+        for i, field in enumerate(fields_):
+            if field[0].lower() == b"host":  # replaced in place; a second copy (never sent by a client) dropped
+                headers.fields = (*fields_[:i], (field[0], host_header),
+                                  *(f for f in fields_[i + 1:] if f[0].lower() != b"host"))
+                break
+        if data.authority:
+            request.authority = host_header
         flow.metadata[DIRECT] = f"[{own[0]}]:{own[1]}" if ":" in own[0] else f"{own[0]}:{own[1]}"
         flow.comment = f"coze-mitm: sent to the proxy's own address, forwarded to {target}"
+
+    def _fields_of(self, target) -> tuple[bytes, str, int, bytes]:
+        fields_ = self._targets.get(target)
+        if fields_ is None:
+            scheme = HTTP_OF_WS.get(target.scheme, target.scheme)
+            host = f"[{target.host}]" if ":" in target.host else target.host
+            fields_ = (scheme.encode(), target.host, target.port,
+                       (host if target.port == DEFAULT_PORTS[scheme] else f"{host}:{target.port}").encode("idna"))
+            if len(self._targets) > 16:  # a few origins over a run's configure changes
+                self._targets.clear()
+            self._targets[target] = fields_
+        return fields_
 
     # ------------------------------------------------------------ the proxy's own answers there
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or not flow.live or DIRECT in flow.metadata:
+        if flow.response is not None or DIRECT in flow.metadata or not flow.live:
             return
         own = self.own_address(flow)
         if own is None:
