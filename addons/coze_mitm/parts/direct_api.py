@@ -50,8 +50,8 @@ MAX_SHOWN = 60  # characters of an origin quoted in an answer
 
 
 def _shown(value: str) -> str:
-    value = "".join(c if c.isprintable() else "?" for c in value[:MAX_SHOWN])
-    return repr(value + ("…" if len(value) == MAX_SHOWN else ""))
+    shown = "".join(c if c.isprintable() else "?" for c in value[:MAX_SHOWN])
+    return repr(shown + ("…" if len(value) > MAX_SHOWN else ""))
 
 
 class DirectApi:
