@@ -421,3 +421,15 @@ def test_node_sdk_websocket_chat_with_only_base_ws_url(proxy, standin):
     assert refused["outcome"] == "error", refused
     assert len(standin.ws_seen) == 2
     assert_clean(proxy, standin)
+
+
+def test_with_proxyauth_the_address_says_why_it_serves_nothing(mitmdump, config_file, standin, tmp_path):
+    # Users are their proxy login, which a client calling the address directly cannot send: a JSON 403 saying so
+    # instead of mitmproxy's 407 (a browser with no proxy set never answers it); the PAC file is still served.
+    htpasswd = tmp_path / "users.htpasswd"
+    htpasswd.write_text("alice:{SHA}" + "ZjliNzA3ZDM0ZDhlM2JhNWRlZmNmZGY5ZDEwZGZiNmM4ZWZkZDJhNQ==\n")  # any: never matched
+    proxy = mitmdump(f"coze_config={config_file}", f"coze_origins={PAGE}", f"proxyauth=@{htpasswd}")
+    r = plain().post(proxy.url + "/v3/chat", headers=browser_headers(Authorization=f"Bearer user:{ALICE}"), json={})
+    assert r.status_code == 403 and r.json()["code"] == 4101 and "proxy login" in r.json()["msg"]
+    assert plain().get(proxy.url + "/proxy.pac").status_code == 200
+    assert standin.requests_seen == [] and standin.exchanges == []
