@@ -16,6 +16,8 @@ from __future__ import annotations
 import ipaddress
 import re
 
+from coze_mitm.core.config import WS_SCHEME_OF_HTTP, Origin, default_ws_origin, parse_api_origin
+
 # The Coze API's paths (/v1/..., /v3/..., /api/permission/oauth2/token, /open_api/knowledge/...). Anything else sent
 # to the proxy's own address is no Coze call: answered here, never forwarded.
 API_PATH = re.compile(r"/(?:v\d{1,2}|api|open_api)/")
@@ -67,3 +69,18 @@ def api_base(host: str, port: int) -> str:
 
 def is_api_path(path: str) -> bool:
     return API_PATH.match(path) is not None
+
+
+def targets(api_base: str, api_hosts: str = "") -> tuple[Origin, Origin | None]:
+    """Where requests to the proxy's own address go: (coze_api_base's origin, its WebSocket host). The WebSocket host
+    is the one the base implies (api.coze.cn -> wss://ws.coze.cn), else the first ws(s):// entry of coze_api_hosts
+    (a self-hosted or local API implies none), else None. Raises config.ConfigError for a bad entry."""
+    base = parse_api_origin(api_base)
+    ws = default_ws_origin(base)
+    for url in filter(None, map(str.strip, api_hosts.split(","))):
+        if ws is not None:
+            break
+        origin = parse_api_origin(url, "coze_api_hosts", websocket=True)
+        if origin.scheme not in WS_SCHEME_OF_HTTP:
+            ws = origin
+    return base, ws

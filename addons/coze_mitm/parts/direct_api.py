@@ -36,7 +36,8 @@ import logging
 from mitmproxy import http
 
 from coze_mitm.core import own_address
-from coze_mitm.core.config import DEFAULT_PORTS, STATUS_HOST, WS_SCHEME_OF_HTTP
+from coze_mitm.core.config import DEFAULT_PORTS, WS_SCHEME_OF_HTTP
+from coze_mitm.core.hosts import STATUS_HOST
 from coze_mitm.core.identity import is_loopback
 from coze_mitm.flowmeta import DIRECT, LOCAL_ANSWER, REFUSED
 from coze_mitm.pages import direct_page
