@@ -17,7 +17,7 @@ from mitmproxy import ctx, http
 
 from coze_mitm.core import config
 from coze_mitm import options
-from coze_mitm.core import logins
+from coze_mitm.core import logins, own_address
 from coze_mitm.core.refused_origins import RefusedOrigins
 from coze_mitm.core.config import WS_SCHEME_OF_HTTP, ConfigError, Origin
 from coze_mitm.core.hosts import DEFAULT_ONBOARDING_HOST, STATUS_HOST, Handled, coze_origins
@@ -71,6 +71,10 @@ class CozeSettings:
         self.broker: TokenBroker | PatBroker | None = None
         self.api_origins: frozenset[Origin] = frozenset()
         self.ws_origins: frozenset[Origin] = frozenset()  # ws:// and wss:// Coze hosts (WebSocket APIs)
+        # coze_api_base's origin and its WebSocket host (the one it implies, else the first ws(s):// entry of
+        # coze_api_hosts): where a request sent straight to the proxy's own address goes (direct_api.py)
+        self.api_base: Origin | None = None
+        self.ws_base: Origin | None = None
         # The same as plain (scheme, host, port) tuples: asked of every request, a tuple hashes and
         # compares several times faster than a frozen dataclass.
         self._api_keys: frozenset[tuple] = frozenset()
@@ -138,11 +142,13 @@ class CozeSettings:
                 exchange, max_users=opts.coze_max_users, new_users_per_minute=opts.coze_new_users_per_minute,
             )
         api_origins, ws_origins = coze_origins(api_base, opts.coze_api_hosts)
+        api_base_origin, ws_base_origin = own_address.targets(api_base, opts.coze_api_hosts)
 
         if self.broker is not None:
             self.broker.close()
         self.app, self.broker = app, broker
         self.api_origins, self.ws_origins, self.page_origins = api_origins, ws_origins, page_origins
+        self.api_base, self.ws_base = api_base_origin, ws_base_origin
         self._api_keys = frozenset((o.scheme, o.host, o.port) for o in api_origins)
         self._ws_keys = frozenset((o.scheme, o.host, o.port) for o in ws_origins)
         self._page_keys = {config.origin_key(o): o for o in page_origins}
