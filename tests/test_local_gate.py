@@ -88,9 +88,12 @@ def test_server_connect_refuses_remote_clients_and_pins_names():
         data = _hook_data("10.0.0.9", "outside.test", 443)
         _run(gate.server_connect(data))
         assert data.server.error is None and data.server.address == ("192.0.2.7", 443)
-        # coze_allow_remote: the gate is off
+        # coze_allow_remote gives credentials, not this host (issue 25: it used to switch the gate off)
         tctx.configure(gate, coze_allow_remote=True)
         data = _hook_data("10.0.0.9", "127.0.0.2")
+        _run(gate.server_connect(data))
+        assert "not this host" in (data.server.error or "")
+        data = _hook_data("10.0.0.9", "192.0.2.1")
         assert gate.server_connect(data) is None and data.server.error is None
     destinations.clear_caches()
 
