@@ -140,14 +140,13 @@ class LocalGate:
         found.discard(0)
         ports = frozenset(found)
         if addrs:  # kept once the servers are up (before that, the configured port is all there is)
-            self._ports, self._listen_hosts = ports, frozenset(str(a[0]).lower() for a in addrs)
+            self._ports, self._listen_hosts = ports, frozenset(str(a[0]) for a in addrs)
         return ports
 
     def _known_to_mitmproxy(self, host: str) -> bool:
         """A spelling of the proxy's address that mitmproxy's own loop guard refuses (after the `request` hooks,
         which may serve it: the proxy's own address as an API base)."""
-        host = host.lower()
-        listen = (getattr(ctx.options, "listen_host", "") or "").lower()
+        listen = getattr(ctx.options, "listen_host", "") or ""  # compared as mitmproxy does: exactly
         return host in MITMPROXY_SELF_NAMES or host == listen or host in self._listen_hosts
 
     @staticmethod
