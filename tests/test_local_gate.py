@@ -223,3 +223,82 @@ def test_the_pac_file_needs_no_login(mitmdump, config_file, htpasswd):
     assert pac_file.startswith(b"HTTP/1.1 200") and b"FindProxyForURL" in pac_file, pac_file[:300]
     page, _ = _exchange(proxy.port, b"GET http://coze.mitm/status.json HTTP/1.1\r\nHost: coze.mitm\r\n\r\n")
     assert page.startswith(b"HTTP/1.1 407"), page[:200]
+
+
+# ------------------------------------------------------------------ fails closed (issue 25)
+
+
+def test_the_gate_fails_closed(monkeypatch):
+    """A part whose job is to refuse refuses when it raises: the bundle logs a part's exception and goes on with
+    the next parts, so a gate that raised used to let a remote client through to coze.mitm's pages (the status
+    part serves any flow without an answer) and to this host's loopback services."""
+    from mitmproxy.test import tflow
+
+    from coze_mitm.bundle import Bundle
+    from coze_mitm.parts import local_gate
+
+    seen = []
+
+    class Later:  # stands for the parts after the gate (demo, status): they serve flows nobody answered
+        def requestheaders(self, flow):
+            seen.append(flow.response is None)
+
+    gate = LocalGate()
+    bundle = Bundle(gate, Later())
+
+    def broken(*args):
+        raise RuntimeError("a bug in a check")
+
+    with taddons.context(OptionsOnly(), gate) as tctx:
+        tctx.configure(gate, coze_allow_remote=False)
+        monkeypatch.setattr(local_gate, "is_loopback", broken)
+        for url in ("http://coze.mitm/status.json", "http://127.0.0.1:8790/v1/bots/7000"):
+            flow = tflow.tflow()
+            flow.client_conn.peername = ("10.0.0.9", 50000)
+            flow.request.url = url
+            _run(bundle.requestheaders(flow))
+            assert flow.response is not None and flow.response.status_code == 502, url
+            assert b"local gate failed" in flow.response.content and b"a bug" not in flow.response.content
+            assert seen[-1] is False, url  # the later parts saw an answered flow
+        data = _hook_data("10.0.0.9", "127.0.0.1", 22)
+        _run(bundle.server_connect(data))
+        assert "local gate failed" in (data.server.error or "")
+        # an exception while resolving (not one of the resolver's own errors) refuses too
+        monkeypatch.setattr(local_gate, "is_loopback", lambda host: False)
+
+        async def resolver_bug(host, port):
+            raise RuntimeError("resolver bug")
+
+        monkeypatch.setattr(destinations, "resolve", resolver_bug)
+        data = _hook_data("10.0.0.9", "somewhere.test", 80)
+        _run(gate.server_connect(data))
+        assert "local gate failed" in (data.server.error or "")
+        flow = tflow.tflow()
+        flow.client_conn.peername = ("10.0.0.9", 50000)
+        flow.request.url = "http://somewhere.test/"
+        _run(gate.requestheaders(flow))
+        assert flow.response is not None and flow.response.status_code == 502
+    destinations.clear_caches()
+
+
+def test_own_addresses_with_and_without_zones():
+    """Issue 25: the own-address test bound `fe80::<own>%<iface>` as a string, Python dropped the zone, the bind
+    failed and the address counted as "not own". And link-local addresses (cloud metadata) were not refused."""
+    import json as _json
+    import shutil
+
+    assert destinations.why_forbidden("169.254.169.254").startswith("link-local")
+    assert destinations.why_forbidden("[::ffff:169.254.169.254]").startswith("link-local")
+    assert destinations.why_forbidden("fe80::1234%99999").startswith("link-local")  # no such interface
+    assert destinations.is_self("169.254.169.254") is None  # link-local, not this host
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2's `ip` is not installed: cannot list this host's link-local addresses")
+    links = _json.loads(subprocess.run(["ip", "-j", "addr"], capture_output=True, text=True, timeout=10).stdout or "[]")
+    found = [(info["local"], link["ifname"], link["ifindex"]) for link in links for info in link.get("addr_info", [])
+             if info["local"].lower().startswith("fe80:") and not info.get("tentative")]
+    if not found:
+        pytest.skip("this host has no IPv6 link-local address")
+    for address, ifname, ifindex in found:
+        for spelling in (f"{address}%{ifname}", f"[{address}%{ifname}]", f"{address}%{ifindex}", f"[{address}]"):
+            assert destinations.why_forbidden(spelling) == "this host's address", spelling
+            assert destinations.is_self(spelling) == "this host's address", spelling
