@@ -302,3 +302,26 @@ def test_own_addresses_with_and_without_zones():
         for spelling in (f"{address}%{ifname}", f"[{address}%{ifname}]", f"{address}%{ifindex}", f"[{address}]"):
             assert destinations.why_forbidden(spelling) == "this host's address", spelling
             assert destinations.is_self(spelling) == "this host's address", spelling
+
+
+def test_the_pac_file_without_a_login_names_no_origin(mitmdump, config_file, htpasswd):
+    """Issue 25: the PAC served despite proxyauth listed the team's intranet origins to anyone who asked. Without a
+    login it names none of them (and routes the same); after the login (http://coze.mitm/proxy.pac through the
+    proxy) the plain file."""
+    import json as _json
+    import shutil
+
+    intranet = "https://wiki.intranet.corp.example:8443"
+    proxy = mitmdump(f"coze_config={config_file}", f"proxyauth=@{htpasswd}", f"coze_origins={intranet}")
+    anonymous, _ = _exchange(proxy.port, f"GET /proxy.pac HTTP/1.1\r\nHost: 127.0.0.1:{proxy.port}\r\n\r\n".encode())
+    assert anonymous.startswith(b"HTTP/1.1 200") and b"FindProxyForURL" in anonymous, anonymous[:300]
+    assert b"intranet" not in anonymous and b"corp.example" not in anonymous
+    logged_in, _ = _exchange(proxy.port, (f"GET http://coze.mitm/proxy.pac HTTP/1.1\r\nHost: coze.mitm\r\n"
+                                          f"Proxy-Authorization: {basic('alice', 'pw-alice')}\r\n\r\n").encode())
+    assert logged_in.startswith(b"HTTP/1.1 200") and b"wiki.intranet.corp.example 8443" in logged_in, logged_in[:300]
+    if shutil.which("node"):
+        body = anonymous.partition(b"\r\n\r\n")[2].decode()
+        program = body + "\nprocess.stdout.write(JSON.stringify([FindProxyForURL('" + intranet + "/x', " \
+            "'wiki.intranet.corp.example'), FindProxyForURL('https://example.org/', 'example.org')]));\n"
+        out = subprocess.run(["node", "-e", program], capture_output=True, text=True, timeout=30)
+        assert _json.loads(out.stdout) == [f"PROXY 127.0.0.1:{proxy.port}", "DIRECT"], out.stderr

@@ -431,3 +431,22 @@ def test_a_self_connect_does_not_make_a_remote_client_local(other_host, mitmdump
     # what the remote client is shown as itself: no user
     status, remote = remote_get(other_host, proxy.port, "http://coze.mitm/status.json", {})
     assert status == 200 and remote["users"] == [] and remote["usage"] == []
+
+
+@pytest.mark.parametrize("allow_remote", [False, True], ids=["default", "allow-remote"])
+def test_the_pac_file_names_nothing_private_to_a_remote_client_without_a_login(other_host, mitmdump, config_file,
+                                                                                allow_remote):
+    """Issue 25: the PAC (served despite proxyauth) listed the team's intranet origins to an unauthenticated LAN
+    host. A client that may not use the proxy at all (coze_allow_remote off) gets no file; one without a login
+    gets a file that names no origin."""
+    intranet = "https://wiki.intranet.corp.example:8443"
+    sets = [f"coze_config={config_file}", "proxyauth=alice:pw-alice", f"coze_origins={intranet}"]
+    proxy = mitmdump(*sets, *(["coze_allow_remote=true"] if allow_remote else []), extra_args=["--listen-host", ""])
+    answer = remote_raw(other_host, proxy.port, [f"GET /proxy.pac HTTP/1.1\r\nHost: {HOST_ADDR}:{proxy.port}\r\n"
+                                                 "Connection: close\r\n\r\n"])[0]
+    assert "intranet" not in answer and "corp.example" not in answer, answer
+    if allow_remote:
+        assert answer.startswith("HTTP/1.1 200") and "FindProxyForURL" in answer, answer[:300]
+        assert f"PROXY {HOST_ADDR}:{proxy.port}" in answer
+    else:
+        assert not answer.startswith("HTTP/1.1 200"), answer[:300]
