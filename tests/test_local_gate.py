@@ -325,3 +325,27 @@ def test_the_pac_file_without_a_login_names_no_origin(mitmdump, config_file, htp
             "'wiki.intranet.corp.example'), FindProxyForURL('https://example.org/', 'example.org')]));\n"
         out = subprocess.run(["node", "-e", program], capture_output=True, text=True, timeout=30)
         assert _json.loads(out.stdout) == [f"PROXY 127.0.0.1:{proxy.port}", "DIRECT"], out.stderr
+
+
+@pytest.mark.parametrize("allow_remote", [False, True])
+def test_names_resolving_to_the_link_are_refused(allow_remote):
+    """A name that resolves to a link-local address (the metadata service, an IPv6 one with its zone) is refused
+    for a client on another machine, with or without coze_allow_remote (issue 25)."""
+    from mitmproxy.test import tflow
+
+    gate = LocalGate()
+    cases = {"metadata.test": "169.254.169.254", "link6.test": "fe80::1%1", "mapped.test": "::ffff:169.254.1.1"}
+    with taddons.context(OptionsOnly(), gate) as tctx:
+        tctx.configure(gate, coze_allow_remote=allow_remote)
+        for name, address in cases.items():
+            destinations._names[(name, 80)] = ((address,), time.monotonic() + 60)
+            data = _hook_data("10.0.0.9", name, 80)
+            _run(gate.server_connect(data))
+            assert f"resolves to {address}" in (data.server.error or ""), (name, data.server.error)
+            flow = tflow.tflow()
+            flow.client_conn.peername = ("10.0.0.9", 50000)
+            flow.request.url = f"http://{name}/latest/meta-data"
+            _run(gate.requestheaders(flow))
+            assert flow.response is not None and flow.response.status_code == 403, name
+            assert f"resolves to {address}" in flow.response.get_text()
+    destinations.clear_caches()
