@@ -349,3 +349,24 @@ def test_names_resolving_to_the_link_are_refused(allow_remote):
             assert flow.response is not None and flow.response.status_code == 403, name
             assert f"resolves to {address}" in flow.response.get_text()
     destinations.clear_caches()
+
+
+def test_self_loop_checks_follow_the_mode():
+    """The proxy's own port at 127.1 is answered 508 for a local client in regular mode; in upstream mode the
+    request goes to the upstream proxy, which the spelling cannot turn into this proxy: left alone."""
+    from mitmproxy.proxy import mode_specs
+    from mitmproxy.test import tflow
+
+    gate = LocalGate()
+    with taddons.context(OptionsOnly(), gate) as tctx:
+        tctx.configure(gate, coze_allow_remote=False, listen_port=8080)
+        for mode, answered in (("regular", True), ("upstream:http://192.0.2.9:3128", False)):
+            flow = tflow.tflow()
+            flow.client_conn.peername = ("127.0.0.1", 50000)
+            flow.client_conn.proxy_mode = mode_specs.ProxyMode.parse(mode)
+            flow.request.url = "http://127.1:8080/v1/bots/7000"
+            _run(gate.requestheaders(flow))
+            assert (flow.response is not None) == answered, mode
+            if answered:
+                assert flow.response.status_code == 508 and b"this proxy itself" in flow.response.content
+    destinations.clear_caches()

@@ -154,13 +154,14 @@ class LocalGate:
         address = getattr(getattr(client, "proxy_mode", None), "address", None)  # reverse:/upstream: modes only
         return bool(address) and str(address[0]).lower() == host.lower() and address[1] == port
 
-    def _why(self, elsewhere: bool, address: str, port: int) -> tuple[str, str] | None:
-        """("remote"|"loop", reason) when `address` (an IP, or "localhost") may not be reached, else None."""
+    def _why(self, elsewhere: bool, address: str, port: int, loop: bool = True) -> tuple[str, str] | None:
+        """("remote"|"loop", reason) when `address` (an IP, or "localhost") may not be reached, else None.
+        `loop`: the connection would go where the request names (not through an upstream proxy)."""
         if elsewhere:
             why = destinations.why_forbidden(address)
             if why:
                 return "remote", why
-        if port in self.listen_ports():
+        if loop and port in self.listen_ports():
             why = destinations.is_self(address)
             if why:
                 return "loop", why
@@ -200,7 +201,10 @@ class LocalGate:
         client = flow.client_conn
         host, port = flow.request.host, flow.request.port
         elsewhere = self.elsewhere(client)
-        if not elsewhere and port not in self.listen_ports():
+        # In upstream mode every request goes to the upstream proxy (server_connect sees that address): the
+        # request's own address cannot make this proxy connect to itself.
+        loop = _mode(client) != "upstream"
+        if not elsewhere and (not loop or port not in self.listen_ports()):
             return None  # this machine's own traffic: the common path
         name = host.strip().rstrip(".").lower()
         if name == STATUS_HOST or name.endswith("." + STATUS_HOST):  # names only this proxy answers
@@ -215,26 +219,26 @@ class LocalGate:
                 and flow.request.path.split("?", 1)[0] == PAC_PATH:
             return None  # the PAC part answers it (at any address of the proxy); server_connect still guards
         if destinations.literal(host) is not None or host.strip().rstrip(".").lower() == "localhost":
-            found = self._why(elsewhere, host, port)
+            found = self._why(elsewhere, host, port, loop)
             if found:
                 self._refuse(flow, found[0], f"{host}:{port} ({found[1]})")
             return None
         cached = destinations.cached_addresses(host, port)
         if cached is not None:
-            self._judge_addresses(flow, elsewhere, host, port, cached)
+            self._judge_addresses(flow, elsewhere, host, port, cached, loop)
             return None
-        return self._check_name(flow, elsewhere, host, port)
+        return self._check_name(flow, elsewhere, host, port, loop)
 
-    async def _check_name(self, flow: http.HTTPFlow, elsewhere: bool, host: str, port: int) -> None:
+    async def _check_name(self, flow: http.HTTPFlow, elsewhere: bool, host: str, port: int, loop: bool) -> None:
         try:
             addresses = await destinations.resolve(host, port)
         except _RESOLVE_ERRORS:
             return  # no answer here: server_connect refuses it (it never connects to an unchecked name)
-        self._judge_addresses(flow, elsewhere, host, port, addresses)
+        self._judge_addresses(flow, elsewhere, host, port, addresses, loop)
 
-    def _judge_addresses(self, flow, elsewhere, host, port, addresses) -> None:
+    def _judge_addresses(self, flow, elsewhere, host, port, addresses, loop) -> None:
         for address in addresses:
-            found = self._why(elsewhere, address, port)
+            found = self._why(elsewhere, address, port, loop)
             if found:
                 self._refuse(flow, found[0], f"{host}:{port} (it resolves to {address}, {found[1]})")
                 return
@@ -327,6 +331,11 @@ class LocalGate:
         name = self._pinned.get(server) if self._pinned else None
         if name is not None and server.sni is None:
             server.sni = data.client_hello.sni or name
+
+
+def _mode(client) -> str:
+    """The client's proxy mode ("regular", "upstream", "reverse", ...)."""
+    return getattr(getattr(client, "proxy_mode", None), "type_name", "")
 
 
 def _origin_key(origin: str) -> tuple[str, int] | None:
