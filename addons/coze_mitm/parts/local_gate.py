@@ -183,9 +183,17 @@ class LocalGate:
         return None
 
     def requestheaders(self, flow: http.HTTPFlow):
-        if flow.response is None and flow.live:
-            return self._guard_flow(flow)
-        return None
+        if flow.response is not None or not flow.live:
+            return None
+        try:
+            # this machine's own traffic to anywhere but the proxy's ports: the common path, asked first
+            peer = flow.client_conn.peername
+            if peer and is_loopback(peer[0]) and flow.request.data.port not in (self._ports or self.listen_ports()):
+                return None
+        except Exception as e:
+            self._failed_flow(flow, e)
+            return None
+        return self._guard_flow(flow)
 
     def _guard_flow(self, flow: http.HTTPFlow):
         try:
@@ -277,6 +285,9 @@ class LocalGate:
         if server.error or not server.address:
             return None
         try:
+            peer = data.client.peername  # this machine's own traffic, not to the proxy's ports: asked first
+            if peer and is_loopback(peer[0]) and server.address[1] not in (self._ports or self.listen_ports()):
+                return None
             pending = self._check_server(data)
         except Exception as e:
             self._failed_server(server, e)
