@@ -8,7 +8,8 @@ The parts, in the order every request meets them (the code: addons/coze_mitm/par
   settings    the coze_* options (declared in coze_mitm/options.py), validated; the token broker, origins, stats
   tuning      opt-in process tuning (coze_tune_process; run_mitm.py turns it on), off by default
   login       with mitmproxy's proxyauth: the login's password (and Proxy-Authorization) removed from the flow
-  local_gate  without coze_allow_remote: clients on other machines reach neither coze.mitm nor this host
+  local_gate  clients on other machines never reach this host or its link (nor coze.mitm without
+              coze_allow_remote); nobody makes the proxy connect to itself
   demo        http://coze.mitm/demo and the sandbox.coze.mitm name, only with coze_demo (run_mitm.py --demo)
   pac         the PAC file (http://127.0.0.1:8080/proxy.pac, http://coze.mitm/proxy.pac), answered locally
   status      http://coze.mitm/ pages, answered locally
@@ -67,7 +68,7 @@ bundle = Bundle(
     settings,
     ProcessTuning(),
     login,
-    LocalGate(),  # before demo and status: their pages are this host too
+    LocalGate(settings),  # before demo and status: their pages are this host too
     Demo(settings),
     Pac(settings),
     StatusPages(settings, accounting),

@@ -79,7 +79,8 @@ def declare(loader) -> None:
     loader.add_option(
         "coze_allow_remote", bool, False,
         "Give Coze credentials to tagged requests from clients on other machines too. Off: they get a "
-        "local 403, because anyone who reaches the proxy could spend your Coze quota as any user.",
+        "local 403, because anyone who reaches the proxy could spend your Coze quota as any user. On or off, "
+        "they never reach this host's own services or link-local addresses through the proxy.",
     )
     loader.add_option("coze_token_ttl", int, 900, "Lifetime asked of Coze for each access token, in seconds (60-86399).")
     loader.add_option("coze_exchange_timeout", int, 10, "Seconds to wait for Coze's token endpoint (1-120).")
