@@ -161,4 +161,9 @@ def test_the_spellings_mitmproxy_knows_are_left_to_it(mitmdump, config_file):
         answer = _answer(proxy.port, f"GET http://{host}:{proxy.port}/nothing HTTP/1.1\r\nHost: {host}:{proxy.port}\r\n"
                                      "Connection: close\r\n\r\n".encode())
         assert not answer.startswith(b"HTTP/1.1 508"), answer[:300]
-        assert answer.startswith(b"HTTP/1.1 502"), answer[:300]  # mitmproxy's own "destination unknown"
+        # the own-address part (parts/direct_api.py) answers it: a path that is not the API's is a JSON 404
+        assert answer.startswith(b"HTTP/1.1 404") and b"is a Coze API base" in answer, answer[:300]
+        api = _answer(proxy.port, f"GET /v1/bots/7001 HTTP/1.1\r\nHost: {host}:{proxy.port}\r\n"
+                                  "Connection: close\r\n\r\n".encode())
+        assert not api.startswith(b"HTTP/1.1 508"), api[:300]  # sent on to the Coze stand-in, not a loop
+        assert b'"code"' in api and not api.startswith(b"HTTP/1.1 5"), api[:300]
