@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import ntpath
 import os
 import shlex
 import shutil
@@ -75,14 +76,15 @@ def _windows_paths(name: str) -> list[str]:
             "edge": r"Microsoft\Edge\Application\msedge.exe", "brave": r"BraveSoftware\Brave-Browser\Application\brave.exe",
             "firefox": r"Mozilla Firefox\firefox.exe"}[name]
     roots = [os.environ.get(v) for v in ("ProgramFiles", "ProgramFiles(x86)", "LOCALAPPDATA")]
-    return [str(Path(root) / tail) for root in roots if root]
+    return [ntpath.join(root, tail) for root in roots if root]
 
 
-def candidates(name: str) -> list[str]:
-    """Where NAME is looked for on this platform (no registry: the installers' default places and PATH)."""
-    if sys.platform == "darwin":
+def candidates(name: str, platform: str | None = None) -> list[str]:
+    """Where NAME is looked for on this platform (sys.platform; no registry: the installers' default places, PATH)."""
+    platform = platform or sys.platform
+    if platform == "darwin":
         return _mac_paths(name)
-    if os.name == "nt":
+    if platform == "win32":
         return _windows_paths(name)
     return _linux_commands(name)
 
@@ -102,8 +104,8 @@ def find(name: str | None) -> Browser:
             if path:
                 return Browser(n, path)
     looked = ", ".join(c for n in names for c in candidates(n))
-    what = f"{name} was" if name else "no Chrome, Chromium, Edge, Brave or Firefox was"
-    raise Fail(f"--browser: {what} not found (looked for {looked}); install one, or name another: "
+    what = f"{name} was not found" if name else "none of Chrome, Chromium, Edge, Brave and Firefox was found"
+    raise Fail(f"--browser: {what} (looked for {looked}); install one, or name another: "
                f"--browser {'|'.join(NAMES)}", EXIT_USAGE)
 
 
@@ -135,10 +137,10 @@ def spki_hash(cert_pem: bytes) -> str:
     return base64.b64encode(hashlib.sha256(spki).digest()).decode("ascii")
 
 
-def nss_certutil() -> str | None:
+def nss_certutil(platform: str | None = None) -> str | None:
     """NSS's certutil (Debian: libnss3-tools; macOS: brew install nss). Never on Windows: certutil.exe there is
     Microsoft's tool of the same name, which writes to the Windows store."""
-    if os.name == "nt":
+    if (platform or sys.platform) == "win32":
         return None
     return shutil.which("certutil")
 
