@@ -5,7 +5,7 @@
     python3 run_tests.py -k cors -x          # extra arguments go to pytest
     python3 run_tests.py --python PATH       # build the venv from another interpreter (or PYTHON=PATH)
 
-Steps: Debian's chromium for the browser tests (as root, with apt-get, when it is missing; without it those
+Steps: Debian's chromium, firefox-esr and libnss3-tools for the browser tests (as root, with apt-get, when it is missing; without it those
 tests are skipped with a reason); the project venv .venv-3.X/ for that Python (launcher/bootstrap.py, as
 run_mitm.py uses it), refreshed with requirements-dev.txt; `npm ci` in tests/js; `node --test tests/js/`;
 pytest (collecting no test counts as a failure). An activated venv whose python runs this is used as is.
@@ -86,12 +86,15 @@ def run(pytest_args):
     def call(cmd, **kw):
         return subprocess.call([str(c) for c in cmd], cwd=kw.pop("cwd", repo), **kw)
 
-    # Browser tests: Debian's chromium (playwright drives it; no browser download).
-    if (os.name != "nt" and os.geteuid() == 0 and not shutil.which("chromium") and shutil.which("apt-get")):
-        step("installing Debian's chromium for the browser tests")
+    # Browser tests: Debian's chromium (playwright drives it; no browser download); firefox-esr and NSS's certutil
+    # (libnss3-tools) for run_mitm.py --browser's tests (tests/test_launch_browser.py).
+    wanted = [pkg for pkg, tool in (("chromium", "chromium"), ("firefox-esr", "firefox-esr"), ("libnss3-tools", "certutil"))
+              if not shutil.which(tool)]
+    if os.name != "nt" and os.geteuid() == 0 and wanted and shutil.which("apt-get"):
+        step("installing Debian's " + ", ".join(wanted) + " for the browser tests")
         quiet = {"stdout": subprocess.DEVNULL, "env": dict(os.environ, DEBIAN_FRONTEND="noninteractive")}
-        if call(["apt-get", "update", "-qq"], **quiet) or call(["apt-get", "install", "-y", "-qq", "chromium"], **quiet):
-            warn("could not install chromium: browser tests will be skipped")
+        if call(["apt-get", "update", "-qq"], **quiet) or call(["apt-get", "install", "-y", "-qq"] + wanted, **quiet):
+            warn("could not install " + ", ".join(wanted) + ": the browser tests that need them will be skipped")
 
     requirements = [repo / "requirements-dev.txt", repo / "requirements.txt"]
     venv = bootstrap.active_venv()
