@@ -301,6 +301,9 @@ def prepare(pl, browser: Browser, proxy: str) -> Session:
     for name in ("COZE_PAT", "COZE_PROXYAUTH"):
         env.pop(name, None)
     certutil = nss_certutil()
+    if pl.args.intercept_all and pl.option("confdir") is None:
+        tell("note", f"--browser with --intercept-all: the profile trusts mitmproxy's own CA ({root}), which can vouch "
+                     "for every site; only this throwaway profile does")
     try:
         if browser.firefox:
             if certutil and root.is_file():
@@ -338,7 +341,7 @@ def prepare(pl, browser: Browser, proxy: str) -> Session:
 
 def launch(pl, browser: Browser, host: str, port: int) -> Session:
     """Start `browser` for the proxy listening at host:port (called once it listens)."""
-    if host in ("*", "", "0.0.0.0", "::") or ":" in host and host.strip("[]") == "::":
+    if host.strip("[]") in ("*", "", "0.0.0.0", "::"):
         host = "127.0.0.1"  # every interface: this machine's browser reaches it on loopback
     proxy = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     session = prepare(pl, browser, proxy).start()

@@ -180,6 +180,35 @@ def test_stopping_coze_mitm_closes_the_browser_and_removes_its_profile(tmp_path,
     assert not profile.exists() and profiles(tmp_path) == []
 
 
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+def test_where_no_nss_db_can_be_used_the_signers_key_is_accepted_and_that_is_said(mitmdump, config_file, playwright,
+                                                                                  monkeypatch, capsys):
+    """The macOS/Windows path (and Linux without certutil): --ignore-certificate-errors-spki-list, run here."""
+    from argparse import Namespace
+
+    from launcher.plan import Plan
+
+    proxy = mitmdump(f"coze_config={config_file}", "coze_origins=http://coze.mitm", "coze_demo=true")
+    pl = Plan(Namespace(demo=True, origins=None, intercept_all=False, sets=[("confdir", str(proxy.confdir))]))
+    monkeypatch.setattr(launch_browser, "nss_certutil", lambda platform=None: None)
+    monkeypatch.setenv(launch_browser.ARGS_ENV, f"{ROOT_ARGS}--headless=new --disable-gpu --remote-debugging-port=0")
+    session = launch_browser.launch(pl, launch_browser.Browser("chromium", CHROMIUM), "127.0.0.1", proxy.port)
+    try:
+        said = capsys.readouterr().err.replace("\n  ", " ")
+        assert "name constraints are NOT enforced" in said and "nothing is added to a trust store" in said
+        spki = launch_browser.spki_hash((proxy.confdir / "mitmproxy-ca.pem").read_bytes())
+        assert f"--ignore-certificate-errors-spki-list={spki}" in session.cmd
+        assert not (session.profile / "home").exists() and session.env.get("HOME") == str(TEST_HOME)
+        browser = cdp_browser(playwright, session.profile)
+        page = browser.contexts[0].pages[0]
+        page.goto("https://coze.mitm/")  # accepted by the signer's key
+        assert "came over HTTPS" in page.inner_text("body")
+    finally:
+        session.stop()
+    assert not session.profile.exists()
+    no_user_trust_store_touched()
+
+
 def test_a_profile_left_by_a_killed_coze_mitm_is_removed_at_the_next_start(tmp_path):
     base = tmp_path / launch_browser.PROFILES_DIR
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
