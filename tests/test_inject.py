@@ -13,6 +13,7 @@ import gzip
 import re
 
 import pytest
+import requests
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
@@ -21,7 +22,7 @@ from coze_mitm.parts import inject as inject_part
 from coze_mitm.parts.csp import Csp
 from coze_mitm.parts.inject import Inject
 from coze_mitm.parts.settings import CozeSettings
-from coze_mitm.parts.status import StatusPages
+from coze_mitm.parts.status import USERSCRIPT_PATH, StatusPages
 from tests.conftest import write_config
 
 HASH = "'sha256-AAAA'"
@@ -73,7 +74,7 @@ def test_where_the_loader_goes(page, expected):
 
 
 def test_loader_text_cannot_end_its_script_element_and_hash_matches_it():
-    template = open(inject_part.__file__.replace("addons/coze_mitm/parts/inject.py", "userscript/coze-chat.user.js")).read()
+    template = USERSCRIPT_PATH.read_text(encoding="utf-8")
     hostile = template.replace('title: "Coze", // @coze-mitm title', 'title: "</script><!--<script>", // @coze-mitm title')
     script = inject.loader_script(hostile)
     assert "</script" not in script.lower() and "<!--" not in script and "<script" not in script.lower()
@@ -255,7 +256,6 @@ def test_allowed_page_shows_a_working_chat_without_any_extension(env, path):
 
 def test_page_with_the_userscript_gets_no_second_loader(env):
     from tests.browser import gm_xhr_binding, userscript_init_script
-    import requests
 
     served = requests.get("http://coze.mitm/coze-chat.user.js", proxies=env.proxy.proxies, timeout=10).text
     context = env.browser.new_context(ignore_https_errors=True)  # the SDK's stand-in CDN is https
