@@ -166,6 +166,42 @@ def test_demo_browser_chromium_chats_and_its_profile_goes_when_it_closes(tmp_pat
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+@pytest.mark.skipif(CERTUTIL is None, reason="NSS certutil is not installed (apt-get install libnss3-tools)")
+def test_launched_browser_chats_on_an_https_page_of_the_user_with_no_extension(tmp_path, playwright):
+    """Beyond the demo page: https://page.test (served by tests/browser.py's PageServer, behind map_remote) is one of
+    --origins; the launched Chromium trusts the scoped CA for it through its private NSS db, and coze_inject (on for
+    --browser) brings the chat: no userscript manager, no init script, no certificate error ignored."""
+    from tests.browser import PageServer
+
+    # the stand-in SDK calls the demo's sandbox by its name, over https from an https page (no mixed content)
+    pages = PageServer("https://sandbox.coze.mitm").start()
+    launcher = Launcher(tmp_path, "--demo", "--origins", "https://page.test", "--browser", "chromium",
+                        "--set", "coze_sdk_url=https://page.test/sdk/index.js", "--set", "connection_strategy=lazy",
+                        *(a for spec in pages.map_remote("page.test") for a in ("--set", spec)),
+                        env=chromium_env())
+    try:
+        launcher.start()
+        assert launcher.wait_for_output(r"started chromium", 20)
+        [profile] = profiles(tmp_path)
+        browser = cdp_browser(playwright, profile)
+        page = browser.contexts[0].new_page()
+        main = page.goto("https://page.test/")
+        assert main.status == 200 and main.url == "https://page.test/"  # the certificate was accepted
+        page.wait_for_function("() => window.__fakeCozeClient || document.getElementById('coze-mitm-notice')")
+        assert page.evaluate("() => document.getElementById('coze-mitm-notice')") is None
+        page.evaluate("() => window.__fakeCozeClient.ready")
+        assert page.evaluate("() => window.__cozeMitmInjected") == "running"
+        reply = page.evaluate("(t) => window.__fakeCozeClient.send(t)", "on my own page")
+        assert reply == REPLY_RE + "on my own page"
+        user_id = page.evaluate("() => localStorage.getItem('coze-mitm:coze_user_id')")
+        assert re.fullmatch(r"\d{13}-[A-Za-z0-9_-]{22}", user_id)
+    finally:
+        launcher.stop()
+        pages.stop()
+    assert profiles(tmp_path) == []
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 def test_stopping_coze_mitm_closes_the_browser_and_removes_its_profile(tmp_path, playwright):
     launcher = Launcher(tmp_path, "--demo", "--browser", env=chromium_env()).start()
     try:
