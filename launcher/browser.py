@@ -316,6 +316,10 @@ def prepare(pl, browser: Browser, proxy: str) -> Session:
             (profile / "user.js").write_text(_prefs_js(prefs), encoding="utf-8")
             cmd = [browser.path, "-profile", str(profile), "-no-remote", "-new-instance", *extra_args(), url]
             return Session(browser, profile, cmd, env)
+        if hasattr(os, "geteuid") and os.geteuid() == 0 and "--no-sandbox" not in extra_args():
+            tell("note", f"--browser {browser.name}: running as root, which Chromium-family browsers refuse without "
+                         f"--no-sandbox; start coze-mitm as your own user (or, knowing it turns off the browser's "
+                         f"sandbox, {ARGS_ENV}=--no-sandbox)")
         data = profile / "data"
         args = [f"--user-data-dir={data}", f"--proxy-pac-url={pac}", "--no-first-run", "--no-default-browser-check",
                 "--disable-search-engine-choice-screen", "--disable-sync"]
