@@ -264,11 +264,17 @@ def test_a_profile_left_by_a_killed_coze_mitm_is_removed_at_the_next_start(tmp_p
 def test_demo_browser_firefox_chats_and_its_profile_goes_when_it_closes(tmp_path):
     from tests.marionette import Marionette
 
+    from tests.browser import PageServer
+
+    pages = PageServer("https://sandbox.coze.mitm").start()  # for the https page of --origins, as for Chromium
     began = time.monotonic()
-    launcher = Launcher(tmp_path, "--demo", "--browser", "firefox", env=clean_env(
-        COZE_MITM_BROWSER_ARGS="--headless --marionette",
-        COZE_MITM_BROWSER_PREFS=json.dumps({"marionette.port": 0}))).start()
+    launcher = Launcher(tmp_path, "--demo", "--browser", "firefox", "--origins", "https://page.test",
+                        "--set", "coze_sdk_url=https://page.test/sdk/index.js", "--set", "connection_strategy=lazy",
+                        *(a for spec in pages.map_remote("page.test") for a in ("--set", spec)),
+                        env=clean_env(COZE_MITM_BROWSER_ARGS="--headless --marionette",
+                                      COZE_MITM_BROWSER_PREFS=json.dumps({"marionette.port": 0})))
     try:
+        launcher.start()
         assert launcher.wait_for_output(r"(?s)started firefox .* uses the PAC\s+http://127\.0\.0\.1:\d+/proxy\.pac", 20)
         [profile] = profiles(tmp_path)
         assert (profile / "cert9.db").exists()
@@ -296,9 +302,17 @@ def test_demo_browser_firefox_chats_and_its_profile_goes_when_it_closes(tmp_path
         print(f"\nrun_mitm.py --demo --browser firefox: streamed reply complete {elapsed:.1f} s after the start")
         ff.navigate("https://coze.mitm/")  # the scoped CA, trusted in this profile's cert9.db
         assert "came over HTTPS" in ff.run("return document.body.innerText")
+        # An https page of --origins: its certificate accepted, the chat brought by coze_inject (no extension).
+        ff.navigate("https://page.test/")
+        ff.wait_for("return window.__fakeCozeClient || document.getElementById('coze-mitm-notice')")
+        assert ff.run("return document.getElementById('coze-mitm-notice')") is None
+        assert ff.run("return window.__cozeMitmInjected") == "running"
+        assert ff.run("return window.__fakeCozeClient.send('on my own page')") == REPLY_RE + "on my own page"
+        assert re.fullmatch(r"\d{13}-[A-Za-z0-9_-]{22}", ff.run("return localStorage.getItem('coze-mitm:coze_user_id')"))
         ff.close()  # quits Firefox, as closing its window would
         assert launcher.wait_for_output(r"firefox closed; its profile is removed", 20), launcher.output
         assert not profile.exists() and profiles(tmp_path) == []
     finally:
         launcher.stop()
+        pages.stop()
     no_user_trust_store_touched()
