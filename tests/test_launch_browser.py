@@ -98,7 +98,15 @@ def chromium_env(**extra) -> dict:
 
 def cdp_browser(playwright, profile: Path):
     port_file = profile / "data" / "DevToolsActivePort"
-    port = wait_until(lambda: port_file.exists() and port_file.read_text().split()[0], what="DevTools port")
+
+    def written_port():  # the file appears before its content does
+        try:
+            first = port_file.read_text().split()[:1]
+        except OSError:
+            return None
+        return first[0] if first and first[0].isdigit() else None
+
+    port = wait_until(written_port, what="DevTools port")
     return playwright.chromium.connect_over_cdp(f"http://127.0.0.1:{port}")
 
 
