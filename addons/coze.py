@@ -18,6 +18,7 @@ The parts, in the order every request meets them (the code: addons/coze_mitm/par
   cors        preflights to the Coze API from allowed origins answered locally; CORS headers set (once)
   auth        the user tag swapped for that user's Coze token (or refused with a JSON answer)
   csp         pages in coze_origins: their Content-Security-Policy widened by the Chat SDK's sources only
+  inject      with coze_inject (run_mitm.py --browser): the userscript's loader added to those pages' HTML
   streaming   text/event-stream responses streamed chunk by chunk
   accounting  usage per user (chats, Coze tokens) read from the answers as they pass; daily budgets
   flowlog     with coze_quiet (run_mitm.py): one log line per flow coze-mitm acted on
@@ -47,6 +48,7 @@ from coze_mitm.parts.csp import Csp  # noqa: E402
 from coze_mitm.parts.demo import Demo  # noqa: E402
 from coze_mitm.parts.direct_api import DirectApi  # noqa: E402
 from coze_mitm.parts.flowlog import FlowLog  # noqa: E402
+from coze_mitm.parts.inject import Inject  # noqa: E402
 from coze_mitm.parts.local_gate import LocalGate  # noqa: E402
 from coze_mitm.parts.login import Login  # noqa: E402
 from coze_mitm.parts.pac import Pac  # noqa: E402
@@ -62,6 +64,7 @@ coze_mitm.loaded_by_script = True
 settings = CozeSettings()
 accounting = Accounting(settings)  # auth asks it about budgets, status shows its usage
 login = Login(settings)  # auth asks it who a proxy login is (LDAP: the directory entry)
+status = StatusPages(settings, accounting)  # inject adds the userscript it serves to pages
 
 bundle = Bundle(
     MitmwebGuard(),
@@ -71,11 +74,12 @@ bundle = Bundle(
     LocalGate(settings),  # before demo and status: their pages are this host too
     Demo(settings),
     Pac(settings),
-    StatusPages(settings, accounting),
+    status,
     DirectApi(settings),  # after pac (its /proxy.pac on this address), before cors/auth (they read the new host)
     Cors(settings),
     Auth(settings, accounting, login),
     Csp(settings),
+    Inject(settings, status),  # after csp: adds its hash to the policy csp widened
     Streaming(),
     accounting,  # after streaming: it turns stream=True into a reader that passes chunks unchanged
     FlowLog(),

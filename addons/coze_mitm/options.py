@@ -107,6 +107,14 @@ def declare(loader) -> None:
         "font-src https://fonts.example\" (fetch directives and plain sources only).",
     )
 
+    # read by parts/inject.py
+    loader.add_option(
+        "coze_inject", bool, False,
+        "Add the userscript's loader to the HTML pages of coze_origins (allowed by their Content-Security-Policy "
+        "through its hash), so the chat appears in a browser without a userscript manager; the user id is kept in "
+        "the page origin's localStorage. It stands down where the userscript runs. run_mitm.py --browser turns it on.",
+    )
+
     # read by parts/login.py
     loader.add_option(
         "coze_ldap_identity", str, "dn",
