@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import json
 import re
-from itertools import accumulate
 from urllib.parse import unquote_to_bytes
 
 MAX_DEPTH = 128  # Coze's events and bodies nest a few levels; deeper is refused for budgeted users
+WALK_LIMIT = 256  # containers of a parsed value walked for its depth; more are measured on the text instead
 
 
 class Unreadable(ValueError):
@@ -114,17 +114,38 @@ def field(obj: GoObject | dict, name: str) -> tuple[object, bool]:
     return value, disagree
 
 
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)  # a JSON string, unrolled (one tight loop per run)
+_ROUND = bytes.maketrans(b"[{]}", b"(())")
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 
-def depth(text: str) -> int:
-    """How deep the JSON text nests (brackets inside strings ignored)."""
-    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
-    if not brackets:
-        return 0
-    return max(accumulate(map(_STEP.__getitem__, map(ord, brackets))))
+def _deeper_than(obj, raw: bytes, max_depth: int) -> bool:
+    """Whether the parsed value nests deeper than max_depth: its containers walked (an event has a handful:
+    a few us), or, past WALK_LIMIT of them, its brackets counted in C instead."""
+    stack = [(obj, 1)]
+    walked = 0
+    while stack:
+        node, level = stack.pop()
+        if level > max_depth:
+            return True
+        walked += 1
+        if walked > WALK_LIMIT:
+            return _deeper_by_brackets(raw, max_depth)
+        for child in (node.values() if isinstance(node, dict) else node):
+            if isinstance(child, (dict, list)):
+                stack.append((child, level + 1))
+    return False
+
+
+def _deeper_by_brackets(raw: bytes, max_depth: int) -> bool:
+    """The same for valid JSON: its brackets outside strings as "(" and ")"; each pass removes every innermost
+    "()", one level, so what is left after max_depth passes is deeper. All in C: ~12 ms for 1 MiB of arrays."""
+    brackets = _STRING.sub(b"", raw).translate(_ROUND, _NOT_BRACKETS)
+    for _ in range(max_depth):
+        if not brackets:
+            return False
+        brackets = brackets.replace(b"()", b"")
+    return bool(brackets)
 
 
 def _no_constant(name: str):
@@ -139,17 +160,17 @@ def read_object(raw: bytes | str, max_depth: int = MAX_DEPTH) -> GoObject:
         except UnicodeDecodeError:
             raise Unreadable("it is not valid UTF-8 (Go reads invalid bytes as U+FFFD)") from None
     else:
-        text = raw
-    if text.count("{") + text.count("[") > max_depth and depth(text) > max_depth:
-        raise Unreadable(f"it nests deeper than {max_depth} levels")
+        text, raw = raw, raw.encode("utf-8", "surrogatepass")
     try:
         obj = json.loads(text, object_pairs_hook=GoObject, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":
             raise Unreadable("it has data after the JSON value (Go's stream decoder reads the value alone)") from None
         raise Unreadable(f"it is not JSON ({e.msg} at character {e.pos})") from None
-    except RecursionError:  # cannot happen within max_depth; a guard all the same
+    except RecursionError:  # Python's parser gives up near 1,000 levels (Go reads 10,000)
         raise Unreadable(f"it nests deeper than {max_depth} levels") from None
     if not isinstance(obj, GoObject):
         raise Unreadable("it is not a JSON object")
+    if _deeper_than(obj, raw, max_depth):
+        raise Unreadable(f"it nests deeper than {max_depth} levels")
     return obj
