@@ -61,7 +61,7 @@ def route(path: bytes | str) -> str:
                 segments.pop()
             continue
         segments.append(segment)
-    return ("/" + "/".join(s.decode("utf-8", "surrogateescape") for s in segments))
+    return "/" + "/".join(s.decode("utf-8", "surrogateescape") for s in segments)
 
 
 # -- JSON ------------------------------------------------------------------------------------------------
