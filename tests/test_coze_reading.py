@@ -168,6 +168,26 @@ def test_eight_simultaneous_event_type_chat_starts_stay_within_a_cap_of_four(pro
         client.close()
 
 
+def test_a_socket_opened_under_an_encoded_path_is_budgeted(proxy_with, standin, ws_port):
+    standin.delta_gap = 0
+    proxy = proxy_with("coze_user_daily_tokens=5")
+    client = WsClient(proxy.port, "localhost", ws_port, f"/v1/%63hat?{placeholder_query(USER)}", headers=[("Origin", PAGE)])
+    assert client.status == 101, client.body  # the Go-routing stand-in serves it as /v1/chat
+    try:
+        client.send_raw(event(("id", "1"), ("event_type", START), ("data", DATA)))
+        assert client.until("conversation.chat.completed")[-1]["event_type"] == "conversation.chat.completed"
+        assert usage_today(proxy) == standin.usage_of(USER)["token_count"] == 9  # counted: over the budget of 5
+        client.send_raw(event(("id", "2"), ("event_type", START), ("data", DATA)))
+        last = client.until("conversation.chat.completed")[-1]
+        assert last["event_type"] == "error" and last["data"]["code"] == 4013, last
+        assert len(standin.chats_of(USER)) == 1
+    finally:
+        client.close()
+    again = WsClient(proxy.port, "localhost", ws_port, f"/v1/%63hat?{placeholder_query(USER)}", headers=[("Origin", PAGE)])
+    again.close()
+    assert again.status == 429 and json.loads(again.body)["code"] == 4013  # over budget: no new socket either
+
+
 # ------------------------------------------------------------------------------ HTTP paths
 
 @pytest.mark.parametrize("target", ["/v3/%63hat", "//v3/./%63hat/", "/x/%2e%2e/v3/chat"])
