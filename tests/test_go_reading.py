@@ -176,6 +176,8 @@ def test_paths_are_routed_as_go_routes_them(case):
     (b'{"event_type":"conversation.message.create","data":{"content":"\xff"}}', "not valid UTF-8"),
     (b'{"event_type":"conversation.message.create","x":' + b"[" * 2000 + b"]" * 2000 + b"}", "deeper than 128"),
     (b'{"event_type":"conversation.message.create","x":' + b"[" * 128 + b"]" * 128 + b"}", "deeper than 128"),
+    (b'{"event_type":"conversation.message.create","many":[' + b",".join([b'"]]"', b"[]"] * 200) + b'],"x":'
+     + b"[" * 128 + b"]" * 128 + b"}", "deeper than 128"),  # past the walk's limit: counted on the brackets
     (b'{"event_type":NaN}', "NaN is not JSON"),
     (b'["conversation.message.create"]', "not a JSON object"),
     (b"\xef\xbb\xbf{}", "not JSON"),
