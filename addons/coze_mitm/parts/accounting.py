@@ -302,7 +302,8 @@ class Accounting:
         except go_reading.Unreadable as e:
             if budgeted:  # Python and Go may read it differently: refused rather than guessed
                 self._refuse_event(flow, message, 4000, f"coze-mitm: this WebSocket event is not forwarded while a "
-                                   f"daily budget is set: {e}; send one JSON object per message")
+                                   f"daily budget is set: {e}. Send each event as one JSON object in UTF-8, nested "
+                                   f"at most {go_reading.MAX_DEPTH} levels")
             return  # no budget: only counting, and there is nothing to count in what cannot be read
         kind, disagree = go_reading.field(event, "event_type")
         if disagree and budgeted:
