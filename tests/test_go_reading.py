@@ -110,7 +110,7 @@ def event(draw):
     return raw, pairs, name, odd
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(event())
 @example((b'{"id":"1","Event_Type":"conversation.message.create"}', [("id", "1"), ("Event_Type", "conversation.message.create")],
           "event_type", set()))
@@ -156,7 +156,7 @@ def target(draw):
     return raw, "/" + "/".join(segments)
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(target())
 @example(("/v3/%63hat", "/v3/chat"))
 @example(("/v1/workflow/%72un", "/v1/workflow/run"))
