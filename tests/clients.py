@@ -7,7 +7,8 @@ import socket
 
 import requests
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, RejectConnection, RejectData, Request, TextMessage
+from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, RejectConnection, RejectData, Request,
+                            TextMessage)
 
 PAGE = "https://chat.example.org"
 
@@ -75,6 +76,11 @@ class WsClient:
 
     def send(self, event_type: str, data: dict) -> None:
         self.sock.sendall(self.ws.send(TextMessage(json.dumps({"id": "1", "event_type": event_type, "data": data}))))
+
+    def send_raw(self, data: str | bytes) -> None:
+        """One message exactly as given: text for a str, binary for bytes."""
+        message = TextMessage(data) if isinstance(data, str) else BytesMessage(data)
+        self.sock.sendall(self.ws.send(message))
 
     def until(self, event_type: str) -> list[dict]:
         seen = []
