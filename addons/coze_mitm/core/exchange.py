@@ -20,11 +20,11 @@ from typing import Callable
 
 import jwt
 import requests
-import requests.adapters
 import urllib3
 
 from coze_mitm.core.bounded import decoded_prefix
 from coze_mitm.core.config import OAuthApp
+from coze_mitm.core.outbound import DIRECT, Outbound, SessionSource
 
 log = logging.getLogger("coze.tokens")
 
@@ -129,7 +129,7 @@ class CozeTokenExchange:
     """Mint a JWT for one session_name and exchange it for an access token (blocking: run it in a thread)."""
 
     def __init__(self, app: OAuthApp, duration_seconds: int = 900, timeout: float = 10.0,
-                 clock: Callable[[], float] = time.time, verify: bool | str = True):
+                 clock: Callable[[], float] = time.time, outbound: Callable[[], Outbound] = lambda: DIRECT):
         self.app = app
         self.duration_seconds = duration_seconds
         self.timeout = timeout
@@ -137,12 +137,8 @@ class CozeTokenExchange:
         self.url = app.api_base + TOKEN_PATH
         self.audience = app.api_origin.netloc
         self._warned: set[str] = set()  # oddities of Coze's answers already logged
-        self._session = requests.Session()
-        self._session.trust_env = False  # never route the exchange through a proxy from the environment
-        self._session.verify = verify
-        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=EXCHANGE_WORKERS)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
+        # the way out mitmproxy's connection options say (upstream proxy, certificate checks), on each exchange
+        self._sessions = SessionSource(outbound, pool_maxsize=EXCHANGE_WORKERS)
 
     def mint_jwt(self, session_name: str | None) -> str:
         now = int(self.clock())
@@ -162,7 +158,7 @@ class CozeTokenExchange:
         body = {"grant_type": GRANT_TYPE, "duration_seconds": self.duration_seconds}
         assertion = self.mint_jwt(user_id)
         try:
-            answer = self._session.post(
+            answer = self._sessions.get().post(
                 self.url,
                 json=body,
                 headers={"Authorization": f"Bearer {assertion}"},
