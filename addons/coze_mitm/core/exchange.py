@@ -171,6 +171,16 @@ class CozeTokenExchange:
                 answer.close()
         except (requests.Timeout, urllib3.exceptions.TimeoutError):
             raise self.timed_out() from None
+        except requests.exceptions.ProxyError:
+            raise self.proxy_refused("could not open a connection through it") from None
+        except requests.exceptions.SSLError:
+            raise ExchangeError(
+                502, 5000,
+                f"the TLS certificate of Coze's token endpoint {self.app.api_base} could not be verified; where a "
+                "private or corporate CA signs it, name that CA with --set ssl_verify_upstream_trusted_ca=FILE "
+                "(or ssl_verify_upstream_trusted_confdir=DIR)",
+                "exchange-unreachable",
+            ) from None
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:  # raw reads raise urllib3's
             raise ExchangeError(
                 502, 5000,
@@ -178,7 +188,18 @@ class CozeTokenExchange:
                 "check coze_api_base and this machine's network",
                 "exchange-unreachable",
             ) from None
+        if answer.status_code == 407:  # an http:// endpoint through a proxy that wants (other) credentials
+            raise self.proxy_refused("asked for credentials (HTTP 407) on the way")
         return self._read_answer(answer, raw, assertion)
+
+    def proxy_refused(self, what: str) -> ExchangeError:
+        """The upstream proxy (mitmproxy's --mode upstream:..., which the exchange follows) said no."""
+        return ExchangeError(
+            502, 5000,
+            f"the upstream proxy {what} to Coze's token endpoint {self.app.api_base}; check the proxy in "
+            "--mode upstream:... and its credentials in --set upstream_auth=USER:PASS",
+            "exchange-unreachable",
+        )
 
     def timed_out(self) -> ExchangeError:
         return ExchangeError(
