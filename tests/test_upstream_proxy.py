@@ -1,7 +1,8 @@
 """A corporate network: the Coze stand-in is reachable only through an upstream proxy that wants a login
 (tests/upstream_net.py), and a real mitmdump runs with `--mode upstream:http://proxy --set upstream_auth=...`.
 The pages' requests went through it before; now coze-mitm's own requests do too: the token exchange, the usage
-poller (a non-streamed chat), and, over HTTPS, with the private CA given in ssl_verify_upstream_trusted_ca.
+poller (a non-streamed chat), the transparent retry (a revoked token), and, over HTTPS, with the private CA given
+in ssl_verify_upstream_trusted_ca.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def standin_in(corp, tmp_path, chain=None) -> tuple[str, str]:
     return proc.first_line, str(config)
 
 
+def lines_of(log, predicate) -> list[str]:
+    return [line for line in log.read_text().splitlines() if predicate(line)]
+
+
 standins: list[InNamespace] = []
 
 
@@ -87,6 +92,22 @@ def test_exchange_and_polls_go_through_the_upstream_proxy(corp, tmp_path, upstre
     assert wait_for_line(log, lambda l: l.startswith(f"GET {base}/v3/chat/retrieve?") and l.endswith("auth=ok"))
     assert "through the upstream proxy" in proxy.output
     assert PROXY_LOGIN.split(":")[1] not in proxy.output
+
+
+def test_the_transparent_retry_goes_through_the_upstream_proxy(corp, tmp_path, upstream_proxy, mitmdump):
+    proxy_at, log = upstream_proxy
+    base, config = standin_in(corp, tmp_path)
+    proxy = mitmdump(f"coze_config={config}", "coze_origins=https://chat.example.org",
+                     f"mode=upstream:http://{proxy_at}", f"upstream_auth={PROXY_LOGIN}")
+    s = session(proxy)
+    assert s.get(f"{base}/v1/bots/7000", headers=tagged(ALICE), timeout=30).status_code == 200
+    assert standins[-1].tell(f"revoke {ALICE}") == "revoked 1"
+    # Coze refuses the cached token: coze-mitm mints a fresh one and sends the request again, itself
+    r = s.get(f"{base}/v1/bots/7000", headers=tagged(ALICE), timeout=30)
+    assert r.status_code == 200 and r.json()["code"] == 0, r.text
+    tokens = lines_of(log, lambda l: l == f"POST {base}/api/permission/oauth2/token auth=ok")
+    bots = lines_of(log, lambda l: l == f"GET {base}/v1/bots/7000 auth=ok")
+    assert len(tokens) == 2 and len(bots) == 3  # the first, the refused one (mitmproxy's), the retry (coze-mitm's)
 
 
 def test_wrong_proxy_login_is_said_plainly(corp, tmp_path, upstream_proxy, mitmdump):

@@ -11,7 +11,7 @@
   with the right credentials).
 * `python -m tests.upstream_net standin ...`: the sandbox stand-in (sandbox/coze_standin.py), plain or HTTPS with
   a given certificate chain, writing its OAuth app config; prints its base URL. Non-streamed chats are answered
-  `in_progress`, as Coze answers them.
+  `in_progress`, as Coze answers them. `revoke <session_name>` on its stdin revokes that user's tokens.
 Both programs run inside the namespace (`ip netns exec`).
 """
 
@@ -85,14 +85,29 @@ class InNamespace:
     def __init__(self, ns: str, *args: str):
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.upstream_net", *args],
-            cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+            cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.PIPE, text=True,
         )
         self.first_line = self.proc.stdout.readline().strip()
         if not self.first_line or self.proc.poll() is not None:
             rest = self.proc.stdout.read() if self.proc.poll() is not None else ""
             self.stop()
             raise RuntimeError(f"`{' '.join(args)}` did not start: {self.first_line}\n{rest}")
-        threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # never block it on a full pipe
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()  # never block it on a full pipe
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.strip())
+
+    def tell(self, command: str, timeout: float = 10) -> str:
+        """Send the stand-in a command (`revoke <session_name>`); its answer line."""
+        seen = len(self.lines)
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + timeout
+        while len(self.lines) == seen and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.lines[seen] if len(self.lines) > seen else ""
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -244,7 +259,11 @@ def run_standin(host: str, config_path: str, chain: str | None) -> None:
     write_config(config_path, config)
     standin.start()
     print(config["coze_api_base"], flush=True)
-    while True:
+    for line in sys.stdin:  # commands from the test, one a line
+        what, _, name = line.strip().partition(" ")
+        if what == "revoke":
+            print(f"revoked {standin.revoke(session_name=name)}", flush=True)
+    while True:  # stdin closed: serve until terminated
         time.sleep(3600)
 
 
