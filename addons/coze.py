@@ -5,7 +5,9 @@
 
 The parts, in the order every request meets them (the code: addons/coze_mitm/parts/):
   web_guard   refuses to run inside mitmweb < 11.1.2 (CVE-2025-23217: its web API has no authentication)
-  settings    the coze_* options (declared in coze_mitm/options.py), validated; the token broker, origins, stats
+  settings    the coze_* options (declared in coze_mitm/options.py), validated; the token broker, origins, stats;
+              how coze-mitm's own requests leave (mitmproxy's upstream mode and certificate options)
+  leaf_names  with a name-constrained CA (run_mitm.py's): leaves carry only names the CA may vouch for
   tuning      opt-in process tuning (coze_tune_process; run_mitm.py turns it on), off by default
   login       with mitmproxy's proxyauth: the login's password (and Proxy-Authorization) removed from the flow
   local_gate  without coze_allow_remote: clients on other machines reach neither coze.mitm nor this host
@@ -43,6 +45,7 @@ from coze_mitm.parts.cors import Cors  # noqa: E402
 from coze_mitm.parts.csp import Csp  # noqa: E402
 from coze_mitm.parts.demo import Demo  # noqa: E402
 from coze_mitm.parts.flowlog import FlowLog  # noqa: E402
+from coze_mitm.parts.leaf_names import LeafNames  # noqa: E402
 from coze_mitm.parts.local_gate import LocalGate  # noqa: E402
 from coze_mitm.parts.login import Login  # noqa: E402
 from coze_mitm.parts.pac import Pac  # noqa: E402
@@ -62,6 +65,7 @@ login = Login(settings)  # auth asks it who a proxy login is (LDAP: the director
 bundle = Bundle(
     MitmwebGuard(),
     settings,
+    LeafNames(),  # its only hook, tls_start_client, meets no flow
     ProcessTuning(),
     login,
     LocalGate(),  # before demo and status: their pages are this host too
