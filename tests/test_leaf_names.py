@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import http.server
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -248,3 +249,117 @@ def _without_confdir(args: list[str]) -> list[str]:
             continue
         out.append(a)
     return out
+
+
+# ------------------------------------------------------------------------------------------ browsers
+
+def nss_db(directory: Path, root: Path) -> None:
+    """An NSS database in `directory` that trusts `root` (and nothing else) for websites."""
+    directory.mkdir(parents=True, exist_ok=True)
+    subprocess.run([CERTUTIL, "-N", "--empty-password", "-d", f"sql:{directory}"], check=True, capture_output=True)
+    subprocess.run([CERTUTIL, "-A", "-n", "coze-mitm scoped", "-t", "C,,", "-i", str(root), "-d", f"sql:{directory}"],
+                   check=True, capture_output=True)
+
+
+@pytest.fixture
+def proxy(world, scoped_confdir):
+    p = start_mitmdump(world, scoped_confdir)
+    yield p
+    p.stop()
+
+
+def test_chromium_trusting_only_the_scoped_ca(world, scoped_confdir, proxy, tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (/usr/bin/chromium): the browser test is skipped")
+    if CERTUTIL is None:
+        pytest.skip("certutil is not installed (Debian: apt-get install libnss3-tools): the browser test is skipped")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    home = tmp_path / "home"
+    nss_db(home / ".pki" / "nssdb", scoped_confdir / "mitmproxy-ca-cert.pem")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True, env={**os.environ, "HOME": str(home)},
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", f"--proxy-server=http://127.0.0.1:{proxy.port}",
+                  "--proxy-bypass-list=<-loopback>"])
+        try:
+            page = browser.new_context(ignore_https_errors=False).new_page()
+            for url in (f"https://{API_HOST}:{world['api']}/", f"https://{IP_HOST}:{world['page']}/"):
+                page.goto(url)
+                assert page.inner_text("#ok") == "served", url
+        finally:
+            browser.close()
+
+
+def firefox_bidi(profile: Path, urls: list[str], timeout: float = 60) -> list[str]:
+    """Firefox ESR driven over WebDriver BiDi (Playwright's BiDi client asks for commands ESR lacks): for each url,
+    the page's #ok text, or where the browser ended up (about:certerror?...) when it refused."""
+    from websockets.sync.client import connect
+
+    proc = subprocess.Popen([FIREFOX, "--headless", "--no-remote", "--profile", str(profile),
+                             "--remote-debugging-port=0", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        endpoint = None
+        deadline = time.monotonic() + timeout
+        while endpoint is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line and proc.poll() is not None:
+                raise RuntimeError("firefox exited before WebDriver BiDi listened")
+            m = re.search(r"WebDriver BiDi listening on (ws://\S+)", line)
+            endpoint = m.group(1) if m else None
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        with connect(endpoint + "/session", open_timeout=timeout) as ws:
+            ids = iter(range(1, 1000))
+
+            def call(method, params):
+                n = next(ids)
+                ws.send(json.dumps({"id": n, "method": method, "params": params}))
+                while True:
+                    answer = json.loads(ws.recv(timeout=timeout))
+                    if answer.get("id") == n:
+                        return answer
+
+            call("session.new", {"capabilities": {}})
+            context = call("browsingContext.getTree", {})["result"]["contexts"][0]["context"]
+            seen = []
+            for url in urls:
+                call("browsingContext.navigate", {"context": context, "url": url, "wait": "complete"})
+                answer = call("script.evaluate", {
+                    "expression": "document.getElementById('ok') ? document.getElementById('ok').textContent"
+                                  " : document.documentURI",
+                    "target": {"context": context}, "awaitPromise": False})
+                seen.append(answer.get("result", {}).get("result", {}).get("value", json.dumps(answer)[:300]))
+            call("session.end", {})
+            return seen
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_firefox_trusting_only_the_scoped_ca(world, scoped_confdir, proxy, tmp_path):
+    if FIREFOX is None:
+        pytest.skip("Firefox is not installed (Debian: apt-get install firefox-esr): the Firefox test is skipped")
+    if CERTUTIL is None:
+        pytest.skip("certutil is not installed (Debian: apt-get install libnss3-tools): the Firefox test is skipped")
+    pytest.importorskip("websockets.sync.client", reason="the websockets package (mitmproxy's) is not importable")
+    profile = tmp_path / "profile"
+    nss_db(profile, scoped_confdir / "mitmproxy-ca-cert.pem")  # the profile's own cert9.db: Firefox's trust store
+    prefs = {
+        "network.proxy.type": 1, "network.proxy.ssl": "127.0.0.1", "network.proxy.ssl_port": proxy.port,
+        "network.proxy.http": "127.0.0.1", "network.proxy.http_port": proxy.port,
+        "network.proxy.allow_hijacking_localhost": True, "network.proxy.no_proxies_on": "",
+        "browser.shell.checkDefaultBrowser": False, "app.update.enabled": False, "network.dns.disableIPv6": True,
+        "security.enterprise_roots.enabled": False, "network.captive-portal-service.enabled": False,
+        "network.connectivity-service.enabled": False, "browser.safebrowsing.update.enabled": False,
+        "datareporting.policy.dataSubmissionEnabled": False, "toolkit.telemetry.enabled": False,
+        "remote.prefs.recommended": True,
+    }
+    (profile / "user.js").write_text("".join(f'user_pref("{k}", {json.dumps(v)});\n' for k, v in prefs.items()))
+    seen = firefox_bidi(profile, [f"https://{API_HOST}:{world['api']}/", f"https://{IP_HOST}:{world['page']}/"])
+    assert seen == ["served", "served"], seen
