@@ -167,3 +167,33 @@ def test_https_through_the_proxy_with_a_private_ca(corp, tmp_path, upstream_prox
     r = chat(trusting, base, ALICE, stream=True, verify=str(trusting.confdir / "mitmproxy-ca-cert.pem"))
     assert r.status_code == 200, r.text
     assert "event:conversation.chat.completed" in r.text
+
+
+def test_run_mitm_check_and_proxy_through_the_upstream_proxy(corp, tmp_path, upstream_proxy):
+    from tests.test_run_mitm import Launcher, clean_env, cmdline, run
+
+    proxy_at, log = upstream_proxy
+    base, config = standin_in(corp, tmp_path)
+    env = clean_env(COZE_UPSTREAM_AUTH=PROXY_LOGIN)
+    # the password on a command line (ps shows it to every user) is refused, naming the variable to use
+    refused = run("--check", "--config", config, "--set", f"upstream_auth={PROXY_LOGIN}")
+    assert refused.returncode != 0 and "COZE_UPSTREAM_AUTH" in refused.stderr
+    assert PROXY_LOGIN.split(":")[1] not in refused.stdout + refused.stderr
+    # --check mints its token the way the proxy will: through the upstream proxy
+    checked = run("--check", "--config", config, "--set", f"mode=upstream:http://{proxy_at}", env=env)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "OK: Coze accepted the config" in checked.stdout
+    assert lines_of(log, lambda l: l == f"POST {base}/api/permission/oauth2/token auth=ok")
+    # and the proxy it starts: the login reaches mitmproxy's upstream_auth, never its command line
+    launcher = Launcher(tmp_path / "run", "--config", config, "--origins", "https://chat.example.org",
+                        "--set", f"mode=upstream:http://{proxy_at}", env=env)
+    (tmp_path / "run").mkdir()
+    launcher.start()
+    try:
+        r = chat(launcher, base, ALICE, stream=True)
+        assert r.status_code == 200 and "event:conversation.chat.completed" in r.text, r.text
+        assert len(lines_of(log, lambda l: l == f"POST {base}/api/permission/oauth2/token auth=ok")) == 2
+        for pid in [launcher.proc.pid, *launcher.children()]:
+            assert not any(PROXY_LOGIN.split(":")[1] in arg for arg in cmdline(pid))
+    finally:
+        launcher.stop()
