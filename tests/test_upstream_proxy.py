@@ -20,6 +20,8 @@ from cryptography.x509.oid import NameOID
 from tests.clients import session, tagged
 from tests.upstream_net import PROXY_ADDR, STANDIN_ADDR, InNamespace, Unavailable, corp_net, wait_for_line
 
+pytestmark = pytest.mark.process  # every test here starts a process (run_tests.py --fast leaves them out)
+
 ALICE = "alice-corp-0001"
 PROXY_LOGIN = "corp-user:Pr0xy-Passw0rd-7"
 
