@@ -50,7 +50,7 @@ CERTUTIL = shutil.which("certutil")
 # ------------------------------------------------------------------------------------------ the pure part
 
 def _scope(*hosts):
-    return scoped_ca.ChainScope((scoped_ca.scope_for(scoped_ca.hosts_for([f"https://{h}" for h in hosts])),))
+    return scoped_ca.ChainScope((scoped_ca.scope_for(hosts),))
 
 
 def test_names_outside_the_constraints_are_left_out():
@@ -160,7 +160,7 @@ def coze_sets(world) -> list[str]:
 @pytest.fixture(scope="module")
 def scoped_confdir(tmp_path_factory):
     confdir = tmp_path_factory.mktemp("scoped-ca")
-    launcher_ca.write_ca(confdir, scoped_ca.hosts_for([f"https://{API_HOST}", f"https://{IP_HOST}"]))
+    launcher_ca.write_ca(confdir, sorted([API_HOST, IP_HOST, "coze.mitm", "mitm.it"]))  # as run_mitm.py would
     return confdir
 
 
