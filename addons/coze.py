@@ -14,6 +14,8 @@ The parts, in the order every request meets them (the code: addons/coze_mitm/par
   demo        http://coze.mitm/demo and the sandbox.coze.mitm name, only with coze_demo (run_mitm.py --demo)
   pac         the PAC file (http://127.0.0.1:8080/proxy.pac, http://coze.mitm/proxy.pac), answered locally
   status      http://coze.mitm/ pages, answered locally
+  direct_api  requests sent straight to the proxy's own address (http://127.0.0.1:8080/v3/chat): re-addressed to
+              the Coze API (WebSocket upgrades to its ws host), then on through every part below like any other
   cors        preflights to the Coze API from allowed origins answered locally; CORS headers set (once)
   auth        the user tag swapped for that user's Coze token (or refused with a JSON answer)
   csp         pages in coze_origins: their Content-Security-Policy widened by the Chat SDK's sources only
@@ -44,6 +46,7 @@ from coze_mitm.parts.auth import Auth  # noqa: E402
 from coze_mitm.parts.cors import Cors  # noqa: E402
 from coze_mitm.parts.csp import Csp  # noqa: E402
 from coze_mitm.parts.demo import Demo  # noqa: E402
+from coze_mitm.parts.direct_api import DirectApi  # noqa: E402
 from coze_mitm.parts.flowlog import FlowLog  # noqa: E402
 from coze_mitm.parts.leaf_names import LeafNames  # noqa: E402
 from coze_mitm.parts.local_gate import LocalGate  # noqa: E402
@@ -72,6 +75,7 @@ bundle = Bundle(
     Demo(settings),
     Pac(settings),
     StatusPages(settings, accounting),
+    DirectApi(settings),  # after pac (its /proxy.pac on this address), before cors/auth (they read the new host)
     Cors(settings),
     Auth(settings, accounting, login),
     Csp(settings),

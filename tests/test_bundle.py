@@ -226,7 +226,7 @@ def test_coze_py_is_one_addon_object_with_the_parts_in_order(tmp_path):
     assert not hasattr(bundle, "add_log") and not hasattr(bundle, "update")
     assert bundle.hooks() and bundle.request is bundle.hooks()["request"]
     assert [type(p).__name__ for p in bundle.parts] == [
-        "MitmwebGuard", "CozeSettings", "LeafNames", "ProcessTuning", "Login", "LocalGate", "Demo", "Pac", "StatusPages", "Cors", "Auth", "Csp", "Streaming", "Accounting",
+        "MitmwebGuard", "CozeSettings", "LeafNames", "ProcessTuning", "Login", "LocalGate", "Demo", "Pac", "StatusPages", "DirectApi", "Cors", "Auth", "Csp", "Streaming", "Accounting",
         "FlowLog", "QuietExit"]
     # Every part's options are registered, as when each part was an addon of its own.
     for name in ("coze_config", "coze_origins", "coze_demo", "coze_launcher", "coze_user_daily_tokens",
@@ -346,6 +346,8 @@ def test_the_bundle_treats_flows_as_the_parts_registered_one_by_one(tmp_path, co
 
 # --------------------------------------------------------------------------- in a real mitmdump
 
+
+@pytest.mark.process
 def test_script_reload_keeps_the_bundle_working(tmp_path, standin, config_file):
     """mitmproxy reloads a script whose file changed: the old bundle is removed, the new one registered."""
     copy = tmp_path / "repo"

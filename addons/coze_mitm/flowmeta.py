@@ -15,3 +15,4 @@ CSP_DONE = "coze_csp_done"  # headers already handled: responseheaders, then res
 DEMO_ROUTED = "coze_demo_routed"  # this request was sent on to the local sandbox (demo)
 LOCAL_ANSWER = "coze_local_answer"  # this response never came from upstream (answers)
 PROXYAUTH = "proxyauth"  # mitmproxy's own: (username, password) of the proxy login; the password is removed (login)
+DIRECT = "coze_direct"  # the proxy's own address this request was sent to ("127.0.0.1:8080"), now the Coze API's (direct_api)
