@@ -67,6 +67,12 @@ def make_parser() -> Parser:
                       help="no Coze account needed: start a local Coze SANDBOX (not Coze) with a throwaway key "
                            f"and serve a chat page at {DEMO_URL} that uses it through the proxy")
 
+    p.add_argument("--browser", nargs="?", const="", metavar="NAME",
+                   help="once the proxy listens, start your Chrome, Chromium, Edge, Brave or Firefox (NAME picks one: "
+                        "chrome, chromium, edge, brave, firefox) with a throwaway profile that uses the proxy's PAC, "
+                        "trusts its CA in that profile only, and opens the demo or the first --origins page; the "
+                        "profile is removed when the browser closes. Turns coze_inject on: no userscript manager needed")
+
     net = p.add_argument_group("proxy")
     net.add_argument("--host", default="127.0.0.1",
                      help="address to listen on (default: %(default)s); another than loopback needs --allow-remote")
@@ -128,6 +134,15 @@ def check_args(args: argparse.Namespace) -> None:
     _fold_sets(args)
     _read_proxyauth(args)
     _check_reach(args)
+    if args.browser is not None:
+        from launcher.browser import NAMES
+
+        if args.check:
+            raise Fail("--check starts no proxy, so no browser either: drop --browser", EXIT_USAGE)
+        if args.browser and args.browser.lower() not in NAMES:
+            raise Fail(f"--browser {args.browser}: not a browser coze-mitm knows; use one of {', '.join(NAMES)} "
+                       "(or --browser alone for the first one installed)", EXIT_USAGE)
+        args.browser = args.browser.lower()
     if args.demo:
         for flag, given in (("--config", args.config), ("--pat", args.pat),
                             ("--set coze_api_base", set_value(args, "coze_api_base"))):

@@ -107,6 +107,8 @@ def plan(args: argparse.Namespace) -> Plan:
         pl.sets.append(("coze_bot_id", args.bot_id))
     if args.title:
         pl.sets.append(("coze_title", args.title))
+    if getattr(args, "browser", None) is not None:
+        pl.sets.append(("coze_inject", "true"))  # the launched browser has no userscript manager (the user's --set wins)
     if args.allow_remote:
         pl.sets.append(("coze_allow_remote", "true"))
     if args.proxyauth:

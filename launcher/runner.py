@@ -12,6 +12,7 @@ import sys
 import tempfile
 
 from launcher.args import is_anonymous
+from launcher.browser import find as find_browser, launch as launch_browser
 from launcher.common import (DEMO_URL, EXIT_FAILED, EXIT_OK, EXIT_PORT_IN_USE, EXIT_USAGE, STATUS_URL, Fail, Stop,
                              is_loopback, say, tell, wrap)
 from launcher.plan import Plan, mitm_command
@@ -112,6 +113,7 @@ def run_proxy(pl: Plan, sandbox=None) -> int:
     mitmproxy_version()
     warn_about_reach(pl)
     check_port_free(args.host, args.port)
+    browser = find_browser(args.browser) if getattr(args, "browser", None) is not None else None  # before anything starts
 
     proc = subprocess.Popen(mitm_command(pl), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, env=pl.env, text=True, encoding="utf-8", errors="replace",
@@ -120,6 +122,7 @@ def run_proxy(pl: Plan, sandbox=None) -> int:
     listening: tuple[str, int] | None = None
     web_url = ""
     told = False
+    session = None  # the browser started by --browser
     try:
         for line in proc.stdout:
             sys.stdout.write(line)
@@ -133,6 +136,8 @@ def run_proxy(pl: Plan, sandbox=None) -> int:
             if listening and (web_url or not args.web) and not told:
                 told = True
                 say(next_steps(pl, *listening, sandbox=sandbox, web_url=web_url))
+                if browser is not None:
+                    session = start_browser(pl, browser, *listening)
         rc = proc.wait()
     except KeyboardInterrupt:
         stop_child(proc, signalled=True)
@@ -144,12 +149,24 @@ def run_proxy(pl: Plan, sandbox=None) -> int:
         if gone := stopped_line(listening):
             say(wrap(gone))
         return EXIT_OK
+    finally:
+        if session is not None:
+            session.stop()  # the browser closed and its profile removed, however the proxy stopped
     if port_in_use:
         raise Fail(port_in_use_message(args.host, args.port), EXIT_PORT_IN_USE)
     if rc != 0:
         raise Fail(f"{'mitmweb' if args.web else 'mitmdump'} stopped with exit code {rc} (see its output above)",
                    EXIT_FAILED)
     return EXIT_OK
+
+
+def start_browser(pl: Plan, browser, host: str, port: int):
+    """--browser, once the proxy listens; a browser that cannot be started leaves the proxy running."""
+    try:
+        return launch_browser(pl, browser, host, port)
+    except Fail as e:
+        tell("error", f"{e.msg}; the proxy keeps running (Ctrl-C stops it)")
+        return None
 
 
 def stop_child(proc: subprocess.Popen, signalled: bool) -> None:

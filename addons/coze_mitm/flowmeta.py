@@ -12,6 +12,7 @@ CORS_ORIGIN = "coze_cors_origin"  # the allowed origin this flow's response is f
 CORS_SET = "coze_cors_set"  # its response got the CORS headers in responseheaders already (cors)
 CSP_PAGE = "coze_csp_page"  # the allowed page origin, decided before anything rewrote the URL (csp)
 CSP_DONE = "coze_csp_done"  # headers already handled: responseheaders, then response (csp)
+INJECT_PAGE = "coze_inject_page"  # the allowed page origin whose document gets the loader (inject)
 DEMO_ROUTED = "coze_demo_routed"  # this request was sent on to the local sandbox (demo)
 LOCAL_ANSWER = "coze_local_answer"  # this response never came from upstream (answers)
 PROXYAUTH = "proxyauth"  # mitmproxy's own: (username, password) of the proxy login; the password is removed (login)
