@@ -5,7 +5,9 @@
 
 The parts, in the order every request meets them (the code: addons/coze_mitm/parts/):
   web_guard   refuses to run inside mitmweb < 11.1.2 (CVE-2025-23217: its web API has no authentication)
-  settings    the coze_* options (declared in coze_mitm/options.py), validated; the token broker, origins, stats
+  settings    the coze_* options (declared in coze_mitm/options.py), validated; the token broker, origins, stats;
+              how coze-mitm's own requests leave (mitmproxy's upstream mode and certificate options)
+  leaf_names  with a name-constrained CA (run_mitm.py's): leaves carry only names the CA may vouch for
   tuning      opt-in process tuning (coze_tune_process; run_mitm.py turns it on), off by default
   login       with mitmproxy's proxyauth: the login's password (and Proxy-Authorization) removed from the flow
   local_gate  clients on other machines never reach this host or its link (nor coze.mitm without
@@ -49,6 +51,7 @@ from coze_mitm.parts.demo import Demo  # noqa: E402
 from coze_mitm.parts.direct_api import DirectApi  # noqa: E402
 from coze_mitm.parts.flowlog import FlowLog  # noqa: E402
 from coze_mitm.parts.inject import Inject  # noqa: E402
+from coze_mitm.parts.leaf_names import LeafNames  # noqa: E402
 from coze_mitm.parts.local_gate import LocalGate  # noqa: E402
 from coze_mitm.parts.login import Login  # noqa: E402
 from coze_mitm.parts.pac import Pac  # noqa: E402
@@ -69,6 +72,7 @@ status = StatusPages(settings, accounting)  # inject adds the userscript it serv
 bundle = Bundle(
     MitmwebGuard(),
     settings,
+    LeafNames(),  # its only hook, tls_start_client, meets no flow
     ProcessTuning(),
     login,
     LocalGate(settings),  # before demo and status: their pages are this host too

@@ -22,6 +22,8 @@ ANONYMOUS_PROXYAUTH = ("any",)
 # The proxyauth spec from the environment: keeps an LDAP bind password or a user:pass out of ps and shell history.
 # The launcher hands it to mitmdump the same way (never on the child's command line).
 PROXYAUTH_ENV = "COZE_PROXYAUTH"
+# The upstream proxy's user:pass (mitmproxy's upstream_auth), the same way: never on a command line.
+UPSTREAM_AUTH_ENV = "COZE_UPSTREAM_AUTH"
 
 
 class Parser(argparse.ArgumentParser):
@@ -157,8 +159,16 @@ def _fold_sets(args: argparse.Namespace) -> None:
             raise Fail("--set coze_pat=... would show the PAT to every user of this machine in ps: "
                        "pass it as COZE_PAT=pat_... in the environment (or --pat without a value to be asked)",
                        EXIT_USAGE)
+        if name == "upstream_auth":
+            raise Fail("--set upstream_auth=... would show the proxy password to every user of this machine in ps: "
+                       f"pass it as {UPSTREAM_AUTH_ENV}=user:password in the environment", EXIT_USAGE)
+        if name == "mode" and value.startswith("upstream:") and "@" not in value:
+            passed.append((name, value))  # where the proxy sends requests, not where it listens (--host/--port)
+            continue
         if name in OWNED_OPTIONS:
-            raise Fail(f"use {OWNED_OPTIONS[name]} instead of --set {name}=...", EXIT_USAGE)
+            raise Fail(f"use {OWNED_OPTIONS[name]} instead of --set {name}=..."
+                       + (" (--set mode=upstream:http://host:port, without @, is passed on)" if name == "mode" else ""),
+                       EXIT_USAGE)
         attr = FLAG_ALIASES.get(name)
         if attr == "origins":
             args.origins = [*(args.origins or []), value]

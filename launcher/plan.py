@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.args import PROXYAUTH_ENV, set_value
+from launcher.args import PROXYAUTH_ENV, UPSTREAM_AUTH_ENV, set_value
 from launcher.common import EXIT_CONFIG, EXIT_USAGE, SCRIPT, Fail, config_error, tell
 
 # Without -v: no per-flow dump by mitmproxy (flowlog writes one line per flow coze-mitm acted on),
@@ -132,12 +132,14 @@ def allow_hosts(pl: Plan) -> list[str]:
 
 
 def child_code(tool: str) -> str:
-    """The child's `python -c` program: mitmproxy's own main, with the proxyauth SPEC (if any) taken from the
-    environment into its argument list in memory only. /proc/PID/cmdline (what ps shows any user) keeps the
+    """The child's `python -c` program: mitmproxy's own main, with the proxyauth SPEC and the upstream proxy's
+    user:pass (if any) taken from the environment into its argument list in memory only. /proc/PID/cmdline (what ps shows any user) keeps the
     command line the child started with; the variable leaves the child's environment before mitmproxy runs
     (the kernel's copy of the start-up environment, /proc/PID/environ, is readable by the same user only)."""
     return (f"import os, sys; spec = os.environ.pop({PROXYAUTH_ENV!r}, None); "
-            "spec and sys.argv.extend(['--set', 'proxyauth=' + spec]); del spec; "
+            "spec and sys.argv.extend(['--set', 'proxyauth=' + spec]); "
+            f"up = os.environ.pop({UPSTREAM_AUTH_ENV!r}, None); "
+            "up and sys.argv.extend(['--set', 'upstream_auth=' + up]); del spec, up; "
             f"from mitmproxy.tools.main import {tool}; {tool}()")
 
 

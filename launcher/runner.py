@@ -18,7 +18,7 @@ from launcher.common import (DEMO_URL, EXIT_FAILED, EXIT_OK, EXIT_PORT_IN_USE, E
 from launcher.plan import Plan, mitm_command
 from launcher.ports import PORT_IN_USE_RE, check_port_free, port_in_use_message
 
-LISTENING_RE = re.compile(r"HTTP\(S\) proxy listening at (\[[^\]]+\]|[^\s:]+):(\d+)")
+LISTENING_RE = re.compile(r"HTTP\(S\) proxy (?:\(upstream mode\) )?listening at (\[[^\]]+\]|[^\s:]+):(\d+)")
 WEB_LISTENING_RE = re.compile(r"Web server listening at (\S+)")
 MITMWEB_FIXED = (11, 1, 2)  # CVE-2025-23217: mitmweb's API is unauthenticated before this version
 

@@ -227,7 +227,7 @@ def test_coze_py_is_one_addon_object_with_the_parts_in_order(tmp_path):
     assert not hasattr(bundle, "add_log") and not hasattr(bundle, "update")
     assert bundle.hooks() and bundle.request is bundle.hooks()["request"]
     assert [type(p).__name__ for p in bundle.parts] == [
-        "MitmwebGuard", "CozeSettings", "ProcessTuning", "Login", "LocalGate", "Demo", "Pac", "StatusPages", "DirectApi", "Cors", "Auth", "Csp", "Inject", "Streaming", "Accounting",
+        "MitmwebGuard", "CozeSettings", "LeafNames", "ProcessTuning", "Login", "LocalGate", "Demo", "Pac", "StatusPages", "DirectApi", "Cors", "Auth", "Csp", "Inject", "Streaming", "Accounting",
         "FlowLog", "QuietExit"]
     # Every part's options are registered, as when each part was an addon of its own.
     for name in ("coze_config", "coze_origins", "coze_demo", "coze_launcher", "coze_user_daily_tokens",
@@ -236,7 +236,7 @@ def test_coze_py_is_one_addon_object_with_the_parts_in_order(tmp_path):
     # Every hook a part implements is one the bundle has.
     for part in bundle.parts:
         for hook in ("requestheaders", "request", "responseheaders", "response", "error", "http_connect",
-                     "tls_clienthello", "websocket_start", "websocket_message", "websocket_end"):
+                     "tls_clienthello", "tls_start_client", "websocket_start", "websocket_message", "websocket_end"):
             if hasattr(part, hook):
                 assert hasattr(bundle, hook), (type(part).__name__, hook)
     tctx.master.addons.invoke_addon_sync(bundle, addonmanager.hooks.DoneHook())

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.process  # every test here starts a process (run_tests.
 REPO = Path(__file__).resolve().parent.parent
 RUN_MITM = REPO / "run_mitm.py"
 PAGE = "https://chat.example.org"
-LISTENING_RE = re.compile(r"HTTP\(S\) proxy listening at \S*?:(\d+)")
+LISTENING_RE = re.compile(r"HTTP\(S\) proxy (?:\(upstream mode\) )?listening at \S*?:(\d+)")
 MITMPROXY_11 = tuple(int(x) for x in re.findall(r"\d+", __import__("mitmproxy.version").version.VERSION)[:3]) < (11, 1, 2)
 
 
@@ -278,6 +278,7 @@ def test_port_in_use_seen_in_mitmproxy_output_is_recognised():
 @pytest.mark.parametrize("line, where", [
     ("[22:15:47.969] HTTP(S) proxy listening at 127.0.0.1:8080.", ("127.0.0.1", "8080")),
     ("[22:15:47.969] HTTP(S) proxy listening at [::1]:44469.", ("[::1]", "44469")),
+    ("[22:15:47.969] HTTP(S) proxy (upstream mode) listening at 127.0.0.1:8080.", ("127.0.0.1", "8080")),
 ])
 def test_listening_line_parsed(line, where):
     import run_mitm

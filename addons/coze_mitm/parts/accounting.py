@@ -237,11 +237,10 @@ class Accounting:
             return
         if self.poller is None:
             opts = ctx.options
-            verify: bool | str = False if opts.ssl_insecure else (opts.ssl_verify_upstream_trusted_ca or True)
             self.poller = UsagePoller(
                 lambda u: self.settings.broker.token_for(u), self._polled_usage, self._poll_done,
                 invalidate=lambda u, token: self.settings.broker.invalidate(u, token),
-                timeout=float(getattr(opts, "coze_exchange_timeout", 10)), verify=verify,
+                timeout=float(getattr(opts, "coze_exchange_timeout", 10)), outbound=settings.outbound,
             )
         request = flow.request
         origin = f"{request.scheme}://{request.host}" + ("" if (request.scheme, request.port) in

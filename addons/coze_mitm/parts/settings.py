@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from mitmproxy import ctx, http
+from mitmproxy.proxy import mode_specs
 
 from coze_mitm.core import config
 from coze_mitm import options
@@ -23,6 +24,7 @@ from coze_mitm.core.config import WS_SCHEME_OF_HTTP, ConfigError, Origin
 from coze_mitm.core.hosts import DEFAULT_ONBOARDING_HOST, STATUS_HOST, Handled, coze_origins
 from coze_mitm.core.identity import is_loopback
 from coze_mitm.core.exchange import EXCHANGE_REASONS, CozeTokenExchange, scrub
+from coze_mitm.core.outbound import DIRECT, Outbound, OutboundError
 from coze_mitm.core.tokens import PatBroker, TokenBroker
 
 log = logging.getLogger("coze.settings")
@@ -32,6 +34,10 @@ OPTION_NAMES = (
     "coze_exchange_timeout", "coze_max_users", "coze_new_users_per_minute", "coze_bot_id", "coze_title",
     "coze_sdk_url", "coze_csp", "coze_csp_extra", "coze_allow_remote",
 )
+# mitmproxy's own options that say how a connection leaves this machine: coze-mitm's own requests follow them
+CONNECTION_OPTIONS = frozenset({
+    "mode", "upstream_auth", "ssl_insecure", "ssl_verify_upstream_trusted_ca", "ssl_verify_upstream_trusted_confdir",
+})
 
 
 @dataclass
@@ -87,6 +93,9 @@ class CozeSettings:
         self.refused_origins = RefusedOrigins()  # pages outside coze_origins that asked: log + status page
         self.started = False  # running: a bad value is then refused with OptionsError (rolled back)
         self.problem = "not configured yet"  # why tagged requests cannot be served, while broker is None
+        # How coze-mitm's own requests (token exchange, usage polls, retries) leave: built from mitmproxy's
+        # connection options here only; every client asks `outbound()` on each request.
+        self._outbound: Outbound = DIRECT
 
 
     def load(self, loader):
@@ -96,6 +105,8 @@ class CozeSettings:
         if "proxyauth" in updated:
             # With mitmproxy's proxy login on, a user is who logged in; the tag only asks for credentials.
             self.login_mode = logins.auth_mode(getattr(ctx.options, "proxyauth", None))
+        if updated & CONNECTION_OPTIONS:
+            self._configure_outbound()
         if not updated & set(OPTION_NAMES) and self.broker is not None:
             return
         try:
@@ -107,6 +118,36 @@ class CozeSettings:
             options.refuse(f"coze-mitm: {e}", started=False)
         else:
             self.problem = ""
+
+    def outbound(self) -> Outbound:
+        """How coze-mitm's own requests leave this machine now (mitmproxy's connection options)."""
+        return self._outbound
+
+    def _configure_outbound(self) -> None:
+        opts = ctx.options
+        upstreams = []
+        for spec in opts.mode:  # a sequence on mitmproxy 11 and 12; each entry is one listener
+            try:
+                mode = mode_specs.ProxyMode.parse(spec)
+            except ValueError:
+                continue  # mitmproxy refuses it itself, naming it
+            if isinstance(mode, mode_specs.UpstreamMode):
+                upstreams.append((mode.scheme, mode.address[0], mode.address[1]))
+        try:
+            outbound = Outbound.from_options(
+                # upstream_auth is declared by mitmproxy's upstream_auth addon (absent in a bare test context)
+                upstreams, getattr(opts, "upstream_auth", None), opts.ssl_insecure,
+                opts.ssl_verify_upstream_trusted_ca, opts.ssl_verify_upstream_trusted_confdir,
+            )
+        except OutboundError as e:
+            options.refuse(f"coze-mitm: {e}", started=self.started)
+            return  # (not started, outside mitmdump's start-up: the last good settings stay)
+        if len(set(upstreams)) > 1:
+            log.warning(f"coze-mitm: several upstream proxies in mode; coze-mitm's own requests (token exchange, "
+                        f"usage polls, retries) use the first, {outbound.proxy}")
+        if outbound != self._outbound:
+            self._outbound = outbound
+            log.info(f"coze-mitm: its own requests (token exchange, usage polls, retries) go {outbound.describe()}")
 
     def _rebuild(self) -> None:
         opts = ctx.options
@@ -136,7 +177,7 @@ class CozeSettings:
             api_base = app.api_base
             exchange = CozeTokenExchange(
                 app, duration_seconds=opts.coze_token_ttl, timeout=opts.coze_exchange_timeout,
-                verify=not opts.ssl_insecure,
+                outbound=self.outbound,
             )
             broker = TokenBroker(
                 exchange, max_users=opts.coze_max_users, new_users_per_minute=opts.coze_new_users_per_minute,
