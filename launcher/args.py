@@ -214,18 +214,15 @@ def _read_proxyauth(args: argparse.Namespace) -> None:
 
 
 def _check_htpasswd(path: Path) -> None:
-    """Name the lines the installed mitmproxy cannot verify: mitmproxy 12 refuses the whole file for one of them
-    ("Could not open htpasswd file", no line named), so the launcher refuses first, naming them; on mitmproxy 11
-    the file loads and those users just cannot log in: a warning each."""
-    from coze_mitm.parts.login import htpasswd_problems, mitmproxy_version
+    """Refuse, naming them, the lines the installed mitmproxy cannot verify as a hash: mitmproxy 12 refuses the
+    whole file for one of them ("Could not open htpasswd file", no line named); mitmproxy 11 (passlib) takes a
+    hash it does not know ({SSHA}, argon2) for a plain-text password, so the hash string itself logs in. The
+    addon refuses the same lines when mitmdump starts without this launcher."""
+    from coze_mitm.parts.login import htpasswd_problems
 
     problems = htpasswd_problems(path)
-    if not problems:
-        return
-    if mitmproxy_version() >= (12,):
+    if problems:
         raise Fail("; ".join(problems), EXIT_USAGE)
-    for problem in problems:
-        tell("warning", problem)
 
 
 def is_anonymous(args: argparse.Namespace) -> bool:
