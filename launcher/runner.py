@@ -12,6 +12,7 @@ import sys
 import tempfile
 
 from launcher.args import is_anonymous
+from launcher.ca import demo_confdir
 from launcher.common import (DEMO_URL, EXIT_FAILED, EXIT_OK, EXIT_PORT_IN_USE, EXIT_USAGE, STATUS_URL, Fail, Stop,
                              is_loopback, say, tell, wrap)
 from launcher.plan import Plan, mitm_command
@@ -196,6 +197,8 @@ def run_demo(pl: Plan) -> int:
         origins = ",".join(sorted(pl.page_origins))
         pl.sets = [(n, v) for n, v in pl.sets if n != "coze_origins"]
         pl.sets += [("coze_config", config_path), ("coze_origins", origins), ("coze_demo", "true")]
+        if pl.option("confdir") is None and not any(n == "confdir" for n, _ in pl.sets):
+            pl.sets.append(("confdir", demo_confdir(pl, workdir)))  # throwaway, like the sandbox's key
         if not pl.args.title:
             pl.sets.append(("coze_title", "Sandbox bot"))
         return run_proxy(pl, sandbox=standin)
