@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from mitmproxy import ctx, http
 
+import coze_mitm
 from coze_mitm.core import config
 from coze_mitm import options
 from coze_mitm.core import logins
@@ -176,6 +177,7 @@ class CozeSettings:
     def running(self):
         self.started = True
         self._warn_if_reachable()
+        log.info(coze_mitm.READY)  # run_mitm.py waits for this line: the proxy runs WITH coze-mitm
 
     def _warn_if_reachable(self) -> None:
         """mitmdump listens on every interface unless told otherwise: say who can reach the credentials."""
