@@ -152,6 +152,7 @@ class Login:
     def __init__(self, settings=None):
         self.settings = settings
         self.names = LoginNames()
+        self.front = None  # login_check.FrontCheck in mitmproxy's chain, with proxyauth=@htpasswd
 
     def configure(self, updated):
         if not updated & {"proxyauth", "coze_ldap_identity"}:
@@ -181,6 +182,26 @@ class Login:
                 return
         old, self.names = self.names, LoginNames(mode, directory)
         old.close()
+        if "proxyauth" in updated:
+            self._password_checks(mode)
+
+    def _password_checks(self, mode: str) -> None:
+        """htpasswd: passwords checked off the event loop, before mitmproxy's proxyauth (parts/login_check.py)."""
+        from coze_mitm.core.password_checks import PasswordChecks
+        from coze_mitm.parts import login_check
+
+        login_check.uninstall(self.front)
+        self.front = None
+        if mode != "htpasswd":
+            return
+        auth = ctx.master.addons.get("proxyauth") if getattr(ctx, "master", None) else None
+        validator = getattr(auth, "validator", None)
+        if validator is None:
+            return
+        self.front = login_check.install(PasswordChecks(validator))
+        if self.front is None:
+            log.warning("coze-mitm: this mitmproxy's proxyauth is not as expected: proxy passwords are checked by "
+                        "mitmproxy alone, on its event loop")
 
     def running(self):
         warning = clear_text_warning(getattr(ctx.options, "proxyauth", None),
@@ -190,6 +211,11 @@ class Login:
 
     def done(self):
         self.names.close()
+        if self.front is not None:
+            from coze_mitm.parts import login_check
+
+            login_check.uninstall(self.front)
+            self.front = None
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         strip_password(flow)
