@@ -6,13 +6,19 @@ parts/login_check.py in mitmproxy's own addon machinery (taddons) in front of it
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import threading
 
 import pytest
+import requests
 from mitmproxy.addons import proxyauth
 from mitmproxy.test import taddons, tflow, tutils
 
 from coze_mitm.core.password_checks import BUSY, OK, WAIT, WRONG, PasswordChecks
+from tests.harness import Mitmdump
+
+STATUS = "http://coze.mitm/status.json"
 
 
 class Clock:
@@ -170,3 +176,63 @@ async def _front_check_spares_proxyauth_the_hash(tmp_path):
 
         login_check.uninstall(front)
         assert front not in tctx.master.addons.chain and pa.validator is original
+
+
+# --------------------------------------------------------------------------- end to end: a real mitmdump
+
+def _session(port: int, user: str, password: str) -> requests.Session:
+    s = requests.Session()
+    s.trust_env = False
+    s.proxies = {"http": f"http://{user}:{password}@127.0.0.1:{port}",
+                 "https": f"http://{user}:{password}@127.0.0.1:{port}"}
+    return s
+
+
+@pytest.mark.skipif(shutil.which("htpasswd") is None, reason="Apache's htpasswd not installed (apt-get install apache2-utils)")
+def test_wrong_passwords_are_answered_by_coze_mitm_while_a_logged_in_user_is_served(tmp_path, config_file):
+    """8 clients sending wrong passwords on new connections, as fast as they are answered, while alice (logged in)
+    keeps using the proxy: her requests are served; the wrong ones get coze-mitm's 407 (JSON, code 4107), and
+    once a client has failed 3 times it is told to wait instead of having its password hashed again. (The latency
+    figures, old and new: bench/login_stall.py, docs/team.md.)"""
+    htpasswd = tmp_path / "team.htpasswd"
+    subprocess.run(["htpasswd", "-b", "-c", "-B", "-C", "6", str(htpasswd), "alice", "alice-Pw-1"], check=True,
+                   capture_output=True)
+    proxy = Mitmdump(tmp_path, [f"proxyauth=@{htpasswd}", f"coze_config={config_file}",
+                                "coze_origins=https://chat.example.org"]).start()
+    try:
+        alice = _session(proxy.port, "alice", "alice-Pw-1")
+        assert alice.get(STATUS, timeout=30).status_code == 200
+        answers: list[tuple[int, dict]] = []
+        stop = threading.Event()
+
+        def attack(i: int) -> None:
+            while not stop.is_set():
+                with _session(proxy.port, "alice", f"wrong-{i}") as s:
+                    r = s.get(STATUS, timeout=60)
+                answers.append((r.status_code, r.json() if "json" in r.headers.get("content-type", "") else {}))
+
+        threads = [threading.Thread(target=attack, args=(i,), daemon=True) for i in range(8)]
+        for t in threads:
+            t.start()
+        try:
+            served = [alice.get(STATUS, timeout=60).status_code for _ in range(10)]
+            for _ in range(500):  # until some attacker was told to wait (bounded: the old code never says so)
+                if any("wait" in body.get("msg", "") for _, body in answers):
+                    break
+                served.append(alice.get(STATUS, timeout=60).status_code)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+        assert set(served) == {200}
+        assert answers and all(status == 407 and body.get("code") == 4107 for status, body in answers), answers[:5]
+        assert any(body["msg"] == "coze-mitm: wrong proxy user name or password" for _, body in answers)
+        waits = [body["msg"] for _, body in answers if "wait" in body["msg"]]
+        assert all(m.startswith("coze-mitm: too many wrong proxy passwords from this address; wait ") for m in waits)
+        # an https CONNECT with a wrong password: the same answer, and the tunnel is not opened
+        with _session(proxy.port, "bob", "nope") as s:
+            with pytest.raises(requests.exceptions.ProxyError, match="407"):
+                s.get("https://api.coze.cn/v1/bots", timeout=30)
+        assert "Traceback" not in proxy.output and "Addon error" not in proxy.output
+    finally:
+        proxy.stop()
