@@ -52,26 +52,31 @@ class FrontCheck:
     def __init__(self, checks: PasswordChecks):
         self.checks = checks
 
-    async def http_connect(self, flow: http.HTTPFlow) -> None:
-        await self._check(flow)
+    # Plain methods that return a coroutine only when there is a password to check (mitmproxy awaits what a hook
+    # returns): most requests (inside a logged-in tunnel) carry none and cost no coroutine.
+    def http_connect(self, flow: http.HTTPFlow):
+        return self._start(flow)
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow):
         if flow.is_replay:
-            return  # proxyauth does not check replays either
-        await self._check(flow)
+            return None  # proxyauth does not check replays either
+        return self._start(flow)
 
-    async def _check(self, flow: http.HTTPFlow) -> None:
+    def _start(self, flow: http.HTTPFlow):
         if flow.response is not None:
-            return
+            return None
         is_proxy = mitm_proxyauth.is_http_proxy(flow)
         header = mitm_proxyauth.http_auth_header(is_proxy)
         value = flow.request.headers.get(header)
         if not value:
-            return
+            return None
         try:
             _, user, password = mitm_proxyauth.parse_http_basic_auth(value)
         except Exception:
-            return  # proxyauth cannot read it either: its 407, no hash computed
+            return None  # proxyauth cannot read it either: its 407, no hash computed
+        return self._check(flow, is_proxy, header, user, password)
+
+    async def _check(self, flow: http.HTTPFlow, is_proxy: bool, header: str, user: str, password: str) -> None:
         client = str((flow.client_conn.peername or ("?",))[0])
         verdict, wait = await self.checks.check(client, user, password)
         if verdict == OK:
