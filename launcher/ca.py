@@ -154,11 +154,13 @@ def prepare(pl) -> None:
     new = getattr(args, "new_ca", False)
     hosts = needed_hosts(pl)
     given = pl.option("confdir")
-    if args.demo and given is None:
+    if args.demo:
         if new:
             raise Fail("--new-ca and --demo: the demo makes a throwaway CA of its own, nothing to trust; drop --new-ca",
                        EXIT_USAGE)
-        return  # run_demo: a throwaway CA in its temporary folder (demo_confdir), never one to trust or remove
+        # The demo is plain HTTP: no CA to trust, so none to talk about. run_demo makes a throwaway one in its
+        # temporary folder (demo_confdir) unless a confdir is named, which is then used as it is.
+        return
     if given is None and args.intercept_all:
         if new:
             raise Fail("--new-ca makes a CA that vouches only for the hosts coze-mitm intercepts, and --intercept-all "

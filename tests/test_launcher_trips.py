@@ -49,6 +49,18 @@ def test_demo_makes_no_ca_to_trust_or_remove(tmp_path):
     assert "No CA certificate is needed" in out
     assert "made a CA" not in out and "trust" not in out.replace("No CA certificate is needed", ""), out
     assert not (home / ".mitmproxy-coze-mitm").exists() and not (home / ".mitmproxy").exists()
+    # a confdir named for the demo, holding mitmproxy's own CA: used as it is, and no CA advice either
+    named = tmp_path / "named"
+    launcher = Launcher(named.parent, "--demo", env=clean_env(HOME=str(home)))
+    launcher.args[launcher.args.index(f"confdir={named.parent}")] = f"confdir={named}"
+    launcher.start()
+    assert launcher.stop() == 0
+    assert (named / "mitmproxy-ca.pem").exists()  # mitmproxy made its own there
+    launcher = Launcher(named.parent, "--demo", env=clean_env(HOME=str(home)))
+    launcher.args[launcher.args.index(f"confdir={named.parent}")] = f"confdir={named}"
+    launcher.start()
+    assert launcher.stop() == 0
+    assert "vouch" not in launcher.output and "--new-ca" not in launcher.output, launcher.output
 
 
 @posix_only
