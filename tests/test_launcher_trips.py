@@ -205,3 +205,4 @@ def test_a_second_start_on_a_busy_port_names_coze_mitm(launch, tmp_path):
     assert f"already in use by pid {holder} (coze-mitm's mitmdump, from a run_mitm.py or mitmdump -s " \
            "addons/coze.py started earlier)" in line, line
     assert "-c import" not in line
+

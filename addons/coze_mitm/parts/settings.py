@@ -177,7 +177,10 @@ class CozeSettings:
     def running(self):
         self.started = True
         self._warn_if_reachable()
-        log.info(coze_mitm.READY)  # run_mitm.py waits for this line: the proxy runs WITH coze-mitm
+        if getattr(ctx.options, "coze_launcher", ""):
+            # run_mitm.py waits for this line (the proxy runs WITH coze-mitm): printed, not logged, so that no
+            # termlog_verbosity hides it; plain mitmdump shows nothing
+            print(coze_mitm.READY, flush=True)
 
     def _warn_if_reachable(self) -> None:
         """mitmdump listens on every interface unless told otherwise: say who can reach the credentials."""
