@@ -98,7 +98,7 @@ def test_an_option_the_launcher_sets_too_takes_the_users_value(launch):
 
 
 def test_a_coze_option_given_twice_is_refused_in_one_line(tmp_path):
-    result = run("--demo", "--set", "coze_token_ttl=901", "--set", "coze_token_ttl=902", cwd=tmp_path, timeout=30)
+    result = run("--demo", "--port", "0", "--set", "coze_token_ttl=901", "--set", "coze_token_ttl=902", cwd=tmp_path, timeout=30)
     assert result.returncode == 2
     line = one_error_line(result)
     assert "--set coze_token_ttl is given more than once: give it once" in line.replace("\n  ", " "), line

@@ -157,7 +157,7 @@ TEXT_IS_PASSWORD_SAID = "so that text itself logs in"
 @needs_htpasswd
 def test_launcher_refuses_a_hash_mitmproxy_would_take_for_a_password(tmp_path):
     path = foreign_htpasswd(tmp_path / "team.htpasswd")
-    result = run("--demo", "--proxyauth", f"@{path}", cwd=tmp_path)
+    result = run("--demo", "--port", "0", "--proxyauth", f"@{path}", cwd=tmp_path)  # a free port if it did start
     assert result.returncode == 2, result.stdout + result.stderr
     (error,) = messages(result.stderr)
     assert_names_the_foreign_lines(error, path)
