@@ -199,7 +199,7 @@ class Login:
         if validator is None:
             return
         self.front = login_check.install(PasswordChecks(validator))
-        if self.front is None:
+        if self.front is None and ctx.master.addons.get(login_check.NAME) is None:
             log.warning("coze-mitm: this mitmproxy's proxyauth is not as expected: proxy passwords are checked by "
                         "mitmproxy alone, on its event loop")
 

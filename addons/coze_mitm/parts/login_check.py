@@ -106,6 +106,8 @@ def install(checks: PasswordChecks) -> FrontCheck | None:
     auth = manager.get("proxyauth") if manager is not None else None
     if auth is None or getattr(auth, "validator", None) is None or auth not in manager.chain:
         return None
+    if manager.get(NAME) is not None:
+        return None  # a second coze-mitm bundle in this mitmproxy: the first one's check serves both
     front = FrontCheck(checks)
     manager.register(front)
     manager.chain.insert(manager.chain.index(auth), front)
