@@ -6,6 +6,8 @@ parts/login_check.py in mitmproxy's own addon machinery (taddons) in front of it
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import shutil
 import subprocess
 import threading
@@ -13,6 +15,7 @@ import threading
 import pytest
 import requests
 from mitmproxy.addons import proxyauth
+from mitmproxy.proxy.layers.http import HttpRequestHeadersHook
 from mitmproxy.test import taddons, tflow, tutils
 
 from coze_mitm.core.password_checks import BUSY, OK, WAIT, WRONG, PasswordChecks
@@ -144,13 +147,10 @@ async def _front_check_spares_proxyauth_the_hash(tmp_path):
     from coze_mitm.parts import login_check
 
     htpasswd = tmp_path / "h"
-    htpasswd.write_text("alice:{SHA}" + __import__("base64").b64encode(
-        __import__("hashlib").sha1(b"right").digest()).decode() + "\n")
+    htpasswd.write_text("alice:{SHA}" + base64.b64encode(hashlib.sha1(b"right").digest()).decode() + "\n")
     pa = proxyauth.ProxyAuth()
     with taddons.context(pa) as tctx:
         tctx.configure(pa, proxyauth=f"@{htpasswd}")
-        gate = Gate()
-        gate.release.set()
         verify_calls = []
         original = pa.validator
         checks = PasswordChecks(lambda u, p: verify_calls.append(u) or original(u, p))
@@ -161,14 +161,12 @@ async def _front_check_spares_proxyauth_the_hash(tmp_path):
         assert isinstance(pa.validator, login_check.Remembered)
 
         good = _flow(proxyauth.mkauth("alice", "right"))
-        await tctx.master.addons.handle_lifecycle(__import__("mitmproxy.proxy.layers.http", fromlist=["x"])
-                                                  .HttpRequestHeadersHook(good))
+        await tctx.master.addons.handle_lifecycle(HttpRequestHeadersHook(good))
         assert good.response is None and good.metadata["proxyauth"] == ("alice", "right")
         assert verify_calls == ["alice"]  # once, in a worker thread; proxyauth's own call hit the memory
 
         wrong = _flow(proxyauth.mkauth("alice", "wrong"))
-        await tctx.master.addons.handle_lifecycle(__import__("mitmproxy.proxy.layers.http", fromlist=["x"])
-                                                  .HttpRequestHeadersHook(wrong))
+        await tctx.master.addons.handle_lifecycle(HttpRequestHeadersHook(wrong))
         assert wrong.response.status_code == 407 and b"4107" in wrong.response.content
         assert wrong.response.headers["Proxy-Authenticate"].startswith("Basic")
         assert "Proxy-Authorization" not in wrong.request.headers and "proxyauth" not in wrong.metadata

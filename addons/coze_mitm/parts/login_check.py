@@ -20,15 +20,11 @@ proxyauth, or none, this addon is not in the chain. docs/decisions.md says why t
 
 from __future__ import annotations
 
-import logging
-
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addons import proxyauth as mitm_proxyauth
 
 from coze_mitm.core.password_checks import BUSY, OK, WAIT, PasswordChecks
 from coze_mitm.parts.answers import answer_json
-
-log = logging.getLogger("coze.login")
 
 NAME = "coze-mitm-password-check"
 
