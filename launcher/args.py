@@ -8,8 +8,8 @@ import re
 import stat
 from pathlib import Path
 
-from launcher.common import (DEFAULT_PORT, DEMO_URL, EXIT_CODES_HELP, EXIT_USAGE, PROG, Fail, is_loopback,
-                             tell)
+from launcher.common import (DEFAULT_PORT, DEMO_URL, EXIT_CODES_HELP, EXIT_USAGE, PROG, PYTHON, Fail,
+                             is_loopback, tell)
 
 # Options this launcher owns: setting them with --set would bypass its checks.
 OWNED_OPTIONS = {"listen_host": "--host", "listen_port": "--port", "mode": "--host/--port", "coze_demo": "--demo",
@@ -28,7 +28,7 @@ UPSTREAM_AUTH_ENV = "COZE_UPSTREAM_AUTH"
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one message, not argparse's usage block
-        raise Fail(f"{message} (see python {PROG} --help)", EXIT_USAGE)
+        raise Fail(f"{message} (see {PYTHON} {PROG} --help)", EXIT_USAGE)
 
 
 def port_number(value: str) -> int:
@@ -179,7 +179,34 @@ def _fold_sets(args: argparse.Namespace) -> None:
             setattr(args, attr, value)
         else:
             passed.append((name, value))
+    _refuse_repeated(passed)
     args.sets = passed
+
+
+def _refuse_repeated(sets: list[tuple[str, str]]) -> None:
+    """A coze_* option given twice: mitmproxy would stop loading coze-mitm without a word (mitmproxy-notes.md).
+    (mitmproxy's own single-valued options it refuses itself, naming them; list options take every value.)"""
+    from coze_mitm import options
+
+    kinds = _OptionKinds()
+    options.declare(kinds)
+    seen: set[str] = set()
+    for name, _value in sets:  # values unsaid: one may hold a password (a redis:// URL)
+        if name in seen and name in kinds.single:
+            raise Fail(f"--set {name} is given more than once: give it once (mitmproxy would take neither value "
+                       "and run without coze-mitm)", EXIT_USAGE)
+        seen.add(name)
+
+
+class _OptionKinds:
+    """A loader for coze_mitm.options.declare that only notes which options take a single value."""
+
+    def __init__(self):
+        self.single: set[str] = set()
+
+    def add_option(self, name, typespec, default, help, choices=None):  # noqa: A002 (mitmproxy's signature)
+        if "Sequence" not in str(typespec):
+            self.single.add(name)
 
 
 def _check_reach(args: argparse.Namespace) -> None:
@@ -239,18 +266,15 @@ def _read_proxyauth(args: argparse.Namespace) -> None:
 
 
 def _check_htpasswd(path: Path) -> None:
-    """Name the lines the installed mitmproxy cannot verify: mitmproxy 12 refuses the whole file for one of them
-    ("Could not open htpasswd file", no line named), so the launcher refuses first, naming them; on mitmproxy 11
-    the file loads and those users just cannot log in: a warning each."""
-    from coze_mitm.parts.login import htpasswd_problems, mitmproxy_version
+    """Refuse, naming them, the lines the installed mitmproxy cannot verify as a hash: mitmproxy 12 refuses the
+    whole file for one of them ("Could not open htpasswd file", no line named); mitmproxy 11 (passlib) takes a
+    hash it does not know ({SSHA}, argon2) for a plain-text password, so the hash string itself logs in. The
+    addon refuses the same lines when mitmdump starts without this launcher."""
+    from coze_mitm.parts.login import htpasswd_problems
 
     problems = htpasswd_problems(path)
-    if not problems:
-        return
-    if mitmproxy_version() >= (12,):
+    if problems:
         raise Fail("; ".join(problems), EXIT_USAGE)
-    for problem in problems:
-        tell("warning", problem)
 
 
 def is_anonymous(args: argparse.Namespace) -> bool:

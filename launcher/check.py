@@ -56,13 +56,16 @@ def run_check(args: argparse.Namespace) -> int:
         override = pl.option("coze_api_base")
         if override:
             config.parse_api_origin(override)
+            problem = config.region_problem(app.www_base, override)
+            if problem:
+                raise config.ConfigError(f"{path} with --set coze_api_base: {problem}")
             app = dataclasses.replace(app, api_base=override.rstrip("/"))
         ttl = int(pl.option("coze_token_ttl", "900"))
         timeout = float(pl.option("coze_exchange_timeout", "10"))
         if args.origins:
             config.parse_page_origins(",".join(args.origins))
     except config.ConfigError as e:
-        failed(config_error(str(e), bool(args.config)))
+        failed(config_error(str(e)))
         return EXIT_CONFIG
     except ValueError:
         failed("coze_token_ttl and coze_exchange_timeout must be numbers")

@@ -127,7 +127,7 @@ def declare(loader) -> None:
     loader.add_option(
         "coze_demo", bool, False,
         "Serve the demo chat page at http://coze.mitm/demo; its API http://sandbox.coze.mitm is mapped "
-        "to the configured Coze API when that is a local sandbox (python run_mitm.py --demo sets this up).",
+        "to the configured Coze API when that is a local sandbox (python3 run_mitm.py --demo sets this up).",
     )
 
     # read by parts/status.py

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from mitmproxy import ctx, http
 from mitmproxy.proxy import mode_specs
 
+import coze_mitm
 from coze_mitm.core import config
 from coze_mitm import options
 from coze_mitm.core import logins, own_address
@@ -219,6 +220,10 @@ class CozeSettings:
     def running(self):
         self.started = True
         self._warn_if_reachable()
+        if getattr(ctx.options, "coze_launcher", ""):
+            # run_mitm.py waits for this line (the proxy runs WITH coze-mitm): printed, not logged, so that no
+            # termlog_verbosity hides it; plain mitmdump shows nothing
+            print(coze_mitm.READY, flush=True)
 
     def _warn_if_reachable(self) -> None:
         """mitmdump listens on every interface unless told otherwise: say who can reach the credentials."""
