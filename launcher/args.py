@@ -8,8 +8,8 @@ import re
 import stat
 from pathlib import Path
 
-from launcher.common import (DEFAULT_PORT, DEMO_URL, EXIT_CODES_HELP, EXIT_USAGE, PROG, PYTHON, Fail,
-                             is_loopback, tell)
+from coze_mitm.core.identity import is_loopback
+from launcher.common import DEFAULT_PORT, DEMO_URL, EXIT_CODES_HELP, EXIT_USAGE, PROG, PYTHON, Fail, tell
 
 # Options this launcher owns: setting them with --set would bypass its checks.
 OWNED_OPTIONS = {"listen_host": "--host", "listen_port": "--port", "mode": "--host/--port", "coze_demo": "--demo",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import shutil
 import sys
@@ -66,15 +65,6 @@ def say(msg: str = "", *, err: bool = False) -> None:
 def tell(kind: str, msg: str) -> None:
     """An error, warning or note of the launcher: on stderr, prefixed, wrapped."""
     say(wrap(f"{PROG}: {kind}: {msg}"), err=True)
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def for_launcher(msg: str) -> str:

@@ -14,12 +14,14 @@ import threading
 from pathlib import Path
 
 from coze_mitm import READY
+from coze_mitm.core.identity import is_loopback
+from coze_mitm.core.versions import MITMWEB_FIXED, version_tuple
 
 from launcher.args import is_anonymous
 from launcher.browser import find as find_browser, launch as launch_browser
 from launcher.ca import demo_confdir
 from launcher.common import (DEMO_URL, EXIT_FAILED, EXIT_OK, EXIT_PORT_IN_USE, EXIT_USAGE, PROG, REPO, STATUS_URL,
-                             Fail, Stop, is_loopback, say, tell, wrap)
+                             Fail, Stop, say, tell, wrap)
 from launcher.plan import Plan, mitm_command
 from launcher.ports import PORT_IN_USE_RE, check_port_free, port_in_use_message
 
@@ -28,7 +30,6 @@ WEB_LISTENING_RE = re.compile(r"Web server listening at (\S+)")
 # coze-mitm's `running` logs coze_mitm.READY right after mitmproxy's listening line (same start-up step);
 # generous for a loaded machine, and only ever waited out when the addon did not load.
 READY_TIMEOUT = 15.0
-MITMWEB_FIXED = (11, 1, 2)  # CVE-2025-23217: mitmweb's API is unauthenticated before this version
 
 
 def mitmproxy_version() -> tuple[int, ...]:
@@ -36,7 +37,7 @@ def mitmproxy_version() -> tuple[int, ...]:
         text = importlib.metadata.version("mitmproxy")
     except importlib.metadata.PackageNotFoundError:
         raise Fail("mitmproxy is not installed for this Python: pip install -r requirements.txt") from None
-    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+    return version_tuple(text)
 
 
 def require_safe_mitmweb() -> None:

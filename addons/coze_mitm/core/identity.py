@@ -67,7 +67,7 @@ def gather(headers: HeadersLike) -> HeadersLike:
 def is_loopback(host: str) -> bool:
     """Is `host` (a client's or a listen address) this machine only? IPv4-mapped IPv6 included."""
     host = host.strip("[]").lower()
-    if host == "localhost":
+    if host in ("localhost", "localhost."):
         return True
     try:
         address = ipaddress.ip_address(host.split("%")[0])

@@ -24,7 +24,6 @@ the sandbox's bot, and allowed pages' CSP gets http://sandbox.coze.mitm in conne
 from __future__ import annotations
 
 import html
-import ipaddress
 import json
 import logging
 import secrets
@@ -36,6 +35,7 @@ from coze_mitm.parts.answers import accept_connect, answer_json
 from coze_mitm.core.config import Origin, parse_api_origin
 from coze_mitm.core.config import PYTHON
 from coze_mitm.core.hosts import DEMO_API_HOST as SANDBOX_HOST, REAL_COZE_HOSTS, STATUS_HOST
+from coze_mitm.core.identity import is_loopback
 from coze_mitm.parts.settings import CozeSettings
 from coze_mitm.flowmeta import DEMO_ROUTED
 
@@ -61,7 +61,7 @@ def sandbox_origin(settings: CozeSettings) -> Origin | None:
     if app is None or settings.broker is None:
         return None
     origin = parse_api_origin(app.api_base)
-    return origin if is_local(origin.host) else None
+    return origin if is_loopback(origin.host) else None
 
 
 def active(settings: CozeSettings) -> bool:
@@ -84,13 +84,6 @@ def page_api_origins(settings: CozeSettings) -> list[str]:
     return sorted({SANDBOX_API if o == str(sandbox) else o for o in origins})
 
 
-def is_local(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Demo:

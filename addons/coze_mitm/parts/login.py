@@ -53,6 +53,7 @@ from mitmproxy import ctx, exceptions, http
 from coze_mitm import options
 from coze_mitm.core import fields, logins
 from coze_mitm.core.identity import is_loopback
+from coze_mitm.core.versions import version_tuple
 from coze_mitm.flowmeta import PROXYAUTH
 
 log = logging.getLogger("coze.login")
@@ -347,11 +348,9 @@ def htpasswd_problems(path: Path) -> list[str]:
 
 
 def mitmproxy_version() -> tuple[int, ...]:
-    import re
-
     from mitmproxy import version
 
-    return tuple(int(x) for x in re.findall(r"\d+", version.VERSION)[:3])
+    return version_tuple(version.VERSION)
 
 
 def proxy_login(flow: http.HTTPFlow) -> str | None:

@@ -20,7 +20,6 @@ plain file.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import secrets
 
@@ -34,15 +33,6 @@ from coze_mitm.pages.userscript_fill import proxy_address
 from coze_mitm.parts.settings import CozeSettings
 
 log = logging.getLogger("coze.pac")
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
 
 PAC_PATH_BYTES = pac.PAC_PATH.encode()
 
@@ -95,7 +85,7 @@ class Pac:
             return False
         host = request.host.lower().strip("[]")
         own = str(sockname[0]).lower() if sockname and sockname[0] else ""
-        return host == own or _is_loopback(host) or host == (getattr(ctx.options, "listen_host", "") or "").lower()
+        return host == own or is_loopback(host) or host == (getattr(ctx.options, "listen_host", "") or "").lower()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # mitmproxy's proxyauth (before every script) answers 407 to a fetch without a login, and a browser never

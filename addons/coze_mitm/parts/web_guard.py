@@ -10,18 +10,14 @@ The wording is run_mitm.py --web's (launcher/runner.py), which refuses the same 
 from __future__ import annotations
 
 import logging
-import re
 
 from mitmproxy import ctx
 from mitmproxy import version as mitmproxy_version
 
+from coze_mitm.core.versions import MITMWEB_FIXED, version_tuple
+
 log = logging.getLogger("coze.web_guard")
 
-MITMWEB_FIXED = (11, 1, 2)
-
-
-def version_tuple(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
 
 
 def is_mitmweb(master) -> bool:
