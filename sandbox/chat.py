@@ -80,6 +80,10 @@ def run_stream(st: "State", conv: dict, chat: dict, emit: Callable[[str, Any], N
         msg["id"] = msg_id
     now = int(time.time())
     emit("conversation.message.completed", dict(base, content=reply, created_at=now, updated_at=now, meta_data={}))
+    # Coze finishes the chat a moment after its answer (follow-up suggestions, verbose events): a client that
+    # stops reading at the answer's end leaves before conversation.chat.completed.
+    if st.delta_gap > 0 and st.stopping.wait(st.delta_gap):
+        return "stopped"
     chat["status"] = "completed"
     chat["completed_at"] = now
     emit("conversation.chat.completed", chat_obj(chat))

@@ -9,6 +9,11 @@ Pure logic, no mitmproxy import. Two readers:
   `conversation.chat.completed` to a callback the moment that frame is complete (a stream cut later
   still counts). A frame split across chunks is carried over, up to `max_frame` bytes; a longer frame
   is skipped, not buffered. Frames of events nobody asked for (the text deltas) are not kept at all.
+  With `ids_from="conversation.chat.created"` it also keeps the chat's ids (`chat_ref`: conversation id,
+  chat id), so a stream that ends before `conversation.chat.completed` (client gone, connection cut: the
+  chat runs on at Coze and is billed) can have its usage fetched from `/v3/chat/retrieve`. With
+  `cumulative=True` (workflow streams: `events=("Message",)`) a `usage` is the call's usage so far, so only
+  its growth over the largest one reported before is counted.
 * `usage_from_retrieve(body)` reads `data.usage` from the JSON answer of `/v3/chat/retrieve`
   (a bounded body; the chat must be `completed`).
 
@@ -25,6 +30,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 COMPLETED = "conversation.chat.completed"
+CREATED = "conversation.chat.created"
+WORKFLOW_MESSAGE = "Message"  # /v1/workflow/stream_run and stream_resume: node output, may carry `usage`
 MAX_FRAME = 64 * 1024  # a chat.completed frame is ~1 KB; the text deltas are never kept
 MAX_RETRIEVE_BODY = 256 * 1024
 MAX_COUNT = 10**12  # above any real chat; a bigger figure is garbage, not usage
@@ -99,12 +106,19 @@ class SSEUsageReader:
     max_frame         the most bytes of one frame kept across chunks; a longer frame is skipped
     content_encoding  "", "identity", "gzip", "x-gzip" or "deflate"; any other makes the reader inert
                       (`unreadable` says why) rather than parse compressed bytes as text
+    ids_from          an event whose data names the chat (`conversation.chat.created`): kept in `chat_ref`
+    cumulative        each usage is the call's total so far: only the growth is reported
     """
 
     def __init__(self, on_usage: Callable[[Usage], None] | None = None, *, events=(COMPLETED,),
-                 max_frame: int = MAX_FRAME, content_encoding: str = "", max_decoded: int = 64 * 1024 * 1024):
+                 max_frame: int = MAX_FRAME, content_encoding: str = "", max_decoded: int = 64 * 1024 * 1024,
+                 ids_from: str | None = None, cumulative: bool = False):
         self.on_usage = on_usage
-        self.events = frozenset(events)
+        self.ids_from = ids_from
+        self.cumulative = cumulative
+        self.chat_ref: tuple[str, str] | None = None  # (conversation id, chat id) from the ids_from event
+        self._reported = Usage(0)  # cumulative: the largest usage reported so far
+        self.events = frozenset(events) | ({ids_from} if ids_from else frozenset())
         self._peek = 8 + max((len(e.encode()) for e in self.events), default=0)  # "event: " + a name of ours
         self.max_frame = max_frame
         self.usages: list[Usage] = []  # what was reported, in order (a chat stream has one)
@@ -277,17 +291,43 @@ class SSEUsageReader:
         try:
             if event is None or event not in self.events or not data:
                 return
+            if self.cumulative and not any(b'"usage"' in d for d in data):
+                return  # a workflow's text piece: most Message events carry no usage
             try:
                 obj = json.loads(b"\n".join(data))
             except (ValueError, UnicodeDecodeError, RecursionError):
                 self.skipped_frames += 1
                 return
+            if event == self.ids_from:
+                self._keep_ids(obj)
+                return
             usage = parse_usage(obj)
             if usage is None:
                 self.skipped_frames += 1
                 return
+            if self.cumulative:
+                usage = self._growth(usage)
+                if usage is None:
+                    return
             self.usages.append(usage)
             if self.on_usage is not None:
                 self.on_usage(usage)
         finally:
             self._reset_frame()
+
+    def _keep_ids(self, obj) -> None:
+        if not isinstance(obj, dict) or self.chat_ref is not None:
+            return
+        conversation_id, chat_id = obj.get("conversation_id"), obj.get("id")
+        if (isinstance(conversation_id, str) and isinstance(chat_id, str) and 0 < len(conversation_id) <= 128
+                and 0 < len(chat_id) <= 128):
+            self.chat_ref = (conversation_id, chat_id)
+
+    def _growth(self, usage: Usage) -> Usage | None:
+        """What a running total adds to the largest one before it (None: nothing new)."""
+        before = self._reported
+        if usage.token_count <= before.token_count:
+            return None
+        self._reported = usage
+        return Usage(usage.token_count - before.token_count, max(0, usage.input_count - before.input_count),
+                     max(0, usage.output_count - before.output_count))

@@ -88,6 +88,10 @@ class UsagePoller:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    def full(self) -> bool:
+        """One more chat would drop the oldest poll (whose usage then goes uncounted)."""
+        return len(self._tasks) >= self.max_pollers
+
     def start(self, chat: Chat) -> None:
         """Poll for `chat`'s usage (call on the event loop). A chat already polled is not polled twice."""
         if chat.key in self._tasks:
