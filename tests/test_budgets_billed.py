@@ -54,20 +54,23 @@ def post_raw(proxy, url: str, headers: dict, body: dict) -> socket.socket:
 
 
 def read_until(sock: socket.socket, marker: bytes) -> bytes:
+    """What arrived up to `marker`, or the whole answer when the proxy answered itself (a refusal)."""
     seen = b""
     while marker not in seen:
+        head, sep, body = seen.partition(b"\r\n\r\n")
+        if sep and b"application/json" in head.lower() and body.rstrip().endswith(b"}"):
+            return seen
         piece = sock.recv(65536)
         assert piece, f"the stream ended before {marker!r}: {seen[-300:]!r}"
         seen += piece
     return seen
 
 
-def leave_after(proxy, standin, event: str, text: str = TEXT, user: str = USER) -> None:
+def leave_after(proxy, standin, event: str, text: str = TEXT, user: str = USER) -> bytes:
     """A streamed chat whose client closes its connection as soon as `event` has arrived."""
     sock = post_raw(proxy, f"{standin.base_url}/v3/chat", tagged(user, origin=None), chat_body(text, True) | {"user_id": user})
     try:
-        head = read_until(sock, f"event:{event}".encode())
-        assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head, head[:300]
+        return read_until(sock, f"event:{event}".encode())
     finally:
         sock.close()
 
@@ -78,7 +81,8 @@ def leave_after(proxy, standin, event: str, text: str = TEXT, user: str = USER) 
 def test_a_chat_whose_client_left_early_is_counted_when_it_completes(proxy_for, standin, event):
     standin.delta_gap = 0.3  # the chat runs on for seconds after the client left
     proxy = proxy_for("coze_user_daily_tokens=100000", "coze_user_max_parallel_chats=1")
-    leave_after(proxy, standin, event)
+    head = leave_after(proxy, standin, event)
+    assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head, head[:300]
     s = session(proxy)
     billed, counted = settle(s, standin)
     assert [c["status"] for c in standin.chats_of(USER)] == ["completed"]  # it ran on and was billed
@@ -243,3 +247,106 @@ def test_when_the_usage_poller_is_full_new_chats_of_budgeted_users_are_refused(m
     assert billed == MAX_POLLERS * tokens_of(TEXT) and counted == billed  # nothing went uncounted
     r = s.post(f"{front.base_url}/v3/chat", headers=tagged(USER, origin=None), json=chat_body(TEXT, False), timeout=10)
     assert r.json()["code"] == 0  # the polls ended: chats go again
+
+
+# ------------------------------------------------------------------------------ the issue's table, measured
+
+BUDGET, CAP, REQUESTS = 250, 4, 8
+CHAT_TEXT = " ".join(f"w{i}" for i in range(49))  # 2 * 49 + 3 = 101 tokens a chat
+FLOW_TEXT = " ".join(f"w{i}" for i in range(48))  # 2 * 48 + 4 = 100 tokens a workflow run
+
+
+def _case_leave(event):
+    def run(proxy, standin, s, i):
+        leave_after(proxy, standin, event, CHAT_TEXT)
+    return run
+
+
+def _case_async(proxy, standin, s, i):
+    return s.post(f"{standin.base_url}/v1/workflow/run", headers=tagged(USER, origin=None),
+                  json=workflow_body(FLOW_TEXT) | {"is_async": True}, timeout=10)
+
+
+def _case_stream_run_resume(proxy, standin, s, i):
+    if i % 2 == 0:
+        return s.post(f"{standin.base_url}/v1/workflow/stream_run", headers=tagged(USER, origin=None),
+                      json=workflow_body(FLOW_TEXT, interrupt=True), timeout=10)
+    with standin.state.lock:
+        waiting = [r["event_id"] for r in standin.state.workflow_runs.values() if r["status"] == "Interrupted"]
+    return s.post(f"{standin.base_url}/v1/workflow/stream_resume", headers=tagged(USER, origin=None),
+                  json={"workflow_id": "7001", "event_id": waiting[-1] if waiting else "none", "resume_data": "ok",
+                        "interrupt_type": 2}, timeout=10)
+
+
+def _case_br(proxy, standin, s, i):
+    r = s.post(f"{standin.base_url}/v3/chat", headers=tagged(USER, origin=None, **{"Accept-Encoding": "br"}),
+               json=chat_body(CHAT_TEXT, True), timeout=10)
+    return r
+
+
+def _case_cut(proxy, standin, s, i):
+    import requests
+
+    standin.chat_mode = "cut"
+    try:
+        r = s.post(f"{standin.base_url}/v3/chat", headers=tagged(USER, origin=None), json=chat_body(CHAT_TEXT, True),
+                   stream=True, timeout=10)
+        for _ in r.iter_lines():
+            pass
+    except requests.exceptions.ChunkedEncodingError:
+        pass
+
+
+CASES = {
+    "streamed /v3/chat, client closes right after conversation.message.completed": _case_leave("conversation.message.completed"),
+    "streamed /v3/chat, client closes after conversation.chat.created": _case_leave("conversation.chat.created"),
+    "streamed /v3/chat, the connection to Coze cut mid-answer": _case_cut,
+    "/v1/workflow/run with is_async: true": _case_async,
+    "/v1/workflow/stream_run + stream_resume (usage in Message events)": _case_stream_run_resume,
+    "streamed /v3/chat with Accept-Encoding: br": _case_br,
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_way_of_spending_stays_within_the_budget_plus_the_parallel_cap(proxy_for, standin, case):
+    standin.delta_gap = 0.02
+    proxy = proxy_for(f"coze_user_daily_tokens={BUDGET}", f"coze_user_max_parallel_chats={CAP}")
+    s = session(proxy)
+    for i in range(REQUESTS):
+        CASES[case](proxy, standin, s, i)
+    billed, counted = settle(s, standin)
+    most = 101  # the dearest request of any case
+    print(f"\nFIGURE table | {case} | billed {billed} | counted {counted} | bound {BUDGET + CAP * most}")
+    assert counted == billed
+    assert billed <= BUDGET + CAP * most
+
+
+def test_more_non_streamed_chats_than_the_poller_follows_stay_within_each_budget(mitmdump, config_file, standin, front):
+    from coze_mitm.core.usage_poll import MAX_POLLERS
+
+    standin.delta_gap = 0.3  # ~15 s a chat at Coze after its in_progress answer
+    users = [f"1732000000001-pollUser{i:03d}" for i in range(20)]  # 20 users x 4 chats: 80 at once
+    proxy = mitmdump(f"coze_config={config_file}", f"coze_origins={PAGE}", f"coze_api_hosts={front.base_url}",
+                     "coze_usage_file=memory", f"coze_user_daily_tokens={BUDGET}", f"coze_user_max_parallel_chats={CAP}")
+
+    def chat(user):
+        s = session(proxy)
+        return s.post(f"{front.base_url}/v3/chat", headers=tagged(user, origin=None),
+                      json=chat_body(CHAT_TEXT, False) | {"user_id": user}, timeout=30).json()["code"]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(chat, [u for u in users for _ in range(CAP)]))
+    s = session(proxy)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        billed = sum(standin.usage_of(u)["token_count"] for u in users)
+        if sum(1 for u in users for c in standin.chats_of(u) if c["status"] != "completed") == 0 and usage_today(s) >= billed:
+            break
+        time.sleep(0.2)
+    billed = sum(standin.usage_of(u)["token_count"] for u in users)
+    counted = usage_today(s)
+    print(f"\nFIGURE table | more than {MAX_POLLERS} non-streamed chats at once ({len(codes)} from {len(users)} users) "
+          f"| billed {billed} | counted {counted} | refused {codes.count(4013)}")
+    assert codes.count(0) == MAX_POLLERS and codes.count(4013) == len(codes) - MAX_POLLERS
+    assert counted == billed == MAX_POLLERS * 101
+    assert all(standin.usage_of(u)["token_count"] <= BUDGET + CAP * 101 for u in users)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import time
 from pathlib import Path
 
 from mitmproxy import ctx, http
@@ -55,7 +56,7 @@ from coze_mitm.core.usage_book import (
     spends_tokens,
 )
 from coze_mitm.core.usage_flight import InFlight
-from coze_mitm.core.usage_poll import Chat, UsagePoller
+from coze_mitm.core.usage_poll import MAX_POLLERS, Chat, UsagePoller
 from coze_mitm.core.usage_store import SqliteUsageStore, default_path
 
 log = logging.getLogger("coze.accounting")
@@ -65,6 +66,7 @@ MAX_WS_EVENT = 64 * 1024  # a WebSocket event carrying usage is small; bigger me
 MAX_WS_CLIENT_EVENT = 1024 * 1024  # with a budget, a client event bigger than this is not forwarded (not checkable)
 DEFAULT_PARALLEL = 4
 WORKFLOWS_CHAT = "/v1/workflows/chat"
+SLOT_MAX_AGE = 600.0  # seconds: longer than Coze takes to answer a chat's request
 WORKFLOW_STREAMS = ("/v1/workflow/stream_run", "/v1/workflow/stream_resume")
 _WS_START_NAMES = tuple(name.encode() for name in WS_CHAT_STARTS)
 
@@ -83,6 +85,8 @@ class Accounting:
         self.refused_ws_events = 0
         self.unreadable_streams = 0
         self.cut_streams = 0  # streamed chats that ended before chat.completed: their usage polled
+        # budgeted chats sent whose answer is not seen yet (each may need a poll): flow id -> when sent
+        self._poll_slots: dict[str, float] = {}
         self.started = False
         self._ws_warned: set[str] = set()  # sockets told once that their audio is not forwarded
 
@@ -145,13 +149,13 @@ class Accounting:
         if self.max_parallel and in_flight >= self.max_parallel:
             return (refusal_status(from_page), 4013, "budget", parallel_msg(shown_as, in_flight, self.max_parallel),
                     {"Retry-After": str(PARALLEL_RETRY_AFTER)})
-        uncountable = self._uncountable(request, from_page)
+        uncountable = self._uncountable(request, flow.id, from_page)
         if uncountable is not None:
             return uncountable
         self.flight.add(flow.id, user)
         return None
 
-    def _uncountable(self, request: http.Request, from_page: bool):
+    def _uncountable(self, request: http.Request, request_id: str, from_page: bool):
         """A refusal for a request whose spending the budget could not count, else None (docs/decisions.md)."""
         route = request.path.split("?", 1)[0].rstrip("/")
         if route.endswith("/v1/workflow/run"):
@@ -162,13 +166,24 @@ class Accounting:
             if asks is not False:
                 return (200 if from_page else 400, 4000, "budget", async_run_msg(asks is True), {})
             return None
-        poller = self.poller
-        if poller is not None and poller.full() and (api_prefix(route) is not None or route.endswith(WORKFLOWS_CHAT)):
-            # A chat's usage may have to be polled (answered in_progress, or its stream cut short): with every
-            # poll slot taken, it could go uncounted.
-            return (refusal_status(from_page), 4013, "budget", polls_full_msg(len(poller)),
-                    {"Retry-After": str(PARALLEL_RETRY_AFTER)})
+        if api_prefix(route) is not None or route.endswith(WORKFLOWS_CHAT):
+            # A chat's usage may have to be polled (answered in_progress): it holds a poll slot from now until
+            # its answer's headers show a stream (or its poll starts); with every slot taken, it could go
+            # uncounted, so it is refused.
+            polls = len(self.poller) if self.poller is not None else 0
+            if polls + len(self._poll_slots) >= MAX_POLLERS:
+                self._forget_lost_slots()
+            if polls + len(self._poll_slots) >= MAX_POLLERS:
+                return (refusal_status(from_page), 4013, "budget", polls_full_msg(polls + len(self._poll_slots)),
+                        {"Retry-After": str(PARALLEL_RETRY_AFTER)})
+            self._poll_slots[request_id] = time.monotonic()
         return None
+
+    def _forget_lost_slots(self) -> None:
+        """A slot whose answer never came (no response or error hook ran) is forgotten, as InFlight does."""
+        oldest = time.monotonic() - SLOT_MAX_AGE
+        for key in [k for k, t in self._poll_slots.items() if t < oldest]:
+            del self._poll_slots[key]
 
     def in_flight(self) -> dict:
         poll = self.poller.stats.as_dict() if self.poller is not None else None
@@ -180,6 +195,7 @@ class Accounting:
             self._stream_ended(flow)
         finally:
             self.flight.release_all(flow.id)
+            self._poll_slots.pop(flow.id, None)
 
     # -- counting ------------------------------------------------------------------------------------
     def request(self, flow: http.HTTPFlow) -> None:
@@ -198,6 +214,7 @@ class Accounting:
             return
         if not fields.get(response.headers, b"content-type").lower().startswith("text/event-stream"):
             return
+        self._poll_slots.pop(flow.id, None)  # a stream: its usage comes in it (a stream cut short polls anyway)
         if is_chat(flow.request.method, flow.request.path):
             self.book.chat(user)
         if callable(response.stream):
@@ -233,6 +250,7 @@ class Accounting:
             # The chat's answer has ended (a streamed one after its last chunk): it is no longer in flight,
             # unless its usage poll holds it now.
             self.flight.release_all(flow.id)
+            self._poll_slots.pop(flow.id, None)
 
     def _count_answer(self, flow: http.HTTPFlow) -> None:
         user = flow.metadata.get(COZE_USER)
@@ -320,7 +338,8 @@ class Accounting:
                                                           (("http", 80), ("https", 443)) else f":{request.port}")
         key = f"poll:{flow.id}"
         self.flight.rekey(flow.id, key)  # in flight until its usage is counted (or the poll ends)
-        self.poller.start(Chat(key, user, origin, prefix, conversation_id, chat_id))
+        self._poll_slots.pop(flow.id, None)
+        self.poller.start(Chat(key, user, origin, prefix, conversation_id, chat_id), keep_all=self.daily_tokens > 0)
 
     def _polled_usage(self, user: str, usage) -> None:
         self.book.tokens(user, usage)
@@ -407,7 +426,7 @@ class Accounting:
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         self.flight.release_all(flow.id)
-        self._ws_warned.discard(flow.id)
+        self._ws_warned.pop(flow.id, None)
 
 
 def _content(response: http.Response) -> bytes:
