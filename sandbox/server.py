@@ -24,6 +24,7 @@ class Server(ThreadingHTTPServer):
     def __init__(self, addr, handler, dispatch: Callable[["Handler"], None]):
         self.dispatch = dispatch
         self.compress = True  # answers compressed when the client offers br/zstd/gzip (common.py)
+        self.force_encoding = ""  # "br"/"zstd"/"gzip": every answer so compressed, whatever the client offered
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
         super().__init__(addr, handler)
@@ -111,7 +112,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def _encoding(self) -> str:
         """How this answer is compressed ("" = not), from the request's Accept-Encoding."""
-        if not getattr(self.server, "compress", False) or self.command == "HEAD":
+        if self.command == "HEAD":
+            return ""
+        if getattr(self.server, "force_encoding", ""):
+            return self.server.force_encoding  # a server that ignores Accept-Encoding (tests)
+        if not getattr(self.server, "compress", False):
             return ""
         return content_coding(self.headers.get("Accept-Encoding"))
 

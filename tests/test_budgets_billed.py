@@ -219,6 +219,20 @@ def test_a_client_offering_br_gets_a_readable_stream_and_its_usage_is_counted(pr
     assert sent == ["identity", "identity"]
 
 
+@pytest.mark.parametrize("encoding", ["br", "zstd", "gzip"])
+def test_a_stream_compressed_although_identity_was_asked_is_still_counted(proxy_for, standin, encoding):
+    standin.delta_gap = 0.01
+    standin.server.force_encoding = encoding  # a server that ignores Accept-Encoding: identity
+    proxy = proxy_for("coze_user_daily_tokens=100000")
+    s = session(proxy)
+    for path, body in (("/v3/chat", chat_body(TEXT, True)), ("/v1/workflow/stream_run", workflow_body(TEXT))):
+        r = s.post(f"{standin.base_url}{path}", headers=tagged(USER, origin=None), json=body, stream=True, timeout=10)
+        assert r.headers["content-encoding"] == encoding
+        assert any(line.startswith(b"event") for line in r.iter_lines())  # the client decodes what passed
+    billed = standin.usage_of(USER)["token_count"]
+    assert billed == tokens_of(TEXT) + workflow_tokens(TEXT) and usage_today(s) == billed
+
+
 # ------------------------------------------------------------------------------ the poller full
 
 @pytest.fixture

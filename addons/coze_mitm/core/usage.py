@@ -29,6 +29,11 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable
 
+import brotli  # the codecs mitmproxy itself decodes with (11.x and 12.x)
+import zstandard
+
+from coze_mitm.core.bounded import BROTLI_PIECE, ZSTD_MAX_WINDOW
+
 COMPLETED = "conversation.chat.completed"
 CREATED = "conversation.chat.created"
 WORKFLOW_MESSAGE = "Message"  # /v1/workflow/stream_run and stream_resume: node output, may carry `usage`
@@ -104,8 +109,8 @@ class SSEUsageReader:
     on_usage(usage)   called once per `conversation.chat.completed` frame that carries a valid usage
     events            the event names whose data is read (the others are skipped without being kept)
     max_frame         the most bytes of one frame kept across chunks; a longer frame is skipped
-    content_encoding  "", "identity", "gzip", "x-gzip" or "deflate"; any other makes the reader inert
-                      (`unreadable` says why) rather than parse compressed bytes as text
+    content_encoding  "", "identity", "gzip", "x-gzip", "deflate", "br" or "zstd"; any other makes the reader
+                      inert (`unreadable` says why) rather than parse compressed bytes as text
     ids_from          an event whose data names the chat (`conversation.chat.created`): kept in `chat_ref`
     cumulative        each usage is the call's total so far: only the growth is reported
     """
@@ -135,6 +140,7 @@ class SSEUsageReader:
         self._after_cr = False  # the last piece ended in \r: a \n first in the next one ends no new line
         self._first = True  # a UTF-8 BOM may open the stream
         self._inflate = None
+        self._steps: _Steps | None = None  # br, zstd: decoded a few bytes at a time (bounded output per call)
         self._inflated_any = False
         self._decoded_left = max_decoded
         self._encoding = content_encoding.strip().lower()
@@ -142,6 +148,8 @@ class SSEUsageReader:
             self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif self._encoding == "deflate":
             self._inflate = zlib.decompressobj(zlib.MAX_WBITS)
+        elif self._encoding in ("br", "zstd"):
+            self._steps = _Steps(self._encoding)
         elif self._encoding not in ("", "identity"):
             self.unreadable = f"content-encoding {self._encoding!r} is not read"
 
@@ -163,6 +171,16 @@ class SSEUsageReader:
     # -- bytes in --------------------------------------------------------------------------------
     def feed(self, chunk: bytes) -> None:
         if self.unreadable or self.ended:
+            return
+        if self._steps is not None:
+            for piece in self._steps.pieces(chunk):
+                self._decoded_left -= len(piece)
+                if self._decoded_left < 0:
+                    self.unreadable = "decompressed stream too large"
+                    return
+                self._parse(piece)
+            if self._steps.error:
+                self.unreadable = "corrupt compressed stream"
             return
         if self._inflate is None:
             self._parse(chunk)
@@ -331,3 +349,34 @@ class SSEUsageReader:
         self._reported = usage
         return Usage(usage.token_count - before.token_count, max(0, usage.input_count - before.input_count),
                      max(0, usage.output_count - before.output_count))
+
+
+class _Steps:
+    """An incremental br or zstd decoder fed a few bytes per call, so that one call's output stays bounded
+    (brotli 1.1, mitmproxy 11's, has no output limit; zstd's decompressobj neither): a bomb is cut off by the
+    reader's max_decoded after little more than that much output, never held whole (core/bounded.py does
+    the same for whole bodies)."""
+
+    ZSTD_PIECE = 64  # at most ~16 RLE blocks of 128 KiB each per call
+
+    def __init__(self, encoding: str):
+        self.error = False
+        if encoding == "br":
+            self._decoder = brotli.Decompressor()
+            self._piece = BROTLI_PIECE
+        else:
+            self._decoder = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompressobj()
+            self._piece = self.ZSTD_PIECE
+        self._br = encoding == "br"
+
+    def pieces(self, chunk: bytes):
+        view = memoryview(chunk)
+        step = self._piece
+        try:
+            for i in range(0, len(view), step):
+                piece = bytes(view[i:i + step])
+                out = self._decoder.process(piece) if self._br else self._decoder.decompress(piece)
+                if out:
+                    yield out
+        except (brotli.error, zstandard.ZstdError):
+            self.error = True
