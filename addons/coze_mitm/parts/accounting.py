@@ -159,9 +159,9 @@ class Accounting:
         """A refusal for a request whose spending the budget could not count, else None (docs/decisions.md)."""
         route = request.path.split("?", 1)[0].rstrip("/")
         if route.endswith("/v1/workflow/run"):
-            raw = request.raw_content
+            raw = request.raw_content  # None: the body is streamed past the proxy, so it cannot be checked
             encoding = fields.get(request.headers, b"content-encoding")
-            body = decoded_prefix(raw or b"", encoding, MAX_RUN_BODY + 1) if raw else b"{}"
+            body = b"{}" if raw == b"" else None if raw is None else decoded_prefix(raw, encoding, MAX_RUN_BODY + 1)
             asks = is_async_run(body)
             if asks is not False:
                 return (200 if from_page else 400, 4000, "budget", async_run_msg(asks is True), {})
