@@ -316,6 +316,11 @@ def is_async_run(body: bytes | None) -> bool | None:
     any value but false/null counts, whichever copy of a repeated key Go would keep."""
     if body is None or len(body) > MAX_RUN_BODY:
         return None
+    if b"\\" not in body and b"ync" not in body.lower():
+        # No spelling of the key is possible without these bytes (Go folds only ASCII letters, K and LONG S
+        # among them; an escape needs a backslash): no parse on the common path. A body that is no JSON at all
+        # is refused by Coze itself.
+        return False
     tops: list = []
 
     def pairs_hook(pairs):
