@@ -188,7 +188,7 @@ class Accounting:
     def in_flight(self) -> dict:
         poll = self.poller.stats.as_dict() if self.poller is not None else None
         return {"chats_in_flight": self.flight.total(), "max_parallel_chats": self.max_parallel,
-                "usage_polls": poll, "usage_not_polled": self.not_polled}
+                "usage_polls": poll, "usage_not_polled": self.not_polled, "streams_cut_short_polled": self.cut_streams}
 
     def error(self, flow: http.HTTPFlow) -> None:
         try:
@@ -199,9 +199,9 @@ class Accounting:
 
     # -- counting ------------------------------------------------------------------------------------
     def request(self, flow: http.HTTPFlow) -> None:
-        """Coze may compress answers when the client offers it; a compressed stream's usage is not read (see
-        docs/decisions.md, "Compressed answers"), so tagged spending requests ask for none. Every client
-        accepts identity; the answer only costs more bytes between the proxy and Coze."""
+        """Coze may compress answers when the client offers it: tagged spending requests ask for none, so the
+        usage in them is read without a decoder (br, zstd and gzip are read all the same if they come; see
+        docs/decisions.md, "Compressed answers"). Every client accepts identity; it costs bytes, not CPU."""
         if flow.response is not None or not flow.metadata.get(COZE_USER) or flow.request.method != "POST":
             return
         if spends_tokens("POST", flow.request.path):
@@ -426,7 +426,7 @@ class Accounting:
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         self.flight.release_all(flow.id)
-        self._ws_warned.pop(flow.id, None)
+        self._ws_warned.discard(flow.id)
 
 
 def _content(response: http.Response) -> bytes:
