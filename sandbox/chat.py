@@ -134,7 +134,7 @@ class RunsOn:
             return
         try:
             self._emit(event, data)
-        except OSError:  # the client went away: the answer goes nowhere, the run goes on
+        except (OSError, ValueError):  # the client went away (ValueError: the file is closed): the run goes on
             self.gone = True
             self.req.close_connection = True
 
@@ -148,7 +148,7 @@ class RunsOn:
             return
         try:
             self.req.end_stream()
-        except OSError:
+        except (OSError, ValueError):
             self.gone = True
             self.req.close_connection = True
 
