@@ -12,7 +12,6 @@ import concurrent.futures
 import gzip
 import json
 import socket
-import threading
 import time
 import urllib.parse
 
