@@ -54,8 +54,9 @@ def run_stream(st: "State", conv: dict, chat: dict, emit: Callable[[str, Any], N
     message completed, chat completed (with usage). Returns how it ended: "completed", "canceled" (the
     chat was canceled meanwhile), "cut" (chat_mode cut) or "stopped" (the sandbox is stopping).
 
-    With ``on_cut``, chat_mode cut calls it once at the cut and the chat runs on to its end (as Coze's chats
-    do when the connection breaks: completed and billed; ``emit`` is then expected to send nothing)."""
+    With ``on_cut`` (HTTP streams), chat_mode cut calls it once at the cut and the chat runs on to its end (as
+    Coze's chats do when the connection breaks: completed and billed; ``emit`` is then expected to send
+    nothing), and ``conversation.chat.completed`` comes ``delta_gap`` after ``conversation.message.completed``."""
     msg_id = st.new_id()
     base = {"id": msg_id, "conversation_id": conv["id"], "section_id": conv["section_id"],
             "bot_id": chat["bot_id"], "chat_id": chat["id"], "role": "assistant", "type": "answer",
@@ -81,8 +82,9 @@ def run_stream(st: "State", conv: dict, chat: dict, emit: Callable[[str, Any], N
     now = int(time.time())
     emit("conversation.message.completed", dict(base, content=reply, created_at=now, updated_at=now, meta_data={}))
     # Coze finishes the chat a moment after its answer (follow-up suggestions, verbose events): a client that
-    # stops reading at the answer's end leaves before conversation.chat.completed.
-    if st.delta_gap > 0 and st.stopping.wait(st.delta_gap):
+    # stops reading at the answer's end leaves before conversation.chat.completed (HTTP streams; the WebSocket
+    # chat keeps its old pace, which its tests time).
+    if on_cut is not None and st.delta_gap > 0 and st.stopping.wait(st.delta_gap):
         return "stopped"
     chat["status"] = "completed"
     chat["completed_at"] = now
