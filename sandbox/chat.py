@@ -49,10 +49,14 @@ def chat_obj(chat: dict) -> dict:
 
 
 def run_stream(st: "State", conv: dict, chat: dict, emit: Callable[[str, Any], None],
-               cut_after: int | None = None) -> str:
+               cut_after: int | None = None, on_cut: Callable[[], None] | None = None) -> str:
     """Play a chat's events through ``emit(event, data)``: created, in_progress, one delta per word,
     message completed, chat completed (with usage). Returns how it ended: "completed", "canceled" (the
-    chat was canceled meanwhile), "cut" (chat_mode cut) or "stopped" (the sandbox is stopping)."""
+    chat was canceled meanwhile), "cut" (chat_mode cut) or "stopped" (the sandbox is stopping).
+
+    With ``on_cut`` (HTTP streams), chat_mode cut calls it once at the cut and the chat runs on to its end (as
+    Coze's chats do when the connection breaks: completed and billed; ``emit`` is then expected to send
+    nothing), and ``conversation.chat.completed`` comes ``delta_gap`` after ``conversation.message.completed``."""
     msg_id = st.new_id()
     base = {"id": msg_id, "conversation_id": conv["id"], "section_id": conv["section_id"],
             "bot_id": chat["bot_id"], "chat_id": chat["id"], "role": "assistant", "type": "answer",
@@ -67,13 +71,21 @@ def run_stream(st: "State", conv: dict, chat: dict, emit: Callable[[str, Any], N
         if chat["status"] == "canceled":
             return "canceled"
         if cut_after is not None and i >= cut_after:
-            return "cut"
+            if on_cut is None:
+                return "cut"
+            on_cut()
+            cut_after = None
         emit("conversation.message.delta", dict(base, content=piece))
     msg = add_message(st, conv, "assistant", reply, chat_id=chat["id"], bot_id=chat["bot_id"])
     with st.lock:  # the stored message keeps the id the deltas announced
         msg["id"] = msg_id
     now = int(time.time())
     emit("conversation.message.completed", dict(base, content=reply, created_at=now, updated_at=now, meta_data={}))
+    # Coze finishes the chat a moment after its answer (follow-up suggestions, verbose events): a client that
+    # stops reading at the answer's end leaves before conversation.chat.completed (HTTP streams; the WebSocket
+    # chat keeps its old pace, which its tests time).
+    if on_cut is not None and st.delta_gap > 0 and st.stopping.wait(st.delta_gap):
+        return "stopped"
     chat["status"] = "completed"
     chat["completed_at"] = now
     emit("conversation.chat.completed", chat_obj(chat))
@@ -108,19 +120,51 @@ def _start(st: "State", req: "Handler", data: dict, bot_id: str, user_id: str, c
     req.ok(chat_obj(chat))
 
 
+class RunsOn:
+    """What Coze does when a stream's connection ends early (the client went away, or the network cut it):
+    the chat does not stop. It runs on to its end, is billed, and its usage is then only in
+    ``/v3/chat/retrieve`` (and the run history, for a workflow). ``emit`` sends while the connection
+    lasts and nothing after; ``cut()`` closes it mid-answer (chat_mode cut: no done event, no last chunk)."""
+
+    def __init__(self, req: "Handler", emit: Callable[[str, Any], None] | None = None):
+        self.req = req
+        self._emit = emit or req.emit
+        self.gone = False
+
+    def emit(self, event: str, data: Any) -> None:
+        if self.gone:
+            return
+        try:
+            self._emit(event, data)
+        except (OSError, ValueError):  # the client went away (ValueError: the file is closed): the run goes on
+            self.gone = True
+            self.req.close_connection = True
+
+    def cut(self) -> None:
+        if not self.gone:
+            self.gone = True
+            self.req.cut()
+
+    def end(self) -> None:
+        if self.gone:
+            return
+        try:
+            self.req.end_stream()
+        except (OSError, ValueError):
+            self.gone = True
+            self.req.close_connection = True
+
+
 def _stream(st: "State", req: "Handler", conv: dict, chat: dict, cut: bool) -> None:
     req.start_stream()
     cut_after = max(1, min(3, len(chat["reply"].split()) - 1)) if cut else None
-    try:
-        ended = run_stream(st, conv, chat, req.emit, cut_after)
-        if ended in ("cut", "stopped"):  # close mid-stream: no done event, no terminating chunk
-            fail(chat)
-            return req.cut()
-        req.emit("done", "[DONE]")
-        req.end_stream()
-    except OSError:  # the client went away mid-stream
+    out = RunsOn(req)
+    ended = run_stream(st, conv, chat, out.emit, cut_after, on_cut=out.cut)
+    if ended == "stopped":  # the sandbox is stopping: close mid-stream, no done event, no terminating chunk
         fail(chat)
-        req.close_connection = True
+        return out.cut()
+    out.emit("done", "[DONE]")
+    out.end()
 
 
 def chat(st: "State", req: "Handler") -> None:

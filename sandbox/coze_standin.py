@@ -15,11 +15,15 @@ that matters:
   reproduce Coze's failure modes, and observations (``exchanges``, ``requests_seen``,
   ``placeholder_seen``, ``ws_seen``, ``chats_of()``, ``usage_of()``) let tests see what reached "Coze".
 
+Like a public API server it compresses answers (streams included, flushed per event) when the client offers
+br, zstd or gzip (``CozeStandIn.compress = False`` turns that off).
+
 It is labelled as a sandbox everywhere a person could see it: every answer carries
 ``Server: coze-sandbox``, the bot is called "Sandbox bot" and replies "Sandbox reply to: ...".
 
 The package, by Coze API area: tokens.py (token exchange), bots.py (bots, apps, workflows),
-conversations.py and messages.py, chat.py (chat and streaming), files.py, audio.py (speech and
+conversations.py and messages.py, chat.py (chat and streaming; a chat whose stream ends early runs on and is billed),
+workflows.py (workflow runs, async runs and their run history, stream_run/stream_resume), files.py, audio.py (speech and
 transcription over HTTP), websocket.py (handshake, framing) and ws_events.py (the WebSocket endpoints). state.py holds the state every endpoint is
 handed (a leaf: it imports none of them); routes.py lists every endpoint and dispatches to them;
 server.py is the HTTP plumbing, which knows no endpoint; standin.py assembles the three. No module

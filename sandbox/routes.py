@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 from urllib.parse import unquote
 
-from . import audio, bots, chat, conversations, files, messages, tokens, ws_events
+from . import audio, bots, chat, conversations, files, messages, tokens, workflows, ws_events
 from .common import TOKEN_PATH
 
 if TYPE_CHECKING:
@@ -71,6 +71,11 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v3/chat/message/list", chat.message_list),
     Route("POST", "/v3/chat/message/list", chat.message_list),
     Route("POST", "/v1/workflows/chat", chat.workflow_chat),
+    # workflows: run (sync or is_async), streamed run and resume, an async run's outcome
+    Route("POST", "/v1/workflow/run", workflows.run),
+    Route("POST", "/v1/workflow/stream_run", workflows.stream_run),
+    Route("POST", "/v1/workflow/stream_resume", workflows.stream_resume),
+    Route("GET", "/v1/workflows/{workflow_id}/run_histories/{execute_id}", workflows.run_history),
     # files
     Route("POST", "/v1/files/upload", files.upload),
     Route("GET", "/v1/files/retrieve", files.retrieve),

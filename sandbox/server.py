@@ -13,7 +13,7 @@ from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from . import go_json
-from .common import MAX_BODY, SERVER_NAME, BadRequestBody, compact_json
+from .common import MAX_BODY, SERVER_NAME, BadRequestBody, StreamEncoder, compact_json, compress, content_coding
 
 
 class Server(ThreadingHTTPServer):
@@ -23,6 +23,8 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, addr, handler, dispatch: Callable[["Handler"], None]):
         self.dispatch = dispatch
+        self.compress = True  # answers compressed when the client offers br/zstd/gzip (common.py)
+        self.force_encoding = ""  # "br"/"zstd"/"gzip": every answer so compressed, whatever the client offered
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
         super().__init__(addr, handler)
@@ -108,9 +110,25 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequestBody("bad Content-Length")
         return self.rfile.read(n) if n else b""
 
+    def _encoding(self) -> str:
+        """How this answer is compressed ("" = not), from the request's Accept-Encoding."""
+        if self.command == "HEAD":
+            return ""
+        if getattr(self.server, "force_encoding", ""):
+            return self.server.force_encoding  # a server that ignores Accept-Encoding (tests)
+        if not getattr(self.server, "compress", False):
+            return ""
+        return content_coding(self.headers.get("Accept-Encoding"))
+
     def send_bytes(self, status: int, data: bytes, content_type: str, extra: dict | None = None) -> None:
+        enc = self._encoding() if data else ""
+        if enc:
+            data = compress(data, enc)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        if enc:
+            self.send_header("Content-Encoding", enc)
+            self.send_header("Vary", "Accept-Encoding")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("X-Tt-Logid", self.logid)
         for k, v in (extra or {}).items():
@@ -150,8 +168,13 @@ class Handler(BaseHTTPRequestHandler):
         self._chunked = self.request_version != "HTTP/1.0"
         if not self._chunked:
             self.close_connection = True
+        enc = self._encoding()
+        self._encoder = StreamEncoder(enc)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        if enc:
+            self.send_header("Content-Encoding", enc)
+            self.send_header("Vary", "Accept-Encoding")
         if self._chunked:
             self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Cache-Control", "no-cache")
@@ -159,6 +182,11 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def write_chunk(self, data: bytes) -> None:
+        """One piece of the stream (compressed and flushed on its own when the answer is compressed)."""
+        if data:
+            self._write_raw(self._encoder.piece(data))
+
+    def _write_raw(self, data: bytes) -> None:
         if self._chunked:
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         elif data:
@@ -169,7 +197,11 @@ class Handler(BaseHTTPRequestHandler):
         self.write_chunk(f"event:{event}\ndata:{compact_json(data)}\n\n".encode("utf-8"))
 
     def end_stream(self) -> None:
-        self.write_chunk(b"")  # end of the chunked body; the connection stays open (keep-alive)
+        tail = self._encoder.end()  # a compressed stream's closing bytes
+        if tail:
+            self._write_raw(tail)
+        if self._chunked:
+            self._write_raw(b"")  # end of the chunked body; the connection stays open (keep-alive)
 
     def cut(self) -> None:
         """Close the connection mid-answer: no terminating chunk."""

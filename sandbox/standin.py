@@ -77,6 +77,15 @@ class CozeStandIn:
         self.base_url = f"http://{self.audience}"
         self.ws_url = f"ws://{self.audience}"  # the WebSocket APIs (/v1/chat, ...) on the same port
 
+    @property
+    def compress(self) -> bool:
+        """Answers (streams included) compressed when the client offers br/zstd/gzip (default True)."""
+        return self.server.compress
+
+    @compress.setter
+    def compress(self, value: bool) -> None:
+        self.server.compress = bool(value)
+
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> "CozeStandIn":
         if self._thread is None:

@@ -49,6 +49,7 @@ class State:
         self.conversations: dict[str, dict] = {}  # conversation id -> conversation (has "session")
         self.chats: dict[str, dict] = {}  # chat id -> chat (has "session")
         self.files: dict[str, dict] = {}  # file id -> uploaded file (has "session")
+        self.workflow_runs: dict[str, dict] = {}  # execute id -> workflow run (has "session", "billed")
         self._ids = itertools.count(7_400_000_000_000_000_000 + secrets.randbelow(10**15) * 1000)
         self._logids = itertools.count(1)
         self._logid_salt = secrets.token_hex(3).upper()
@@ -161,12 +162,18 @@ class State:
                     if session_name is ANY or c["session"] == session_name]
 
     def usage_of(self, session_name: Any = ANY) -> dict:
-        """The usage of the completed chats of a session summed up: what Coze would charge for it."""
+        """What Coze would charge a session: the usage of its completed chats (also those that ran on after
+        their client went away) and of its workflow runs (every call's, finished or not), summed up."""
         total = {"token_count": 0, "output_count": 0, "input_count": 0}
         for c in self.chats_of(session_name):
             if c["status"] == "completed":
                 for k in total:
                     total[k] += c["usage"][k]
+        with self.lock:
+            for r in self.workflow_runs.values():
+                if (session_name is ANY or r["session"] == session_name) and r["billed"]:
+                    for k in total:
+                        total[k] += r["billed"][k]
         return total
 
     def files_of(self, session_name: Any = ANY) -> list[dict]:

@@ -281,6 +281,7 @@ class InProgressFront:
 
         class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
             daemon_threads = True
+            request_queue_size = 128  # many chats at once (test_budgets_billed.py): no connection left unaccepted
 
         self.server = Server(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}"

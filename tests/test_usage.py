@@ -7,10 +7,15 @@ import json
 import tracemalloc
 import zlib
 
+import brotli
+import zstandard
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from coze_mitm.core.usage import COMPLETED, MAX_FRAME, SSEUsageReader, Usage, retrieve_body_ok, usage_from_retrieve
+from coze_mitm.core.usage import (
+    COMPLETED, CREATED, MAX_FRAME, WORKFLOW_MESSAGE, SSEUsageReader, Usage, retrieve_body_ok, usage_from_retrieve,
+)
 
 
 def chat_obj(chat_id="7390000000000000001", status="completed", tokens=42, inp=40, out=2, **extra):
@@ -208,8 +213,8 @@ class TestEncodings:
         assert read_all(body, cuts=range(0, len(body), step), content_encoding="gzip").token_count == 8
 
     def test_unknown_encoding_makes_the_reader_inert(self):
-        reader = read_all(b"\x8b\x00garbage", content_encoding="br")
-        assert reader.usages == [] and reader.unreadable == "content-encoding 'br' is not read"
+        reader = read_all(b"\x8b\x00garbage", content_encoding="compress")  # br is read since issue 24
+        assert reader.usages == [] and reader.unreadable == "content-encoding 'compress' is not read"
 
     def test_corrupt_gzip_is_unreadable_not_an_error(self):
         reader = read_all(b"\x1f\x8b\x08\x00garbage-garbage", content_encoding="gzip")
@@ -282,3 +287,80 @@ class TestRetrieve:
         assert retrieve_body_ok(1000, "") and retrieve_body_ok(1000, "gzip")
         assert not retrieve_body_ok(300_000, "identity")
         assert not retrieve_body_ok(20_000, "br")  # may inflate past the bound
+
+
+# -- issue 24: br/zstd streams, the chat's ids for a stream cut short, workflow running totals ----------------
+COMPRESS = {"br": brotli.compress, "zstd": lambda b: zstandard.ZstdCompressor().compress(b)}
+
+
+@settings(max_examples=100, deadline=None)
+@given(cuts=st.lists(st.integers(0, 3000), max_size=12), encoding=st.sampled_from(["br", "zstd"]))
+def test_any_chunking_of_a_br_or_zstd_stream_gives_the_same_count(cuts, encoding):
+    body = COMPRESS[encoding](coze_stream(tokens=77))
+    assert read_all(body, cuts=cuts, content_encoding=encoding).token_count == 77
+
+
+@pytest.mark.parametrize("encoding", ["br", "zstd"])
+def test_corrupt_br_or_zstd_is_unreadable_not_an_error(encoding):
+    reader = read_all(COMPRESS[encoding](coze_stream())[:5] + b"\xff" * 64, content_encoding=encoding)
+    assert reader.usages == [] and reader.unreadable == "corrupt compressed stream"
+
+
+@pytest.mark.parametrize("encoding, peak_bound", [("zstd", 8 * 1024 * 1024), ("br", 48 * 1024 * 1024)])
+def test_br_and_zstd_bombs_are_cut_off_bounded(encoding, peak_bound):
+    # 200 MiB of zeros in a few KiB; brotli 1.1 (mitmproxy 11's) completes up to ~16 MiB per 4-byte call
+    bomb = COMPRESS[encoding](b"\0" * (200 * 1024 * 1024))
+    reader = SSEUsageReader(content_encoding=encoding, max_decoded=8 * 1024 * 1024)
+    tracemalloc.start()
+    try:
+        reader(bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert reader.unreadable == "decompressed stream too large"
+    assert peak < peak_bound
+
+
+class TestCutShort:
+    def test_the_chat_ids_of_a_stream_cut_after_chat_created(self):
+        whole = coze_stream(tokens=9)
+        cut = whole[: whole.index(b"event:conversation.message.delta")]
+        reader = read_all(cut, events=(COMPLETED,), ids_from=CREATED)
+        assert reader.usages == [] and reader.chat_ref == ("7390000000000000009", "7390000000000000001")
+
+    def test_a_whole_stream_counts_and_names_its_chat(self):
+        reader = read_all(coze_stream(tokens=9), events=(COMPLETED,), ids_from=CREATED)
+        assert reader.token_count == 9 and reader.chat_ref is not None
+
+    @pytest.mark.parametrize("ids", [{"conversation_id": 7, "id": "1"}, {"conversation_id": "c"}, {"conversation_id": "c" * 129, "id": "1"}])
+    def test_ids_that_are_not_ids_are_not_kept(self, ids):
+        reader = read_all(frame(CREATED, dict(ids, status="created")), events=(COMPLETED,), ids_from=CREATED)
+        assert reader.chat_ref is None
+
+
+def workflow_message(content: str, usage: dict | None = None, eid: int = 0) -> bytes:
+    data = {"content": content, "node_title": "End", "node_seq_id": "0", "node_is_finish": usage is not None}
+    if usage is not None:
+        data["usage"] = usage
+    return f"id: {eid}\nevent: Message\ndata: {json.dumps(data)}\n\n".encode()
+
+
+class TestWorkflowMessages:
+    def test_running_totals_count_their_growth_once(self):
+        stream = (workflow_message("a") + workflow_message("", {"token_count": 10, "input_count": 4, "output_count": 6})
+                  + workflow_message("b") + workflow_message("", {"token_count": 10, "input_count": 4, "output_count": 6})
+                  + workflow_message("c", {"token_count": 25, "input_count": 9, "output_count": 16})
+                  + b"id: 9\nevent: Done\ndata: {}\n\n")
+        reader = read_all(stream, cuts=range(0, len(stream), 7), events=(WORKFLOW_MESSAGE,), cumulative=True)
+        assert [u.token_count for u in reader.usages] == [10, 15] and reader.token_count == 25
+        assert (sum(u.input_count for u in reader.usages), sum(u.output_count for u in reader.usages)) == (9, 16)
+
+    def test_messages_without_usage_are_not_parsed(self):
+        reader = read_all(b"".join(workflow_message(f"piece {i}") for i in range(50)), events=(WORKFLOW_MESSAGE,),
+                          cumulative=True)
+        assert reader.usages == [] and reader.skipped_frames == 0
+
+    def test_a_cut_stream_keeps_what_it_saw(self):
+        stream = workflow_message("", {"token_count": 10}) + workflow_message("x")[:20]
+        assert read_all(stream, events=(WORKFLOW_MESSAGE,), cumulative=True).token_count == 10
+

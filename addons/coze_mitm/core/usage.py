@@ -9,6 +9,11 @@ Pure logic, no mitmproxy import. Two readers:
   `conversation.chat.completed` to a callback the moment that frame is complete (a stream cut later
   still counts). A frame split across chunks is carried over, up to `max_frame` bytes; a longer frame
   is skipped, not buffered. Frames of events nobody asked for (the text deltas) are not kept at all.
+  With `ids_from="conversation.chat.created"` it also keeps the chat's ids (`chat_ref`: conversation id,
+  chat id), so a stream that ends before `conversation.chat.completed` (client gone, connection cut: the
+  chat runs on at Coze and is billed) can have its usage fetched from `/v3/chat/retrieve`. With
+  `cumulative=True` (workflow streams: `events=("Message",)`) a `usage` is the call's usage so far, so only
+  its growth over the largest one reported before is counted.
 * `usage_from_retrieve(body)` reads `data.usage` from the JSON answer of `/v3/chat/retrieve`
   (a bounded body; the chat must be `completed`).
 
@@ -24,7 +29,14 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable
 
+import brotli  # the codecs mitmproxy itself decodes with (11.x and 12.x)
+import zstandard
+
+from coze_mitm.core.bounded import BROTLI_PIECE, ZSTD_MAX_WINDOW
+
 COMPLETED = "conversation.chat.completed"
+CREATED = "conversation.chat.created"
+WORKFLOW_MESSAGE = "Message"  # /v1/workflow/stream_run and stream_resume: node output, may carry `usage`
 MAX_FRAME = 64 * 1024  # a chat.completed frame is ~1 KB; the text deltas are never kept
 MAX_RETRIEVE_BODY = 256 * 1024
 MAX_COUNT = 10**12  # above any real chat; a bigger figure is garbage, not usage
@@ -97,14 +109,21 @@ class SSEUsageReader:
     on_usage(usage)   called once per `conversation.chat.completed` frame that carries a valid usage
     events            the event names whose data is read (the others are skipped without being kept)
     max_frame         the most bytes of one frame kept across chunks; a longer frame is skipped
-    content_encoding  "", "identity", "gzip", "x-gzip" or "deflate"; any other makes the reader inert
-                      (`unreadable` says why) rather than parse compressed bytes as text
+    content_encoding  "", "identity", "gzip", "x-gzip", "deflate", "br" or "zstd"; any other makes the reader
+                      inert (`unreadable` says why) rather than parse compressed bytes as text
+    ids_from          an event whose data names the chat (`conversation.chat.created`): kept in `chat_ref`
+    cumulative        each usage is the call's total so far: only the growth is reported
     """
 
     def __init__(self, on_usage: Callable[[Usage], None] | None = None, *, events=(COMPLETED,),
-                 max_frame: int = MAX_FRAME, content_encoding: str = "", max_decoded: int = 64 * 1024 * 1024):
+                 max_frame: int = MAX_FRAME, content_encoding: str = "", max_decoded: int = 64 * 1024 * 1024,
+                 ids_from: str | None = None, cumulative: bool = False):
         self.on_usage = on_usage
-        self.events = frozenset(events)
+        self.ids_from = ids_from
+        self.cumulative = cumulative
+        self.chat_ref: tuple[str, str] | None = None  # (conversation id, chat id) from the ids_from event
+        self._reported = Usage(0)  # cumulative: the largest usage reported so far
+        self.events = frozenset(events) | ({ids_from} if ids_from else frozenset())
         self._peek = 8 + max((len(e.encode()) for e in self.events), default=0)  # "event: " + a name of ours
         self.max_frame = max_frame
         self.usages: list[Usage] = []  # what was reported, in order (a chat stream has one)
@@ -121,6 +140,7 @@ class SSEUsageReader:
         self._after_cr = False  # the last piece ended in \r: a \n first in the next one ends no new line
         self._first = True  # a UTF-8 BOM may open the stream
         self._inflate = None
+        self._steps: _Steps | None = None  # br, zstd: decoded a few bytes at a time (bounded output per call)
         self._inflated_any = False
         self._decoded_left = max_decoded
         self._encoding = content_encoding.strip().lower()
@@ -128,6 +148,8 @@ class SSEUsageReader:
             self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif self._encoding == "deflate":
             self._inflate = zlib.decompressobj(zlib.MAX_WBITS)
+        elif self._encoding in ("br", "zstd"):
+            self._steps = _Steps(self._encoding)
         elif self._encoding not in ("", "identity"):
             self.unreadable = f"content-encoding {self._encoding!r} is not read"
 
@@ -149,6 +171,16 @@ class SSEUsageReader:
     # -- bytes in --------------------------------------------------------------------------------
     def feed(self, chunk: bytes) -> None:
         if self.unreadable or self.ended:
+            return
+        if self._steps is not None:
+            for piece in self._steps.pieces(chunk):
+                self._decoded_left -= len(piece)
+                if self._decoded_left < 0:
+                    self.unreadable = "decompressed stream too large"
+                    return
+                self._parse(piece)
+            if self._steps.error:
+                self.unreadable = "corrupt compressed stream"
             return
         if self._inflate is None:
             self._parse(chunk)
@@ -277,17 +309,74 @@ class SSEUsageReader:
         try:
             if event is None or event not in self.events or not data:
                 return
+            if self.cumulative and not any(b'"usage"' in d for d in data):
+                return  # a workflow's text piece: most Message events carry no usage
             try:
                 obj = json.loads(b"\n".join(data))
             except (ValueError, UnicodeDecodeError, RecursionError):
                 self.skipped_frames += 1
                 return
+            if event == self.ids_from:
+                self._keep_ids(obj)
+                return
             usage = parse_usage(obj)
             if usage is None:
                 self.skipped_frames += 1
                 return
+            if self.cumulative:
+                usage = self._growth(usage)
+                if usage is None:
+                    return
             self.usages.append(usage)
             if self.on_usage is not None:
                 self.on_usage(usage)
         finally:
             self._reset_frame()
+
+    def _keep_ids(self, obj) -> None:
+        if not isinstance(obj, dict) or self.chat_ref is not None:
+            return
+        conversation_id, chat_id = obj.get("conversation_id"), obj.get("id")
+        if (isinstance(conversation_id, str) and isinstance(chat_id, str) and 0 < len(conversation_id) <= 128
+                and 0 < len(chat_id) <= 128):
+            self.chat_ref = (conversation_id, chat_id)
+
+    def _growth(self, usage: Usage) -> Usage | None:
+        """What a running total adds to the largest one before it (None: nothing new)."""
+        before = self._reported
+        if usage.token_count <= before.token_count:
+            return None
+        self._reported = usage
+        return Usage(usage.token_count - before.token_count, max(0, usage.input_count - before.input_count),
+                     max(0, usage.output_count - before.output_count))
+
+
+class _Steps:
+    """An incremental br or zstd decoder fed a few bytes per call, so that one call's output stays bounded
+    (brotli 1.1, mitmproxy 11's, has no output limit; zstd's decompressobj neither): a bomb is cut off by the
+    reader's max_decoded after little more than that much output, never held whole (core/bounded.py does
+    the same for whole bodies)."""
+
+    ZSTD_PIECE = 64  # at most ~16 RLE blocks of 128 KiB each per call
+
+    def __init__(self, encoding: str):
+        self.error = False
+        if encoding == "br":
+            self._decoder = brotli.Decompressor()
+            self._piece = BROTLI_PIECE
+        else:
+            self._decoder = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompressobj()
+            self._piece = self.ZSTD_PIECE
+        self._br = encoding == "br"
+
+    def pieces(self, chunk: bytes):
+        view = memoryview(chunk)
+        step = self._piece
+        try:
+            for i in range(0, len(view), step):
+                piece = bytes(view[i:i + step])
+                out = self._decoder.process(piece) if self._br else self._decoder.decompress(piece)
+                if out:
+                    yield out
+        except (brotli.error, zstandard.ZstdError):
+            self.error = True

@@ -307,3 +307,44 @@ def parallel_msg(shown_as: str, in_flight: int, cap: int) -> str:
     return (f"coze-mitm: {shown_as} has {in_flight} chats in progress, and at most {cap} may run at once "
             f"(coze_user_max_parallel_chats, which keeps the daily budget from being overshot); send this one "
             f"again when one of them has ended.")
+
+
+# -- what a budget cannot count -------------------------------------------------------------------
+MAX_RUN_BODY = 4 * 1024 * 1024  # a workflow run's body read to see whether it asks to run asynchronously
+
+
+def is_async_run(body: bytes | None) -> bool | None:
+    """Whether a `/v1/workflow/run` body asks for an asynchronous run: True, False, or None when that cannot
+    be told (no JSON object, or too big). Read the way Coze's Go server reads it, and then some: a key that
+    matches `is_async` as Go's encoding/json matches field names (core/go_reading.field) with any value but
+    false/null counts; keys that disagree, or a body Go and Python would read differently, cannot be told."""
+    if body is None or len(body) > MAX_RUN_BODY:
+        return None
+    if b"\\" not in body and b"ync" not in body.lower():
+        # No spelling of the key is possible without these bytes (Go folds only ASCII letters, K and LONG S
+        # among them; an escape needs a backslash): no parse on the common path. A body that is no JSON at all
+        # is refused by Coze itself.
+        return False
+    try:
+        obj = go_reading.read_object(body)
+    except go_reading.Unreadable:
+        return None
+    value, disagree = go_reading.field(obj, "is_async")
+    if disagree:
+        return None  # readers could differ on it: not guessed
+    return value is not None and value is not False
+
+
+def async_run_msg(readable: bool) -> str:
+    why = ("asks to run asynchronously (is_async): its usage would be known only from its run history, hours "
+           "later if the run is long, after the budget decided" if readable else
+           "cannot be read as one JSON object, so whether it runs asynchronously (is_async) cannot be checked")
+    return (f"coze-mitm: this workflow run {why}; while a daily budget is set (coze_user_daily_tokens) such runs "
+            "are not forwarded. Run it synchronously (/v1/workflow/run without is_async) or streamed "
+            "(/v1/workflow/stream_run).")
+
+
+def polls_full_msg(polls: int) -> str:
+    return (f"coze-mitm: {polls} chats are waiting for their usage from Coze, the most the proxy follows at once; "
+            "a chat started now might go uncounted, which a daily budget (coze_user_daily_tokens) does not "
+            "allow. Send it again in a few seconds.")

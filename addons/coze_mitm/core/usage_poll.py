@@ -11,7 +11,9 @@ polls retrieve itself, with that user's token, on the Coze API origin the chat w
 * bounded in time: first after `first_delay` s, then `factor` times longer each time up to `max_delay`,
   for at most `deadline` s;
 * bounded in count: at most `max_pollers` chats polled at once; when one more comes, the oldest poll is
-  dropped and counted in `dropped` (its usage is not counted);
+  dropped and counted in `dropped` (its usage is not counted). Under a budget the caller refuses new chats
+  while `full()` and starts polls with `keep_all` (nothing dropped: the polls beyond `max_pollers` are chats
+  already admitted, whose streams ended early);
 * the usage is handed to `on_usage(user, usage)` once (the book counts a chat id once anyway), then
   `on_done(key, outcome)` says how the poll ended: "counted", "ended" (failed, canceled, requires_action:
   nothing to count), "gave-up" (deadline), "dropped" (too many polls), "closed" (shutdown).
@@ -90,11 +92,17 @@ class UsagePoller:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    def start(self, chat: Chat) -> None:
-        """Poll for `chat`'s usage (call on the event loop). A chat already polled is not polled twice."""
+    def full(self) -> bool:
+        """One more chat would drop the oldest poll (whose usage then goes uncounted)."""
+        return len(self._tasks) >= self.max_pollers
+
+    def start(self, chat: Chat, keep_all: bool = False) -> None:
+        """Poll for `chat`'s usage (call on the event loop). A chat already polled is not polled twice.
+        `keep_all`: never drop a poll for this one (a budget is set: the caller admitted the chat knowing
+        `full()`, and a poll dropped would leave a billed chat uncounted)."""
         if chat.key in self._tasks:
             return
-        while len(self._tasks) >= self.max_pollers:
+        while not keep_all and len(self._tasks) >= self.max_pollers:
             key, task = self._tasks.popitem(last=False)
             task.cancel()
             self.stats.dropped += 1

@@ -9,14 +9,18 @@
                             no file named: memory, so the sandbox's users never reach a later run's file)
 
 Hooks (this addon must come after `auth` and after `streaming` in the addon list):
+request                       a tagged request that spends tokens asks Coze for an uncompressed answer
+                              (`Accept-Encoding: identity`): the usage in it must be readable
 responseheaders               a tagged event-stream answer from the Coze API gets a usage reader as its
-                              `stream` callable (chunks pass unchanged); a streamed chat counts as a chat
+                              `stream` callable (chunks pass unchanged); a streamed chat counts as a chat;
+                              a workflow stream's `Message` events carry the call's usage so far
 response                      a non-streamed chat answered with code 0 counts as a chat (and its usage,
                               if it is completed already; answered `in_progress`, the proxy polls
                               `/v3/chat/retrieve` for it itself: core/usage_poll.py); `/v3/chat/retrieve`
-                              of a completed chat: its usage (once per chat id); the chat leaves the
-                              in-flight count (a polled one when its poll ends)
-error                         the chat leaves the in-flight count
+                              of a completed chat: its usage (once per chat id); a streamed chat that ended
+                              without `conversation.chat.completed` is polled too (it runs on at Coze); the
+                              chat leaves the in-flight count (a polled one when its poll ends)
+error                         a streamed chat cut short is polled as above; the chat leaves the in-flight count
 websocket_message             on the WebSocket chat (`/v1/chat` on the ws host): a client event that starts
                               a reply counts as a chat, is budgeted (over budget or at the parallel cap it
                               is dropped and the client gets Coze's `error` event, code 4013) and is in
@@ -32,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import time
 from pathlib import Path
 
 from mitmproxy import ctx, http
@@ -41,14 +46,17 @@ from coze_mitm.core import fields, go_reading
 from coze_mitm.flowmeta import COZE_USER
 from coze_mitm.core.bounded import decoded_prefix
 from coze_mitm.core.exchange import scrub
-from coze_mitm.core.usage import SSEUsageReader, parse_usage, retrieve_body_ok, usage_from_retrieve
+from coze_mitm.core.usage import (
+    COMPLETED, CREATED, WORKFLOW_MESSAGE, SSEUsageReader, parse_usage, retrieve_body_ok, usage_from_retrieve,
+)
 from coze_mitm.core.identity import short_id
 from coze_mitm.core.usage_book import (
-    PARALLEL_RETRY_AFTER, WS_CHAT_ENDS, WS_CHAT_STARTS, WS_SPENDING, UsageBook, api_prefix, budget_refusal, is_chat,
-    over_budget_msg, parallel_msg, refusal_status, spends_tokens,
+    MAX_RUN_BODY, PARALLEL_RETRY_AFTER, WS_CHAT_ENDS, WS_CHAT_STARTS, WS_SPENDING, UsageBook, api_prefix, async_run_msg,
+    budget_refusal, is_async_run, is_chat, over_budget_msg, parallel_msg, polls_full_msg, refusal_status,
+    spends_tokens,
 )
 from coze_mitm.core.usage_flight import InFlight
-from coze_mitm.core.usage_poll import Chat, UsagePoller
+from coze_mitm.core.usage_poll import MAX_POLLERS, Chat, UsagePoller
 from coze_mitm.core.usage_store import SqliteUsageStore, default_path
 
 log = logging.getLogger("coze.accounting")
@@ -57,6 +65,9 @@ MAX_CHAT_ANSWER = 256 * 1024  # a non-streamed chat answer is ~1 KB; bigger ones
 MAX_WS_EVENT = 64 * 1024  # a WebSocket event carrying usage is small; bigger messages are not parsed
 MAX_WS_CLIENT_EVENT = 1024 * 1024  # with a budget, a client event bigger than this is not forwarded (not checkable)
 DEFAULT_PARALLEL = 4
+WORKFLOWS_CHAT = "/v1/workflows/chat"
+SLOT_MAX_AGE = 600.0  # seconds: longer than Coze takes to answer a chat's request
+WORKFLOW_STREAMS = ("/v1/workflow/stream_run", "/v1/workflow/stream_resume")
 _WS_START_NAMES = tuple(name.encode() for name in WS_CHAT_STARTS)
 
 
@@ -73,6 +84,9 @@ class Accounting:
         self.not_polled = 0  # non-streamed chats answered in_progress whose usage could not be polled
         self.refused_ws_events = 0
         self.unreadable_streams = 0
+        self.cut_streams = 0  # streamed chats that ended before chat.completed: their usage polled
+        # budgeted chats sent whose answer is not seen yet (each may need a poll): flow id -> when sent
+        self._poll_slots: dict[str, float] = {}
         self.started = False
         self._ws_warned: set[str] = set()  # sockets told once that their audio is not forwarded
 
@@ -135,18 +149,64 @@ class Accounting:
         if self.max_parallel and in_flight >= self.max_parallel:
             return (refusal_status(from_page), 4013, "budget", parallel_msg(shown_as, in_flight, self.max_parallel),
                     {"Retry-After": str(PARALLEL_RETRY_AFTER)})
+        uncountable = self._uncountable(request, flow.id, from_page)
+        if uncountable is not None:
+            return uncountable
         self.flight.add(flow.id, user)
         return None
+
+    def _uncountable(self, request: http.Request, request_id: str, from_page: bool):
+        """A refusal for a request whose spending the budget could not count, else None (docs/decisions.md)."""
+        route = go_reading.route(request.data.path).lower()  # as Coze's Go server routes it: /v1/workflow/%72un too
+        if route.endswith("/v1/workflow/run"):
+            raw = request.raw_content  # None: the body is streamed past the proxy, so it cannot be checked
+            encoding = fields.get(request.headers, b"content-encoding")
+            body = b"{}" if raw == b"" else None if raw is None else decoded_prefix(raw, encoding, MAX_RUN_BODY + 1)
+            asks = is_async_run(body)
+            if asks is not False:
+                return (200 if from_page else 400, 4000, "budget", async_run_msg(asks is True), {})
+            return None
+        if api_prefix(request.data.path) is not None or route.endswith(WORKFLOWS_CHAT):
+            # A chat's usage may have to be polled (answered in_progress): it holds a poll slot from now until
+            # its answer's headers show a stream (or its poll starts); with every slot taken, it could go
+            # uncounted, so it is refused.
+            polls = len(self.poller) if self.poller is not None else 0
+            if polls + len(self._poll_slots) >= MAX_POLLERS:
+                self._forget_lost_slots()
+            if polls + len(self._poll_slots) >= MAX_POLLERS:
+                return (refusal_status(from_page), 4013, "budget", polls_full_msg(polls + len(self._poll_slots)),
+                        {"Retry-After": str(PARALLEL_RETRY_AFTER)})
+            self._poll_slots[request_id] = time.monotonic()
+        return None
+
+    def _forget_lost_slots(self) -> None:
+        """A slot whose answer never came (no response or error hook ran) is forgotten, as InFlight does."""
+        oldest = time.monotonic() - SLOT_MAX_AGE
+        for key in [k for k, t in self._poll_slots.items() if t < oldest]:
+            del self._poll_slots[key]
 
     def in_flight(self) -> dict:
         poll = self.poller.stats.as_dict() if self.poller is not None else None
         return {"chats_in_flight": self.flight.total(), "max_parallel_chats": self.max_parallel,
-                "usage_polls": poll, "usage_not_polled": self.not_polled}
+                "usage_polls": poll, "usage_not_polled": self.not_polled, "streams_cut_short_polled": self.cut_streams}
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self.flight.release_all(flow.id)
+        try:
+            self._stream_ended(flow)
+        finally:
+            self.flight.release_all(flow.id)
+            self._poll_slots.pop(flow.id, None)
 
     # -- counting ------------------------------------------------------------------------------------
+    def request(self, flow: http.HTTPFlow) -> None:
+        """Coze may compress answers when the client offers it: tagged spending requests ask for none, so the
+        usage in them is read without a decoder (br, zstd and gzip are read all the same if they come; see
+        docs/decisions.md, "Compressed answers"). Every client accepts identity; it costs bytes, not CPU."""
+        if flow.response is not None or not flow.metadata.get(COZE_USER) or flow.request.method != "POST":
+            return
+        if spends_tokens("POST", flow.request.data.path):
+            fields.replace(flow.request.headers, b"accept-encoding", ["identity"], spelled=b"Accept-Encoding")
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         user = flow.metadata.get(COZE_USER)
         response = flow.response
@@ -154,6 +214,7 @@ class Accounting:
             return
         if not fields.get(response.headers, b"content-type").lower().startswith("text/event-stream"):
             return
+        self._poll_slots.pop(flow.id, None)  # a stream: its usage comes in it (a stream cut short polls anyway)
         if is_chat(flow.request.method, flow.request.data.path):
             self.book.chat(user)
         if callable(response.stream):
@@ -161,8 +222,15 @@ class Accounting:
             self._not_counted("another addon set its stream callable")
             return
         book = self.book
-        reader = SSEUsageReader(lambda usage: book.tokens(user, usage),
-                                content_encoding=fields.get(response.headers, b"content-encoding"))
+        encoding = fields.get(response.headers, b"content-encoding")
+        if go_reading.route(flow.request.data.path).lower().endswith(WORKFLOW_STREAMS):
+            # stream_run / stream_resume: a Message event's usage is this call's usage so far
+            reader = SSEUsageReader(lambda usage: book.tokens(user, usage), events=(WORKFLOW_MESSAGE,),
+                                    content_encoding=encoding, cumulative=True)
+        else:
+            # chats: the usage comes with chat.completed; chat.created names the chat, for a stream cut short
+            reader = SSEUsageReader(lambda usage: book.tokens(user, usage), events=(COMPLETED,),
+                                    content_encoding=encoding, ids_from=CREATED)
         if reader.unreadable:
             self._not_counted(reader.unreadable)
         # Replaces streaming.py's True: the stream still goes out chunk by chunk, each chunk unchanged.
@@ -176,11 +244,13 @@ class Accounting:
 
     def response(self, flow: http.HTTPFlow) -> None:
         try:
+            self._stream_ended(flow)
             self._count_answer(flow)
         finally:
             # The chat's answer has ended (a streamed one after its last chunk): it is no longer in flight,
             # unless its usage poll holds it now.
             self.flight.release_all(flow.id)
+            self._poll_slots.pop(flow.id, None)
 
     def _count_answer(self, flow: http.HTTPFlow) -> None:
         user = flow.metadata.get(COZE_USER)
@@ -225,6 +295,26 @@ class Accounting:
         if isinstance(data, dict) and data.get("status") in ("created", "in_progress"):
             self._poll(flow, user, prefix, data)
 
+    def _stream_ended(self, flow: http.HTTPFlow) -> None:
+        """A streamed chat whose stream ended (client gone, connection cut, or a clean end) without its
+        `conversation.chat.completed`: it may run on at Coze and be billed, so its usage is polled with the
+        ids its `conversation.chat.created` gave (a chat that failed or was cancelled ends the poll at once)."""
+        response = flow.response
+        reader = response.stream if response is not None else None
+        if not isinstance(reader, SSEUsageReader) or reader.chat_ref is None or reader.usages:
+            return
+        user = flow.metadata.get(COZE_USER)
+        route = go_reading.route(flow.request.data.path)
+        prefix = api_prefix(flow.request.data.path)
+        if prefix is None and route.lower().endswith(WORKFLOWS_CHAT):
+            prefix = route[: -len(WORKFLOWS_CHAT)]
+        if not user or prefix is None:
+            return
+        conversation_id, chat_id = reader.chat_ref
+        reader.chat_ref = None  # response and error may both come: one poll
+        self.cut_streams += 1
+        self._poll(flow, user, prefix, {"conversation_id": conversation_id, "id": chat_id})
+
     def _poll(self, flow: http.HTTPFlow, user: str, prefix: str, data: dict) -> None:
         """Coze answered `in_progress`: fetch the usage the client may never ask for, with the user's token,
         from the Coze API origin the chat went to (and no other)."""
@@ -247,7 +337,8 @@ class Accounting:
                                                           (("http", 80), ("https", 443)) else f":{request.port}")
         key = f"poll:{flow.id}"
         self.flight.rekey(flow.id, key)  # in flight until its usage is counted (or the poll ends)
-        self.poller.start(Chat(key, user, origin, prefix, conversation_id, chat_id))
+        self._poll_slots.pop(flow.id, None)
+        self.poller.start(Chat(key, user, origin, prefix, conversation_id, chat_id), keep_all=self.daily_tokens > 0)
 
     def _polled_usage(self, user: str, usage) -> None:
         self.book.tokens(user, usage)
