@@ -150,7 +150,7 @@ def declare(loader) -> None:
         "and the new-users limit with every proxy pointed at the same Redis (docs/team.md).",
     )
     loader.add_option(
-        "coze_usage_lease", float, 30.0,
+        "coze_usage_lease", int, 30,
         "With a Redis coze_usage_file: seconds a chat in flight holds its place in the shared parallel cap "
         "without its proxy renewing it (a proxy that dies frees its chats' places within this time).",
     )

@@ -126,6 +126,7 @@ class Accounting:
         """A Redis that several proxies share (core/usage_redis.py): usage, budget decisions, chats in flight
         and the new-users window live there; this proxy's book shows its snapshots."""
         problem = usage_redis.redis_available()
+        store = None
         try:
             store = None if problem else usage_redis.RedisUsageStore(
                 spec, lease=float(ctx.options.coze_usage_lease), on_error=log.warning, on_info=log.info)
