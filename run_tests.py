@@ -92,6 +92,12 @@ def run(pytest_args):
         quiet = {"stdout": subprocess.DEVNULL, "env": dict(os.environ, DEBIAN_FRONTEND="noninteractive")}
         if call(["apt-get", "update", "-qq"], **quiet) or call(["apt-get", "install", "-y", "-qq", "chromium"], **quiet):
             warn("could not install chromium: browser tests will be skipped")
+    # The shared-store tests: Debian's redis-server (a real Redis, started per test on a free port).
+    if (os.name != "nt" and os.geteuid() == 0 and not shutil.which("redis-server") and shutil.which("apt-get")):
+        step("installing Debian's redis-server for the shared-store tests")
+        quiet = {"stdout": subprocess.DEVNULL, "env": dict(os.environ, DEBIAN_FRONTEND="noninteractive")}
+        if call(["apt-get", "update", "-qq"], **quiet) or call(["apt-get", "install", "-y", "-qq", "redis-server"], **quiet):
+            warn("could not install redis-server: the Redis store tests will be skipped")
 
     requirements = [repo / "requirements-dev.txt", repo / "requirements.txt"]
     venv = bootstrap.active_venv()
