@@ -174,3 +174,37 @@ def test_redis_away_refuses_budget_decisions_and_queues_usage(tmp_path):
         run(main())
     finally:
         server.stop()
+
+
+def test_new_users_per_minute_is_one_window_for_every_proxy(server):
+    """Two brokers (two proxies) with a limit of 2 new users a minute: the third new user is refused by either;
+    a user the other proxy admitted is not new."""
+    from coze_mitm.core.exchange import IssuedToken
+    from coze_mitm.core.tokens import LimitError, TokenBroker
+
+    def fetch(user):
+        now = time.time()
+        return IssuedToken(f"czs_{user}", now + 900, now)
+
+    async def main():
+        a, b = store_for(server.url, []), store_for(server.url, [])
+        brokers = []
+        for store in (a, b):
+            store.load("x")
+            broker = TokenBroker(fetch, new_users_per_minute=2)
+            broker.admission = store.admit
+            brokers.append(broker)
+        assert await brokers[0].token_for("user-1") == "czs_user-1"
+        assert await brokers[1].token_for("user-2") == "czs_user-2"
+        with pytest.raises(LimitError, match="across the proxies") as refused:
+            await brokers[0].token_for("user-3")
+        assert 1 <= refused.value.retry_after <= 61
+        assert await brokers[1].token_for("user-1") == "czs_user-1"  # new to this proxy, not to the team
+        # Redis away: each proxy's own window decides again
+        a.error = "down"
+        assert await brokers[0].token_for("user-3") == "czs_user-3"
+        for broker in brokers:
+            broker.close()
+        a.close()
+        b.close()
+    run(main())
