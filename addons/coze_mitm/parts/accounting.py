@@ -6,7 +6,9 @@
                             what bounds the overshoot (a chat's usage is known only when it ends)
     coze_usage_file         where usage is kept (default, when empty: coze-mitm-usage.sqlite in
                             mitmproxy's confdir; "memory" keeps it in memory only; with coze_demo and
-                            no file named: memory, so the sandbox's users never reach a later run's file)
+                            no file named: memory, so the sandbox's users never reach a later run's file);
+                            a redis:// URL: shared with every proxy using it (core/usage_redis.py: budget
+                            decisions are then awaited there, coze_usage_lease bounds a dead proxy's places)
 
 Hooks (this addon must come after `auth` and after `streaming` in the addon list):
 responseheaders               a tagged event-stream answer from the Coze API gets a usage reader as its
@@ -44,8 +46,8 @@ from coze_mitm.core.exchange import scrub
 from coze_mitm.core.usage import SSEUsageReader, parse_usage, retrieve_body_ok, usage_from_retrieve
 from coze_mitm.core.identity import short_id
 from coze_mitm.core.usage_book import (
-    PARALLEL_RETRY_AFTER, WS_CHAT_ENDS, WS_CHAT_STARTS, WS_SPENDING, UsageBook, api_prefix, budget_refusal, is_chat,
-    over_budget_msg, parallel_msg, refusal_status, spends_tokens, utc_day,
+    PAGE_STATUS, PARALLEL_RETRY_AFTER, WS_CHAT_ENDS, WS_CHAT_STARTS, WS_SPENDING, UsageBook, api_prefix,
+    budget_refusal, is_chat, over_budget_msg, parallel_msg, refusal_status, spends_tokens, utc_day,
 )
 from coze_mitm.core.usage_flight import InFlight, SharedInFlight
 from coze_mitm.core import usage_redis
@@ -94,7 +96,8 @@ class Accounting:
         if "coze_usage_lease" in updated and not 1 <= ctx.options.coze_usage_lease <= 3600:
             options.refuse("coze-mitm: coze_usage_lease must be 1 to 3600 seconds", started=self.started)
             return
-        if updated & {"coze_usage_file", "coze_demo", "coze_usage_lease"} or ("confdir" in updated and self.store is None):
+        opened_by = {"coze_usage_file", "coze_demo", "coze_usage_lease"}
+        if updated & opened_by or ("confdir" in updated and self.store is None):
             spec = ctx.options.coze_usage_file
             if not spec and getattr(ctx.options, "coze_demo", False):
                 # The demo's users are the sandbox's (a throwaway stand-in): counted in memory only, so they
@@ -188,9 +191,11 @@ class Accounting:
         status = refusal_status(from_page, method)
         if verdict == usage_redis.DOWN:
             # A page gets 200 + 4013 like any refusal (Coze's chat component shows only that); clients 503.
-            return (200 if status == 200 else 503, 4013 if status == 200 else 5000, "budget-store", f"coze-mitm: {shown_as} has a daily budget, and the usage store it is "
-                    f"checked against ({store.path}) does not answer; a budget that cannot be checked is not a budget, "
-                    f"so chats wait until it is back (the proxy's owner sees why in its log)", {"Retry-After": "5"})
+            msg = (f"coze-mitm: {shown_as} has a daily budget, and the usage store it is checked against "
+                   f"({store.path}) does not answer; a budget that cannot be checked is not a budget, so chats wait until it is back "
+                   f"(the proxy's owner sees why in its log)")
+            page = status == PAGE_STATUS
+            return (PAGE_STATUS if page else 503), (4013 if page else 5000), "budget-store", msg, {"Retry-After": "5"}
         if verdict == usage_redis.AT_CAP:
             return (status, 4013, "budget", parallel_msg(shown_as, in_flight, self.max_parallel),
                     {"Retry-After": str(PARALLEL_RETRY_AFTER)})
