@@ -243,3 +243,56 @@ def test_a_bad_redis_url_stops_the_start_up_with_one_line(tmp_path, config_file)
     assert proxy.run_to_exit() == 1
     assert "coze_usage_file: the Redis URL's port is not a number" in proxy.output
     assert "Traceback" not in proxy.output and ":pw@" not in proxy.output
+
+
+def terminal_events(client) -> list[dict]:
+    """The chat ends and errors among the WebSocket events of one read."""
+    import json
+
+    from wsproto.events import TextMessage
+    events = [json.loads(e.data) for e in client._events() if isinstance(e, TextMessage)]
+    return [e for e in events if e["event_type"] in ("conversation.chat.completed", "error")]
+
+
+def test_websocket_chats_on_two_proxies_share_the_cap_and_the_budget(two_proxies, standin):
+    import urllib.parse
+
+    from tests.clients import WsClient
+    from tests.test_websocket import placeholder_query
+
+    ws_port = urllib.parse.urlsplit(standin.base_url).port
+    standin.delta_gap = 0.5  # a reply takes ~2 s: every start below arrives while the first ones run
+    a, b = two_proxies("coze_user_daily_tokens=20", "coze_user_max_parallel_chats=2",
+                       f"coze_api_hosts=ws://localhost:{ws_port}")
+    sockets = [WsClient(p.port, "localhost", ws_port, f"/v1/chat?{placeholder_query(USER)}", headers=[("Origin", PAGE)])
+               for p in (a, b)]
+    try:
+        assert [s.status for s in sockets] == [101, 101]
+        for s in sockets:
+            for i in range(2):
+                s.send("conversation.message.create", {"role": "user", "content_type": "text", "content": f"w {i}"})
+        errors, completed = [], 0
+        for s in sockets:
+            ends = 0
+            while ends < 2:  # both of this socket's starts answered (an error may share a read with another)
+                for event in terminal_events(s):
+                    ends += 1
+                    if event["event_type"] == "error":
+                        errors.append(event["data"])
+                    else:
+                        completed += 1
+        assert completed == 2 and len(errors) == 2, errors  # one cap of 2 for both proxies' sockets
+        assert all(e["code"] == 4013 and "at most 2" in e["msg"] for e in errors), errors
+        assert len(standin.chats_of(USER)) == 2
+        standin.delta_gap = 0
+        assert streamed(chat(a, standin))  # over HTTP through A: 2 x 7 + 11 crosses the budget of 20
+        spent = standin.usage_of(USER)["token_count"]
+        assert spent == 25
+        wait_for(lambda: status(b)["usage_totals"]["tokens_today"] == spent, what="B seeing it")
+        sockets[1].send("conversation.message.create", {"role": "user", "content_type": "text", "content": "more"})
+        last = sockets[1].until("conversation.chat.completed")[-1]
+        assert last["event_type"] == "error" and "daily budget is 20" in last["data"]["msg"], last
+        assert len(standin.chats_of(USER)) == 3
+    finally:
+        for s in sockets:
+            s.close()
