@@ -123,6 +123,7 @@ def test_shared_in_flight_releases_its_entries(server):
         flight.release_all("poll:flow-1")
         flight.release_all("ws-1")
         await until(lambda: server.client().zcard("coze-mitm:flight:u-1") == 0)
+        assert not store.error
         store.close()
     run(main())
 

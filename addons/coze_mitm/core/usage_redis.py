@@ -43,11 +43,14 @@ REFRESH = 1.0  # seconds between snapshots for the status pages (and between rec
 DAY_TTL = 400 * 86400  # a day's hash is kept this long (the SQLite store keeps its rows for ever)
 BATCH_ROWS = 500  # (user, day) rows per write
 
-# KEYS: the batch's id key. ARGV: prefix, day TTL, then (user, day, chats, tokens) per row.
+# KEYS: the batch's id key ("" when the call carries no usage). ARGV: prefix, day TTL, the number of in-flight
+# entries to remove, those (set, member) pairs, then (user, day, chats, tokens) per row. One call per write: the
+# chats that ended and the usage counted since the last one, in one round trip.
 APPLY = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 86400) then return 0 end
-local p, ttl = ARGV[1], tonumber(ARGV[2])
-for i = 3, #ARGV, 4 do
+local p, ttl, releases = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+for i = 4, 3 + 2 * releases, 2 do redis.call('ZREM', ARGV[i], ARGV[i + 1]) end
+if KEYS[1] == '' or not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 86400) then return 0 end
+for i = 4 + 2 * releases, #ARGV, 4 do
   local user, day, c, t = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
   if c ~= 0 then
     redis.call('HINCRBY', p .. 'day:' .. day .. ':chats', user, c)
@@ -247,8 +250,8 @@ class RedisUsageStore:
             client = self.spec.client(asyncio_client=False)
             apply = client.register_script(APPLY)
             for batch_id, rows in batches:
-                for chunk in _chunks(rows):
-                    apply(keys=[PREFIX + "batch:" + batch_id + chunk[0]], args=chunk[1])
+                for suffix, args in _chunks(rows):
+                    apply(keys=[PREFIX + "batch:" + batch_id + suffix], args=args)
             if self._held:
                 pipe = client.pipeline(transaction=False)
                 for member, user in self._held.items():
@@ -336,18 +339,17 @@ class RedisUsageStore:
             self._wake.clear()
 
     async def _write(self) -> None:
-        while self._releases:
-            batch, self._releases = self._releases, []
-            pipe = self._client.pipeline(transaction=False)
-            for user, member in batch:
-                pipe.zrem(_flight_key(user), member)
-            await pipe.execute()
         if self._pending:
             self._unsent.append(("b" + secrets.token_hex(8), self._pending))
             self._pending = {}
-        while self._unsent:
+        while self._releases or self._unsent:
+            releases, self._releases = self._releases, []
+            ended = [x for user, member in releases for x in (_flight_key(user), member)]
+            if not self._unsent:
+                await self._scripts["apply"](keys=[""], args=[PREFIX, DAY_TTL, len(releases), *ended])
+                continue
             batch_id, rows = self._unsent[0]
-            for suffix, args in _chunks(rows):
+            for suffix, args in _chunks(rows, ended):
                 await self._scripts["apply"](keys=[PREFIX + "batch:" + batch_id + suffix], args=args)
             self._unsent.pop(0)
             self.writes += 1
@@ -425,11 +427,13 @@ def _flight_key(user: str) -> str:
     return f"{PREFIX}flight:{user}"
 
 
-def _chunks(rows: dict[tuple[str, str], list[int]]):
-    """(key suffix, script args) per BATCH_ROWS rows: each chunk is its own idempotent write."""
+def _chunks(rows: dict[tuple[str, str], list[int]], ended: list[str] = ()):
+    """(key suffix, APPLY's args) per BATCH_ROWS rows: each chunk is its own idempotent write; the first also
+    removes the `ended` in-flight entries ((set, member) pairs, flat)."""
     items = list(rows.items())
     for n, start in enumerate(range(0, len(items), BATCH_ROWS)):
-        args: list = [PREFIX, DAY_TTL]
+        args: list = [PREFIX, DAY_TTL, len(ended) // 2, *ended]
+        ended = ()
         for (user, day), (c, t) in items[start:start + BATCH_ROWS]:
             args += [user, day, c, t]
         yield f":{n}", args
