@@ -209,3 +209,17 @@ def test_new_users_per_minute_is_one_window_for_every_proxy(server):
         a.close()
         b.close()
     run(main())
+
+
+def test_a_snapshot_of_more_users_than_the_book_keeps_is_summed_once():
+    """The book keeps max_users; the rest of a shared snapshot is OTHERS, the same figures every second."""
+    from coze_mitm.core.usage_book import OTHERS, StoredUsage
+    book = UsageBook(max_users=2)
+    today = utc_day(time.time())
+    rows = [StoredUsage(f"user-{i}", 1, 10 * i, 1, 10 * i) for i in range(1, 6)]
+    for _ in range(3):  # three snapshots of the same figures
+        book.absorb(rows, today)
+    shown = book.rows()
+    assert [r["user"] for r in shown] == ["user-5", "user-4", OTHERS]
+    assert shown[-1] == {"user": OTHERS, "chats": 3, "tokens": 60, "tokens_today": 60}
+    assert sum(r["tokens"] for r in shown) == 150

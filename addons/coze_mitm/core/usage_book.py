@@ -113,13 +113,25 @@ class UsageBook:
         replaces the figures of the users it names."""
         if today != utc_day(self.clock()):
             return  # taken just before midnight: the next one is today's
-        for row in sorted(rows, key=lambda r: (r.tokens, r.chats)):  # the biggest end up most recently used
+        ordered = sorted(rows, key=lambda r: (r.tokens, r.chats))  # the biggest end up most recently used
+        kept, rest = ordered[-self.max_users:], ordered[:-self.max_users]
+        for row in kept:
             entry = self._users.get(row.user)
             if entry is None:
                 entry = self._entry(row.user, today)
             entry.roll(today)
             entry.chats, entry.tokens = row.chats, row.tokens
             entry.chats_today, entry.tokens_today = row.chats_today, row.tokens_today
+        if rest:
+            # The smallest spenders beyond max_users are OTHERS: replaced by this snapshot's sums, not added to
+            # (the same users come again with every snapshot).
+            o = self._others = UserUsage(day=today)
+            for row in rest:
+                o.chats += row.chats
+                o.tokens += row.tokens
+                o.chats_today += row.chats_today
+                o.tokens_today += row.tokens_today
+            self.folded = len(rest)
 
     def note_today(self, user: str, tokens_today: int) -> None:
         """A shared store said what `user` used today (a budget decision): shown at once, before the next

@@ -332,10 +332,13 @@ class RedisUsageStore:
             except Exception as e:
                 first = False
                 self._down(e)
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.refresh)
-            except asyncio.TimeoutError:
-                pass
+            if self.error:  # away: try again once per refresh, however much is counted meanwhile
+                await asyncio.sleep(self.refresh)
+            else:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.refresh)
+                except asyncio.TimeoutError:
+                    pass
             self._wake.clear()
 
     async def _write(self) -> None:
