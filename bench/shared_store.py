@@ -190,7 +190,11 @@ def main(argv=None) -> int:
             print(f"throughput (appendfsync everysec), {args.clients} client threads, 3 x {slice_s:g} s each, medians: "
                   f"one proxy (SQLite) {sq:.0f} req/s; one proxy (Redis) {one:.0f} req/s; two proxies sharing the "
                   f"Redis {two:.0f} req/s ({two / one:.2f}x one); all: {runs}")
-            print(f"Redis' own CPU for all of it: {server.client().info('cpu')['used_cpu_user']:.2f} s user")
+            cpu = server.client().info("cpu")
+            redis_chats = 2 * (args.rounds + 50) + 3 * slice_s * (statistics.mean(runs["one"]) + statistics.mean(runs["two"]))
+            print(f"Redis' own CPU for all of it: {cpu['used_cpu_user'] + cpu['used_cpu_sys']:.2f} s for about "
+                  f"{redis_chats:.0f} budgeted chats through the Redis proxies and {2 * args.rounds} decisions "
+                  f"(~{(cpu['used_cpu_user'] + cpu['used_cpu_sys']) / (redis_chats + 2 * args.rounds) * 1e6:.0f} us each)")
         finally:
             for m in started:
                 m.stop()

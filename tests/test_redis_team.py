@@ -211,6 +211,7 @@ def test_redis_away_and_back(two_proxies, standin, redis):
     for _ in range(2):  # B has no budget: chats go on, their usage waits in B's queue
         assert streamed(chat(b, standin, user=other))
     assert "coze_mitm_usage_store_ok 0" in session(a).get("http://coze.mitm/metrics", timeout=10).text
+    assert f"usage store {redis.url} unreachable" in session(a).get("http://coze.mitm/", timeout=10).text
     for proxy in (a, b):
         wait_for(lambda: proxy.output.count(f"usage store {redis.url} unreachable") == 1, what="one line in each log")
 
