@@ -2,11 +2,13 @@
 """The whole test suite on one Python: installs what it needs, then runs the Node tests and pytest.
 
     python3 run_tests.py                     # Linux/macOS (Windows: py run_tests.py)
+    python3 run_tests.py --fast              # the in-process tests only (no mitmdump, browser, node): ~1 min
+    python3 run_tests.py tests/test_pac.py::TestPart   # only the tests named (a failed id rerun alone)
     python3 run_tests.py -k cors -x          # extra arguments go to pytest
     python3 run_tests.py --python PATH       # build the venv from another interpreter (or PYTHON=PATH)
 
-Steps: Debian's chromium for the browser tests (as root, with apt-get, when it is missing; without it those
-tests are skipped with a reason); the project venv .venv-3.X/ for that Python (launcher/bootstrap.py, as
+Steps: the Debian packages some tests drive (chromium, firefox-esr, certutil, htpasswd, slapd, redis-server; as
+root, with apt-get, when missing; without them those tests are skipped with a reason); the project venv .venv-3.X/ for that Python (launcher/bootstrap.py, as
 run_mitm.py uses it), refreshed with requirements-dev.txt; `npm ci` in tests/js; `node --test tests/js/`;
 pytest (collecting no test counts as a failure). An activated venv whose python runs this is used as is.
 The exit code is 0 only when every step passed. No shell: argument lists and pathlib, so it runs on Windows.
@@ -65,6 +67,24 @@ def same_interpreter(path):
 
 # --- Python 3.11+ from here on -------------------------------------------------------------------------------
 
+# (Debian package, the program it brings): the browser tests (chromium, firefox-esr: playwright drives them, no
+# browser download), NSS trust stores (certutil), proxy logins (htpasswd, slapd), the shared usage store (redis).
+DEBIAN_TOOLS = (
+    ("chromium", "chromium"),
+    ("firefox-esr", "firefox-esr"),
+    ("libnss3-tools", "certutil"),
+    ("apache2-utils", "htpasswd"),
+    ("slapd", "/usr/sbin/slapd"),
+    ("ldap-utils", "ldapsearch"),
+    ("redis-server", "redis-server"),
+)
+
+
+def named_tests(pytest_args):
+    """Test ids or paths given (a failed test's id, copied from the summary): only those run, not the tree."""
+    return any(not a.startswith("-") and (a.startswith("tests") or "::" in a) for a in pytest_args)
+
+
 def step(msg):
     bootstrap.say("== " + msg)
 
@@ -86,18 +106,14 @@ def run(pytest_args):
     def call(cmd, **kw):
         return subprocess.call([str(c) for c in cmd], cwd=kw.pop("cwd", repo), **kw)
 
-    # Browser tests: Debian's chromium (playwright drives it; no browser download).
-    if (os.name != "nt" and os.geteuid() == 0 and not shutil.which("chromium") and shutil.which("apt-get")):
-        step("installing Debian's chromium for the browser tests")
+    # The tools some tests drive, from Debian's packages (as root, where apt-get exists); each test that needs
+    # one skips with a reason where it is missing (other systems, no root). --fast runs none of those tests.
+    missing = [package for package, tool in DEBIAN_TOOLS if not shutil.which(tool) and not os.path.exists(tool)]
+    if missing and "--fast" not in pytest_args and os.name != "nt" and os.geteuid() == 0 and shutil.which("apt-get"):
+        step("installing Debian's %s for the tests that drive them" % ", ".join(missing))
         quiet = {"stdout": subprocess.DEVNULL, "env": dict(os.environ, DEBIAN_FRONTEND="noninteractive")}
-        if call(["apt-get", "update", "-qq"], **quiet) or call(["apt-get", "install", "-y", "-qq", "chromium"], **quiet):
-            warn("could not install chromium: browser tests will be skipped")
-    # The shared-store tests: Debian's redis-server (a real Redis, started per test on a free port).
-    if (os.name != "nt" and os.geteuid() == 0 and not shutil.which("redis-server") and shutil.which("apt-get")):
-        step("installing Debian's redis-server for the shared-store tests")
-        quiet = {"stdout": subprocess.DEVNULL, "env": dict(os.environ, DEBIAN_FRONTEND="noninteractive")}
-        if call(["apt-get", "update", "-qq"], **quiet) or call(["apt-get", "install", "-y", "-qq", "redis-server"], **quiet):
-            warn("could not install redis-server: the Redis store tests will be skipped")
+        if call(["apt-get", "update", "-qq"], **quiet) or call(["apt-get", "install", "-y", "-qq"] + missing, **quiet):
+            warn("could not install %s: the tests that need them will be skipped" % ", ".join(missing))
 
     requirements = [repo / "requirements-dev.txt", repo / "requirements.txt"]
     venv = bootstrap.active_venv()
@@ -113,8 +129,12 @@ def run(pytest_args):
         warn("mitmproxy cannot be imported in %s" % python)
         return 1
 
+    fast = "--fast" in pytest_args
+    chosen = named_tests(pytest_args)
     npm = shutil.which("npm")  # npm.cmd on Windows: which() finds it through PATHEXT
-    if npm:
+    if fast or chosen:
+        pass  # the in-process tests alone (--fast), or the tests named: no Node step
+    elif npm:
         # The official Coze JS SDK (@coze/api) and what drives it: tests/test_node_sdk.py and the browser bundle.
         js = repo / "tests" / "js"
         npm_cmd = "ci" if (js / "package-lock.json").exists() else "install"
@@ -127,7 +147,9 @@ def run(pytest_args):
         status = 1
 
     node = shutil.which("node")
-    if node:
+    if fast or chosen:
+        pass
+    elif node:
         step("node --test tests/js/")
         if call([node, "--test", "tests/js/"]):
             status = 1
@@ -136,7 +158,8 @@ def run(pytest_args):
         status = 1
 
     step("pytest")
-    rc = call([python, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider"] + list(pytest_args))
+    rc = call([python, "-m", "pytest"] + ([] if chosen else ["tests"]) + ["-q", "-p", "no:cacheprovider"]
+              + list(pytest_args))
     if rc == 5:
         warn("pytest collected no tests: that is a failure here")
         rc = 1

@@ -42,20 +42,9 @@ def default_dir() -> Path:
 
 def needed_hosts(pl) -> list[str]:
     """The hosts the launcher intercepts TLS for (plan.allow_hosts) that a certificate is ever made for."""
-    from coze_mitm.core import config, scoped_ca
+    from launcher.plan import handled
 
-    from launcher.plan import ALWAYS_INTERCEPT, DEMO_API_HOST, DEMO_REAL_COZE_HOSTS
-
-    origins = []
-    for base in pl.api_bases:
-        origin = config.parse_api_origin(base, websocket=True)
-        origins.append(str(origin))
-        ws_origin = config.default_ws_origin(origin)
-        if ws_origin is not None:
-            origins.append(str(ws_origin))
-    origins += sorted(pl.page_origins)
-    extra = [*ALWAYS_INTERCEPT, *([DEMO_API_HOST, *DEMO_REAL_COZE_HOSTS] if pl.args.demo else [])]
-    return scoped_ca.hosts_for(origins, extra)
+    return handled(pl).ca_hosts()
 
 
 def _name(cn: str) -> x509.Name:

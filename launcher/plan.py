@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +13,6 @@ from pathlib import Path
 from launcher.args import PROXYAUTH_ENV, set_value
 from launcher.common import EXIT_CONFIG, EXIT_USAGE, SCRIPT, Fail, config_error, tell
 
-# Always intercepted, whatever the config: the status/userscript pages and mitmproxy's CA page.
-ALWAYS_INTERCEPT = ("coze.mitm", "mitm.it")
-DEMO_API_HOST = "sandbox.coze.mitm"  # demo.py answers it
-# Coze's own hosts: in the demo, demo.py answers them with a note (a page written for Coze learns why)
-DEMO_REAL_COZE_HOSTS = ("api.coze.cn", "api.coze.com", "ws.coze.cn", "ws.coze.com")
 # Without -v: no per-flow dump by mitmproxy (flowlog writes one line per flow coze-mitm acted on),
 # and no per-connection lines (flowlog's coze_quiet).
 QUIET_OPTIONS = (("flow_detail", "0"), ("coze_quiet", "true"))
@@ -122,28 +116,17 @@ def plan(args: argparse.Namespace) -> Plan:
     return pl
 
 
-def host_pattern(host: str, port: int | None = None) -> str:
-    """An allow_hosts regex: mitmproxy matches them against "host:port" of the connection's destination."""
-    return f"^{re.escape(host.lower())}:" + (str(port) if port else r"\d+") + "$"
+def handled(pl: Plan):
+    """The hosts the proxy will handle (core/hosts.py: the same lists its PAC and status page use)."""
+    from coze_mitm.core.hosts import Handled
+
+    api_base, *api_hosts = pl.api_bases or [None]
+    return Handled.from_settings(api_base, ",".join(api_hosts), pl.page_origins, demo=bool(pl.args.demo),
+                                 onboarding_host=pl.option("onboarding_host"))
 
 
 def allow_hosts(pl: Plan) -> list[str]:
-    from coze_mitm.core import config
-
-    patterns = [host_pattern(h) for h in ALWAYS_INTERCEPT]
-    if pl.args.demo:
-        patterns.append(host_pattern(DEMO_API_HOST))  # the demo page's name for the sandbox, also over https
-        patterns += [host_pattern(h) for h in DEMO_REAL_COZE_HOSTS]
-    for base in pl.api_bases:
-        origin = config.parse_api_origin(base, websocket=True)
-        patterns.append(host_pattern(origin.host, origin.port))
-        ws_origin = config.default_ws_origin(origin)  # api.coze.cn -> ws.coze.cn (Coze's WebSocket APIs)
-        if ws_origin is not None:
-            patterns.append(host_pattern(ws_origin.host, ws_origin.port))
-    for page in sorted(pl.page_origins):
-        origin = config.parse_api_origin(page, "coze_origins")
-        patterns.append(host_pattern(origin.host, origin.port))
-    return list(dict.fromkeys(patterns))
+    return handled(pl).allow_hosts()
 
 
 def child_code(tool: str) -> str:

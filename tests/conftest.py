@@ -104,3 +104,60 @@ def coze_mitm_modules_as_imported():
     package = before.get("coze_mitm")
     if package is not None and hasattr(package, "loaded_by_script"):
         del package.loaded_by_script
+
+
+# --------------------------------------------------------------------------- --fast: the in-process tests only
+# `python3 run_tests.py --fast` (pytest --fast) leaves out every test that starts another process: a real mitmdump,
+# a browser, node, slapd, redis-server, the launcher. Which tests those are is found, not kept in a list: a test
+# that uses the `mitmdump` fixture, or is marked `process` (a module's `pytestmark`, or one test's decorator).
+# A test that starts a process without either fails under --fast, naming the mark to add, so the split stays true.
+
+PROCESS_FIXTURES = {"mitmdump"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fast", action="store_true",
+                     help="run only the in-process tests (no mitmdump, browser, node, slapd, redis subprocess)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "process: the test starts another process (left out by --fast)")
+
+
+def starts_processes(item) -> bool:
+    return item.get_closest_marker("process") is not None or bool(PROCESS_FIXTURES & set(item.fixturenames))
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--fast"):
+        return
+    dropped = [item for item in items if starts_processes(item)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if not starts_processes(item)]
+
+
+_running: list[str] = [""]  # the test being set up, run or torn down (for the --fast guard's message)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    _running[0] = item.nodeid
+
+
+@pytest.fixture(scope="session", autouse=True)
+def in_process_only(request):
+    """Under --fast, starting a process is an error that names the fix (the test belongs to the full run).
+    Session-wide, so a fixture of any scope that starts one (a shared browser) is caught too."""
+    if not request.config.getoption("--fast"):
+        yield
+        return
+    import subprocess
+
+    def refused(*args, **kwargs):
+        raise AssertionError(f"{_running[0]} starts a process: mark it @pytest.mark.process "
+                             "(or the module with pytestmark) so that --fast leaves it out")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess, "Popen", refused)
+        yield

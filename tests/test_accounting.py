@@ -11,6 +11,8 @@ import json
 import logging
 import sqlite3
 
+import pytest
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from coze_mitm.options import OptionsOnly
@@ -127,6 +129,7 @@ class TestOptions:
             assert acc.daily_tokens == 500 and acc.store is None
         assert list(tmp_path.iterdir()) == []  # "memory": no file
 
+    @pytest.mark.process
     def test_negative_budget_stops_a_real_mitmdump(self, tmp_path, config_file):
         from tests.harness import Mitmdump
 

@@ -53,6 +53,7 @@ def copy_repo(dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.process
 def test_a_python_without_the_requirements_gets_the_project_venv(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     assert not (repo / VENV_NAME).exists()
@@ -108,6 +109,7 @@ def old_pythons() -> list[Path]:
     return found
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("entry", [["run_mitm.py", "--demo"], ["run_tests.py"], ["-m", "launcher.bootstrap"]])
 def test_b_too_old_python_gets_one_line_and_exit_1(entry):
     pythons = old_pythons()

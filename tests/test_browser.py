@@ -31,6 +31,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Pyt
 
 from sandbox.coze_standin import CozeStandIn  # noqa: E402
 
+pytestmark = pytest.mark.process  # every test here drives Chromium (run_tests.py --fast leaves them out)
+
 PAGE = "http://page.test"
 HTTPS_PAGE = "https://page.test"  # the same page over HTTPS, certificate made by the proxy
 CDN = "https://cdn.test"  # https, so that https pages may load it too

@@ -346,6 +346,8 @@ def test_the_bundle_treats_flows_as_the_parts_registered_one_by_one(tmp_path, co
 
 # --------------------------------------------------------------------------- in a real mitmdump
 
+
+@pytest.mark.process
 def test_script_reload_keeps_the_bundle_working(tmp_path, standin, config_file):
     """mitmproxy reloads a script whose file changed: the old bundle is removed, the new one registered."""
     copy = tmp_path / "repo"

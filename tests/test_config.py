@@ -151,6 +151,7 @@ def test_config_that_is_not_a_regular_file_refused_at_once(tmp_path, kind):
     assert "not a regular file" in result["error"] and "coze_config" in result["error"]
 
 
+@pytest.mark.process
 def test_mitmdump_with_a_fifo_as_config_exits_with_one_line(tmp_path):
     fifo = tmp_path / "coze_oauth_config.json"
     os.mkfifo(fifo)

@@ -530,6 +530,7 @@ document.addEventListener('securitypolicyviolation',
     (e) => window.__cspViolations.push(e.effectiveDirective + ' ' + e.blockedURI));"""
 
 
+@pytest.mark.process
 def test_sdk_styles_and_images_allowed_on_a_strict_page_in_chromium(tmp_path_factory, rsa_key):
     import base64
 

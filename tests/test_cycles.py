@@ -144,6 +144,7 @@ def test_a_script_reload_does_not_freeze_live_flows(monkeypatch):
         first.done()
 
 
+@pytest.mark.process
 def test_the_bundle_installs_it_when_asked(tmp_path):
     """The real mitmdump with the bundle and coze_tune_process (as run_mitm.py runs it): messages checked by the
     cycle-free function, start-up frozen. Without the option nothing changes (tests/test_neighbours.py)."""

@@ -358,6 +358,7 @@ RECORD_REPLY = """() => {
 }"""
 
 
+@pytest.mark.process
 def test_demo_page_streams_a_reply_in_chromium(browser, demo_proxy, tmp_path):
     context = browser.new_context()
     page = context.new_page()
@@ -414,6 +415,7 @@ def test_demo_page_streams_a_reply_in_chromium(browser, demo_proxy, tmp_path):
     context.close()
 
 
+@pytest.mark.process
 def test_demo_with_an_allowed_strict_csp_page_chats_with_the_real_userscript(tmp_path_factory, playwright):
     """run_mitm.py --demo --origins http://page.test: the served script names the sandbox bot, the page's
     `default-src 'self'` gets http://sandbox.coze.mitm (what the page calls) in connect-src, and it chats."""

@@ -35,6 +35,7 @@ FRAGMENT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.process
 @needs_glibc
 def test_trim_gives_free_pages_in_the_middle_of_the_heap_back():
     out = subprocess.run([sys.executable, "-c", FRAGMENT, str(REPO / "addons")], capture_output=True, text=True,

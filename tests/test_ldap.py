@@ -19,6 +19,8 @@ from tests.slapd import PASSWORDS, Slapd, Unavailable, dn_of
 from tests.test_team import PAGE, TAG_A, TAG_B, Client, body, tokens_of
 from tests.harness import Mitmdump
 
+pytestmark = pytest.mark.process  # every test here starts a process (run_tests.py --fast leaves them out)
+
 VARIANTS = [" alice", "alice ", "ａｌｉｃｅ", "Alice Liddell", "alice  liddell"]
 ALICE = f"login:{dn_of('alice')}"
 BOB = f"login:{dn_of('bob')}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import shutil
 import socket
 import subprocess
 import time
@@ -116,6 +117,8 @@ def test_decision_cost_for_a_local_client():
 @pytest.fixture
 def htpasswd(tmp_path):
     path = tmp_path / "htpasswd"
+    if shutil.which("htpasswd") is None:
+        pytest.skip("htpasswd (apache2-utils) is not installed")
     done = subprocess.run(["htpasswd", "-B", "-b", "-c", str(path), "alice", "pw-alice"], capture_output=True)
     if done.returncode != 0:
         pytest.skip("htpasswd (apache2-utils) is not installed")
@@ -195,6 +198,7 @@ def test_proxy_authorization_never_leaves(mitmdump, config_file, htpasswd, stand
 # ------------------------------------------------------------------ mitmweb < 11.1.2
 
 
+@pytest.mark.process
 def test_mitmweb_with_the_unauthenticated_api_is_refused(tmp_path, config_file):
     version = web_guard.version_tuple(mitmproxy_version.VERSION)
     if version >= web_guard.MITMWEB_FIXED:

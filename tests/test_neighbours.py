@@ -18,6 +18,8 @@ import requests
 from tests.conftest import REPO
 from tests.harness import Mitmdump
 
+pytestmark = pytest.mark.process  # every test here starts a process (run_tests.py --fast leaves them out)
+
 PAGE = "https://chat.example.org"
 COZE_PY = REPO / "addons" / "coze.py"
 

@@ -46,6 +46,7 @@ class TestRender:
          "http://[::1]:8790"],
     )
 
+    @pytest.mark.process
     @needs_node
     def test_only_coze_hosts_through_the_proxy(self):
         proxy = "PROXY 127.0.0.1:8080"
@@ -84,6 +85,7 @@ class TestRender:
         with pytest.raises(ValueError):
             pac.render(proxy, [], [])
 
+    @pytest.mark.process
     @needs_node
     def test_ipv6_proxy(self):
         assert find_proxy(pac.render("[::1]:8080", ["coze.mitm"], []), [["http://coze.mitm/", "coze.mitm"]]) == \
@@ -150,6 +152,7 @@ class TestPart:
         assert answered(tctx.part, pac_request("127.0.0.1", 9999)) is None  # another local port
         assert answered(tctx.part, pac_request("127.0.0.1", 8080, path="/other")) is None
 
+    @pytest.mark.process
     def test_lists_the_running_settings(self, tctx):
         cases = [["https://api.coze.cn/", "api.coze.cn"], ["wss://ws.coze.cn/", "ws.coze.cn"],
                  ["https://chat.example.org/", "chat.example.org"], ["https://b.example/", "b.example"],
@@ -216,6 +219,7 @@ class OutsideSite:
         self._server.server_close()
 
 
+@pytest.mark.process
 def test_chromium_with_the_pac_chats_through_the_proxy_and_goes_direct_elsewhere(tmp_path_factory):
     """run_mitm.py --demo (a real mitmdump with the stand-in) and Chromium set up with --proxy-pac-url only:
     the demo page chats; outside.test loads directly and never reaches the proxy; with the proxy stopped,

@@ -24,6 +24,8 @@ from coze_mitm.parts.login import htpasswd_problems, mitmproxy_version
 from tests.harness import Mitmdump
 from tests.test_run_mitm import check, clean_env, cmdline, launch, messages, run  # noqa: F401  (launch: fixture)
 
+pytestmark = pytest.mark.process  # every test here starts a process (run_tests.py --fast leaves them out)
+
 MITMPROXY_12 = mitmproxy_version() >= (12,)
 PASSWORDS = {"alice": "alice-Pw-bcrypt-1", "carol": "carol-Pw-apr1-2", "dave": "dave-Pw-sha-3"}
 CLEAR_TEXT = "proxy logins are Basic authentication, sent in clear text"

@@ -26,6 +26,8 @@ import requests
 
 from tests.conftest import write_config
 
+pytestmark = pytest.mark.process  # every test here starts a process (run_tests.py --fast leaves them out)
+
 REPO = Path(__file__).resolve().parent.parent
 RUN_MITM = REPO / "run_mitm.py"
 PAGE = "https://chat.example.org"

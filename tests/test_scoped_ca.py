@@ -38,6 +38,7 @@ from mitmproxy.certs import CertStore
 from mitmproxy.test import taddons
 
 from coze_mitm.core import scoped_ca
+from coze_mitm.core.hosts import Handled, ca_hosts_for
 from coze_mitm.parts.settings import CozeSettings
 from coze_mitm.parts.status import StatusPages
 from launcher import ca as launcher_ca
@@ -47,7 +48,7 @@ from tests.browser import find_chromium
 from tests.harness import Mitmdump
 
 PAT = "pat_" + "S3cr3tPat" * 4
-HOSTS = scoped_ca.hosts_for(["https://api.coze.cn", "wss://ws.coze.cn", "https://allowed.test"])
+HOSTS = Handled.from_settings("https://api.coze.cn", page_origins=["https://allowed.test"]).ca_hosts()
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +82,15 @@ def leaf(key, issuer: x509.Certificate, *names: str) -> tuple[x509.Certificate, 
 
 class TestNames:
     def test_hosts_of_tls_origins_and_the_proxys_own(self):
-        hosts = scoped_ca.hosts_for(
+        hosts = ca_hosts_for(
             ["https://api.coze.cn", "wss://ws.coze.cn", "https://Chat.Example.org:8443", "http://plain.example",
              "ws://plain-ws.example", "https://10.0.0.5", "https://[::1]:9443", "https://api.coze.cn:443"],
-            extra=["sandbox.coze.mitm"])
+            ["coze.mitm", "mitm.it", "sandbox.coze.mitm"])
         assert hosts == sorted(["api.coze.cn", "ws.coze.cn", "chat.example.org", "10.0.0.5", "::1", "coze.mitm",
                                 "mitm.it", "sandbox.coze.mitm"])
 
     def test_idn_as_a_labels(self):
-        assert "xn--bcher-kva.example" in scoped_ca.hosts_for(["https://bücher.example"])
+        assert "xn--bcher-kva.example" in ca_hosts_for(["https://bücher.example"])
 
     def test_constraints_permit_exactly_the_hosts_and_exclude_unlisted_ip_versions(self):
         nc = scoped_ca.constraints_for(["allowed.test", "coze.mitm", "10.0.0.5"])
@@ -112,7 +113,7 @@ class TestNames:
 
     def test_grown_past(self, made_ca):
         confdir = made_ca[0]
-        grown = scoped_ca.hosts_for(["https://api.coze.cn", "https://allowed.test", "https://new.example"])
+        grown = Handled.from_settings("https://api.coze.cn", page_origins=["https://allowed.test", "https://new.example"]).ca_hosts()
         info = scoped_ca.describe(confdir, grown)
         assert info["exists"] and info["made_by_coze_mitm"] and not info["every_site"]
         assert info["names"] == HOSTS and info["missing"] == ["new.example"]
@@ -357,6 +358,7 @@ def chromium_trusting_only_the_scoped_ca(made_ca, tmp_path_factory):
     yield home, sync_api
 
 
+@pytest.mark.process
 def test_chromium_through_mitmdump(made_ca, chromium_trusting_only_the_scoped_ca, tmp_path):
     confdir, key, signer, root = made_ca
     home, sync_api = chromium_trusting_only_the_scoped_ca

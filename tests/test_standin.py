@@ -542,6 +542,7 @@ def test_make_sandbox_app_config():
         assert "SANDBOX" in repr(s)
 
 
+@pytest.mark.process
 def test_cli_writes_config_and_serves(tmp_path):
     path = tmp_path / "sandbox_oauth.json"
     proc = subprocess.Popen(
@@ -561,6 +562,7 @@ def test_cli_writes_config_and_serves(tmp_path):
         proc.wait(timeout=10)
 
 
+@pytest.mark.process
 def test_cozepy_client_against_the_sandbox():
     pytest.importorskip("cozepy")
     from cozepy import Coze, CozeAPIError, JWTOAuthApp, Message, TokenAuth
@@ -855,6 +857,7 @@ def test_chat_component_app_mode_gets_the_same_conversation_on_every_load(st, ke
     assert r.json()["code"] == 4101
 
 
+@pytest.mark.process
 def test_chat_component_bot_mode_get_or_create_and_cozepy_names(st, key):
     alice = access_token(st, key, "alice_0001")
     body = {"bot_id": "bot9", "conversation_name": "support", "get_or_create": True, "connector_id": "999"}
@@ -873,6 +876,7 @@ def test_chat_component_bot_mode_get_or_create_and_cozepy_names(st, key):
     assert [c.name for c in coze.conversations.list(bot_id="bot9")] == ["", "My trip"]
 
 
+@pytest.mark.process
 def test_audio_speech_over_http(st, key, tmp_path):
     import wave
     from cozepy import CozeAPIError
@@ -916,6 +920,7 @@ def test_audio_speech_over_http(st, key, tmp_path):
     assert r.status_code == 405
 
 
+@pytest.mark.process
 def test_audio_transcriptions_over_http(st, key, tmp_path):
     from cozepy import CozeAPIError
 

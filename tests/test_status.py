@@ -117,6 +117,7 @@ class TestFillUserscript:
         assert config_value(text, "title") == HOSTILE
         assert "\u2028" not in text  # a raw U+2028 would end the line in older JS engines
 
+    @pytest.mark.process
     @pytest.mark.skipif(not shutil.which("node"), reason="node is not installed")
     def test_filled_script_still_parses(self, tmp_path):
         text = fill_userscript(TEMPLATE, [PAGE], {"botId": HOSTILE, "title": HOSTILE, "sdkUrl": CN_SDK_URL})
@@ -326,6 +327,7 @@ class TestPages:
     ("coze_sdk_url=javascript:alert(1)", "coze_sdk_url"),
     ("coze_csp_extra=frame-ancestors *", "not a fetch directive"),
 ])
+@pytest.mark.process
 def test_bad_option_stops_a_real_mitmdump_with_one_line(tmp_path, option, fix):
     from tests.harness import Mitmdump
     proc = Mitmdump(tmp_path, [f"coze_pat={PAT}", "coze_origins=https://chat.example.org", option])
@@ -336,6 +338,7 @@ def test_bad_option_stops_a_real_mitmdump_with_one_line(tmp_path, option, fix):
     assert "Traceback" not in proc.output and PAT not in proc.output
 
 
+@pytest.mark.process
 def test_served_userscript_names_the_port_the_proxy_really_listens_on(tmp_path):
     """--listen-port 0: the port is only known once the server is up; @description and the notice name it.
 

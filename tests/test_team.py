@@ -25,6 +25,8 @@ from tests.clients import WsClient, tagged
 from tests.harness import Mitmdump
 from tests.test_websocket import placeholder_query
 
+pytestmark = pytest.mark.process  # every test here starts a process (run_tests.py --fast leaves them out)
+
 PAGE = "https://chat.example.org"
 PASSWORDS = {"alice": "alice-Pw-5c1e77a0", "bob": "bob-Pw-90d2b4e1"}
 TAG_A, TAG_B = "1732000000001-tagOfBrowserA", "1732000000002-tagOfBrowserB"

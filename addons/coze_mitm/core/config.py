@@ -20,7 +20,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 REPO_ROOT = Path(__file__).resolve().parents[3]  # addons/coze_mitm/core/config.py
 DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "coze_oauth_config.json"
 DEFAULT_API_BASE = "https://api.coze.cn"
-STATUS_HOST = "coze.mitm"  # the name the proxy answers itself: status page, userscript, metrics
 
 # "server" is what older console downloads call the same JWT app.
 JWT_CLIENT_TYPES = ("jwt", "server")

@@ -19,14 +19,10 @@ import os
 import re
 from pathlib import Path
 from typing import Iterable
-from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-# Always intercepted (launcher/plan.py ALWAYS_INTERCEPT): the proxy's own pages and mitmproxy's CA page.
-ALWAYS_NAMES = ("coze.mitm", "mitm.it")
-TLS_SCHEMES = ("https", "wss")  # an http:// or ws:// origin never needs a certificate
 SIGNING_FILE = "mitmproxy-ca.pem"  # key + the certificate mitmproxy signs with (+ the chain it sends)
 CERT_FILE = "mitmproxy-ca-cert.pem"  # the certificate users trust
 META_FILE = "coze-mitm-ca.json"  # written by launcher/ca.py beside a CA it made: the names it was made for
@@ -51,24 +47,6 @@ def dns_name(host: str) -> str:
         return host.encode("idna").decode("ascii")
     except UnicodeError:
         return host
-
-
-def hosts_for(origins: Iterable[str], extra: Iterable[str] = ()) -> list[str]:
-    """The hosts a CA must vouch for: coze.mitm, mitm.it, `extra`, and the host of every https:// or wss://
-    origin (page origins, API bases, WebSocket hosts). Sorted, no duplicates; IPs as ipaddress writes them."""
-    hosts = set()
-    for host in (*ALWAYS_NAMES, *extra):
-        hosts.add(_normal(host))
-    for origin in origins:
-        parts = urlsplit(str(origin).strip())
-        if parts.scheme in TLS_SCHEMES and parts.hostname:
-            hosts.add(_normal(parts.hostname))
-    return sorted(hosts)
-
-
-def _normal(host: str) -> str:
-    ip = _ip(host)
-    return str(ip) if ip is not None else dns_name(host)
 
 
 def _dns_covers(constraint: str, name: str) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import jinja2  # comes with mitmproxy (through flask, for mitm.it)
 
-from coze_mitm.core.config import STATUS_HOST
+from coze_mitm.core.hosts import STATUS_HOST
 
 PAGE_PATH = Path(__file__).resolve().parent / "status.html"
 

@@ -17,7 +17,7 @@ import re
 import time
 from pathlib import Path
 
-from coze_mitm.core.config import STATUS_HOST
+from coze_mitm.core.hosts import STATUS_HOST
 
 NO_ORIGIN_MATCH = "http://no-page-origin-configured.invalid/*"  # .invalid never resolves: matches no page
 DEFAULT_PROXY = "127.0.0.1:8080"

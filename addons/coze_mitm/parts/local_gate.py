@@ -40,7 +40,7 @@ from mitmproxy import connection, ctx, http, tls
 from mitmproxy.proxy import server_hooks
 
 from coze_mitm.core import destinations
-from coze_mitm.core.config import STATUS_HOST
+from coze_mitm.core.hosts import STATUS_HOST
 from coze_mitm.core.identity import is_loopback
 from coze_mitm.flowmeta import REFUSED
 from coze_mitm.parts.answers import answer_json

@@ -18,17 +18,13 @@ import logging
 
 from mitmproxy import ctx, http
 
-from coze_mitm.core.config import STATUS_HOST
+from coze_mitm.core.hosts import DEFAULT_ONBOARDING_HOST, STATUS_HOST
 from coze_mitm.flowmeta import LOCAL_ANSWER
 from coze_mitm.pages import pac
 from coze_mitm.pages.userscript_fill import proxy_address
-from coze_mitm.parts import demo
 from coze_mitm.parts.settings import CozeSettings
 
 log = logging.getLogger("coze.pac")
-
-ALWAYS = (STATUS_HOST, "mitm.it")  # the proxy's own pages and mitmproxy's CA page
-
 
 def _is_loopback(host: str) -> bool:
     if host.lower() in ("localhost", "localhost."):
@@ -45,19 +41,14 @@ PAC_PATH_BYTES = pac.PAC_PATH.encode()
 class Pac:
     def __init__(self, settings: CozeSettings):
         self.settings = settings
-        self.hosts: list[str] = list(ALWAYS)
+        self.hosts: list[str] = [STATUS_HOST, DEFAULT_ONBOARDING_HOST]
         self.origins: list[str] = []
         self.proxy = proxy_address("", None)
         self._bound_port: int | None = None
 
     def configure(self, updated):
-        hosts = list(ALWAYS)
-        if getattr(ctx.options, "coze_demo", False):
-            # the sandbox's name, and Coze's own hosts, which the demo answers with a note (never the internet)
-            hosts += [demo.SANDBOX_HOST, *sorted(demo.REAL_COZE_HOSTS)]
-        s = self.settings
-        self.hosts = hosts
-        self.origins = sorted({str(o) for o in s.api_origins | s.ws_origins} | set(s.page_origins))
+        handled = self.settings.handled()  # the same hosts the launcher intercepts and the CA vouches for
+        self.hosts, self.origins = handled.named_hosts(), handled.origins()
         if updated & {"listen_host", "listen_port", "mode"}:
             self._bound_port = None
         self.proxy = proxy_address(getattr(ctx.options, "listen_host", ""),

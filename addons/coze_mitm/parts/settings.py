@@ -19,7 +19,8 @@ from coze_mitm.core import config
 from coze_mitm import options
 from coze_mitm.core import logins
 from coze_mitm.core.refused_origins import RefusedOrigins
-from coze_mitm.core.config import STATUS_HOST, WS_SCHEME_OF_HTTP, ConfigError, Origin
+from coze_mitm.core.config import WS_SCHEME_OF_HTTP, ConfigError, Origin
+from coze_mitm.core.hosts import DEFAULT_ONBOARDING_HOST, STATUS_HOST, Handled, coze_origins
 from coze_mitm.core.identity import is_loopback
 from coze_mitm.core.exchange import EXCHANGE_REASONS, CozeTokenExchange, scrub
 from coze_mitm.core.tokens import PatBroker, TokenBroker
@@ -149,17 +150,12 @@ class CozeSettings:
                 exchange, max_users=opts.coze_max_users, new_users_per_minute=opts.coze_new_users_per_minute,
             )
             broker.admission = self._shared_admission
-        api_origins = {config.parse_api_origin(api_base)}
-        ws_origins = {config.default_ws_origin(origin) for origin in api_origins} - {None}
-        for url in filter(None, map(str.strip, opts.coze_api_hosts.split(","))):
-            origin = config.parse_api_origin(url, "coze_api_hosts", websocket=True)
-            (api_origins if origin.scheme in WS_SCHEME_OF_HTTP else ws_origins).add(origin)
+        api_origins, ws_origins = coze_origins(api_base, opts.coze_api_hosts)
 
         if self.broker is not None:
             self.broker.close()
         self.app, self.broker = app, broker
-        self.api_origins, self.page_origins = frozenset(api_origins), page_origins
-        self.ws_origins = frozenset(ws_origins)
+        self.api_origins, self.ws_origins, self.page_origins = api_origins, ws_origins, page_origins
         self._api_keys = frozenset((o.scheme, o.host, o.port) for o in api_origins)
         self._ws_keys = frozenset((o.scheme, o.host, o.port) for o in ws_origins)
         self._page_keys = {config.origin_key(o): o for o in page_origins}
@@ -206,6 +202,13 @@ class CozeSettings:
     def done(self):
         if self.broker is not None:
             self.broker.close()
+
+    def handled(self) -> Handled:
+        """The hosts coze-mitm handles now (PAC, CA names): from these settings, the demo and mitmproxy's
+        onboarding host."""
+        return Handled(self.api_origins, self.ws_origins, self.page_origins,
+                       demo=bool(getattr(ctx.options, "coze_demo", False)),
+                       onboarding_host=getattr(ctx.options, "onboarding_host", "") or DEFAULT_ONBOARDING_HOST)
 
     # -- questions the other addons ask about a request --
 

@@ -39,7 +39,7 @@ from coze_mitm.parts.answers import accept_connect
 from coze_mitm.core.config import REPO_ROOT
 from coze_mitm.core.csp_policy import resolve_sdk_url
 from coze_mitm.core.identity import is_loopback, short_id
-from coze_mitm.core.config import STATUS_HOST
+from coze_mitm.core.hosts import STATUS_HOST
 from coze_mitm.parts.settings import CozeSettings
 from coze_mitm.pages.status_page import PAGE_CSP, PROBE_SCRIPT, STYLE, render  # noqa: F401  (STYLE, PROBE_SCRIPT: for the tests)
 from coze_mitm.core.exchange import scrub
@@ -282,9 +282,7 @@ class StatusPages:
     def ca_file(self) -> dict:
         """The CA mitmproxy signs with (its confdir): the names it can vouch for, and the intercepted hosts it
         cannot (coze_origins or the API hosts grew since it was made). Read again only when the file changes."""
-        s = self.settings
-        origins = [*map(str, s.api_origins), *map(str, s.ws_origins), *s.page_origins]
-        hosts = scoped_ca.hosts_for(origins, [demo.SANDBOX_HOST, *sorted(demo.REAL_COZE_HOSTS)] if demo.enabled() else [])
+        hosts = self.settings.handled().ca_hosts()
         confdir = str(getattr(ctx.options, "confdir", "") or "~/.mitmproxy")
         try:
             stamp = (Path(confdir).expanduser() / scoped_ca.SIGNING_FILE).stat().st_mtime_ns
