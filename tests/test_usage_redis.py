@@ -144,7 +144,9 @@ def test_writes_are_idempotent_and_the_status_sees_every_proxy(server):
         for _ in range(2):
             await a._scripts["apply"](keys=["coze-mitm:batch:fixed:0"], args=args)
         await until(lambda: [r["tokens"] for r in book_b.rows()] == [47])
-        a.close()
+        book_a.tokens("bob", 3)
+        a.close()  # at once, before its task could write: close() writes what is queued
+        assert server.client().hget(f"coze-mitm:day:{utc_day(time.time())}:tokens", "bob") == "3"
         b.close()
     run(main())
 
