@@ -225,3 +225,18 @@ def test_a_snapshot_of_more_users_than_the_book_keeps_is_summed_once():
     assert [r["user"] for r in shown] == ["user-5", "user-4", OTHERS]
     assert shown[-1] == {"user": OTHERS, "chats": 3, "tokens": 60, "tokens_today": 60}
     assert sum(r["tokens"] for r in shown) == 150
+
+
+def test_a_wrong_password_is_said_without_the_password(server):
+    async def main():
+        lines = []
+        store = RedisUsageStore(f"redis://:wrong-pw-1234@127.0.0.1:{server.port}/0", on_error=lines.append,
+                                on_info=lines.append, environ={})
+        store.load("x")
+        await until(lambda: store.error)
+        assert lines == [store.error]
+        assert f"usage store redis://127.0.0.1:{server.port}/0 cannot be used (AuthenticationError" in store.error
+        assert "wrong-pw-1234" not in store.error and server.password not in store.error
+        assert await store.reserve("u-1", utc_day(time.time()), 100, 4, "m") == (DOWN, 0, 0)
+        store.close()
+    run(main())

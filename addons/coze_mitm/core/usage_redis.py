@@ -393,7 +393,8 @@ class RedisUsageStore:
     def _down(self, e: BaseException) -> None:
         if self.error:
             return
-        self.error = (f"coze-mitm: usage store {self.path} unreachable ({self._why(e)}): users with a daily budget "
+        what = "unreachable" if _connection_problem(e) else "cannot be used"
+        self.error = (f"coze-mitm: usage store {self.path} {what} ({self._why(e)}): users with a daily budget "
                       f"are refused until it answers, other traffic goes on; usage counted meanwhile is queued "
                       f"(up to {self.max_pending} user-days) and written when it is back")
         self.on_error(self.error)
@@ -420,6 +421,17 @@ class RedisUsageStore:
             self.on_error(f"coze-mitm: usage store {self.path}: the queue of {self.max_pending} user-days is full; "
                           f"usage counted from now until Redis is back is kept in this proxy's memory only "
                           f"(its size is said when it is back)")
+
+
+def _connection_problem(e: BaseException) -> bool:
+    """Whether Redis could not be reached (rather than refusing: a wrong password, a read-only replica, ...)."""
+    try:
+        from redis.exceptions import AuthenticationError, ConnectionError as RedisConnectionError, TimeoutError
+    except ImportError:
+        return isinstance(e, OSError)
+    if isinstance(e, AuthenticationError):
+        return False
+    return isinstance(e, (RedisConnectionError, TimeoutError, OSError, asyncio.TimeoutError))
 
 
 def _day_key(day: str, what: str) -> str:
