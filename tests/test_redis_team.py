@@ -24,10 +24,10 @@ from coze_mitm.core.usage_book import utc_day
 from tests import redis_server
 from tests.clients import session, tagged
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.process, pytest.mark.skipif(
     redis_server.binary() is None or usage_redis.redis_available() != "",
     reason="needs Debian's redis-server (run_tests.py installs it as root: apt-get install redis-server) and the "
-           "Python package redis (requirements.txt)")
+           "Python package redis (requirements.txt)")]
 
 PAGE = "https://chat.example.org"
 USER = "1732000000001-sharedBudget01"

@@ -14,7 +14,7 @@ from coze_mitm.core.usage_flight import SharedInFlight
 from coze_mitm.core.usage_redis import AT_CAP, DOWN, GO, OVER, RedisSpec, RedisUsageStore
 from tests import redis_server
 
-pytestmark = pytest.mark.skipif(
+needs_redis = pytest.mark.skipif(
     redis_server.binary() is None or usage_redis.redis_available() != "",
     reason="needs Debian's redis-server (run_tests.py installs it as root: apt-get install redis-server) and the "
            "Python package redis (requirements.txt)")
@@ -60,6 +60,8 @@ class TestSpec:
             RedisSpec(url, environ={})
 
 
+@needs_redis
+@pytest.mark.process
 def test_budget_and_cap_are_decided_once_for_everyone(server):
     """Two stores (two proxies) racing 40 chat starts of one user: exactly `cap` go, then the budget holds."""
     async def main():
@@ -82,6 +84,8 @@ def test_budget_and_cap_are_decided_once_for_everyone(server):
     run(main())
 
 
+@needs_redis
+@pytest.mark.process
 def test_in_flight_entries_expire_unless_renewed(server):
     """A proxy that stops renewing (it died) frees its entries within the lease; a live one keeps them."""
     async def main():
@@ -106,6 +110,8 @@ def test_in_flight_entries_expire_unless_renewed(server):
     run(main())
 
 
+@needs_redis
+@pytest.mark.process
 def test_shared_in_flight_releases_its_entries(server):
     async def main():
         store = store_for(server.url, [])
@@ -128,6 +134,8 @@ def test_shared_in_flight_releases_its_entries(server):
     run(main())
 
 
+@needs_redis
+@pytest.mark.process
 def test_writes_are_idempotent_and_the_status_sees_every_proxy(server):
     async def main():
         a, b = store_for(server.url, []), store_for(server.url, [], refresh=0.05)
@@ -151,6 +159,8 @@ def test_writes_are_idempotent_and_the_status_sees_every_proxy(server):
     run(main())
 
 
+@needs_redis
+@pytest.mark.process
 def test_redis_away_refuses_budget_decisions_and_queues_usage(tmp_path):
     """Redis down at start: one line, decisions say DOWN at once, usage waits (bounded) and is written when
     Redis comes; what did not fit is said with its size."""
@@ -179,6 +189,8 @@ def test_redis_away_refuses_budget_decisions_and_queues_usage(tmp_path):
         server.stop()
 
 
+@needs_redis
+@pytest.mark.process
 def test_new_users_per_minute_is_one_window_for_every_proxy(server):
     """Two brokers (two proxies) with a limit of 2 new users a minute: the third new user is refused by either;
     a user the other proxy admitted is not new."""
@@ -227,6 +239,8 @@ def test_a_snapshot_of_more_users_than_the_book_keeps_is_summed_once():
     assert sum(r["tokens"] for r in shown) == 150
 
 
+@needs_redis
+@pytest.mark.process
 def test_a_wrong_password_is_said_without_the_password(server):
     async def main():
         lines = []
