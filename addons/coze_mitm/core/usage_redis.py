@@ -151,11 +151,16 @@ class RedisSpec:
 
     def client(self, asyncio_client: bool = True):
         """A redis-py client for this URL (password from the environment when the URL has none)."""
+        from redis.backoff import NoBackoff
         if asyncio_client:
             import redis.asyncio as module
+            from redis.asyncio.retry import Retry
         else:
             import redis as module
-        kwargs = {"socket_timeout": TIMEOUT, "socket_connect_timeout": TIMEOUT, "retry_on_timeout": False,
+            from redis.retry import Retry
+        # No retries inside the client: a command fails within TIMEOUT, and the store's task tries again each second
+        # (a budget decision must not wait several timeouts while Redis is away).
+        kwargs = {"socket_timeout": TIMEOUT, "socket_connect_timeout": TIMEOUT, "retry": Retry(NoBackoff(), 0),
                   "health_check_interval": 0, "decode_responses": True}
         if self.password is not None:
             kwargs["password"] = self.password
@@ -407,6 +412,7 @@ class RedisUsageStore:
         queued = self._queued_rows()
         lost = (f"; {self.lost_chats} chats and {self.lost_tokens} Coze tokens counted while it was away did not "
                 f"fit the queue and are lost" if self.lost_chats or self.lost_tokens else "")
+        self.lost_chats = self.lost_tokens = 0  # said: the next outage counts afresh
         self.on_error(f"coze-mitm: usage store {self.path} reachable again; {queued} queued user-days are being "
                       f"written{lost}")
 
