@@ -4,7 +4,7 @@ Pure logic, no mitmproxy import. `RedisUsageStore` speaks to Redis with redis-py
 event loop but never blocking it (every call is awaited, with a timeout). It keeps, for every proxy alike:
 
 * usage per user per UTC day, and all time (hashes, increments only): written in idempotent batches (a
-  batch carries an id; a retry after a lost reply is not counted twice), right after they are counted;
+  batch carries an id; a retry after a lost reply is not counted twice), within GATHER (20 ms) of being counted;
 * the budget decision: one Lua script reads the user's tokens today, drops expired in-flight entries,
   counts the rest against the parallel cap and adds the new chat's entry, atomically;
 * chats in flight: one sorted set per user, an entry per chat scored with its expiry (Redis' clock); the
@@ -40,6 +40,7 @@ PREFIX = "coze-mitm:"
 LEASE = 30.0  # seconds an in-flight entry lives without its proxy renewing it
 TIMEOUT = 2.0  # seconds for a connection or a command; past it Redis counts as unreachable
 REFRESH = 1.0  # seconds between snapshots for the status pages (and between reconnection attempts)
+GATHER = 0.02  # seconds a write waits for more: many chats' usage and ends in one round trip, 20 ms later at most
 DAY_TTL = 400 * 86400  # a day's hash is kept this long (the SQLite store keeps its rows for ever)
 BATCH_ROWS = 500  # (user, day) rows per write
 
@@ -344,6 +345,8 @@ class RedisUsageStore:
                     await asyncio.wait_for(self._wake.wait(), self.refresh)
                 except asyncio.TimeoutError:
                     pass
+                else:
+                    await asyncio.sleep(GATHER)
             self._wake.clear()
 
     async def _write(self) -> None:
