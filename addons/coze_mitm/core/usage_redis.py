@@ -68,9 +68,12 @@ return 1
 """
 
 # KEYS: today's tokens hash, the user's in-flight set. ARGV: user, budget, cap, member ("" = look only),
-# lease in ms. Returns {verdict, tokens used today, chats in flight}: 0 go on, 1 over budget, 2 at the cap.
+# lease in ms, then (set, member) pairs of this proxy's chats that ended and are not removed yet (so its own
+# ended chats never count against its next decision). Returns {verdict, tokens used today, chats in flight}:
+# 0 go on, 1 over budget, 2 at the cap.
 RESERVE = """
 if redis.replicate_commands then pcall(redis.replicate_commands) end
+for i = 6, #ARGV, 2 do redis.call('ZREM', ARGV[i], ARGV[i + 1]) end
 local used = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 local budget, cap, lease = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
 if budget > 0 and used >= budget then return {1, used, 0} end
@@ -280,10 +283,12 @@ class RedisUsageStore:
         proxy; with GO and a member, the chat is in flight under it (hold it, then release it)."""
         if self.error or self._client is None:
             return DOWN, 0, 0
+        releases, self._releases = self._releases, []
+        ended = [x for ended_user, ended_member in releases for x in (_flight_key(ended_user), ended_member)]
         try:
             verdict, used, n = await self._scripts["reserve"](
                 keys=[_day_key(day, "tokens"), _flight_key(user)],
-                args=[user, budget, cap, member, int(self.lease * 1000)])
+                args=[user, budget, cap, member, int(self.lease * 1000), *ended])
         except Exception as e:
             self._down(e)
             return DOWN, 0, 0
@@ -346,7 +351,8 @@ class RedisUsageStore:
                 except asyncio.TimeoutError:
                     pass
                 else:
-                    await asyncio.sleep(GATHER)
+                    if not self._releases:  # ended chats free their places at once; usage may gather
+                        await asyncio.sleep(GATHER)
             self._wake.clear()
 
     async def _write(self) -> None:
