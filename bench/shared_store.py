@@ -22,10 +22,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -166,7 +166,6 @@ def main(argv=None) -> int:
                 m.start()
                 return m
 
-            import os
             os.environ[usage_redis.PASSWORD_ENV] = server.password  # the proxies read it from there
             sqlite_proxy = proxy("sqlite", str(work / "usage.sqlite"))
             redis_a = proxy("redis-a", server.url)
