@@ -5,16 +5,22 @@
 
 The parts, in the order every request meets them (the code: addons/coze_mitm/parts/):
   web_guard   refuses to run inside mitmweb < 11.1.2 (CVE-2025-23217: its web API has no authentication)
-  settings    the coze_* options (declared in coze_mitm/options.py), validated; the token broker, origins, stats
+  settings    the coze_* options (declared in coze_mitm/options.py), validated; the token broker, origins, stats;
+              how coze-mitm's own requests leave (mitmproxy's upstream mode and certificate options)
+  leaf_names  with a name-constrained CA (run_mitm.py's): leaves carry only names the CA may vouch for
   tuning      opt-in process tuning (coze_tune_process; run_mitm.py turns it on), off by default
   login       with mitmproxy's proxyauth: the login's password (and Proxy-Authorization) removed from the flow
-  local_gate  without coze_allow_remote: clients on other machines reach neither coze.mitm nor this host
+  local_gate  clients on other machines never reach this host or its link (nor coze.mitm without
+              coze_allow_remote); nobody makes the proxy connect to itself
   demo        http://coze.mitm/demo and the sandbox.coze.mitm name, only with coze_demo (run_mitm.py --demo)
   pac         the PAC file (http://127.0.0.1:8080/proxy.pac, http://coze.mitm/proxy.pac), answered locally
   status      http://coze.mitm/ pages, answered locally
+  direct_api  requests sent straight to the proxy's own address (http://127.0.0.1:8080/v3/chat): re-addressed to
+              the Coze API (WebSocket upgrades to its ws host), then on through every part below like any other
   cors        preflights to the Coze API from allowed origins answered locally; CORS headers set (once)
   auth        the user tag swapped for that user's Coze token (or refused with a JSON answer)
   csp         pages in coze_origins: their Content-Security-Policy widened by the Chat SDK's sources only
+  inject      with coze_inject (run_mitm.py --browser): the userscript's loader added to those pages' HTML
   streaming   text/event-stream responses streamed chunk by chunk
   accounting  usage per user (chats, Coze tokens) read from the answers as they pass; daily budgets
   flowlog     with coze_quiet (run_mitm.py): one log line per flow coze-mitm acted on
@@ -42,7 +48,10 @@ from coze_mitm.parts.auth import Auth  # noqa: E402
 from coze_mitm.parts.cors import Cors  # noqa: E402
 from coze_mitm.parts.csp import Csp  # noqa: E402
 from coze_mitm.parts.demo import Demo  # noqa: E402
+from coze_mitm.parts.direct_api import DirectApi  # noqa: E402
 from coze_mitm.parts.flowlog import FlowLog  # noqa: E402
+from coze_mitm.parts.inject import Inject  # noqa: E402
+from coze_mitm.parts.leaf_names import LeafNames  # noqa: E402
 from coze_mitm.parts.local_gate import LocalGate  # noqa: E402
 from coze_mitm.parts.login import Login  # noqa: E402
 from coze_mitm.parts.pac import Pac  # noqa: E402
@@ -58,19 +67,23 @@ coze_mitm.loaded_by_script = True
 settings = CozeSettings()
 accounting = Accounting(settings)  # auth asks it about budgets, status shows its usage
 login = Login(settings)  # auth asks it who a proxy login is (LDAP: the directory entry)
+status = StatusPages(settings, accounting)  # inject adds the userscript it serves to pages
 
 bundle = Bundle(
     MitmwebGuard(),
     settings,
+    LeafNames(),  # its only hook, tls_start_client, meets no flow
     ProcessTuning(),
     login,
-    LocalGate(),  # before demo and status: their pages are this host too
+    LocalGate(settings),  # before demo and status: their pages are this host too
     Demo(settings),
     Pac(settings),
-    StatusPages(settings, accounting),
+    status,
+    DirectApi(settings),  # after pac (its /proxy.pac on this address), before cors/auth (they read the new host)
     Cors(settings),
     Auth(settings, accounting, login),
     Csp(settings),
+    Inject(settings, status),  # after csp: adds its hash to the policy csp widened
     Streaming(),
     accounting,  # after streaming: it turns stream=True into a reader that passes chunks unchanged
     FlowLog(),

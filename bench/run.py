@@ -3,7 +3,7 @@
     python bench/run.py                 # full run (~25 min, of which a 20-minute soak); writes docs/benchmarks.md
     python bench/run.py --quick         # short variant (~1.5 min), same table
     python bench/run.py --no-write      # print only
-    python bench/run.py --only streams  # one or more sections (jwt,memory,latency,sse,first,streams,soak); no write
+    python bench/run.py --only streams  # one or more sections (jwt,memory,latency,own,sse,first,streams,soak); no write
     python bench/run.py --only leaks    # a soak with tracemalloc in the proxy: the allocation sites that grew
     python bench/run.py --tracemalloc   # the full run plus that traced soak
 
@@ -32,6 +32,7 @@ from bench.sections.common import DELTA_GAP, PAGE, Row, load_average, machine, n
 from bench.sections.first import bench_first_requests  # noqa: E402
 from bench.sections.jwt_memory import bench_jwt, bench_memory  # noqa: E402
 from bench.sections.latency import bench_latency, start_attribution  # noqa: E402
+from bench.sections.own_address import bench_own_address  # noqa: E402
 from bench.sections.report import print_results, write_report  # noqa: E402
 from bench.sections.soak import bench_soak  # noqa: E402
 from bench.sections.sse import bench_sse  # noqa: E402
@@ -42,7 +43,7 @@ from sandbox.coze_standin import make_sandbox_app, write_config  # noqa: E402
 from tests.harness import Mitmdump  # noqa: E402
 from coze_mitm.core.tokens import CozeTokenExchange  # noqa: E402
 
-SECTIONS = ("jwt", "memory", "latency", "sse", "first", "streams", "soak", "leaks")
+SECTIONS = ("jwt", "memory", "latency", "own", "sse", "first", "streams", "soak", "leaks")
 
 
 def parse_args(argv: list[str] | None):
@@ -67,8 +68,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--rate", type=float, default=20.0, help="soak request rate per second (default 20)")
     p.add_argument("--no-write", action="store_true", help="print the table only; do not write docs/benchmarks.md")
     p.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
-    p.add_argument("--only", default="", help="comma-separated sections to run (jwt,memory,latency,sse,first,streams,"
-                   "soak,leaks); implies --no-write")
+    p.add_argument("--only", default="", help="comma-separated sections to run (jwt,memory,latency,own,sse,first,"
+                   "streams,soak,leaks; own: the proxy's own address as the API base); implies --no-write")
     args = p.parse_args(argv)
     only = {x.strip() for x in args.only.split(",") if x.strip()}
     unknown = only - set(SECTIONS)
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         proxies: dict[str, Mitmdump] = {}
         streamer = None
         try:
-            if any(want(x) for x in ("latency", "sse", "first", "streams")):
+            if any(want(x) for x in ("latency", "own", "sse", "first", "streams")):
                 step("starting the proxies")
                 proxies["bundle"] = Mitmdump(work / "bundle", coze_sets).start()
                 proxies["bare mitmdump"] = Mitmdump(work / "bare", ["flow_detail=0"], script=False).start()
@@ -144,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
                 step(f"latency ({rounds} rounds x 3 paths{f', then {rounds // 2} x {len(proxies) + 1}' if len(proxies) > 2 else ''})")
                 lat_rows, details["latency"] = bench_latency(proxies, standin.base_url, token, rounds)
                 rows += lat_rows
+            if want("own"):
+                step(f"the proxy's own address as the API base ({rounds} rounds x 4 paths)")
+                own_rows, details["own"] = bench_own_address(bundle, bare, standin.base_url, token, rounds)
+                rows += own_rows
             if want("sse"):
                 step("SSE timing")
                 sse_rows, details["sse"] = bench_sse(bundle, bare, streamer, standin, token,

@@ -8,4 +8,5 @@ plan    what to start, worked out offline: PAT, OAuth config, origins, mitmproxy
 check   --check: the config validated offline, then one real token exchange
 ports   is the port free, and who holds it if not
 runner  mitmdump/mitmweb as a child process: its output passed through, next steps, stopping it
+browser --browser: the user's browser in a throwaway profile with the PAC and the CA trusted in it only
 """

@@ -8,8 +8,8 @@ import re
 import stat
 from pathlib import Path
 
-from launcher.common import (DEFAULT_PORT, DEMO_URL, EXIT_CODES_HELP, EXIT_USAGE, PROG, Fail, is_loopback,
-                             tell)
+from launcher.common import (DEFAULT_PORT, DEMO_URL, EXIT_CODES_HELP, EXIT_USAGE, PROG, PYTHON, Fail,
+                             is_loopback, tell)
 
 # Options this launcher owns: setting them with --set would bypass its checks.
 OWNED_OPTIONS = {"listen_host": "--host", "listen_port": "--port", "mode": "--host/--port", "coze_demo": "--demo",
@@ -22,11 +22,13 @@ ANONYMOUS_PROXYAUTH = ("any",)
 # The proxyauth spec from the environment: keeps an LDAP bind password or a user:pass out of ps and shell history.
 # The launcher hands it to mitmdump the same way (never on the child's command line).
 PROXYAUTH_ENV = "COZE_PROXYAUTH"
+# The upstream proxy's user:pass (mitmproxy's upstream_auth), the same way: never on a command line.
+UPSTREAM_AUTH_ENV = "COZE_UPSTREAM_AUTH"
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one message, not argparse's usage block
-        raise Fail(f"{message} (see python {PROG} --help)", EXIT_USAGE)
+        raise Fail(f"{message} (see {PYTHON} {PROG} --help)", EXIT_USAGE)
 
 
 def port_number(value: str) -> int:
@@ -64,6 +66,12 @@ def make_parser() -> Parser:
     what.add_argument("--demo", action="store_true",
                       help="no Coze account needed: start a local Coze SANDBOX (not Coze) with a throwaway key "
                            f"and serve a chat page at {DEMO_URL} that uses it through the proxy")
+
+    p.add_argument("--browser", nargs="?", const="", metavar="NAME",
+                   help="once the proxy listens, start your Chrome, Chromium, Edge, Brave or Firefox (NAME picks one: "
+                        "chrome, chromium, edge, brave, firefox) with a throwaway profile that uses the proxy's PAC, "
+                        "trusts its CA in that profile only, and opens the demo or the first --origins page; the "
+                        "profile is removed when the browser closes. Turns coze_inject on: no userscript manager needed")
 
     net = p.add_argument_group("proxy")
     net.add_argument("--host", default="127.0.0.1",
@@ -126,6 +134,15 @@ def check_args(args: argparse.Namespace) -> None:
     _fold_sets(args)
     _read_proxyauth(args)
     _check_reach(args)
+    if args.browser is not None:
+        from launcher.browser import NAMES
+
+        if args.check:
+            raise Fail("--check starts no proxy, so no browser either: drop --browser", EXIT_USAGE)
+        if args.browser and args.browser.lower() not in NAMES:
+            raise Fail(f"--browser {args.browser}: not a browser coze-mitm knows; use one of {', '.join(NAMES)} "
+                       "(or --browser alone for the first one installed)", EXIT_USAGE)
+        args.browser = args.browser.lower()
     if args.demo:
         for flag, given in (("--config", args.config), ("--pat", args.pat),
                             ("--set coze_api_base", set_value(args, "coze_api_base"))):
@@ -142,8 +159,16 @@ def _fold_sets(args: argparse.Namespace) -> None:
             raise Fail("--set coze_pat=... would show the PAT to every user of this machine in ps: "
                        "pass it as COZE_PAT=pat_... in the environment (or --pat without a value to be asked)",
                        EXIT_USAGE)
+        if name == "upstream_auth":
+            raise Fail("--set upstream_auth=... would show the proxy password to every user of this machine in ps: "
+                       f"pass it as {UPSTREAM_AUTH_ENV}=user:password in the environment", EXIT_USAGE)
+        if name == "mode" and value.startswith("upstream:") and "@" not in value:
+            passed.append((name, value))  # where the proxy sends requests, not where it listens (--host/--port)
+            continue
         if name in OWNED_OPTIONS:
-            raise Fail(f"use {OWNED_OPTIONS[name]} instead of --set {name}=...", EXIT_USAGE)
+            raise Fail(f"use {OWNED_OPTIONS[name]} instead of --set {name}=..."
+                       + (" (--set mode=upstream:http://host:port, without @, is passed on)" if name == "mode" else ""),
+                       EXIT_USAGE)
         attr = FLAG_ALIASES.get(name)
         if attr == "origins":
             args.origins = [*(args.origins or []), value]
@@ -154,7 +179,34 @@ def _fold_sets(args: argparse.Namespace) -> None:
             setattr(args, attr, value)
         else:
             passed.append((name, value))
+    _refuse_repeated(passed)
     args.sets = passed
+
+
+def _refuse_repeated(sets: list[tuple[str, str]]) -> None:
+    """A coze_* option given twice: mitmproxy would stop loading coze-mitm without a word (mitmproxy-notes.md).
+    (mitmproxy's own single-valued options it refuses itself, naming them; list options take every value.)"""
+    from coze_mitm import options
+
+    kinds = _OptionKinds()
+    options.declare(kinds)
+    seen: set[str] = set()
+    for name, _value in sets:  # values unsaid: one may hold a password (a redis:// URL)
+        if name in seen and name in kinds.single:
+            raise Fail(f"--set {name} is given more than once: give it once (mitmproxy would take neither value "
+                       "and run without coze-mitm)", EXIT_USAGE)
+        seen.add(name)
+
+
+class _OptionKinds:
+    """A loader for coze_mitm.options.declare that only notes which options take a single value."""
+
+    def __init__(self):
+        self.single: set[str] = set()
+
+    def add_option(self, name, typespec, default, help, choices=None):  # noqa: A002 (mitmproxy's signature)
+        if "Sequence" not in str(typespec):
+            self.single.add(name)
 
 
 def _check_reach(args: argparse.Namespace) -> None:
@@ -214,18 +266,15 @@ def _read_proxyauth(args: argparse.Namespace) -> None:
 
 
 def _check_htpasswd(path: Path) -> None:
-    """Name the lines the installed mitmproxy cannot verify: mitmproxy 12 refuses the whole file for one of them
-    ("Could not open htpasswd file", no line named), so the launcher refuses first, naming them; on mitmproxy 11
-    the file loads and those users just cannot log in: a warning each."""
-    from coze_mitm.parts.login import htpasswd_problems, mitmproxy_version
+    """Refuse, naming them, the lines the installed mitmproxy cannot verify as a hash: mitmproxy 12 refuses the
+    whole file for one of them ("Could not open htpasswd file", no line named); mitmproxy 11 (passlib) takes a
+    hash it does not know ({SSHA}, argon2) for a plain-text password, so the hash string itself logs in. The
+    addon refuses the same lines when mitmdump starts without this launcher."""
+    from coze_mitm.parts.login import htpasswd_problems
 
     problems = htpasswd_problems(path)
-    if not problems:
-        return
-    if mitmproxy_version() >= (12,):
+    if problems:
         raise Fail("; ".join(problems), EXIT_USAGE)
-    for problem in problems:
-        tell("warning", problem)
 
 
 def is_anonymous(args: argparse.Namespace) -> bool:

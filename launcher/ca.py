@@ -105,20 +105,21 @@ def write_ca(confdir: Path, hosts: list[str]) -> x509.Certificate:
         f"{BASENAME}-ca.pem": (key_pem + inter.public_bytes(pem) + root_pem, 0o600),
         f"{BASENAME}-ca.p12": (pkcs12.serialize_key_and_certificates(
             BASENAME.encode(), key, inter, [root], serialization.NoEncryption()), 0o600),
-        f"{BASENAME}-ca-cert.pem": (root_pem, 0o644),
-        f"{BASENAME}-ca-cert.cer": (root_pem, 0o644),
+        # the certificates are public, yet owner-only like every file coze-mitm writes (private_files.py)
+        f"{BASENAME}-ca-cert.pem": (root_pem, 0o600),
+        f"{BASENAME}-ca-cert.cer": (root_pem, 0o600),
         f"{BASENAME}-ca-cert.p12": (pkcs12.serialize_key_and_certificates(
-            BASENAME.encode(), None, root, None, serialization.NoEncryption()), 0o644),
+            BASENAME.encode(), None, root, None, serialization.NoEncryption()), 0o600),
         scoped_ca.META_FILE: (json.dumps({
             "made_by": PROG, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "subject": root.subject.rfc4514_string(), "fingerprint_sha256": scoped_ca.fingerprint(root),
             "names": hosts, "note": "name constraints: each DNS name covers its subdomains too (RFC 5280)",
-        }, indent=2).encode() + b"\n", 0o644),
+        }, indent=2).encode() + b"\n", 0o600),
     }
     try:
         from mitmproxy.certs import DEFAULT_DHPARAM  # what create_store writes beside the CA
 
-        files[f"{BASENAME}-dhparam.pem"] = (DEFAULT_DHPARAM, 0o644)
+        files[f"{BASENAME}-dhparam.pem"] = (DEFAULT_DHPARAM, 0o600)
     except ImportError:
         pass
     try:
@@ -142,6 +143,13 @@ def prepare(pl) -> None:
     new = getattr(args, "new_ca", False)
     hosts = needed_hosts(pl)
     given = pl.option("confdir")
+    if args.demo:
+        if new:
+            raise Fail("--new-ca and --demo: the demo makes a throwaway CA of its own, nothing to trust; drop --new-ca",
+                       EXIT_USAGE)
+        # The demo is plain HTTP: no CA to trust, so none to talk about. run_demo makes a throwaway one in its
+        # temporary folder (demo_confdir) unless a confdir is named, which is then used as it is.
+        return
     if given is None and args.intercept_all:
         if new:
             raise Fail("--new-ca makes a CA that vouches only for the hosts coze-mitm intercepts, and --intercept-all "
@@ -150,6 +158,8 @@ def prepare(pl) -> None:
         return
     confdir = Path(given).expanduser() if given is not None else default_dir()
     before = scoped_ca.describe(confdir, hosts)
+    if given is None or before["made_by_coze_mitm"]:
+        tighten_confdir(confdir)
     if new and before["exists"] and not before["made_by_coze_mitm"]:
         raise Fail(f"--new-ca: {confdir} holds a CA that {PROG} did not make; it is left alone. Drop --set confdir "
                    f"(the scoped CA then lives in {DEFAULT_CA_DIR}) or name an empty folder", EXIT_USAGE)
@@ -164,6 +174,28 @@ def prepare(pl) -> None:
         _check(confdir, before, hosts)
     if given is None:
         pl.sets.append(("confdir", str(confdir)))
+
+
+def demo_confdir(pl, workdir: str) -> str:
+    """The demo's confdir: inside its temporary folder, with a scoped CA nobody is asked to trust (the demo is
+    plain HTTP), gone when the demo stops. The user's own confdir gets no CA made for the demo's names, which a
+    later real start would then ask to replace (and remove from trust stores)."""
+    confdir = Path(workdir) / "confdir"
+    write_ca(confdir, needed_hosts(pl))
+    return str(confdir)
+
+
+def tighten_confdir(confdir: Path) -> None:
+    """A confdir coze-mitm made (it holds the CA's signing key and the usage file) that others can read, e.g. made
+    0755 by an older version or by hand: owner-only, said in one line. POSIX only (private_files.py)."""
+    from coze_mitm.core.private_files import DIR_MODE, tighten
+
+    if not confdir.is_dir():
+        return
+    old = tighten(confdir, DIR_MODE)
+    if old is not None:
+        tell("note", f"{confdir} could be read by other users of this machine (mode {old:o}); it holds the CA's "
+                     "signing key and the usage per user: made it 0700 (owner only)")
 
 
 def _check(confdir: Path, info: dict, hosts: list[str]) -> None:

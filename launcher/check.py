@@ -14,11 +14,34 @@ import time
 
 from launcher.common import (EXIT_CONFIG, EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, config_error, say,
                              tell, wrap)
+from launcher.args import UPSTREAM_AUTH_ENV
 from launcher.plan import Plan, config_path
 
 
 def failed(msg: str) -> None:
     say(wrap(f"FAILED: {msg}"), err=True)
+
+
+def check_outbound(pl):
+    """How the proxy's own requests would leave (core/outbound.py), from this command line's --set values and
+    COZE_UPSTREAM_AUTH: --check mints its token the way the running proxy would."""
+    from mitmproxy.proxy import mode_specs
+
+    from coze_mitm.core.outbound import Outbound
+
+    upstreams = []
+    for name, value in pl.args.sets:
+        if name == "mode":
+            try:
+                mode = mode_specs.ProxyMode.parse(value)
+            except ValueError as e:
+                raise ValueError(f"--set mode={value}: {e}; use mode=upstream:http://host:port") from None
+            if isinstance(mode, mode_specs.UpstreamMode):
+                upstreams.append((mode.scheme, mode.address[0], mode.address[1]))
+    insecure = (pl.option("ssl_insecure", "false") or "").lower() in ("true", "1", "yes", "on")
+    return Outbound.from_options(upstreams, os.environ.get(UPSTREAM_AUTH_ENV, "").strip() or None, insecure,
+                                 pl.option("ssl_verify_upstream_trusted_ca"),
+                                 pl.option("ssl_verify_upstream_trusted_confdir"))
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -33,13 +56,16 @@ def run_check(args: argparse.Namespace) -> int:
         override = pl.option("coze_api_base")
         if override:
             config.parse_api_origin(override)
+            problem = config.region_problem(app.www_base, override)
+            if problem:
+                raise config.ConfigError(f"{path} with --set coze_api_base: {problem}")
             app = dataclasses.replace(app, api_base=override.rstrip("/"))
         ttl = int(pl.option("coze_token_ttl", "900"))
         timeout = float(pl.option("coze_exchange_timeout", "10"))
         if args.origins:
             config.parse_page_origins(",".join(args.origins))
     except config.ConfigError as e:
-        failed(config_error(str(e), bool(args.config)))
+        failed(config_error(str(e)))
         return EXIT_CONFIG
     except ValueError:
         failed("coze_token_ttl and coze_exchange_timeout must be numbers")
@@ -59,8 +85,14 @@ def run_check(args: argparse.Namespace) -> int:
                      "--check does not verify PATs")
 
     session = f"coze-mitm-check-{secrets.token_hex(4)}"
-    verify = (pl.option("ssl_insecure", "false") or "").lower() not in ("true", "1", "yes", "on")
-    exchange = CozeTokenExchange(app, duration_seconds=ttl, timeout=timeout, verify=verify)
+    try:
+        outbound = check_outbound(pl)
+    except ValueError as e:
+        failed(str(e))
+        return EXIT_USAGE
+    if outbound.proxy:
+        say(f"the token request goes {outbound.describe()}")
+    exchange = CozeTokenExchange(app, duration_seconds=ttl, timeout=timeout, outbound=lambda: outbound)
     started = time.monotonic()
     try:
         issued = exchange(session)
@@ -68,7 +100,8 @@ def run_check(args: argparse.Namespace) -> int:
         if e.reason in ("exchange-timeout", "exchange-unreachable"):
             proxy_env = [k for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy") if os.environ.get(k)]
             if proxy_env:
-                tell("note", f"{proxy_env[0]} is set, but coze-mitm talks to Coze directly (it ignores proxy variables)")
+                tell("note", f"{proxy_env[0]} is set, but coze-mitm ignores proxy variables: name the proxy with "
+                             f"--set mode=upstream:http://host:port (its login: {UPSTREAM_AUTH_ENV}=user:password)")
             failed(e.msg)
             return EXIT_UNREACHABLE
         failed(e.msg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import shutil
 import sys
 import textwrap
@@ -12,6 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 ADDONS = REPO / "addons"
 SCRIPT = ADDONS / "coze.py"
 PROG = "run_mitm.py"
+PYTHON = "py" if os.name == "nt" else "python3"  # how hints name Python: Debian has no `python`, Windows has `py`
 DEFAULT_PORT = 8080
 STATUS_URL = "http://coze.mitm/"
 DEMO_URL = "http://coze.mitm/demo"
@@ -81,10 +83,7 @@ def for_launcher(msg: str) -> str:
     return msg.replace("--set coze_pat=...", "COZE_PAT=pat_... in the environment")
 
 
-def config_error(msg: str, config_given: bool) -> str:
-    """An OAuth config error as the launcher and --check both say it: with the launcher's spellings, and
-    the way to a first run without an account when the default config is simply not there yet."""
-    msg = for_launcher(msg)
-    if msg.startswith("OAuth config not found") and not config_given:
-        msg += f"; to see coze-mitm work without an account first: python {PROG} --demo"
-    return msg
+def config_error(msg: str) -> str:
+    """An OAuth config error as the launcher and --check both say it: with the launcher's spellings (the way to a
+    first run without an account, --demo, is in the addon's own "not found" message, for plain mitmdump too)."""
+    return for_launcher(msg)

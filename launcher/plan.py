@@ -10,12 +10,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.args import PROXYAUTH_ENV, set_value
+from launcher.args import PROXYAUTH_ENV, UPSTREAM_AUTH_ENV, set_value
 from launcher.common import EXIT_CONFIG, EXIT_USAGE, SCRIPT, Fail, config_error, tell
 
 # Without -v: no per-flow dump by mitmproxy (flowlog writes one line per flow coze-mitm acted on),
 # and no per-connection lines (flowlog's coze_quiet).
 QUIET_OPTIONS = (("flow_detail", "0"), ("coze_quiet", "true"))
+# The options the launcher sets that take several values (mitmproxy's Sequence[str]).
+LIST_OPTIONS = ("allow_hosts",)
 
 
 @dataclass
@@ -95,7 +97,7 @@ def plan(args: argparse.Namespace) -> Plan:
             app = config.load_oauth_config(pl.config_path)
             pl.api_bases.insert(0, api_override or app.api_base)
     except config.ConfigError as e:
-        raise Fail(config_error(str(e), bool(args.config)), EXIT_CONFIG) from None
+        raise Fail(config_error(str(e)), EXIT_CONFIG) from None
 
     if pl.pat:
         pl.env["COZE_PAT"] = pl.pat  # the addon reads it from its environment: never on a command line
@@ -107,6 +109,8 @@ def plan(args: argparse.Namespace) -> Plan:
         pl.sets.append(("coze_bot_id", args.bot_id))
     if args.title:
         pl.sets.append(("coze_title", args.title))
+    if getattr(args, "browser", None) is not None:
+        pl.sets.append(("coze_inject", "true"))  # the launched browser has no userscript manager (the user's --set wins)
     if args.allow_remote:
         pl.sets.append(("coze_allow_remote", "true"))
     if args.proxyauth:
@@ -130,12 +134,14 @@ def allow_hosts(pl: Plan) -> list[str]:
 
 
 def child_code(tool: str) -> str:
-    """The child's `python -c` program: mitmproxy's own main, with the proxyauth SPEC (if any) taken from the
-    environment into its argument list in memory only. /proc/PID/cmdline (what ps shows any user) keeps the
+    """The child's `python -c` program: mitmproxy's own main, with the proxyauth SPEC and the upstream proxy's
+    user:pass (if any) taken from the environment into its argument list in memory only. /proc/PID/cmdline (what ps shows any user) keeps the
     command line the child started with; the variable leaves the child's environment before mitmproxy runs
     (the kernel's copy of the start-up environment, /proc/PID/environ, is readable by the same user only)."""
     return (f"import os, sys; spec = os.environ.pop({PROXYAUTH_ENV!r}, None); "
-            "spec and sys.argv.extend(['--set', 'proxyauth=' + spec]); del spec; "
+            "spec and sys.argv.extend(['--set', 'proxyauth=' + spec]); "
+            f"up = os.environ.pop({UPSTREAM_AUTH_ENV!r}, None); "
+            "up and sys.argv.extend(['--set', 'upstream_auth=' + up]); del spec, up; "
             f"from mitmproxy.tools.main import {tool}; {tool}()")
 
 
@@ -149,7 +155,11 @@ def mitm_command(pl: Plan) -> list[str]:
         sets += [("allow_hosts", pattern) for pattern in allow_hosts(pl)]
     if not args.verbose:
         sets += [(n, v) for n, v in QUIET_OPTIONS if not (args.web and n == "flow_detail")]
-    sets += args.sets  # last: the user's own --set wins (mitmproxy's rule: the last --set wins)
+    # The user's own --set wins: mitmproxy refuses a single-valued option given twice ("Received multiple values";
+    # for a coze_* option its script loader then dies without a word), so the launcher's value is left out.
+    # A list option (allow_hosts) takes every value: the user's are added to the launcher's.
+    theirs = {name for name, _ in args.sets} - set(LIST_OPTIONS)
+    sets = [(n, v) for n, v in sets if n not in theirs] + args.sets
     for name, value in sets:
         cmd += ["--set", f"{name}={value}"]
     return cmd

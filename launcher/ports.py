@@ -10,7 +10,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from launcher.common import DEFAULT_PORT, EXIT_FAILED, EXIT_PORT_IN_USE, EXIT_USAGE, Fail
+from launcher.common import DEFAULT_PORT, EXIT_FAILED, EXIT_PORT_IN_USE, EXIT_USAGE, PROG, Fail
 
 # What mitmdump 11.0.2 and 12.x print when the port is taken between our check and its bind.
 PORT_IN_USE_RE = re.compile(r"failed to listen on \S+? with .*(address already in use|Errno 98|Errno 48|WinError 10048)", re.I)
@@ -52,7 +52,13 @@ def listening_holder(port: int) -> str:
 def describe_process(proc: Path) -> str:
     try:
         argv = (proc / "cmdline").read_bytes().split(b"\0")
-        words = [a.decode(errors="replace") for a in argv if a][:4]
+        every = [a.decode(errors="replace") for a in argv if a]
+        if any(Path(a).parts[-2:] == ("addons", "coze.py") for a in every):
+            # run_mitm.py's child is `python -c "...mitmproxy.tools.main..."`: say what it is, not its code
+            tool = "mitmweb" if any("import mitmweb" in a or Path(a).name.startswith("mitmweb") for a in every) \
+                else "mitmdump"
+            return f"coze-mitm's {tool}, from a {PROG} or {tool} -s addons/coze.py started earlier"
+        words = every[:4]
         text = " ".join(Path(words[0]).name if i == 0 else w for i, w in enumerate(words))
     except (OSError, IndexError):
         text = ""

@@ -10,15 +10,24 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+from pathlib import Path
+
+from coze_mitm import READY
 
 from launcher.args import is_anonymous
-from launcher.common import (DEMO_URL, EXIT_FAILED, EXIT_OK, EXIT_PORT_IN_USE, EXIT_USAGE, STATUS_URL, Fail, Stop,
-                             is_loopback, say, tell, wrap)
+from launcher.browser import find as find_browser, launch as launch_browser
+from launcher.ca import demo_confdir
+from launcher.common import (DEMO_URL, EXIT_FAILED, EXIT_OK, EXIT_PORT_IN_USE, EXIT_USAGE, PROG, REPO, STATUS_URL,
+                             Fail, Stop, is_loopback, say, tell, wrap)
 from launcher.plan import Plan, mitm_command
 from launcher.ports import PORT_IN_USE_RE, check_port_free, port_in_use_message
 
-LISTENING_RE = re.compile(r"HTTP\(S\) proxy listening at (\[[^\]]+\]|[^\s:]+):(\d+)")
+LISTENING_RE = re.compile(r"HTTP\(S\) proxy (?:\(upstream mode\) )?listening at (\[[^\]]+\]|[^\s:]+):(\d+)")
 WEB_LISTENING_RE = re.compile(r"Web server listening at (\S+)")
+# coze-mitm's `running` logs coze_mitm.READY right after mitmproxy's listening line (same start-up step);
+# generous for a loaded machine, and only ever waited out when the addon did not load.
+READY_TIMEOUT = 15.0
 MITMWEB_FIXED = (11, 1, 2)  # CVE-2025-23217: mitmweb's API is unauthenticated before this version
 
 
@@ -36,10 +45,44 @@ def require_safe_mitmweb() -> None:
     version = mitmproxy_version()
     if version >= MITMWEB_FIXED:
         return
-    raise Fail(f"--web: mitmweb {'.'.join(map(str, version))} serves its web API without authentication "
-               "(CVE-2025-23217, fixed in mitmproxy 11.1.2): any program or web page that can reach its port could "
-               "read the flows and change options, so it is not started. Use Python 3.12+ with mitmproxy 12 "
-               "(pip install 'mitmproxy>=12'), or run without --web (mitmdump is not affected)", EXIT_USAGE)
+    shown = ".".join(map(str, version))
+    # mitmproxy >= 11.1.2 needs Python >= 3.12: no pip line can bring it to this Python (Debian 12 has 3.11 only)
+    newer = newer_python()
+    web = (f"{newer} {PROG} --web (found on this machine; {PROG} makes a venv with mitmproxy 12 for it)" if newer else
+           f"{PROG} --web started by a Python 3.12 or newer, e.g. python3.12 {PROG} --web (none is on PATH here; "
+           f"{PROG} makes a venv with mitmproxy 12 for it)")
+    raise Fail(f"--web: mitmweb {shown} serves its web API without authentication (CVE-2025-23217, fixed in "
+               "mitmproxy 11.1.2, which needs Python 3.12+): any program or web page that can reach its port could "
+               f"read the flows and change options, so it is not started. What works: {web}; or mitmproxy's console "
+               f"UI, fine on {shown}: {tool_path('mitmproxy')} -s addons/coze.py --set coze_origins=... (in {REPO}); "
+               "or run without --web (mitmdump is not affected)", EXIT_USAGE)
+
+
+def newer_python() -> str:
+    """A Python >= 3.12 on PATH by its usual name, or "" (Windows: the py launcher's -3.12 form)."""
+    if os.name == "nt":
+        return "py -3.12" if shutil.which("py") and _runs(["py", "-3.12", "-c", ""]) else ""
+    for minor in range(20, 11, -1):
+        if shutil.which(f"python3.{minor}"):
+            return f"python3.{minor}"
+    return ""
+
+
+def _runs(cmd: list[str]) -> bool:
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def tool_path(name: str) -> str:
+    """How to call one of mitmproxy's commands of this interpreter (its venv's bin/ or Scripts/), shown relative
+    to the repository when it is in there (.venv-3.11/bin/mitmproxy): a bare name is often not on PATH."""
+    path = Path(sys.executable).parent / name
+    try:
+        return str(path.relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def warn_about_reach(pl: Plan) -> None:
@@ -112,6 +155,7 @@ def run_proxy(pl: Plan, sandbox=None) -> int:
     mitmproxy_version()
     warn_about_reach(pl)
     check_port_free(args.host, args.port)
+    browser = find_browser(args.browser) if getattr(args, "browser", None) is not None else None  # before anything starts
 
     proc = subprocess.Popen(mitm_command(pl), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, env=pl.env, text=True, encoding="utf-8", errors="replace",
@@ -120,36 +164,75 @@ def run_proxy(pl: Plan, sandbox=None) -> int:
     listening: tuple[str, int] | None = None
     web_url = ""
     told = False
+    session = None  # the browser started by --browser
+    loaded = threading.Event()  # coze-mitm's `running` said so (coze_mitm.READY)
+    not_loaded = threading.Event()
+    watch = threading.Timer(READY_TIMEOUT, _stop_unless_loaded, (proc, loaded, not_loaded))
+    watch.daemon = True
     try:
         for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
+            if READY in line:
+                loaded.set()  # the launcher's own signal: not shown
+            else:
+                sys.stdout.write(line)
+                sys.stdout.flush()
             if PORT_IN_USE_RE.search(line):
                 port_in_use = True
             if m := LISTENING_RE.search(line):
                 listening = (m.group(1).strip("[]"), int(m.group(2)))
+                if not watch.is_alive() and not loaded.is_set():
+                    watch.start()
             if m := WEB_LISTENING_RE.search(line):
                 web_url = m.group(1)
-            if listening and (web_url or not args.web) and not told:
+            if listening and loaded.is_set() and (web_url or not args.web) and not told:
                 told = True
                 say(next_steps(pl, *listening, sandbox=sandbox, web_url=web_url))
+                if browser is not None:
+                    session = start_browser(pl, browser, *listening)
         rc = proc.wait()
+        watch.cancel()
     except KeyboardInterrupt:
+        watch.cancel()
         stop_child(proc, signalled=True)
         if gone := stopped_line(listening):
             say(wrap(gone))
         return EXIT_OK
     except Stop:
+        watch.cancel()
         stop_child(proc, signalled=False)
         if gone := stopped_line(listening):
             say(wrap(gone))
         return EXIT_OK
+    finally:
+        if session is not None:
+            session.stop()  # the browser closed and its profile removed, however the proxy stopped
+    if not_loaded.is_set():
+        raise Fail(f"coze-mitm did not load into {'mitmweb' if args.web else 'mitmdump'}: it was listening as a plain "
+                   "proxy (no local gate, no credentials, no budgets), so it was stopped. mitmproxy's script loader can "
+                   "stop without a word, e.g. on an option set twice or declared by two addons; its output above may "
+                   "say more", EXIT_FAILED)
     if port_in_use:
         raise Fail(port_in_use_message(args.host, args.port), EXIT_PORT_IN_USE)
     if rc != 0:
         raise Fail(f"{'mitmweb' if args.web else 'mitmdump'} stopped with exit code {rc} (see its output above)",
                    EXIT_FAILED)
     return EXIT_OK
+
+
+def start_browser(pl: Plan, browser, host: str, port: int):
+    """--browser, once the proxy listens; a browser that cannot be started leaves the proxy running."""
+    try:
+        return launch_browser(pl, browser, host, port)
+    except Fail as e:
+        tell("error", f"{e.msg}; the proxy keeps running (Ctrl-C stops it)")
+        return None
+
+
+def _stop_unless_loaded(proc: subprocess.Popen, loaded: threading.Event, not_loaded: threading.Event) -> None:
+    """READY_TIMEOUT after mitmproxy listened: no word from coze-mitm means a proxy running without it."""
+    if not loaded.is_set() and proc.poll() is None:
+        not_loaded.set()
+        proc.terminate()
 
 
 def stop_child(proc: subprocess.Popen, signalled: bool) -> None:
@@ -196,6 +279,8 @@ def run_demo(pl: Plan) -> int:
         origins = ",".join(sorted(pl.page_origins))
         pl.sets = [(n, v) for n, v in pl.sets if n != "coze_origins"]
         pl.sets += [("coze_config", config_path), ("coze_origins", origins), ("coze_demo", "true")]
+        if pl.option("confdir") is None and not any(n == "confdir" for n, _ in pl.sets):
+            pl.sets.append(("confdir", demo_confdir(pl, workdir)))  # throwaway, like the sandbox's key
         if not pl.args.title:
             pl.sets.append(("coze_title", "Sandbox bot"))
         return run_proxy(pl, sandbox=standin)

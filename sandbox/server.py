@@ -4,7 +4,6 @@ request goes to the ``dispatch`` callable the server was made with (routes.dispa
 
 from __future__ import annotations
 
-import json
 import socket
 import sys
 import threading
@@ -13,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
+from . import go_json
 from .common import MAX_BODY, SERVER_NAME, BadRequestBody, compact_json
 
 
@@ -57,7 +57,7 @@ class Server(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     """One connection. For each request it reads the body (``body``; ``body_error`` says why it could
     not), the query (``query``, the last value of each parameter) and the path without trailing slash
-    (``route_path``), then calls the server's ``dispatch(req)``, which sets ``logid`` and ``session``
+    (``route_path``, decoded and cleaned as a Go router reads it), then calls the server's ``dispatch(req)``, which sets ``logid`` and ``session``
     (the caller's session_name, "" without one). Endpoints answer with ``ok()``, ``error()``,
     ``send_json()``, ``send_bytes()`` and the SSE helpers; ``json_body()`` reads a JSON object."""
 
@@ -133,12 +133,14 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(200, body)
 
     def json_body(self) -> dict | None:
-        """The body as a JSON object ({} when empty), None when it is not one."""
+        """The body as a JSON object ({} when empty), None when it is not one. Read as a Go server reads it
+        (go_json.py): keys case-insensitively, the last one winning, invalid UTF-8 as U+FFFD, nesting to
+        10,000 levels, and what follows the object ignored (gin's ShouldBindJSON reads with a json.Decoder)."""
         if not self.body:
             return {}
         try:
-            data = json.loads(self.body.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
+            data = go_json.decode(self.body, rest_ignored=True)
+        except go_json.GoSyntaxError:
             return None
         return data if isinstance(data, dict) else None
 
@@ -189,7 +191,7 @@ class Handler(BaseHTTPRequestHandler):
             self.body, self.body_error = b"", str(e)
         split = urlsplit(self.path)
         self.query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
-        self.route_path = split.path.rstrip("/") or "/"
+        self.route_path = go_json.route(self.path)  # as a Go router serves it: /v3/%63hat is /v3/chat
         self._responded = False
         try:
             self.server.dispatch(self)

@@ -9,7 +9,6 @@ token arrived and no placeholder did.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterator
@@ -18,7 +17,7 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.utilities import LocalProtocolError, generate_accept_token
 
-from . import tokens
+from . import go_json, tokens
 from .common import compact_json
 
 if TYPE_CHECKING:
@@ -84,13 +83,14 @@ class WsSession:
                     if size > MAX_MESSAGE:
                         self.close(1009, "message too big")
                         return
-                    if isinstance(ev, TextMessage):
-                        text.append(ev.data)
+                    # Binary messages are read as events too (a Go server reading every message with
+                    # encoding/json does), their bytes as Go reads them (invalid UTF-8 as U+FFFD).
+                    text.append(ev.data if isinstance(ev, TextMessage) else ev.data.decode("utf-8", "replace"))
                     if ev.message_finished:
                         raw, text, size = "".join(text), [], 0
                         try:
-                            obj = json.loads(raw)
-                        except ValueError:
+                            obj = go_json.decode(raw, rest_ignored=True)  # Go-style (go_json.py), trailing data ignored
+                        except go_json.GoSyntaxError:
                             obj = None
                         if isinstance(obj, dict) and isinstance(obj.get("event_type"), str):
                             yield obj

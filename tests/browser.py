@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import re
 import shutil
@@ -77,6 +78,7 @@ PAGES = {
     "/nonce": ({"Content-Security-Policy": NONCE_CSP},
                _page("Nonce and strict-dynamic page", f'<script nonce="{PAGE_NONCE}">window.pageOwnScript = 1;</script>')),
     "/two-policies": ({"Content-Security-Policy": [STRICT_CSP, "frame-ancestors 'none'"]}, _page("Two policies")),
+    "/gzip": ({"Content-Encoding": "gzip", "Content-Security-Policy": STRICT_CSP}, gzip.compress(_page("Compressed page"))),
 }
 
 

@@ -7,7 +7,8 @@ import socket
 
 import requests
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, RejectConnection, RejectData, Request, TextMessage
+from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, RejectConnection, RejectData, Request,
+                            TextMessage)
 
 PAGE = "https://chat.example.org"
 
@@ -34,11 +35,14 @@ class WsClient:
     do) or an absolute-URL GET."""
 
     def __init__(self, proxy_port: int, host: str, port: int, target: str, headers=(), tunnel: bool = True,
-                 proxy_auth: str | None = None):
-        """`proxy_auth`: a Proxy-Authorization value, sent on the CONNECT or on the absolute-URL upgrade."""
+                 proxy_auth: str | None = None, origin_form: bool = False):
+        """`proxy_auth`: a Proxy-Authorization value, sent on the CONNECT or on the absolute-URL upgrade.
+        `origin_form`: no proxy at all, the upgrade sent to host:port as a server (`GET /v1/chat`, Host: host:port)."""
         self.sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
         headers = list(headers)
-        if tunnel:
+        if origin_form:
+            pass
+        elif tunnel:
             login = f"Proxy-Authorization: {proxy_auth}\r\n" if proxy_auth else ""
             self.sock.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n{login}\r\n".encode())
             answer = b""
@@ -72,6 +76,11 @@ class WsClient:
 
     def send(self, event_type: str, data: dict) -> None:
         self.sock.sendall(self.ws.send(TextMessage(json.dumps({"id": "1", "event_type": event_type, "data": data}))))
+
+    def send_raw(self, data: str | bytes) -> None:
+        """One message exactly as given: text for a str, binary for bytes."""
+        message = TextMessage(data) if isinstance(data, str) else BytesMessage(data)
+        self.sock.sendall(self.ws.send(message))
 
     def until(self, event_type: str) -> list[dict]:
         seen = []

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-LISTENING_RE = re.compile(r"HTTP\(S\) proxy listening at \S*?:(\d+)")
+LISTENING_RE = re.compile(r"HTTP\(S\) proxy (?:\([^)]*\) )?listening at \S*?:(\d+)")  # "(upstream mode)" in upstream mode
 
 def tool_command(tool: str = "mitmdump") -> list[str]:
     """mitmdump or mitmweb of the Python running the tests (so a venv's mitmproxy is the one tested)."""

@@ -4,6 +4,8 @@ loaded from an LDIF with slapadd, listening on a free loopback port. `Slapd.star
 
 The directory: dc=example,dc=org, admin cn=admin,dc=example,dc=org, and under ou=people:
   alice  (uid alice, cn "alice" and cn "Alice Liddell"), bob (uid bob, cn "bob"), carol (uid carol).
+and under ou=contractors: another carol (uid carol too, cn "Carol Contractor"), outside the ou=people subtree
+the other tests search; `spec(subtree=SUFFIX)` searches both.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ PEOPLE = f"ou=people,{SUFFIX}"
 PASSWORDS = {"alice": "alice-Pw-5c1e77a0", "bob": "bob-Pw-90d2b4e1", "carol": "carol-Pw-2f6a11d4"}
 CNS = {"alice": ["alice", "Alice Liddell"], "bob": ["bob"], "carol": ["carol"]}
 SURNAMES = {"alice": "Liddell", "bob": "Builder", "carol": "Danvers"}
+CONTRACTORS = f"ou=contractors,{SUFFIX}"
+CONTRACTOR_CN = "Carol Contractor"  # uid carol, like people's carol
+CONTRACTOR_PW = "contractor-Pw-6b0e3f58"
+CONTRACTOR_DN = f"cn={CONTRACTOR_CN},{CONTRACTORS}"
 
 SCHEMA_DIRS = ("/etc/ldap/schema", "/etc/openldap/schema", "/usr/local/etc/openldap/schema")
 MODULE_DIRS = ("/usr/lib/ldap", "/usr/lib/openldap", "/usr/lib64/openldap", "/usr/local/libexec/openldap")
@@ -51,6 +57,9 @@ def _ldif() -> str:
         cns = "".join(f"cn: {cn}\n" for cn in CNS[user])
         out.append(f"dn: {dn_of(user)}\nobjectClass: inetOrgPerson\nuid: {user}\n{cns}sn: {SURNAMES[user]}\n"
                    f"userPassword: {password}\n")
+    out += [f"dn: {CONTRACTORS}\nobjectClass: organizationalUnit\nou: contractors\n",
+            f"dn: {CONTRACTOR_DN}\nobjectClass: inetOrgPerson\nuid: carol\ncn: {CONTRACTOR_CN}\nsn: Contractor\n"
+            f"userPassword: {CONTRACTOR_PW}\n"]
     return "\n".join(out)
 
 
@@ -70,9 +79,9 @@ class Slapd:
     def url(self) -> str:
         return f"ldap://127.0.0.1:{self.port}"
 
-    def spec(self, key: str = "cn", password: str = ADMIN_PW) -> str:
+    def spec(self, key: str = "cn", password: str = ADMIN_PW, subtree: str = PEOPLE) -> str:
         """mitmproxy's proxyauth spec for this directory (the form with a port)."""
-        return f"ldap:127.0.0.1:{self.port}:{ADMIN_DN}:{password}:{PEOPLE}?search_filter_key={key}"
+        return f"ldap:127.0.0.1:{self.port}:{ADMIN_DN}:{password}:{subtree}?search_filter_key={key}"
 
     def start(self) -> "Slapd":
         slapd = shutil.which("slapd") or next((p for p in ("/usr/sbin/slapd", "/usr/local/libexec/slapd")

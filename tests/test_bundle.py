@@ -72,8 +72,9 @@ class TestDispatch:
     def test_no_attribute_for_a_hook_no_part_has_and_no_nested_addons(self):
         bundle = Bundle(Part("a", []), Quiet())
         assert hasattr(bundle, "request")
-        for absent in ("requestheaders", "responseheaders", "response", "error", "websocket_message", "load"):
+        for absent in ("requestheaders", "responseheaders", "response", "error", "websocket_message"):
             assert not hasattr(bundle, absent)
+        # load and done are always there: the bundle names its parts to mitmproxy (addons.get) and takes them back
         # mitmproxy would register every part again, and walk them for every event.
         assert not hasattr(bundle, "addons")
         assert list(addonmanager.traverse([bundle])) == [bundle]
@@ -226,16 +227,16 @@ def test_coze_py_is_one_addon_object_with_the_parts_in_order(tmp_path):
     assert not hasattr(bundle, "add_log") and not hasattr(bundle, "update")
     assert bundle.hooks() and bundle.request is bundle.hooks()["request"]
     assert [type(p).__name__ for p in bundle.parts] == [
-        "MitmwebGuard", "CozeSettings", "ProcessTuning", "Login", "LocalGate", "Demo", "Pac", "StatusPages", "Cors", "Auth", "Csp", "Streaming", "Accounting",
+        "MitmwebGuard", "CozeSettings", "LeafNames", "ProcessTuning", "Login", "LocalGate", "Demo", "Pac", "StatusPages", "DirectApi", "Cors", "Auth", "Csp", "Inject", "Streaming", "Accounting",
         "FlowLog", "QuietExit"]
     # Every part's options are registered, as when each part was an addon of its own.
     for name in ("coze_config", "coze_origins", "coze_demo", "coze_launcher", "coze_user_daily_tokens",
-                 "coze_usage_file", "coze_quiet", "coze_tune_process"):
+                 "coze_usage_file", "coze_quiet", "coze_tune_process", "coze_inject"):
         assert name in tctx.options
     # Every hook a part implements is one the bundle has.
     for part in bundle.parts:
         for hook in ("requestheaders", "request", "responseheaders", "response", "error", "http_connect",
-                     "tls_clienthello", "websocket_start", "websocket_message", "websocket_end"):
+                     "tls_clienthello", "tls_start_client", "websocket_start", "websocket_message", "websocket_end"):
             if hasattr(part, hook):
                 assert hasattr(bundle, hook), (type(part).__name__, hook)
     tctx.master.addons.invoke_addon_sync(bundle, addonmanager.hooks.DoneHook())
@@ -408,3 +409,25 @@ def test_a_second_bundle_with_its_own_name_registers_beside_coze_mitm():
         assert tctx.master.addons.get("coze-mitm") and tctx.master.addons.get("coze-mitm-probe")
     with pytest.raises(Exception, match="already exists"):
         taddons.context(Bundle(Quiet()), Bundle(Quiet()))
+
+
+def test_mitmproxy_finds_each_part_by_name_and_forgets_them_with_the_bundle():
+    """ctx.master.addons.get("cors") finds coze.py's Cors part as it would an addon registered on its own; a name
+    another addon holds keeps its owner; removing the bundle (a script reload) takes the parts' names back."""
+    class Cors:
+        pass
+
+    class Proxyauth:  # as mitmproxy's own proxyauth addon is named
+        pass
+
+    cors, mine, theirs = Cors(), Proxyauth(), Proxyauth()
+    with taddons.context(theirs) as tctx:
+        bundle = Bundle(Quiet(), cors, mine)
+        tctx.master.addons.add(bundle)
+        assert tctx.master.addons.get("cors") is cors and tctx.master.addons.get("quiet") is bundle.parts[0]
+        assert tctx.master.addons.get("proxyauth") is theirs and theirs is not mine
+        tctx.master.addons.remove(bundle)
+        assert tctx.master.addons.get("cors") is None and tctx.master.addons.get("quiet") is None
+        assert tctx.master.addons.get("proxyauth") is theirs
+        tctx.master.addons.add(Bundle(Cors(), name="coze-mitm"))  # the reloaded script's bundle names its own
+        assert isinstance(tctx.master.addons.get("cors"), Cors) and tctx.master.addons.get("cors") is not cors

@@ -95,7 +95,7 @@ def test_never_mapped_to_a_real_coze(addons, caplog):
     f = request(SANDBOX_HOST, "/v3/chat", "POST")
     demo.request(f)
     assert f.response.status_code == 503
-    assert "python run_mitm.py --demo" in f.response.get_text()
+    assert "python3 run_mitm.py --demo" in f.response.get_text()
     assert f.request.host == SANDBOX_HOST
     page = request("coze.mitm", "/demo")
     demo.request(page)
@@ -190,7 +190,7 @@ def test_status_page_in_the_demo_says_what_is_true_there(addons):
     assert DEFAULT_BOT_ID in page and "the sandbox's bot" in page
     tctx.options.coze_launcher = "run_mitm.py"
     page = status_page(status)
-    assert "python run_mitm.py --demo --origins https://your.page" in page and "--bot-id &lt;bot id&gt;" in page
+    assert "python3 run_mitm.py --demo --origins https://your.page" in page and "--bot-id &lt;bot id&gt;" in page
     tctx.options.coze_origins = "http://coze.mitm,http://127.0.0.1:38090"
     page = status_page(status)
     assert "Install userscript" in page and 'data-needed="false"' in page

@@ -242,3 +242,40 @@ def test_with_mitmproxys_flow_lines_only_what_they_cannot_say(caplog):
         run_request(hooks, again)
         finish(hooks, again)
         assert len(lines(caplog)) == 1 and lines(caplog)[0].startswith("coze-mitm: injected")
+
+
+# --------------------------------------------------------------------------- in a real mitmdump, as run_mitm.py runs it
+
+def test_mitmdump_prints_the_line_in_its_own_format(mitmdump, config_file, standin):
+    """With coze_quiet and flow_detail=0 (run_mitm.py's settings) the line is printed by the part itself, in the
+    format mitmproxy's terminal log uses ("[HH:MM:SS.mmm] coze-mitm: ..."), once per flow; refusals still go
+    through the log."""
+    import re
+    import time
+
+    from tests.clients import session, tagged
+
+    proxy = mitmdump(f"coze_config={config_file}", f"coze_origins={PAGE}", "coze_quiet=true", "flow_detail=0")
+    s = session(proxy)
+    api = standin.base_url
+    assert s.get(f"{api}/v1/bots/7001", headers=tagged("1732000000000-AAAAAAAAAAAAAAAAAAAAAA"), timeout=30).ok
+    refused = s.get(f"{api}/v1/bots/7001", headers=tagged("1732000000000-AAAAAAAAAAAAAAAAAAAAAA",
+                                                            origin="https://evil.example"), timeout=30)
+    assert refused.status_code == 403
+    injected = re.compile(r"^\[\d\d:\d\d:\d\d\.\d{3}\] coze-mitm: injected GET 127\.0\.0\.1/v1/bots/7001 for user "
+                          r"1732…AAAA -> 200$", re.M)
+    deadline = time.monotonic() + 30
+    while not (injected.search(proxy.output) and "coze-mitm: refused" in proxy.output) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(injected.findall(proxy.output)) == 1, proxy.output[-2000:]
+    assert "coze-mitm: refused GET 127.0.0.1/v1/bots/7001 (origin-not-allowed) -> 403" in proxy.output
+
+
+def test_the_printed_line_follows_mitmdumps_verbosity():
+    from types import SimpleNamespace
+
+    from coze_mitm.parts.flowlog import prints_info
+
+    assert prints_info(SimpleNamespace(termlog_verbosity="info")) and prints_info(SimpleNamespace())
+    assert not prints_info(SimpleNamespace(termlog_verbosity="error"))  # mitmdump -q
+    assert not prints_info(SimpleNamespace(termlog_verbosity="warn"))

@@ -15,7 +15,7 @@ import statistics
 
 import pytest
 
-from tests.slapd import PASSWORDS, Slapd, Unavailable, dn_of
+from tests.slapd import CONTRACTOR_CN, CONTRACTOR_PW, PASSWORDS, SUFFIX, Slapd, Unavailable, dn_of
 from tests.test_team import PAGE, TAG_A, TAG_B, Client, body, tokens_of
 from tests.harness import Mitmdump
 
@@ -41,8 +41,9 @@ def slapd(tmp_path_factory):
 def ldap_proxy(tmp_path, slapd, config_file, standin):
     started = []
 
-    def start(*more: str, key: str = "cn") -> Mitmdump:
-        sets = [f"proxyauth={slapd.spec(key)}", f"coze_config={config_file}", f"coze_origins={PAGE}",
+    def start(*more: str, key: str = "cn", subtree: str | None = None) -> Mitmdump:
+        spec = slapd.spec(key) if subtree is None else slapd.spec(key, subtree=subtree)
+        sets = [f"proxyauth={spec}", f"coze_config={config_file}", f"coze_origins={PAGE}",
                 "connection_strategy=lazy", *more]
         proxy = Mitmdump(tmp_path / f"confdir{len(started)}", sets)
         proxy.confdir.mkdir()
@@ -103,6 +104,21 @@ def test_identity_attribute_uid(ldap_proxy, standin):
     proxy = ldap_proxy("coze_ldap_identity=uid")
     for name in ["Alice Liddell", "ａｌｉｃｅ"]:
         login(proxy, standin, name).chat("hello")
+    assert {e["session_name"] for e in standin.exchanges} == {"login:alice"}
+
+
+def test_uid_shared_by_two_entries_is_refused_not_merged(ldap_proxy, standin):
+    """Issue 25 item 5: carol in ou=people and a contractor in ou=contractors both have uid carol; with
+    coze_ldap_identity=uid they were one Coze user (one history, one budget). Each is refused, saying why."""
+    proxy = ldap_proxy("coze_ldap_identity=uid", subtree=SUFFIX)
+    for name, password in (("carol", PASSWORDS["carol"]), (CONTRACTOR_CN, CONTRACTOR_PW)):
+        r = login(proxy, standin, name, password).call("POST", "/v3/chat", json=body(TAG_A, "x", stream=False))
+        assert r.status_code == 403 and r.json()["code"] == 4101, (name, r.status_code, r.text)
+        msg = r.json()["msg"]
+        assert "more than one directory entry has the uid 'carol'" in msg and "coze_ldap_identity=dn" in msg, msg
+    assert standin.exchanges == []
+    # a uid only one entry has still works in the same directory
+    login(proxy, standin, "Alice Liddell").chat("hello")
     assert {e["session_name"] for e in standin.exchanges} == {"login:alice"}
 
 

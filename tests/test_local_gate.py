@@ -89,9 +89,12 @@ def test_server_connect_refuses_remote_clients_and_pins_names():
         data = _hook_data("10.0.0.9", "outside.test", 443)
         _run(gate.server_connect(data))
         assert data.server.error is None and data.server.address == ("192.0.2.7", 443)
-        # coze_allow_remote: the gate is off
+        # coze_allow_remote gives credentials, not this host (issue 25: it used to switch the gate off)
         tctx.configure(gate, coze_allow_remote=True)
         data = _hook_data("10.0.0.9", "127.0.0.2")
+        _run(gate.server_connect(data))
+        assert "not this host" in (data.server.error or "")
+        data = _hook_data("10.0.0.9", "192.0.2.1")
         assert gate.server_connect(data) is None and data.server.error is None
     destinations.clear_caches()
 
@@ -224,3 +227,150 @@ def test_the_pac_file_needs_no_login(mitmdump, config_file, htpasswd):
     assert pac_file.startswith(b"HTTP/1.1 200") and b"FindProxyForURL" in pac_file, pac_file[:300]
     page, _ = _exchange(proxy.port, b"GET http://coze.mitm/status.json HTTP/1.1\r\nHost: coze.mitm\r\n\r\n")
     assert page.startswith(b"HTTP/1.1 407"), page[:200]
+
+
+# ------------------------------------------------------------------ fails closed (issue 25)
+
+
+def test_the_gate_fails_closed(monkeypatch):
+    """A part whose job is to refuse refuses when it raises: the bundle logs a part's exception and goes on with
+    the next parts, so a gate that raised used to let a remote client through to coze.mitm's pages (the status
+    part serves any flow without an answer) and to this host's loopback services."""
+    from mitmproxy.test import tflow
+
+    from coze_mitm.bundle import Bundle
+    from coze_mitm.parts import local_gate
+
+    seen = []
+
+    class Later:  # stands for the parts after the gate (demo, status): they serve flows nobody answered
+        def requestheaders(self, flow):
+            seen.append(flow.response is None)
+
+    gate = LocalGate()
+    bundle = Bundle(gate, Later())
+
+    def broken(*args):
+        raise RuntimeError("a bug in a check")
+
+    with taddons.context(OptionsOnly(), gate) as tctx:
+        tctx.configure(gate, coze_allow_remote=False)
+        monkeypatch.setattr(local_gate, "is_loopback", broken)
+        for url in ("http://coze.mitm/status.json", "http://127.0.0.1:8790/v1/bots/7000"):
+            flow = tflow.tflow()
+            flow.client_conn.peername = ("10.0.0.9", 50000)
+            flow.request.url = url
+            _run(bundle.requestheaders(flow))
+            assert flow.response is not None and flow.response.status_code == 502, url
+            assert b"local gate failed" in flow.response.content and b"a bug" not in flow.response.content
+            assert seen[-1] is False, url  # the later parts saw an answered flow
+        data = _hook_data("10.0.0.9", "127.0.0.1", 22)
+        _run(bundle.server_connect(data))
+        assert "local gate failed" in (data.server.error or "")
+        # an exception while resolving (not one of the resolver's own errors) refuses too
+        monkeypatch.setattr(local_gate, "is_loopback", lambda host: False)
+
+        async def resolver_bug(host, port):
+            raise RuntimeError("resolver bug")
+
+        monkeypatch.setattr(destinations, "resolve", resolver_bug)
+        data = _hook_data("10.0.0.9", "somewhere.test", 80)
+        _run(gate.server_connect(data))
+        assert "local gate failed" in (data.server.error or "")
+        flow = tflow.tflow()
+        flow.client_conn.peername = ("10.0.0.9", 50000)
+        flow.request.url = "http://somewhere.test/"
+        _run(gate.requestheaders(flow))
+        assert flow.response is not None and flow.response.status_code == 502
+    destinations.clear_caches()
+
+
+def test_own_addresses_with_and_without_zones():
+    """Issue 25: the own-address test bound `fe80::<own>%<iface>` as a string, Python dropped the zone, the bind
+    failed and the address counted as "not own". And link-local addresses (cloud metadata) were not refused."""
+    import json as _json
+    import shutil
+
+    assert destinations.why_forbidden("169.254.169.254").startswith("link-local")
+    assert destinations.why_forbidden("[::ffff:169.254.169.254]").startswith("link-local")
+    assert destinations.why_forbidden("fe80::1234%99999").startswith("link-local")  # no such interface
+    assert destinations.is_self("169.254.169.254") is None  # link-local, not this host
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2's `ip` is not installed: cannot list this host's link-local addresses")
+    links = _json.loads(subprocess.run(["ip", "-j", "addr"], capture_output=True, text=True, timeout=10).stdout or "[]")
+    found = [(info["local"], link["ifname"], link["ifindex"]) for link in links for info in link.get("addr_info", [])
+             if info["local"].lower().startswith("fe80:") and not info.get("tentative")]
+    if not found:
+        pytest.skip("this host has no IPv6 link-local address")
+    for address, ifname, ifindex in found:
+        for spelling in (f"{address}%{ifname}", f"[{address}%{ifname}]", f"{address}%{ifindex}", f"[{address}]"):
+            assert destinations.why_forbidden(spelling) == "this host's address", spelling
+            assert destinations.is_self(spelling) == "this host's address", spelling
+
+
+def test_the_pac_file_without_a_login_names_no_origin(mitmdump, config_file, htpasswd):
+    """Issue 25: the PAC served despite proxyauth listed the team's intranet origins to anyone who asked. Without a
+    login it names none of them (and routes the same); after the login (http://coze.mitm/proxy.pac through the
+    proxy) the plain file."""
+    import json as _json
+    import shutil
+
+    intranet = "https://wiki.intranet.corp.example:8443"
+    proxy = mitmdump(f"coze_config={config_file}", f"proxyauth=@{htpasswd}", f"coze_origins={intranet}")
+    anonymous, _ = _exchange(proxy.port, f"GET /proxy.pac HTTP/1.1\r\nHost: 127.0.0.1:{proxy.port}\r\n\r\n".encode())
+    assert anonymous.startswith(b"HTTP/1.1 200") and b"FindProxyForURL" in anonymous, anonymous[:300]
+    assert b"intranet" not in anonymous and b"corp.example" not in anonymous
+    logged_in, _ = _exchange(proxy.port, (f"GET http://coze.mitm/proxy.pac HTTP/1.1\r\nHost: coze.mitm\r\n"
+                                          f"Proxy-Authorization: {basic('alice', 'pw-alice')}\r\n\r\n").encode())
+    assert logged_in.startswith(b"HTTP/1.1 200") and b"wiki.intranet.corp.example 8443" in logged_in, logged_in[:300]
+    if shutil.which("node"):
+        body = anonymous.partition(b"\r\n\r\n")[2].decode()
+        program = body + "\nprocess.stdout.write(JSON.stringify([FindProxyForURL('" + intranet + "/x', " \
+            "'wiki.intranet.corp.example'), FindProxyForURL('https://example.org/', 'example.org')]));\n"
+        out = subprocess.run(["node", "-e", program], capture_output=True, text=True, timeout=30)
+        assert _json.loads(out.stdout) == [f"PROXY 127.0.0.1:{proxy.port}", "DIRECT"], out.stderr
+
+
+@pytest.mark.parametrize("allow_remote", [False, True])
+def test_names_resolving_to_the_link_are_refused(allow_remote):
+    """A name that resolves to a link-local address (the metadata service, an IPv6 one with its zone) is refused
+    for a client on another machine, with or without coze_allow_remote (issue 25)."""
+    from mitmproxy.test import tflow
+
+    gate = LocalGate()
+    cases = {"metadata.test": "169.254.169.254", "link6.test": "fe80::1%1", "mapped.test": "::ffff:169.254.1.1"}
+    with taddons.context(OptionsOnly(), gate) as tctx:
+        tctx.configure(gate, coze_allow_remote=allow_remote)
+        for name, address in cases.items():
+            destinations._names[(name, 80)] = ((address,), time.monotonic() + 60)
+            data = _hook_data("10.0.0.9", name, 80)
+            _run(gate.server_connect(data))
+            assert f"resolves to {address}" in (data.server.error or ""), (name, data.server.error)
+            flow = tflow.tflow()
+            flow.client_conn.peername = ("10.0.0.9", 50000)
+            flow.request.url = f"http://{name}/latest/meta-data"
+            _run(gate.requestheaders(flow))
+            assert flow.response is not None and flow.response.status_code == 403, name
+            assert f"resolves to {address}" in flow.response.get_text()
+    destinations.clear_caches()
+
+
+def test_self_loop_checks_follow_the_mode():
+    """The proxy's own port at 127.1 is answered 508 for a local client in regular mode; in upstream mode the
+    request goes to the upstream proxy, which the spelling cannot turn into this proxy: left alone."""
+    from mitmproxy.proxy import mode_specs
+    from mitmproxy.test import tflow
+
+    gate = LocalGate()
+    with taddons.context(OptionsOnly(), gate) as tctx:
+        tctx.configure(gate, coze_allow_remote=False, listen_port=8080)
+        for mode, answered in (("regular", True), ("upstream:http://192.0.2.9:3128", False)):
+            flow = tflow.tflow()
+            flow.client_conn.peername = ("127.0.0.1", 50000)
+            flow.client_conn.proxy_mode = mode_specs.ProxyMode.parse(mode)
+            flow.request.url = "http://127.1:8080/v1/bots/7000"
+            _run(gate.requestheaders(flow))
+            assert (flow.response is not None) == answered, mode
+            if answered:
+                assert flow.response.status_code == 508 and b"this proxy itself" in flow.response.content
+    destinations.clear_caches()

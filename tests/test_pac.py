@@ -80,6 +80,34 @@ class TestRender:
         assert "; DIRECT" not in self.TEXT.replace("no \"; DIRECT\"", "")
         self.TEXT.encode("ascii")
 
+    @needs_node
+    def test_the_file_without_a_login_names_no_origin_and_routes_the_same(self):
+        """Issue 25: served despite proxyauth, the file listed the team's (intranet) origins to anyone. Salted,
+        it names none of them and gives the browser the same answers."""
+        origins = ["https://api.coze.cn", "wss://ws.coze.cn", "https://chat.example.org", "http://localhost:3000",
+                   "http://[::1]:8790", "https://wiki.intranet.corp.example:8443"]
+        hosts = ["coze.mitm", "mitm.it", "sandbox.coze.mitm"]
+        plain = pac.render("127.0.0.1:8080", hosts, origins)
+        private = pac.render("127.0.0.1:8080", hosts, origins, salt="0123456789abcdef")
+        for name in ("api.coze.cn", "ws.coze.cn", "chat.example.org", "localhost", "::1", "8790", "intranet", "corp"):
+            assert name not in private, name
+        cases = [("https://api.coze.cn/", "api.coze.cn"), ("https://API.Coze.CN./v3/chat", "API.Coze.CN."),
+                 ("wss://ws.coze.cn/v1/chat", "ws.coze.cn"), ("https://chat.example.org/", "chat.example.org"),
+                 ("http://localhost:3000/x", "localhost"), ("http://[::1]:8790/v3/chat", "[::1]"),
+                 ("https://wiki.intranet.corp.example:8443/a", "wiki.intranet.corp.example"),
+                 ("https://wiki.intranet.corp.example/", "wiki.intranet.corp.example"),
+                 ("http://coze.mitm/", "coze.mitm"), ("http://api.coze.cn/", "api.coze.cn"),
+                 ("https://example.org/", "example.org"), ("http://localhost:3001/", "localhost"),
+                 ("https://chat.example.org:8443/", "chat.example.org")]
+        assert find_proxy(private, cases) == find_proxy(plain, cases)
+        assert find_proxy(private, cases).count("DIRECT") == 5
+        # the digest the JavaScript computes is SHA-256 (checked against hashlib, a non-ASCII and a 2-block text too)
+        texts = ["", "abc", "a" * 100, "b\u00fccher.example 443"]
+        program = private + "\nprocess.stdout.write(JSON.stringify(" + json.dumps(texts) + ".map(cozeDigest)));\n"
+        out = subprocess.run(["node", "-e", program], capture_output=True, text=True, timeout=30)
+        import hashlib
+        assert json.loads(out.stdout) == [hashlib.sha256(t.encode()).hexdigest() for t in texts]
+
     @pytest.mark.parametrize("proxy", ["", "127.0.0.1", "a b:8080", 'x";alert(1);":80', "host:80\n", "[::1]:8080x"])
     def test_odd_proxy_addresses_refused(self, proxy):
         with pytest.raises(ValueError):

@@ -114,6 +114,58 @@ def test_check_names_the_line_too(tmp_path, config_file, standin):
         assert "cannot verify" not in result.stderr
 
 
+# --------------------------------------------------------------------------- hashes mitmproxy takes for passwords
+
+# Hashes of schemes neither mitmproxy reads (issue 25 item 3): mitmproxy 11.0.2's passlib takes them for plain-text
+# passwords, so the hash string itself logged in (HTTP 200); mitmproxy 12 refuses the whole file, naming no line.
+FOREIGN = {"bob": "{SSHA}x0rmB5ZhRPcKUR5vR+1HXsBmbY3bcnZz",
+           "eve": "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$8tGGy1gp3jz8Ufp9z3Lx9Q"}
+
+
+def foreign_htpasswd(path: Path) -> Path:
+    make_htpasswd(path, users=(("alice", "-B"),))
+    with path.open("a") as f:
+        for user, pwhash in FOREIGN.items():
+            f.write(f"{user}:{pwhash}\n")
+    return path
+
+
+def assert_names_the_foreign_lines(text: str, path: Path) -> None:
+    text = text.replace("\n  ", " ")
+    assert f"{path} line 2 (user 'bob')" in text and "salted SHA-1 {SSHA}" in text, text
+    assert f"{path} line 3 (user 'eve')" in text and "argon2" in text, text
+    assert f"htpasswd -B {path} bob" in text and f"htpasswd -B {path} eve" in text, text
+    assert "line 1" not in text  # alice's bcrypt line is fine
+
+
+@needs_htpasswd
+def test_plain_mitmdump_refuses_a_hash_it_would_take_for_a_password(tmp_path, config_file):
+    path = foreign_htpasswd(tmp_path / "team.htpasswd")
+    sets = [f"proxyauth=@{path}", f"coze_config={config_file}", "coze_origins=https://chat.example.org"]
+    proxy = Mitmdump(tmp_path, sets)
+    assert proxy.run_to_exit() != 0, proxy.output
+    assert "listening" not in proxy.output and "Traceback" not in proxy.output, proxy.output
+    if MITMPROXY_12:
+        # mitmproxy 12 reads the file before any script loads, and refuses it whole: no hash logs in
+        assert "Could not open htpasswd file" in proxy.output, proxy.output
+    else:
+        assert_names_the_foreign_lines(proxy.output, path)
+        assert TEXT_IS_PASSWORD_SAID in proxy.output
+
+
+TEXT_IS_PASSWORD_SAID = "so that text itself logs in"
+
+
+@needs_htpasswd
+def test_launcher_refuses_a_hash_mitmproxy_would_take_for_a_password(tmp_path):
+    path = foreign_htpasswd(tmp_path / "team.htpasswd")
+    result = run("--demo", "--port", "0", "--proxyauth", f"@{path}", cwd=tmp_path)  # a free port if it did start
+    assert result.returncode == 2, result.stdout + result.stderr
+    (error,) = messages(result.stderr)
+    assert_names_the_foreign_lines(error, path)
+    assert "listening" not in result.stdout
+
+
 # --------------------------------------------------------------------------- secrets off the command line
 
 SECRET = "s3cret-Pw-7d1f"

@@ -268,3 +268,185 @@ def test_allow_remote_pages_without_login_show_no_users(other_host, mitmdump, co
     users = set(re.findall(r'user="([^"]*)"', done.stdout))
     assert users == {"(all)"}, done.stdout
     assert ALICE[:6] not in done.stdout
+
+
+# ------------------------------------------------------------------ issue 25: this host and its link, whatever the login
+
+import http.server  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+HOST_LINK_LOCAL = "fe80::77:1"  # this host's own link-local address on the veth (the interface is the zone)
+METADATA = "169.254.169.254"  # a cloud's metadata service: here a server on the other side of the link
+
+
+class _HostService(http.server.ThreadingHTTPServer):
+    """A service of this host listening on every interface (`::`, IPv4 too), as many do."""
+    address_family = socket.AF_INET6
+    daemon_threads = True
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+class _Answer(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"code": 0, "msg": "a service of this host answered"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def host_service():
+    """The port of a service on this host listening on `::` (so on 127.0.0.1, ::1, the LAN and link-local
+    addresses too): what a client on the LAN must never reach through the proxy."""
+    server = _HostService(("::", 0), _Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def link(other_host):
+    """This host's link-local address on the veth (no duplicate detection: usable at once), and a "metadata
+    service" at 169.254.169.254:80 on the other side of the link (in the other host's namespace), reachable
+    from this host by a route. Yields the near interface's name (the zone)."""
+    near = f"cm{os.getpid()}a"
+    far = f"cm{os.getpid()}b"
+    for cmd in (("addr", "add", f"{HOST_LINK_LOCAL}/64", "dev", near, "nodad"),
+                ("-n", other_host, "addr", "add", f"{METADATA}/32", "dev", far),
+                ("route", "add", f"{METADATA}/32", "dev", near)):
+        done = _ip(*cmd)
+        if done.returncode != 0:
+            pytest.skip(f"cannot set up the link (`ip {' '.join(cmd)}`): {done.stderr.strip()}")
+    metadata = subprocess.Popen(
+        ["ip", "netns", "exec", other_host, sys.executable, "-c",
+         "import http.server, json\n"
+         "class H(http.server.BaseHTTPRequestHandler):\n"
+         "    def do_GET(self):\n"
+         "        body = json.dumps({'code': 0, 'msg': 'instance credentials'}).encode()\n"
+         "        self.send_response(200); self.send_header('Content-Length', str(len(body))); self.end_headers()\n"
+         "        self.wfile.write(body)\n"
+         "    def log_message(self, *a): pass\n"
+         f"http.server.HTTPServer(('{METADATA}', 80), H).serve_forever()\n"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:  # wait until this host reaches it (the route, the server listening)
+            try:
+                socket.create_connection((METADATA, 80), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or metadata.poll() is not None:
+                    pytest.skip("the metadata stand-in in the other namespace did not start")
+        yield near
+    finally:
+        metadata.kill()
+        metadata.wait()
+        _ip("route", "del", f"{METADATA}/32", "dev", near)
+        _ip("-n", other_host, "addr", "del", f"{METADATA}/32", "dev", far)
+        _ip("addr", "del", f"{HOST_LINK_LOCAL}/64", "dev", near)
+
+
+def _refused(answer: str, *, why: str | None = None) -> dict:
+    refusal = json_refusal(answer)
+    assert refusal["code"] == 4101, refusal
+    if why:
+        assert why in refusal["msg"], refusal
+    return refusal
+
+
+@pytest.mark.parametrize("sets", [[], ["coze_allow_remote=true"]], ids=["default", "allow-remote"])
+def test_remote_clients_reach_nothing_on_this_host_or_its_link(other_host, link, host_service, mitmdump,
+                                                                config_file, sets):
+    """Issue 25: `[fe80::<this host>%<iface>]:<port>` reached every service of this host listening on `::` (the
+    own-address test bound the address without its zone, which fails, so it counted as "not own"), and
+    169.254.169.254 (a cloud's metadata service) was relayed to; coze_allow_remote switched the gate off."""
+    proxy = mitmdump(f"coze_config={config_file}", *sets, extra_args=["--listen-host", ""])
+    port = host_service
+    targets = [f"[{HOST_LINK_LOCAL}%{link}]:{port}", f"[{HOST_LINK_LOCAL}]:{port}", f"{METADATA}:80",
+               f"[::ffff:{METADATA}]:80", f"169.254.1.1:{port}", f"[fe80::1%{link}]:{port}"]
+    if sets:  # with coze_allow_remote the loopback services too (the default refuses them: tests above)
+        targets += [f"127.0.0.1:{port}", f"[::1]:{port}", f"localhost:{port}", f"127.1:{port}", f"{HOST_ADDR}:{port}"]
+    for target in targets:
+        # CONNECT, then a request inside the tunnel
+        answers = remote_raw(other_host, proxy.port, [f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n",
+                                                      f"GET / HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"])
+        _refused(answers[0])
+        # absolute form
+        answer = remote_raw(other_host, proxy.port, [f"GET http://{target.replace('%', '%25')}/latest/meta-data HTTP/1.1\r\n"
+                                                     f"Host: {target}\r\nConnection: close\r\n\r\n"])[0]
+        assert "a service of this host" not in answer and "instance credentials" not in answer, (target, answer)
+        assert answer.startswith("HTTP/1.1 403") or answer.startswith("HTTP/1.1 400"), (target, answer[:300])
+        if answer.startswith("HTTP/1.1 403"):
+            _refused(answer)
+    # the same services are there: this machine reaches them directly
+    socket.create_connection((METADATA, 80), timeout=5).close()
+    socket.create_connection((f"{HOST_LINK_LOCAL}%{link}", port), timeout=5).close()
+
+
+def test_a_logged_in_remote_member_reaches_nothing_on_this_host(other_host, host_service, mitmdump, config_file, standin):
+    """Issue 25: with a proxy login and coze_allow_remote, any team member reached 127.0.0.1 / ::1 services of
+    the proxy host. The login gives Coze credentials, not this host; the configured Coze API (here a stand-in on
+    this host's loopback) stays reachable."""
+    proxy = mitmdump(f"coze_config={config_file}", "coze_allow_remote=true", "proxyauth=alice:pw-alice",
+                     extra_args=["--listen-host", ""])
+    login = "Basic " + __import__("base64").b64encode(b"alice:pw-alice").decode()
+    for target in (f"127.0.0.1:{host_service}", f"[::1]:{host_service}", f"localhost:{host_service}",
+                   f"{HOST_ADDR}:{host_service}"):
+        status, body = remote_get(other_host, proxy.port, f"http://{target}/", {"Proxy-Authorization": login})
+        assert (status, body["code"]) == (403, 4101) and "not this host" in body["msg"], (target, body)
+        answers = remote_raw(other_host, proxy.port, [f"CONNECT {target} HTTP/1.1\r\nProxy-Authorization: {login}\r\n\r\n"])
+        assert _refused(answers[0], why="not this host")
+    status, body = remote_get(other_host, proxy.port, f"{standin.base_url}/v1/bots/7000",
+                              {**tagged(ALICE, origin=None), "Proxy-Authorization": login})
+    assert (status, body["code"]) == (200, 0), body
+
+
+def test_a_self_connect_does_not_make_a_remote_client_local(other_host, mitmdump, config_file, standin):
+    """Issue 25: with coze_allow_remote and no login (--allow-anonymous), `CONNECT 127.0.0.2:<proxy port>` and a
+    first packet without a space made mitmproxy pass the tunnel through raw to itself: the inner request came
+    from 127.0.0.1 and was shown the per-user usage rows hidden from clients on other machines."""
+    proxy = mitmdump(f"coze_config={config_file}", "coze_allow_remote=true", "coze_usage_file=memory",
+                     extra_args=["--listen-host", ""])
+    chat = session(proxy).post(f"{standin.base_url}/v3/chat", headers=tagged(ALICE, origin=None),
+                               json={"bot_id": "7000", "user_id": ALICE, "stream": True,
+                                     "additional_messages": [{"role": "user", "content": "hi", "content_type": "text"}]})
+    assert chat.status_code == 200
+    assert session(proxy).get("http://coze.mitm/status.json").json()["users"]  # this machine sees them
+    for target in ("127.0.0.2", "127.0.0.1", HOST_ADDR, "0.0.0.0"):
+        answers = remote_raw(other_host, proxy.port, [
+            f"CONNECT {target}:{proxy.port} HTTP/1.1\r\n\r\n", "GET",
+            " http://coze.mitm/status.json HTTP/1.1\r\nHost: coze.mitm\r\nConnection: close\r\n\r\n"])
+        assert ALICE not in "".join(answers) and ALICE[:4] not in "".join(answers[1:]), (target, answers)
+        assert not answers[0].startswith("HTTP/1.1 200"), (target, answers)
+    # what the remote client is shown as itself: no user
+    status, remote = remote_get(other_host, proxy.port, "http://coze.mitm/status.json", {})
+    assert status == 200 and remote["users"] == [] and remote["usage"] == []
+
+
+@pytest.mark.parametrize("allow_remote", [False, True], ids=["default", "allow-remote"])
+def test_the_pac_file_names_nothing_private_to_a_remote_client_without_a_login(other_host, mitmdump, config_file,
+                                                                                allow_remote):
+    """Issue 25: the PAC (served despite proxyauth) listed the team's intranet origins to an unauthenticated LAN
+    host. A client that may not use the proxy at all (coze_allow_remote off) gets no file; one without a login
+    gets a file that names no origin."""
+    intranet = "https://wiki.intranet.corp.example:8443"
+    sets = [f"coze_config={config_file}", "proxyauth=alice:pw-alice", f"coze_origins={intranet}"]
+    proxy = mitmdump(*sets, *(["coze_allow_remote=true"] if allow_remote else []), extra_args=["--listen-host", ""])
+    answer = remote_raw(other_host, proxy.port, [f"GET /proxy.pac HTTP/1.1\r\nHost: {HOST_ADDR}:{proxy.port}\r\n"
+                                                 "Connection: close\r\n\r\n"])[0]
+    assert "intranet" not in answer and "corp.example" not in answer, answer
+    if allow_remote:
+        assert answer.startswith("HTTP/1.1 200") and "FindProxyForURL" in answer, answer[:300]
+        assert f"PROXY {HOST_ADDR}:{proxy.port}" in answer
+    else:
+        assert not answer.startswith("HTTP/1.1 200"), answer[:300]

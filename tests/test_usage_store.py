@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -133,6 +136,33 @@ class TestSqliteStore:
         book2.close()
         assert errors2 == []
         assert db_rows(path)[0] == ("alice-0001", utc_day(T0), 1, 121)
+
+    @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes (Windows: the profile's ACL, docs/portability.md)")
+    def test_file_owner_only_and_its_new_folder_too(self, tmp_path):
+        """Issue 25 item 5: the usage file (who chatted how much) was 0644 in a 0755 folder."""
+        old_umask = os.umask(0o022)  # what most shells have: files 0644, folders 0755 unless asked otherwise
+        try:
+            path = tmp_path / "made-here" / "deeper" / "u.sqlite"
+            book = UsageBook(store_at(path)[0], clock=Clock())
+            assert book.load() == ""
+            book.chat("alice-0001")
+            book.close()
+            for made in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+                if made.exists():
+                    assert stat.S_IMODE(made.stat().st_mode) == 0o600, made
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+            assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+            assert stat.S_IMODE(path.parent.parent.stat().st_mode) == 0o700
+            # a usage file left readable by an older version is made owner-only before it is read
+            old = tmp_path / "old.sqlite"
+            sqlite3.connect(str(old)).close()
+            old.chmod(0o644)
+            store, errors = store_at(old)
+            UsageBook(store, clock=Clock()).load()
+            store.close()
+            assert errors == [] and stat.S_IMODE(old.stat().st_mode) == 0o600
+        finally:
+            os.umask(old_umask)
 
     def test_restart_on_another_day(self, tmp_path):
         path = tmp_path / "u.sqlite"

@@ -303,7 +303,7 @@ const COZE_MITM_CONFIG = {
       case 'proxy':
         return 'This page does not go through the coze-mitm proxy, so the Coze chat was not loaded.\n' +
           'Set the browser\'s proxy to ' + (i.proxy || DEFAULT_PROXY) + ' (for HTTP and HTTPS, including the host coze.mitm), ' +
-          'start the proxy with "python run_mitm.py", trust the mitmproxy CA from http://mitm.it, then reload this page.' +
+          'start the proxy with "python3 run_mitm.py" (Windows: "py run_mitm.py"), trust the mitmproxy CA from http://mitm.it, then reload this page.' +
           (i.detail ? '\n(' + i.detail + ')' : '');
       case 'origin': {
         if (!i.origin || i.origin === 'null') {

@@ -16,10 +16,14 @@ What mitmproxy did per addon, done here per part:
 * a hook may return an awaitable (auth's `request` does when a token must be minted): it is awaited
   before the next part runs, and only then does the hook return one itself: the common path stays
   synchronous, with no coroutine per flow.
-* an exception in one part is logged ("Addon error", with the traceback, as mitmproxy would) and the
-  next parts still run: one failing part does not silently skip the others.
+* an exception in one part is logged ("Addon error", with the traceback) and the next parts still run, as
+  mitmproxy goes on with the next addon: a part whose job is to refuse answers before anything that can raise.
+
+* mitmproxy finds each part by name (`ctx.master.addons.get("cors")`) and its @command methods: the bundle
+  names its parts when it is loaded and takes the names back when it is done.
 
 The parts keep their hook methods, so each is tested on its own with mitmproxy.test.taddons.
+Why one object at all: `python bench/bundle_dispatch.py` (figures in docs/architecture.md).
 Never give this object an `addons` attribute: mitmproxy would register every part a second time.
 """
 
@@ -38,6 +42,11 @@ log = logging.getLogger("coze.bundle")
 
 LIFECYCLE = ("load", "configure", "running", "done")
 _PASS_THROUGH = (exceptions.AddonHalt, exceptions.OptionsError)  # what mitmproxy's own safecall lets through
+
+
+def part_name(part) -> str:
+    """The name mitmproxy gives an addon: its `name`, or its class name in lower case."""
+    return getattr(part, "name", type(part).__name__.lower())
 
 
 def handler_of(part, name: str):
@@ -64,6 +73,46 @@ class Bundle:
                 setattr(self, hook, handlers[0])
             else:
                 setattr(self, hook, _in_order(hook, handlers))
+
+        # mitmproxy finds an addon by name (`ctx.master.addons.get("cors")`) and collects its @command methods
+        # when it registers it; it registers only the bundle, so the bundle names its parts itself once they
+        # are loaded, and takes the names back before they are done (a reload's new bundle names its own).
+        parts_load, parts_done = getattr(self, "load", None), getattr(self, "done", None)
+        self._published: list[str] = []
+
+        def load(loader):
+            if parts_load is not None:
+                parts_load(loader)
+            self._publish(loader.master)
+
+        def done():
+            self._unpublish()
+            return parts_done() if parts_done is not None else None
+
+        self.load, self.done = load, done
+
+    def _publish(self, master) -> None:
+        lookup = master.addons.lookup
+        for part in self.parts:
+            name = part_name(part)
+            if name in lookup:
+                continue  # a name mitmproxy or another addon holds keeps its owner
+            lookup[name] = part
+            self._published.append(name)
+            master.commands.collect_commands(part)
+
+    def _unpublish(self) -> None:
+        try:
+            from mitmproxy import ctx
+
+            lookup = ctx.master.addons.lookup
+        except AttributeError:  # no master (a bare bundle in a test)
+            return
+        parts = {part_name(p): p for p in self.parts}
+        for name in self._published:
+            if lookup.get(name) is parts[name]:
+                del lookup[name]
+        self._published.clear()
 
     def hooks(self) -> dict:
         """Every hook this bundle has, by name."""

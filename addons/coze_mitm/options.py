@@ -79,7 +79,8 @@ def declare(loader) -> None:
     loader.add_option(
         "coze_allow_remote", bool, False,
         "Give Coze credentials to tagged requests from clients on other machines too. Off: they get a "
-        "local 403, because anyone who reaches the proxy could spend your Coze quota as any user.",
+        "local 403, because anyone who reaches the proxy could spend your Coze quota as any user. On or off, "
+        "they never reach this host's own services or link-local addresses through the proxy.",
     )
     loader.add_option("coze_token_ttl", int, 900, "Lifetime asked of Coze for each access token, in seconds (60-86399).")
     loader.add_option("coze_exchange_timeout", int, 10, "Seconds to wait for Coze's token endpoint (1-120).")
@@ -106,6 +107,14 @@ def declare(loader) -> None:
         "font-src https://fonts.example\" (fetch directives and plain sources only).",
     )
 
+    # read by parts/inject.py
+    loader.add_option(
+        "coze_inject", bool, False,
+        "Add the userscript's loader to the HTML pages of coze_origins (allowed by their Content-Security-Policy "
+        "through its hash), so the chat appears in a browser without a userscript manager; the user id is kept in "
+        "the page origin's localStorage. It stands down where the userscript runs. run_mitm.py --browser turns it on.",
+    )
+
     # read by parts/login.py
     loader.add_option(
         "coze_ldap_identity", str, "dn",
@@ -118,7 +127,7 @@ def declare(loader) -> None:
     loader.add_option(
         "coze_demo", bool, False,
         "Serve the demo chat page at http://coze.mitm/demo; its API http://sandbox.coze.mitm is mapped "
-        "to the configured Coze API when that is a local sandbox (python run_mitm.py --demo sets this up).",
+        "to the configured Coze API when that is a local sandbox (python3 run_mitm.py --demo sets this up).",
     )
 
     # read by parts/status.py

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -20,6 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 REPO_ROOT = Path(__file__).resolve().parents[3]  # addons/coze_mitm/core/config.py
 DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "coze_oauth_config.json"
 DEFAULT_API_BASE = "https://api.coze.cn"
+
+# How a hint names Python: Debian and macOS have no `python` command, Windows has the `py` launcher.
+PYTHON = "py" if os.name == "nt" else "python3"
+DEMO_HINT = f"no Coze account yet? {PYTHON} run_mitm.py --demo shows coze-mitm working with a local sandbox"
 
 # "server" is what older console downloads call the same JWT app.
 JWT_CLIENT_TYPES = ("jwt", "server")
@@ -175,8 +180,11 @@ def parse_oauth_config(text: str, path: str = "<config>") -> OAuthApp:
     if not isinstance(api_base, str):
         raise ConfigError(f"{path}: coze_api_base must be a string such as https://api.coze.cn")
     parse_api_origin(api_base, f"{path}: coze_api_base")
-    # Older console files name the web base coze_domain; nothing here needs it beyond display.
+    # Older console files name the web base coze_domain; nothing here needs it beyond display, and the check below.
     www_base = data.get("coze_www_base") or data.get("coze_domain") or ""
+    problem = region_problem(str(www_base), api_base)
+    if problem:
+        raise ConfigError(f"{path}: {problem}")
     return OAuthApp(
         client_id=client_id,
         public_key_id=public_key_id,
@@ -187,6 +195,26 @@ def parse_oauth_config(text: str, path: str = "<config>") -> OAuthApp:
     )
 
 
+# Coze's two services: an OAuth app made on one is unknown to the other's API (its token exchange fails).
+REGIONS = {"coze.cn": "coze.cn (China)", "coze.com": "coze.com (international)"}
+
+
+def region_of(url: str) -> str | None:
+    """"coze.cn" or "coze.com" for a URL on one of Coze's services, else None (a self-hosted or local base)."""
+    host = (urllib.parse.urlsplit(url.strip()).hostname or "").lower().rstrip(".")
+    return next((r for r in REGIONS if host == r or host.endswith("." + r)), None)
+
+
+def region_problem(www_base: str, api_base: str) -> str | None:
+    """Why a config's web base and API base cannot belong to one app: one is coze.cn, the other coze.com."""
+    www, api = region_of(www_base), region_of(api_base)
+    if www is None or api is None or www == api:
+        return None
+    return (f"coze_www_base {www_base} is {REGIONS[www]} but coze_api_base {api_base} is {REGIONS[api]}: an OAuth "
+            f"app exists on one of them only, and Coze's other service refuses its tokens; set coze_api_base to "
+            f"https://api.{www} (the app was made on {www}), or download the config of an app made on {api}")
+
+
 def load_oauth_config(path: str | os.PathLike) -> OAuthApp:
     path = str(path)
     try:
@@ -194,7 +222,8 @@ def load_oauth_config(path: str | os.PathLike) -> OAuthApp:
     except FileNotFoundError:
         raise ConfigError(
             f"OAuth config not found at {path}: {WHERE_TO_GET_IT}, and save it there "
-            f"(or pass --set coze_config=PATH; for a personal access token use --set coze_pat=... instead)"
+            f"(or pass --set coze_config=PATH; for a personal access token use --set coze_pat=... instead); "
+            f"{DEMO_HINT}"
         ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read OAuth config {path}: {e}; check the path and its permissions") from None

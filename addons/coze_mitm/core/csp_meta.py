@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import html
 import re
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from coze_mitm.core.csp_policy import patch_header_value
 
@@ -45,13 +45,16 @@ def meta_policies(document: str) -> list[str]:
     return [policy for *_, policy in _csp_meta_tags(document)]
 
 
-def patch_meta_tags(document: str, needs: Mapping[str, Iterable[str]]) -> tuple[str, list[str]]:
-    """Patch the <meta http-equiv="Content-Security-Policy" content="..."> tags in the document head."""
+def patch_meta_tags(document: str, needs: Mapping[str, Iterable[str]],
+                    patch: Callable[[str], tuple[str, list[str]]] | None = None) -> tuple[str, list[str]]:
+    """Patch the <meta http-equiv="Content-Security-Policy" content="..."> tags in the document head: with
+    `needs` by csp_policy's rules, or with `patch` (policy -> (new policy, directives changed)) when given."""
+    patch = patch or (lambda policy: patch_header_value(policy, needs))
     pieces: list[str] = []
     pos = 0
     changed: list[str] = []
     for start, stop, attr, policy in _csp_meta_tags(document):
-        new, names = patch_header_value(policy, needs)
+        new, names = patch(policy)
         if not names:
             continue
         pieces.append(document[pos:start])

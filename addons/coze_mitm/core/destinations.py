@@ -1,10 +1,15 @@
-"""Which destinations lead back to this machine: loopback, "unspecified" and this host's own addresses.
+"""Which destinations lead back to this machine (loopback, "unspecified", this host's own addresses) or to
+its link (link-local: 169.254.0.0/16, where clouds answer their metadata service, and fe80::/10).
 
-No mitmproxy import (parts/local_gate.py asks these questions for clients on other machines).
+No mitmproxy import (parts/local_gate.py asks these questions for clients on other machines, and asks
+`is_self` for every client whose destination port is one the proxy listens on).
 
 This host's own addresses are found by asking the operating system to bind a throwaway socket to the
 address (port 0, closed at once): only an address of this host can be bound (EADDRNOTAVAIL otherwise) on
-Linux, macOS and Windows alike, with no interface listing (the standard library has none that is portable;
+Linux, macOS and Windows alike (an IPv6 address with a zone, `fe80::1%eth0`, is bound with the zone as the
+scope id: Python drops a zone written in the string, and the bind of a link-local address without its
+scope id fails, which made such an address look "not own"; a link-local address without a zone is tried
+on every interface), with no interface listing (the standard library has none that is portable;
 `getaddrinfo(gethostname())` misses addresses the host name does not resolve to, e.g. a second NIC or a
 veth). Two known over-approximations, both on the refusing side: with Linux's `net.ipv4.ip_nonlocal_bind=1`
 (or `net.ipv6.ip_nonlocal_bind=1`) every address binds, so every destination counts as own; broadcast
@@ -25,6 +30,7 @@ RESOLVE_TIMEOUT = 3.0  # seconds; a name that does not resolve in time is refuse
 _MAX_CACHE = 4096
 
 _ZERO_NET = ipaddress.ip_network("0.0.0.0/8")  # "this network": 0.0.0.0 reaches this host on Linux and macOS
+_LINK_LOCAL = "link-local (169.254.0.0/16, fe80::/10: this host's own link, where clouds answer their metadata service)"
 
 _own: dict[str, tuple[bool, float]] = {}
 _names: dict[tuple[str, int], tuple[tuple[str, ...], float]] = {}
@@ -42,9 +48,14 @@ def literal(host: str):
     return address
 
 
-def why_forbidden(host: str) -> str | None:
-    """For an IP address: why a client on another machine may not be relayed there ("loopback",
-    "unspecified", "this host's address"), or None. A name (not an IP) returns None: resolve it first."""
+def zone(host: str) -> str:
+    """The IPv6 zone of `host` (`fe80::1%eth0` -> "eth0"), or ""."""
+    return host.strip("[]").partition("%")[2]
+
+
+def is_self(host: str) -> str | None:
+    """For an IP address: why it is this machine ("loopback", "unspecified", "this host's address"), or None.
+    A name (not an IP) returns None, except `localhost` in any spelling: resolve it first."""
     address = literal(host)
     if address is None:
         return "loopback" if host.strip().rstrip(".").lower() == "localhost" else None
@@ -52,29 +63,71 @@ def why_forbidden(host: str) -> str | None:
         return "loopback"
     if address.is_unspecified or (address.version == 4 and address in _ZERO_NET):
         return "unspecified"
-    if is_own(host.strip("[]") if address.version == 6 else str(address)):
+    text = str(address)
+    if address.version == 6 and zone(host):
+        text = f"{text}%{zone(host)}"
+    if is_own(text):
         return "this host's address"
     return None
 
 
-def is_own(address: str) -> bool:
-    """Can a socket be bound to `address` here, i.e. is it one of this host's addresses? (cached)"""
-    now = time.monotonic()
-    hit = _own.get(address)
-    if hit is not None and hit[1] > now:
-        return hit[0]
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+def why_forbidden(host: str) -> str | None:
+    """For an IP address: why a client on another machine may not be relayed there (this machine, see
+    `is_self`, or "link-local ..."), or None. A name (not an IP) returns None: resolve it first."""
+    why = is_self(host)
+    if why is not None:
+        return why
+    address = literal(host)
+    if address is not None and address.is_link_local:
+        return _LINK_LOCAL
+    return None
+
+
+def _scope_ids(address: str) -> list[int]:
+    """The scope ids to bind an IPv6 address with: its zone's (name or number), else 0 and, for a link-local
+    address (which binds only with one), every interface's."""
+    text, _, zone_text = address.partition("%")
+    if zone_text:
+        if zone_text.isdigit():
+            return [int(zone_text)]
+        try:
+            return [socket.if_nametoindex(zone_text)]
+        except (OSError, AttributeError):
+            return []  # no such interface: no own address there
+    if not ipaddress.ip_address(text).is_link_local:
+        return [0]
+    try:
+        return [index for index, _name in socket.if_nameindex()]
+    except (OSError, AttributeError):
+        return [0]
+
+
+def _binds(family: int, sockaddr: tuple) -> bool:
     try:
         probe = socket.socket(family, socket.SOCK_STREAM)
     except OSError:
         return False  # no IPv6 here: no own IPv6 address either
     try:
-        probe.bind((address, 0))
-        own = True
+        probe.bind(sockaddr)
+        return True
     except OSError:
-        own = False
+        return False
     finally:
         probe.close()
+
+
+def is_own(address: str) -> bool:
+    """Can a socket be bound to `address` here, i.e. is it one of this host's addresses? (cached)
+    `address`: an IP address as text; an IPv6 one may carry a zone (`fe80::1%eth0`)."""
+    now = time.monotonic()
+    hit = _own.get(address)
+    if hit is not None and hit[1] > now:
+        return hit[0]
+    if ":" in address:
+        text = address.partition("%")[0]
+        own = any(_binds(socket.AF_INET6, (text, 0, 0, scope)) for scope in _scope_ids(address))
+    else:
+        own = _binds(socket.AF_INET, (address, 0))
     if len(_own) >= _MAX_CACHE:
         _own.clear()
     _own[address] = (own, now + OWN_TTL)

@@ -133,7 +133,27 @@ class Directory:
             raise DirectoryError(f"the directory's {self.identity} of this login is binary; use dn or uid")
         if not values:
             raise DirectoryError(f"the directory entry of this login has no {self.identity}")
+        self._require_unique(conn, str(values))
         return str(values)
+
+    def _require_unique(self, conn: ldap3.Connection, value: str) -> None:
+        """An attribute identity must name one entry: two entries sharing a uid (say in two OUs) would
+        otherwise be one Coze user, each reading the other's conversations and spending one budget."""
+        key = f"({self.identity}={ldap3.utils.conv.escape_filter_chars(value)})"
+        try:
+            conn.search(self.settings.subtree, key, attributes=[], size_limit=2)
+            found = [r for r in (conn.response or []) if r.get("type") == "searchResEntry"]
+        except ldap3.core.exceptions.LDAPSizeLimitExceededResult:
+            found = [None, None]
+        except ldap3.core.exceptions.LDAPException as e:
+            self._drop()
+            raise DirectoryError(f"the LDAP directory {self.settings.host} could not be searched "
+                                 f"({type(e).__name__})", unreachable=True) from None
+        if len(found) > 1:
+            raise DirectoryError(
+                f"more than one directory entry has the {self.identity} {value!r} of this login, so "
+                f"coze_ldap_identity={self.identity} cannot tell them apart (they would share one Coze user); "
+                "set coze_ldap_identity=dn (the default) or an attribute unique to each entry")
 
     def close(self) -> None:
         self._closed = True

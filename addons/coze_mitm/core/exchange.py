@@ -20,11 +20,11 @@ from typing import Callable
 
 import jwt
 import requests
-import requests.adapters
 import urllib3
 
 from coze_mitm.core.bounded import decoded_prefix
 from coze_mitm.core.config import OAuthApp
+from coze_mitm.core.outbound import DIRECT, Outbound, SessionSource
 
 log = logging.getLogger("coze.tokens")
 
@@ -129,7 +129,7 @@ class CozeTokenExchange:
     """Mint a JWT for one session_name and exchange it for an access token (blocking: run it in a thread)."""
 
     def __init__(self, app: OAuthApp, duration_seconds: int = 900, timeout: float = 10.0,
-                 clock: Callable[[], float] = time.time, verify: bool | str = True):
+                 clock: Callable[[], float] = time.time, outbound: Callable[[], Outbound] = lambda: DIRECT):
         self.app = app
         self.duration_seconds = duration_seconds
         self.timeout = timeout
@@ -137,12 +137,8 @@ class CozeTokenExchange:
         self.url = app.api_base + TOKEN_PATH
         self.audience = app.api_origin.netloc
         self._warned: set[str] = set()  # oddities of Coze's answers already logged
-        self._session = requests.Session()
-        self._session.trust_env = False  # never route the exchange through a proxy from the environment
-        self._session.verify = verify
-        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=EXCHANGE_WORKERS)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
+        # the way out mitmproxy's connection options say (upstream proxy, certificate checks), on each exchange
+        self._sessions = SessionSource(outbound, pool_maxsize=EXCHANGE_WORKERS)
 
     def mint_jwt(self, session_name: str | None) -> str:
         now = int(self.clock())
@@ -162,7 +158,7 @@ class CozeTokenExchange:
         body = {"grant_type": GRANT_TYPE, "duration_seconds": self.duration_seconds}
         assertion = self.mint_jwt(user_id)
         try:
-            answer = self._session.post(
+            answer = self._sessions.get().post(
                 self.url,
                 json=body,
                 headers={"Authorization": f"Bearer {assertion}"},
@@ -175,6 +171,16 @@ class CozeTokenExchange:
                 answer.close()
         except (requests.Timeout, urllib3.exceptions.TimeoutError):
             raise self.timed_out() from None
+        except requests.exceptions.ProxyError:
+            raise self.proxy_refused("could not open a connection through it") from None
+        except requests.exceptions.SSLError:
+            raise ExchangeError(
+                502, 5000,
+                f"the TLS certificate of Coze's token endpoint {self.app.api_base} could not be verified; where a "
+                "private or corporate CA signs it, name that CA with --set ssl_verify_upstream_trusted_ca=FILE "
+                "(or ssl_verify_upstream_trusted_confdir=DIR)",
+                "exchange-unreachable",
+            ) from None
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:  # raw reads raise urllib3's
             raise ExchangeError(
                 502, 5000,
@@ -182,7 +188,18 @@ class CozeTokenExchange:
                 "check coze_api_base and this machine's network",
                 "exchange-unreachable",
             ) from None
+        if answer.status_code == 407:  # an http:// endpoint through a proxy that wants (other) credentials
+            raise self.proxy_refused("asked for credentials (HTTP 407) on the way")
         return self._read_answer(answer, raw, assertion)
+
+    def proxy_refused(self, what: str) -> ExchangeError:
+        """The upstream proxy (mitmproxy's --mode upstream:..., which the exchange follows) said no."""
+        return ExchangeError(
+            502, 5000,
+            f"the upstream proxy {what} to Coze's token endpoint {self.app.api_base}; check the proxy in "
+            "--mode upstream:... and its credentials in --set upstream_auth=USER:PASS",
+            "exchange-unreachable",
+        )
 
     def timed_out(self) -> ExchangeError:
         return ExchangeError(

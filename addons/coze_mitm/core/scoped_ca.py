@@ -154,6 +154,37 @@ def chain_scope(certs: Iterable[x509.Certificate]) -> ChainScope:
     return ChainScope(tuple(s for s in (scope_of(c) for c in certs) if s is not None))
 
 
+def leaf_names(scope: ChainScope, commonname: str | None,
+               sans: Iterable[x509.GeneralName]) -> tuple[str | None, list[x509.GeneralName]]:
+    """The common name and SANs of a leaf a CA with `scope` can sign so that clients accept it.
+
+    mitmproxy puts into a leaf every name of the upstream's certificate (`upstream_cert`: a real API's names a
+    wildcard, the bare domain, other hosts), the name the client asked for (SNI) or, without SNI, the proxy's own
+    address, and the server's address. Any of them outside the constraints makes OpenSSL, Chromium and NSS refuse
+    the whole leaf. Kept: the DNS and IP names the chain permits. The common name is a kept DNS name or none at
+    all: OpenSSL checks a DNS-like common name (an IP address in it too) against the dNSName constraints when the
+    leaf has no DNS SAN, and clients that matter read only the SANs. When nothing is left (a host the CA was not
+    made for) the names are left as they were: clients refuse that leaf either way, naming the constraint."""
+    sans = list(sans)
+    if scope.every_site:
+        return commonname, sans
+    kept = [n for n in sans if isinstance(n, (x509.DNSName, x509.IPAddress)) and (host := _san_host(n))
+            and scope.covers(host)]
+    if not kept:
+        return commonname, sans
+    dns = [n.value for n in kept if isinstance(n, x509.DNSName)]
+    if commonname and _ip(commonname) is None and dns_name(commonname) in dns:
+        return commonname, kept
+    return (dns[0] if dns else None), kept
+
+
+def _san_host(name: x509.GeneralName) -> str:
+    value = name.value
+    if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return ""  # a network is no server name: never kept
+    return str(value)
+
+
 def read_certs(path: Path) -> list[x509.Certificate]:
     """The certificates of a PEM file (a key in it is skipped, never parsed)."""
     blocks = _CERT_PEM.findall(path.read_bytes())

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, NamedTuple, Protocol
 
+from coze_mitm.core import go_reading
 from coze_mitm.core.usage import Usage
 
 OTHERS = "(others)"  # users folded away; no tag id (no parentheses) and no "login:" key can equal it
@@ -259,32 +260,36 @@ WS_CHAT_ENDS = frozenset({"conversation.chat.completed", "conversation.chat.fail
                           "conversation.chat.requires_action"})
 
 
-def _route(path: str) -> str:
-    return path.split("?", 1)[0].rstrip("/") or "/"
+def _route(path: str | bytes) -> str:
+    """The path as Coze's (Go) server routes it, lower-cased for matching: percent-decoded, `//`, `.` and `..`
+    resolved, no query, fragment or trailing slash (core/go_reading.route)."""
+    return go_reading.route(path).lower()
 
 
-def spends_tokens(method: str, path: str) -> bool:
+def spends_tokens(method: str, path: str | bytes) -> bool:
     """Whether a request to the Coze API is subject to the daily budget (an API base may have a path
-    prefix, e.g. a self-hosted Coze Studio, so the end of the path is what counts)."""
+    prefix, e.g. a self-hosted Coze Studio, so the end of the path is what counts). The path is read as
+    Coze's Go server reads it: `/v3/%63hat` spends like `/v3/chat`."""
     route = _route(path)
     if method.upper() == "GET":
         return route.endswith(WS_CHAT_PATH)  # the WebSocket chat's upgrade
     return method.upper() == "POST" and any(route.endswith(p) for p in SPENDING_PATHS)
 
 
-def is_chat(method: str, path: str) -> bool:
+def is_chat(method: str, path: str | bytes) -> bool:
     route = _route(path)
     if method.upper() == "GET":
         return route.endswith("/v1/chat")
     return method.upper() == "POST" and (route.endswith("/v3/chat") or route.endswith("/v1/workflows/chat"))
 
 
-def api_prefix(path: str) -> str | None:
+def api_prefix(path: str | bytes) -> str | None:
     """The API base's path prefix ("" for Coze) of a /v3/chat or /v3/chat/submit_tool_outputs request, to
     address /v3/chat/retrieve on the same base; None for any other path."""
-    route = _route(path)
+    route = go_reading.route(path)
+    low = route.lower()
     for end in ("/v3/chat/submit_tool_outputs", "/v3/chat"):
-        if route.endswith(end):
+        if low.endswith(end):
             return route[: -len(end)]
     return None
 

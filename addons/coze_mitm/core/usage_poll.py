@@ -6,8 +6,8 @@ completed. A client that reads the reply with `/v3/chat/message/list` never asks
 polls retrieve itself, with that user's token, on the Coze API origin the chat was sent to:
 
 * one asyncio task per chat on the event loop (sleeping costs nothing); each request runs in a small
-  thread pool of its own (`requests`, `trust_env=False`: never through a proxy from the environment,
-  which could be this one), never on the loop;
+  thread pool of its own (core/off_loop.py), never on the loop, and leaves the way mitmproxy's connection
+  options say (core/outbound.py: upstream proxy, certificate checks);
 * bounded in time: first after `first_delay` s, then `factor` times longer each time up to `max_delay`,
   for at most `deadline` s;
 * bounded in count: at most `max_pollers` chats polled at once; when one more comes, the oldest poll is
@@ -31,6 +31,7 @@ import requests
 import urllib3
 
 from coze_mitm.core.off_loop import OffLoopHttp
+from coze_mitm.core.outbound import DIRECT, Outbound
 from coze_mitm.core.usage import Usage, parse_usage
 
 MAX_POLLERS = 64
@@ -76,14 +77,15 @@ class UsagePoller:
     def __init__(self, token_for: Callable[[str], Awaitable[str]], on_usage: Callable[[str, Usage], None],
                  on_done: Callable[[str, str], None], *, invalidate: Callable[[str, str], object] | None = None,
                  max_pollers: int = MAX_POLLERS, deadline: float = DEADLINE, first_delay: float = FIRST_DELAY,
-                 factor: float = FACTOR, max_delay: float = MAX_DELAY, timeout: float = 10.0, verify: bool | str = True):
+                 factor: float = FACTOR, max_delay: float = MAX_DELAY, timeout: float = 10.0,
+                 outbound: Callable[[], Outbound] = lambda: DIRECT):
         self.token_for, self.on_usage, self.on_done, self.invalidate = token_for, on_usage, on_done, invalidate
         self.max_pollers, self.deadline = max_pollers, deadline
         self.first_delay, self.factor, self.max_delay = first_delay, factor, max_delay
-        self.timeout, self.verify = timeout, verify
+        self.timeout = timeout
         self.stats = PollStats()
         self._tasks: collections.OrderedDict[str, asyncio.Task] = collections.OrderedDict()  # oldest first
-        self._http = OffLoopHttp(WORKERS, "coze-usage-poll")
+        self._http = OffLoopHttp(WORKERS, "coze-usage-poll", outbound=outbound)
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -186,7 +188,7 @@ class UsagePoller:
         """Blocking (runs in the pool): one retrieve, its body read raw and bounded."""
         r = self._http.session().get(url, headers={"Authorization": f"Bearer {token}", "Accept": "application/json",
                                             "Accept-Encoding": "identity"},
-                              timeout=self.timeout, verify=self.verify, allow_redirects=False, stream=True)
+                              timeout=self.timeout, allow_redirects=False, stream=True)
         try:
             body = r.raw.read(MAX_BODY + 1, decode_content=True)
         finally:

@@ -1,7 +1,7 @@
 """The SQLite store behind the usage book (usage_book.UsageStore): what makes usage survive a restart.
 
 Pure logic, no mitmproxy import. `SqliteUsageStore` keeps one small row per user per UTC day in a SQLite
-file (mitmproxy's confdir), written by one thread, batched, never on the event loop. A corrupt or
+file (mitmproxy's confdir; the file 0600, a folder it makes 0700), written by one thread, batched, never on the event loop. A corrupt or
 unwritable file is one warning line and the book goes on counting in memory.
 """
 
@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from coze_mitm.core.private_files import private_dir, private_file
 from coze_mitm.core.usage_book import StoredUsage
 
 FILE_NAME = "coze-mitm-usage.sqlite"
@@ -47,7 +48,8 @@ class SqliteUsageStore:
     # -- start-up (before traffic; a few ms even for a year of rows) ------------------------------
     def load(self, today: str) -> list[StoredUsage]:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(self.path.parent)
+            private_file(self.path)  # 0600 before the first row; SQLite gives its -wal/-shm files the same mode
             db = sqlite3.connect(str(self.path), timeout=5, check_same_thread=False, isolation_level=None)
             try:
                 db.execute("PRAGMA journal_mode=WAL")

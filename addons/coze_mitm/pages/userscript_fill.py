@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from coze_mitm.core.hosts import STATUS_HOST
+from coze_mitm.core.private_files import write_private
 
 NO_ORIGIN_MATCH = "http://no-page-origin-configured.invalid/*"  # .invalid never resolves: matches no page
 DEFAULT_PROXY = "127.0.0.1:8080"
@@ -124,9 +125,7 @@ def version_stamp(digest: str, state_path: Path | None, now: float) -> tuple[int
     if state_path is None:
         return stamp, False
     try:
-        tmp = state_path.with_name(state_path.name + ".tmp")
-        tmp.write_text(json.dumps({"digest": digest, "stamp": stamp}))
-        os.replace(tmp, state_path)
+        write_private(state_path, json.dumps({"digest": digest, "stamp": stamp}).encode())
     except OSError:
         return stamp, False
     return stamp, True

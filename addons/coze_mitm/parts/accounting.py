@@ -39,7 +39,7 @@ from pathlib import Path
 from mitmproxy import ctx, http
 
 from coze_mitm import options
-from coze_mitm.core import fields
+from coze_mitm.core import fields, go_reading
 from coze_mitm.flowmeta import COZE_USER
 from coze_mitm.core.bounded import decoded_prefix
 from coze_mitm.core.exchange import scrub
@@ -161,13 +161,13 @@ class Accounting:
         (status, code, reason, msg, headers) for a local answer; see usage_book.budget_refusal."""
         request = flow.request
         if isinstance(self.store, usage_redis.RedisUsageStore) and self.daily_tokens > 0 \
-                and spends_tokens(request.method, request.path):
+                and spends_tokens(request.method, request.data.path):
             return self._shared_refusal(flow.id, user, shown_as, request.method.upper() == "POST", from_page,
                                         request.method)
-        refusal = budget_refusal(self.book, user, shown_as, self.daily_tokens, request.method, request.path, from_page)
+        refusal = budget_refusal(self.book, user, shown_as, self.daily_tokens, request.method, request.data.path, from_page)
         if refusal is not None or self.daily_tokens <= 0 or request.method.upper() != "POST":
             return refusal  # the WebSocket handshake starts no chat: its chat-starting events are counted
-        if not spends_tokens(request.method, request.path):
+        if not spends_tokens(request.method, request.data.path):
             return None
         in_flight = self.flight.count(user)
         if self.max_parallel and in_flight >= self.max_parallel:
@@ -192,8 +192,8 @@ class Accounting:
         if verdict == usage_redis.DOWN:
             # A page gets 200 + 4013 like any refusal (Coze's chat component shows only that); clients 503.
             msg = (f"coze-mitm: {shown_as} has a daily budget, and the usage store it is checked against "
-                   f"({store.path}) does not answer; a budget that cannot be checked is not a budget, so chats wait until it is back "
-                   f"(the proxy's owner sees why in its log)")
+                   f"({store.path}) does not answer; a budget that cannot be checked is not a budget, so chats wait "
+                   f"until it is back (the proxy's owner sees why in its log)")
             page = status == PAGE_STATUS
             return (PAGE_STATUS if page else 503), (4013 if page else 5000), "budget-store", msg, {"Retry-After": "5"}
         if verdict == usage_redis.AT_CAP:
@@ -220,7 +220,7 @@ class Accounting:
             return
         if not fields.get(response.headers, b"content-type").lower().startswith("text/event-stream"):
             return
-        if is_chat(flow.request.method, flow.request.path):
+        if is_chat(flow.request.method, flow.request.data.path):
             self.book.chat(user)
         if callable(response.stream):
             # another addon watches this stream already; replacing its callable would break it
@@ -254,12 +254,12 @@ class Accounting:
         if not user or response is None or response.stream or response.status_code != 200:
             return
         request = flow.request
-        if b"/chat" not in request.data.path and b"/workflow/run" not in request.data.path:
-            return  # neither a chat nor its retrieve (most answers): decided on the raw path, not decoded
-        route = request.path.split("?", 1)[0].rstrip("/")
+        # The path as Coze's Go server routes it: /v3/%63hat and /v1/workflow/%72un are counted like the plain ones.
+        route = go_reading.route(request.data.path).lower()
         retrieve = route.endswith("/v3/chat/retrieve")
-        prefix = api_prefix(request.path) if request.method.upper() == "POST" else None
-        workflow = request.method.upper() == "POST" and route.endswith("/v1/workflow/run")
+        post = request.method.upper() == "POST"
+        prefix = api_prefix(request.data.path) if post else None
+        workflow = post and route.endswith("/v1/workflow/run")
         if not retrieve and prefix is None and not workflow:
             return  # most answers: nothing to count, no header or body read
         raw = response.raw_content or b""
@@ -279,7 +279,7 @@ class Accounting:
             if usage is not None:
                 self.book.tokens(user, usage)
             return
-        if is_chat(request.method, request.path):
+        if is_chat(request.method, request.data.path):
             self.book.chat(user)  # a non-streamed chat (stream: false)
         # Its usage comes with retrieve once completed; an answer that is completed already (a chat
         # that needed no polling) carries it here. Counted once per chat id either way.
@@ -303,11 +303,10 @@ class Accounting:
             return
         if self.poller is None:
             opts = ctx.options
-            verify: bool | str = False if opts.ssl_insecure else (opts.ssl_verify_upstream_trusted_ca or True)
             self.poller = UsagePoller(
                 lambda u: self.settings.broker.token_for(u), self._polled_usage, self._poll_done,
                 invalidate=lambda u, token: self.settings.broker.invalidate(u, token),
-                timeout=float(getattr(opts, "coze_exchange_timeout", 10)), verify=verify,
+                timeout=float(getattr(opts, "coze_exchange_timeout", 10)), outbound=settings.outbound,
             )
         request = flow.request
         origin = f"{request.scheme}://{request.host}" + ("" if (request.scheme, request.port) in
@@ -328,7 +327,7 @@ class Accounting:
         """The WebSocket chat: a client event that starts a reply is counted and budgeted before it leaves;
         Coze's `conversation.chat.completed` carries the usage, as for a stream."""
         user = flow.metadata.get(COZE_USER)
-        if not user or flow.websocket is None or not is_chat("GET", flow.request.path):
+        if not user or flow.websocket is None or not is_chat("GET", flow.request.data.path):
             return
         message = flow.websocket.messages[-1]
         if message.from_client:
@@ -352,8 +351,9 @@ class Accounting:
         content = message.content
         budgeted = self.daily_tokens > 0
         if not budgeted:
-            # No budget: only counting, so a cheap look first (most events are no chat start).
-            if len(content) > MAX_WS_CLIENT_EVENT or not any(n in content for n in _WS_START_NAMES):
+            # No budget: only counting, so a cheap look first (most events are no chat start; an escaped
+            # name, "\u0063onversation...", is read by Go as the name itself).
+            if len(content) > MAX_WS_CLIENT_EVENT or not (b"\\u" in content or any(n in content for n in _WS_START_NAMES)):
                 return
         elif len(content) > MAX_WS_CLIENT_EVENT:
             # Too big to read on the event loop, so it cannot be told apart from a chat start: not forwarded.
@@ -361,10 +361,23 @@ class Accounting:
                                f"{MAX_WS_CLIENT_EVENT // 1024} KiB is not forwarded while a daily budget is set "
                                "(it cannot be checked); send smaller events")
             return
-        event = _json(content)
-        kind = event.get("event_type") if isinstance(event, dict) else None
-        if kind not in WS_SPENDING:
-            return  # chat.update, conversation.clear, ... spend nothing; text that is no event: Coze says so
+        # Read as Coze's Go server reads it: "Event_Type" fills event_type, the last of such keys wins.
+        try:
+            event = go_reading.read_object(content)
+        except go_reading.Unreadable as e:
+            if budgeted:  # Python and Go may read it differently: refused rather than guessed
+                self._refuse_event(flow, message, 4000, f"coze-mitm: this WebSocket event is not forwarded while a "
+                                   f"daily budget is set: {e}. Send each event as one JSON object in UTF-8, nested "
+                                   f"at most {go_reading.MAX_DEPTH} levels")
+            return  # no budget: only counting, and there is nothing to count in what cannot be read
+        kind, disagree = go_reading.field(event, "event_type")
+        if disagree and budgeted:
+            self._refuse_event(flow, message, 4000, "coze-mitm: this WebSocket event is not forwarded while a daily "
+                               "budget is set: it names its event_type more than once (in other cases or spellings) "
+                               "with different values; send it once")
+            return
+        if not isinstance(kind, str) or kind not in WS_SPENDING:
+            return  # chat.update, conversation.clear, ... spend nothing (an event_type that is no string: Coze refuses it)
         if budgeted:
             shown_as = short_id(user)
             if isinstance(self.store, usage_redis.RedisUsageStore) and (kind in WS_CHAT_STARTS or self.store.error):

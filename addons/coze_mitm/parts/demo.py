@@ -1,6 +1,6 @@
 """http://coze.mitm/demo — a small chat page that talks to the local SANDBOX through the whole path.
 
-Active only with `--set coze_demo=true`, which `python run_mitm.py --demo` sets together with a
+Active only with `--set coze_demo=true`, which `python3 run_mitm.py --demo` sets together with a
 local Coze stand-in (sandbox/coze_standin.py) as the configured API and http://coze.mitm in
 coze_origins. The page then does what the Web Chat SDK does on a real page:
 
@@ -34,6 +34,7 @@ from mitmproxy import ctx, http, tls
 
 from coze_mitm.parts.answers import accept_connect, answer_json
 from coze_mitm.core.config import Origin, parse_api_origin
+from coze_mitm.core.config import PYTHON
 from coze_mitm.core.hosts import DEMO_API_HOST as SANDBOX_HOST, REAL_COZE_HOSTS, STATUS_HOST
 from coze_mitm.parts.settings import CozeSettings
 from coze_mitm.flowmeta import DEMO_ROUTED
@@ -111,7 +112,7 @@ class Demo:
         if target is None:
             log.warning(
                 f"coze-mitm: coze_demo is on, but the configured Coze API ({self._api_description()}) is not a local "
-                "sandbox: the demo page stays off; start it with: python run_mitm.py --demo"
+                f"sandbox: the demo page stays off; start it with: {PYTHON} run_mitm.py --demo"
             )
             return
         self.template()  # read the page now, not on the event loop when the first request arrives
@@ -190,7 +191,7 @@ class Demo:
         if target is None:
             answer_json(flow, 503, 5000,
                         f"{SANDBOX_HOST} is the coze-mitm demo's name for a local sandbox, and none is configured "
-                        f"(the Coze API is {self._api_description()}); start the demo with: python run_mitm.py --demo")
+                        f"(the Coze API is {self._api_description()}); start the demo with: {PYTHON} run_mitm.py --demo")
             flow.comment = "coze-mitm demo: no local sandbox configured; answered locally"
             return
         # Before cors/auth see the flow: from here on it is a request to the configured API origin.
@@ -207,7 +208,7 @@ class Demo:
             "ready": ready,
             "problem": "" if ready else (
                 f"the configured Coze API ({self._api_description()}) is not a local sandbox; "
-                "start the demo with: python run_mitm.py --demo"
+                f"start the demo with: {PYTHON} run_mitm.py --demo"
             ),
         }
         # JSON inside <script>: "<" escaped so no value can close the element.

@@ -10,7 +10,8 @@ No query string (a WebSocket tag may ride there), no header, never a token: user
 
 `coze_quiet` (run_mitm.py sets it, with flow_detail=0, unless it is given -v) makes this line the log:
 mitmproxy's own per-connection lines ("client connect", "server disconnect ...", "Streaming response from ...")
-are hidden and every flow coze-mitm acted on gets its line. Otherwise (plain `mitmdump -s`, whatever its
+are hidden and every flow coze-mitm acted on gets its line; in mitmdump it is then printed straight to the terminal
+in mitmproxy's own format (see `TerminalLine`). Otherwise (plain `mitmdump -s`, whatever its
 flow_detail; plain `mitmweb -s`, whose flow list is the log) only refusals, retries and errors get one: a log record is
 an event to every addon of mitmproxy (~300 us of CPU a line on a 2-core Xeon), which the fast path of a
 cached-token request does not pay unless the per-flow log was asked for.
@@ -21,9 +22,12 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 import weakref
 
 from mitmproxy import ctx, http
+from mitmproxy import log as mitmproxy_log
+from mitmproxy.utils import vt_codes
 
 from coze_mitm.flowmeta import CORS_ORIGIN, COZE_USER, LOCAL_ANSWER, REFUSED, TOKEN_RETRY
 from coze_mitm.core.identity import short_id
@@ -51,6 +55,30 @@ class ProbeHandshake(logging.Filter):
         if record.levelno > logging.DEBUG and PROBE_TLS_RE.match(str(record.msg)):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return True
+
+
+class TerminalLine:
+    """mitmdump's terminal gets the per-flow line the way its own log handler would print it ("[12:00:00.123]
+    coze-mitm: ..."), without the trip through the logging module. A log record there is also an event to every
+    addon (mitmproxy's legacy `add_log` event: a wake-up of the event loop and a walk of the addon tree), which cost
+    ~300 us of CPU per line, more than the process tuning saves: this costs a formatted line and a print. Only
+    where mitmdump prints the log (its Dumper is loaded) and its verbosity shows INFO."""
+
+    def __init__(self, out=None):
+        self.out = out or sys.stdout
+        self.formatter = mitmproxy_log.MitmFormatter(vt_codes.ensure_supported(self.out))
+
+    def write(self, line: str) -> None:
+        record = logging.LogRecord(log.name, logging.INFO, __file__, 0, line, None, None)
+        try:
+            print(self.formatter.format(record), file=self.out)
+        except (OSError, ValueError):
+            pass  # a closed terminal: mitmproxy's own handler decides what that means
+
+
+def prints_info(options) -> bool:
+    """Does mitmdump print INFO lines (termlog_verbosity info/alert/debug; -q makes it error)?"""
+    return getattr(options, "termlog_verbosity", "info") in ("info", "alert", "debug")
 
 
 class ConnectionChatter(logging.Filter):
@@ -83,6 +111,7 @@ class FlowLog:
         # Every flow's line only where it is the log (coze_quiet with mitmproxy's own flow lines off, as
         # run_mitm.py runs it); otherwise only what mitmproxy's flow lines or flow list cannot say.
         self._every_flow = False
+        self._terminal: TerminalLine | None = None  # mitmdump with the per-flow log: printed straight there
 
 
     def configure(self, updated):
@@ -90,6 +119,12 @@ class FlowLog:
         if "flow_detail" in updated or "coze_quiet" in updated:
             # flow_detail is the Dumper's option: absent in mitmweb and bare test contexts.
             self._every_flow = ctx.options.coze_quiet and not getattr(ctx.options, "flow_detail", 0)
+        if updated & {"flow_detail", "coze_quiet", "termlog_verbosity"}:
+            # mitmdump (its Dumper's flow_detail exists) prints its log on the terminal; mitmweb keeps the line in
+            # its event log, so there it stays a log record.
+            in_mitmdump = "flow_detail" in ctx.options and ctx.master.addons.get("termlog") is not None
+            self._terminal = (TerminalLine() if self._every_flow and in_mitmdump and prints_info(ctx.options)
+                              else None)
         if "coze_quiet" not in updated:
             return
         logger = logging.getLogger(CONNECTION_LOGGER)
@@ -122,7 +157,10 @@ class FlowLog:
         line = describe(flow)
         if line:
             self._logged.add(flow)
-            log.info(line)
+            if self._terminal is not None and REFUSED not in flow.metadata and flow.error is None:
+                self._terminal.write(line)  # the everyday line; refusals and errors stay log records
+            else:
+                log.info(line)
 
 
 def describe(flow: http.HTTPFlow) -> str:

@@ -152,6 +152,7 @@ class Login:
     def __init__(self, settings=None):
         self.settings = settings
         self.names = LoginNames()
+        self.front = None  # login_check.FrontCheck in mitmproxy's chain, with proxyauth=@htpasswd
 
     def configure(self, updated):
         if not updated & {"proxyauth", "coze_ldap_identity"}:
@@ -173,11 +174,34 @@ class Login:
                 return
         elif mode == "htpasswd" and "proxyauth" in updated and not started:
             # At start-up only: it verifies every line (bcrypt, by design slow), which must not hold up traffic
-            # once the proxy runs; run_mitm.py --check says the same at any time.
-            for line in htpasswd_problems(Path(spec[1:]).expanduser()):
-                log.warning(f"coze-mitm: {line}")
+            # once the proxy runs; run_mitm.py (start-up, --check) refuses the same lines. A line mitmproxy 11
+            # takes for a plain-text password ({SSHA}, argon2) lets its hash string log in: never start so.
+            problems = htpasswd_problems(Path(spec[1:]).expanduser())
+            if problems:
+                options.refuse("coze-mitm: " + "; ".join(problems), started=started)
+                return
         old, self.names = self.names, LoginNames(mode, directory)
         old.close()
+        if "proxyauth" in updated:
+            self._password_checks(mode)
+
+    def _password_checks(self, mode: str) -> None:
+        """htpasswd: passwords checked off the event loop, before mitmproxy's proxyauth (parts/login_check.py)."""
+        from coze_mitm.core.password_checks import PasswordChecks
+        from coze_mitm.parts import login_check
+
+        login_check.uninstall(self.front)
+        self.front = None
+        if mode != "htpasswd":
+            return
+        auth = ctx.master.addons.get("proxyauth") if getattr(ctx, "master", None) else None
+        validator = getattr(auth, "validator", None)
+        if validator is None:
+            return
+        self.front = login_check.install(PasswordChecks(validator))
+        if self.front is None and ctx.master.addons.get(login_check.NAME) is None:
+            log.warning("coze-mitm: this mitmproxy's proxyauth is not as expected: proxy passwords are checked by "
+                        "mitmproxy alone, on its event loop")
 
     def running(self):
         warning = clear_text_warning(getattr(ctx.options, "proxyauth", None),
@@ -187,6 +211,11 @@ class Login:
 
     def done(self):
         self.names.close()
+        if self.front is not None:
+            from coze_mitm.parts import login_check
+
+            login_check.uninstall(self.front)
+            self.front = None
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         strip_password(flow)
@@ -221,10 +250,12 @@ def clear_text_warning(spec: str | None, listen_host: str | None) -> str | None:
 
 # ----------------------------------------------------------------------------- htpasswd lines
 
-_SCHEMES = (  # (prefix, what it is, how htpasswd makes it)
+_SCHEMES = (  # (prefix, what it is, what makes it)
     ("$apr1$", "apr1 MD5", "htpasswd -m"),
     ("$2y$", "bcrypt", "htpasswd -B"), ("$2b$", "bcrypt", "htpasswd -B"), ("$2a$", "bcrypt", "htpasswd -B"),
-    ("{SHA}", "SHA-1", "htpasswd -s"),
+    ("{SHA}", "SHA-1", "htpasswd -s"), ("{SSHA}", "salted SHA-1 {SSHA}", "slappasswd"),
+    ("{SSHA256}", "salted SHA-256 {SSHA256}", "LDAP tools"), ("{SSHA512}", "salted SHA-512 {SSHA512}", "LDAP tools"),
+    ("$argon2", "argon2", "argon2 tools, not Apache's htpasswd"), ("$scrypt$", "scrypt", "not Apache's htpasswd"),
     ("$1$", "MD5-crypt", "openssl passwd -1"), ("$5$", "SHA-256-crypt", "htpasswd -2"),
     ("$6$", "SHA-512-crypt", "htpasswd -5"),
 )
@@ -236,7 +267,13 @@ def scheme_of(pwhash: str) -> str:
             return f"{name} ({made})"
     if len(pwhash) == 13:
         return "DES crypt (htpasswd -d)"
-    return "plain text or unknown"
+    if pwhash.startswith(("{", "$")):
+        return "of an unknown scheme"
+    return "plain text (htpasswd -p)"
+
+
+# What a line's hash is, when the reader takes it for no hash at all: the line's text is then the password.
+TEXT_IS_PASSWORD = "the text after the colon is itself the password"
 
 
 def _line_verifier():
@@ -260,6 +297,10 @@ def _line_verifier():
     def verify(user: str, pwhash: str) -> str | None:
         try:
             f = passlib.apache.HtpasswdFile.from_string(f"{user}:{pwhash}\n")
+            # passlib's htpasswd context ends with "plaintext", which claims every string no other scheme
+            # claims ({SSHA}..., $argon2id$...): mitmproxy 11 then compares the password with the hash string
+            if f.context.identify(pwhash) == "plaintext":
+                return TEXT_IS_PASSWORD
             f.check_password(user, "coze-mitm-probe")
         except Exception as e:
             return str(e) or type(e).__name__
@@ -292,6 +333,12 @@ def htpasswd_problems(path: Path) -> list[str]:
             continue
         why = verify(user, pwhash)
         if why is None:
+            continue
+        if why == TEXT_IS_PASSWORD:
+            problems.append(f"{path} line {number} (user {user!r}): its hash is {scheme_of(pwhash)}, which "
+                            f"mitmproxy {'.'.join(map(str, version))} does not know as a hash: it takes the text "
+                            "after the colon for a plain-text password, so that text itself logs in; fix: "
+                            f"htpasswd -B {path} {user} (bcrypt)")
             continue
         problems.append(f"{path} line {number} (user {user!r}): its hash is {scheme_of(pwhash)}, which "
                         f"this mitmproxy cannot verify ({why}); {consequence}; fix: htpasswd -B {path} {user} "

@@ -9,16 +9,25 @@
 The proxy address in the file is the one the browser reached: the request's Host when it asked the
 proxy directly, else the listen address and the port really bound (as the status page names it).
 What it lists follows the running settings: rebuilt on every configure.
+
+Who gets which file (issue 25): with proxyauth on, the file is served without a login (browsers never
+answer a 407 for it), so that file names no origin (salted digests only, pages/pac.py); a client on
+another machine while coze_allow_remote is off, which may not use the proxy at all, gets no file
+(proxyauth's 407 stands; without proxyauth the local_gate part answers it 403). Everyone else (this
+machine without proxyauth, clients who logged in, e.g. through http://coze.mitm/proxy.pac) gets the
+plain file.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import secrets
 
 from mitmproxy import ctx, http
 
 from coze_mitm.core.hosts import DEFAULT_ONBOARDING_HOST, STATUS_HOST
+from coze_mitm.core.identity import is_loopback
 from coze_mitm.flowmeta import LOCAL_ANSWER
 from coze_mitm.pages import pac
 from coze_mitm.pages.userscript_fill import proxy_address
@@ -45,6 +54,7 @@ class Pac:
         self.origins: list[str] = []
         self.proxy = proxy_address("", None)
         self._bound_port: int | None = None
+        self.salt = secrets.token_hex(8)  # per process: the digests of one proxy's file say nothing of another's
 
     def configure(self, updated):
         handled = self.settings.handled()  # the same hosts the launcher intercepts and the CA vouches for
@@ -61,11 +71,20 @@ class Pac:
             self._bound_port = addrs[0][1]
             self.proxy = proxy_address(getattr(ctx.options, "listen_host", ""), self._bound_port)
 
-    def text(self, proxy: str | None = None) -> str:
+    def text(self, proxy: str | None = None, *, private: bool = False) -> str:
+        """The file; `private`: for a reader without a login (origins as digests only)."""
         proxy = proxy or self.proxy
         if not pac.valid_proxy(proxy):  # e.g. a zoned IPv6 listen address: the browser is on this machine
             proxy = f"127.0.0.1:{proxy.rsplit(':', 1)[-1]}" if proxy.rsplit(":", 1)[-1].isdigit() else "127.0.0.1:8080"
-        return pac.render(proxy, self.hosts, self.origins)
+        return pac.render(proxy, self.hosts, self.origins, salt=self.salt if private else None)
+
+    def _may_use_the_proxy(self, flow: http.HTTPFlow) -> bool:
+        """A client on this machine, or any with coze_allow_remote (a client on another machine without it may
+        not use the proxy at all)."""
+        if self.settings.allow_remote:
+            return True
+        peer = flow.client_conn.peername
+        return bool(peer) and is_loopback(str(peer[0]))
 
     def _to_the_proxy(self, flow: http.HTTPFlow) -> bool:
         """Is this request addressed to the proxy itself (host:port of the socket the client reached)?"""
@@ -84,11 +103,16 @@ class Pac:
         response = flow.response
         if response is None or response.status_code != 407 or flow.request.method not in ("GET", "HEAD"):
             return
-        if flow.request.path.split("?", 1)[0] == pac.PAC_PATH and self._to_the_proxy(flow):
+        if flow.request.path.split("?", 1)[0] == pac.PAC_PATH and self._to_the_proxy(flow) \
+                and self._may_use_the_proxy(flow):
+            # Not logged in: the file that names no origin (an exception above leaves the 407: fails closed).
             flow.response = None
-            self.request(flow)
+            self._serve(flow, private=True)
 
     def request(self, flow: http.HTTPFlow) -> None:
+        self._serve(flow, private=False)
+
+    def _serve(self, flow: http.HTTPFlow, private: bool) -> None:
         if flow.response or not flow.live:
             return
         request = flow.request
@@ -109,7 +133,7 @@ class Pac:
             flow.response = http.Response.make(405, b"the PAC file is read with GET\n",
                                                {"Content-Type": "text/plain; charset=utf-8", "Allow": "GET, HEAD"})
         else:
-            flow.response = http.Response.make(200, self.text(proxy).encode("ascii"), {
+            flow.response = http.Response.make(200, self.text(proxy, private=private).encode("ascii"), {
                 "Content-Type": pac.CONTENT_TYPE,
                 "Cache-Control": "no-store",
                 "X-Content-Type-Options": "nosniff",

@@ -9,6 +9,7 @@ this module only sends. Blocking I/O runs in its own small thread pool, never on
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import requests
 import urllib3
@@ -17,6 +18,7 @@ from requests.structures import CaseInsensitiveDict
 
 from coze_mitm.core import identity
 from coze_mitm.core.off_loop import OffLoopHttp
+from coze_mitm.core.outbound import DIRECT, Outbound
 
 WORKERS = 8
 MAX_BODY = 16 * 1024 * 1024  # a retried answer is buffered like any non-streamed one; never more than this
@@ -31,29 +33,28 @@ class AnswerTooLarge(requests.RequestException):
 
 
 class Resender:
-    def __init__(self, workers: int = WORKERS):
-        # the page's own headers are sent, not requests' defaults
-        self._http = OffLoopHttp(workers, "coze-retry", default_headers=False)
+    def __init__(self, outbound: Callable[[], Outbound] = lambda: DIRECT, workers: int = WORKERS):
+        # the page's own headers are sent, not requests' defaults; the way out is mitmproxy's (core/outbound.py)
+        self._http = OffLoopHttp(workers, "coze-retry", default_headers=False, outbound=outbound)
 
     async def resend(self, request: http.Request, token: str) -> http.Response:
         """The answer to `request` sent again with `token`; raises requests.RequestException on failure."""
         opts = ctx.options
         timeout = float(getattr(opts, "coze_exchange_timeout", 10))
-        verify: bool | str = False if opts.ssl_insecure else (opts.ssl_verify_upstream_trusted_ca or True)
         headers = _headers(request, token)
         started = time.time()
         answer = await self._http.run(
-            self._send, request.method, request.url, headers, request.raw_content or None, timeout, verify,
+            self._send, request.method, request.url, headers, request.raw_content or None, timeout,
         )
         return _as_response(answer, request, started)
 
     def close(self) -> None:
         self._http.close()
 
-    def _send(self, method: str, url: str, headers: dict, body: bytes | None, timeout: float, verify):
+    def _send(self, method: str, url: str, headers: dict, body: bytes | None, timeout: float):
         """Blocking (runs in the pool): one request, the body read raw (still content-encoded), bounded."""
-        r = self._http.session().request(method, url, headers=headers, data=body, timeout=timeout, verify=verify,
-                                  allow_redirects=False, stream=True)
+        r = self._http.session().request(method, url, headers=headers, data=body, timeout=timeout,
+                                         allow_redirects=False, stream=True)
         try:
             raw = r.raw.read(MAX_BODY + 1, decode_content=False)
         except urllib3.exceptions.TimeoutError as e:  # raw reads raise urllib3's errors, not requests'

@@ -29,7 +29,7 @@ class TokenRetry:
     def __init__(self, settings: CozeSettings, hints: Hints):
         self.settings = settings
         self._hints = hints
-        self._resender = Resender()
+        self._resender = Resender(settings.outbound)
 
     def close(self) -> None:
         self._resender.close()

@@ -14,15 +14,18 @@ import time
 from dataclasses import dataclass, field
 
 from mitmproxy import ctx, http
+from mitmproxy.proxy import mode_specs
 
+import coze_mitm
 from coze_mitm.core import config
 from coze_mitm import options
-from coze_mitm.core import logins
+from coze_mitm.core import logins, own_address
 from coze_mitm.core.refused_origins import RefusedOrigins
 from coze_mitm.core.config import WS_SCHEME_OF_HTTP, ConfigError, Origin
 from coze_mitm.core.hosts import DEFAULT_ONBOARDING_HOST, STATUS_HOST, Handled, coze_origins
 from coze_mitm.core.identity import is_loopback
 from coze_mitm.core.exchange import EXCHANGE_REASONS, CozeTokenExchange, scrub
+from coze_mitm.core.outbound import DIRECT, Outbound, OutboundError
 from coze_mitm.core.tokens import PatBroker, TokenBroker
 
 log = logging.getLogger("coze.settings")
@@ -32,6 +35,10 @@ OPTION_NAMES = (
     "coze_exchange_timeout", "coze_max_users", "coze_new_users_per_minute", "coze_bot_id", "coze_title",
     "coze_sdk_url", "coze_csp", "coze_csp_extra", "coze_allow_remote",
 )
+# mitmproxy's own options that say how a connection leaves this machine: coze-mitm's own requests follow them
+CONNECTION_OPTIONS = frozenset({
+    "mode", "upstream_auth", "ssl_insecure", "ssl_verify_upstream_trusted_ca", "ssl_verify_upstream_trusted_confdir",
+})
 
 
 @dataclass
@@ -71,6 +78,10 @@ class CozeSettings:
         self.broker: TokenBroker | PatBroker | None = None
         self.api_origins: frozenset[Origin] = frozenset()
         self.ws_origins: frozenset[Origin] = frozenset()  # ws:// and wss:// Coze hosts (WebSocket APIs)
+        # coze_api_base's origin and its WebSocket host (the one it implies, else the first ws(s):// entry of
+        # coze_api_hosts): where a request sent straight to the proxy's own address goes (direct_api.py)
+        self.api_base: Origin | None = None
+        self.ws_base: Origin | None = None
         # The same as plain (scheme, host, port) tuples: asked of every request, a tuple hashes and
         # compares several times faster than a frozen dataclass.
         self._api_keys: frozenset[tuple] = frozenset()
@@ -85,6 +96,9 @@ class CozeSettings:
         self.problem = "not configured yet"  # why tagged requests cannot be served, while broker is None
         # The new-users-per-minute window of a store several proxies share (accounting sets it for Redis).
         self._shared_admission = None
+        # How coze-mitm's own requests (token exchange, usage polls, retries) leave: built from mitmproxy's
+        # connection options here only; every client asks `outbound()` on each request.
+        self._outbound: Outbound = DIRECT
 
 
     @property
@@ -104,6 +118,8 @@ class CozeSettings:
         if "proxyauth" in updated:
             # With mitmproxy's proxy login on, a user is who logged in; the tag only asks for credentials.
             self.login_mode = logins.auth_mode(getattr(ctx.options, "proxyauth", None))
+        if updated & CONNECTION_OPTIONS:
+            self._configure_outbound()
         if not updated & set(OPTION_NAMES) and self.broker is not None:
             return
         try:
@@ -115,6 +131,36 @@ class CozeSettings:
             options.refuse(f"coze-mitm: {e}", started=False)
         else:
             self.problem = ""
+
+    def outbound(self) -> Outbound:
+        """How coze-mitm's own requests leave this machine now (mitmproxy's connection options)."""
+        return self._outbound
+
+    def _configure_outbound(self) -> None:
+        opts = ctx.options
+        upstreams = []
+        for spec in opts.mode:  # a sequence on mitmproxy 11 and 12; each entry is one listener
+            try:
+                mode = mode_specs.ProxyMode.parse(spec)
+            except ValueError:
+                continue  # mitmproxy refuses it itself, naming it
+            if isinstance(mode, mode_specs.UpstreamMode):
+                upstreams.append((mode.scheme, mode.address[0], mode.address[1]))
+        try:
+            outbound = Outbound.from_options(
+                # upstream_auth is declared by mitmproxy's upstream_auth addon (absent in a bare test context)
+                upstreams, getattr(opts, "upstream_auth", None), opts.ssl_insecure,
+                opts.ssl_verify_upstream_trusted_ca, opts.ssl_verify_upstream_trusted_confdir,
+            )
+        except OutboundError as e:
+            options.refuse(f"coze-mitm: {e}", started=self.started)
+            return  # (not started, outside mitmdump's start-up: the last good settings stay)
+        if len(set(upstreams)) > 1:
+            log.warning(f"coze-mitm: several upstream proxies in mode; coze-mitm's own requests (token exchange, "
+                        f"usage polls, retries) use the first, {outbound.proxy}")
+        if outbound != self._outbound:
+            self._outbound = outbound
+            log.info(f"coze-mitm: its own requests (token exchange, usage polls, retries) go {outbound.describe()}")
 
     def _rebuild(self) -> None:
         opts = ctx.options
@@ -144,18 +190,20 @@ class CozeSettings:
             api_base = app.api_base
             exchange = CozeTokenExchange(
                 app, duration_seconds=opts.coze_token_ttl, timeout=opts.coze_exchange_timeout,
-                verify=not opts.ssl_insecure,
+                outbound=self.outbound,
             )
             broker = TokenBroker(
                 exchange, max_users=opts.coze_max_users, new_users_per_minute=opts.coze_new_users_per_minute,
             )
             broker.admission = self._shared_admission
         api_origins, ws_origins = coze_origins(api_base, opts.coze_api_hosts)
+        api_base_origin, ws_base_origin = own_address.targets(api_base, opts.coze_api_hosts)
 
         if self.broker is not None:
             self.broker.close()
         self.app, self.broker = app, broker
         self.api_origins, self.ws_origins, self.page_origins = api_origins, ws_origins, page_origins
+        self.api_base, self.ws_base = api_base_origin, ws_base_origin
         self._api_keys = frozenset((o.scheme, o.host, o.port) for o in api_origins)
         self._ws_keys = frozenset((o.scheme, o.host, o.port) for o in ws_origins)
         self._page_keys = {config.origin_key(o): o for o in page_origins}
@@ -185,6 +233,10 @@ class CozeSettings:
     def running(self):
         self.started = True
         self._warn_if_reachable()
+        if getattr(ctx.options, "coze_launcher", ""):
+            # run_mitm.py waits for this line (the proxy runs WITH coze-mitm): printed, not logged, so that no
+            # termlog_verbosity hides it; plain mitmdump shows nothing
+            print(coze_mitm.READY, flush=True)
 
     def _warn_if_reachable(self) -> None:
         """mitmdump listens on every interface unless told otherwise: say who can reach the credentials."""

@@ -39,6 +39,7 @@ from coze_mitm.parts.answers import accept_connect
 from coze_mitm.core.config import REPO_ROOT
 from coze_mitm.core.csp_policy import resolve_sdk_url
 from coze_mitm.core.identity import is_loopback, short_id
+from coze_mitm.core.config import PYTHON
 from coze_mitm.core.hosts import STATUS_HOST
 from coze_mitm.parts.settings import CozeSettings
 from coze_mitm.pages.status_page import PAGE_CSP, PROBE_SCRIPT, STYLE, render  # noqa: F401  (STYLE, PROBE_SCRIPT: for the tests)
@@ -67,9 +68,9 @@ HINTS = {
 }
 # How to get a CA that vouches only for what coze-mitm intercepts (launcher/ca.py makes it).
 NEW_CA_HINTS = {
-    "": "python run_mitm.py --new-ca (it lives in ~/.mitmproxy-coze-mitm; plain mitmdump uses it with "
+    "": f"{PYTHON} run_mitm.py --new-ca (it lives in ~/.mitmproxy-coze-mitm; plain mitmdump uses it with "
         "--set confdir=~/.mitmproxy-coze-mitm)",
-    LAUNCHER: f"python {LAUNCHER} --new-ca with your other flags",
+    LAUNCHER: f"{PYTHON} {LAUNCHER} --new-ca with your other flags",
 }
 
 class StatusPages:
@@ -312,7 +313,7 @@ class StatusPages:
         hints["origins_demo"] = ""
         if data.get("demo"):
             if launcher:
-                hints["origins"] = f"python {LAUNCHER} --demo {hints['origins']}"
+                hints["origins"] = f"{PYTHON} {LAUNCHER} --demo {hints['origins']}"
             hints["origins_demo"] = f" (the demo page {data['demo']['page']} needs no userscript)"
         c = data["counters"]
         view = {

@@ -14,17 +14,21 @@ import { performance } from 'node:perf_hooks';
 import { CozeAPI, ChatEventType, RoleType } from '@coze/api';
 import { ProxyAgent } from 'undici';
 
+// Without p.proxy: no proxy at all, the proxy's own address as baseURL / baseWsURL (coze-mitm's "direct" use).
 function client(user, p) {
-  const proxy = new URL(p.proxy);
-  return new CozeAPI({
+  const options = {
     token: `user:${user}`, // the placeholder: coze-mitm swaps it for this user's own Coze token
     baseURL: p.baseURL,
     baseWsURL: p.baseWsURL,
-    axiosOptions: {
+  };
+  if (p.proxy) {
+    const proxy = new URL(p.proxy);
+    options.axiosOptions = {
       proxy: { protocol: 'http', host: proxy.hostname, port: Number(proxy.port) },
       fetchOptions: { dispatcher: new ProxyAgent(p.proxy) },
-    },
-  });
+    };
+  }
+  return new CozeAPI(options);
 }
 
 const question = (text) => [{ role: RoleType.User, content: text, content_type: 'text' }];
@@ -99,10 +103,10 @@ const scenarios = {
   async ws(p) {
     const coze = client(p.user, p);
     // The SDK hands `ws` only the headers; routing a Node WebSocket through a proxy takes a WebSocket
-    // class with an agent (reconnecting-websocket uses the `WebSocket` option the SDK passes on).
+    // class with an agent (none without p.proxy) (reconnecting-websocket uses the `WebSocket` option the SDK passes on).
     const { default: WS } = await import('ws');
     const { HttpsProxyAgent } = await import('https-proxy-agent');
-    const agent = new HttpsProxyAgent(p.proxy);
+    const agent = p.proxy ? new HttpsProxyAgent(p.proxy) : undefined;
     let headers = {};
     class ProxiedWebSocket extends WS {
       constructor(url, protocols) {
@@ -112,6 +116,7 @@ const scenarios = {
     const opts = { WebSocket: ProxiedWebSocket, maxRetries: 0 };
     // the same headers the SDK gives its own ws class (Authorization: Bearer user:<id>, User-Agent...)
     headers = (await coze.buildWebsocketOptions({})).headers;
+    if (p.origin) headers = { ...headers, Origin: p.origin }; // as a browser would send it
     const ws = await coze.websockets.chat.create({ bot_id: p.botId }, opts);
     const events = [];
     const t0 = performance.now();

@@ -1,0 +1,320 @@
+"""Browsers with NO proxy setting and no CA: a page of the developer's own on http://localhost:<port> names the proxy's
+address (http://127.0.0.1:<proxy port>) as its Coze API base and chats, through a real mitmdump with addons/coze.py,
+against the strict stand-in.
+
+* Chromium (Debian's, driven by Playwright, launched without any proxy flag): the official @coze/api bundled for
+  the browser (`baseURL`, tests/js/sdk/browser_entry.mjs) streams; Coze's chat component @coze/chat-sdk
+  (`setting.apiBaseUrl`, tests/js/chat-sdk/entry.mjs) streams its answer on screen; a page outside coze_origins gets a
+  network error (TypeError) and Coze sees nothing; a page whose name points at 127.0.0.1 (DNS rebinding, simulated
+  with Chromium's host resolver rules) gets neither the proxy's page nor an API answer.
+* Firefox ESR (Debian's `firefox-esr`, headless, a throwaway profile with no proxy; skipped where it is absent): the
+  same @coze/api page streams; the page posts its result back to the page server (no driver needed).
+Every request of the page is cross-origin (localhost:<page port> -> 127.0.0.1:<proxy port>): the preflights come to
+the proxy's own address and are answered there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+
+from tests.browser import find_chromium
+from tests.test_chat_sdk import (  # the component's page, bundle and helpers (module skips without Chromium/npm)
+    BOT as CHAT_BOT, REPLY, ChatPageServer, assert_only_real_tokens, build_bundle as build_chat_bundle, send,
+    wait_text, watch_reply,
+)
+from tests.test_sdk_browser import STREAM_JS, build_bundle as build_api_bundle
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+
+CHROMIUM = find_chromium()
+FIREFOX = shutil.which("firefox-esr") or shutil.which("firefox")
+BOT = "7000"
+ALICE = "alice-direct-page1"
+GAP = 0.1
+TOKEN_PATH = "/api/permission/oauth2/token"
+# Chromium with nothing set: no --proxy-server (so no proxy at all, and no bypass list to think about), no CA.
+NO_PROXY_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--no-proxy-server"]
+
+PAGE_HTML = b"""<!doctype html>
+<html><head><meta charset="utf-8"><title>My own page with @coze/api</title>
+<script src="/coze-api.js"></script></head>
+<body><h1>A developer's own page on localhost</h1></body></html>"""
+
+# Firefox: the page runs the chat itself and posts what happened to /result.
+FIREFOX_HTML = ("""<!doctype html>
+<html><head><meta charset="utf-8"><title>@coze/api in Firefox</title>
+<script src="/coze-api.js"></script></head>
+<body><script>
+(async () => {
+  const run = %s;
+  const q = new URLSearchParams(location.search);
+  let result;
+  try {
+    result = await run({baseURL: q.get('base'), user: q.get('user'), bot: q.get('bot'), text: q.get('text')});
+  } catch (e) {
+    result = {error: String(e), name: e && e.constructor && e.constructor.name};
+  }
+  await fetch('/result', {method: 'POST', body: JSON.stringify(result)});
+})();
+</script></body></html>""" % STREAM_JS).encode()
+
+
+class QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass  # a browser that is being closed resets its connections: not the test's business
+
+
+class OwnPageServer:
+    """The developer's own page server (http://localhost:<port>): the page, the @coze/api bundle, and POST /result."""
+
+    def __init__(self, bundle: bytes):
+        files = {"/": PAGE_HTML, "/firefox": FIREFOX_HTML, "/coze-api.js": bundle}
+        self.results: list[dict] = []
+        self.got_result = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status: int, ctype: str, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                path = self.path.split("?", 1)[0]
+                if path not in files:
+                    return self._send(404, "text/plain", b"not found")
+                ctype = "text/javascript; charset=utf-8" if path.endswith(".js") else "text/html; charset=utf-8"
+                self._send(200, ctype, files[path])
+
+            def do_POST(self):
+                length = min(int(self.headers.get("Content-Length") or 0), 1 << 20)
+                server.results.append(json.loads(self.rfile.read(length) or b"{}"))
+                server.got_result.set()
+                self._send(204, "text/plain", b"")
+
+        self._server = QuietServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self.origin = f"http://localhost:{self.port}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture(scope="module")
+def api_bundle(tmp_path_factory):
+    return build_api_bundle(tmp_path_factory.mktemp("coze-api"))
+
+
+@pytest.fixture
+def own_page(api_bundle):
+    server = OwnPageServer(api_bundle)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def chromium():
+    """launch(*more_args) -> a headless Chromium with no proxy setting."""
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (/usr/bin/chromium or `chromium` on PATH)")
+    playwright = sync_api.sync_playwright().start()
+    browsers = []
+
+    def launch(*more):
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[*NO_PROXY_ARGS, *more], headless=True)
+        browsers.append(browser)
+        return browser
+
+    yield launch
+    for browser in browsers:
+        browser.close()
+    playwright.stop()
+
+
+def new_page(browser):
+    page = browser.new_page()
+    page.set_default_timeout(20_000)
+    page.errors = []
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    page.seen = []  # every response the page received from the proxy: (url, headers)
+    page.on("response", lambda r: page.seen.append((r.url, r.all_headers())))
+    return page
+
+
+def assert_token_never_reached_the_page(page, standin, *texts) -> None:
+    tokens = [e["access_token"] for e in standin.exchanges]
+    assert tokens
+    for token in tokens:
+        for url, headers in page.seen:
+            assert token not in url and token not in json.dumps(headers), url
+        for text in texts:
+            assert token not in text
+
+
+def status(proxy) -> dict:
+    """The proxy's status.json (http://coze.mitm/, through the proxy)."""
+    s = requests.Session()
+    s.trust_env = False
+    return s.get("http://coze.mitm/status.json", proxies=proxy.proxies, timeout=10).json()
+
+
+def api_calls(standin) -> list[dict]:
+    return [r for r in standin.requests_seen if r["path"] != TOKEN_PATH]
+
+
+# ------------------------------------------------------------------------------------------ Chromium
+
+
+def test_coze_api_streams_in_chromium_with_no_proxy_setting(chromium, own_page, mitmdump, config_file, standin):
+    standin.delta_gap = GAP
+    proxy = mitmdump(f"coze_config={config_file}", f"coze_origins={own_page.origin}")
+    page = new_page(chromium())
+    page.goto(own_page.origin + "/")
+    out = page.evaluate(STREAM_JS, {"baseURL": proxy.url, "user": ALICE, "bot": BOT, "text": "one two three four five"})
+    assert out["reply"] == "Sandbox reply to: one two three four five"
+    assert out["conversation"]
+    deltas = [e["t"] / 1000 for e in out["events"] if e["event"] == "conversation.message.delta"]
+    assert len(deltas) >= 8
+    spread = deltas[-1] - deltas[0]
+    print(f"\n@coze/api in Chromium, no proxy setting: {len(deltas)} deltas over {spread:.2f} s (stand-in gap {GAP} s)")
+    assert spread > 0.6 * GAP * (len(deltas) - 1), "the stream was buffered"
+
+    # Cross-origin to the proxy's address: the preflights were answered there, never sent to Coze; Coze got the
+    # page's own requests (its Origin) with this user's real token.
+    assert [r["path"] for r in api_calls(standin)] == ["/v3/chat", "/v1/conversation/create"]
+    for seen in api_calls(standin):
+        assert seen["method"] != "OPTIONS"
+        assert seen["headers"]["origin"] == own_page.origin
+        assert re.fullmatch(r"Bearer czs_\S+", seen["headers"]["authorization"])
+    assert status(proxy)["counters"]["preflights"] >= 2  # one per call (Authorization is no simple header)
+    assert standin.placeholder_seen == 0 and standin.exchange_count(ALICE) == 1
+    assert_token_never_reached_the_page(page, standin, json.dumps(out), proxy.output)
+    assert not page.errors
+
+
+def test_chat_sdk_streams_in_chromium_with_no_proxy_setting(chromium, mitmdump, config_file, standin, tmp_path):
+    standin.delta_gap = 0.2
+    server = ChatPageServer(build_chat_bundle(tmp_path))
+    try:
+        origin = f"http://localhost:{server.port}"
+        proxy = mitmdump(f"coze_config={config_file}", f"coze_origins={origin}")
+        page = new_page(chromium())
+        page.goto(f"{origin}/?mode=bot&user={ALICE}&api={proxy.url}&bot={CHAT_BOT}")
+        wait_text(page, "Sandbox bot")
+        text = "one two three four five six seven eight"
+        t0 = send(page, text)
+        first, full = watch_reply(page, text, t0)
+        n = len((REPLY + text).split())
+        print(f"\n@coze/chat-sdk in Chromium, no proxy setting: first piece after {first:.2f} s, all after {full:.2f} s")
+        assert first < full - 0.4 * n * 0.2, "the answer appeared all at once: the stream was buffered"
+        assert ("POST", "/v3/chat") in [(r["method"], r["path"]) for r in api_calls(standin)]
+        assert_only_real_tokens(standin, page, origin=origin)
+        assert_token_never_reached_the_page(page, standin, page.inner_text("body"), proxy.output)
+        assert not page.errors
+    finally:
+        server.stop()
+
+
+FETCH_JS = """async ({url, user}) => {
+    try {
+        const r = await fetch(url, {method: 'POST', body: '{}',
+                                    headers: {'Authorization': 'Bearer user:' + user, 'Content-Type': 'application/json'}});
+        return {ok: true, status: r.status, text: await r.text()};
+    } catch (e) {
+        return {ok: false, name: e.constructor.name, message: String(e.message)};
+    }
+}"""
+
+
+def test_a_page_outside_coze_origins_gets_a_network_error(chromium, own_page, mitmdump, config_file, standin):
+    proxy = mitmdump(f"coze_config={config_file}", "coze_origins=http://localhost:1")
+    page = new_page(chromium())
+    page.goto(own_page.origin + "/")
+    out = page.evaluate(FETCH_JS, {"url": proxy.url + "/v1/conversation/create", "user": ALICE})
+    assert out == {"ok": False, "name": "TypeError", "message": "Failed to fetch"}, out
+    sdk = page.evaluate("""async ({baseURL, user}) => {
+        const coze = new CozeSDK.CozeAPI({token: 'user:' + user, baseURL});
+        try { await coze.conversations.create({}); return {ok: true}; }
+        catch (e) { return {ok: false}; }
+    }""", {"baseURL": proxy.url, "user": ALICE})
+    assert sdk == {"ok": False}
+    assert standin.requests_seen == [] and standin.exchanges == []
+    assert proxy.wait_for_output(r"origin-not-allowed")  # the log says why (the page only sees a network error)
+
+
+def test_a_rebinding_name_gets_nothing(chromium, mitmdump, config_file, standin):
+    # A public page at http://evil.example:<proxy port> whose name resolves to 127.0.0.1: same-origin with whatever
+    # the proxy answers it. It must get neither the proxy's page nor an API answer.
+    proxy = mitmdump(f"coze_config={config_file}", "coze_origins=http://evil.example")
+    page = new_page(chromium("--host-resolver-rules=MAP evil.example 127.0.0.1"))
+    evil = f"http://evil.example:{proxy.port}"
+    page.goto(evil + "/")
+    assert "Coze API base" not in page.content()
+    out = page.evaluate(FETCH_JS, {"url": evil + "/v3/chat", "user": ALICE})
+    assert not (out["ok"] and out["status"] < 400), out
+    assert standin.requests_seen == [] and standin.exchanges == []
+
+
+# ------------------------------------------------------------------------------------------ Firefox
+
+
+@pytest.mark.skipif(FIREFOX is None, reason="Firefox is not installed (Debian: apt-get install firefox-esr)")
+def test_coze_api_streams_in_firefox_with_no_proxy_setting(own_page, mitmdump, config_file, standin, tmp_path):
+    standin.delta_gap = GAP
+    proxy = mitmdump(f"coze_config={config_file}", f"coze_origins={own_page.origin}")
+    profile = tmp_path / "firefox-profile"
+    profile.mkdir()
+    (profile / "user.js").write_text("\n".join([
+        'user_pref("network.proxy.type", 0);',  # no proxy (not even the system's)
+        'user_pref("browser.shell.checkDefaultBrowser", false);',
+        'user_pref("datareporting.policy.dataSubmissionEnabled", false);',
+        'user_pref("toolkit.telemetry.reportingpolicy.firstRun", false);',
+        'user_pref("app.update.disabledForTesting", true);',
+    ]) + "\n")
+    url = (f"{own_page.origin}/firefox?base={proxy.url}&user={ALICE}&bot={BOT}&text=one%20two%20three%20four%20five")
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+    firefox = subprocess.Popen([FIREFOX, "--headless", "--no-remote", "--profile", str(profile), url], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert own_page.got_result.wait(90), "Firefox posted no result"
+    finally:
+        os.killpg(firefox.pid, signal.SIGTERM)
+        try:
+            firefox.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(firefox.pid, signal.SIGKILL)
+            firefox.wait()
+    out = own_page.results[0]
+    assert out.get("reply") == "Sandbox reply to: one two three four five", out
+    deltas = [e["t"] / 1000 for e in out["events"] if e["event"] == "conversation.message.delta"]
+    assert len(deltas) >= 8
+    spread = deltas[-1] - deltas[0]
+    print(f"\n@coze/api in Firefox, no proxy setting: {len(deltas)} deltas over {spread:.2f} s (stand-in gap {GAP} s)")
+    assert spread > 0.6 * GAP * (len(deltas) - 1), "the stream was buffered"
+    for seen in api_calls(standin):
+        assert seen["headers"]["origin"] == own_page.origin
+        assert re.fullmatch(r"Bearer czs_\S+", seen["headers"]["authorization"])
+    assert standin.placeholder_seen == 0 and standin.exchange_count(ALICE) == 1
+    assert all(e["access_token"] not in json.dumps(out) for e in standin.exchanges)
