@@ -154,7 +154,14 @@ def declare(loader) -> None:
     loader.add_option(
         "coze_usage_file", str, "",
         "SQLite file where usage per user and day is kept (default: coze-mitm-usage.sqlite in "
-        "mitmproxy's confdir); 'memory' keeps it in memory only.",
+        "mitmproxy's confdir); 'memory' keeps it in memory only; a Redis URL (redis://host:6379/0, rediss:// "
+        "for TLS; the password in the URL or in COZE_REDIS_PASSWORD) shares usage, budgets, the parallel cap "
+        "and the new-users limit with every proxy pointed at the same Redis (docs/team.md).",
+    )
+    loader.add_option(
+        "coze_usage_lease", int, 30,
+        "With a Redis coze_usage_file: seconds a chat in flight holds its place in the shared parallel cap "
+        "without its proxy renewing it (a proxy that dies frees its chats' places within this time).",
     )
 
     # read by parts/flowlog.py

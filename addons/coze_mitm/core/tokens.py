@@ -16,7 +16,7 @@ import collections
 import concurrent.futures
 import logging
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 # The exchange's names are part of this module's face (the broker's callers catch ExchangeError).
 from coze_mitm.core.exchange import (  # noqa: F401
@@ -54,6 +54,9 @@ class TokenBroker:
         self._inflight: dict[str, asyncio.Future] = {}
         self._new_user_times: collections.deque[float] = collections.deque()
         self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="coze-exchange")
+        # The team's window when proxies share one (usage_redis.RedisUsageStore.admit): async (user, limit) ->
+        # 0 admitted, N seconds to wait, None when it cannot say (then this proxy's own window decides).
+        self.admission: Callable[[str, int], Awaitable[int | None]] | None = None
         self.exchanges = 0
         self.failures = 0
         # Exchanges by outcome ("ok", or a failure's fixed reason), for /metrics; never keyed by upstream text.
@@ -78,7 +81,10 @@ class TokenBroker:
         if token is not None:
             return token
         if user_id not in self._cache and user_id not in self._inflight:
-            self._admit_new_user(self._clock())
+            if self.admission is not None and self.new_users_per_minute:
+                await self._admit_shared(user_id)
+            else:
+                self._admit_new_user(self._clock())
         # shield: a client that gives up must not cancel the exchange other requests are waiting for.
         pending = asyncio.shield(self._inflight.get(user_id) or self._start_fetch(user_id))
         if not self.timeout:
@@ -108,6 +114,15 @@ class TokenBroker:
                 retry_after,
             )
         self._new_user_times.append(now)
+
+    async def _admit_shared(self, user_id: str) -> None:
+        wait = await self.admission(user_id, self.new_users_per_minute)
+        if wait is None:  # the shared store cannot say: this proxy's own window decides
+            self._admit_new_user(self._clock())
+        elif wait > 0:
+            raise LimitError(
+                f"more than {self.new_users_per_minute} new users in a minute across the proxies sharing the usage "
+                f"store; try again in {wait} s (raise coze_new_users_per_minute if this is expected)", wait)
 
     def _start_fetch(self, user_id: str) -> asyncio.Future:
         task = asyncio.get_running_loop().create_task(self._fetch_and_store(user_id))

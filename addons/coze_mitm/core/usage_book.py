@@ -96,6 +96,10 @@ class UsageBook:
         has already reported it once through its on_error."""
         if self.store is None:
             return ""
+        if getattr(self.store, "shared", False):
+            # A store several proxies share (usage_redis.py) hands in every user's figures again and again.
+            self.store.on_rows = self.absorb
+            self.store.today = lambda: utc_day(self.clock())
         today = utc_day(self.clock())
         rows = self.store.load(today)
         # biggest spenders first: those who stay tracked when there are more than max_users
@@ -104,6 +108,39 @@ class UsageBook:
             entry.chats, entry.tokens = row.chats, row.tokens
             entry.chats_today, entry.tokens_today = row.chats_today, row.tokens_today
         return self.store.error
+
+    def absorb(self, rows: Iterable[StoredUsage], today: str) -> None:
+        """A shared store's snapshot (what every proxy counted, this one's unwritten increments included)
+        replaces the figures of the users it names."""
+        if today != utc_day(self.clock()):
+            return  # taken just before midnight: the next one is today's
+        ordered = sorted(rows, key=lambda r: (r.tokens, r.chats))  # the biggest end up most recently used
+        kept, rest = ordered[-self.max_users:], ordered[:-self.max_users]
+        for row in kept:
+            entry = self._users.get(row.user)
+            if entry is None:
+                entry = self._entry(row.user, today)
+            entry.roll(today)
+            entry.chats, entry.tokens = row.chats, row.tokens
+            entry.chats_today, entry.tokens_today = row.chats_today, row.tokens_today
+        if rest:
+            # The smallest spenders beyond max_users are OTHERS: replaced by this snapshot's sums, not added to
+            # (the same users come again with every snapshot).
+            o = self._others = UserUsage(day=today)
+            for row in rest:
+                o.chats += row.chats
+                o.tokens += row.tokens
+                o.chats_today += row.chats_today
+                o.tokens_today += row.tokens_today
+            self.folded = len(rest)
+
+    def note_today(self, user: str, tokens_today: int) -> None:
+        """A shared store said what `user` used today (a budget decision): shown at once, before the next
+        snapshot."""
+        entry = self._entry(user, utc_day(self.clock()))
+        if tokens_today > entry.tokens_today:
+            entry.tokens += tokens_today - entry.tokens_today
+            entry.tokens_today = tokens_today
 
     # -- counting (event loop; memory only, the store write is queued) -----------------------------
     def chat(self, user: str) -> None:

@@ -100,3 +100,42 @@ class InFlight:
                 stale = sum(1 for t in starts if t < oldest_allowed)
                 self.expired += stale
                 self.release(key, stale)
+
+
+class SharedInFlight(InFlight):
+    """InFlight whose chats are also entries in a store several proxies share (usage_redis.py), so every
+    proxy's parallel cap counts them. The entry is made by the store's atomic budget decision
+    (`reserve`); this keeps which entries each key holds, and gives them back when its chats end (or, as
+    for InFlight, after max_age)."""
+
+    def __init__(self, store, **kw):
+        super().__init__(**kw)
+        self.store = store
+        self._members: dict[str, list[str]] = {}  # key -> the store's entries, oldest first
+
+    def add(self, key: str, user: str, member: str = "") -> None:
+        super().add(key, user)
+        if member:
+            self._members.setdefault(key, []).append(member)
+
+    def release(self, key: str, n: int = 1) -> int:
+        done = super().release(key, n)
+        members = self._members.get(key)
+        if members:
+            for member in members[:done]:
+                self.store.release(member)
+            del members[:done]
+            if not members or not self.holds(key):
+                for member in self._members.pop(key):
+                    self.store.release(member)
+        return done
+
+    def rekey(self, old: str, new: str) -> bool:
+        moved = super().rekey(old, new)
+        members = self._members.pop(old, None)
+        if moved and members:
+            self._members.setdefault(new, []).extend(members)
+        elif members:
+            for member in members:
+                self.store.release(member)
+        return moved

@@ -6,7 +6,9 @@
                             what bounds the overshoot (a chat's usage is known only when it ends)
     coze_usage_file         where usage is kept (default, when empty: coze-mitm-usage.sqlite in
                             mitmproxy's confdir; "memory" keeps it in memory only; with coze_demo and
-                            no file named: memory, so the sandbox's users never reach a later run's file)
+                            no file named: memory, so the sandbox's users never reach a later run's file);
+                            a redis:// URL: shared with every proxy using it (core/usage_redis.py: budget
+                            decisions are then awaited there, coze_usage_lease bounds a dead proxy's places)
 
 Hooks (this addon must come after `auth` and after `streaming` in the addon list):
 request                       a tagged request that spends tokens asks Coze for an uncompressed answer
@@ -51,11 +53,12 @@ from coze_mitm.core.usage import (
 )
 from coze_mitm.core.identity import short_id
 from coze_mitm.core.usage_book import (
-    MAX_RUN_BODY, PARALLEL_RETRY_AFTER, WS_CHAT_ENDS, WS_CHAT_STARTS, WS_SPENDING, UsageBook, api_prefix, async_run_msg,
-    budget_refusal, is_async_run, is_chat, over_budget_msg, parallel_msg, polls_full_msg, refusal_status,
-    spends_tokens,
+    MAX_RUN_BODY, PAGE_STATUS, PARALLEL_RETRY_AFTER, WS_CHAT_ENDS, WS_CHAT_STARTS, WS_SPENDING, UsageBook, api_prefix,
+    async_run_msg, budget_refusal, is_async_run, is_chat, over_budget_msg, parallel_msg, polls_full_msg,
+    refusal_status, spends_tokens, utc_day,
 )
-from coze_mitm.core.usage_flight import InFlight
+from coze_mitm.core import usage_redis
+from coze_mitm.core.usage_flight import InFlight, SharedInFlight
 from coze_mitm.core.usage_poll import MAX_POLLERS, Chat, UsagePoller
 from coze_mitm.core.usage_store import SqliteUsageStore, default_path
 
@@ -104,7 +107,11 @@ class Accounting:
                                "user may have in progress at once", started=self.started)
                 return
             self.max_parallel = ctx.options.coze_user_max_parallel_chats
-        if updated & {"coze_usage_file", "coze_demo"} or ("confdir" in updated and self.store is None):
+        if "coze_usage_lease" in updated and not 1 <= ctx.options.coze_usage_lease <= 3600:
+            options.refuse("coze-mitm: coze_usage_lease must be 1 to 3600 seconds", started=self.started)
+            return
+        opened_by = {"coze_usage_file", "coze_demo", "coze_usage_lease"}
+        if updated & opened_by or ("confdir" in updated and self.store is None):
             spec = ctx.options.coze_usage_file
             if not spec and getattr(ctx.options, "coze_demo", False):
                 # The demo's users are the sandbox's (a throwaway stand-in): counted in memory only, so they
@@ -117,14 +124,41 @@ class Accounting:
         if self.store is not None:
             self.book.close()
         self.store = None
+        self.flight = InFlight()
+        if getattr(self.settings, "shared_admission", None) is not None:
+            self.settings.shared_admission = None  # the Redis store's new-users window goes with it
         if spec == "memory":
             self.book = UsageBook(max_users=self.max_users)
+            return
+        if usage_redis.is_redis_url(spec):
+            self._open_shared(spec)
             return
         path = Path(spec).expanduser() if spec else default_path(ctx.options.confdir)
         # A warning, not an error: an ERROR at start-up stops mitmdump, and usage must never stop the proxy.
         self.store = SqliteUsageStore(path, on_error=log.warning)
         self.book = UsageBook(self.store, max_users=self.max_users)
         self.book.load()
+
+    def _open_shared(self, spec: str) -> None:
+        """A Redis that several proxies share (core/usage_redis.py): usage, budget decisions, chats in flight
+        and the new-users window live there; this proxy's book shows its snapshots."""
+        problem = usage_redis.redis_available()
+        store = None
+        try:
+            store = None if problem else usage_redis.RedisUsageStore(
+                spec, lease=float(ctx.options.coze_usage_lease), on_error=log.warning, on_info=log.info)
+        except ValueError as e:
+            problem = str(e)
+        if store is None:
+            self.book = UsageBook(max_users=self.max_users)
+            options.refuse(f"coze-mitm: {problem}", started=self.started)
+            return
+        self.store = store
+        self.book = UsageBook(store, max_users=self.max_users)
+        self.flight = SharedInFlight(store)
+        self.book.load()
+        if self.settings is not None:
+            self.settings.shared_admission = store.admit
 
     def running(self):
         self.started = True
@@ -140,6 +174,13 @@ class Accounting:
         """None when the request may go to Coze (a chat is then in flight until its answer ends), or
         (status, code, reason, msg, headers) for a local answer; see usage_book.budget_refusal."""
         request = flow.request
+        if isinstance(self.store, usage_redis.RedisUsageStore) and self.daily_tokens > 0 \
+                and spends_tokens(request.method, request.data.path):
+            post = request.method.upper() == "POST"
+            uncountable = self._uncountable(request, flow.id, from_page) if post else None
+            if uncountable is not None:
+                return uncountable  # decided here, before the shared store is asked (and a place taken there)
+            return self._shared_refusal(flow.id, user, shown_as, post, from_page, request.method)
         refusal = budget_refusal(self.book, user, shown_as, self.daily_tokens, request.method, request.data.path, from_page)
         if refusal is not None or self.daily_tokens <= 0 or request.method.upper() != "POST":
             return refusal  # the WebSocket handshake starts no chat: its chat-starting events are counted
@@ -184,6 +225,34 @@ class Accounting:
         oldest = time.monotonic() - SLOT_MAX_AGE
         for key in [k for k, t in self._poll_slots.items() if t < oldest]:
             del self._poll_slots[key]
+
+    async def _shared_refusal(self, key: str, user: str, shown_as: str, starts_chat: bool, from_page: bool,
+                              method: str = "POST"):
+        """The budget decision of every proxy sharing the store, in one step: None (the chat is in flight under
+        `key`), or the refusal (over budget, at the parallel cap, or the store cannot be asked)."""
+        store = self.store
+        member = store.new_member() if starts_chat else ""
+        cap = self.max_parallel if starts_chat else 0
+        verdict, used, in_flight = await store.reserve(user, utc_day(self.book.clock()), self.daily_tokens, cap, member)
+        if verdict == usage_redis.GO:
+            if starts_chat:
+                self.flight.add(key, user, member)
+            return None
+        status = refusal_status(from_page, method)
+        if verdict == usage_redis.DOWN:
+            # A page gets 200 + 4013 like any refusal (Coze's chat component shows only that); clients 503.
+            msg = (f"coze-mitm: {shown_as} has a daily budget, and the usage store it is checked against "
+                   f"({store.path}) does not answer; a budget that cannot be checked is not a budget, so chats wait "
+                   f"until it is back (the proxy's owner sees why in its log)")
+            page = status == PAGE_STATUS
+            return (PAGE_STATUS if page else 503), (4013 if page else 5000), "budget-store", msg, {"Retry-After": "5"}
+        if verdict == usage_redis.AT_CAP:
+            return (status, 4013, "budget", parallel_msg(shown_as, in_flight, self.max_parallel),
+                    {"Retry-After": str(PARALLEL_RETRY_AFTER)})
+        self.book.note_today(user, used)
+        over = over_budget_msg(self.book, user, shown_as, self.daily_tokens)
+        msg, wait = over if over is not None else (f"coze-mitm: {shown_as} has used the daily budget", 60)
+        return status, 4013, "budget", msg, {"Retry-After": str(wait)}
 
     def in_flight(self) -> dict:
         poll = self.poller.stats.as_dict() if self.poller is not None else None
@@ -357,7 +426,7 @@ class Accounting:
         message = flow.websocket.messages[-1]
         if message.from_client:
             if not message.injected:
-                self._client_event(flow, user, message)
+                return self._client_event(flow, user, message)  # awaitable when a shared store decides
             return
         content = message.content
         if len(content) > MAX_WS_EVENT or b"conversation.chat." not in content:
@@ -405,6 +474,8 @@ class Accounting:
             return  # chat.update, conversation.clear, ... spend nothing (an event_type that is no string: Coze refuses it)
         if budgeted:
             shown_as = short_id(user)
+            if isinstance(self.store, usage_redis.RedisUsageStore) and (kind in WS_CHAT_STARTS or self.store.error):
+                return self._shared_event(flow, user, shown_as, message, kind)
             over = over_budget_msg(self.book, user, shown_as, self.daily_tokens)
             if over is not None:
                 if kind in WS_CHAT_STARTS or flow.id not in self._ws_warned:
@@ -423,6 +494,22 @@ class Accounting:
             self.flight.add(flow.id, user)
         if kind in WS_CHAT_STARTS:
             self.book.chat(user)
+
+    async def _shared_event(self, flow: http.HTTPFlow, user: str, shown_as: str, message, kind: str) -> None:
+        """A chat start on the WebSocket chat, decided by the store every proxy shares (audio input only while
+        that store cannot be asked: then it is refused, as the chats it may start would be)."""
+        starts = kind in WS_CHAT_STARTS
+        refusal = await self._shared_refusal(flow.id, user, shown_as, starts, False, "GET")
+        if refusal is None:
+            if starts:
+                self.book.chat(user)
+            return
+        if starts or flow.id not in self._ws_warned:
+            self._ws_warned.add(flow.id)  # audio: said once per socket, then dropped quietly
+            self._refuse_event(flow, message, refusal[1], refusal[3])
+        else:
+            message.drop()
+            self.refused_ws_events += 1
 
     def _refuse_event(self, flow: http.HTTPFlow, message, code: int, msg: str) -> None:
         """Not forwarded; the client gets Coze's own error event instead (nothing reaches Coze)."""

@@ -16,6 +16,7 @@ forward the placeholder, so this addon catches its own errors.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import weakref
 
@@ -161,8 +162,30 @@ class Auth:
         return self._resolve_and_serve(flow, seen, in_query, names, name, from_page)  # LDAP, first use of this name
 
     def _serve(self, flow: http.HTTPFlow, seen, in_query, user_id: str, from_page: bool):
-        if self._over_budget(flow, user_id, from_page):
+        over = self._over_budget(flow, user_id, from_page)
+        if over is True:
             return None
+        if over is not False:  # a budget shared through Redis: decided there, asynchronously
+            return self._serve_once_budgeted(over, flow, seen, in_query, user_id)
+        return self._credentials(flow, seen, in_query, user_id)
+
+    async def _serve_once_budgeted(self, decision, flow: http.HTTPFlow, seen, in_query, user_id: str) -> None:
+        try:
+            refusal = await decision
+            if refusal is not None:
+                status, code, reason, msg, headers = refusal
+                self._refuse(flow, status, code, reason, msg, headers)
+                return
+            if not flow.live:  # the client left while the store decided: its chat never starts
+                self.accounting.flight.release_all(flow.id)
+                return
+            pending = self._credentials(flow, seen, in_query, user_id)
+            if pending is not None:
+                await pending
+        except Exception:
+            self._internal_error(flow)
+
+    def _credentials(self, flow: http.HTTPFlow, seen, in_query, user_id: str):
         broker = self.settings.broker
         if broker is None:
             self._refuse_unconfigured(flow)
@@ -203,7 +226,7 @@ class Auth:
         except Exception:
             self._internal_error(flow)
 
-    def _over_budget(self, flow: http.HTTPFlow, user_id: str, from_page: bool) -> bool:
+    def _over_budget(self, flow: http.HTTPFlow, user_id: str, from_page: bool):
         """Asked before a token is minted or injected: a request that would spend tokens over the user's
         budget (or beyond coze_user_max_parallel_chats) is answered locally with code 4013; HTTP 200 for a
         page (Coze's chat component shows the msg of a 200 only), 429 + Retry-After for other clients."""
@@ -213,6 +236,8 @@ class Auth:
         refusal = accounting.budget_refusal(flow, user_id, short_id(user_id), from_page)
         if refusal is None:
             return False
+        if inspect.isawaitable(refusal):
+            return refusal  # the caller awaits the shared store's decision
         status, code, reason, msg, headers = refusal
         self._refuse(flow, status, code, reason, msg, headers)
         return True

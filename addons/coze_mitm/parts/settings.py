@@ -58,7 +58,7 @@ class Stats:
     REASONS = frozenset({
         "malformed-tag", "duplicate-origin", "browser-without-origin", "cookie-without-origin",
         "origin-not-allowed", "remote-client", "tag-to-other-host", "not-configured", "internal-error",
-        "new-user-limit", "login-unusable", "login-directory", "budget", *EXCHANGE_REASONS,
+        "new-user-limit", "login-unusable", "login-directory", "budget", "budget-store", *EXCHANGE_REASONS,
     })
 
     def refused(self, reason: str) -> None:
@@ -94,10 +94,22 @@ class CozeSettings:
         self.refused_origins = RefusedOrigins()  # pages outside coze_origins that asked: log + status page
         self.started = False  # running: a bad value is then refused with OptionsError (rolled back)
         self.problem = "not configured yet"  # why tagged requests cannot be served, while broker is None
+        # The new-users-per-minute window of a store several proxies share (accounting sets it for Redis).
+        self._shared_admission = None
         # How coze-mitm's own requests (token exchange, usage polls, retries) leave: built from mitmproxy's
         # connection options here only; every client asks `outbound()` on each request.
         self._outbound: Outbound = DIRECT
 
+
+    @property
+    def shared_admission(self):
+        return self._shared_admission
+
+    @shared_admission.setter
+    def shared_admission(self, admit) -> None:
+        self._shared_admission = admit
+        if isinstance(self.broker, TokenBroker):
+            self.broker.admission = admit
 
     def load(self, loader):
         options.declare(loader)
@@ -183,6 +195,7 @@ class CozeSettings:
             broker = TokenBroker(
                 exchange, max_users=opts.coze_max_users, new_users_per_minute=opts.coze_new_users_per_minute,
             )
+            broker.admission = self._shared_admission
         api_origins, ws_origins = coze_origins(api_base, opts.coze_api_hosts)
         api_base_origin, ws_base_origin = own_address.targets(api_base, opts.coze_api_hosts)
 

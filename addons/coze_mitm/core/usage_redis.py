@@ -1,0 +1,469 @@
+"""The Redis store behind the usage book: what several proxies pointed at one Redis share (issue 28).
+
+Pure logic, no mitmproxy import. `RedisUsageStore` speaks to Redis with redis-py's asyncio client, on the
+event loop but never blocking it (every call is awaited, with a timeout). It keeps, for every proxy alike:
+
+* usage per user per UTC day, and all time (hashes, increments only): written in idempotent batches (a
+  batch carries an id; a retry after a lost reply is not counted twice), within GATHER (20 ms) of being counted;
+* the budget decision: one Lua script reads the user's tokens today, drops expired in-flight entries,
+  counts the rest against the parallel cap and adds the new chat's entry, atomically;
+* chats in flight: one sorted set per user, an entry per chat scored with its expiry (Redis' clock); the
+  proxy holding an entry renews it every lease/3 seconds, so a proxy that dies frees its entries within
+  one lease;
+* the new-users-per-minute window (a sorted set), and which users the team has seen today;
+* what the status pages and /metrics show: a snapshot of every user's figures, refreshed every second.
+
+Redis unreachable: one warning line (start-up or later), budget decisions answer "down" at once (the
+accounting part refuses budgeted chats, naming the store), usage waits in a bounded queue and is written
+when Redis is back, or its loss is said with its size. The password (from the URL or COZE_REDIS_PASSWORD)
+is never printed: messages name the URL without it, and any text that came from Redis is scrubbed of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import secrets
+import time
+import urllib.parse
+from typing import Callable
+
+from coze_mitm.core.usage_book import StoredUsage
+
+log = logging.getLogger("coze-mitm.usage")
+
+SCHEMES = ("redis://", "rediss://")
+PASSWORD_ENV = "COZE_REDIS_PASSWORD"
+PREFIX = "coze-mitm:"
+LEASE = 30.0  # seconds an in-flight entry lives without its proxy renewing it
+TIMEOUT = 2.0  # seconds for a connection or a command; past it Redis counts as unreachable
+REFRESH = 1.0  # seconds between snapshots for the status pages (and between reconnection attempts)
+GATHER = 0.02  # seconds a write waits for more: many chats' usage and ends in one round trip, 20 ms later at most
+DAY_TTL = 400 * 86400  # a day's hash is kept this long (the SQLite store keeps its rows for ever)
+BATCH_ROWS = 500  # (user, day) rows per write
+
+# KEYS: the batch's id key ("" when the call carries no usage). ARGV: prefix, day TTL, the number of in-flight
+# entries to remove, those (set, member) pairs, then (user, day, chats, tokens) per row. One call per write: the
+# chats that ended and the usage counted since the last one, in one round trip.
+APPLY = """
+local p, ttl, releases = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+for i = 4, 3 + 2 * releases, 2 do redis.call('ZREM', ARGV[i], ARGV[i + 1]) end
+if KEYS[1] == '' or not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 86400) then return 0 end
+for i = 4 + 2 * releases, #ARGV, 4 do
+  local user, day, c, t = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  if c ~= 0 then
+    redis.call('HINCRBY', p .. 'day:' .. day .. ':chats', user, c)
+    redis.call('HINCRBY', p .. 'all:chats', user, c)
+    redis.call('EXPIRE', p .. 'day:' .. day .. ':chats', ttl)
+  end
+  if t ~= 0 then
+    redis.call('HINCRBY', p .. 'day:' .. day .. ':tokens', user, t)
+    redis.call('HINCRBY', p .. 'all:tokens', user, t)
+    redis.call('EXPIRE', p .. 'day:' .. day .. ':tokens', ttl)
+  end
+end
+return 1
+"""
+
+# KEYS: today's tokens hash, the user's in-flight set. ARGV: user, budget, cap, member ("" = look only),
+# lease in ms, then (set, member) pairs of this proxy's chats that ended and are not removed yet (so its own
+# ended chats never count against its next decision). Returns {verdict, tokens used today, chats in flight}:
+# 0 go on, 1 over budget, 2 at the cap.
+RESERVE = """
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+for i = 6, #ARGV, 2 do redis.call('ZREM', ARGV[i], ARGV[i + 1]) end
+local used = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local budget, cap, lease = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
+if budget > 0 and used >= budget then return {1, used, 0} end
+if ARGV[4] == '' then return {0, used, 0} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local n = redis.call('ZCARD', KEYS[2])
+if cap > 0 and n >= cap then return {2, used, n} end
+redis.call('ZADD', KEYS[2], now + lease, ARGV[4])
+redis.call('PEXPIRE', KEYS[2], 2 * lease)
+return {0, used, n + 1}
+"""
+
+# ARGV: lease in ms, then (in-flight set, member) pairs this proxy still holds: their expiry moves on.
+RENEW = """
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[1])
+for i = 2, #ARGV, 2 do
+  redis.call('ZADD', ARGV[i], 'XX', now + lease, ARGV[i + 1])
+  redis.call('PEXPIRE', ARGV[i], 2 * lease)
+end
+return 1
+"""
+
+# KEYS: the new-users window, the user's "seen today" key. ARGV: user, limit.
+# Returns 0 (admitted, or known already) or the seconds until the window has room.
+ADMIT = """
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return math.max(1, math.floor((tonumber(oldest[2]) + 60000 - now) / 1000) + 1)
+end
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], 120000)
+redis.call('SET', KEYS[2], '1', 'EX', 86400)
+return 0
+"""
+
+GO, OVER, AT_CAP, DOWN = "go", "over", "at-cap", "down"
+
+
+def is_redis_url(spec: str) -> bool:
+    return spec.strip().lower().startswith(SCHEMES)
+
+
+class RedisSpec:
+    """A parsed coze_usage_file Redis URL: where to connect, and how to name it without the password."""
+
+    def __init__(self, url: str, environ=os.environ):
+        url = url.strip()
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme.lower() not in ("redis", "rediss") or not parts.hostname:
+            raise ValueError("coze_usage_file: a Redis URL is redis://[:password@]host[:port][/db] "
+                             "(rediss:// for TLS)")
+        try:
+            port = parts.port or 6379
+        except ValueError:
+            raise ValueError("coze_usage_file: the Redis URL's port is not a number") from None
+        db = parts.path.strip("/") or "0"
+        if not db.isdigit():
+            raise ValueError(f"coze_usage_file: the Redis URL's path must be a database number (/0), not /{db[:20]}")
+        self.password = urllib.parse.unquote(parts.password) if parts.password else environ.get(PASSWORD_ENV) or None
+        self.username = urllib.parse.unquote(parts.username) if parts.username else None
+        self.tls = parts.scheme.lower() == "rediss"
+        self.host, self.port, self.db = parts.hostname, port, int(db)
+        self.query = parts.query
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        # What every message shows: never the password (nor which one was given).
+        self.shown = f"{parts.scheme.lower()}://{host}:{port}/{self.db}"
+        self._url = url
+
+    def client(self, asyncio_client: bool = True):
+        """A redis-py client for this URL (password from the environment when the URL has none)."""
+        from redis.backoff import NoBackoff
+        if asyncio_client:
+            import redis.asyncio as module
+            from redis.asyncio.retry import Retry
+        else:
+            import redis as module
+            from redis.retry import Retry
+        # No retries inside the client: a command fails within TIMEOUT, and the store's task tries again each second
+        # (a budget decision must not wait several timeouts while Redis is away).
+        kwargs = {"socket_timeout": TIMEOUT, "socket_connect_timeout": TIMEOUT, "retry": Retry(NoBackoff(), 0),
+                  "health_check_interval": 0, "decode_responses": True}
+        if self.password is not None:
+            kwargs["password"] = self.password
+        return module.Redis.from_url(self._url, **kwargs)
+
+    def scrub(self, text: str) -> str:
+        if self.password:
+            text = text.replace(self.password, "***")
+            quoted = urllib.parse.quote(self.password, safe="")
+            if quoted != self.password:
+                text = text.replace(quoted, "***")
+        return text
+
+
+def redis_available() -> str:
+    """"" when redis-py can be imported, else the one line that says what to install."""
+    try:
+        import redis.asyncio  # noqa: F401
+    except ImportError:
+        return ("coze_usage_file names a Redis server, but the Python package `redis` is not installed in "
+                "mitmproxy's Python: pip install 'redis>=5' (see requirements.txt)")
+    return ""
+
+
+class RedisUsageStore:
+    """Usage, budgets, in-flight chats and the new-user window in one Redis that every proxy shares."""
+
+    shared = True
+
+    def __init__(self, url: str, *, lease: float = LEASE, max_pending: int = 100_000,
+                 on_error: Callable[[str], None] | None = None, on_info: Callable[[str], None] | None = None,
+                 refresh: float = REFRESH, environ=os.environ):
+        self.spec = RedisSpec(url, environ)
+        self.path = self.spec.shown  # what the status page shows as "usage_file"
+        self.lease = lease
+        self.refresh = refresh
+        self.max_pending = max_pending
+        self.on_error = on_error or log.warning
+        self.on_info = on_info or log.info
+        self.error = ""  # "" while Redis answers; otherwise the line that said it does not
+        self.proxy_id = secrets.token_hex(6)  # names this process' in-flight entries
+        self.on_rows: Callable[[list[StoredUsage], str], None] | None = None  # the book's absorb
+        self.today: Callable[[], str] | None = None
+        self.writes = 0  # batches written
+        self.lost_chats = self.lost_tokens = 0  # counted while Redis was away, past the queue's bound
+        self._member_ids = itertools.count(1)
+        self._pending: dict[tuple[str, str], list[int]] = {}
+        self._unsent: list[tuple[str, dict[tuple[str, str], list[int]]]] = []  # (batch id, rows): retried as is
+        self._held: dict[str, str] = {}  # member -> user: this proxy's entries, renewed until released
+        self._releases: list[tuple[str, str]] = []
+        self._client = None
+        self._task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+        self._closing = False
+        self._scripts: dict[str, object] = {}
+        self._renewed = 0.0
+        self._snapshot_at = 0.0
+
+    # -- UsageStore ----------------------------------------------------------------------------------
+    def load(self, today: str) -> list[StoredUsage]:
+        """Starts the store's task (connect, write, renew, snapshot); the figures arrive with the first
+        snapshot, through on_rows. Must be called on the running event loop."""
+        self._client = self.spec.client()
+        self._scripts = {name: self._client.register_script(src) for name, src in
+                         (("apply", APPLY), ("reserve", RESERVE), ("renew", RENEW), ("admit", ADMIT))}
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return []
+
+    def record(self, user: str, day: str, chats: int, tokens: int) -> None:
+        row = self._pending.get((user, day))
+        if row is None:
+            if self._queued_rows() >= self.max_pending:
+                self._lose(chats, tokens)
+                return
+            row = self._pending[(user, day)] = [0, 0]
+        row[0] += chats
+        row[1] += tokens
+        self._kick()
+
+    def close(self) -> None:
+        """At exit: what is still queued is written (a blocking client: the loop is stopping), this proxy's
+        in-flight entries are removed."""
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+        batches = self._unsent + ([("b" + secrets.token_hex(8), self._pending)] if self._pending else [])
+        self._unsent, self._pending = [], {}
+        if not batches and not self._held:
+            return
+        try:
+            client = self.spec.client(asyncio_client=False)
+            apply = client.register_script(APPLY)
+            for batch_id, rows in batches:
+                for suffix, args in _chunks(rows):
+                    apply(keys=[PREFIX + "batch:" + batch_id + suffix], args=args)
+            if self._held:
+                pipe = client.pipeline(transaction=False)
+                for member, user in self._held.items():
+                    pipe.zrem(_flight_key(user), member)
+                pipe.execute()
+            client.close()
+        except Exception as e:  # redis.RedisError, OSError: the loss is said, with its size
+            chats = sum(c for _, rows in batches for c, _t in rows.values())
+            tokens = sum(t for _, rows in batches for _c, t in rows.values())
+            if chats or tokens:
+                self.on_error(f"coze-mitm: usage store {self.path}: {chats} chats and {tokens} Coze tokens counted "
+                              f"last could not be written at exit ({self._why(e)}); they are lost")
+
+    # -- budgets and the parallel cap ----------------------------------------------------------------
+    def new_member(self) -> str:
+        return f"{self.proxy_id}:{next(self._member_ids)}"
+
+    async def reserve(self, user: str, day: str, budget: int, cap: int, member: str) -> tuple[str, int, int]:
+        """(GO | OVER | AT_CAP | DOWN, tokens used today, chats in flight), decided in one step for every
+        proxy; with GO and a member, the chat is in flight under it (hold it, then release it)."""
+        if self.error or self._client is None:
+            return DOWN, 0, 0
+        releases, self._releases = self._releases, []
+        ended = [x for ended_user, ended_member in releases for x in (_flight_key(ended_user), ended_member)]
+        try:
+            verdict, used, n = await self._scripts["reserve"](
+                keys=[_day_key(day, "tokens"), _flight_key(user)],
+                args=[user, budget, cap, member, int(self.lease * 1000), *ended])
+        except Exception as e:
+            self._down(e)
+            return DOWN, 0, 0
+        if verdict == 0 and member:
+            self._held[member] = user
+        return (GO, OVER, AT_CAP)[int(verdict)], int(used), int(n)
+
+    def release(self, member: str) -> None:
+        user = self._held.pop(member, None)
+        if user is None:
+            return
+        if not self.error:
+            self._releases.append((user, member))
+            self._kick()
+        # Redis away: the entry expires within its lease (this proxy no longer renews it).
+
+    async def admit(self, user: str, limit: int) -> int | None:
+        """The team's new-users-per-minute window: 0 admitted, N > 0 seconds to wait, None when Redis
+        cannot say (the proxy then applies its own window)."""
+        if self.error or self._client is None:
+            return None
+        try:
+            return int(await self._scripts["admit"](keys=[PREFIX + "new-users", PREFIX + "seen:" + user],
+                                                    args=[user, limit]))
+        except Exception as e:
+            self._down(e)
+            return None
+
+    # -- the task --------------------------------------------------------------------------------------
+    def _kick(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _run(self) -> None:
+        first = True
+        while not self._closing:
+            try:
+                if self.error or first:
+                    await self._client.ping()
+                    self._up(first)
+                first = False
+                await self._write()
+                now = time.monotonic()
+                if self._held and now - self._renewed >= self.lease / 3:
+                    self._renewed = now
+                    await self._renew()
+                if now - self._snapshot_at >= self.refresh:
+                    self._snapshot_at = now
+                    await self._snapshot()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                first = False
+                self._down(e)
+            if self.error:  # away: try again once per refresh, however much is counted meanwhile
+                await asyncio.sleep(self.refresh)
+            else:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.refresh)
+                except asyncio.TimeoutError:
+                    pass
+                else:
+                    if not self._releases:  # ended chats free their places at once; usage may gather
+                        await asyncio.sleep(GATHER)
+            self._wake.clear()
+
+    async def _write(self) -> None:
+        if self._pending:
+            self._unsent.append(("b" + secrets.token_hex(8), self._pending))
+            self._pending = {}
+        while self._releases or self._unsent:
+            releases, self._releases = self._releases, []
+            ended = [x for user, member in releases for x in (_flight_key(user), member)]
+            if not self._unsent:
+                await self._scripts["apply"](keys=[""], args=[PREFIX, DAY_TTL, len(releases), *ended])
+                continue
+            batch_id, rows = self._unsent[0]
+            for suffix, args in _chunks(rows, ended):
+                await self._scripts["apply"](keys=[PREFIX + "batch:" + batch_id + suffix], args=args)
+            self._unsent.pop(0)
+            self.writes += 1
+
+    async def _renew(self) -> None:
+        args: list = [int(self.lease * 1000)]
+        for member, user in self._held.items():
+            args += [_flight_key(user), member]
+        await self._scripts["renew"](keys=[], args=args)
+
+    async def _snapshot(self) -> None:
+        if self.on_rows is None or self.today is None:
+            return
+        today = self.today()
+        pipe = self._client.pipeline(transaction=False)
+        for key in (PREFIX + "all:chats", PREFIX + "all:tokens", _day_key(today, "chats"), _day_key(today, "tokens")):
+            pipe.hgetall(key)
+        chats, tokens, chats_today, tokens_today = await pipe.execute()
+        figures: dict[str, list[int]] = {}
+        for i, table in enumerate((chats, tokens, chats_today, tokens_today)):
+            for user, value in table.items():
+                figures.setdefault(user, [0, 0, 0, 0])[i] = int(value)
+        # What this proxy counted but Redis has not acknowledged yet still shows.
+        for rows in [self._pending, *(r for _, r in self._unsent)]:
+            for (user, day), (c, t) in rows.items():
+                f = figures.setdefault(user, [0, 0, 0, 0])
+                f[0] += c
+                f[1] += t
+                if day == today:
+                    f[2] += c
+                    f[3] += t
+        self.on_rows([StoredUsage(u, *f) for u, f in figures.items()], today)
+
+    # -- health ----------------------------------------------------------------------------------------
+    def _why(self, e: BaseException) -> str:
+        return self.spec.scrub(f"{type(e).__name__}: {e}")[:300]
+
+    def _down(self, e: BaseException) -> None:
+        if self.error:
+            return
+        what = "unreachable" if _connection_problem(e) else "cannot be used"
+        self.error = (f"coze-mitm: usage store {self.path} {what} ({self._why(e)}): users with a daily budget "
+                      f"are refused until it answers, other traffic goes on; usage counted meanwhile is queued "
+                      f"(up to {self.max_pending} user-days) and written when it is back")
+        self.on_error(self.error)
+
+    def _up(self, first: bool) -> None:
+        if first and not self.error:
+            self.on_info(f"coze-mitm: usage, budgets and the parallel cap shared through {self.path}")
+            return
+        self.error = ""
+        queued = self._queued_rows()
+        lost = (f"; {self.lost_chats} chats and {self.lost_tokens} Coze tokens counted while it was away did not "
+                f"fit the queue and are lost" if self.lost_chats or self.lost_tokens else "")
+        self.lost_chats = self.lost_tokens = 0  # said: the next outage counts afresh
+        self.on_error(f"coze-mitm: usage store {self.path} reachable again; {queued} queued user-days are being "
+                      f"written{lost}")
+
+    def _queued_rows(self) -> int:
+        return len(self._pending) + sum(len(rows) for _, rows in self._unsent)
+
+    def _lose(self, chats: int, tokens: int) -> None:
+        first = not (self.lost_chats or self.lost_tokens)
+        self.lost_chats += chats
+        self.lost_tokens += tokens
+        if first:
+            self.on_error(f"coze-mitm: usage store {self.path}: the queue of {self.max_pending} user-days is full; "
+                          f"usage counted from now until Redis is back is kept in this proxy's memory only "
+                          f"(its size is said when it is back)")
+
+
+def _connection_problem(e: BaseException) -> bool:
+    """Whether Redis could not be reached (rather than refusing: a wrong password, a read-only replica, ...)."""
+    try:
+        from redis.exceptions import AuthenticationError, ConnectionError as RedisConnectionError, TimeoutError
+    except ImportError:
+        return isinstance(e, OSError)
+    if isinstance(e, AuthenticationError):
+        return False
+    return isinstance(e, (RedisConnectionError, TimeoutError, OSError, asyncio.TimeoutError))
+
+
+def _day_key(day: str, what: str) -> str:
+    return f"{PREFIX}day:{day}:{what}"
+
+
+def _flight_key(user: str) -> str:
+    return f"{PREFIX}flight:{user}"
+
+
+def _chunks(rows: dict[tuple[str, str], list[int]], ended: list[str] = ()):
+    """(key suffix, APPLY's args) per BATCH_ROWS rows: each chunk is its own idempotent write; the first also
+    removes the `ended` in-flight entries ((set, member) pairs, flat)."""
+    items = list(rows.items())
+    for n, start in enumerate(range(0, len(items), BATCH_ROWS)):
+        args: list = [PREFIX, DAY_TTL, len(ended) // 2, *ended]
+        ended = ()
+        for (user, day), (c, t) in items[start:start + BATCH_ROWS]:
+            args += [user, day, c, t]
+        yield f":{n}", args

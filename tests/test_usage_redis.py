@@ -1,0 +1,256 @@
+"""usage_redis.py against a real redis-server (in process): the URL and its password, the atomic budget
+decision, idempotent writes, the bounded queue while Redis is away, expiring in-flight entries."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from coze_mitm.core import usage_redis
+from coze_mitm.core.usage_book import UsageBook, utc_day
+from coze_mitm.core.usage_flight import SharedInFlight
+from coze_mitm.core.usage_redis import AT_CAP, DOWN, GO, OVER, RedisSpec, RedisUsageStore
+from tests import redis_server
+
+needs_redis = pytest.mark.skipif(
+    redis_server.binary() is None or usage_redis.redis_available() != "",
+    reason="needs Debian's redis-server (run_tests.py installs it as root: apt-get install redis-server) and the "
+           "Python package redis (requirements.txt)")
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = redis_server.RedisServer(tmp_path / "redis").start()
+    yield s
+    s.stop()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met"
+        await asyncio.sleep(0.01)
+
+
+def store_for(url, lines, **kw):
+    env = {usage_redis.PASSWORD_ENV: redis_server.PASSWORD}
+    return RedisUsageStore(url, on_error=lines.append, on_info=lines.append, environ=env, **kw)
+
+
+class TestSpec:
+    def test_the_password_never_shows(self):
+        spec = RedisSpec("redis://:s3cr%2Ft@cache.example:6380/2", environ={})
+        assert spec.password == "s3cr/t" and (spec.host, spec.port, spec.db) == ("cache.example", 6380, 2)
+        assert spec.shown == "redis://cache.example:6380/2"
+        assert spec.scrub("auth s3cr/t failed, s3cr%2Ft") == "auth *** failed, ***"
+
+    def test_password_from_the_environment_and_tls(self):
+        spec = RedisSpec("rediss://redis.internal", environ={usage_redis.PASSWORD_ENV: "from-env"})
+        assert spec.password == "from-env" and spec.tls and spec.shown == "rediss://redis.internal:6379/0"
+
+    @pytest.mark.parametrize("url", ["redis://", "redis://host:port/0", "redis://host/abc", "http://host"])
+    def test_bad_urls_say_what_a_redis_url_is(self, url):
+        with pytest.raises(ValueError, match="coze_usage_file"):
+            RedisSpec(url, environ={})
+
+
+@needs_redis
+@pytest.mark.process
+def test_budget_and_cap_are_decided_once_for_everyone(server):
+    """Two stores (two proxies) racing 40 chat starts of one user: exactly `cap` go, then the budget holds."""
+    async def main():
+        lines = []
+        a, b = store_for(server.url, lines), store_for(server.url, lines)
+        for s in (a, b):
+            s.load(utc_day(time.time()))
+        day = utc_day(time.time())
+        verdicts = await asyncio.gather(*[(a if i % 2 else b).reserve("u-1", day, 100, 4, f"m{i}") for i in range(40)])
+        assert [v[0] for v in verdicts].count(GO) == 4
+        assert [v[0] for v in verdicts].count(AT_CAP) == 36
+        # spend the budget through a; b sees it at once (its decision reads Redis, not its own book)
+        a.record("u-1", day, 1, 120)
+        await until(lambda: server.client().hget(f"coze-mitm:day:{day}:tokens", "u-1") == "120")
+        assert await b.reserve("u-1", day, 100, 4, "late") == (OVER, 120, 0)
+        assert await b.reserve("u-2", day, 100, 4, "other") == (GO, 0, 1)  # another user is not touched
+        for s in (a, b):
+            s.close()
+        assert not [line for line in lines if "unreachable" in line]
+    run(main())
+
+
+@needs_redis
+@pytest.mark.process
+def test_in_flight_entries_expire_unless_renewed(server):
+    """A proxy that stops renewing (it died) frees its entries within the lease; a live one keeps them."""
+    async def main():
+        lines = []
+        live, dead = store_for(server.url, lines, lease=1.5), store_for(server.url, lines, lease=1.5)
+        live.load("x")
+        dead.load("x")
+        day = utc_day(time.time())
+        assert (await live.reserve("u-1", day, 100, 2, live.new_member()))[0] == GO
+        assert (await dead.reserve("u-1", day, 100, 2, dead.new_member()))[0] == GO
+        assert (await live.reserve("u-1", day, 100, 2, "third"))[0] == AT_CAP
+        dead._task.cancel()  # as if killed: no renewal, no release
+        dead._closing = True
+        started = time.monotonic()
+        while (await live.reserve("u-1", day, 100, 2, "third"))[0] != GO:
+            assert time.monotonic() - started < 10
+            await asyncio.sleep(0.1)
+        # the dead one's place came free; the live one's is still held (renewed every lease / 3)
+        assert server.client().zcard("coze-mitm:flight:u-1") == 2
+        live.close()
+        assert server.client().zcard("coze-mitm:flight:u-1") == 0  # closing gives back what it held
+    run(main())
+
+
+@needs_redis
+@pytest.mark.process
+def test_shared_in_flight_releases_its_entries(server):
+    async def main():
+        store = store_for(server.url, [])
+        store.load("x")
+        flight = SharedInFlight(store)
+        day = utc_day(time.time())
+        for key in ("flow-1", "ws-1", "ws-1"):
+            member = store.new_member()
+            assert (await store.reserve("u-1", day, 100, 4, member))[0] == GO
+            flight.add(key, "u-1", member)
+        assert server.client().zcard("coze-mitm:flight:u-1") == 3
+        flight.rekey("flow-1", "poll:flow-1")
+        flight.release("ws-1")  # one of the socket's two chats ended
+        await until(lambda: server.client().zcard("coze-mitm:flight:u-1") == 2)
+        flight.release_all("poll:flow-1")
+        flight.release_all("ws-1")
+        await until(lambda: server.client().zcard("coze-mitm:flight:u-1") == 0)
+        assert not store.error
+        store.close()
+    run(main())
+
+
+@needs_redis
+@pytest.mark.process
+def test_writes_are_idempotent_and_the_status_sees_every_proxy(server):
+    async def main():
+        a, b = store_for(server.url, []), store_for(server.url, [], refresh=0.05)
+        book_a, book_b = UsageBook(a), UsageBook(b)
+        book_a.load()
+        book_b.load()
+        book_a.chat("alice")
+        book_a.tokens("alice", 30)
+        book_b.tokens("alice", 12)
+        await until(lambda: [r["tokens"] for r in book_b.rows()] == [42])
+        assert book_b.rows() == [{"user": "alice", "chats": 1, "tokens": 42, "tokens_today": 42}]
+        # a batch applied twice (the reply was lost, the proxy retries with the same id) counts once
+        args = next(usage_redis._chunks({("alice", utc_day(time.time())): [0, 5]}))[1]
+        for _ in range(2):
+            await a._scripts["apply"](keys=["coze-mitm:batch:fixed:0"], args=args)
+        await until(lambda: [r["tokens"] for r in book_b.rows()] == [47])
+        book_a.tokens("bob", 3)
+        a.close()  # at once, before its task could write: close() writes what is queued
+        assert server.client().hget(f"coze-mitm:day:{utc_day(time.time())}:tokens", "bob") == "3"
+        b.close()
+    run(main())
+
+
+@needs_redis
+@pytest.mark.process
+def test_redis_away_refuses_budget_decisions_and_queues_usage(tmp_path):
+    """Redis down at start: one line, decisions say DOWN at once, usage waits (bounded) and is written when
+    Redis comes; what did not fit is said with its size."""
+    server = redis_server.RedisServer(tmp_path / "redis")
+    async def main():
+        lines = []
+        store = store_for(server.url, lines, max_pending=2, refresh=0.05)
+        book = UsageBook(store)
+        book.load()
+        await until(lambda: store.error)
+        assert len(lines) == 1 and f"usage store {server.url} unreachable" in lines[0]
+        assert await store.reserve("u-1", utc_day(time.time()), 100, 4, "m") == (DOWN, 0, 0)
+        for user, tokens in (("u-1", 10), ("u-2", 20), ("u-1", 5), ("u-3", 40)):  # u-3: a third row, over the bound
+            book.tokens(user, tokens)
+        assert "queue of 2 user-days is full" in lines[-1]
+        server.start()
+        await until(lambda: not store.error and not store._unsent and not store._pending)
+        assert "reachable again" in lines[-1] and "1 chats" not in lines[-1] and "40 Coze tokens" in lines[-1]
+        day = utc_day(time.time())
+        assert server.client().hgetall(f"coze-mitm:day:{day}:tokens") == {"u-1": "15", "u-2": "20"}
+        assert not any(redis_server.PASSWORD in line for line in lines)
+        store.close()
+    try:
+        run(main())
+    finally:
+        server.stop()
+
+
+@needs_redis
+@pytest.mark.process
+def test_new_users_per_minute_is_one_window_for_every_proxy(server):
+    """Two brokers (two proxies) with a limit of 2 new users a minute: the third new user is refused by either;
+    a user the other proxy admitted is not new."""
+    from coze_mitm.core.exchange import IssuedToken
+    from coze_mitm.core.tokens import LimitError, TokenBroker
+
+    def fetch(user):
+        now = time.time()
+        return IssuedToken(f"czs_{user}", now + 900, now)
+
+    async def main():
+        a, b = store_for(server.url, []), store_for(server.url, [])
+        brokers = []
+        for store in (a, b):
+            store.load("x")
+            broker = TokenBroker(fetch, new_users_per_minute=2)
+            broker.admission = store.admit
+            brokers.append(broker)
+        assert await brokers[0].token_for("user-1") == "czs_user-1"
+        assert await brokers[1].token_for("user-2") == "czs_user-2"
+        with pytest.raises(LimitError, match="across the proxies") as refused:
+            await brokers[0].token_for("user-3")
+        assert 1 <= refused.value.retry_after <= 61
+        assert await brokers[1].token_for("user-1") == "czs_user-1"  # new to this proxy, not to the team
+        # Redis away: each proxy's own window decides again
+        a.error = "down"
+        assert await brokers[0].token_for("user-3") == "czs_user-3"
+        for broker in brokers:
+            broker.close()
+        a.close()
+        b.close()
+    run(main())
+
+
+def test_a_snapshot_of_more_users_than_the_book_keeps_is_summed_once():
+    """The book keeps max_users; the rest of a shared snapshot is OTHERS, the same figures every second."""
+    from coze_mitm.core.usage_book import OTHERS, StoredUsage
+    book = UsageBook(max_users=2)
+    today = utc_day(time.time())
+    rows = [StoredUsage(f"user-{i}", 1, 10 * i, 1, 10 * i) for i in range(1, 6)]
+    for _ in range(3):  # three snapshots of the same figures
+        book.absorb(rows, today)
+    shown = book.rows()
+    assert [r["user"] for r in shown] == ["user-5", "user-4", OTHERS]
+    assert shown[-1] == {"user": OTHERS, "chats": 3, "tokens": 60, "tokens_today": 60}
+    assert sum(r["tokens"] for r in shown) == 150
+
+
+@needs_redis
+@pytest.mark.process
+def test_a_wrong_password_is_said_without_the_password(server):
+    async def main():
+        lines = []
+        store = RedisUsageStore(f"redis://:wrong-pw-1234@127.0.0.1:{server.port}/0", on_error=lines.append,
+                                on_info=lines.append, environ={})
+        store.load("x")
+        await until(lambda: store.error)
+        assert lines == [store.error]
+        assert f"usage store redis://127.0.0.1:{server.port}/0 cannot be used (AuthenticationError" in store.error
+        assert "wrong-pw-1234" not in store.error and server.password not in store.error
+        assert await store.reserve("u-1", utc_day(time.time()), 100, 4, "m") == (DOWN, 0, 0)
+        store.close()
+    run(main())
