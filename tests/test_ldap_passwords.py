@@ -178,3 +178,31 @@ def test_wrong_ldap_passwords_are_answered_off_the_loop_while_a_logged_in_user_i
                   f"{len(waits)} of them 'wait'")
     finally:
         proxy.stop()
+
+
+def test_a_directory_gone_quiet_is_a_502_and_no_back_off(tmp_path, config_file):
+    """The directory stops after mitmdump started: a login not checked lately gets coze-mitm's 502 (code 5000,
+    saying the directory did not answer), not a 407 that would have the user type a right password again, and
+    is not counted as a wrong password (no "wait", however often it is tried); alice, checked before, is still
+    served from the memory of verified pairs."""
+    own = Slapd(tmp_path / "slapd")
+    try:
+        own.start()
+    except Unavailable as e:
+        pytest.skip(f"no OpenLDAP server for the LDAP tests: {e}")
+    proxy = Mitmdump(tmp_path, [f"proxyauth={own.spec()}", f"coze_config={config_file}",
+                                "coze_origins=https://chat.example.org"]).start()
+    try:
+        alice = _session(proxy.port, "alice", PASSWORDS["alice"])
+        assert alice.get(STATUS, timeout=30).status_code == 200
+        own.stop()
+        for _ in range(6):  # twice the free failures
+            with _session(proxy.port, "bob", PASSWORDS["bob"]) as bob:
+                r = bob.get(STATUS, timeout=60)
+            assert r.status_code == 502 and r.json()["code"] == 5000, (r.status_code, r.text)
+            assert "login directory did not answer" in r.json()["msg"]
+        assert alice.get(STATUS, timeout=30).status_code == 200
+        assert "Traceback" not in proxy.output and PASSWORDS["bob"] not in proxy.output
+    finally:
+        proxy.stop()
+        own.stop()
