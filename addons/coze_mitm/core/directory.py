@@ -84,7 +84,7 @@ class Directory:
         results (at most 2). Raises DirectoryError when the directory cannot be searched."""
         if self._closed:
             raise DirectoryError("the directory lookup was shut down", unreachable=True)
-        for attempt in (1, 2):
+        for _ in range(2):  # once more on a new connection: the old one may have gone away (restart, idle timeout)
             try:
                 conn = self._connection()
                 conn.search(self.settings.subtree, self.search_filter(name), attributes=attributes, size_limit=2)
@@ -93,10 +93,9 @@ class Directory:
                 return conn, list(conn.response or [])
             except ldap3.core.exceptions.LDAPException as e:
                 self._drop()
-                if attempt == 2:
-                    raise DirectoryError(f"the LDAP directory {self.settings.host} could not be searched "
-                                         f"({type(e).__name__})", unreachable=True) from None
-        raise AssertionError("unreachable")
+                error = type(e).__name__
+        raise DirectoryError(f"the LDAP directory {self.settings.host} could not be searched ({error})",
+                             unreachable=True)
 
     def first_dn(self, name: str) -> str | None:
         """The DN mitmproxy's check binds as for `name`: the first result of its search, when that is an entry
@@ -213,26 +212,26 @@ class Passwords:
 
     def _connect(self) -> ldap3.Connection:
         s = self.directory.settings
-        server = ldap3.Server(s.host, port=s.port, use_ssl=s.use_ssl, connect_timeout=TIMEOUT, get_info=ldap3.NONE)
+        server = ldap3.Server(s.host, port=s.port, use_ssl=s.use_ssl, connect_timeout=TIMEOUT,
+                              get_info=ldap3.NONE)
         conn = ldap3.Connection(server, receive_timeout=TIMEOUT, read_only=True)
         conn.open()
         return conn
 
     def __call__(self, name: str, password: str) -> bool:
         if not name or not password:
-            return False  # mitmproxy's rule; and a simple bind with an empty password is an anonymous one, which succeeds
+            return False  # mitmproxy's rule; and a bind with an empty password is an anonymous one: it succeeds
         dn = self.directory.first_dn(name)
         if dn is None:
             return False
-        for attempt in (1, 2):
+        for _ in range(2):  # a wrong password is False, not an exception: this is a connection gone away
             try:
                 return bool(self._binds.get().rebind(dn, password, read_server_info=False))
-            except ldap3.core.exceptions.LDAPException as e:  # the connection went away (not a wrong password)
+            except ldap3.core.exceptions.LDAPException as e:
                 self._binds.drop()
-                if attempt == 2:
-                    raise DirectoryError(f"the LDAP directory {self.directory.settings.host} could not be asked "
-                                         f"({type(e).__name__})", unreachable=True) from None
-        return False
+                error = type(e).__name__
+        raise DirectoryError(f"the LDAP directory {self.directory.settings.host} could not be asked ({error})",
+                             unreachable=True)
 
     def close(self) -> None:
         self.directory.close()

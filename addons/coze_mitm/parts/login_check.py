@@ -15,8 +15,9 @@ addons", and a place in its chain), by the login part, and taken out again when 
   and ends the hook there (AddonHalt), so proxyauth never runs bcrypt on the loop for it.
 
 Only for `proxyauth=@htpasswd` and `ldap[s]:...` (`user:pass` and `any` cost nothing). With any other
-proxyauth, or none, this addon is not in the chain. LDAP: the directory could not be asked -> 502, as
-coze-mitm's own lookup answers then (mitmproxy's 407 would have the user type a right password again). docs/decisions.md says why this design.
+proxyauth, or none, this addon is not in the chain. A check that could not decide (LDAP: the directory did not
+answer) is a 502, as coze-mitm's own lookup answers then: mitmproxy's 407 would have the user type a right
+password again. docs/decisions.md says why this design.
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ class FrontCheck:
             answer_json(flow, 503, 5000, "coze-mitm: too many proxy logins are being checked at once; try again in a "
                                          "second", {"Retry-After": "1"})
         elif verdict == UNAVAILABLE:
-            answer_json(flow, 502, 5000, "coze-mitm: the login directory did not answer, so the proxy password "
-                                         "could not be checked; try again shortly, or tell the proxy's operator")
+            answer_json(flow, 502, 5000, "coze-mitm: the proxy password could not be checked (the login directory "
+                                         "did not answer); try again shortly, or tell the proxy's operator")
         else:
             status = 407 if is_proxy else 401
             challenge = {("Proxy-Authenticate" if is_proxy else "WWW-Authenticate"): f'Basic realm="{mitm_proxyauth.REALM}"'}
