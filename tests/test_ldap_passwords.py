@@ -110,6 +110,18 @@ def _session(port: int, user: str, password: str, address: str = "127.0.0.1") ->
     return s
 
 
+def _loopback_addresses_bind() -> bool:
+    """Linux and Windows answer all of 127.0.0.0/8; macOS only 127.0.0.1 unless aliases are added."""
+    import socket
+
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.27", 0))
+        return True
+    except OSError:
+        return False
+
+
 def _timed(s: requests.Session) -> float:
     started = time.perf_counter()
     r = s.get(STATUS, timeout=60)
@@ -122,6 +134,9 @@ def test_wrong_ldap_passwords_are_answered_off_the_loop_while_a_logged_in_user_i
     """alice (logged in) keeps using the proxy while 8 clients (each from its own loopback address) send wrong
     passwords on new connections: she is served; they get coze-mitm's 407 (code 4107) and, after 3 wrong
     passwords each, "wait N s" without a directory bind; bob logs in with his right password meanwhile."""
+    if not _loopback_addresses_bind():
+        pytest.skip("needs loopback addresses beyond 127.0.0.1 (macOS: sudo ifconfig lo0 alias 127.0.0.20 ... .27, "
+                    "127.0.0.5, 127.0.0.6)")
     proxy = Mitmdump(tmp_path, [f"proxyauth={slapd.spec()}", f"coze_config={config_file}",
                                 "coze_origins=https://chat.example.org"]).start()
     try:
