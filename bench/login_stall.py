@@ -157,12 +157,13 @@ def main() -> None:
     ap.add_argument("--ldap", action="store_true", help="proxyauth=ldap:... against a local slapd, not htpasswd")
     ap.add_argument("--ldap-delay", type=float, default=0.0, help="ms each LDAP packet is held, each way")
     a = ap.parse_args()
-    result = run(a.script, a.cost, a.attackers, a.requests, a.ldap, a.ldap_delay / 1000)
+    result = run(a.script.resolve(), a.cost, a.attackers, a.requests, a.ldap, a.ldap_delay / 1000)
     for phase in ("alone", "under"):
         values = result[phase]
         print(f"{phase:5}: median {statistics.median(values) * 1000:7.1f} ms, p95 {p95(values) * 1000:7.1f} ms, "
               f"max {max(values) * 1000:7.1f} ms ({len(values)} requests)")
-    what = (f"LDAP (slapd on loopback, {a.ldap_delay:g} ms added each way)" if a.ldap else f"bcrypt cost {a.cost}")
+    delay = f", {a.ldap_delay:g} ms added each way" if a.ldap_delay else ""
+    what = f"LDAP (slapd on loopback{delay})" if a.ldap else f"bcrypt cost {a.cost}"
     print(f"attackers ({a.attackers}, {what}) were answered: {dict(sorted(result['answers'].items()))}")
 
 
