@@ -1,8 +1,10 @@
 """Wrong proxy passwords against a logged-in user (issue 25 item 3): how long one logged-in user's requests take
-while N clients keep sending wrong passwords, with `proxyauth=@htpasswd` (bcrypt).
+while N clients keep sending wrong passwords, with `proxyauth=@htpasswd` (bcrypt) or, with `--ldap`, with
+`proxyauth=ldap:...` against a real OpenLDAP (tests/slapd.py; slapd on loopback).
 
     python3 bench/login_stall.py                                  # this checkout's addons/coze.py
     python3 bench/login_stall.py --script /path/to/old/addons/coze.py --cost 10 --attackers 8
+    python3 bench/login_stall.py --ldap --ldap-delay 20        # a directory 20 ms away (each way), as over a WAN
 
 A real mitmdump (tests/harness.py) answers http://coze.mitm/status.json itself, so nothing but the proxy is
 measured. The logged-in user ("alice") sends `--requests` requests on one keep-alive connection, each with its
@@ -14,6 +16,7 @@ and what the attackers were answered. Nothing here fails a build.
 from __future__ import annotations
 
 import argparse
+import socket
 import statistics
 import subprocess
 import sys
@@ -50,15 +53,64 @@ def p95(values: list[float]) -> float:
     return sorted(values)[max(0, int(len(values) * 0.95) - 1)]
 
 
-def run(script: Path, cost: int, attackers: int, requests_n: int) -> dict:
+class Delayed:
+    """A loopback TCP relay to `port` that holds every chunk `delay` seconds each way: a directory further away
+    than the local slapd, without touching the machine's network."""
+
+    def __init__(self, port: int, delay: float):
+        self.target, self.delay = port, delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                time.sleep(self.delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def run(script: Path, cost: int, attackers: int, requests_n: int, ldap: bool = False, delay: float = 0.0) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="coze-login-stall-"))
-    htpasswd = workdir / "team.htpasswd"
-    subprocess.run(["htpasswd", "-b", "-c", "-B", "-C", str(cost), str(htpasswd), "alice", "alice-Pw-1"], check=True,
-                   capture_output=True)
-    proxy = Mitmdump(workdir, [f"proxyauth=@{htpasswd}", "coze_pat=pat_bench_only", "flow_detail=0"],
+    slapd = None
+    if ldap:
+        from tests.slapd import PASSWORDS, Slapd
+
+        slapd = Slapd(workdir / "slapd").start()
+        spec, password = slapd.spec(), PASSWORDS["alice"]
+        if delay:
+            relay = Delayed(slapd.port, delay)
+            spec = spec.replace(f":{slapd.port}:", f":{relay.port}:")
+    else:
+        htpasswd = workdir / "team.htpasswd"
+        subprocess.run(["htpasswd", "-b", "-c", "-B", "-C", str(cost), str(htpasswd), "alice", "alice-Pw-1"],
+                       check=True, capture_output=True)
+        spec, password = f"@{htpasswd}", "alice-Pw-1"
+    proxy = Mitmdump(workdir, [f"proxyauth={spec}", "coze_pat=pat_bench_only", "flow_detail=0"],
                      script=False, extra_args=["-s", str(script)]).start()
     try:
-        alice = session(proxy.port, "alice", "alice-Pw-1")
+        alice = session(proxy.port, "alice", password)
         for _ in range(3):
             timed(alice)
         alone = [timed(alice) for _ in range(requests_n)]
@@ -92,6 +144,8 @@ def run(script: Path, cost: int, attackers: int, requests_n: int) -> dict:
         return {"alone": alone, "under": under, "answers": answers}
     finally:
         proxy.stop()
+        if slapd is not None:
+            slapd.stop()
 
 
 def main() -> None:
@@ -100,13 +154,17 @@ def main() -> None:
     ap.add_argument("--cost", type=int, default=10, help="bcrypt cost of the htpasswd line (htpasswd -B -C)")
     ap.add_argument("--attackers", type=int, default=8)
     ap.add_argument("--requests", type=int, default=30)
+    ap.add_argument("--ldap", action="store_true", help="proxyauth=ldap:... against a local slapd, not htpasswd")
+    ap.add_argument("--ldap-delay", type=float, default=0.0, help="ms each LDAP packet is held, each way")
     a = ap.parse_args()
-    result = run(a.script, a.cost, a.attackers, a.requests)
+    result = run(a.script.resolve(), a.cost, a.attackers, a.requests, a.ldap, a.ldap_delay / 1000)
     for phase in ("alone", "under"):
         values = result[phase]
         print(f"{phase:5}: median {statistics.median(values) * 1000:7.1f} ms, p95 {p95(values) * 1000:7.1f} ms, "
               f"max {max(values) * 1000:7.1f} ms ({len(values)} requests)")
-    print(f"attackers ({a.attackers}, bcrypt cost {a.cost}) were answered: {dict(sorted(result['answers'].items()))}")
+    delay = f", {a.ldap_delay:g} ms added each way" if a.ldap_delay else ""
+    what = f"LDAP (slapd on loopback{delay})" if a.ldap else f"bcrypt cost {a.cost}"
+    print(f"attackers ({a.attackers}, {what}) were answered: {dict(sorted(result['answers'].items()))}")
 
 
 if __name__ == "__main__":

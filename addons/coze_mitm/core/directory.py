@@ -61,61 +61,54 @@ class Directory:
     def __init__(self, settings: LdapSettings, identity: str = "dn"):
         self.settings = settings
         self.identity = "dn" if identity.lower() == "dn" else identity
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._connections: list[ldap3.Connection] = []
+        self._connections = PerThread(self._connect)
         self._closed = False
 
     def _connect(self) -> ldap3.Connection:
         s = self.settings
         server = ldap3.Server(s.host, port=s.port, use_ssl=s.use_ssl, connect_timeout=TIMEOUT)
-        conn = ldap3.Connection(server, s.bind_dn, s.bind_password, auto_bind=True, receive_timeout=TIMEOUT,
+        return ldap3.Connection(server, s.bind_dn, s.bind_password, auto_bind=True, receive_timeout=TIMEOUT,
                                 read_only=True)
-        with self._lock:
-            self._connections.append(conn)
-        return conn
 
     def _connection(self) -> ldap3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None or conn.closed:
-            conn = self._local.conn = self._connect()
-        return conn
+        return self._connections.get()
 
     def _drop(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        self._local.conn = None
-        if conn is not None:
-            with self._lock:
-                if conn in self._connections:
-                    self._connections.remove(conn)
-            try:
-                conn.unbind()
-            except Exception:
-                pass
+        self._connections.drop()
 
     def search_filter(self, name: str) -> str:
         return f"({self.settings.filter_key}={ldap3.utils.conv.escape_filter_chars(name)})"
 
-    def lookup(self, name: str) -> str:
-        """The identity of the entry `name` logs in as (blocking; call it from a worker thread)."""
+    def search(self, name: str, attributes: list[str]) -> tuple[ldap3.Connection, list[dict]]:
+        """The search mitmproxy's check makes for `name` (blocking): this thread's connection and its raw
+        results (at most 2). Raises DirectoryError when the directory cannot be searched."""
         if self._closed:
             raise DirectoryError("the directory lookup was shut down", unreachable=True)
-        attributes = [] if self.identity == "dn" else [self.identity]
-        for attempt in (1, 2):
+        for _ in range(2):  # once more on a new connection: the old one may have gone away (restart, idle timeout)
             try:
                 conn = self._connection()
-                conn.search(self.settings.subtree, self.search_filter(name), attributes=attributes,
-                            size_limit=2)
-                response = [r for r in (conn.response or []) if r.get("type") == "searchResEntry"]
-                break
+                conn.search(self.settings.subtree, self.search_filter(name), attributes=attributes, size_limit=2)
+                return conn, list(conn.response or [])
             except ldap3.core.exceptions.LDAPSizeLimitExceededResult:
-                response = [r for r in (conn.response or []) if r.get("type") == "searchResEntry"]
-                break
+                return conn, list(conn.response or [])
             except ldap3.core.exceptions.LDAPException as e:
                 self._drop()
-                if attempt == 2:
-                    raise DirectoryError(f"the LDAP directory {self.settings.host} could not be searched "
-                                         f"({type(e).__name__})", unreachable=True) from None
+                error = type(e).__name__
+        raise DirectoryError(f"the LDAP directory {self.settings.host} could not be searched ({error})",
+                             unreachable=True)
+
+    def first_dn(self, name: str) -> str | None:
+        """The DN mitmproxy's check binds as for `name`: the first result of its search, when that is an entry
+        (mitmproxy reads `response[0]["dn"]`: a referral there fails its check). Raises DirectoryError."""
+        _, response = self.search(name, [])
+        if not response or response[0].get("type") != "searchResEntry":
+            return None
+        return response[0]["dn"]
+
+    def lookup(self, name: str) -> str:
+        """The identity of the entry `name` logs in as (blocking; call it from a worker thread)."""
+        conn, found = self.search(name, [] if self.identity == "dn" else [self.identity])
+        response = [r for r in found if r.get("type") == "searchResEntry"]
         if not response:
             raise DirectoryError("the LDAP directory has no entry for this login")
         entry = response[0]  # the entry mitmproxy's proxyauth bound as: the first one found
@@ -157,13 +150,92 @@ class Directory:
 
     def close(self) -> None:
         self._closed = True
+        self._connections.close()
+
+
+class PerThread:
+    """One ldap3 Connection per worker thread (a Connection is not safe to share between threads), made by
+    `connect` on first use, re-made after `drop`; `close` unbinds them all."""
+
+    def __init__(self, connect):
+        self.connect = connect
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: list[ldap3.Connection] = []
+
+    def get(self) -> ldap3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = self._local.conn = self.connect()
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def drop(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            with self._lock:
+                if conn in self._all:
+                    self._all.remove(conn)
+            _unbind(conn)
+
+    def close(self) -> None:
         with self._lock:
-            connections, self._connections = self._connections, []
+            connections, self._all = self._all, []
         for conn in connections:
+            _unbind(conn)
+
+
+def _unbind(conn: ldap3.Connection) -> None:
+    try:
+        conn.unbind()
+    except Exception:
+        pass
+
+
+class Passwords:
+    """(name, password) -> whether mitmproxy's LDAP proxyauth accepts them, decided as it decides (11.0.2 and
+    12.x, addons/proxyauth.py `Ldap.__call__`): no name or no password fails; the spec's subtree is searched
+    for `(<search_filter_key>=<name>)` bound as the spec's DN; the first result must be an entry; a simple bind
+    as that entry's DN with the password decides. The name is escaped in the filter, as mitmproxy 12.2.2 does
+    (11.0.2 does not: there a name with `( ) * \\` is searched as a pattern; docs/decisions.md).
+
+    Blocking: core/password_checks.py calls it in its worker threads. Each thread has its own search connection
+    (bound as the spec's DN) and its own bind connection, re-bound for every check (mitmproxy opens a new one,
+    reading the server's schema each time: ~7 ms against a local slapd, vs. ~0.6 ms here). Raises
+    DirectoryError when the directory cannot be asked (not a wrong password)."""
+
+    def __init__(self, settings: LdapSettings):
+        self.directory = Directory(settings)
+        self._binds = PerThread(self._connect)
+
+    def _connect(self) -> ldap3.Connection:
+        s = self.directory.settings
+        server = ldap3.Server(s.host, port=s.port, use_ssl=s.use_ssl, connect_timeout=TIMEOUT,
+                              get_info=ldap3.NONE)
+        conn = ldap3.Connection(server, receive_timeout=TIMEOUT, read_only=True)
+        conn.open()
+        return conn
+
+    def __call__(self, name: str, password: str) -> bool:
+        if not name or not password:
+            return False  # mitmproxy's rule; and a bind with an empty password is an anonymous one: it succeeds
+        dn = self.directory.first_dn(name)
+        if dn is None:
+            return False
+        for _ in range(2):  # a wrong password is False, not an exception: this is a connection gone away
             try:
-                conn.unbind()
-            except Exception:
-                pass
+                return bool(self._binds.get().rebind(dn, password, read_server_info=False))
+            except ldap3.core.exceptions.LDAPException as e:
+                self._binds.drop()
+                error = type(e).__name__
+        raise DirectoryError(f"the LDAP directory {self.directory.settings.host} could not be asked ({error})",
+                             unreachable=True)
+
+    def close(self) -> None:
+        self.directory.close()
+        self._binds.close()
 
 
 class Cache:

@@ -8,6 +8,10 @@ A pair that verified is remembered as an HMAC under a key made at start-up (neve
 long, so the next CONNECT of that user costs a dict lookup. A client (its IP address) with `free_failures` wrong
 passwords in a row waits 1 s, then 2, 4, ... up to `max_wait` before its next check; its failures are
 forgotten after `forget_after` seconds without one.
+
+The same for LDAP (`verify` = core/directory.py `Passwords`: a search and a bind, network round trips that
+mitmproxy makes on the loop, with no time limit). A `verify` that raises could not decide (the directory did
+not answer): UNAVAILABLE, neither remembered nor counted against the client.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import time
 from typing import Callable
 
-OK, WRONG, BUSY, WAIT = "ok", "wrong", "busy", "wait"
+OK, WRONG, BUSY, WAIT, UNAVAILABLE = "ok", "wrong", "busy", "wait", "unavailable"
 
 
 class PasswordChecks:
@@ -78,7 +82,8 @@ class PasswordChecks:
             self._failures.popitem(last=False)
 
     async def check(self, client: str, user: str, password: str) -> tuple[str, float]:
-        """(OK | WRONG | BUSY | WAIT, seconds to wait before trying again). Call on the event loop."""
+        """(OK | WRONG | BUSY | WAIT | UNAVAILABLE, seconds to wait before trying again). Call on the event
+        loop."""
         if self.known_good(user, password):
             return OK, 0.0
         wait = self.wait_left(client)
@@ -94,6 +99,8 @@ class PasswordChecks:
             good = await asyncio.get_running_loop().run_in_executor(self._pool, self._verify, user, password)
         finally:
             self._waiting -= 1
+        if good is None:
+            return UNAVAILABLE, 0.0
         if good:
             self._good[self._digest(user, password)] = self.clock() + self.seconds
             self._good.move_to_end(self._digest(user, password))
@@ -103,13 +110,16 @@ class PasswordChecks:
         self._failed(client)
         return WRONG, self.wait_left(client)
 
-    def _verify(self, user: str, password: str) -> bool:
+    def _verify(self, user: str, password: str) -> bool | None:
         try:
             return bool(self.verify(user, password))
         except Exception:
-            return False  # what mitmproxy's proxyauth makes of a validator's exception: not logged in
+            return None  # not logged in (as mitmproxy's proxyauth makes of it), but no wrong password either
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+        close = getattr(self.verify, "close", None)  # LDAP: its connections
+        if close is not None:
+            close()

@@ -187,19 +187,25 @@ class Login:
             self._password_checks(mode)
 
     def _password_checks(self, mode: str) -> None:
-        """htpasswd: passwords checked off the event loop, before mitmproxy's proxyauth (parts/login_check.py)."""
+        """htpasswd and LDAP: passwords checked off the event loop, before mitmproxy's proxyauth
+        (parts/login_check.py)."""
         from coze_mitm.core.password_checks import PasswordChecks
         from coze_mitm.parts import login_check
 
         login_check.uninstall(self.front)
         self.front = None
-        if mode != "htpasswd":
+        if mode not in ("htpasswd", "ldap"):
             return
         auth = ctx.master.addons.get("proxyauth") if getattr(ctx, "master", None) else None
         validator = getattr(auth, "validator", None)
         if validator is None:
             return
-        self.front = login_check.install(PasswordChecks(validator))
+        # LDAP: mitmproxy's validator shares one ldap3 connection (not thread-safe): connections of our own
+        verify = ldap_passwords(ctx.options.proxyauth) if mode == "ldap" else validator
+        checks = PasswordChecks(verify)
+        self.front = login_check.install(checks)
+        if self.front is None:
+            checks.close()
         if self.front is None and ctx.master.addons.get(login_check.NAME) is None:
             log.warning("coze-mitm: this mitmproxy's proxyauth is not as expected: proxy passwords are checked by "
                         "mitmproxy alone, on its event loop")
@@ -238,6 +244,16 @@ def ldap_directory(spec: str, identity: str):
     from coze_mitm.core.directory import Directory, LdapSettings
 
     return Directory(LdapSettings.from_parsed(Ldap.parse_spec(spec)), identity)
+
+
+def ldap_passwords(spec: str):
+    """The LDAP password check of mitmproxy's proxyauth, on connections of coze-mitm's own (core/directory.py
+    Passwords), for the same `ldap[s]:...` spec read by mitmproxy's own parser."""
+    from mitmproxy.addons.proxyauth import Ldap
+
+    from coze_mitm.core.directory import LdapSettings, Passwords
+
+    return Passwords(LdapSettings.from_parsed(Ldap.parse_spec(spec)))
 
 
 def clear_text_warning(spec: str | None, listen_host: str | None) -> str | None:

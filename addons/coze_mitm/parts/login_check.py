@@ -1,4 +1,4 @@
-"""Proxy passwords (htpasswd) checked off mitmproxy's event loop, before mitmproxy's proxyauth sees the flow.
+"""Proxy passwords (htpasswd, LDAP) checked off mitmproxy's event loop, before mitmproxy's proxyauth sees the flow.
 
 mitmproxy's proxyauth checks `Proxy-Authorization` in its own `http_connect` / `requestheaders` hooks, on the event
 loop: with bcrypt, 8 clients sending wrong passwords took a logged-in user's request from 0.34 s to 1.73 s (issue
@@ -14,8 +14,10 @@ addons", and a place in its chain), by the login part, and taken out again when 
   or waiting: coze-mitm answers itself (407 with a JSON body saying why; 503 when busy), removes the header,
   and ends the hook there (AddonHalt), so proxyauth never runs bcrypt on the loop for it.
 
-Only for `proxyauth=@htpasswd` (`user:pass` and `any` cost nothing; LDAP: docs/decisions.md). With any other
-proxyauth, or none, this addon is not in the chain. docs/decisions.md says why this design.
+Only for `proxyauth=@htpasswd` and `ldap[s]:...` (`user:pass` and `any` cost nothing). With any other
+proxyauth, or none, this addon is not in the chain. A check that could not decide (LDAP: the directory did not
+answer) is a 502, as coze-mitm's own lookup answers then: mitmproxy's 407 would have the user type a right
+password again. docs/decisions.md says why this design.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addons import proxyauth as mitm_proxyauth
 
-from coze_mitm.core.password_checks import BUSY, OK, WAIT, PasswordChecks
+from coze_mitm.core.password_checks import BUSY, OK, UNAVAILABLE, WAIT, PasswordChecks
 from coze_mitm.parts.answers import answer_json
 
 NAME = "coze-mitm-password-check"
@@ -81,6 +83,9 @@ class FrontCheck:
         if verdict == BUSY:
             answer_json(flow, 503, 5000, "coze-mitm: too many proxy logins are being checked at once; try again in a "
                                          "second", {"Retry-After": "1"})
+        elif verdict == UNAVAILABLE:
+            answer_json(flow, 502, 5000, "coze-mitm: the proxy password could not be checked (the login directory "
+                                         "did not answer); try again shortly, or tell the proxy's operator")
         else:
             status = 407 if is_proxy else 401
             challenge = {("Proxy-Authenticate" if is_proxy else "WWW-Authenticate"): f'Basic realm="{mitm_proxyauth.REALM}"'}
