@@ -396,6 +396,15 @@ def test_api_base_on_the_status_page_and_in_json(tctx, host, port, api_base):
         assert len(lines) == 1 and f"<code>{api_base}</code>" in lines[0]
 
 
+def test_no_api_base_in_reverse_or_socks_mode(tctx):
+    for mode in (["reverse:http://127.0.0.1:9000"], ["socks5"], ["transparent"]):
+        tctx.configure(tctx.pages, mode=mode)
+        assert json.loads(body_of(get(tctx.pages, "/status.json")))["api_base"] is None, mode
+    for mode in (["upstream:http://127.0.0.1:3128"], ["regular", "socks5@1080"]):
+        tctx.configure(tctx.pages, mode=mode)
+        assert json.loads(body_of(get(tctx.pages, "/status.json")))["api_base"] == "http://127.0.0.1:8080", mode
+
+
 def test_bound_port_kept_across_other_option_changes(tctx):
     """After `running` learnt the bound port (listen_port 0), editing another option keeps naming it."""
     tctx.pages._bound_port = 41943  # what running() reads from the proxy server

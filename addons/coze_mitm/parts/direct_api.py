@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 
 from mitmproxy import http
+from mitmproxy.proxy.mode_specs import UpstreamMode
 
 from coze_mitm.core import own_address
 from coze_mitm.core.config import DEFAULT_PORTS, WS_SCHEME_OF_HTTP
@@ -132,7 +133,9 @@ class DirectApi:
                 headers.fields = (*fields_[:i], (field[0], host_header),
                                   *(f for f in fields_[i + 1:] if f[0].lower() != b"host"))
                 break
-        if data.authority:
+        if data.authority or (scheme == b"http" and isinstance(flow.client_conn.proxy_mode, UpstreamMode)):
+            # Upstream mode sends a plain-http request to the upstream proxy as it stands (mitmproxy makes it
+            # origin-form only in regular mode): an origin-form one must become absolute-form for it to be routable.
             request.authority = host_header
         flow.metadata[DIRECT] = f"[{own[0]}]:{own[1]}" if ":" in own[0] else f"{own[0]}:{own[1]}"
         flow.comment = f"coze-mitm: sent to the proxy's own address, forwarded to {target}"

@@ -118,7 +118,7 @@ class StatusPages:
         if updated & {"listen_host", "listen_port", "mode"}:
             self._bound_port = None  # the servers are restarted: until `running`, what the options say
         self.proxy = proxy_address(opts.listen_host, self._bound_port or opts.listen_port)
-        self.api_base = own_address.listen_api_base(opts.listen_host, self._bound_port or opts.listen_port)
+        self.api_base = self._api_base(self._bound_port or opts.listen_port)
         self._build_userscript()
 
     def running(self):
@@ -127,11 +127,21 @@ class StatusPages:
         addrs = server.listen_addrs() if server is not None else []
         if addrs:
             self._bound_port = addrs[0][1]
-            self.api_base = own_address.listen_api_base(ctx.options.listen_host, self._bound_port)
+            self.api_base = self._api_base(self._bound_port)
             real = proxy_address(ctx.options.listen_host, self._bound_port)
             if real != self.proxy:
                 self.proxy = real
                 self._build_userscript()
+
+    @staticmethod
+    def _api_base(port: int | None) -> str | None:
+        """The proxy's own address as a Coze API base (parts/direct_api.py): only when it listens on loopback, and
+        only as a regular or upstream proxy (in reverse, SOCKS or transparent mode no request names its address).
+        The first mode's server: the one listen_host/listen_port and `running`'s bound port describe."""
+        modes = ctx.options.mode
+        if modes and not str(modes[0]).startswith(("regular", "upstream")):
+            return None
+        return own_address.listen_api_base(ctx.options.listen_host, port)
 
     def _build_userscript(self) -> None:
         if not self._template:
