@@ -16,6 +16,7 @@ from pathlib import Path
 from coze_mitm import READY
 from coze_mitm.core.identity import is_loopback
 from coze_mitm.core.versions import MITMWEB_FIXED, version_tuple
+from coze_mitm.core.own_address import listen_api_base
 
 from launcher.args import is_anonymous
 from launcher.browser import find as find_browser, launch as launch_browser
@@ -102,6 +103,7 @@ def next_steps(pl: Plan, host: str, port: int, sandbox=None, web_url: str = "") 
     shown = f"[{host}]" if ":" in host else host
     proxy = f"{shown}:{port}"
     lines = ["", "=" * 78]
+    api_base = listen_api_base(host, port)  # the proxy's own address as a Coze API base: loopback only
     if sandbox is not None:
         lines += [
             f"coze-mitm DEMO is running: proxy {proxy}, talking to a local SANDBOX (not Coze).",
@@ -110,6 +112,8 @@ def next_steps(pl: Plan, host: str, port: int, sandbox=None, web_url: str = "") 
             f"  or set the PAC URL {pac_url(proxy)} in your browser (Firefox: Settings > Network Settings >",
             "  Automatic proxy configuration URL): only the demo's names then go through the proxy.",
             "  No CA certificate is needed: the demo is plain HTTP.",
+            *([f"  API base for your own page or program, no proxy setting: {api_base} (the sandbox behind it)"]
+              if api_base else []),
             f"  Check from a shell: curl -x http://{proxy} {STATUS_URL}status.json",
         ]
     else:
@@ -121,6 +125,8 @@ def next_steps(pl: Plan, host: str, port: int, sandbox=None, web_url: str = "") 
             "  2. Trust the proxy's CA certificate: open http://mitm.it through the proxy (README step 5; "
             f"{STATUS_URL} shows the names it can vouch for).",
             f"  3. Install the userscript (Tampermonkey/Violentmonkey): open {STATUS_URL} through the proxy.",
+            *([f"  Your own page or program, no proxy setting (steps 1-3 not needed): API base {api_base}"]
+              if api_base else []),
         ]
         if not pl.page_origins:
             lines.append("  Note: no page origins yet: add --origins https://your.page to use the chat on a page.")

@@ -153,13 +153,50 @@ class TestPart:
         f = run(tctx.part, to_proxy("/v1/chat", headers=[("Upgrade", "websocket")]))
         assert f.response.status_code == 503 and "coze_api_hosts=wss://" in body(f)["msg"]
 
-    @pytest.mark.parametrize("origins", [["https://elsewhere.example"], ["null"], [PAGE, PAGE]])
-    def test_other_origins_refused_even_untagged(self, tctx, origins):
-        f = run(tctx.part, to_proxy("/v1/bots/1", headers=[("Origin", o) for o in origins]))
+    @pytest.mark.parametrize("headers", [
+        [("Origin", "null")], [("Origin", PAGE), ("Origin", PAGE)], [("Origin", "https://a.example, https://b.example")],
+        [("Origin", "chrome-extension://abcdef")], [("Origin", "HTTPS://Elsewhere.example")],
+        [("Origin", "https://elsewhere.example/path")], [("Origin", "https://" + "a" * 300 + ".example")],
+        [("Origin", "https://elsewhere.example"), ("Upgrade", "websocket")],  # WebSockets: no CORS, nothing readable
+    ])
+    def test_other_origins_refused_unreadably(self, tctx, headers):
+        f = run(tctx.part, to_proxy("/v1/bots/1", headers=headers))
         assert f.response.status_code in (400, 403)
         assert set(body(f)) == {"code", "msg"}
-        assert "access-control-allow-origin" not in f.response.headers
+        assert not [k for k in f.response.headers if k.lower().startswith("access-control-")]
         assert f.request.host == "127.0.0.1"  # not re-addressed: nothing goes to Coze
+
+    @pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])
+    def test_a_page_outside_coze_origins_gets_a_refusal_it_can_read(self, tctx, method):
+        other = "https://elsewhere.example"
+        f = run(tctx.part, to_proxy("/v1/bots/1", method, headers=[("Origin", other),
+                                                                  ("Authorization", "Bearer user:alice")]))
+        assert f.response.status_code == 403
+        assert body(f) == {"code": 4101, "msg": f"{other} is not in coze_origins: start with --origins {other} "
+                                                "(or --set coze_origins=...)"}
+        assert f.response.headers.get_all("Access-Control-Allow-Origin") == [other]
+        assert "access-control-allow-credentials" not in f.response.headers
+        assert "Origin" in f.response.headers["Vary"]
+        assert f.request.host == "127.0.0.1" and DIRECT not in f.metadata  # not re-addressed: nothing goes to Coze
+        assert f.metadata[REFUSED] == "origin-not-allowed"
+
+    def test_its_preflight_is_answered_here_allowing_what_it_asked(self, tctx):
+        other = "http://localhost:4000"
+        f = run(tctx.part, to_proxy("/v3/chat", "OPTIONS", headers=[
+            ("Origin", other), ("Access-Control-Request-Method", "POST"),
+            ("Access-Control-Request-Headers", "authorization,content-type,x-coze-client-user-agent")]))
+        h = f.response.headers
+        assert f.response.status_code == 204 and f.response.content == b""
+        assert h["Access-Control-Allow-Origin"] == other
+        assert h["Access-Control-Allow-Methods"] == "POST"
+        assert h["Access-Control-Allow-Headers"] == "authorization,content-type,x-coze-client-user-agent"
+        assert "access-control-allow-credentials" not in h
+        assert f.request.host == "127.0.0.1" and f.metadata[REFUSED] == "origin-not-allowed"
+        odd = run(tctx.part, to_proxy("/v3/chat", "OPTIONS", headers=[
+            ("Origin", other), ("Access-Control-Request-Method", "PO ST"), ("Access-Control-Request-Headers", "a\x01b")]))
+        assert odd.response.status_code == 204  # what is not a method or a header list is not echoed
+        assert "access-control-allow-methods" not in odd.response.headers
+        assert "access-control-allow-headers" not in odd.response.headers
 
     def test_refused_origin_is_noted_for_the_status_page(self, tctx):
         run(tctx.part, to_proxy("/v3/chat", "OPTIONS", headers=[("Origin", "https://elsewhere.example"),
@@ -269,16 +306,43 @@ def test_preflight_and_stream_from_an_allowed_page(proxy, standin):
     assert_clean(proxy, standin)
 
 
-def test_a_page_outside_coze_origins_gets_nothing(proxy, standin):
+def test_a_page_outside_coze_origins_reads_why_and_nothing_is_forwarded(proxy, standin):
     s = plain()
     other = "http://localhost:4000"
-    pre = s.options(proxy.url + "/v3/chat", headers=browser_headers(other, **{"Access-Control-Request-Method": "POST"}))
+    msg = f"{other} is not in coze_origins: start with --origins {other} (or --set coze_origins=...)"
+    pre = s.options(proxy.url + "/v3/chat", headers=browser_headers(other, **{
+        "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}))
+    assert pre.status_code == 204  # answered here, so the browser sends the real request and the page reads its answer
+    assert pre.headers["Access-Control-Allow-Origin"] == other
+    assert pre.headers["Access-Control-Allow-Methods"] == "POST"
+    assert pre.headers["Access-Control-Allow-Headers"] == "authorization,content-type"
     post = s.post(proxy.url + "/v3/chat", headers=browser_headers(other, Authorization=f"Bearer user:{ALICE}"), json={})
     get = s.get(proxy.url + "/v1/bots/" + BOT, headers=browser_headers(other))  # untagged, with its own token or none
+    for r in (post, get):
+        assert r.status_code == 403 and r.json() == {"code": 4101, "msg": msg}
+        assert r.headers["Access-Control-Allow-Origin"] == other
     for r in (pre, post, get):
-        assert r.status_code == 403 and r.json()["code"] == 4101
-        assert "Access-Control-Allow-Origin" not in r.headers  # the browser gives the page nothing to read
-    assert standin.requests_seen == [] and standin.exchanges == []
+        assert "Access-Control-Allow-Credentials" not in r.headers  # never credentials for a refused origin
+    # `null` (a sandboxed frame, a file: page) and two Origins stay refusals nobody's page can read
+    for headers in ({"Origin": "null"}, [("Origin", other), ("Origin", other)]):
+        fields = headers.items() if isinstance(headers, dict) else headers
+        status, head = raw_head(proxy.port, b"GET /v1/bots/%s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % (BOT.encode(), proxy.port)
+                                + b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in fields)
+                                + b"Connection: close\r\n\r\n")
+        assert status in (400, 403) and b"access-control-" not in head.lower()
+    assert standin.requests_seen == [] and standin.exchanges == []  # nothing forwarded, no token minted
+    assert_clean(proxy, standin)
+
+    # The proxied path (the API by its own name, through the proxy) keeps CORS for coze_origins only: Coze's answer
+    # to another page is passed as Coze sent it, loosened for no one.
+    through = requests.Session()
+    through.trust_env = False
+    proxied_pre = through.options(standin.base_url + "/v3/chat", proxies=proxy.proxies, headers=browser_headers(
+        other, **{"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}))
+    proxied = through.get(standin.base_url + "/v1/bots/" + BOT, proxies=proxy.proxies, headers=browser_headers(other))
+    for r in (proxied_pre, proxied):
+        assert "Access-Control-Allow-Origin" not in r.headers, r.headers
+        assert other not in r.text
 
 
 def test_the_page_the_404_and_the_pac_on_the_proxys_address(proxy, standin):
@@ -311,6 +375,20 @@ def raw(port: int, request: bytes) -> tuple[int, bytes]:
                 break
     head, _, rest = data.partition(b"\r\n\r\n")
     return int(head.split()[1]), rest
+
+
+def raw_head(port: int, request: bytes) -> tuple[int, bytes]:
+    """Status and header block of the answer to one request sent as bytes (headers as sent, repeated ones too)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head = data.partition(b"\r\n\r\n")[0]
+    return int(head.split()[1]), head
 
 
 def test_a_rebinding_host_is_not_the_api_base(proxy, standin):

@@ -4,8 +4,9 @@ against the strict stand-in.
 
 * Chromium (Debian's, driven by Playwright, launched without any proxy flag): the official @coze/api bundled for
   the browser (`baseURL`, tests/js/sdk/browser_entry.mjs) streams; Coze's chat component @coze/chat-sdk
-  (`setting.apiBaseUrl`, tests/js/chat-sdk/entry.mjs) streams its answer on screen; a page outside coze_origins gets a
-  network error (TypeError) and Coze sees nothing; a page whose name points at 127.0.0.1 (DNS rebinding, simulated
+  (`setting.apiBaseUrl`, tests/js/chat-sdk/entry.mjs) streams its answer on screen; a page outside coze_origins reads
+  the proxy's refusal (403, code 4101, the msg naming --origins: plain fetch and @coze/api's error) and Coze sees
+  nothing; a page whose name points at 127.0.0.1 (DNS rebinding, simulated
   with Chromium's host resolver rules) gets neither the proxy's page nor an API answer.
 * Firefox ESR (Debian's `firefox-esr`, headless, a throwaway profile with no proxy; skipped where it is absent): the
   same @coze/api page streams; the page posts its result back to the page server (no driver needed).
@@ -248,20 +249,44 @@ FETCH_JS = """async ({url, user}) => {
 }"""
 
 
-def test_a_page_outside_coze_origins_gets_a_network_error(chromium, own_page, mitmdump, config_file, standin):
+def test_a_page_outside_coze_origins_reads_why(chromium, own_page, mitmdump, config_file, standin):
+    # Not "TypeError: Failed to fetch" and a console line: the page reads the proxy's answer (403, code 4101, a msg
+    # that names the fix), through plain fetch and through @coze/api's error object, and can show it.
     proxy = mitmdump(f"coze_config={config_file}", "coze_origins=http://localhost:1")
     page = new_page(chromium())
     page.goto(own_page.origin + "/")
+    msg = (f"{own_page.origin} is not in coze_origins: start with --origins {own_page.origin} "
+           "(or --set coze_origins=...)")
     out = page.evaluate(FETCH_JS, {"url": proxy.url + "/v1/conversation/create", "user": ALICE})
-    assert out == {"ok": False, "name": "TypeError", "message": "Failed to fetch"}, out
-    sdk = page.evaluate("""async ({baseURL, user}) => {
+    assert out["ok"] and out["status"] == 403, out
+    assert json.loads(out["text"]) == {"code": 4101, "msg": msg}
+    sdk = page.evaluate("""async ({baseURL, user, bot}) => {
         const coze = new CozeSDK.CozeAPI({token: 'user:' + user, baseURL});
-        try { await coze.conversations.create({}); return {ok: true}; }
-        catch (e) { return {ok: false}; }
-    }""", {"baseURL": proxy.url, "user": ALICE})
-    assert sdk == {"ok": False}
-    assert standin.requests_seen == [] and standin.exchanges == []
-    assert proxy.wait_for_output(r"origin-not-allowed")  # the log says why (the page only sees a network error)
+        const seen = [];
+        const show = (e) => {
+            seen.push({name: e.constructor.name, status: e.status, code: e.code, msg: e.msg});
+            const p = document.createElement('p');
+            p.className = 'coze-error';
+            p.textContent = e.msg || String(e);
+            document.body.append(p);
+        };
+        try { await coze.conversations.create({}); seen.push({ok: true}); } catch (e) { show(e); }
+        try {
+            const stream = await coze.chat.stream({bot_id: bot, user_id: user, additional_messages: [
+                {role: 'user', content: 'hello', content_type: 'text'}]});
+            for await (const part of stream) { seen.push({event: part.event}); }
+        } catch (e) { show(e); }
+        return seen;
+    }""", {"baseURL": proxy.url, "user": ALICE, "bot": BOT})
+    assert sdk[0] == {"name": "PermissionDeniedError", "status": 403, "code": 4101, "msg": msg}, sdk
+    # chat.stream: @coze/api reads no body of a non-2xx streamed answer, so it has the status, not the msg (its own
+    # limit, docs/clients.md); still a PermissionDeniedError with status 403 where it was a network error
+    assert len(sdk) == 2 and (sdk[1]["name"], sdk[1]["status"]) == ("PermissionDeniedError", 403), sdk
+    assert page.locator("p.coze-error").first.inner_text() == msg  # the text reached the page, shown there
+    for url, headers in page.seen:
+        assert "access-control-allow-credentials" not in headers, url
+    assert standin.requests_seen == [] and standin.exchanges == []  # nothing forwarded, no token minted
+    assert proxy.wait_for_output(r"origin-not-allowed")  # the log says it too
 
 
 def test_a_rebinding_name_gets_nothing(chromium, mitmdump, config_file, standin):

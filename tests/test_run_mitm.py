@@ -317,6 +317,26 @@ def test_allow_hosts_patterns():
     assert allowed("sandbox.coze.mitm:443") and allowed("sandbox.coze.mitm:80")
 
 
+@pytest.mark.parametrize("host, api_base", [
+    ("127.0.0.1", "http://127.0.0.1:8123"), ("*", "http://127.0.0.1:8123"), ("0.0.0.0", "http://127.0.0.1:8123"),
+    ("::1", "http://[::1]:8123"), ("192.168.1.20", None),  # --allow-remote on a LAN address: no API base to paste
+])
+def test_banner_names_the_api_base_in_one_line(host, api_base):
+    import run_mitm  # noqa: F401  (puts addons/ on sys.path, as a start does)
+    from launcher.runner import next_steps
+
+    args = run_mitm.make_parser().parse_args(["--origins", "http://localhost:3000"])
+    pl = run_mitm.Plan(args, api_bases=["https://api.coze.cn"])
+    pl.page_origins = frozenset({"http://localhost:3000"})
+    for banner in (next_steps(pl, host, 8123), next_steps(pl, host, 8123, sandbox=object())):
+        lines = [line for line in banner.splitlines() if "API base" in line]
+        if api_base is None:
+            assert lines == []
+        else:
+            assert len(lines) == 1 and api_base in lines[0].split(), lines
+            assert "no proxy setting" in lines[0]
+
+
 # --------------------------------------------------------------------------- --check
 
 def check(config: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -599,6 +619,17 @@ def test_demo_is_labelled_as_a_sandbox(demo):
     assert "SANDBOX" in demo.output and "NOT Coze" in demo.output
     assert "http://coze.mitm/demo" in demo.output
     assert "JWT mode for http://127.0.0.1:" in demo.output
+
+
+def test_demo_banner_names_the_api_base_and_it_answers(demo):
+    lines = [line for line in demo.output.splitlines() if "API base" in line]
+    api_base = f"http://127.0.0.1:{demo.port}"
+    assert len(lines) == 1 and f"{api_base} " in lines[0], lines
+    s = requests.Session()
+    s.trust_env = False  # no proxy: what a page or program pasting the API base does
+    page = s.get(api_base + "/", timeout=10)
+    assert page.status_code == 200 and api_base in page.text
+    assert s.get("http://coze.mitm/status.json", proxies=demo.proxies, timeout=10).json()["api_base"] == api_base
 
 
 def test_demo_config_is_private_and_temporary(tmp_path):

@@ -359,6 +359,7 @@ def test_served_userscript_names_the_port_the_proxy_really_listens_on(tmp_path):
     assert f"coze-mitm proxy ({address})" in meta(script, "description")[0]
     assert config_value(script, "proxy") == address
     assert status["proxy"] == address
+    assert status["api_base"] == f"http://{address}"  # the bound port, as a client with no proxy setting names it
     assert "127.0.0.1:8080" not in meta(script, "description")[0]
 
 
@@ -379,6 +380,31 @@ def test_filled_proxy_address_and_hostile_one_refused():
         fill_userscript(TEMPLATE, [PAGE], {}, proxy="x) @match https://evil/*")
 
 
+@pytest.mark.parametrize("host, port, api_base", [
+    ("", 8080, "http://127.0.0.1:8080"), ("0.0.0.0", 9001, "http://127.0.0.1:9001"), ("127.0.0.1", 9002,
+    "http://127.0.0.1:9002"), ("::1", 9003, "http://[::1]:9003"), ("localhost", 9004, "http://127.0.0.1:9004"),
+    ("192.168.1.5", 9005, None), ("proxy.lan", 9006, None),  # not on loopback: its own address is no API base
+])
+def test_api_base_on_the_status_page_and_in_json(tctx, host, port, api_base):
+    tctx.configure(tctx.pages, listen_host=host, listen_port=port)
+    assert json.loads(body_of(get(tctx.pages, "/status.json")))["api_base"] == api_base
+    html = body_of(get(tctx.pages, "/"))
+    lines = [line for line in html.splitlines() if "API base for your own page" in line]
+    if api_base is None:
+        assert lines == [] and f":{port}</code>" in html  # the proxy's address is still shown, as a proxy
+    else:
+        assert len(lines) == 1 and f"<code>{api_base}</code>" in lines[0]
+
+
+def test_no_api_base_in_reverse_or_socks_mode(tctx):
+    for mode in (["reverse:http://127.0.0.1:9000"], ["socks5"], ["transparent"]):
+        tctx.configure(tctx.pages, mode=mode)
+        assert json.loads(body_of(get(tctx.pages, "/status.json")))["api_base"] is None, mode
+    for mode in (["upstream:http://127.0.0.1:3128"], ["regular", "socks5@1080"]):
+        tctx.configure(tctx.pages, mode=mode)
+        assert json.loads(body_of(get(tctx.pages, "/status.json")))["api_base"] == "http://127.0.0.1:8080", mode
+
+
 def test_bound_port_kept_across_other_option_changes(tctx):
     """After `running` learnt the bound port (listen_port 0), editing another option keeps naming it."""
     tctx.pages._bound_port = 41943  # what running() reads from the proxy server
@@ -386,6 +412,7 @@ def test_bound_port_kept_across_other_option_changes(tctx):
     assert config_value(body_of(get(tctx.pages, "/coze-chat.user.js")), "proxy") == "127.0.0.1:41943"
     tctx.configure(tctx.pages, listen_port=9000)  # servers restarted on the new port
     assert config_value(body_of(get(tctx.pages, "/coze-chat.user.js")), "proxy") == "127.0.0.1:9000"
+    assert json.loads(body_of(get(tctx.pages, "/status.json")))["api_base"] == "http://127.0.0.1:9000"
 
 
 class TestTeam:

@@ -12,6 +12,7 @@ import ipaddress
 import socket
 
 import pytest
+import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -93,6 +94,19 @@ def test_exchange_and_polls_go_through_the_upstream_proxy(corp, tmp_path, upstre
     assert r.status_code == 200 and r.json()["data"]["status"] == "in_progress", r.text
     assert wait_for_line(log, lambda l: l.startswith(f"GET {base}/v3/chat/retrieve?") and l.endswith("auth=ok"))
     assert "through the upstream proxy" in proxy.output
+    # the proxy's own address as the API base (no proxy set in the client, status.json's api_base): through the
+    # upstream proxy as well
+    plain = requests.Session()
+    plain.trust_env = False
+    api_base = session(proxy).get("http://coze.mitm/status.json", timeout=10).json()["api_base"]
+    assert api_base == proxy.url
+    body = {"bot_id": "7000", "user_id": ALICE, "stream": True,
+            "additional_messages": [{"role": "user", "content": "hello directly", "content_type": "text"}]}
+    sent_on = lambda l: l == f"POST {base}/v3/chat auth=ok"  # noqa: E731  (absolute-form, with the login)
+    before = len(lines_of(log, sent_on))
+    r = plain.post(f"{api_base}/v3/chat", headers=tagged(ALICE), json=body, timeout=30)
+    assert r.status_code == 200 and "event:conversation.chat.completed" in r.text, r.text
+    assert len(lines_of(log, sent_on)) == before + 1
     assert PROXY_LOGIN.split(":")[1] not in proxy.output
 
 

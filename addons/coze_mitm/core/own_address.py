@@ -22,6 +22,11 @@ from coze_mitm.core.config import WS_SCHEME_OF_HTTP, Origin, default_ws_origin, 
 # to the proxy's own address is no Coze call: answered here, never forwarded.
 API_PATH = re.compile(r"/(?:v\d{1,2}|api|open_api)/")
 LOCALHOST_OF = frozenset({"127.0.0.1", "::1"})  # the socket addresses `localhost` names (hosts files, RFC 6761)
+# An http(s) origin as a browser serializes it (lower case, IDN as punycode, no default port, no path): the only
+# Origin a refusal on the own address is made readable for (it is echoed in a header and in the message).
+SERIALIZED_ORIGIN = re.compile(r"https?://(?:[a-z0-9_-]{1,63}(?:\.[a-z0-9_-]{1,63})*|\[[0-9a-f:.]{2,45}\])(?::[0-9]{1,5})?")
+MAX_ORIGIN = 200
+ANY_HOST = frozenset({"", "*", "0.0.0.0", "::"})  # listen_host values meaning every interface, loopback included
 
 
 _canonical: dict[str, str | None] = {}  # a socket's address as the OS gives it -> canonical loopback text, or None
@@ -65,6 +70,23 @@ def names_socket(host: str, port: int, sock: tuple[str, int]) -> bool:
 def api_base(host: str, port: int) -> str:
     """The base URL a client pastes, as the request named the proxy (`http://127.0.0.1:8080`, `http://[::1]:8080`)."""
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def listen_api_base(listen_host: str | None, port: int | None) -> str | None:
+    """The API base a program on this machine pastes, for a proxy listening on `listen_host`:`port`, or None when it
+    does not listen on loopback (a LAN address, a host name: its own address is no API base, see names_socket).
+    Every interface includes 127.0.0.1; `localhost` binds a loopback address named 127.0.0.1 here."""
+    host = (listen_host or "").strip().lower()
+    port = 8080 if port is None else port
+    if host in ANY_HOST or host == "localhost":
+        return api_base("127.0.0.1", port)
+    canonical = _canonical_loopback(host.strip("[]"))
+    return None if canonical is None else api_base(canonical, port)
+
+
+def is_serialized_origin(origin: str) -> bool:
+    """Is `origin` an http(s) origin exactly as a browser sends it (so safe to echo, and one coze_origins takes)?"""
+    return len(origin) <= MAX_ORIGIN and SERIALIZED_ORIGIN.fullmatch(origin) is not None
 
 
 def is_api_path(path: str) -> bool:

@@ -21,7 +21,12 @@ flowlog count and log it. What this part adds, because the proxy is now the serv
   machines use the proxy as a proxy, and reach this address only through a tunnel).
 * A request carrying an Origin not in coze_origins (or `null`, or two) is refused here, untagged or not: the page has
   no business with this address. For WebSockets this is the only Origin check a browser gets (WebSockets have no
-  CORS). The refusal has no CORS headers, so the page sees a network error (and the log and status page say why).
+  CORS), and their refusal stays unreadable. An HTTP request from a well-formed http(s) origin gets a refusal its
+  page can read (Access-Control-Allow-Origin for that origin, never credentials; its preflight answered here so the
+  real request comes to be refused): `fetch` sees 403 and the msg saying how to allow the origin, instead of
+  "Failed to fetch". Safe here only because the proxy itself is the server: nothing is forwarded, no token minted,
+  and the page learns nothing but that its origin is not allowed (docs/decisions.md). `null`, several Origins and
+  anything a browser would not send stay unreadable refusals.
 * With mitmproxy's proxyauth, a client without a proxy login gets a JSON refusal instead of mitmproxy's 407 (which a
   browser that set no proxy never answers): users are named by their proxy login, which such a client cannot send.
 
@@ -34,6 +39,7 @@ from __future__ import annotations
 import logging
 
 from mitmproxy import http
+from mitmproxy.proxy.mode_specs import UpstreamMode
 
 from coze_mitm.core import own_address
 from coze_mitm.core.config import DEFAULT_PORTS, WS_SCHEME_OF_HTTP
@@ -42,6 +48,7 @@ from coze_mitm.core.identity import is_loopback
 from coze_mitm.flowmeta import DIRECT, LOCAL_ANSWER, REFUSED
 from coze_mitm.pages import direct_page
 from coze_mitm.parts.answers import answer_json
+from coze_mitm.parts.cors import HEADER_LIST_RE, METHOD_RE
 from coze_mitm.parts.settings import CozeSettings
 
 log = logging.getLogger("coze.direct_api")
@@ -98,7 +105,7 @@ class DirectApi:
             elif key == b"upgrade":
                 websocket = value.strip().lower() == b"websocket"
         if origins and (len(origins) != 1 or origins[0] not in self.settings.page_origins):
-            self._refuse_origin(flow, origins)
+            self._refuse_origin(flow, origins, websocket)
             return
         self._readdress(flow, own, websocket)
 
@@ -126,7 +133,9 @@ class DirectApi:
                 headers.fields = (*fields_[:i], (field[0], host_header),
                                   *(f for f in fields_[i + 1:] if f[0].lower() != b"host"))
                 break
-        if data.authority:
+        if data.authority or (scheme == b"http" and isinstance(flow.client_conn.proxy_mode, UpstreamMode)):
+            # Upstream mode sends a plain-http request to the upstream proxy as it stands (mitmproxy makes it
+            # origin-form only in regular mode): an origin-form one must become absolute-form for it to be routable.
             request.authority = host_header
         flow.metadata[DIRECT] = f"[{own[0]}]:{own[1]}" if ":" in own[0] else f"{own[0]}:{own[1]}"
         flow.comment = f"coze-mitm: sent to the proxy's own address, forwarded to {target}"
@@ -183,17 +192,44 @@ class DirectApi:
                      "from another machine use it as an HTTP proxy")
         return True
 
-    def _refuse_origin(self, flow: http.HTTPFlow, origins: list[str]) -> None:
+    def _refuse_origin(self, flow: http.HTTPFlow, origins: list[str], websocket: bool) -> None:
         if len(origins) != 1:
             self._refuse(flow, 400, 4000, "duplicate-origin",
                          "coze-mitm: the request carries more than one Origin header; send one")
             return
         origin = origins[0]
-        self._refuse(flow, 403, 4101, "origin-not-allowed",
-                     f"coze-mitm: page origin {_shown(origin)} may not use this proxy as its Coze API; if this is your "
-                     "page, add its exact origin to coze_origins (--set coze_origins=...)")
+        if not websocket and own_address.is_serialized_origin(origin):
+            self._refuse_readably(flow, origin)
+        else:
+            self._refuse(flow, 403, 4101, "origin-not-allowed",
+                         f"coze-mitm: page origin {_shown(origin)} may not use this proxy as its Coze API; if this is "
+                         "your page, add its exact origin to coze_origins (--set coze_origins=...)")
         if origin != "null":
             self.settings.origin_refused(origin, "the proxy's own address as its Coze API", logged_already=True)
+
+    def _refuse_readably(self, flow: http.HTTPFlow, origin: str) -> None:
+        """The refusal of a page outside coze_origins, made readable to that page: its preflight gets a 204 allowing
+        what it asked (so the browser sends the real request, to be refused as well), its real request the JSON 403
+        with CORS for that one origin. No Allow-Credentials: a page's cookies never matter here."""
+        asked = flow.request.headers
+        cors = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+        if flow.request.method == "OPTIONS" and "access-control-request-method" in asked:
+            method = asked.get("access-control-request-method", "").strip()
+            requested = asked.get("access-control-request-headers", "").strip()
+            if METHOD_RE.fullmatch(method):
+                cors["Access-Control-Allow-Methods"] = method
+            if HEADER_LIST_RE.fullmatch(requested):
+                cors["Access-Control-Allow-Headers"] = requested
+            if asked.get("access-control-request-private-network", "").lower() == "true":
+                cors["Access-Control-Allow-Private-Network"] = "true"  # a public page's preflight to loopback
+            cors["Vary"] = "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
+            flow.response = http.Response.make(204, b"", {"Cache-Control": "no-store", **cors})
+            flow.metadata[LOCAL_ANSWER] = True
+            self._mark_refused(flow, "origin-not-allowed")
+            return
+        self._refuse(flow, 403, 4101, "origin-not-allowed",
+                     f"{origin} is not in coze_origins: start with --origins {origin} (or --set coze_origins=...)",
+                     cors)
 
     def _no_proxy_login(self, flow: http.HTTPFlow) -> None:
         self._refuse(flow, 403, 4101, "login-unusable",
@@ -201,8 +237,12 @@ class DirectApi:
                      "calls its address directly cannot send: set the proxy in the client (or the browser's PAC file) "
                      "and call the Coze API by its own address")
 
-    def _refuse(self, flow: http.HTTPFlow, status: int, code: int, reason: str, msg: str) -> None:
-        answer_json(flow, status, code, msg)
+    def _refuse(self, flow: http.HTTPFlow, status: int, code: int, reason: str, msg: str,
+                headers: dict[str, str] | None = None) -> None:
+        answer_json(flow, status, code, msg, headers)
+        self._mark_refused(flow, reason)
+
+    def _mark_refused(self, flow: http.HTTPFlow, reason: str) -> None:
         self.settings.stats.refused(reason)
         flow.metadata[REFUSED] = reason
         flow.comment = f"coze-mitm: the proxy's own address: answered locally ({reason}); not forwarded"

@@ -33,7 +33,7 @@ from mitmproxy import ctx, http, tls
 
 from coze_mitm import options
 from coze_mitm.parts import demo
-from coze_mitm.core import metrics
+from coze_mitm.core import metrics, own_address
 from coze_mitm.pages import status_usage
 from coze_mitm.parts.answers import accept_connect
 from coze_mitm.core.config import REPO_ROOT
@@ -82,6 +82,7 @@ class StatusPages:
         self.userscript_version = ""
         self.sdk_url = ""
         self.proxy = proxy_address("", None)  # host:port the served script names (see running)
+        self.api_base: str | None = own_address.listen_api_base("", None)  # the proxy's own address as an API base
         self._bound_port: int | None = None
         self.problems: list[str] = []
         self._ca_cache: tuple | None = None  # ((confdir, mtime, hosts), scoped_ca.describe(...))
@@ -117,6 +118,7 @@ class StatusPages:
         if updated & {"listen_host", "listen_port", "mode"}:
             self._bound_port = None  # the servers are restarted: until `running`, what the options say
         self.proxy = proxy_address(opts.listen_host, self._bound_port or opts.listen_port)
+        self.api_base = self._api_base(self._bound_port or opts.listen_port)
         self._build_userscript()
 
     def running(self):
@@ -125,10 +127,21 @@ class StatusPages:
         addrs = server.listen_addrs() if server is not None else []
         if addrs:
             self._bound_port = addrs[0][1]
+            self.api_base = self._api_base(self._bound_port)
             real = proxy_address(ctx.options.listen_host, self._bound_port)
             if real != self.proxy:
                 self.proxy = real
                 self._build_userscript()
+
+    @staticmethod
+    def _api_base(port: int | None) -> str | None:
+        """The proxy's own address as a Coze API base (parts/direct_api.py): only when it listens on loopback, and
+        only as a regular or upstream proxy (in reverse, SOCKS or transparent mode no request names its address).
+        The first mode's server: the one listen_host/listen_port and `running`'s bound port describe."""
+        modes = ctx.options.mode
+        if modes and not str(modes[0]).startswith(("regular", "upstream")):
+            return None
+        return own_address.listen_api_base(ctx.options.listen_host, port)
 
     def _build_userscript(self) -> None:
         if not self._template:
@@ -229,6 +242,9 @@ class StatusPages:
             "proxy": self.proxy,
             # A browser's automatic proxy configuration URL: only Coze goes through the proxy (parts/pac.py).
             "pac_url": f"http://{self.proxy}{PAC_PATH}",
+            # The proxy's own address as a Coze API base (parts/direct_api.py), for clients that set no proxy; None
+            # when it does not listen on loopback.
+            "api_base": self.api_base,
             "https_needed": self._https_needed(),
             "ca": {
                 # Fetched over https: the browser accepted the proxy's certificate (trusted CA, or a
