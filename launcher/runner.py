@@ -15,8 +15,8 @@ from pathlib import Path
 
 from coze_mitm import READY
 from coze_mitm.core.identity import is_loopback
-from coze_mitm.core.versions import MITMWEB_FIXED, version_tuple
 from coze_mitm.core.own_address import listen_api_base
+from coze_mitm.core.versions import MITMWEB_FIXED, version_tuple
 
 from launcher.args import is_anonymous
 from launcher.browser import find as find_browser, launch as launch_browser
