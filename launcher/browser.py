@@ -297,9 +297,9 @@ def prepare(pl, browser: Browser, proxy: str) -> Session:
     pac = f"http://{proxy}/proxy.pac"
     url = start_url(pl)
     root, signer = confdir / "mitmproxy-ca-cert.pem", confdir / "mitmproxy-ca.pem"
-    env = dict(os.environ)
-    for name in ("COZE_PAT", "COZE_PROXYAUTH"):
-        env.pop(name, None)
+    # None of coze-mitm's own variables (the PAT, proxy logins, the upstream proxy's and Redis' passwords) reaches
+    # the browser or anything it starts; the test hooks below are read here, not passed on either.
+    env = {name: value for name, value in os.environ.items() if not name.upper().startswith("COZE_")}
     certutil = nss_certutil()
     if pl.args.intercept_all and pl.option("confdir") is None:
         tell("note", f"--browser with --intercept-all: the profile trusts mitmproxy's own CA ({root}), which can vouch "

@@ -412,22 +412,35 @@ def test_a_second_bundle_with_its_own_name_registers_beside_coze_mitm():
 
 
 def test_mitmproxy_finds_each_part_by_name_and_forgets_them_with_the_bundle():
-    """ctx.master.addons.get("cors") finds coze.py's Cors part as it would an addon registered on its own; a name
-    another addon holds keeps its owner; removing the bundle (a script reload) takes the parts' names back."""
+    """ctx.master.addons.get("coze-mitm.cors") finds coze.py's Cors part; the names are the bundle's own, so another
+    script's addon called "cors" loads beside it; removing the bundle (a script reload) takes the names back."""
     class Cors:
         pass
 
-    class Proxyauth:  # as mitmproxy's own proxyauth addon is named
-        pass
-
-    cors, mine, theirs = Cors(), Proxyauth(), Proxyauth()
-    with taddons.context(theirs) as tctx:
-        bundle = Bundle(Quiet(), cors, mine)
+    cors, theirs = Cors(), Cors()
+    with taddons.context(theirs) as tctx:  # another script's addon named "cors"
+        bundle = Bundle(Quiet(), cors)
         tctx.master.addons.add(bundle)
-        assert tctx.master.addons.get("cors") is cors and tctx.master.addons.get("quiet") is bundle.parts[0]
-        assert tctx.master.addons.get("proxyauth") is theirs and theirs is not mine
+        assert tctx.master.addons.get("coze-mitm.cors") is cors
+        assert tctx.master.addons.get("coze-mitm.quiet") is bundle.parts[0]
+        assert tctx.master.addons.get("cors") is theirs
         tctx.master.addons.remove(bundle)
-        assert tctx.master.addons.get("cors") is None and tctx.master.addons.get("quiet") is None
-        assert tctx.master.addons.get("proxyauth") is theirs
+        assert tctx.master.addons.get("coze-mitm.cors") is None and tctx.master.addons.get("cors") is theirs
         tctx.master.addons.add(Bundle(Cors(), name="coze-mitm"))  # the reloaded script's bundle names its own
-        assert isinstance(tctx.master.addons.get("cors"), Cors) and tctx.master.addons.get("cors") is not cors
+        found = tctx.master.addons.get("coze-mitm.cors")
+        assert isinstance(found, Cors) and found is not cors
+
+
+@pytest.mark.process
+def test_a_neighbour_addon_with_a_parts_class_name_loads_beside_coze_mitm(tmp_path):
+    """A second script whose addon is called like one of coze-mitm's parts (Cors) starts beside coze.py (mitmproxy
+    refuses two addons of one name: the parts' names are the bundle's)."""
+    neighbour = tmp_path / "neighbour.py"
+    neighbour.write_text("class Cors:\n    pass\n\naddons = [Cors()]\n")
+    (tmp_path / "conf").mkdir()
+    proxy = Mitmdump(tmp_path / "conf", ["coze_pat=pat_" + "N" * 40], extra_args=["-s", str(neighbour)])
+    try:
+        proxy.start()
+        assert "already exists" not in proxy.output and "Addon error" not in proxy.output, proxy.output
+    finally:
+        proxy.stop()

@@ -211,13 +211,17 @@ def test_launched_browser_chats_on_an_https_page_of_the_user_with_no_extension(t
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 def test_stopping_coze_mitm_closes_the_browser_and_removes_its_profile(tmp_path, playwright):
-    launcher = Launcher(tmp_path, "--demo", "--browser", env=chromium_env()).start()
+    secrets = {"COZE_UPSTREAM_AUTH": "corp:Upstream-Pw-1", "COZE_REDIS_PASSWORD": "Redis-Pw-2"}
+    launcher = Launcher(tmp_path, "--demo", "--browser", env=chromium_env(**secrets)).start()
     try:
         assert launcher.wait_for_output(r"started chromium", 20)  # --browser alone: the first installed one
         [profile] = profiles(tmp_path)
         browser = cdp_browser(playwright, profile)  # it really runs
         assert browser.contexts[0].pages
         [browser_pid] = [pid for pid in launcher.children() if "--user-data-dir=" in " ".join(cmdline(pid))]
+        # coze-mitm's own variables (passwords among them) never reach the browser's environment
+        environ = Path(f"/proc/{browser_pid}/environ").read_bytes()
+        assert b"COZE_" not in environ and not any(v.encode() in environ for v in secrets.values())
     finally:
         assert launcher.stop() == 0
     assert not Path(f"/proc/{browser_pid}").exists()

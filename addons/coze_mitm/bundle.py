@@ -19,8 +19,8 @@ What mitmproxy did per addon, done here per part:
 * an exception in one part is logged ("Addon error", with the traceback) and the next parts still run, as
   mitmproxy goes on with the next addon: a part whose job is to refuse answers before anything that can raise.
 
-* mitmproxy finds each part by name (`ctx.master.addons.get("cors")`) and its @command methods: the bundle
-  names its parts when it is loaded and takes the names back when it is done.
+* mitmproxy finds each part by name (`ctx.master.addons.get("coze-mitm.cors")`) and its @command methods: the
+  bundle names its parts, under its own name, when it is loaded and takes the names back when it is done.
 
 The parts keep their hook methods, so each is tested on its own with mitmproxy.test.taddons.
 Why one object at all: `python bench/bundle_dispatch.py` (figures in docs/architecture.md).
@@ -42,11 +42,6 @@ log = logging.getLogger("coze.bundle")
 
 LIFECYCLE = ("load", "configure", "running", "done")
 _PASS_THROUGH = (exceptions.AddonHalt, exceptions.OptionsError)  # what mitmproxy's own safecall lets through
-
-
-def part_name(part) -> str:
-    """The name mitmproxy gives an addon: its `name`, or its class name in lower case."""
-    return getattr(part, "name", type(part).__name__.lower())
 
 
 def handler_of(part, name: str):
@@ -74,9 +69,11 @@ class Bundle:
             else:
                 setattr(self, hook, _in_order(hook, handlers))
 
-        # mitmproxy finds an addon by name (`ctx.master.addons.get("cors")`) and collects its @command methods
-        # when it registers it; it registers only the bundle, so the bundle names its parts itself once they
-        # are loaded, and takes the names back before they are done (a reload's new bundle names its own).
+        # mitmproxy finds an addon by name (`ctx.master.addons.get("coze-mitm.cors")`) and collects its @command
+        # methods when it registers it; it registers only the bundle, so the bundle names its parts itself once
+        # they are loaded, and takes the names back before they are done (a reload's new bundle names its own).
+        # Under the bundle's name: a part's plain class name ("cors", "auth") would take a name another script's
+        # addon may have, and mitmproxy refuses a second addon of one name.
         parts_load, parts_done = getattr(self, "load", None), getattr(self, "done", None)
         self._published: list[str] = []
 
@@ -94,7 +91,7 @@ class Bundle:
     def _publish(self, master) -> None:
         lookup = master.addons.lookup
         for part in self.parts:
-            name = part_name(part)
+            name = self.part_name(part)
             if name in lookup:
                 continue  # a name mitmproxy or another addon holds keeps its owner
             lookup[name] = part
@@ -108,11 +105,15 @@ class Bundle:
             lookup = ctx.master.addons.lookup
         except AttributeError:  # no master (a bare bundle in a test)
             return
-        parts = {part_name(p): p for p in self.parts}
+        parts = {self.part_name(p): p for p in self.parts}
         for name in self._published:
             if lookup.get(name) is parts[name]:
                 del lookup[name]
         self._published.clear()
+
+    def part_name(self, part) -> str:
+        """The name mitmproxy finds a part by: "coze-mitm." + its own name (its `name`, or its class in lower case)."""
+        return f"{self.name}.{getattr(part, 'name', type(part).__name__.lower())}"
 
     def hooks(self) -> dict:
         """Every hook this bundle has, by name."""
