@@ -148,7 +148,7 @@ def test_failure_reaches_every_waiter_and_is_not_cached():
 
     def failing(user_id):
         calls.append(user_id)
-        raise ExchangeError(502, 5000, "nope", "exchange-unreachable")
+        raise ExchangeError(502, 5000, "exchange-unreachable", "nope")
 
     broker = TokenBroker(failing, clock=clock)
 

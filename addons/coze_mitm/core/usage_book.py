@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, NamedTuple, Protocol
 
 from coze_mitm.core import go_reading
+from coze_mitm.core.refusal import RATE_LIMITED, Refusal
 from coze_mitm.core.usage import Usage
 
 OTHERS = "(others)"  # users folded away; no tag id (no parentheses) and no "login:" key can equal it
@@ -312,9 +313,8 @@ def refusal_status(from_page: bool, method: str = "POST") -> int:
 
 
 def budget_refusal(book: UsageBook, user: str, shown_as: str, daily_tokens: int,
-                   method: str, path: str, from_page: bool = False) -> tuple[int, int, str, str, dict[str, str]] | None:
-    """None when the request may go on; otherwise the local answer: (HTTP status, Coze code, reason,
-    message, headers) — code 4013 (Coze's own "rate limited"), Retry-After until the UTC midnight, HTTP 429
+                   method: str, path: str, from_page: bool = False) -> Refusal | None:
+    """None when the request may go on; otherwise the local answer — code 4013 (Coze's own "rate limited"), Retry-After until the UTC midnight, HTTP 429
     (200 for a page: see refusal_status)."""
     if daily_tokens <= 0 or not spends_tokens(method, path):
         return None
@@ -322,7 +322,7 @@ def budget_refusal(book: UsageBook, user: str, shown_as: str, daily_tokens: int,
     if over is None:
         return None
     msg, wait = over
-    return refusal_status(from_page, method), 4013, "budget", msg, {"Retry-After": str(wait)}
+    return Refusal(refusal_status(from_page, method), RATE_LIMITED, "budget", msg, {"Retry-After": str(wait)})
 
 
 def over_budget_msg(book: UsageBook, user: str, shown_as: str, daily_tokens: int) -> tuple[str, int] | None:

@@ -53,6 +53,7 @@ from mitmproxy import ctx, exceptions, http
 from coze_mitm import options
 from coze_mitm.core import fields, logins
 from coze_mitm.core.identity import is_loopback
+from coze_mitm.core.refusal import NO_CREDENTIALS, Refusal, Refused
 from coze_mitm.core.versions import version_tuple
 from coze_mitm.flowmeta import PROXYAUTH
 
@@ -62,12 +63,11 @@ REDACTED = "(password removed by coze-mitm)"
 LOOKUP_THREADS = 2  # directory lookups at once; the others wait their turn (cached answers need none)
 
 
-class LoginRefused(Exception):
+class LoginRefused(Refused):
     """A login that passed mitmproxy's check but cannot be a Coze identity: answered locally."""
 
     def __init__(self, status: int, code: int, reason: str, msg: str):
-        super().__init__(msg)
-        self.status, self.code, self.reason, self.msg = status, code, reason, msg
+        super().__init__(Refusal(status, code, reason, msg))
 
 
 class LoginNames:
@@ -123,7 +123,7 @@ class LoginNames:
                 raise LoginRefused(502, 5000, "login-directory",
                                    f"{e.msg}: coze-mitm names LDAP users by their directory entry; try again "
                                    "shortly, or tell the proxy's operator") from None
-            raise LoginRefused(403, 4101, "login-unusable",
+            raise LoginRefused(403, NO_CREDENTIALS, "login-unusable",
                                f"{e.msg}: coze-mitm names LDAP users by their directory entry") from None
         finally:
             self.lookups += 1
@@ -132,7 +132,7 @@ class LoginNames:
         attribute = "DN" if directory.identity == "dn" else directory.identity
         problem = logins.identity_problem(identity, attribute)
         if problem:
-            raise LoginRefused(403, 4101, "login-unusable", f"{problem}: coze-mitm cannot name this Coze user")
+            raise LoginRefused(403, NO_CREDENTIALS, "login-unusable", f"{problem}: coze-mitm cannot name this Coze user")
         if directory is self.directory:  # not reconfigured meanwhile
             self.cache.put(name, identity)
         return identity
