@@ -8,7 +8,8 @@ import pytest
 
 from coze_mitm.core import config
 from tests.conftest import CLIENT_ID, KID, write_config
-from coze_mitm.core.tokens import CozeTokenExchange, ExchangeError, IssuedToken, LimitError, TokenBroker, scrub
+from coze_mitm.core.exchange import CozeTokenExchange, ExchangeError, IssuedToken, scrub
+from coze_mitm.core.tokens import LimitError, TokenBroker
 
 
 @pytest.fixture

@@ -18,10 +18,7 @@ import logging
 import time
 from typing import Awaitable, Callable
 
-# The exchange's names are part of this module's face (the broker's callers catch ExchangeError).
-from coze_mitm.core.exchange import (  # noqa: F401
-    DEAD, EXCHANGE_HINTS, EXCHANGE_WORKERS, CozeTokenExchange, ExchangeError, IssuedToken, scrub,
-)
+from coze_mitm.core.exchange import DEAD, EXCHANGE_WORKERS, ExchangeError, IssuedToken
 from coze_mitm.core.identity import short_id
 from coze_mitm.core.refusal import RATE_LIMITED, Refusal, Refused
 

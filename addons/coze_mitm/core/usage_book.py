@@ -249,7 +249,6 @@ def sum_rows(rows: Iterable[dict]) -> dict:
 SPENDING_PATHS = ("/v3/chat", "/v3/chat/submit_tool_outputs", "/v1/workflows/chat", "/v1/workflow/run",
                   "/v1/workflow/stream_run", "/v1/workflow/stream_resume")
 WS_CHAT_PATH = "/v1/chat"
-CHAT_PATHS = ("/v3/chat", "/v1/workflows/chat", "/v1/chat")  # each request is one chat
 # Client events of the WebSocket chat (/v1/chat) that make Coze start (or resume) a reply: each is one
 # chat in flight, budgeted before it is forwarded. Over budget, audio input is not forwarded either (with
 # server-side voice detection, audio alone starts replies).

@@ -11,7 +11,7 @@ from __future__ import annotations
 from coze_mitm.core import logins
 from coze_mitm.core import metrics
 from coze_mitm.core.identity import short_id
-from coze_mitm.core.tokens import scrub
+from coze_mitm.core.exchange import scrub
 
 MAX_ROWS = 1000  # status.json: biggest spenders first; the rest only in the totals (and in /metrics)
 
