@@ -44,9 +44,8 @@ from launcher.args import check_args, make_parser  # noqa: E402
 from launcher.ca import prepare as prepare_ca  # noqa: E402
 from launcher.check import run_check  # noqa: E402
 from launcher.common import EXIT_FAILED, EXIT_OK, Fail, Stop, tell  # noqa: E402
-from launcher.plan import Plan, allow_hosts, plan  # noqa: E402,F401  (Plan, allow_hosts: for the tests)
-from launcher.ports import PORT_IN_USE_RE  # noqa: E402,F401
-from launcher.runner import LISTENING_RE, require_safe_mitmweb, run_demo, run_proxy  # noqa: E402,F401
+from launcher.plan import plan  # noqa: E402
+from launcher.runner import require_safe_mitmweb, run_demo, run_proxy  # noqa: E402
 
 
 def main(argv=None):  # argv: list[str] | None; -> the exit code

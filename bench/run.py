@@ -41,7 +41,7 @@ from bench.sections.streams import bench_streams  # noqa: E402
 from coze_mitm.core import config  # noqa: E402
 from sandbox.coze_standin import make_sandbox_app, write_config  # noqa: E402
 from tests.harness import Mitmdump  # noqa: E402
-from coze_mitm.core.tokens import CozeTokenExchange  # noqa: E402
+from coze_mitm.core.exchange import CozeTokenExchange  # noqa: E402
 
 SECTIONS = ("jwt", "memory", "latency", "own", "sse", "first", "streams", "soak", "leaks")
 

@@ -270,7 +270,7 @@ def _check_htpasswd(path: Path) -> None:
     whole file for one of them ("Could not open htpasswd file", no line named); mitmproxy 11 (passlib) takes a
     hash it does not know ({SSHA}, argon2) for a plain-text password, so the hash string itself logs in. The
     addon refuses the same lines when mitmdump starts without this launcher."""
-    from coze_mitm.parts.login import htpasswd_problems
+    from coze_mitm.htpasswd_check import htpasswd_problems
 
     problems = htpasswd_problems(path)
     if problems:

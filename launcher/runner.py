@@ -269,7 +269,7 @@ def run_demo(pl: Plan) -> int:
     """The proxy in front of a local Coze stand-in with a throwaway key, and the demo page."""
     from sandbox.coze_standin import make_sandbox_app, write_config
 
-    from coze_mitm.parts import demo  # addons/demo.py
+    from coze_mitm.core.hosts import DEMO_ORIGIN
 
     standin, sandbox_config = make_sandbox_app("127.0.0.1", 0, delta_gap=0.12)
     workdir = tempfile.mkdtemp(prefix="coze-mitm-demo-")  # mode 0700
@@ -282,7 +282,7 @@ def run_demo(pl: Plan) -> int:
             "a throwaway key, canned replies. The demo page reaches it as http://sandbox.coze.mitm.")
         pl.config_path = config_path
         pl.api_bases.insert(0, standin.base_url)
-        pl.page_origins = pl.page_origins | {demo.DEMO_ORIGIN}
+        pl.page_origins = pl.page_origins | {DEMO_ORIGIN}
         origins = ",".join(sorted(pl.page_origins))
         pl.sets = [(n, v) for n, v in pl.sets if n != "coze_origins"]
         pl.sets += [("coze_config", config_path), ("coze_origins", origins), ("coze_demo", "true")]

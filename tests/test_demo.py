@@ -20,7 +20,8 @@ import socket
 from coze_mitm.parts.csp import Csp
 from coze_mitm.parts.demo import DEFAULT_BOT_ID, SANDBOX_API, SANDBOX_HOST, Demo
 from coze_mitm.parts.settings import CozeSettings
-from coze_mitm.parts.status import VERSION_STATE_FILE, StatusPages
+from coze_mitm.pages.userscript_fill import VERSION_STATE_FILE
+from coze_mitm.parts.status import StatusPages
 from tests.clients import session
 from tests.conftest import TEST_HOME, write_config
 from tests.test_run_mitm import Launcher

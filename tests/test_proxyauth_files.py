@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from coze_mitm.parts.login import htpasswd_problems, mitmproxy_version
+from coze_mitm.htpasswd_check import htpasswd_problems, mitmproxy_version
 from tests.harness import Mitmdump
 from tests.test_run_mitm import check, clean_env, cmdline, launch, messages, run  # noqa: F401  (launch: fixture)
 

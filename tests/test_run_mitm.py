@@ -267,12 +267,12 @@ def test_port_in_use_names_the_holder(tmp_path, rsa_key):
 
 
 def test_port_in_use_seen_in_mitmproxy_output_is_recognised():
-    import run_mitm
+    from launcher.ports import PORT_IN_USE_RE
 
     # What mitmdump 11.0.2 and 12.3.1 print when the port is taken between our check and its bind.
     line = ("[21:59:58.832] [Errno 98] HTTP(S) proxy failed to listen on 127.0.0.1:18777 with [Errno 98] error "
             "while attempting to bind on address ('127.0.0.1', 18777): address already in use")
-    assert run_mitm.PORT_IN_USE_RE.search(line)
+    assert PORT_IN_USE_RE.search(line)
 
 
 @pytest.mark.parametrize("line, where", [
@@ -281,18 +281,19 @@ def test_port_in_use_seen_in_mitmproxy_output_is_recognised():
     ("[22:15:47.969] HTTP(S) proxy (upstream mode) listening at 127.0.0.1:8080.", ("127.0.0.1", "8080")),
 ])
 def test_listening_line_parsed(line, where):
-    import run_mitm
+    from launcher.runner import LISTENING_RE
 
-    assert run_mitm.LISTENING_RE.search(line).groups() == where
+    assert LISTENING_RE.search(line).groups() == where
 
 
 def test_allow_hosts_patterns():
     import run_mitm
+    from launcher.plan import Plan, allow_hosts
 
     args = run_mitm.make_parser().parse_args(["--origins", "https://chat.example.org,http://localhost:3000"])
-    pl = run_mitm.Plan(args, api_bases=["https://api.coze.cn", "http://127.0.0.1:8790"])
+    pl = Plan(args, api_bases=["https://api.coze.cn", "http://127.0.0.1:8790"])
     pl.page_origins = frozenset({"https://chat.example.org", "http://localhost:3000"})
-    patterns = run_mitm.allow_hosts(pl)
+    patterns = allow_hosts(pl)
     assert r"^api\.coze\.cn:443$" in patterns
     assert r"^127\.0\.0\.1:8790$" in patterns
     assert r"^chat\.example\.org:443$" in patterns
@@ -306,14 +307,14 @@ def test_allow_hosts_patterns():
     assert not allowed("www.google.com:443") and not allowed("api.coze.com:443")
     # Coze's WebSocket APIs: the API base's own ws host, and ws(s):// bases of coze_api_hosts.
     assert allowed("ws.coze.cn:443") and not allowed("ws.coze.com:443") and not allowed("sandbox.coze.mitm:443")
-    pl = run_mitm.Plan(args, api_bases=["https://api.coze.com", "wss://ws.example.org:8443"])
+    pl = Plan(args, api_bases=["https://api.coze.com", "wss://ws.example.org:8443"])
     pl.page_origins = frozenset()
-    patterns = run_mitm.allow_hosts(pl)
+    patterns = allow_hosts(pl)
     assert allowed("ws.coze.com:443") and allowed("ws.example.org:8443") and not allowed("ws.example.org:443")
 
-    demo = run_mitm.Plan(run_mitm.make_parser().parse_args(["--demo"]), api_bases=[])
+    demo = Plan(run_mitm.make_parser().parse_args(["--demo"]), api_bases=[])
     demo.page_origins = frozenset()
-    patterns = run_mitm.allow_hosts(demo)
+    patterns = allow_hosts(demo)
     assert allowed("sandbox.coze.mitm:443") and allowed("sandbox.coze.mitm:80")
 
 

@@ -16,9 +16,10 @@ from coze_mitm.parts import status as status_mod
 from coze_mitm.core.identity import short_id
 from coze_mitm.core.csp_policy import CN_SDK_URL
 from coze_mitm.parts.settings import CozeSettings
-from coze_mitm.parts.status import (
-    NO_ORIGIN_MATCH, PAGE_CSP, StatusPages, base_version, fill_userscript, set_version, version_stamp,
-)
+from coze_mitm.pages import status_page
+from coze_mitm.pages.status_page import PAGE_CSP
+from coze_mitm.pages.userscript_fill import NO_ORIGIN_MATCH, base_version, fill_userscript, set_version, version_stamp
+from coze_mitm.parts.status import StatusPages
 
 PAT = "pat_" + "S3cr3tPat" * 4
 PAGE = "https://chat.example.org"
@@ -185,8 +186,8 @@ class TestPages:
 
     def test_inline_style_and_script_match_the_csp_hashes(self, tctx):
         text = body_of(get(tctx.pages, "/"))
-        assert f"<style>{status_mod.STYLE}</style>" in text
-        assert f"<script>{status_mod.PROBE_SCRIPT}</script>" in text
+        assert f"<style>{status_page.STYLE}</style>" in text
+        assert f"<script>{status_page.PROBE_SCRIPT}</script>" in text
         markup = re.sub(r"<script>.*?</script>", "", text, flags=re.S)
         assert not re.search(r"<[^>]*\s(style|on\w+)\s*=", markup, re.I)  # the CSP would block them
 

@@ -8,7 +8,8 @@ import pytest
 
 from coze_mitm.core import config
 from tests.conftest import CLIENT_ID, KID, write_config
-from coze_mitm.core.tokens import CozeTokenExchange, ExchangeError, IssuedToken, LimitError, TokenBroker, scrub
+from coze_mitm.core.exchange import CozeTokenExchange, ExchangeError, IssuedToken, scrub
+from coze_mitm.core.tokens import LimitError, TokenBroker
 
 
 @pytest.fixture
@@ -148,7 +149,7 @@ def test_failure_reaches_every_waiter_and_is_not_cached():
 
     def failing(user_id):
         calls.append(user_id)
-        raise ExchangeError(502, 5000, "nope", "exchange-unreachable")
+        raise ExchangeError(502, 5000, "exchange-unreachable", "nope")
 
     broker = TokenBroker(failing, clock=clock)
 

@@ -53,7 +53,13 @@ def starting_up() -> bool:
 
 
 def declare(loader) -> None:
-    # read by parts/settings.py
+    declare_settings(loader)
+    declare_parts(loader)
+
+
+def declare_settings(loader) -> None:
+    """The options parts/settings.py builds from (the token broker, the origins), with the page options beside
+    them: a runtime change of any of these rebuilds it (SETTINGS_OPTIONS)."""
     loader.add_option(
         "coze_config", str, str(config.DEFAULT_CONFIG_PATH),
         "Path of the OAuth (JWT) app config JSON downloaded from the Coze console.",
@@ -107,6 +113,10 @@ def declare(loader) -> None:
         "font-src https://fonts.example\" (fetch directives and plain sources only).",
     )
 
+
+
+def declare_parts(loader) -> None:
+    """The options the other parts read in their own `configure`."""
     # read by parts/inject.py
     loader.add_option(
         "coze_inject", bool, False,
@@ -187,3 +197,23 @@ class OptionsOnly:
 
     def load(self, loader):
         declare(loader)
+
+
+class _Names:
+    """A loader that only notes the names declared to it."""
+
+    def __init__(self):
+        self.names: list[str] = []
+
+    def add_option(self, name: str, *_args, **_kwargs) -> None:
+        self.names.append(name)
+
+
+def _declared(declare_some) -> frozenset[str]:
+    names = _Names()
+    declare_some(names)
+    return frozenset(names.names)
+
+
+# Derived, never repeated: an option added to declare_settings rebuilds the settings part when changed at runtime.
+SETTINGS_OPTIONS = _declared(declare_settings)

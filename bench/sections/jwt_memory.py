@@ -11,7 +11,8 @@ import tracemalloc
 
 import jwt
 
-from coze_mitm.core.tokens import CozeTokenExchange, IssuedToken, TokenBroker
+from coze_mitm.core.exchange import CozeTokenExchange, IssuedToken
+from coze_mitm.core.tokens import TokenBroker
 
 from .common import Row, ms, pct
 

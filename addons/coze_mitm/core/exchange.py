@@ -25,6 +25,7 @@ import urllib3
 from coze_mitm.core.bounded import decoded_prefix
 from coze_mitm.core.config import OAuthApp
 from coze_mitm.core.outbound import DIRECT, Outbound, SessionSource
+from coze_mitm.core.refusal import REASONS, Refusal, Refused
 
 log = logging.getLogger("coze.tokens")
 
@@ -78,22 +79,16 @@ EXCHANGE_HINTS = {
     "unsupported_grant_type": "the app is not a JWT (service) app: create one of type JWT in the Coze console",
     "internal_error": "Coze had an internal error: try again later and quote the logid to Coze support",
 }
-# Every reason an ExchangeError carries: a fixed set, never upstream text (counters are keyed by it).
-EXCHANGE_REASONS = frozenset(
-    {"exchange-timeout", "exchange-unreachable", "exchange-garbage", "exchange-no-token", "exchange-refused"}
-    | {f"exchange-refused:{code}" for code in EXCHANGE_HINTS}
-)
+# Its reasons (exchange-refused:<error> for each of these) are in core/refusal.REASONS, with their codes:
+# a hint added here is added to refusal.EXCHANGE_ERRORS too (tests/test_refusal.py checks).
 
 
-class ExchangeError(Exception):
-    """A failed token exchange, phrased for the client: HTTP status for our answer, Coze-style code, message."""
+class ExchangeError(Refused):
+    """A failed token exchange, phrased for the client: HTTP status for our answer, Coze-style code, reason
+    (one of refusal.EXCHANGE_REASONS), message; and Coze's logid when it sent one."""
 
-    def __init__(self, status: int, code: int, msg: str, reason: str, logid: str = ""):
-        super().__init__(msg)
-        self.status = status
-        self.code = code
-        self.msg = msg
-        self.reason = reason
+    def __init__(self, status: int, code: int, reason: str, msg: str, logid: str = ""):
+        super().__init__(Refusal(status, code, reason, msg))
         self.logid = logid
 
 
@@ -175,18 +170,16 @@ class CozeTokenExchange:
             raise self.proxy_refused("could not open a connection through it") from None
         except requests.exceptions.SSLError:
             raise ExchangeError(
-                502, 5000,
+                502, 5000, "exchange-unreachable",
                 f"the TLS certificate of Coze's token endpoint {self.app.api_base} could not be verified; where a "
                 "private or corporate CA signs it, name that CA with --set ssl_verify_upstream_trusted_ca=FILE "
                 "(or ssl_verify_upstream_trusted_confdir=DIR)",
-                "exchange-unreachable",
             ) from None
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:  # raw reads raise urllib3's
             raise ExchangeError(
-                502, 5000,
+                502, 5000, "exchange-unreachable",
                 f"cannot reach Coze's token endpoint {self.app.api_base} ({type(e).__name__}); "
                 "check coze_api_base and this machine's network",
-                "exchange-unreachable",
             ) from None
         if answer.status_code == 407:  # an http:// endpoint through a proxy that wants (other) credentials
             raise self.proxy_refused("asked for credentials (HTTP 407) on the way")
@@ -195,18 +188,16 @@ class CozeTokenExchange:
     def proxy_refused(self, what: str) -> ExchangeError:
         """The upstream proxy (mitmproxy's --mode upstream:..., which the exchange follows) said no."""
         return ExchangeError(
-            502, 5000,
+            502, 5000, "exchange-unreachable",
             f"the upstream proxy {what} to Coze's token endpoint {self.app.api_base}; check the proxy in "
             "--mode upstream:... and its credentials in --set upstream_auth=USER:PASS",
-            "exchange-unreachable",
         )
 
     def timed_out(self) -> ExchangeError:
         return ExchangeError(
-            504, 5000,
+            504, 5000, "exchange-timeout",
             f"Coze's token endpoint {self.app.api_base} did not answer within {self.timeout:g} s; "
             "check the network, or raise coze_exchange_timeout",
-            "exchange-timeout",
         )
 
     def _read_answer(self, answer: requests.Response, raw: bytes, assertion: str) -> IssuedToken:
@@ -223,11 +214,11 @@ class CozeTokenExchange:
         if not isinstance(data, dict):
             kind = answer.headers.get("Content-Type", "no content type")
             raise ExchangeError(
-                502, 5000,
+                502, 5000, "exchange-garbage",
                 f"Coze's token endpoint answered HTTP {answer.status_code} with a body that is not a JSON object"
                 f"{' of at most 64 KiB' if oversized else ''} ({scrub(kind, 60, (assertion,))}){at}; "
                 "check coze_api_base points at the Coze API, or try again later",
-                "exchange-garbage", logid,
+                logid,
             )
         error_code = data.get("error_code") or data.get("error")
         if error_code or answer.status_code != 200:
@@ -238,17 +229,17 @@ class CozeTokenExchange:
             hint = EXCHANGE_HINTS.get(error_code, "check the OAuth app config and try again")
             reason = f"exchange-refused:{error_code}" if error_code in EXCHANGE_HINTS else "exchange-refused"
             raise ExchangeError(
-                502, 4100 if error_code in ("invalid_client", "invalid_request") else 5000,
+                502, REASONS[reason], reason,  # 4100 for invalid_client/invalid_request, else 5000
                 f"Coze refused the token exchange: {error_code}: {detail or 'no message'}{at}; {hint}",
-                reason, logid,
+                logid,
             )
         token = data.get("access_token")
         if not isinstance(token, str) or not token:
             raise ExchangeError(
-                502, 5000,
+                502, 5000, "exchange-no-token",
                 f"Coze's token endpoint answered without an access_token{at}; try again later or quote the logid "
                 "to Coze support",
-                "exchange-no-token", logid,
+                logid,
             )
         return IssuedToken(token, self._expiry(data.get("expires_in")), self.clock(), logid)
 

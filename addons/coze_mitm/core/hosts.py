@@ -27,6 +27,7 @@ from coze_mitm.core.config import WS_SCHEME_OF_HTTP, Origin, default_ws_origin, 
 STATUS_HOST = "coze.mitm"  # answered by the proxy itself: status page, userscript, PAC, metrics
 DEFAULT_ONBOARDING_HOST = "mitm.it"  # mitmproxy's CA page (its `onboarding_host` option)
 DEMO_API_HOST = "sandbox.coze.mitm"  # the demo page's name for the local sandbox (parts/demo.py answers it)
+DEMO_ORIGIN = f"http://{STATUS_HOST}"  # the demo page's origin (run_mitm.py --demo adds it to coze_origins)
 # Coze's own hosts: in the demo they are answered locally with a note (never the internet), so the demo's PAC
 # and CA name them too.
 REAL_COZE_HOSTS = frozenset({"api.coze.cn", "api.coze.com", "ws.coze.cn", "ws.coze.com"})

@@ -14,6 +14,8 @@ import re
 import urllib.parse
 from typing import NamedTuple, Protocol
 
+from coze_mitm.core.refusal import NO_CREDENTIALS
+
 # A user id: 1-128 of A-Z a-z 0-9 _ - (Coze's own examples use ids like `UserId123`; Coze documents no alphabet
 # or length for session_name/user_id, so the id keeps to what is safe unchanged in a JWT claim, a URL, a header
 # and a log line, and never holds the ':' of a login's `login:` key). Short ids are fine: what keeps one user
@@ -219,7 +221,7 @@ def admit(headers: HeadersLike, allowed_origins: frozenset[str] | set[str], *,
         return PASS
     if not local_client:
         return Decision.refuse(
-            403, 4101, "remote-client",
+            403, NO_CREDENTIALS, "remote-client",
             "this client is on another machine, and coze-mitm gives Coze credentials to clients on its own "
             "machine only; the proxy's owner can allow it with --set coze_allow_remote=true "
             "(run_mitm.py --allow-remote), best together with proxyauth",
@@ -233,7 +235,7 @@ def admit(headers: HeadersLike, allowed_origins: frozenset[str] | set[str], *,
 
     if origin is None and is_browser:
         return Decision.refuse(
-            403, 4101, "browser-without-origin",
+            403, NO_CREDENTIALS, "browser-without-origin",
             "a browser request without an Origin header gets no Coze credentials; "
             "call the Coze API from a page in coze_origins (the Chat SDK does)",
         )
@@ -241,14 +243,14 @@ def admit(headers: HeadersLike, allowed_origins: frozenset[str] | set[str], *,
         # A browser attaches the cookie by itself, also to top-level GETs of http:// hosts, which carry
         # neither Origin nor Sec-Fetch-*: without an allowed Origin the cookie proves nothing.
         return Decision.refuse(
-            403, 4101, "cookie-without-origin",
+            403, NO_CREDENTIALS, "cookie-without-origin",
             "the coze_user cookie counts only on requests from a page in coze_origins; a program that is not "
             "a browser names its user with the header Authorization: Bearer user:<id>",
         )
     if origin is not None and origin not in allowed_origins:
         shown = "null" if origin == "null" else _describe(origin)
         return Decision.refuse(
-            403, 4101, "origin-not-allowed",
+            403, NO_CREDENTIALS, "origin-not-allowed",
             f"page origin {shown} may not use coze-mitm's Coze credentials; "
             "if this is your page, add its exact origin to coze_origins (--set coze_origins=...)",
             origin=origin,

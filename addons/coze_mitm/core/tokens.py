@@ -18,21 +18,18 @@ import logging
 import time
 from typing import Awaitable, Callable
 
-# The exchange's names are part of this module's face (the broker's callers catch ExchangeError).
-from coze_mitm.core.exchange import (  # noqa: F401
-    DEAD, EXCHANGE_HINTS, EXCHANGE_REASONS, EXCHANGE_WORKERS, CozeTokenExchange, ExchangeError, IssuedToken, scrub,
-)
+from coze_mitm.core.exchange import DEAD, EXCHANGE_WORKERS, ExchangeError, IssuedToken
 from coze_mitm.core.identity import short_id
+from coze_mitm.core.refusal import RATE_LIMITED, Refusal, Refused
 
 log = logging.getLogger("coze.tokens")
 
 
-class LimitError(Exception):
+class LimitError(Refused):
     """Too many new users: answered 429 with Retry-After, never minted."""
 
     def __init__(self, msg: str, retry_after: int):
-        super().__init__(msg)
-        self.msg = msg
+        super().__init__(Refusal(429, RATE_LIMITED, "new-user-limit", msg, {"Retry-After": str(retry_after)}))
         self.retry_after = retry_after
 
 
@@ -98,8 +95,8 @@ class TokenBroker:
         make = getattr(self._fetch, "timed_out", None)
         if make is not None:
             return make()
-        return ExchangeError(504, 5000, f"no token within {self.timeout:g} s; raise coze_exchange_timeout",
-                             "exchange-timeout")
+        return ExchangeError(504, 5000, "exchange-timeout",
+                             f"no token within {self.timeout:g} s; raise coze_exchange_timeout")
 
     def _admit_new_user(self, now: float) -> None:
         if not self.new_users_per_minute:

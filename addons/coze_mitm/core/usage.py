@@ -40,9 +40,6 @@ WORKFLOW_MESSAGE = "Message"  # /v1/workflow/stream_run and stream_resume: node 
 MAX_FRAME = 64 * 1024  # a chat.completed frame is ~1 KB; the text deltas are never kept
 MAX_RETRIEVE_BODY = 256 * 1024
 MAX_COUNT = 10**12  # above any real chat; a bigger figure is garbage, not usage
-# Paths whose answers carry usage (the WebSocket chat reports it the same way in its frames).
-STREAMED_CHAT_PATHS = ("/v3/chat", "/v1/workflows/chat")
-RETRIEVE_PATH = "/v3/chat/retrieve"
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, NamedTuple, Protocol
 
 from coze_mitm.core import go_reading
+from coze_mitm.core.refusal import RATE_LIMITED, Refusal
 from coze_mitm.core.usage import Usage
 
 OTHERS = "(others)"  # users folded away; no tag id (no parentheses) and no "login:" key can equal it
@@ -248,7 +249,6 @@ def sum_rows(rows: Iterable[dict]) -> dict:
 SPENDING_PATHS = ("/v3/chat", "/v3/chat/submit_tool_outputs", "/v1/workflows/chat", "/v1/workflow/run",
                   "/v1/workflow/stream_run", "/v1/workflow/stream_resume")
 WS_CHAT_PATH = "/v1/chat"
-CHAT_PATHS = ("/v3/chat", "/v1/workflows/chat", "/v1/chat")  # each request is one chat
 # Client events of the WebSocket chat (/v1/chat) that make Coze start (or resume) a reply: each is one
 # chat in flight, budgeted before it is forwarded. Over budget, audio input is not forwarded either (with
 # server-side voice detection, audio alone starts replies).
@@ -312,9 +312,8 @@ def refusal_status(from_page: bool, method: str = "POST") -> int:
 
 
 def budget_refusal(book: UsageBook, user: str, shown_as: str, daily_tokens: int,
-                   method: str, path: str, from_page: bool = False) -> tuple[int, int, str, str, dict[str, str]] | None:
-    """None when the request may go on; otherwise the local answer: (HTTP status, Coze code, reason,
-    message, headers) — code 4013 (Coze's own "rate limited"), Retry-After until the UTC midnight, HTTP 429
+                   method: str, path: str, from_page: bool = False) -> Refusal | None:
+    """None when the request may go on; otherwise the local answer — code 4013 (Coze's own "rate limited"), Retry-After until the UTC midnight, HTTP 429
     (200 for a page: see refusal_status)."""
     if daily_tokens <= 0 or not spends_tokens(method, path):
         return None
@@ -322,7 +321,7 @@ def budget_refusal(book: UsageBook, user: str, shown_as: str, daily_tokens: int,
     if over is None:
         return None
     msg, wait = over
-    return refusal_status(from_page, method), 4013, "budget", msg, {"Retry-After": str(wait)}
+    return Refusal(refusal_status(from_page, method), RATE_LIMITED, "budget", msg, {"Retry-After": str(wait)})
 
 
 def over_budget_msg(book: UsageBook, user: str, shown_as: str, daily_tokens: int) -> tuple[str, int] | None:

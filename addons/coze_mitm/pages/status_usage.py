@@ -11,7 +11,7 @@ from __future__ import annotations
 from coze_mitm.core import logins
 from coze_mitm.core import metrics
 from coze_mitm.core.identity import short_id
-from coze_mitm.core.tokens import scrub
+from coze_mitm.core.exchange import scrub
 
 MAX_ROWS = 1000  # status.json: biggest spenders first; the rest only in the totals (and in /metrics)
 
@@ -60,7 +60,7 @@ def metrics_text(settings, accounting, hide_users: bool = False) -> str:
         usage_rows=accounting.book.rows() if accounting is not None else (),
         injected=stats.injected,
         preflights=stats.preflights,
-        refusals=stats.refusals,  # keys are Stats.REASONS (a fixed set) or "other"
+        refusals=stats.refusals,  # keys are core/refusal.REASONS (a fixed set) or "other"
         exchanges=getattr(broker, "results", None) or {},
         display=(lambda _user: ALL_USERS) if hide_users else short_id,
         started=stats.started,

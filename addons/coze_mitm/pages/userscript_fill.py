@@ -21,7 +21,6 @@ from coze_mitm.core.hosts import STATUS_HOST
 from coze_mitm.core.private_files import write_private
 
 NO_ORIGIN_MATCH = "http://no-page-origin-configured.invalid/*"  # .invalid never resolves: matches no page
-DEFAULT_PROXY = "127.0.0.1:8080"
 VERSION_STATE_FILE = "coze-mitm-userscript.json"  # in mitmproxy's confdir: keeps @version stable across restarts
 
 _MATCH_LINE = re.compile(r"// @match\s+.*")

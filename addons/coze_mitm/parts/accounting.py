@@ -52,6 +52,7 @@ from coze_mitm.core.usage import (
     COMPLETED, CREATED, WORKFLOW_MESSAGE, SSEUsageReader, parse_usage, retrieve_body_ok, usage_from_retrieve,
 )
 from coze_mitm.core.identity import short_id
+from coze_mitm.core.refusal import BAD_REQUEST, FAILED, RATE_LIMITED, Refusal
 from coze_mitm.core.usage_book import (
     MAX_RUN_BODY, PAGE_STATUS, PARALLEL_RETRY_AFTER, WS_CHAT_ENDS, WS_CHAT_STARTS, WS_SPENDING, UsageBook, api_prefix,
     async_run_msg, budget_refusal, is_async_run, is_chat, over_budget_msg, parallel_msg, polls_full_msg,
@@ -171,8 +172,8 @@ class Accounting:
 
     # -- budgets (asked by auth before it injects) ------------------------------------------------
     def budget_refusal(self, flow: http.HTTPFlow, user: str, shown_as: str, from_page: bool = False):
-        """None when the request may go to Coze (a chat is then in flight until its answer ends), or
-        (status, code, reason, msg, headers) for a local answer; see usage_book.budget_refusal."""
+        """None when the request may go to Coze (a chat is then in flight until its answer ends), or the
+        Refusal to answer with (or an awaitable of either, with a shared store); see usage_book.budget_refusal."""
         request = flow.request
         if isinstance(self.store, usage_redis.RedisUsageStore) and self.daily_tokens > 0 \
                 and spends_tokens(request.method, request.data.path):
@@ -188,15 +189,15 @@ class Accounting:
             return None
         in_flight = self.flight.count(user)
         if self.max_parallel and in_flight >= self.max_parallel:
-            return (refusal_status(from_page), 4013, "budget", parallel_msg(shown_as, in_flight, self.max_parallel),
-                    {"Retry-After": str(PARALLEL_RETRY_AFTER)})
+            return Refusal(refusal_status(from_page), RATE_LIMITED, "budget",
+                           parallel_msg(shown_as, in_flight, self.max_parallel), {"Retry-After": str(PARALLEL_RETRY_AFTER)})
         uncountable = self._uncountable(request, flow.id, from_page)
         if uncountable is not None:
             return uncountable
         self.flight.add(flow.id, user)
         return None
 
-    def _uncountable(self, request: http.Request, request_id: str, from_page: bool):
+    def _uncountable(self, request: http.Request, request_id: str, from_page: bool) -> Refusal | None:
         """A refusal for a request whose spending the budget could not count, else None (docs/decisions.md)."""
         route = go_reading.route(request.data.path).lower()  # as Coze's Go server routes it: /v1/workflow/%72un too
         if route.endswith("/v1/workflow/run"):
@@ -205,7 +206,7 @@ class Accounting:
             body = b"{}" if raw == b"" else None if raw is None else decoded_prefix(raw, encoding, MAX_RUN_BODY + 1)
             asks = is_async_run(body)
             if asks is not False:
-                return (200 if from_page else 400, 4000, "budget", async_run_msg(asks is True), {})
+                return Refusal(200 if from_page else 400, BAD_REQUEST, "budget", async_run_msg(asks is True))
             return None
         if api_prefix(request.data.path) is not None or route.endswith(WORKFLOWS_CHAT):
             # A chat's usage may have to be polled (answered in_progress): it holds a poll slot from now until
@@ -215,8 +216,8 @@ class Accounting:
             if polls + len(self._poll_slots) >= MAX_POLLERS:
                 self._forget_lost_slots()
             if polls + len(self._poll_slots) >= MAX_POLLERS:
-                return (refusal_status(from_page), 4013, "budget", polls_full_msg(polls + len(self._poll_slots)),
-                        {"Retry-After": str(PARALLEL_RETRY_AFTER)})
+                return Refusal(refusal_status(from_page), RATE_LIMITED, "budget",
+                               polls_full_msg(polls + len(self._poll_slots)), {"Retry-After": str(PARALLEL_RETRY_AFTER)})
             self._poll_slots[request_id] = time.monotonic()
         return None
 
@@ -227,7 +228,7 @@ class Accounting:
             del self._poll_slots[key]
 
     async def _shared_refusal(self, key: str, user: str, shown_as: str, starts_chat: bool, from_page: bool,
-                              method: str = "POST"):
+                              method: str = "POST") -> Refusal | None:
         """The budget decision of every proxy sharing the store, in one step: None (the chat is in flight under
         `key`), or the refusal (over budget, at the parallel cap, or the store cannot be asked)."""
         store = self.store
@@ -245,14 +246,15 @@ class Accounting:
                    f"({store.path}) does not answer; a budget that cannot be checked is not a budget, so chats wait "
                    f"until it is back (the proxy's owner sees why in its log)")
             page = status == PAGE_STATUS
-            return (PAGE_STATUS if page else 503), (4013 if page else 5000), "budget-store", msg, {"Retry-After": "5"}
+            return Refusal(PAGE_STATUS if page else 503, RATE_LIMITED if page else FAILED, "budget-store", msg,
+                           {"Retry-After": "5"})
         if verdict == usage_redis.AT_CAP:
-            return (status, 4013, "budget", parallel_msg(shown_as, in_flight, self.max_parallel),
-                    {"Retry-After": str(PARALLEL_RETRY_AFTER)})
+            return Refusal(status, RATE_LIMITED, "budget", parallel_msg(shown_as, in_flight, self.max_parallel),
+                           {"Retry-After": str(PARALLEL_RETRY_AFTER)})
         self.book.note_today(user, used)
         over = over_budget_msg(self.book, user, shown_as, self.daily_tokens)
         msg, wait = over if over is not None else (f"coze-mitm: {shown_as} has used the daily budget", 60)
-        return status, 4013, "budget", msg, {"Retry-After": str(wait)}
+        return Refusal(status, RATE_LIMITED, "budget", msg, {"Retry-After": str(wait)})
 
     def in_flight(self) -> dict:
         poll = self.poller.stats.as_dict() if self.poller is not None else None
@@ -506,7 +508,7 @@ class Accounting:
             return
         if starts or flow.id not in self._ws_warned:
             self._ws_warned.add(flow.id)  # audio: said once per socket, then dropped quietly
-            self._refuse_event(flow, message, refusal[1], refusal[3])
+            self._refuse_event(flow, message, refusal.code, refusal.msg)
         else:
             message.drop()
             self.refused_ws_events += 1

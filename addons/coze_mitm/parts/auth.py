@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 import weakref
+from typing import Mapping
 
 from mitmproxy import ctx, http
 
@@ -31,6 +32,7 @@ from coze_mitm.parts.coze_answers import COZE_HINTS, INVALID_TOKEN_CODES, Hints,
 from coze_mitm.core.identity import short_id
 from coze_mitm.parts.retry import TokenRetry
 from coze_mitm.parts.settings import CozeSettings
+from coze_mitm.core.refusal import NO_CREDENTIALS
 from coze_mitm.core.tokens import ExchangeError, LimitError
 from coze_mitm.flowmeta import COZE_USER, REFUSED, TOKEN_RETRY
 
@@ -202,7 +204,7 @@ class Auth:
         name = proxy_login(flow)
         problem = "the request carries no proxy login" if name is None else logins.login_problem(name, self.settings.login_mode)
         if problem:
-            self._refuse(flow, 403, 4101, "login-unusable",
+            self._refuse(flow, 403, NO_CREDENTIALS, "login-unusable",
                          f"{problem}: coze-mitm names Coze users by their proxy login; log in with another name")
             return None
         return name
@@ -216,7 +218,7 @@ class Auth:
             try:
                 user_id = await names.resolve(name)
             except LoginRefused as e:
-                self._refuse(flow, e.status, e.code, e.reason, e.msg)
+                self._refuse(flow, *e.refusal)
                 return
             if flow.response is not None or not flow.live:
                 return
@@ -238,8 +240,7 @@ class Auth:
             return False
         if inspect.isawaitable(refusal):
             return refusal  # the caller awaits the shared store's decision
-        status, code, reason, msg, headers = refusal
-        self._refuse(flow, status, code, reason, msg, headers)
+        self._refuse(flow, *refusal)
         return True
 
     def _is_local(self, flow: http.HTTPFlow) -> bool:
@@ -270,10 +271,10 @@ class Auth:
                 token = await self.settings.broker.token_for(user_id)
             except ExchangeError as e:
                 self.settings.stats.error(e.reason, e.msg, e.logid)
-                self._refuse(flow, e.status, e.code, e.reason, e.msg)
+                self._refuse(flow, *e.refusal)
                 return
             except LimitError as e:
-                self._refuse(flow, 429, 4013, "new-user-limit", e.msg, {"Retry-After": str(e.retry_after)})
+                self._refuse(flow, *e.refusal)
                 return
             if not flow.live:
                 # The client gave up while the token was minted (it stays cached for next time). Nothing is
@@ -310,7 +311,8 @@ class Auth:
         self._refuse(flow, 503, 5000, "not-configured", f"coze-mitm cannot add credentials: {self.settings.problem}")
 
     def _refuse(self, flow: http.HTTPFlow, status: int, code: int, reason: str, msg: str,
-                headers: dict[str, str] | None = None) -> None:
+                headers: Mapping[str, str] | None = None) -> None:
+        """Answer locally, not forwarded (the fields of a core.refusal.Refusal: `self._refuse(flow, *refusal)`)."""
         answer_json(flow, status, code, msg, headers)
         self.settings.stats.refused(reason)
         flow.comment = f"coze-mitm: answered locally ({reason}); not forwarded"

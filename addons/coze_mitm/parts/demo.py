@@ -34,7 +34,7 @@ from mitmproxy import ctx, http, tls
 from coze_mitm.parts.answers import accept_connect, answer_json
 from coze_mitm.core.config import Origin, parse_api_origin
 from coze_mitm.core.config import PYTHON
-from coze_mitm.core.hosts import DEMO_API_HOST as SANDBOX_HOST, REAL_COZE_HOSTS, STATUS_HOST
+from coze_mitm.core.hosts import DEMO_API_HOST as SANDBOX_HOST, DEMO_ORIGIN, REAL_COZE_HOSTS, STATUS_HOST
 from coze_mitm.core.identity import is_loopback
 from coze_mitm.parts.settings import CozeSettings
 from coze_mitm.flowmeta import DEMO_ROUTED
@@ -44,7 +44,6 @@ log = logging.getLogger("coze.demo")
 DEMO_PATHS = ("/demo", "/demo/")
 DEMO_HTML = Path(__file__).resolve().parent.parent / "pages" / "demo.html"
 SANDBOX_API = f"http://{SANDBOX_HOST}"
-DEMO_ORIGIN = f"http://{STATUS_HOST}"
 DEFAULT_BOT_ID = "7000000000000000001"
 # Coze's own hosts (REAL_COZE_HOSTS) are answered here in the demo (a JSON note that the demo talks to the
 # sandbox), never tunnelled to the internet: a page written for the real Coze then says why it gets no answer.

@@ -45,6 +45,7 @@ from coze_mitm.core import own_address
 from coze_mitm.core.config import DEFAULT_PORTS, WS_SCHEME_OF_HTTP
 from coze_mitm.core.hosts import STATUS_HOST
 from coze_mitm.core.identity import is_loopback
+from coze_mitm.core.refusal import NO_CREDENTIALS
 from coze_mitm.flowmeta import DIRECT, LOCAL_ANSWER, REFUSED
 from coze_mitm.pages import direct_page
 from coze_mitm.parts.answers import answer_json
@@ -187,7 +188,7 @@ class DirectApi:
         peer = flow.client_conn.peername
         if peer and is_loopback(str(peer[0])):
             return False
-        self._refuse(flow, 403, 4101, "remote-client",
+        self._refuse(flow, 403, NO_CREDENTIALS, "remote-client",
                      "coze-mitm: the proxy's own address is a Coze API base for programs on this machine only; "
                      "from another machine use it as an HTTP proxy")
         return True
@@ -201,7 +202,7 @@ class DirectApi:
         if not websocket and own_address.is_serialized_origin(origin):
             self._refuse_readably(flow, origin)
         else:
-            self._refuse(flow, 403, 4101, "origin-not-allowed",
+            self._refuse(flow, 403, NO_CREDENTIALS, "origin-not-allowed",
                          f"coze-mitm: page origin {_shown(origin)} may not use this proxy as its Coze API; if this is "
                          "your page, add its exact origin to coze_origins (--set coze_origins=...)")
         if origin != "null":
@@ -227,12 +228,12 @@ class DirectApi:
             flow.metadata[LOCAL_ANSWER] = True
             self._mark_refused(flow, "origin-not-allowed")
             return
-        self._refuse(flow, 403, 4101, "origin-not-allowed",
+        self._refuse(flow, 403, NO_CREDENTIALS, "origin-not-allowed",
                      f"{origin} is not in coze_origins: start with --origins {origin} (or --set coze_origins=...)",
                      cors)
 
     def _no_proxy_login(self, flow: http.HTTPFlow) -> None:
-        self._refuse(flow, 403, 4101, "login-unusable",
+        self._refuse(flow, 403, NO_CREDENTIALS, "login-unusable",
                      "coze-mitm: this proxy names its users by their proxy login (proxyauth), which a client that "
                      "calls its address directly cannot send: set the proxy in the client (or the browser's PAC file) "
                      "and call the Coze API by its own address")

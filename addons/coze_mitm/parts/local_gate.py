@@ -66,13 +66,13 @@ from mitmproxy.proxy import server_hooks
 from coze_mitm.core import destinations
 from coze_mitm.core.hosts import STATUS_HOST
 from coze_mitm.core.identity import is_loopback
+from coze_mitm.core.refusal import NO_CREDENTIALS
 from coze_mitm.flowmeta import REFUSED
 from coze_mitm.pages.pac import PAC_PATH
 from coze_mitm.parts.answers import answer_json
 
 log = logging.getLogger("coze.local_gate")
 
-CODE = 4101  # the code auth uses for "clients on other machines get no credentials"
 LOOP_STATUS, LOOP_CODE = 508, 4000  # 508 Loop Detected: the request names the proxy itself
 FAILED_STATUS, FAILED_CODE = 502, 5000  # auth's "internal-error" answer
 SETTING = "coze_allow_remote"
@@ -253,7 +253,7 @@ class LocalGate:
 
     def _refuse(self, flow: http.HTTPFlow, kind: str, what: str) -> None:
         if kind == "remote":
-            answer_json(flow, 403, CODE, self._message(kind, what))
+            answer_json(flow, 403, NO_CREDENTIALS, self._message(kind, what))
             flow.metadata[REFUSED] = "remote-client"
             flow.comment = "coze-mitm: client on another machine, destination on this host: refused"
         else:

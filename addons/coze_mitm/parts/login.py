@@ -24,9 +24,9 @@ Which logins can be a Coze identity, and as what: core/logins.py. With LDAP the 
 entry, not the typed name: `LoginNames` looks the entry up (core/directory.py) in worker threads, cached per
 typed name, the first time a typed name asks for credentials.
 
-Also here, because no other place can say it: which lines of an `@htpasswd` file the running mitmproxy
-cannot verify (mitmproxy 12 refuses the whole file for one apr1 line, without naming it), and the warning
-that Basic proxy logins cross the network in clear when the proxy listens beyond loopback.
+Also here: the warning that Basic proxy logins cross the network in clear when the proxy listens beyond
+loopback. Which lines of an `@htpasswd` file the running mitmproxy cannot verify: htpasswd_check.py (the
+launcher asks it too).
 
 The password stays in `flow.metadata["proxyauth"]`, which `-w` files save and mitmweb shows:
 `strip_password` replaces it (the username is kept, the tuple shape too).
@@ -53,7 +53,8 @@ from mitmproxy import ctx, exceptions, http
 from coze_mitm import options
 from coze_mitm.core import fields, logins
 from coze_mitm.core.identity import is_loopback
-from coze_mitm.core.versions import version_tuple
+from coze_mitm.core.refusal import NO_CREDENTIALS, Refusal, Refused
+from coze_mitm.htpasswd_check import htpasswd_problems
 from coze_mitm.flowmeta import PROXYAUTH
 
 log = logging.getLogger("coze.login")
@@ -62,12 +63,11 @@ REDACTED = "(password removed by coze-mitm)"
 LOOKUP_THREADS = 2  # directory lookups at once; the others wait their turn (cached answers need none)
 
 
-class LoginRefused(Exception):
+class LoginRefused(Refused):
     """A login that passed mitmproxy's check but cannot be a Coze identity: answered locally."""
 
     def __init__(self, status: int, code: int, reason: str, msg: str):
-        super().__init__(msg)
-        self.status, self.code, self.reason, self.msg = status, code, reason, msg
+        super().__init__(Refusal(status, code, reason, msg))
 
 
 class LoginNames:
@@ -123,7 +123,7 @@ class LoginNames:
                 raise LoginRefused(502, 5000, "login-directory",
                                    f"{e.msg}: coze-mitm names LDAP users by their directory entry; try again "
                                    "shortly, or tell the proxy's operator") from None
-            raise LoginRefused(403, 4101, "login-unusable",
+            raise LoginRefused(403, NO_CREDENTIALS, "login-unusable",
                                f"{e.msg}: coze-mitm names LDAP users by their directory entry") from None
         finally:
             self.lookups += 1
@@ -132,7 +132,7 @@ class LoginNames:
         attribute = "DN" if directory.identity == "dn" else directory.identity
         problem = logins.identity_problem(identity, attribute)
         if problem:
-            raise LoginRefused(403, 4101, "login-unusable", f"{problem}: coze-mitm cannot name this Coze user")
+            raise LoginRefused(403, NO_CREDENTIALS, "login-unusable", f"{problem}: coze-mitm cannot name this Coze user")
         if directory is self.directory:  # not reconfigured meanwhile
             self.cache.put(name, identity)
         return identity
@@ -263,110 +263,6 @@ def clear_text_warning(spec: str | None, listen_host: str | None) -> str | None:
     return ("proxy logins are Basic authentication, sent in clear text with every request; with the proxy "
             f"listening on {listen_host or 'every interface'}, anyone on the network path can read them: "
             "reach it through an SSH tunnel (ssh -L 8080:127.0.0.1:8080 HOST) or a TLS front such as stunnel")
-
-
-# ----------------------------------------------------------------------------- htpasswd lines
-
-_SCHEMES = (  # (prefix, what it is, what makes it)
-    ("$apr1$", "apr1 MD5", "htpasswd -m"),
-    ("$2y$", "bcrypt", "htpasswd -B"), ("$2b$", "bcrypt", "htpasswd -B"), ("$2a$", "bcrypt", "htpasswd -B"),
-    ("{SHA}", "SHA-1", "htpasswd -s"), ("{SSHA}", "salted SHA-1 {SSHA}", "slappasswd"),
-    ("{SSHA256}", "salted SHA-256 {SSHA256}", "LDAP tools"), ("{SSHA512}", "salted SHA-512 {SSHA512}", "LDAP tools"),
-    ("$argon2", "argon2", "argon2 tools, not Apache's htpasswd"), ("$scrypt$", "scrypt", "not Apache's htpasswd"),
-    ("$1$", "MD5-crypt", "openssl passwd -1"), ("$5$", "SHA-256-crypt", "htpasswd -2"),
-    ("$6$", "SHA-512-crypt", "htpasswd -5"),
-)
-
-
-def scheme_of(pwhash: str) -> str:
-    for prefix, name, made in _SCHEMES:
-        if pwhash.startswith(prefix):
-            return f"{name} ({made})"
-    if len(pwhash) == 13:
-        return "DES crypt (htpasswd -d)"
-    if pwhash.startswith(("{", "$")):
-        return "of an unknown scheme"
-    return "plain text (htpasswd -p)"
-
-
-# What a line's hash is, when the reader takes it for no hash at all: the line's text is then the password.
-TEXT_IS_PASSWORD = "the text after the colon is itself the password"
-
-
-def _line_verifier():
-    """A function (user, pwhash) -> None or why the running mitmproxy cannot verify that line: it asks
-    mitmproxy's own htpasswd reader (12.x: mitmproxy.utils.htpasswd; 11.x: passlib)."""
-    try:
-        from mitmproxy.utils import htpasswd as mitm_htpasswd  # mitmproxy >= 12
-    except ImportError:
-        mitm_htpasswd = None
-    if mitm_htpasswd is not None:
-        def verify(user: str, pwhash: str) -> str | None:
-            try:
-                mitm_htpasswd.HtpasswdFile(f"{user}:{pwhash}").check_password(user, "coze-mitm-probe")
-            except Exception as e:
-                return str(e) or type(e).__name__
-            return None
-        return verify
-
-    import passlib.apache
-
-    def verify(user: str, pwhash: str) -> str | None:
-        try:
-            f = passlib.apache.HtpasswdFile.from_string(f"{user}:{pwhash}\n")
-            # passlib's htpasswd context ends with "plaintext", which claims every string no other scheme
-            # claims ({SSHA}..., $argon2id$...): mitmproxy 11 then compares the password with the hash string
-            if f.context.identify(pwhash) == "plaintext":
-                return TEXT_IS_PASSWORD
-            f.check_password(user, "coze-mitm-probe")
-        except Exception as e:
-            return str(e) or type(e).__name__
-        return None
-    return verify
-
-
-def htpasswd_problems(path: Path) -> list[str]:
-    """One message per line of an htpasswd file the running mitmproxy cannot read or verify, naming the
-    line, the user, the hash scheme, what mitmproxy does about it and the fix. [] when all is well (or
-    when the file cannot be read: mitmproxy itself says so)."""
-    try:
-        text = Path(path).read_text("utf-8")
-    except (OSError, UnicodeDecodeError):
-        return []
-    version = mitmproxy_version()
-    whole_file = version >= (12,)  # mitmproxy 12's reader refuses the whole file for one bad line
-    consequence = (f"mitmproxy {'.'.join(map(str, version))} then refuses the WHOLE file "
-                   "(\"Could not open htpasswd file\") and does not start" if whole_file
-                   else f"mitmproxy {'.'.join(map(str, version))} loads the file but this user cannot log in")
-    verify = _line_verifier()
-    problems = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        user, sep, pwhash = line.partition(":")
-        if not sep or not user:
-            problems.append(f"{path} line {number}: not USER:HASH; {consequence}; remove or fix the line")
-            continue
-        why = verify(user, pwhash)
-        if why is None:
-            continue
-        if why == TEXT_IS_PASSWORD:
-            problems.append(f"{path} line {number} (user {user!r}): its hash is {scheme_of(pwhash)}, which "
-                            f"mitmproxy {'.'.join(map(str, version))} does not know as a hash: it takes the text "
-                            "after the colon for a plain-text password, so that text itself logs in; fix: "
-                            f"htpasswd -B {path} {user} (bcrypt)")
-            continue
-        problems.append(f"{path} line {number} (user {user!r}): its hash is {scheme_of(pwhash)}, which "
-                        f"this mitmproxy cannot verify ({why}); {consequence}; fix: htpasswd -B {path} {user} "
-                        "(bcrypt)")
-    return problems
-
-
-def mitmproxy_version() -> tuple[int, ...]:
-    from mitmproxy import version
-
-    return version_tuple(version.VERSION)
 
 
 def proxy_login(flow: http.HTTPFlow) -> str | None:

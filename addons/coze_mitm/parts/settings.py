@@ -1,17 +1,15 @@
-"""The coze_* options, validated in one place, and the state the other addons share.
-
-Every other addon reads its settings from here rather than from ctx.options, so a bad value is
-refused once, at startup, with one line naming the cause and the fix.
+"""The settings part: checks the coze_* options it builds from (options.declare_settings, SETTINGS_OPTIONS) and
+builds what they describe: the token broker, the Coze API/WebSocket and page origins, and how coze-mitm's own
+requests leave (mitmproxy's connection options). A bad value is refused with one line naming the cause and the
+fix. The other parts ask it about a request (is_coze_api, page_origin_of), read `started`, count into `stats`
+(core/stats.py) and note refused origins; they read their own options in their own `configure`.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import os
-import time
-from dataclasses import dataclass, field
 
 from mitmproxy import ctx, http
 from mitmproxy.proxy import mode_specs
@@ -24,50 +22,17 @@ from coze_mitm.core.refused_origins import RefusedOrigins
 from coze_mitm.core.config import WS_SCHEME_OF_HTTP, ConfigError, Origin
 from coze_mitm.core.hosts import DEFAULT_ONBOARDING_HOST, STATUS_HOST, Handled, coze_origins
 from coze_mitm.core.identity import is_loopback
-from coze_mitm.core.exchange import EXCHANGE_REASONS, CozeTokenExchange, scrub
+from coze_mitm.core.exchange import CozeTokenExchange
+from coze_mitm.core.stats import Stats
 from coze_mitm.core.outbound import DIRECT, Outbound, OutboundError
 from coze_mitm.core.tokens import PatBroker, TokenBroker
 
 log = logging.getLogger("coze.settings")
 
-OPTION_NAMES = (
-    "coze_config", "coze_pat", "coze_origins", "coze_api_base", "coze_api_hosts", "coze_token_ttl",
-    "coze_exchange_timeout", "coze_max_users", "coze_new_users_per_minute", "coze_bot_id", "coze_title",
-    "coze_sdk_url", "coze_csp", "coze_csp_extra", "coze_allow_remote",
-)
 # mitmproxy's own options that say how a connection leaves this machine: coze-mitm's own requests follow them
 CONNECTION_OPTIONS = frozenset({
     "mode", "upstream_auth", "ssl_insecure", "ssl_verify_upstream_trusted_ca", "ssl_verify_upstream_trusted_confdir",
 })
-
-
-@dataclass
-class Stats:
-    """What the status page shows: counters and the last errors (never a secret)."""
-
-    started: float = field(default_factory=time.time)
-    requests: int = 0
-    injected: int = 0
-    preflights: int = 0
-    refusals: collections.Counter = field(default_factory=collections.Counter)
-    last_errors: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
-    page_notes: dict = field(default_factory=dict)  # page origin -> what the status page says about it (csp.py)
-
-    # The keys `refusals` may have: a fixed set, so no upstream text (nor anyone's choice of words) can grow
-    # status.json or reach it. A reason not listed here is counted as "other": add new reasons here.
-    REASONS = frozenset({
-        "malformed-tag", "duplicate-origin", "browser-without-origin", "cookie-without-origin",
-        "origin-not-allowed", "remote-client", "tag-to-other-host", "not-configured", "internal-error",
-        "new-user-limit", "login-unusable", "login-directory", "budget", "budget-store", *EXCHANGE_REASONS,
-    })
-
-    def refused(self, reason: str) -> None:
-        self.refusals[reason if reason in self.REASONS else "other"] += 1
-
-    def error(self, reason: str, msg: str, logid: str = "") -> None:
-        # Bounded whatever the caller passes: 20 entries of at most ~1 KB each.
-        self.last_errors.append({"time": time.time(), "reason": scrub(reason, 80), "msg": scrub(msg, 600),
-                                 "logid": scrub(logid, 80)})
 
 
 class CozeSettings:
@@ -120,7 +85,7 @@ class CozeSettings:
             self.login_mode = logins.auth_mode(getattr(ctx.options, "proxyauth", None))
         if updated & CONNECTION_OPTIONS:
             self._configure_outbound()
-        if not updated & set(OPTION_NAMES) and self.broker is not None:
+        if not updated & options.SETTINGS_OPTIONS and self.broker is not None:
             return
         try:
             self._rebuild()

@@ -42,15 +42,12 @@ from coze_mitm.core.identity import is_loopback, short_id
 from coze_mitm.core.config import PYTHON
 from coze_mitm.core.hosts import STATUS_HOST
 from coze_mitm.parts.settings import CozeSettings
-from coze_mitm.pages.status_page import PAGE_CSP, PROBE_SCRIPT, STYLE, render  # noqa: F401  (STYLE, PROBE_SCRIPT: for the tests)
+from coze_mitm.pages.status_page import PAGE_CSP, render
 from coze_mitm.core.exchange import scrub
 from coze_mitm.core import scoped_ca
 from coze_mitm.pages import userscript_fill
 from coze_mitm.pages.pac import PAC_PATH
-from coze_mitm.pages.userscript_fill import (  # noqa: F401  (re-exported: the tests and older imports use status.*)
-    NO_ORIGIN_MATCH, VERSION_STATE_FILE, base_version, fill_userscript, proxy_address, script_origins, set_version,
-    version_stamp,
-)
+from coze_mitm.pages.userscript_fill import proxy_address, script_origins
 
 log = logging.getLogger("coze.status")
 
