@@ -324,10 +324,11 @@ def test_allow_hosts_patterns():
 ])
 def test_banner_names_the_api_base_in_one_line(host, api_base):
     import run_mitm  # noqa: F401  (puts addons/ on sys.path, as a start does)
+    from launcher.plan import Plan
     from launcher.runner import next_steps
 
     args = run_mitm.make_parser().parse_args(["--origins", "http://localhost:3000"])
-    pl = run_mitm.Plan(args, api_bases=["https://api.coze.cn"])
+    pl = Plan(args, api_bases=["https://api.coze.cn"])
     pl.page_origins = frozenset({"http://localhost:3000"})
     for banner in (next_steps(pl, host, 8123), next_steps(pl, host, 8123, sandbox=object())):
         lines = [line for line in banner.splitlines() if "API base" in line]
