@@ -165,8 +165,8 @@ def _fold_sets(args: argparse.Namespace) -> None:
             raise Fail("--set upstream_auth=... would show the proxy password to every user of this machine in ps: "
                        f"pass it as {UPSTREAM_AUTH_ENV}=user:password in the environment", EXIT_USAGE)
         if name == "coze_usage_file" and _redis_password_in(value):
-            raise Fail("--set coze_usage_file=redis://:password@... would show the Redis password to every user of this "
-                       f"machine in ps: drop it from the URL and pass it as {REDIS_PASSWORD_ENV} in the environment",
+            raise Fail("--set coze_usage_file=redis://:password@... would show the Redis password to every user of "
+                       f"this machine in ps: drop it from the URL and pass it as {REDIS_PASSWORD_ENV} in the environment",
                        EXIT_USAGE)
         if name == "mode" and value.startswith("upstream:") and "@" not in value:
             passed.append((name, value))  # where the proxy sends requests, not where it listens (--host/--port)

@@ -381,7 +381,8 @@ def test_replacing_a_redis_store_while_running_closes_it_off_the_loop_and_hides_
         acc = Accounting()
         with taddons.context(OptionsOnly(), acc) as tctx:
             with caplog.at_level(logging.INFO):
-                tctx.configure(acc, confdir=str(tmp_path), coze_usage_file=f"redis://:pw-in-url-4711@127.0.0.1:{port}/0")
+                url = f"redis://:pw-in-url-4711@127.0.0.1:{port}/0"
+                tctx.configure(acc, confdir=str(tmp_path), coze_usage_file=url)
                 acc.running()
                 acc.book.tokens("bob", 3)
                 tctx.configure(acc, coze_usage_file="memory")

@@ -287,12 +287,12 @@ class RedisUsageStore:
     async def aclose(self) -> None:
         """close() on the running loop (coze_usage_file or coze_usage_lease changed while the proxy runs):
         the same writes with the asyncio client, so the loop never waits for Redis."""
+        if self._client is None:  # never loaded: nothing of it on the loop
+            self.close()
+            return
         batches = self._stop()
         if self._task is not None:
-            try:
-                await self._task  # cancelled: a call it had under way ends first
-            except BaseException:  # noqa: B036 - its CancelledError (or its last failure) ends it, nothing more
-                pass
+            await asyncio.gather(self._task, return_exceptions=True)  # cancelled: a call under way ends first
         try:
             if batches or self._held:
                 for batch_id, rows in batches:
