@@ -6,9 +6,11 @@ import argparse
 import os
 import re
 import stat
+import urllib.parse
 from pathlib import Path
 
 from coze_mitm.core.identity import is_loopback
+from coze_mitm.core.usage_redis import PASSWORD_ENV as REDIS_PASSWORD_ENV
 from launcher.common import DEFAULT_PORT, DEMO_URL, EXIT_CODES_HELP, EXIT_USAGE, PROG, PYTHON, Fail, tell
 
 # Options this launcher owns: setting them with --set would bypass its checks.
@@ -162,6 +164,10 @@ def _fold_sets(args: argparse.Namespace) -> None:
         if name == "upstream_auth":
             raise Fail("--set upstream_auth=... would show the proxy password to every user of this machine in ps: "
                        f"pass it as {UPSTREAM_AUTH_ENV}=user:password in the environment", EXIT_USAGE)
+        if name == "coze_usage_file" and _redis_password_in(value):
+            raise Fail("--set coze_usage_file=redis://:password@... would show the Redis password to every user of "
+                       f"this machine in ps: drop it from the URL and pass it as {REDIS_PASSWORD_ENV} in the environment",
+                       EXIT_USAGE)
         if name == "mode" and value.startswith("upstream:") and "@" not in value:
             passed.append((name, value))  # where the proxy sends requests, not where it listens (--host/--port)
             continue
@@ -181,6 +187,17 @@ def _fold_sets(args: argparse.Namespace) -> None:
             passed.append((name, value))
     _refuse_repeated(passed)
     args.sets = passed
+
+
+def _redis_password_in(value: str) -> bool:
+    """Whether a coze_usage_file value is a Redis URL carrying a password (redis://[user]:password@host)."""
+    value = value.strip()
+    if not value.lower().startswith(("redis://", "rediss://")):
+        return False
+    try:
+        return bool(urllib.parse.urlsplit(value).password)
+    except ValueError:
+        return "@" in value  # unparsable: the proxy refuses it anyway; a password may be in it all the same
 
 
 def _refuse_repeated(sets: list[tuple[str, str]]) -> None:

@@ -27,11 +27,12 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, port: int | None = None, password: str = PASSWORD):
+    def __init__(self, directory: Path, port: int | None = None, password: str = PASSWORD, extra: tuple = ()):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.password = password
+        self.extra = list(extra)  # more redis-server arguments (--replicaof ...)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -46,7 +47,7 @@ class RedisServer:
     def start(self) -> "RedisServer":
         args = [binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
                 "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
-                "--requirepass", self.password, "--logfile", str(self.dir / "redis.log")]
+                "--requirepass", self.password, "--logfile", str(self.dir / "redis.log"), *self.extra]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

@@ -234,6 +234,15 @@ def test_pat_in_set_refused_without_echoing_it():
     assert "SECRETSECRET" not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("url", ["redis://:rEdisSECRET@10.0.0.5:6379/0", "rediss://team:rEdisSECRET@redis.internal/1"])
+def test_redis_password_in_set_refused_without_echoing_it(url):
+    result = run("--set", f"coze_usage_file={url}")
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert "COZE_REDIS_PASSWORD" in line and "ps" in line
+    assert "rEdisSECRET" not in result.stdout + result.stderr
+
+
 def test_missing_config_refused_before_starting(tmp_path):
     result = run("--config", str(tmp_path / "absent.json"), cwd=tmp_path)
     assert result.returncode == 3

@@ -254,3 +254,148 @@ def test_a_wrong_password_is_said_without_the_password(server):
         assert await store.reserve("u-1", utc_day(time.time()), 100, 4, "m") == (DOWN, 0, 0)
         store.close()
     run(main())
+
+
+def commands(client, name: str) -> int:
+    """How many times a Redis server ran the command `name` (INFO commandstats)."""
+    return int(client.info("commandstats").get(f"cmdstat_{name}", {}).get("calls", 0))
+
+
+@needs_redis
+@pytest.mark.process
+def test_a_read_only_replica_is_one_line_until_it_takes_writes(server, tmp_path):
+    """A replica answers PING but refuses writes: the store stays "cannot be used" (one line), not back and
+    forth every second; it is back (one line) once writes succeed."""
+    replica = redis_server.RedisServer(tmp_path / "replica", extra=(
+        "--replicaof", "127.0.0.1", str(server.port), "--masterauth", server.password)).start()
+
+    async def main():
+        lines = []
+        store = store_for(replica.url, lines, refresh=0.05)
+        store.load("x")
+        await until(lambda: store.error)
+        assert "cannot be used (ReadOnlyError" in store.error
+        pings = commands(replica.client(), "ping")
+        await until(lambda: commands(replica.client(), "ping") >= pings + 5)  # five more tries, each refused
+        assert lines == [store.error]
+        assert await store.reserve("u-1", utc_day(time.time()), 100, 4, "m") == (DOWN, 0, 0)
+        replica.client().replicaof("NO", "ONE")  # promoted: writes go through
+        await until(lambda: not store.error)
+        assert len(lines) == 2 and "reachable again" in lines[1]
+        assert (await store.reserve("u-1", utc_day(time.time()), 100, 4, "m"))[0] == GO
+        await store.aclose()
+    try:
+        run(main())
+    finally:
+        replica.stop()
+
+
+@needs_redis
+@pytest.mark.process
+def test_ended_chats_free_their_places_even_when_a_decision_fails(server):
+    """The ended chats a failing call carried are sent with the next one, not left to expire with the lease."""
+    async def main():
+        lines = []
+        store = store_for(server.url, lines, refresh=0.05)  # the default lease: 30 s
+        store.load("x")
+        day = utc_day(time.time())
+        member = store.new_member()
+        assert (await store.reserve("u-1", day, 100, 4, member))[0] == GO
+        assert server.client().zcard("coze-mitm:flight:u-1") == 1
+        server.client().client_pause(2500, all=False)  # writes (scripts too) wait: the next call times out
+        store.release(member)  # the chat ended; its removal rides on the next call...
+        assert (await store.reserve("u-2", day, 100, 4, "m2"))[0] == DOWN  # ...which fails
+        assert "unreachable (TimeoutError" in store.error
+        await until(lambda: server.client().zcard("coze-mitm:flight:u-1") == 0)  # well within the lease
+        await store.aclose()
+    run(main())
+
+
+@needs_redis
+@pytest.mark.process
+def test_a_burst_of_decisions_uses_a_bounded_pool_of_connections(server):
+    async def main():
+        store = store_for(server.url, [])
+        store.load("x")
+        day = utc_day(time.time())
+        verdicts = await asyncio.gather(*[store.reserve(f"u-{i}", day, 100, 4, f"m{i}") for i in range(200)])
+        assert [v[0] for v in verdicts] == [GO] * 200
+        # the pool keeps what it opened: at most MAX_CONNECTIONS, besides this test's own client
+        assert int(server.client().info("clients")["connected_clients"]) <= usage_redis.MAX_CONNECTIONS + 1
+        await store.aclose()
+    run(main())
+
+
+@needs_redis
+@pytest.mark.process
+def test_the_snapshot_reads_today_every_time_and_all_time_rarely_and_bounded(server):
+    """The all-time hashes hold every user id ever seen: read once a minute, all_time_max users at most;
+    today's users are read every second, their all-time figures with them."""
+    client = server.client()
+    client.hset("coze-mitm:all:tokens", mapping={f"old-{i}": i for i in range(5000)})
+    client.hset("coze-mitm:all:chats", mapping={f"old-{i}": 1 for i in range(5000)})
+    client.hset("coze-mitm:all:tokens", "alice", 100)
+    client.hset("coze-mitm:all:chats", "alice", 2)
+
+    async def main():
+        store = store_for(server.url, [], refresh=0.05, all_time_max=300)
+        snapshots = []
+        book = UsageBook(store)
+        book.load()
+        absorb = store.on_rows
+        store.on_rows = lambda rows, today: (snapshots.append(len(rows)), absorb(rows, today))
+        book.tokens("alice", 7)
+        def alice():
+            return next((r for r in book.rows() if r["user"] == "alice"), None)
+        await until(lambda: len(snapshots) >= 5 and (alice() or {}).get("tokens") == 107)
+        assert alice() == {"user": "alice", "chats": 2, "tokens": 107, "tokens_today": 7}
+        assert max(snapshots) <= 300 + 1  # the bound, plus today's user
+        assert commands(client, "hgetall") <= 2 * len(snapshots)  # today's two hashes, never the all-time ones
+        scans = commands(client, "hscan")
+        assert 1 <= scans <= 300 // usage_redis.SCAN_COUNT + 2  # one bounded read (default: once a minute)
+        await store.aclose()
+    run(main())
+
+
+@needs_redis
+@pytest.mark.process
+def test_replacing_a_redis_store_while_running_closes_it_off_the_loop_and_hides_the_password(tmp_path, caplog,
+                                                                                             monkeypatch):
+    """coze_usage_file changed while the proxy runs: the old Redis store is closed by a task on the loop, not by
+    a blocking client in configure. A password in the URL: one warning naming COZE_REDIS_PASSWORD, never it."""
+    import logging
+    import socket
+
+    from mitmproxy.test import taddons
+
+    from coze_mitm.options import OptionsOnly
+    from coze_mitm.parts.accounting import Accounting
+
+    monkeypatch.delenv(usage_redis.PASSWORD_ENV, raising=False)
+    silent = socket.socket()  # accepts connections (the kernel's backlog) but never answers: Redis hanging
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    port = silent.getsockname()[1]
+
+    async def main():
+        acc = Accounting()
+        with taddons.context(OptionsOnly(), acc) as tctx:
+            with caplog.at_level(logging.INFO):
+                url = f"redis://:pw-in-url-4711@127.0.0.1:{port}/0"
+                tctx.configure(acc, confdir=str(tmp_path), coze_usage_file=url)
+                acc.running()
+                acc.book.tokens("bob", 3)
+                tctx.configure(acc, coze_usage_file="memory")
+                # configure returned before any attempt to write: the close waits on the loop, not in it
+                assert not [r for r in caplog.records if "could not be written" in r.getMessage()]
+                assert acc._closing
+                await until(lambda: not acc._closing)
+        text = [r.getMessage() for r in caplog.records]
+        assert any("3 Coze tokens counted last could not be written" in line for line in text)
+        warned = [line for line in text if "password in the URL" in line]
+        assert len(warned) == 1 and "COZE_REDIS_PASSWORD" in warned[0]
+        assert not any("pw-in-url-4711" in line for line in text)
+    try:
+        run(main())
+    finally:
+        silent.close()

@@ -11,7 +11,9 @@ event loop but never blocking it (every call is awaited, with a timeout). It kee
   proxy holding an entry renews it every lease/3 seconds, so a proxy that dies frees its entries within
   one lease;
 * the new-users-per-minute window (a sorted set), and which users the team has seen today;
-* what the status pages and /metrics show: a snapshot of every user's figures, refreshed every second.
+* what the status pages and /metrics show: today's figures refreshed every second (with the all-time
+  figures of today's users); the all-time figures of the other users read once a minute, ALL_TIME_MAX
+  users at most (the all-time hashes hold every user id ever seen, and ids are chosen by clients).
 
 Redis unreachable: one warning line (start-up or later), budget decisions answer "down" at once (the
 accounting part refuses budgeted chats, naming the store), usage waits in a bounded queue and is written
@@ -43,6 +45,10 @@ REFRESH = 1.0  # seconds between snapshots for the status pages (and between rec
 GATHER = 0.02  # seconds a write waits for more: many chats' usage and ends in one round trip, 20 ms later at most
 DAY_TTL = 400 * 86400  # a day's hash is kept this long (the SQLite store keeps its rows for ever)
 BATCH_ROWS = 500  # (user, day) rows per write
+MAX_CONNECTIONS = 32  # the asyncio client's pool: past it a command waits (TIMEOUT at most) for a free connection
+ALL_TIME_EVERY = 60.0  # seconds between reads of the all-time figures of users not active today
+ALL_TIME_MAX = 10_000  # users read at most from the all-time hashes (HSCAN, in Redis' order), once a minute
+SCAN_COUNT = 1000  # HSCAN's COUNT hint: fields per round trip
 
 # KEYS: the batch's id key ("" when the call carries no usage). ARGV: prefix, day TTL, the number of in-flight
 # entries to remove, those (set, member) pairs, then (user, day, chats, tokens) per row. One call per write: the
@@ -151,6 +157,7 @@ class RedisSpec:
         host = f"[{self.host}]" if ":" in self.host else self.host
         # What every message shows: never the password (nor which one was given).
         self.shown = f"{parts.scheme.lower()}://{host}:{port}/{self.db}"
+        self.password_in_url = bool(parts.password)  # it then shows in ps and mitmweb's Options: worth a warning
         self._url = url
 
     def client(self, asyncio_client: bool = True):
@@ -168,7 +175,13 @@ class RedisSpec:
                   "health_check_interval": 0, "decode_responses": True}
         if self.password is not None:
             kwargs["password"] = self.password
-        return module.Redis.from_url(self._url, **kwargs)
+        if not asyncio_client:
+            return module.Redis.from_url(self._url, **kwargs)
+        # A bounded pool (redis-py's default is 2**31 connections): a burst of chat starts waits for a free
+        # connection instead of opening one each against the Redis every proxy shares.
+        pool = module.BlockingConnectionPool.from_url(self._url, max_connections=MAX_CONNECTIONS, timeout=TIMEOUT,
+                                                      **kwargs)
+        return module.Redis.from_pool(pool)  # closing the client closes its pool
 
     def scrub(self, text: str) -> str:
         if self.password:
@@ -196,11 +209,14 @@ class RedisUsageStore:
 
     def __init__(self, url: str, *, lease: float = LEASE, max_pending: int = 100_000,
                  on_error: Callable[[str], None] | None = None, on_info: Callable[[str], None] | None = None,
-                 refresh: float = REFRESH, environ=os.environ):
+                 refresh: float = REFRESH, all_time_every: float = ALL_TIME_EVERY,
+                 all_time_max: int = ALL_TIME_MAX, environ=os.environ):
         self.spec = RedisSpec(url, environ)
         self.path = self.spec.shown  # what the status page shows as "usage_file"
         self.lease = lease
         self.refresh = refresh
+        self.all_time_every = all_time_every
+        self.all_time_max = all_time_max
         self.max_pending = max_pending
         self.on_error = on_error or log.warning
         self.on_info = on_info or log.info
@@ -222,6 +238,8 @@ class RedisUsageStore:
         self._scripts: dict[str, object] = {}
         self._renewed = 0.0
         self._snapshot_at = 0.0
+        self._all_time: dict[str, tuple[int, int]] = {}  # user -> (chats, tokens) from the last all-time read
+        self._all_time_at = float("-inf")
 
     # -- UsageStore ----------------------------------------------------------------------------------
     def load(self, today: str) -> list[StoredUsage]:
@@ -247,12 +265,8 @@ class RedisUsageStore:
 
     def close(self) -> None:
         """At exit: what is still queued is written (a blocking client: the loop is stopping), this proxy's
-        in-flight entries are removed."""
-        self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-        batches = self._unsent + ([("b" + secrets.token_hex(8), self._pending)] if self._pending else [])
-        self._unsent, self._pending = [], {}
+        in-flight entries are removed. While the proxy runs on, use aclose()."""
+        batches = self._stop()
         if not batches and not self._held:
             return
         try:
@@ -268,11 +282,49 @@ class RedisUsageStore:
                 pipe.execute()
             client.close()
         except Exception as e:  # redis.RedisError, OSError: the loss is said, with its size
-            chats = sum(c for _, rows in batches for c, _t in rows.values())
-            tokens = sum(t for _, rows in batches for _c, t in rows.values())
-            if chats or tokens:
-                self.on_error(f"coze-mitm: usage store {self.path}: {chats} chats and {tokens} Coze tokens counted "
-                              f"last could not be written at exit ({self._why(e)}); they are lost")
+            self._say_lost(batches, e)
+
+    async def aclose(self) -> None:
+        """close() on the running loop (coze_usage_file or coze_usage_lease changed while the proxy runs):
+        the same writes with the asyncio client, so the loop never waits for Redis."""
+        if self._client is None:  # never loaded: nothing of it on the loop
+            self.close()
+            return
+        batches = self._stop()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)  # cancelled: a call under way ends first
+        try:
+            if batches or self._held:
+                for batch_id, rows in batches:
+                    for suffix, args in _chunks(rows):
+                        await self._scripts["apply"](keys=[PREFIX + "batch:" + batch_id + suffix], args=args)
+                if self._held:
+                    pipe = self._client.pipeline(transaction=False)
+                    for member, user in self._held.items():
+                        pipe.zrem(_flight_key(user), member)
+                    await pipe.execute()
+        except Exception as e:
+            self._say_lost(batches, e)
+        finally:
+            if self._client is not None:
+                await self._client.aclose()
+
+    def _stop(self) -> list[tuple[str, dict[tuple[str, str], list[int]]]]:
+        """Stops the task; returns every batch still to write."""
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+        batches = self._unsent + ([("b" + secrets.token_hex(8), self._pending)] if self._pending else [])
+        self._unsent, self._pending = [], {}
+        return batches
+
+    def _say_lost(self, batches, e: BaseException) -> None:
+        """redis.RedisError, OSError at close: the loss is said, with its size."""
+        chats = sum(c for _, rows in batches for c, _t in rows.values())
+        tokens = sum(t for _, rows in batches for _c, t in rows.values())
+        if chats or tokens:
+            self.on_error(f"coze-mitm: usage store {self.path}: {chats} chats and {tokens} Coze tokens counted "
+                          f"last could not be written at exit ({self._why(e)}); they are lost")
 
     # -- budgets and the parallel cap ----------------------------------------------------------------
     def new_member(self) -> str:
@@ -290,6 +342,7 @@ class RedisUsageStore:
                 keys=[_day_key(day, "tokens"), _flight_key(user)],
                 args=[user, budget, cap, member, int(self.lease * 1000), *ended])
         except Exception as e:
+            self._releases[:0] = releases  # not removed: sent with the next call (else they keep places a lease)
             self._down(e)
             return DOWN, 0, 0
         if verdict == 0 and member:
@@ -328,6 +381,9 @@ class RedisUsageStore:
             try:
                 if self.error or first:
                     await self._client.ping()
+                    # Up only once a write succeeds: a read-only replica (or an ACL without writes) answers
+                    # PING, and every decision would fail again right after.
+                    await self._client.set(PREFIX + "alive:" + self.proxy_id, "1", ex=max(60, int(self.lease)))
                     self._up(first)
                 first = False
                 await self._write()
@@ -362,12 +418,17 @@ class RedisUsageStore:
         while self._releases or self._unsent:
             releases, self._releases = self._releases, []
             ended = [x for user, member in releases for x in (_flight_key(user), member)]
-            if not self._unsent:
-                await self._scripts["apply"](keys=[""], args=[PREFIX, DAY_TTL, len(releases), *ended])
-                continue
-            batch_id, rows = self._unsent[0]
-            for suffix, args in _chunks(rows, ended):
-                await self._scripts["apply"](keys=[PREFIX + "batch:" + batch_id + suffix], args=args)
+            try:
+                if not self._unsent:
+                    await self._scripts["apply"](keys=[""], args=[PREFIX, DAY_TTL, len(releases), *ended])
+                    continue
+                batch_id, rows = self._unsent[0]
+                for suffix, args in _chunks(rows, ended):
+                    await self._scripts["apply"](keys=[PREFIX + "batch:" + batch_id + suffix], args=args)
+                    releases = []  # the first chunk removed them
+            except BaseException:
+                self._releases[:0] = releases  # not removed yet: sent again with the next write
+                raise
             self._unsent.pop(0)
             self.writes += 1
 
@@ -381,14 +442,24 @@ class RedisUsageStore:
         if self.on_rows is None or self.today is None:
             return
         today = self.today()
+        now = time.monotonic()
+        if now - self._all_time_at >= self.all_time_every:
+            self._all_time_at = now
+            await self._read_all_time()
         pipe = self._client.pipeline(transaction=False)
-        for key in (PREFIX + "all:chats", PREFIX + "all:tokens", _day_key(today, "chats"), _day_key(today, "tokens")):
-            pipe.hgetall(key)
-        chats, tokens, chats_today, tokens_today = await pipe.execute()
-        figures: dict[str, list[int]] = {}
-        for i, table in enumerate((chats, tokens, chats_today, tokens_today)):
-            for user, value in table.items():
-                figures.setdefault(user, [0, 0, 0, 0])[i] = int(value)
+        pipe.hgetall(_day_key(today, "chats"))
+        pipe.hgetall(_day_key(today, "tokens"))
+        chats_today, tokens_today = await pipe.execute()
+        figures: dict[str, list[int]] = {user: [c, t, 0, 0] for user, (c, t) in self._all_time.items()}
+        users = list(chats_today.keys() | tokens_today.keys())
+        if users:  # today's users: their all-time figures as fresh as today's
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hmget(PREFIX + "all:chats", users)
+            pipe.hmget(PREFIX + "all:tokens", users)
+            chats, tokens = await pipe.execute()
+            for user, c, t in zip(users, chats, tokens):
+                figures[user] = [int(c or 0), int(t or 0), int(chats_today.get(user) or 0),
+                                 int(tokens_today.get(user) or 0)]
         # What this proxy counted but Redis has not acknowledged yet still shows.
         for rows in [self._pending, *(r for _, r in self._unsent)]:
             for (user, day), (c, t) in rows.items():
@@ -399,6 +470,19 @@ class RedisUsageStore:
                     f[2] += c
                     f[3] += t
         self.on_rows([StoredUsage(u, *f) for u, f in figures.items()], today)
+
+    async def _read_all_time(self) -> None:
+        """At most all_time_max users' all-time figures (HSCAN: bounded round trips, never the whole hash)."""
+        tokens: dict[str, str] = {}
+        cursor = 0
+        while True:
+            cursor, part = await self._client.hscan(PREFIX + "all:tokens", cursor, count=SCAN_COUNT)
+            tokens.update(part)
+            if not cursor or len(tokens) >= self.all_time_max:
+                break
+        users = list(tokens)[:self.all_time_max]
+        chats = await self._client.hmget(PREFIX + "all:chats", users) if users else []
+        self._all_time = {u: (int(c or 0), int(tokens[u] or 0)) for u, c in zip(users, chats)}
 
     # -- health ----------------------------------------------------------------------------------------
     def _why(self, e: BaseException) -> str:

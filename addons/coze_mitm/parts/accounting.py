@@ -35,6 +35,7 @@ The user is the key the auth addon leaves in flow.metadata["coze_user"] (a tag i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -93,6 +94,7 @@ class Accounting:
         self._poll_slots: dict[str, float] = {}
         self.started = False
         self._ws_warned: set[str] = set()  # sockets told once that their audio is not forwarded
+        self._closing: set[asyncio.Task] = set()  # Redis stores being closed on the loop (a reference each)
 
 
     def configure(self, updated):
@@ -123,7 +125,7 @@ class Accounting:
     def _open(self, spec: str) -> None:
         """At start-up (before traffic): read the file once, then only the writer thread touches it."""
         if self.store is not None:
-            self.book.close()
+            self._close_store()
         self.store = None
         self.flight = InFlight()
         if getattr(self.settings, "shared_admission", None) is not None:
@@ -154,12 +156,31 @@ class Accounting:
             self.book = UsageBook(max_users=self.max_users)
             options.refuse(f"coze-mitm: {problem}", started=self.started)
             return
+        if store.spec.password_in_url:
+            # Said, never shown: an option's value is in ps and mitmweb's Options view.
+            log.warning(f"coze-mitm: coze_usage_file {store.path}: the password in the URL shows in ps and mitmweb's "
+                        f"Options; give it as {usage_redis.PASSWORD_ENV} in the environment instead")
         self.store = store
         self.book = UsageBook(store, max_users=self.max_users)
         self.flight = SharedInFlight(store)
         self.book.load()
         if self.settings is not None:
             self.settings.shared_admission = store.admit
+
+    def _close_store(self) -> None:
+        """The store is replaced: a Redis one closes on the loop while the proxy runs (its blocking close
+        could hold the loop for Redis' connect timeout); a file, or any store before the loop runs, at once."""
+        if isinstance(self.store, usage_redis.RedisUsageStore):
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:
+                task = loop.create_task(self.store.aclose())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+                return
+        self.book.close()
 
     def running(self):
         self.started = True
