@@ -16,7 +16,8 @@ decided on Python's reading can be walked around (docs/coze-reading.md has the m
   from Python or not at all: invalid UTF-8 (Go reads it, as U+FFFD), trailing data after the value (a Go
   `Decoder` reads the first value and ignores the rest), NaN/Infinity (Python reads them, Go does not), a
   top level that is no object, and nesting deeper than `MAX_DEPTH` (Go reads up to 10,000 levels; Python's
-  parser fails near 1,000, so past the bound nothing is read but refused). `field()` is Go's reading of one
+  parser fails near 1,000, so past the bound nothing is read but refused), and what is too much work for
+  the proxy's event loop (`cheap_to_read()`: over 64 KiB with more than 4,096 values). `field()` is Go's reading of one
   field, and says when the keys that could fill it disagree (a reader keyed exactly, like a Go map or gjson,
   would read another value): for a budgeted user such an object is refused, not guessed.
 """
@@ -29,6 +30,11 @@ from urllib.parse import unquote_to_bytes
 
 MAX_DEPTH = 128  # Coze's events and bodies nest a few levels; deeper is refused for budgeted users
 WALK_LIMIT = 256  # values of a parsed object looked at for its depth; past that its brackets are counted instead
+# What read_object parses on the event loop (docs/decisions.md, "JSON read on the event loop"): Python's parser
+# costs per value (a nested list ~0.5 us), a string's bytes cost little. Any input up to ON_LOOP_BYTES (its
+# costliest shape, arrays 127 deep, ~18 ms for 64 KiB), a bigger one only with at most MAX_VALUES values.
+ON_LOOP_BYTES = 64 * 1024
+MAX_VALUES = 4096
 
 
 class Unreadable(ValueError):
@@ -121,7 +127,8 @@ _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 def _deeper_than(obj, raw: bytes, max_depth: int) -> bool:
     """Whether the parsed value nests deeper than max_depth: its containers walked (an event has a handful:
-    a few us), or, past WALK_LIMIT values looked at, its brackets counted in C instead."""
+    a few us), or, past WALK_LIMIT values looked at, its brackets counted in C instead (up to ON_LOOP_BYTES: the
+    string regex costs ~40 ms a MiB of escapes; a bigger input has fewer than MAX_VALUES values, all walked)."""
     stack = [(obj, 1)]
     looked = 0
     while stack:
@@ -130,7 +137,7 @@ def _deeper_than(obj, raw: bytes, max_depth: int) -> bool:
             return True
         children = node.values() if isinstance(node, dict) else node
         looked += len(children)
-        if looked > WALK_LIMIT:
+        if looked > WALK_LIMIT and len(raw) <= ON_LOOP_BYTES:
             return _deeper_by_brackets(raw, max_depth)
         for child in children:
             if isinstance(child, (dict, list)):
@@ -149,6 +156,15 @@ def _deeper_by_brackets(raw: bytes, max_depth: int) -> bool:
     return bool(brackets)
 
 
+def cheap_to_read(raw: bytes) -> bool:
+    """Whether read_object's work on `raw` is small enough for the event loop. Every JSON value is the first
+    of the document, follows a `[` or a `:`, or follows a `,`; with every `{` (an object costs most) that
+    bounds the values from above (the same bytes inside strings are counted too: never too few). ~1 ms a MiB."""
+    if len(raw) <= ON_LOOP_BYTES:
+        return True
+    return raw.count(b"{") + raw.count(b"[") + raw.count(b",") + raw.count(b":") < MAX_VALUES
+
+
 def _no_constant(name: str):
     raise Unreadable(f"{name} is not JSON (Go refuses it, Python reads it)")
 
@@ -165,6 +181,9 @@ def read_object(raw: bytes | str, max_depth: int = MAX_DEPTH) -> GoObject:
             raise Unreadable("it is not valid UTF-8 (Go reads invalid bytes as U+FFFD)") from None
     else:
         text, raw = raw, raw.encode("utf-8", "surrogatepass")
+    if not cheap_to_read(raw):  # checked before any parse: the parse is the cost
+        raise Unreadable(f"it is over {ON_LOOP_BYTES // 1024} KiB with {MAX_VALUES} JSON values or more, too "
+                         f"much to read on the proxy's event loop")
     try:
         obj = _DECODER.decode(text)
     except json.JSONDecodeError as e:

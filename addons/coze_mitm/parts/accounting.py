@@ -227,7 +227,10 @@ class Accounting:
             body = b"{}" if raw == b"" else None if raw is None else decoded_prefix(raw, encoding, MAX_RUN_BODY + 1)
             asks = is_async_run(body)
             if asks is not False:
-                return Refusal(200 if from_page else 400, BAD_REQUEST, "budget", async_run_msg(asks is True))
+                # A body too costly to parse on the event loop was not read (go_reading.cheap_to_read): say so.
+                big = asks is None and body is not None and not go_reading.cheap_to_read(body)
+                msg = _big_run_msg() if big else async_run_msg(asks is True)
+                return Refusal(200 if from_page else 400, BAD_REQUEST, "budget", msg)
             return None
         if api_prefix(request.data.path) is not None or route.endswith(WORKFLOWS_CHAT):
             # A chat's usage may have to be polled (answered in_progress): it holds a poll slot from now until
@@ -550,6 +553,14 @@ class Accounting:
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         self.flight.release_all(flow.id)
         self._ws_warned.discard(flow.id)
+
+
+def _big_run_msg() -> str:
+    return (f"coze-mitm: this workflow run's body is over {go_reading.ON_LOOP_BYTES // 1024} KiB with "
+            f"{go_reading.MAX_VALUES} JSON values or more, too much for the proxy to read, so whether it asks to run "
+            "asynchronously (is_async) cannot be checked; while a daily budget is set (coze_user_daily_tokens) such "
+            "runs are not forwarded. Send it with fewer values (long strings are fine), or streamed "
+            "(/v1/workflow/stream_run).")
 
 
 def _content(response: http.Response) -> bytes:
