@@ -29,6 +29,13 @@ import requests
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium",)
+# The names PageServer serves behind the proxy's map_remote, and the stand-in SDK's bot.
+PAGE = "http://page.test"
+HTTPS_PAGE = "https://page.test"  # the same page over HTTPS, certificate made by the proxy
+CDN = "https://cdn.test"  # https, so that https pages may load it too
+OTHER = "http://other.test"
+SDK_URL = f"{CDN}/sdk/index.js"
+BOT_ID = "7350000000000000001"
 
 
 def make_png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
@@ -49,6 +56,32 @@ def find_chromium() -> str | None:
         if Path(path).exists():
             return path
     return shutil.which("chromium")
+
+
+def playwright_or_skip():
+    """Playwright's sync_playwright, or the test skips saying what is missing (the package, or Chromium)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        import pytest
+        pytest.skip("playwright (python) is not installed: pip install -r requirements-dev.txt")
+    if find_chromium() is None:
+        import pytest
+        pytest.skip("Chromium is not installed (/usr/bin/chromium or `chromium` on PATH): apt-get install chromium")
+    return sync_playwright
+
+
+# The demo page's bot bubbles as they grow: window.__replies holds each text the last bubble showed.
+RECORD_REPLY = """() => {
+  window.__replies = [];
+  new MutationObserver(() => {
+    const bubbles = document.querySelectorAll('.msg.bot');
+    const last = bubbles[bubbles.length - 1];
+    if (last && last.textContent && window.__replies[window.__replies.length - 1] !== last.textContent) {
+      window.__replies.push(last.textContent);
+    }
+  }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
+}"""
 
 
 def chromium_args(proxy_port: int) -> list[str]:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "addons"))
 sys.path.insert(0, str(REPO))
 
 from sandbox.coze_standin import CozeStandIn, generate_key_pair  # noqa: E402
-from tests.harness import Mitmdump  # noqa: E402
+from tests.harness import Launcher, Mitmdump  # noqa: E402
 
 CLIENT_ID = "1127900000001"
 KID = "test-kid-0001"
@@ -82,6 +82,21 @@ def mitmdump(tmp_path_factory):
         proc.stop()
 
 
+@pytest.fixture
+def launch(tmp_path_factory):
+    """Start `run_mitm.py ...` in the background (harness.Launcher); all are stopped after the test."""
+    started = []
+
+    def start(*args: str, env: dict | None = None) -> Launcher:
+        launcher = Launcher(tmp_path_factory.mktemp("run"), *args, env=env)
+        started.append(launcher)
+        return launcher.start()
+
+    yield start
+    for launcher in started:
+        launcher.stop()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_test_uses_the_default_confdir():
     """After the suite: nothing wrote the status addon's state into the default confdir (~/.mitmproxy)."""
@@ -112,7 +127,7 @@ def coze_mitm_modules_as_imported():
 # that uses the `mitmdump` fixture, or is marked `process` (a module's `pytestmark`, or one test's decorator).
 # A test that starts a process without either fails under --fast, naming the mark to add, so the split stays true.
 
-PROCESS_FIXTURES = {"mitmdump"}
+PROCESS_FIXTURES = {"mitmdump", "launch"}
 
 
 def pytest_addoption(parser):

@@ -7,7 +7,6 @@ through the real path: CORS preflight, placeholder tag, per-user token exchange,
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -23,9 +22,9 @@ from coze_mitm.parts.settings import CozeSettings
 from coze_mitm.parts.status import VERSION_STATE_FILE, StatusPages
 from tests.clients import session
 from tests.conftest import TEST_HOME, write_config
-from tests.test_run_mitm import Launcher
+from tests.browser import RECORD_REPLY, find_chromium, playwright_or_skip
+from tests.harness import Launcher
 
-CHROMIUM = "/usr/bin/chromium"
 
 
 # --------------------------------------------------------------------------- the addon
@@ -303,16 +302,6 @@ def test_a_page_outside_coze_origins_is_named_in_the_log_and_on_the_status_page(
 
 # --------------------------------------------------------------------------- the browser
 
-def playwright_or_skip():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright (python) is not installed: pip install -r requirements-dev.txt")
-    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
-        pytest.skip(f"no chromium at {CHROMIUM}: apt-get install chromium")
-    return sync_playwright
-
-
 @pytest.fixture(scope="module")
 def demo_proxy(tmp_path_factory):
     launcher = Launcher(tmp_path_factory.mktemp("demo-browser"), "--demo").start()
@@ -328,14 +317,10 @@ def playwright():
         yield p
 
 
-def chromium_path() -> str:
-    return CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
-
-
 @pytest.fixture(scope="module")
 def browser(demo_proxy, playwright):
     chromium = playwright.chromium.launch(
-        executable_path=chromium_path(),
+        executable_path=find_chromium(),
         # No --proxy-bypass-list=<-loopback>: the demo never asks the browser for a loopback address
         # (the sandbox is reached as http://sandbox.coze.mitm), so it works with a browser's defaults.
         args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -344,18 +329,6 @@ def browser(demo_proxy, playwright):
     )
     yield chromium
     chromium.close()
-
-
-RECORD_REPLY = """() => {
-  window.__replies = [];
-  new MutationObserver(() => {
-    const bubbles = document.querySelectorAll('.msg.bot');
-    const last = bubbles[bubbles.length - 1];
-    if (last && last.textContent && window.__replies[window.__replies.length - 1] !== last.textContent) {
-      window.__replies.push(last.textContent);
-    }
-  }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
-}"""
 
 
 @pytest.mark.process
@@ -432,7 +405,7 @@ def test_demo_with_an_allowed_strict_csp_page_chats_with_the_real_userscript(tmp
         assert f'  botId: "{DEFAULT_BOT_ID}", // @coze-mitm botId' in script
         assert re.findall(r"^// @match\s+(\S+)$", script, re.M) == ["http://page.test/*"]
         assert f"coze-mitm proxy (127.0.0.1:{launcher.port})" in script
-        browser = playwright.chromium.launch(executable_path=chromium_path(), args=chromium_args(launcher.port))
+        browser = playwright.chromium.launch(executable_path=find_chromium(), args=chromium_args(launcher.port))
         context = browser.new_context()
         context.set_default_timeout(15_000)
         context.expose_binding("cozeGmXhr", gm_xhr_binding(launcher.proxies))

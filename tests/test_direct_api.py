@@ -381,7 +381,7 @@ def test_websocket_chat_on_the_proxys_address_origin_checked(proxy, standin):
 
 # --------------------------------------------------------------------------- Node's @coze/api with only baseURL
 
-from tests.test_node_sdk import NODE, JS, run_sdk  # noqa: E402
+from tests.node import JS, NODE, run_sdk  # noqa: E402
 
 needs_node_sdk = pytest.mark.skipif(NODE is None or not (JS / "node_modules" / "@coze" / "api").is_dir(),
                                     reason="node or @coze/api is not installed: run `npm ci` in tests/js (run_tests.sh does)")

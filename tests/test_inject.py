@@ -183,10 +183,9 @@ class InjectEnv:
         from playwright.sync_api import sync_playwright
 
         from sandbox.coze_standin import CozeStandIn
-        from tests.browser import PageServer, chromium_args, find_chromium
+        from tests.browser import BOT_ID, CDN, HTTPS_PAGE, SDK_URL, PageServer, chromium_args, find_chromium
         from tests.conftest import CLIENT_ID, KID
         from tests.harness import Mitmdump
-        from tests.test_browser import BOT_ID, CDN, HTTPS_PAGE, SDK_URL
 
         self.standin = CozeStandIn(rsa_key["public_pem"], kid=KID, client_id=CLIENT_ID, delta_gap=0.05).start()
         self.pages = PageServer(self.standin.base_url).start()

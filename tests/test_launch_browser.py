@@ -24,7 +24,7 @@ import pytest
 from launcher import browser as launch_browser
 from launcher.common import Fail
 from tests.conftest import TEST_HOME
-from tests.test_run_mitm import Launcher, clean_env, cmdline, one_error_line, run
+from tests.harness import Launcher, clean_env, cmdline, one_error_line, run
 
 CHROMIUM = shutil.which("chromium")
 FIREFOX = shutil.which("firefox-esr") or shutil.which("firefox")

@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import write_config
 from tests.harness import Mitmdump
-from tests.test_run_mitm import MITMPROXY_11, REPO, Launcher, clean_env, cmdline, launch, messages, one_error_line, run  # noqa: F401
+from tests.harness import MITMPROXY_11, REPO, Launcher, clean_env, cmdline, messages, one_error_line, run
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX file modes (Windows: docs/portability.md)")
 

@@ -224,7 +224,7 @@ def test_mitmproxys_own_ca_keeps_every_name(world, tmp_path):
 
 @pytest.mark.process
 def test_run_mitm_with_its_scoped_ca(world, tmp_path):
-    from tests.test_run_mitm import Launcher, clean_env
+    from tests.harness import Launcher, clean_env
 
     home = tmp_path / "home"
     home.mkdir()

@@ -12,16 +12,11 @@ import urllib.parse
 import pytest
 
 from tests.browser import chromium_args, find_chromium
-from tests.clients import WsClient
+from tests.clients import WsClient, placeholder_query
 from tests.conftest import write_config
 
 PAGE = "https://chat.example.org"
 ALICE, BOB = "alice-ws-00001", "bob-ws-000002"
-
-
-def placeholder_query(user_id: str, **more) -> str:
-    return urllib.parse.urlencode({"bot_id": "7000", **more, "authorization": f"Bearer user:{user_id}"},
-                                  quote_via=urllib.parse.quote)
 
 
 @pytest.fixture
