@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import os
 import re
 import shutil
 import struct
@@ -53,7 +54,7 @@ PAGE_NONCE = "t3stN0nce"
 
 def find_chromium() -> str | None:
     for path in CHROMIUM_CANDIDATES:
-        if Path(path).exists():
+        if os.access(path, os.X_OK):  # a file that is there but cannot run is no Chromium
             return path
     return shutil.which("chromium")
 
@@ -84,13 +85,29 @@ RECORD_REPLY = """() => {
 }"""
 
 
-def chromium_args(proxy_port: int) -> list[str]:
-    return [
-        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-        f"--proxy-server=http://127.0.0.1:{proxy_port}",
-        "--proxy-bypass-list=<-loopback>",  # loopback (the Coze stand-in) through the proxy too
-    ]
+# Chromium makes no call of its own (mitmproxy-notes.md): only the test's requests reach the proxy.
+CHROMIUM_FLAGS = (
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+)
+
+
+def chromium_args(proxy_port: int | None = None, *more: str, bypass: str | None = "<-loopback>") -> list[str]:
+    """CHROMIUM_FLAGS, then the proxy (none when proxy_port is None) and its bypass list, then more. The default
+    bypass list sends loopback (the Coze stand-in) through the proxy too; None keeps Chromium's own default."""
+    args = list(CHROMIUM_FLAGS)
+    if proxy_port is not None:
+        args.append(f"--proxy-server=http://127.0.0.1:{proxy_port}")
+        if bypass is not None:
+            args.append(f"--proxy-bypass-list={bypass}")
+    return args + list(more)
+
+
+def launch_chromium(playwright, proxy_port: int | None = None, *more: str, bypass: str | None = "<-loopback>", **kw):
+    """Debian's Chromium, headless, through Playwright (`playwright install` cannot download browsers here),
+    with chromium_args(proxy_port, *more, bypass=bypass); kw goes to Playwright's launch (env, ...)."""
+    return playwright.chromium.launch(executable_path=find_chromium(), headless=True,
+                                      args=chromium_args(proxy_port, *more, bypass=bypass), **kw)
 
 
 # ------------------------------------------------------------------------------------------ pages

@@ -17,7 +17,7 @@ import requests
 
 from coze_mitm.core.identity import short_id
 from tests.browser import (
-    BOT_ID, CDN, HTTPS_PAGE, NONCE_CSP, OTHER, PAGE, SDK_URL, STRICT_CSP, PageServer, chromium_args, find_chromium,
+    BOT_ID, CDN, HTTPS_PAGE, NONCE_CSP, OTHER, PAGE, SDK_URL, STRICT_CSP, PageServer, find_chromium, launch_chromium,
     gm_xhr_binding, png_colour_stats,
     png_size, userscript_init_script,
 )
@@ -60,8 +60,7 @@ class Env:
         self.userscript = served.text
         self.userscript_content_type = served.headers["content-type"]
         self.playwright = sync_api.sync_playwright().start()
-        self.browser = self.playwright.chromium.launch(
-            executable_path=CHROMIUM, args=chromium_args(self.proxy.port), headless=True)
+        self.browser = launch_chromium(self.playwright, self.proxy.port)
         self.contexts = []
 
     def profile(self, ignore_https_errors: bool = True):

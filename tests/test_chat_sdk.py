@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from tests.browser import chromium_args, find_chromium
+from tests.browser import find_chromium, launch_chromium
 from tests.pages import (
     CHAT_BOT as BOT, CHAT_PAGE as PAGE, REPLY, TIMEOUT, api_calls, assert_only_real_tokens,
     build_chat_bundle, chat_page_server, chat_sdk_missing, send, wait_text, watch_reply,
@@ -67,8 +67,7 @@ def chat_page(bundle, mitmdump, config_file, standin):
             state["proxy"] = mitmdump(f"coze_config={config_file}", f"coze_origins={origins}",
                                       "connection_strategy=lazy",
                                       f"map_remote=|^http://page\\.test/|http://127.0.0.1:{server.port}/")
-            state["browser"] = playwright.chromium.launch(executable_path=CHROMIUM,
-                                                          args=chromium_args(state["proxy"].port), headless=True)
+            state["browser"] = launch_chromium(playwright, state["proxy"].port)
             state["context"] = state["browser"].new_context(viewport={"width": 1000, "height": 800})
             state["context"].add_init_script(WATCH_JS)
         page = state["context"].new_page()

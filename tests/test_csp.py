@@ -534,7 +534,7 @@ document.addEventListener('securitypolicyviolation',
 def test_sdk_styles_and_images_allowed_on_a_strict_page_in_chromium(tmp_path_factory, rsa_key):
     import base64
 
-    from tests.browser import ICON_PNG, PageServer, chromium_args, find_chromium, gm_xhr_binding, userscript_init_script
+    from tests.browser import ICON_PNG, PageServer, find_chromium, launch_chromium, gm_xhr_binding, userscript_init_script
     from tests.clients import session
     from tests.conftest import CLIENT_ID, KID, write_config
     from tests.harness import Mitmdump
@@ -556,7 +556,7 @@ def test_sdk_styles_and_images_allowed_on_a_strict_page_in_chromium(tmp_path_fac
         proxy.start()
         script = session(proxy).get("http://coze.mitm/coze-chat.user.js", timeout=10).text
         with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=chromium_args(proxy.port))
+            browser = launch_chromium(p, proxy.port)
             context = browser.new_context(ignore_https_errors=True)
             context.set_default_timeout(15_000)
             context.expose_binding("cozeGmXhr", gm_xhr_binding(proxy.proxies))

@@ -22,7 +22,7 @@ from coze_mitm.parts.settings import CozeSettings
 from coze_mitm.parts.status import VERSION_STATE_FILE, StatusPages
 from tests.clients import session
 from tests.conftest import TEST_HOME, write_config
-from tests.browser import RECORD_REPLY, find_chromium, playwright_or_skip
+from tests.browser import RECORD_REPLY, launch_chromium, playwright_or_skip
 from tests.harness import Launcher
 
 
@@ -319,14 +319,10 @@ def playwright():
 
 @pytest.fixture(scope="module")
 def browser(demo_proxy, playwright):
-    chromium = playwright.chromium.launch(
-        executable_path=find_chromium(),
+    chromium = launch_chromium(
         # No --proxy-bypass-list=<-loopback>: the demo never asks the browser for a loopback address
         # (the sandbox is reached as http://sandbox.coze.mitm), so it works with a browser's defaults.
-        args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              f"--proxy-server=http://127.0.0.1:{demo_proxy.port}"],
-    )
+        playwright, demo_proxy.port, bypass=None)
     yield chromium
     chromium.close()
 
@@ -392,7 +388,7 @@ def test_demo_page_streams_a_reply_in_chromium(browser, demo_proxy, tmp_path):
 def test_demo_with_an_allowed_strict_csp_page_chats_with_the_real_userscript(tmp_path_factory, playwright):
     """run_mitm.py --demo --origins http://page.test: the served script names the sandbox bot, the page's
     `default-src 'self'` gets http://sandbox.coze.mitm (what the page calls) in connect-src, and it chats."""
-    from tests.browser import PageServer, chromium_args, gm_xhr_binding, userscript_init_script
+    from tests.browser import PageServer, gm_xhr_binding, userscript_init_script
     from tests.clients import session as proxy_session
 
     pages = PageServer(SANDBOX_API).start()  # the SDK stand-in calls the API as pages in the demo do
@@ -405,7 +401,7 @@ def test_demo_with_an_allowed_strict_csp_page_chats_with_the_real_userscript(tmp
         assert f'  botId: "{DEFAULT_BOT_ID}", // @coze-mitm botId' in script
         assert re.findall(r"^// @match\s+(\S+)$", script, re.M) == ["http://page.test/*"]
         assert f"coze-mitm proxy (127.0.0.1:{launcher.port})" in script
-        browser = playwright.chromium.launch(executable_path=find_chromium(), args=chromium_args(launcher.port))
+        browser = launch_chromium(playwright, launcher.port)
         context = browser.new_context()
         context.set_default_timeout(15_000)
         context.expose_binding("cozeGmXhr", gm_xhr_binding(launcher.proxies))

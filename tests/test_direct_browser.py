@@ -26,7 +26,7 @@ import threading
 import pytest
 import requests
 
-from tests.browser import find_chromium
+from tests.browser import find_chromium, launch_chromium
 from tests.pages import (
     CHAT_BOT, HTML, REPLY, SCRIPT, STREAM_JS, StaticServer, api_calls, api_sdk_missing, assert_only_real_tokens,
     build_api_bundle, build_chat_bundle, chat_page_server, chat_sdk_missing, send, wait_text, watch_reply,
@@ -41,9 +41,6 @@ FIREFOX = shutil.which("firefox-esr") or shutil.which("firefox")
 BOT = "7000"
 ALICE = "alice-direct-page1"
 GAP = 0.1
-# Chromium with nothing set: no --proxy-server (so no proxy at all, and no bypass list to think about), no CA.
-NO_PROXY_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--no-proxy-server"]
 
 PAGE_HTML = b"""<!doctype html>
 <html><head><meta charset="utf-8"><title>My own page with @coze/api</title>
@@ -99,14 +96,15 @@ def own_page(api_bundle):
 
 @pytest.fixture
 def chromium():
-    """launch(*more_args) -> a headless Chromium with no proxy setting."""
+    """launch(*more_args) -> a headless Chromium with nothing set: no proxy at all (--no-proxy-server, so no
+    bypass list to think about), no CA."""
     if CHROMIUM is None:
         pytest.skip("Chromium is not installed (/usr/bin/chromium or `chromium` on PATH)")
     playwright = sync_api.sync_playwright().start()
     browsers = []
 
     def launch(*more):
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[*NO_PROXY_ARGS, *more], headless=True)
+        browser = launch_chromium(playwright, None, "--no-proxy-server", *more)
         browsers.append(browser)
         return browser
 

@@ -183,7 +183,7 @@ class InjectEnv:
         from playwright.sync_api import sync_playwright
 
         from sandbox.coze_standin import CozeStandIn
-        from tests.browser import BOT_ID, CDN, HTTPS_PAGE, SDK_URL, PageServer, chromium_args, find_chromium
+        from tests.browser import BOT_ID, CDN, HTTPS_PAGE, SDK_URL, PageServer, launch_chromium
         from tests.conftest import CLIENT_ID, KID
         from tests.harness import Mitmdump
 
@@ -197,8 +197,7 @@ class InjectEnv:
         ]).start()
         self.cdn = CDN
         self.playwright = sync_playwright().start()
-        self.browser = self.playwright.chromium.launch(executable_path=find_chromium(), headless=True,
-                                                       args=chromium_args(self.proxy.port))
+        self.browser = launch_chromium(self.playwright, self.proxy.port)
 
     def close(self):
         self.browser.close()

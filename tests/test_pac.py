@@ -252,7 +252,7 @@ def test_chromium_with_the_pac_chats_through_the_proxy_and_goes_direct_elsewhere
     """run_mitm.py --demo (a real mitmdump with the stand-in) and Chromium set up with --proxy-pac-url only:
     the demo page chats; outside.test loads directly and never reaches the proxy; with the proxy stopped,
     outside.test still loads and only the Coze (demo) page fails."""
-    from tests.browser import RECORD_REPLY, find_chromium, playwright_or_skip
+    from tests.browser import RECORD_REPLY, launch_chromium, playwright_or_skip
     from tests.harness import Launcher
 
     sync_playwright = playwright_or_skip()
@@ -261,12 +261,7 @@ def test_chromium_with_the_pac_chats_through_the_proxy_and_goes_direct_elsewhere
     pac_url = f"http://127.0.0.1:{proxy.port}/proxy.pac"
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=find_chromium(),
-                args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                      "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                      f"--proxy-pac-url={pac_url}", "--host-resolver-rules=MAP outside.test 127.0.0.1"],
-            )
+            browser = launch_chromium(p, None, f"--proxy-pac-url={pac_url}", "--host-resolver-rules=MAP outside.test 127.0.0.1")
             try:
                 context = browser.new_context()
                 page = context.new_page()

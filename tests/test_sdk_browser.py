@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from tests.browser import chromium_args, find_chromium
+from tests.browser import find_chromium, launch_chromium
 from tests.pages import HTML, SCRIPT, STREAM_JS, StaticServer, api_sdk_missing, build_api_bundle
 
 PAGE = "http://page.test"
@@ -46,7 +46,7 @@ def open_page(tmp_path, mitmdump, config_file, standin):
     def open_(origins: str):
         proxy = mitmdump(f"coze_config={config_file}", f"coze_origins={origins}", "connection_strategy=lazy",
                          f"map_remote=|^http://page\\.test/|http://127.0.0.1:{pages.port}/", "flow_detail=3")
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=chromium_args(proxy.port), headless=True)
+        browser = launch_chromium(playwright, proxy.port)
         browsers.append(browser)
         page = browser.new_page()
         page.set_default_timeout(20_000)
