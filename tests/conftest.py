@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -80,6 +81,27 @@ def mitmdump(tmp_path_factory):
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture
+def pat_mode():
+    """pat_mode(*parts, pat=..., **options) -> mitmproxy's test context (taddons) holding coze-mitm's settings in PAT
+    mode (coze_api_base https://api.coze.cn) and the parts: a class is made with the settings (Cors, Auth, ...),
+    an instance is taken as it is. options go to configure with coze_pat; tctx.settings and tctx.parts hold what
+    was made. The context is left after the test."""
+    from mitmproxy.test import taddons
+
+    from coze_mitm.parts.settings import CozeSettings
+
+    with contextlib.ExitStack() as stack:
+        def enter(*parts, pat: str = "pat_" + "x" * 30, **options):
+            settings = CozeSettings()
+            made = [part(settings) if isinstance(part, type) else part for part in parts]
+            tctx = stack.enter_context(taddons.context(settings, *made))
+            tctx.configure(settings, coze_pat=pat, **{"coze_api_base": "https://api.coze.cn", **options})
+            tctx.settings, tctx.parts = settings, made
+            return tctx
+        yield enter
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import logging
 
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import tflow, tutils
 
 from coze_mitm.core import csp_policy
 from coze_mitm.flowmeta import CSP_PAGE
@@ -21,7 +21,6 @@ from coze_mitm.core.csp_meta import patch_meta_tags
 from coze_mitm.core.csp_policy import (
     CHAINS, CN_SDK_URL, OVERSEA_SDK_URL, parse_extra, patch_header_value, patch_policy, resolve_sdk_url, sdk_needs,
 )
-from coze_mitm.parts.settings import CozeSettings
 
 CDN = "https://lf-cdn.coze.cn"
 API = "https://api.coze.cn"
@@ -296,14 +295,10 @@ PAGE = "https://chat.example.org"
 
 
 @pytest.fixture
-def tctx():
-    settings = CozeSettings()
-    addon = Csp(settings)
-    with taddons.context(settings, addon) as ctx:
-        ctx.configure(settings, coze_pat="pat_" + "x" * 30, coze_api_base=API,
-                      coze_origins=f"{PAGE},http://localhost:3000,http://coze.mitm")
-        ctx.addon = addon
-        yield ctx
+def tctx(pat_mode):
+    ctx = pat_mode(Csp, coze_api_base=API, coze_origins=f"{PAGE},http://localhost:3000,http://coze.mitm")
+    ctx.addon = ctx.parts[0]
+    return ctx
 
 
 def page_flow(url=PAGE + "/", csp=("default-src 'self'",), content_type="text/html; charset=utf-8",

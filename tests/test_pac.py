@@ -80,6 +80,7 @@ class TestRender:
         assert "; DIRECT" not in self.TEXT.replace("no \"; DIRECT\"", "")
         self.TEXT.encode("ascii")
 
+    @pytest.mark.process
     @needs_node
     def test_the_file_without_a_login_names_no_origin_and_routes_the_same(self):
         """Issue 25: served despite proxyauth, the file listed the team's (intranet) origins to anyone. Salted,
@@ -124,15 +125,11 @@ class TestRender:
 
 
 @pytest.fixture
-def tctx(tmp_path):
-    settings = CozeSettings()
-    part = Pac(settings)
-    status = StatusPages(settings)
-    with taddons.context(settings, part, status) as ctx:
-        ctx.configure(settings, confdir=str(tmp_path), coze_pat=PAT, coze_api_base="https://api.coze.cn",
-                      coze_origins="https://chat.example.org", listen_host="127.0.0.1", listen_port=8080)
-        ctx.part, ctx.status = part, status
-        yield ctx
+def tctx(tmp_path, pat_mode):
+    ctx = pat_mode(Pac, StatusPages, pat=PAT, confdir=str(tmp_path), coze_origins="https://chat.example.org",
+                   listen_host="127.0.0.1", listen_port=8080)
+    ctx.part, ctx.status = ctx.parts
+    return ctx
 
 
 def pac_request(host: str, port: int = 80, path: str = "/proxy.pac", method: str = "GET", host_header: str | None = None,
