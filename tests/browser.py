@@ -25,10 +25,14 @@ import threading
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Callable
 
 import requests
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+HTML = "text/html; charset=utf-8"
+SCRIPT = "text/javascript; charset=utf-8"
+CSS = "text/css; charset=utf-8"
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium",)
 # The names PageServer serves behind the proxy's map_remote, and the stand-in SDK's bot.
 PAGE = "http://page.test"
@@ -132,16 +136,21 @@ PAGES = {
 }
 
 
-class PageServer:
-    """The origin server behind page.test / cdn.test / other.test (they differ only in the URL the browser used)."""
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
 
-    def __init__(self, api_base: str):
-        sdk = (FIXTURES / "fake_coze_sdk.js").read_text().replace("__COZE_API_BASE__", api_base)
-        files = {
-            "/sdk/index.js": ("text/javascript; charset=utf-8", sdk.encode()),
-            "/sdk/sdk.css": ("text/css; charset=utf-8", (FIXTURES / "fake_coze_sdk.css").read_bytes()),
-            "/sdk/icon.png": ("image/png", ICON_PNG),
-        }
+    def handle_error(self, request, client_address):
+        pass  # a browser that is being closed resets its connections: not the test's business
+
+
+class StaticServer:
+    """files: path -> (content type, body, extra headers). `fallback(path)` may answer a path not in files
+    (None: 404). `on_post(path, body)` takes POSTs (answered 204). Query strings are ignored."""
+
+    def __init__(self, files: dict[str, tuple[str, bytes, dict]], *,
+                 fallback: Callable[[str], tuple[str, bytes, dict] | None] | None = None,
+                 on_post: Callable[[str, bytes], None] | None = None):
+        self.files = files
         self.requests: list[str] = []
         server = self
 
@@ -151,20 +160,10 @@ class PageServer:
             def log_message(self, *args):
                 pass
 
-            def do_GET(self):
-                path = self.path.split("?", 1)[0]
-                server.requests.append(path)
-                status = 200
-                if path in files:
-                    ctype, body = files[path]
-                    headers = {"Content-Type": ctype}
-                elif path in PAGES:
-                    headers, body = PAGES[path]
-                    headers = {"Content-Type": "text/html; charset=utf-8", **headers}
-                else:
-                    status, headers, body = 404, {"Content-Type": "text/plain"}, b"not found"
+            def _send(self, status: int, ctype: str, body: bytes, extra: dict) -> None:
                 self.send_response(status)
-                for name, value in headers.items():
+                self.send_header("Content-Type", ctype)
+                for name, value in extra.items():
                     for v in value if isinstance(value, list) else [value]:
                         self.send_header(name, v)
                 self.send_header("Content-Length", str(len(body)))
@@ -172,12 +171,27 @@ class PageServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+            def do_GET(self):
+                path = self.path.split("?", 1)[0]
+                server.requests.append(path)
+                found = server.files.get(path) or (fallback(path) if fallback else None)
+                if found is None:
+                    return self._send(404, "text/plain", b"not found", {})
+                self._send(200, *found)
+
+            def do_POST(self):
+                if on_post is None:
+                    return self._send(405, "text/plain", b"no POST here", {})
+                length = min(int(self.headers.get("Content-Length") or 0), 1 << 20)
+                on_post(self.path.split("?", 1)[0], self.rfile.read(length))
+                self._send(204, "text/plain", b"", {})
+
+        self._server = _QuietServer(("127.0.0.1", 0), Handler)
         self.port = self._server.server_address[1]
+        self.origin = f"http://localhost:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def start(self) -> "PageServer":
+    def start(self):
         self._thread.start()
         return self
 
@@ -191,6 +205,20 @@ class PageServer:
         For https the proxy must not try to reach the made-up host first: connection_strategy=lazy.
         """
         return [f"map_remote=|^https?://{re.escape(h)}/|http://127.0.0.1:{self.port}/" for h in hosts]
+
+
+class PageServer(StaticServer):
+    """The origin server behind page.test / cdn.test / other.test (they differ only in the URL the browser used):
+    PAGES and the stand-in SDK."""
+
+    def __init__(self, api_base: str):
+        sdk = (FIXTURES / "fake_coze_sdk.js").read_text().replace("__COZE_API_BASE__", api_base)
+        super().__init__({
+            "/sdk/index.js": (SCRIPT, sdk.encode(), {}),
+            "/sdk/sdk.css": (CSS, (FIXTURES / "fake_coze_sdk.css").read_bytes(), {}),
+            "/sdk/icon.png": ("image/png", ICON_PNG, {}),
+            **{path: (HTML, body, headers) for path, (headers, body) in PAGES.items()},
+        })
 
 
 # ------------------------------------------------------------------------------------------ the userscript

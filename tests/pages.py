@@ -1,7 +1,5 @@
-"""Pages the browser tests open: one static page server, and the official Coze SDKs bundled for a page.
+"""Pages with the official Coze SDKs, for the browser tests (served by tests/browser.py's StaticServer).
 
-* `StaticServer` serves a fixed set of files on 127.0.0.1 (a free port) and records the paths asked for; the
-  proxy's map_remote (or the page's own localhost origin) sends the browser there. Optionally it takes POSTs.
 * `build_chat_bundle` / `build_api_bundle`: esbuild bundles of @coze/chat-sdk (with React) and of @coze/api,
   from tests/js/node_modules (`npm ci` in tests/js; run_tests.py does it). `chat_sdk_missing()` /
   `api_sdk_missing()` say what is missing, for a skip reason.
@@ -12,80 +10,14 @@ from __future__ import annotations
 
 import re
 import subprocess
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
-from tests.browser import ICON_PNG, STRICT_CSP
+from tests.browser import CSS, HTML, ICON_PNG, SCRIPT, STRICT_CSP, StaticServer
 from tests.conftest import REPO
 
 JS = REPO / "tests" / "js"
 ESBUILD = JS / "node_modules" / ".bin" / "esbuild"
 CHAT_SDK = JS / "node_modules" / "@coze" / "chat-sdk"
-HTML = "text/html; charset=utf-8"
-SCRIPT = "text/javascript; charset=utf-8"
-CSS = "text/css; charset=utf-8"
-
-
-class _QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        pass  # a browser that is being closed resets its connections: not the test's business
-
-
-class StaticServer:
-    """files: path -> (content type, body, extra headers). `fallback(path)` may answer a path not in files
-    (None: 404). `on_post(path, body)` takes POSTs (answered 204). Query strings are ignored."""
-
-    def __init__(self, files: dict[str, tuple[str, bytes, dict]], *,
-                 fallback: Callable[[str], tuple[str, bytes, dict] | None] | None = None,
-                 on_post: Callable[[str, bytes], None] | None = None):
-        self.files = files
-        self.requests: list[str] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status: int, ctype: str, body: bytes, extra: dict) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                for name, value in extra.items():
-                    for v in value if isinstance(value, list) else [value]:
-                        self.send_header(name, v)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self):
-                path = self.path.split("?", 1)[0]
-                server.requests.append(path)
-                found = server.files.get(path) or (fallback(path) if fallback else None)
-                if found is None:
-                    return self._send(404, "text/plain", b"not found", {})
-                self._send(200, *found)
-
-            def do_POST(self):
-                if on_post is None:
-                    return self._send(405, "text/plain", b"no POST here", {})
-                length = min(int(self.headers.get("Content-Length") or 0), 1 << 20)
-                on_post(self.path.split("?", 1)[0], self.rfile.read(length))
-                self._send(204, "text/plain", b"", {})
-
-        self._server = _QuietServer(("127.0.0.1", 0), Handler)
-        self.port = self._server.server_address[1]
-        self.origin = f"http://localhost:{self.port}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 # ------------------------------------------------------------------------------------------ @coze/api
@@ -175,7 +107,7 @@ def chat_page_server(bundle: dict[str, bytes]) -> StaticServer:
     def cdn_image(path: str):
         return ("image/png", ICON_PNG, {}) if path.startswith("/cdn/") and path.endswith(".png") else None
 
-    return StaticServer(files, fallback=cdn_image)
+    return StaticServer(files, fallback=cdn_image).start()
 
 
 def api_calls(standin) -> list[dict]:

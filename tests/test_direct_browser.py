@@ -26,9 +26,9 @@ import threading
 import pytest
 import requests
 
-from tests.browser import find_chromium, launch_chromium
+from tests.browser import HTML, SCRIPT, StaticServer, find_chromium, launch_chromium
 from tests.pages import (
-    CHAT_BOT, HTML, REPLY, SCRIPT, STREAM_JS, StaticServer, api_calls, api_sdk_missing, assert_only_real_tokens,
+    CHAT_BOT, REPLY, STREAM_JS, api_calls, api_sdk_missing, assert_only_real_tokens,
     build_api_bundle, build_chat_bundle, chat_page_server, chat_sdk_missing, send, wait_text, watch_reply,
 )
 
@@ -77,7 +77,7 @@ def own_page_server(bundle: bytes) -> StaticServer:
         got_result.set()
 
     server = StaticServer({"/": (HTML, PAGE_HTML, {}), "/firefox": (HTML, FIREFOX_HTML, {}),
-                           "/coze-api.js": (SCRIPT, bundle, {})}, on_post=take_result)
+                           "/coze-api.js": (SCRIPT, bundle, {})}, on_post=take_result).start()
     server.results, server.got_result = results, got_result
     return server
 

@@ -23,6 +23,7 @@ import pytest
 
 from launcher import browser as launch_browser
 from launcher.common import Fail
+from tests.browser import RECORD_REPLY
 from tests.conftest import TEST_HOME
 from tests.harness import Launcher, clean_env, cmdline, one_error_line, run
 
@@ -110,18 +111,6 @@ def cdp_browser(playwright, profile: Path):
     return playwright.chromium.connect_over_cdp(f"http://127.0.0.1:{port}")
 
 
-RECORD = """() => {
-  window.__replies = [];
-  new MutationObserver(() => {
-    const bubbles = document.querySelectorAll('.msg.bot');
-    const last = bubbles[bubbles.length - 1];
-    if (last && last.textContent && window.__replies[window.__replies.length - 1] !== last.textContent) {
-      window.__replies.push(last.textContent);
-    }
-  }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
-}"""
-
-
 @pytest.fixture(scope="module")
 def playwright():
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
@@ -146,7 +135,7 @@ def test_demo_browser_chromium_chats_and_its_profile_goes_when_it_closes(tmp_pat
         page = wait_until(lambda: next((p for p in browser.contexts[0].pages if p.url.startswith("http://coze.mitm/demo")),
                                        None), what="the demo page opened")
         page.wait_for_selector("#message")
-        page.evaluate(RECORD)
+        page.evaluate(RECORD_REPLY)
         page.fill("#message", "hello from a launched chromium")
         page.click("#send")
         page.wait_for_selector('.msg.bot[data-done="true"]', timeout=15_000)

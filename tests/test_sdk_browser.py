@@ -13,8 +13,8 @@ import re
 
 import pytest
 
-from tests.browser import find_chromium, launch_chromium
-from tests.pages import HTML, SCRIPT, STREAM_JS, StaticServer, api_sdk_missing, build_api_bundle
+from tests.browser import HTML, SCRIPT, StaticServer, find_chromium, launch_chromium
+from tests.pages import STREAM_JS, api_sdk_missing, build_api_bundle
 
 PAGE = "http://page.test"
 BOT = "7000"
@@ -39,7 +39,7 @@ PAGE_HTML = b"""<!doctype html>
 def open_page(tmp_path, mitmdump, config_file, standin):
     """open_page(origins) -> (page, proxy): http://page.test/ in a fresh headless Chromium whose proxy is a
     mitmdump allowing `origins`; the page's JS errors are collected in page.errors."""
-    pages = StaticServer({"/": (HTML, PAGE_HTML, {}), "/coze-api.js": (SCRIPT, build_api_bundle(tmp_path), {})})
+    pages = StaticServer({"/": (HTML, PAGE_HTML, {}), "/coze-api.js": (SCRIPT, build_api_bundle(tmp_path), {})}).start()
     playwright = sync_api.sync_playwright().start()
     browsers = []
 
