@@ -621,4 +621,4 @@ def test_ctrl_c_says_what_browsers_pointed_at_the_proxy_will_do(launch):
         f"pages fail, other sites keep loading; browsers with 127.0.0.1:{launcher.port} as their proxy for everything: "
         "every page fails until that proxy setting is removed."]
     assert "Traceback" not in launcher.output
-    assert list(launcher.cwd.glob("*.sqlite")) == []  # the demo's usage stays in memory: no later run sees it
+    assert list(launcher.confdir.glob("*.sqlite")) == []  # (confdir is its cwd) the demo's usage stays in memory: no later run sees it
