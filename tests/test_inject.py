@@ -222,6 +222,7 @@ def env(tmp_path_factory, rsa_key):
 USER_ID_RE = re.compile(r"\d{13}-[A-Za-z0-9_-]{22}")
 
 
+@pytest.mark.process  # mitmdump and Chromium (the env fixture)
 @pytest.mark.parametrize("path", ["/", "/strict", "/meta", "/nonce", "/gzip"])
 def test_allowed_page_shows_a_working_chat_without_any_extension(env, path):
     context = env.browser.new_context(ignore_https_errors=True)
@@ -252,6 +253,7 @@ def test_allowed_page_shows_a_working_chat_without_any_extension(env, path):
         context.close()
 
 
+@pytest.mark.process  # mitmdump and Chromium (the env fixture)
 def test_page_with_the_userscript_gets_no_second_loader(env):
     from tests.browser import gm_xhr_binding, userscript_init_script
 
@@ -283,6 +285,7 @@ def test_page_with_the_userscript_gets_no_second_loader(env):
         context.close()
 
 
+@pytest.mark.process  # mitmdump and Chromium (the env fixture)
 def test_page_outside_coze_origins_gets_nothing(env):
     context = env.browser.new_context()
     try:

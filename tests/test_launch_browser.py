@@ -59,6 +59,7 @@ def no_user_trust_store_touched():
 
 # --------------------------------------------------------------------------- arguments and lookup
 
+@pytest.mark.process  # runs run_mitm.py (and a browser)
 def test_unknown_browser_name_is_one_line():
     result = run("--demo", "--browser", "netscape")
     assert result.returncode == 2
@@ -66,6 +67,7 @@ def test_unknown_browser_name_is_one_line():
     assert "--browser netscape" in line and "chrome, chromium, edge, brave, firefox" in line
 
 
+@pytest.mark.process  # runs run_mitm.py (and a browser)
 def test_check_starts_no_browser():
     result = run("--check", "--browser")
     assert result.returncode == 2 and "drop --browser" in one_error_line(result)
@@ -118,6 +120,7 @@ def playwright():
         yield p
 
 
+@pytest.mark.process  # runs run_mitm.py (and a browser)
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 @pytest.mark.skipif(CERTUTIL is None, reason="NSS certutil is not installed (apt-get install libnss3-tools)")
 def test_demo_browser_chromium_chats_and_its_profile_goes_when_it_closes(tmp_path, playwright):
@@ -162,6 +165,7 @@ def test_demo_browser_chromium_chats_and_its_profile_goes_when_it_closes(tmp_pat
     no_user_trust_store_touched()
 
 
+@pytest.mark.process  # runs run_mitm.py (and a browser)
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 @pytest.mark.skipif(CERTUTIL is None, reason="NSS certutil is not installed (apt-get install libnss3-tools)")
 def test_launched_browser_chats_on_an_https_page_of_the_user_with_no_extension(tmp_path, playwright):
@@ -198,6 +202,7 @@ def test_launched_browser_chats_on_an_https_page_of_the_user_with_no_extension(t
     assert profiles(tmp_path) == []
 
 
+@pytest.mark.process  # runs run_mitm.py (and a browser)
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 def test_stopping_coze_mitm_closes_the_browser_and_removes_its_profile(tmp_path, playwright):
     launcher = Launcher(tmp_path, "--demo", "--browser", env=chromium_env()).start()
@@ -242,6 +247,7 @@ def test_where_no_nss_db_can_be_used_the_signers_key_is_accepted_and_that_is_sai
     no_user_trust_store_touched()
 
 
+@pytest.mark.process  # runs run_mitm.py (and a browser)
 def test_a_profile_left_by_a_killed_coze_mitm_is_removed_at_the_next_start(tmp_path):
     base = tmp_path / launch_browser.PROFILES_DIR
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -256,6 +262,7 @@ def test_a_profile_left_by_a_killed_coze_mitm_is_removed_at_the_next_start(tmp_p
 
 # --------------------------------------------------------------------------- Firefox
 
+@pytest.mark.process  # runs run_mitm.py (and a browser)
 @pytest.mark.skipif(FIREFOX is None, reason="Firefox is not installed (run_tests.py installs firefox-esr as root)")
 @pytest.mark.skipif(CERTUTIL is None, reason="NSS certutil is not installed (apt-get install libnss3-tools)")
 def test_demo_browser_firefox_chats_and_its_profile_goes_when_it_closes(tmp_path):
