@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import os
 import re
 import shutil
 import struct
@@ -24,11 +25,22 @@ import threading
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Callable
 
 import requests
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+HTML = "text/html; charset=utf-8"
+SCRIPT = "text/javascript; charset=utf-8"
+CSS = "text/css; charset=utf-8"
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium",)
+# The names PageServer serves behind the proxy's map_remote, and the stand-in SDK's bot.
+PAGE = "http://page.test"
+HTTPS_PAGE = "https://page.test"  # the same page over HTTPS, certificate made by the proxy
+CDN = "https://cdn.test"  # https, so that https pages may load it too
+OTHER = "http://other.test"
+SDK_URL = f"{CDN}/sdk/index.js"
+BOT_ID = "7350000000000000001"
 
 
 def make_png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
@@ -46,18 +58,60 @@ PAGE_NONCE = "t3stN0nce"
 
 def find_chromium() -> str | None:
     for path in CHROMIUM_CANDIDATES:
-        if Path(path).exists():
+        if os.access(path, os.X_OK):  # a file that is there but cannot run is no Chromium
             return path
     return shutil.which("chromium")
 
 
-def chromium_args(proxy_port: int) -> list[str]:
-    return [
-        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-        f"--proxy-server=http://127.0.0.1:{proxy_port}",
-        "--proxy-bypass-list=<-loopback>",  # loopback (the Coze stand-in) through the proxy too
-    ]
+def playwright_or_skip():
+    """Playwright's sync_playwright, or the test skips saying what is missing (the package, or Chromium)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        import pytest
+        pytest.skip("playwright (python) is not installed: pip install -r requirements-dev.txt")
+    if find_chromium() is None:
+        import pytest
+        pytest.skip("Chromium is not installed (/usr/bin/chromium or `chromium` on PATH): apt-get install chromium")
+    return sync_playwright
+
+
+# The demo page's bot bubbles as they grow: window.__replies holds each text the last bubble showed.
+RECORD_REPLY = """() => {
+  window.__replies = [];
+  new MutationObserver(() => {
+    const bubbles = document.querySelectorAll('.msg.bot');
+    const last = bubbles[bubbles.length - 1];
+    if (last && last.textContent && window.__replies[window.__replies.length - 1] !== last.textContent) {
+      window.__replies.push(last.textContent);
+    }
+  }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
+}"""
+
+
+# Chromium makes no call of its own (mitmproxy-notes.md): only the test's requests reach the proxy.
+CHROMIUM_FLAGS = (
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+)
+
+
+def chromium_args(proxy_port: int | None = None, *more: str, bypass: str | None = "<-loopback>") -> list[str]:
+    """CHROMIUM_FLAGS, then the proxy (none when proxy_port is None) and its bypass list, then more. The default
+    bypass list sends loopback (the Coze stand-in) through the proxy too; None keeps Chromium's own default."""
+    args = list(CHROMIUM_FLAGS)
+    if proxy_port is not None:
+        args.append(f"--proxy-server=http://127.0.0.1:{proxy_port}")
+        if bypass is not None:
+            args.append(f"--proxy-bypass-list={bypass}")
+    return args + list(more)
+
+
+def launch_chromium(playwright, proxy_port: int | None = None, *more: str, bypass: str | None = "<-loopback>", **kw):
+    """Debian's Chromium, headless, through Playwright (`playwright install` cannot download browsers here),
+    with chromium_args(proxy_port, *more, bypass=bypass); kw goes to Playwright's launch (env, ...)."""
+    return playwright.chromium.launch(executable_path=find_chromium(), headless=True,
+                                      args=chromium_args(proxy_port, *more, bypass=bypass), **kw)
 
 
 # ------------------------------------------------------------------------------------------ pages
@@ -82,16 +136,21 @@ PAGES = {
 }
 
 
-class PageServer:
-    """The origin server behind page.test / cdn.test / other.test (they differ only in the URL the browser used)."""
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
 
-    def __init__(self, api_base: str):
-        sdk = (FIXTURES / "fake_coze_sdk.js").read_text().replace("__COZE_API_BASE__", api_base)
-        files = {
-            "/sdk/index.js": ("text/javascript; charset=utf-8", sdk.encode()),
-            "/sdk/sdk.css": ("text/css; charset=utf-8", (FIXTURES / "fake_coze_sdk.css").read_bytes()),
-            "/sdk/icon.png": ("image/png", ICON_PNG),
-        }
+    def handle_error(self, request, client_address):
+        pass  # a browser that is being closed resets its connections: not the test's business
+
+
+class StaticServer:
+    """files: path -> (content type, body, extra headers). `fallback(path)` may answer a path not in files
+    (None: 404). `on_post(path, body)` takes POSTs (answered 204). Query strings are ignored."""
+
+    def __init__(self, files: dict[str, tuple[str, bytes, dict]], *,
+                 fallback: Callable[[str], tuple[str, bytes, dict] | None] | None = None,
+                 on_post: Callable[[str, bytes], None] | None = None):
+        self.files = files
         self.requests: list[str] = []
         server = self
 
@@ -101,20 +160,10 @@ class PageServer:
             def log_message(self, *args):
                 pass
 
-            def do_GET(self):
-                path = self.path.split("?", 1)[0]
-                server.requests.append(path)
-                status = 200
-                if path in files:
-                    ctype, body = files[path]
-                    headers = {"Content-Type": ctype}
-                elif path in PAGES:
-                    headers, body = PAGES[path]
-                    headers = {"Content-Type": "text/html; charset=utf-8", **headers}
-                else:
-                    status, headers, body = 404, {"Content-Type": "text/plain"}, b"not found"
+            def _send(self, status: int, ctype: str, body: bytes, extra: dict) -> None:
                 self.send_response(status)
-                for name, value in headers.items():
+                self.send_header("Content-Type", ctype)
+                for name, value in extra.items():
                     for v in value if isinstance(value, list) else [value]:
                         self.send_header(name, v)
                 self.send_header("Content-Length", str(len(body)))
@@ -122,12 +171,27 @@ class PageServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+            def do_GET(self):
+                path = self.path.split("?", 1)[0]
+                server.requests.append(path)
+                found = server.files.get(path) or (fallback(path) if fallback else None)
+                if found is None:
+                    return self._send(404, "text/plain", b"not found", {})
+                self._send(200, *found)
+
+            def do_POST(self):
+                if on_post is None:
+                    return self._send(405, "text/plain", b"no POST here", {})
+                length = min(int(self.headers.get("Content-Length") or 0), 1 << 20)
+                on_post(self.path.split("?", 1)[0], self.rfile.read(length))
+                self._send(204, "text/plain", b"", {})
+
+        self._server = _QuietServer(("127.0.0.1", 0), Handler)
         self.port = self._server.server_address[1]
+        self.origin = f"http://localhost:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def start(self) -> "PageServer":
+    def start(self):
         self._thread.start()
         return self
 
@@ -141,6 +205,20 @@ class PageServer:
         For https the proxy must not try to reach the made-up host first: connection_strategy=lazy.
         """
         return [f"map_remote=|^https?://{re.escape(h)}/|http://127.0.0.1:{self.port}/" for h in hosts]
+
+
+class PageServer(StaticServer):
+    """The origin server behind page.test / cdn.test / other.test (they differ only in the URL the browser used):
+    PAGES and the stand-in SDK."""
+
+    def __init__(self, api_base: str):
+        sdk = (FIXTURES / "fake_coze_sdk.js").read_text().replace("__COZE_API_BASE__", api_base)
+        super().__init__({
+            "/sdk/index.js": (SCRIPT, sdk.encode(), {}),
+            "/sdk/sdk.css": (CSS, (FIXTURES / "fake_coze_sdk.css").read_bytes(), {}),
+            "/sdk/icon.png": ("image/png", ICON_PNG, {}),
+            **{path: (HTML, body, headers) for path, (headers, body) in PAGES.items()},
+        })
 
 
 # ------------------------------------------------------------------------------------------ the userscript

@@ -1,9 +1,11 @@
-"""HTTP clients for tests that go through a real proxy: a session and a tagged request's headers."""
+"""HTTP clients for tests that go through a real proxy: a session, a tagged request's headers, a chat's body and
+what the stand-in charges for it, a WebSocket client."""
 
 from __future__ import annotations
 
 import json
 import socket
+import urllib.parse
 
 import requests
 from wsproto import ConnectionType, WSConnection
@@ -28,6 +30,29 @@ def tagged(user_id: str, origin: str | None = PAGE, **extra) -> dict:
         headers.update({"Origin": origin, "Sec-Fetch-Mode": "cors", "Sec-Fetch-Site": "cross-site"})
     headers.update(extra)
     return headers
+
+
+def placeholder_query(user_id: str, **more) -> str:
+    """A WebSocket URL's query with the placeholder token (browsers cannot set headers on a WebSocket)."""
+    return urllib.parse.urlencode({"bot_id": "7000", **more, "authorization": f"Bearer user:{user_id}"},
+                                  quote_via=urllib.parse.quote)
+
+
+def chat_body(user: str, text: str, stream: bool) -> dict:
+    """A /v3/chat body: one user message to bot 7000."""
+    return {"bot_id": "7000", "user_id": user, "stream": stream,
+            "additional_messages": [{"role": "user", "content": text, "content_type": "text"}]}
+
+
+def tokens_of(text: str) -> int:
+    """What the stand-in charges for a chat (common.usage_for): one token per word asked and answered,
+    the answer being "Sandbox reply to: <text>"."""
+    return 2 * len(text.split()) + 3
+
+
+def usage_today(s: requests.Session) -> int:
+    """Tokens counted today, from the status page (through the session's proxy)."""
+    return s.get("http://coze.mitm/status.json", timeout=10).json()["usage_totals"]["tokens_today"]
 
 
 class WsClient:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ sys.path.insert(0, str(REPO / "addons"))
 sys.path.insert(0, str(REPO))
 
 from sandbox.coze_standin import CozeStandIn, generate_key_pair  # noqa: E402
-from tests.harness import Mitmdump  # noqa: E402
+from tests.harness import Launcher, Mitmdump  # noqa: E402
 
 CLIENT_ID = "1127900000001"
 KID = "test-kid-0001"
@@ -82,6 +83,42 @@ def mitmdump(tmp_path_factory):
         proc.stop()
 
 
+@pytest.fixture
+def pat_mode():
+    """pat_mode(*parts, pat=..., **options) -> mitmproxy's test context (taddons) holding coze-mitm's settings in PAT
+    mode (coze_api_base https://api.coze.cn) and the parts: a class is made with the settings (Cors, Auth, ...),
+    an instance is taken as it is. options go to configure with coze_pat; tctx.settings and tctx.parts hold what
+    was made. The context is left after the test."""
+    from mitmproxy.test import taddons
+
+    from coze_mitm.parts.settings import CozeSettings
+
+    with contextlib.ExitStack() as stack:
+        def enter(*parts, pat: str = "pat_" + "x" * 30, **options):
+            settings = CozeSettings()
+            made = [part(settings) if isinstance(part, type) else part for part in parts]
+            tctx = stack.enter_context(taddons.context(settings, *made))
+            tctx.configure(settings, coze_pat=pat, **{"coze_api_base": "https://api.coze.cn", **options})
+            tctx.settings, tctx.parts = settings, made
+            return tctx
+        yield enter
+
+
+@pytest.fixture
+def launch(tmp_path_factory):
+    """Start `run_mitm.py ...` in the background (harness.Launcher); all are stopped after the test."""
+    started = []
+
+    def start(*args: str, env: dict | None = None) -> Launcher:
+        launcher = Launcher(tmp_path_factory.mktemp("run"), *args, env=env)
+        started.append(launcher)
+        return launcher.start()
+
+    yield start
+    for launcher in started:
+        launcher.stop()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_test_uses_the_default_confdir():
     """After the suite: nothing wrote the status addon's state into the default confdir (~/.mitmproxy)."""
@@ -112,7 +149,7 @@ def coze_mitm_modules_as_imported():
 # that uses the `mitmdump` fixture, or is marked `process` (a module's `pytestmark`, or one test's decorator).
 # A test that starts a process without either fails under --fast, naming the mark to add, so the split stays true.
 
-PROCESS_FIXTURES = {"mitmdump"}
+PROCESS_FIXTURES = {"mitmdump", "launch"}
 
 
 def pytest_addoption(parser):

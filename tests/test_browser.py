@@ -17,7 +17,8 @@ import requests
 
 from coze_mitm.core.identity import short_id
 from tests.browser import (
-    NONCE_CSP, STRICT_CSP, PageServer, chromium_args, find_chromium, gm_xhr_binding, png_colour_stats,
+    BOT_ID, CDN, HTTPS_PAGE, NONCE_CSP, OTHER, PAGE, SDK_URL, STRICT_CSP, PageServer, find_chromium, launch_chromium,
+    gm_xhr_binding, png_colour_stats,
     png_size, userscript_init_script,
 )
 from tests.conftest import CLIENT_ID, KID, write_config
@@ -33,12 +34,6 @@ from sandbox.coze_standin import CozeStandIn  # noqa: E402
 
 pytestmark = pytest.mark.process  # every test here drives Chromium (run_tests.py --fast leaves them out)
 
-PAGE = "http://page.test"
-HTTPS_PAGE = "https://page.test"  # the same page over HTTPS, certificate made by the proxy
-CDN = "https://cdn.test"  # https, so that https pages may load it too
-OTHER = "http://other.test"
-SDK_URL = f"{CDN}/sdk/index.js"
-BOT_ID = "7350000000000000001"
 TITLE = "Browser test chat"
 DELTA_GAP = 0.08
 USER_ID_RE = re.compile(r"\d{13}-[A-Za-z0-9_-]{22,}")
@@ -65,8 +60,7 @@ class Env:
         self.userscript = served.text
         self.userscript_content_type = served.headers["content-type"]
         self.playwright = sync_api.sync_playwright().start()
-        self.browser = self.playwright.chromium.launch(
-            executable_path=CHROMIUM, args=chromium_args(self.proxy.port), headless=True)
+        self.browser = launch_chromium(self.playwright, self.proxy.port)
         self.contexts = []
 
     def profile(self, ignore_https_errors: bool = True):

@@ -19,10 +19,16 @@ import brotli
 import pytest
 import zstandard
 
-from tests.clients import session, tagged
-from tests.test_budgets import PAGE, USER, InProgressFront, chat_body, tokens_of, usage_today
+from tests import clients
+from tests.clients import PAGE, session, tagged, tokens_of, usage_today
+from tests.fronts import InProgressFront
 
+USER = "1732000000001-budgetUser001"
 TEXT = "count these words please"  # 11 tokens a chat (stand-in: 2 * words + 3)
+
+
+def chat_body(text: str, stream: bool) -> dict:
+    return clients.chat_body(USER, text, stream)
 
 
 @pytest.fixture

@@ -13,115 +13,29 @@ Bot mode is ChatFramework with chat.type = ChatType.Bot; app mode is ChatFlowFra
 
 from __future__ import annotations
 
-import re
-import subprocess
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlencode
 
 import pytest
 
-from tests.browser import ICON_PNG, chromium_args, find_chromium
-from tests.conftest import REPO
+from tests.browser import find_chromium, launch_chromium
+from tests.pages import (
+    CHAT_BOT as BOT, CHAT_PAGE as PAGE, REPLY, TIMEOUT, api_calls, assert_only_real_tokens,
+    build_chat_bundle, chat_page_server, chat_sdk_missing, send, wait_text, watch_reply,
+)
 
-JS = REPO / "tests" / "js"
-ESBUILD = JS / "node_modules" / ".bin" / "esbuild"
-CHAT_SDK = JS / "node_modules" / "@coze" / "chat-sdk"
-PAGE = "http://page.test"
-BOT = "7480000000000000001"
 APP = "7480000000000000002"
 WORKFLOW = "7480000000000000003"
 ALICE = "alice-chat-0001"
 BOB = "bob-chat-0002"
-REPLY = "Sandbox reply to: "
-TIMEOUT = 20_000
 
 CHROMIUM = find_chromium()
 if CHROMIUM is None:
     pytest.skip("Chromium is not installed (/usr/bin/chromium or `chromium` on PATH): browser tests skipped",
                 allow_module_level=True)
-if not ESBUILD.exists() or not CHAT_SDK.is_dir() or not (JS / "node_modules" / "react-dom").is_dir():
-    pytest.skip("@coze/chat-sdk, react-dom or esbuild is not installed: run `npm ci` in tests/js (run_tests.sh does)",
-                allow_module_level=True)
+if chat_sdk_missing():
+    pytest.skip(chat_sdk_missing(), allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
-
-STRICT_CSP = "default-src 'self'"
-
-
-def page_html(title: str) -> bytes:
-    # No inline script or style: the page itself is fine under default-src 'self'.
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{title}</title>
-<link rel="stylesheet" href="/chat-sdk.css"><link rel="stylesheet" href="/page.css">
-<script src="/chat-sdk.js" defer></script></head>
-<body><div id="chat"></div></body></html>""".encode()
-
-
-PAGE_CSS = b"html, body { margin: 0; height: 100%; } #chat { height: 100vh; width: 100vw; }"
-
-
-def build_bundle(out_dir) -> dict[str, bytes]:
-    """esbuild: the page's script (React + the component) and its stylesheet (the component's webCss)."""
-    out = out_dir / "chat-sdk.js"
-    subprocess.run([str(ESBUILD), "chat-sdk/entry.mjs", "--bundle", "--format=iife", "--platform=browser",
-                    "--define:process.env.NODE_ENV=\"production\"", "--minify", f"--outfile={out}", "--log-level=error"],
-                   cwd=str(JS), check=True, timeout=120, capture_output=True)
-    return {"js": out.read_bytes(), "css": (out_dir / "chat-sdk.css").read_bytes()}
-
-
-class ChatPageServer:
-    """The origin server behind http://page.test: the page (plain, and with a strict CSP header), the bundle,
-    the lazily loaded webpack chunk of the component, and a stand-in for its cdnBaseUrlPath folder."""
-
-    def __init__(self, bundle: dict[str, bytes]):
-        chunk = (CHAT_SDK / "dist" / "lib-h5" / "chunk" / "316.js").read_bytes()
-        self.files = {
-            "/": ("text/html; charset=utf-8", page_html("@coze/chat-sdk on an allowed page"), {}),
-            "/strict": ("text/html; charset=utf-8", page_html("@coze/chat-sdk on a strict CSP page"),
-                        {"Content-Security-Policy": STRICT_CSP}),
-            "/chat-sdk.js": ("text/javascript; charset=utf-8", bundle["js"], {}),
-            "/chat-sdk.css": ("text/css; charset=utf-8", bundle["css"], {}),
-            "/page.css": ("text/css; charset=utf-8", PAGE_CSS, {}),
-            "/chunk/316.js": ("text/javascript; charset=utf-8", chunk, {}),
-            "/avatar.png": ("image/png", ICON_PNG, {}),
-        }
-        self.requests: list[str] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                path = self.path.split("?", 1)[0]
-                server.requests.append(path)
-                if path in server.files:
-                    ctype, body, extra = server.files[path]
-                    status = 200
-                elif path.startswith("/cdn/") and path.endswith(".png"):  # cdnBaseUrlPath's images
-                    status, ctype, body, extra = 200, "image/png", ICON_PNG, {}
-                else:
-                    status, ctype, body, extra = 404, "text/plain", b"not found", {}
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                for name, value in extra.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                self.wfile.write(body)
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 # Collected from the first script on: CSP violations (the event fires on the document) and console errors.
@@ -136,7 +50,7 @@ WATCH_JS = """(() => {
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    return build_bundle(tmp_path_factory.mktemp("chat-sdk"))
+    return build_chat_bundle(tmp_path_factory.mktemp("chat-sdk"))
 
 
 @pytest.fixture
@@ -144,7 +58,7 @@ def chat_page(bundle, mitmdump, config_file, standin):
     """chat_page(**query) -> (page, proxy): the component's page in a fresh headless Chromium whose proxy is a
     mitmdump allowing http://page.test. Query: mode (bot|app), user, path (/ or /strict), and more (see
     tests/js/chat-sdk/entry.mjs). page.errors: uncaught errors; page.console_errors: console.error lines."""
-    server = ChatPageServer(bundle)
+    server = chat_page_server(bundle)
     playwright = sync_api.sync_playwright().start()
     state = {}
 
@@ -153,8 +67,7 @@ def chat_page(bundle, mitmdump, config_file, standin):
             state["proxy"] = mitmdump(f"coze_config={config_file}", f"coze_origins={origins}",
                                       "connection_strategy=lazy",
                                       f"map_remote=|^http://page\\.test/|http://127.0.0.1:{server.port}/")
-            state["browser"] = playwright.chromium.launch(executable_path=CHROMIUM,
-                                                          args=chromium_args(state["proxy"].port), headless=True)
+            state["browser"] = launch_chromium(playwright, state["proxy"].port)
             state["context"] = state["browser"].new_context(viewport={"width": 1000, "height": 800})
             state["context"].add_init_script(WATCH_JS)
         page = state["context"].new_page()
@@ -178,61 +91,14 @@ def chat_page(bundle, mitmdump, config_file, standin):
 
 # ------------------------------------------------------------------------------------------ helpers
 
-TOKEN_PATH = "/api/permission/oauth2/token"
 FILE_INPUT = "input[type=file]"
 CLEAR_CONTEXT = '[class*="command-container"] [class*="index-module__wrapper"]'  # left of the input
 CLEAR_MESSAGES = '[class*="square-hover-btn"]'  # the header's right button (the broom)
-HAS_TEXT = "(t) => document.body.innerText.includes(t)"
-
-
-def api_calls(standin) -> list[dict]:
-    return [r for r in standin.requests_seen if r["path"] != TOKEN_PATH]
 
 
 def calls(standin) -> list[tuple[str, str]]:
     """The component's calls, sorted: it makes its start-up calls in parallel, so their order is the network's."""
     return sorted((r["method"], r["path"]) for r in api_calls(standin))
-
-
-def assert_only_real_tokens(standin, page=None, origin: str = PAGE) -> None:
-    """Every call the component made reached the stand-in from the page, with a real token, never the tag."""
-    api = api_calls(standin)
-    assert api, "the component called nothing"
-    for seen in api:
-        assert re.fullmatch(r"Bearer czs_\S+", seen["headers"].get("authorization", "")), (seen["path"], seen["headers"])
-        assert seen["headers"].get("origin") == origin, seen
-        assert "user:" not in seen["target"]
-    assert standin.placeholder_seen == 0
-    if page is not None:  # the proxy renews the token itself: the component never had to ask for one
-        assert page.evaluate("() => window.cozeChatLog.refreshes") == []
-
-
-def send(page, text: str) -> float:
-    page.wait_for_selector("textarea")
-    page.fill("textarea", text)
-    t0 = time.monotonic()
-    page.keyboard.press("Enter")
-    return t0
-
-
-def wait_text(page, text: str, timeout: float = TIMEOUT) -> None:
-    page.wait_for_function(HAS_TEXT, arg=text, timeout=timeout)
-
-
-def watch_reply(page, text: str, t0: float, timeout: float = 20) -> tuple[float, float]:
-    """(seconds until the first piece of the answer was on screen, seconds until all of it was)."""
-    first = None
-    full_reply = REPLY + text
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = page.inner_text("body")
-        now = time.monotonic() - t0
-        if first is None and body.count("Sandbox reply to") >= 1 and full_reply not in body:
-            first = now
-        if full_reply in body:
-            return (first if first is not None else now), now
-        time.sleep(0.03)
-    raise AssertionError(f"the answer {full_reply!r} was not rendered within {timeout} s:\n{page.inner_text('body')}")
 
 
 # ------------------------------------------------------------------------------------------ bot mode

@@ -176,6 +176,7 @@ def test_no_mode_warning_on_windows_where_mode_bits_say_nothing(tmp_path, monkey
     assert config_module.permissions_warning(path) is None
 
 
+@pytest.mark.process  # runs mitmweb
 def test_mitmweb_with_a_bad_config_exits_with_one_line_and_never_listens(tmp_path):
     """The same quiet start for mitmweb: the coze-mitm line, exit code 1, no proxy or web server started."""
     import mitmproxy.version

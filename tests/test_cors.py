@@ -11,13 +11,8 @@ PAGE = "https://chat.example.org"
 
 
 @pytest.fixture
-def addon():
-    settings = CozeSettings()
-    cors = Cors(settings)
-    with taddons.context(settings, cors) as tctx:
-        tctx.configure(settings, coze_pat="pat_" + "x" * 30, coze_api_base="https://api.coze.cn",
-                       coze_origins=f"{PAGE},http://localhost:3000", coze_api_hosts="http://127.0.0.1:8790")
-        yield cors
+def addon(pat_mode):
+    return pat_mode(Cors, coze_origins=f"{PAGE},http://localhost:3000", coze_api_hosts="http://127.0.0.1:8790").parts[0]
 
 
 def flow(method="POST", host="api.coze.cn", port=443, scheme="https", headers=(), resp=False):

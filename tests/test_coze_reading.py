@@ -19,7 +19,7 @@ import pytest
 
 from sandbox import go_json
 from tests.clients import WsClient, session
-from tests.test_websocket import placeholder_query
+from tests.clients import placeholder_query
 
 PAGE = "https://chat.example.org"
 USER = "1732000000001-goReadUser0001"

@@ -12,7 +12,7 @@ import logging
 
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import tflow, tutils
 
 from coze_mitm.core import csp_policy
 from coze_mitm.flowmeta import CSP_PAGE
@@ -21,7 +21,6 @@ from coze_mitm.core.csp_meta import patch_meta_tags
 from coze_mitm.core.csp_policy import (
     CHAINS, CN_SDK_URL, OVERSEA_SDK_URL, parse_extra, patch_header_value, patch_policy, resolve_sdk_url, sdk_needs,
 )
-from coze_mitm.parts.settings import CozeSettings
 
 CDN = "https://lf-cdn.coze.cn"
 API = "https://api.coze.cn"
@@ -296,14 +295,10 @@ PAGE = "https://chat.example.org"
 
 
 @pytest.fixture
-def tctx():
-    settings = CozeSettings()
-    addon = Csp(settings)
-    with taddons.context(settings, addon) as ctx:
-        ctx.configure(settings, coze_pat="pat_" + "x" * 30, coze_api_base=API,
-                      coze_origins=f"{PAGE},http://localhost:3000,http://coze.mitm")
-        ctx.addon = addon
-        yield ctx
+def tctx(pat_mode):
+    ctx = pat_mode(Csp, coze_api_base=API, coze_origins=f"{PAGE},http://localhost:3000,http://coze.mitm")
+    ctx.addon = ctx.parts[0]
+    return ctx
 
 
 def page_flow(url=PAGE + "/", csp=("default-src 'self'",), content_type="text/html; charset=utf-8",
@@ -534,7 +529,7 @@ document.addEventListener('securitypolicyviolation',
 def test_sdk_styles_and_images_allowed_on_a_strict_page_in_chromium(tmp_path_factory, rsa_key):
     import base64
 
-    from tests.browser import ICON_PNG, PageServer, chromium_args, find_chromium, gm_xhr_binding, userscript_init_script
+    from tests.browser import ICON_PNG, PageServer, find_chromium, launch_chromium, gm_xhr_binding, userscript_init_script
     from tests.clients import session
     from tests.conftest import CLIENT_ID, KID, write_config
     from tests.harness import Mitmdump
@@ -556,7 +551,7 @@ def test_sdk_styles_and_images_allowed_on_a_strict_page_in_chromium(tmp_path_fac
         proxy.start()
         script = session(proxy).get("http://coze.mitm/coze-chat.user.js", timeout=10).text
         with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=chromium_args(proxy.port))
+            browser = launch_chromium(p, proxy.port)
             context = browser.new_context(ignore_https_errors=True)
             context.set_default_timeout(15_000)
             context.expose_binding("cozeGmXhr", gm_xhr_binding(proxy.proxies))

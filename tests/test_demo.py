@@ -7,7 +7,6 @@ through the real path: CORS preflight, placeholder tag, per-user token exchange,
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -24,9 +23,9 @@ from coze_mitm.pages.userscript_fill import VERSION_STATE_FILE
 from coze_mitm.parts.status import StatusPages
 from tests.clients import session
 from tests.conftest import TEST_HOME, write_config
-from tests.test_run_mitm import Launcher
+from tests.browser import RECORD_REPLY, launch_chromium, playwright_or_skip
+from tests.harness import Launcher
 
-CHROMIUM = "/usr/bin/chromium"
 
 
 # --------------------------------------------------------------------------- the addon
@@ -304,16 +303,6 @@ def test_a_page_outside_coze_origins_is_named_in_the_log_and_on_the_status_page(
 
 # --------------------------------------------------------------------------- the browser
 
-def playwright_or_skip():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright (python) is not installed: pip install -r requirements-dev.txt")
-    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
-        pytest.skip(f"no chromium at {CHROMIUM}: apt-get install chromium")
-    return sync_playwright
-
-
 @pytest.fixture(scope="module")
 def demo_proxy(tmp_path_factory):
     launcher = Launcher(tmp_path_factory.mktemp("demo-browser"), "--demo").start()
@@ -329,34 +318,14 @@ def playwright():
         yield p
 
 
-def chromium_path() -> str:
-    return CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
-
-
 @pytest.fixture(scope="module")
 def browser(demo_proxy, playwright):
-    chromium = playwright.chromium.launch(
-        executable_path=chromium_path(),
+    chromium = launch_chromium(
         # No --proxy-bypass-list=<-loopback>: the demo never asks the browser for a loopback address
         # (the sandbox is reached as http://sandbox.coze.mitm), so it works with a browser's defaults.
-        args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              f"--proxy-server=http://127.0.0.1:{demo_proxy.port}"],
-    )
+        playwright, demo_proxy.port, bypass=None)
     yield chromium
     chromium.close()
-
-
-RECORD_REPLY = """() => {
-  window.__replies = [];
-  new MutationObserver(() => {
-    const bubbles = document.querySelectorAll('.msg.bot');
-    const last = bubbles[bubbles.length - 1];
-    if (last && last.textContent && window.__replies[window.__replies.length - 1] !== last.textContent) {
-      window.__replies.push(last.textContent);
-    }
-  }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
-}"""
 
 
 @pytest.mark.process
@@ -420,7 +389,7 @@ def test_demo_page_streams_a_reply_in_chromium(browser, demo_proxy, tmp_path):
 def test_demo_with_an_allowed_strict_csp_page_chats_with_the_real_userscript(tmp_path_factory, playwright):
     """run_mitm.py --demo --origins http://page.test: the served script names the sandbox bot, the page's
     `default-src 'self'` gets http://sandbox.coze.mitm (what the page calls) in connect-src, and it chats."""
-    from tests.browser import PageServer, chromium_args, gm_xhr_binding, userscript_init_script
+    from tests.browser import PageServer, gm_xhr_binding, userscript_init_script
     from tests.clients import session as proxy_session
 
     pages = PageServer(SANDBOX_API).start()  # the SDK stand-in calls the API as pages in the demo do
@@ -433,7 +402,7 @@ def test_demo_with_an_allowed_strict_csp_page_chats_with_the_real_userscript(tmp
         assert f'  botId: "{DEFAULT_BOT_ID}", // @coze-mitm botId' in script
         assert re.findall(r"^// @match\s+(\S+)$", script, re.M) == ["http://page.test/*"]
         assert f"coze-mitm proxy (127.0.0.1:{launcher.port})" in script
-        browser = playwright.chromium.launch(executable_path=chromium_path(), args=chromium_args(launcher.port))
+        browser = launch_chromium(playwright, launcher.port)
         context = browser.new_context()
         context.set_default_timeout(15_000)
         context.expose_binding("cozeGmXhr", gm_xhr_binding(launcher.proxies))

@@ -18,12 +18,11 @@ import urllib.parse
 
 import pytest
 import requests
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import tflow, tutils
 
 from coze_mitm.core import own_address
 from coze_mitm.flowmeta import DIRECT, REFUSED
 from coze_mitm.parts.direct_api import DirectApi
-from coze_mitm.parts.settings import CozeSettings
 from tests.clients import WsClient
 
 PAT = "pat_" + "S3cr3tPat" * 4
@@ -83,14 +82,10 @@ def test_api_paths(path, api):
 
 
 @pytest.fixture
-def tctx(tmp_path):
-    settings = CozeSettings()
-    part = DirectApi(settings)
-    with taddons.context(settings, part) as ctx:
-        ctx.configure(settings, confdir=str(tmp_path), coze_pat=PAT, coze_api_base="https://api.coze.cn",
-                      coze_origins=PAGE)
-        ctx.part, ctx.settings = part, settings
-        yield ctx
+def tctx(tmp_path, pat_mode):
+    ctx = pat_mode(DirectApi, pat=PAT, confdir=str(tmp_path), coze_origins=PAGE)
+    ctx.part = ctx.parts[0]
+    return ctx
 
 
 def to_proxy(path: str, method: str = "GET", host: str = "127.0.0.1", port: int = 8080, headers=(),
@@ -459,7 +454,7 @@ def test_websocket_chat_on_the_proxys_address_origin_checked(proxy, standin):
 
 # --------------------------------------------------------------------------- Node's @coze/api with only baseURL
 
-from tests.test_node_sdk import NODE, JS, run_sdk  # noqa: E402
+from tests.node import JS, NODE, run_sdk  # noqa: E402
 
 needs_node_sdk = pytest.mark.skipif(NODE is None or not (JS / "node_modules" / "@coze" / "api").is_dir(),
                                     reason="node or @coze/api is not installed: run `npm ci` in tests/js (run_tests.sh does)")

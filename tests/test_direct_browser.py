@@ -23,18 +23,18 @@ import shutil
 import signal
 import subprocess
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
 
-from tests.browser import find_chromium
-from tests.test_chat_sdk import (  # the component's page, bundle and helpers (module skips without Chromium/npm)
-    BOT as CHAT_BOT, REPLY, ChatPageServer, assert_only_real_tokens, build_bundle as build_chat_bundle, send,
-    wait_text, watch_reply,
+from tests.browser import HTML, SCRIPT, StaticServer, find_chromium, launch_chromium
+from tests.pages import (
+    CHAT_BOT, REPLY, STREAM_JS, api_calls, api_sdk_missing, assert_only_real_tokens,
+    build_api_bundle, build_chat_bundle, chat_page_server, chat_sdk_missing, send, wait_text, watch_reply,
 )
-from tests.test_sdk_browser import STREAM_JS, build_bundle as build_api_bundle
 
+if api_sdk_missing():
+    pytest.skip(api_sdk_missing(), allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 
 CHROMIUM = find_chromium()
@@ -42,10 +42,6 @@ FIREFOX = shutil.which("firefox-esr") or shutil.which("firefox")
 BOT = "7000"
 ALICE = "alice-direct-page1"
 GAP = 0.1
-TOKEN_PATH = "/api/permission/oauth2/token"
-# Chromium with nothing set: no --proxy-server (so no proxy at all, and no bypass list to think about), no CA.
-NO_PROXY_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--no-proxy-server"]
 
 PAGE_HTML = b"""<!doctype html>
 <html><head><meta charset="utf-8"><title>My own page with @coze/api</title>
@@ -71,56 +67,20 @@ FIREFOX_HTML = ("""<!doctype html>
 </script></body></html>""" % STREAM_JS).encode()
 
 
-class QuietServer(ThreadingHTTPServer):
-    def handle_error(self, request, client_address):
-        pass  # a browser that is being closed resets its connections: not the test's business
+def own_page_server(bundle: bytes) -> StaticServer:
+    """The developer's own page server (http://localhost:<port>): the page, the @coze/api bundle, and POST /result
+    (server.results, server.got_result)."""
+    results: list[dict] = []
+    got_result = threading.Event()
 
+    def take_result(path: str, body: bytes) -> None:
+        results.append(json.loads(body or b"{}"))
+        got_result.set()
 
-class OwnPageServer:
-    """The developer's own page server (http://localhost:<port>): the page, the @coze/api bundle, and POST /result."""
-
-    def __init__(self, bundle: bytes):
-        files = {"/": PAGE_HTML, "/firefox": FIREFOX_HTML, "/coze-api.js": bundle}
-        self.results: list[dict] = []
-        self.got_result = threading.Event()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status: int, ctype: str, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self):
-                path = self.path.split("?", 1)[0]
-                if path not in files:
-                    return self._send(404, "text/plain", b"not found")
-                ctype = "text/javascript; charset=utf-8" if path.endswith(".js") else "text/html; charset=utf-8"
-                self._send(200, ctype, files[path])
-
-            def do_POST(self):
-                length = min(int(self.headers.get("Content-Length") or 0), 1 << 20)
-                server.results.append(json.loads(self.rfile.read(length) or b"{}"))
-                server.got_result.set()
-                self._send(204, "text/plain", b"")
-
-        self._server = QuietServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self.origin = f"http://localhost:{self.port}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+    server = StaticServer({"/": (HTML, PAGE_HTML, {}), "/firefox": (HTML, FIREFOX_HTML, {}),
+                           "/coze-api.js": (SCRIPT, bundle, {})}, on_post=take_result).start()
+    server.results, server.got_result = results, got_result
+    return server
 
 
 @pytest.fixture(scope="module")
@@ -130,21 +90,22 @@ def api_bundle(tmp_path_factory):
 
 @pytest.fixture
 def own_page(api_bundle):
-    server = OwnPageServer(api_bundle)
+    server = own_page_server(api_bundle)
     yield server
     server.stop()
 
 
 @pytest.fixture
 def chromium():
-    """launch(*more_args) -> a headless Chromium with no proxy setting."""
+    """launch(*more_args) -> a headless Chromium with nothing set: no proxy at all (--no-proxy-server, so no
+    bypass list to think about), no CA."""
     if CHROMIUM is None:
         pytest.skip("Chromium is not installed (/usr/bin/chromium or `chromium` on PATH)")
     playwright = sync_api.sync_playwright().start()
     browsers = []
 
     def launch(*more):
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[*NO_PROXY_ARGS, *more], headless=True)
+        browser = launch_chromium(playwright, None, "--no-proxy-server", *more)
         browsers.append(browser)
         return browser
 
@@ -181,10 +142,6 @@ def status(proxy) -> dict:
     return s.get("http://coze.mitm/status.json", proxies=proxy.proxies, timeout=10).json()
 
 
-def api_calls(standin) -> list[dict]:
-    return [r for r in standin.requests_seen if r["path"] != TOKEN_PATH]
-
-
 # ------------------------------------------------------------------------------------------ Chromium
 
 
@@ -216,8 +173,10 @@ def test_coze_api_streams_in_chromium_with_no_proxy_setting(chromium, own_page, 
 
 
 def test_chat_sdk_streams_in_chromium_with_no_proxy_setting(chromium, mitmdump, config_file, standin, tmp_path):
+    if chat_sdk_missing():
+        pytest.skip(chat_sdk_missing())
     standin.delta_gap = 0.2
-    server = ChatPageServer(build_chat_bundle(tmp_path))
+    server = chat_page_server(build_chat_bundle(tmp_path))
     try:
         origin = f"http://localhost:{server.port}"
         proxy = mitmdump(f"coze_config={config_file}", f"coze_origins={origin}")

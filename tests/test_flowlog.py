@@ -22,14 +22,12 @@ USER = "1732000000000-AAAAAAAAAAAAAAAAAAAAAA"
 
 
 @pytest.fixture
-def hooks():
-    settings = CozeSettings()
-    cors, auth, flowlog = Cors(settings), Auth(settings), FlowLog()
-    with taddons.context(settings, cors, auth, flowlog) as tctx:
-        tctx.configure(settings, coze_pat=PAT, coze_api_base="https://api.coze.cn", coze_origins=PAGE)
-        tctx.configure(flowlog, coze_quiet=True)  # the per-flow log, as run_mitm.py runs it
-        yield tctx, cors, auth, flowlog
-        flowlog.done()  # its filter on mitmproxy's connection logger must not outlive the test
+def hooks(pat_mode):
+    tctx = pat_mode(Cors, Auth, FlowLog(), pat=PAT, coze_origins=PAGE)
+    cors, auth, flowlog = tctx.parts
+    tctx.configure(flowlog, coze_quiet=True)  # the per-flow log, as run_mitm.py runs it
+    yield tctx, cors, auth, flowlog
+    flowlog.done()  # its filter on mitmproxy's connection logger must not outlive the test
 
 
 def make_flow(method="POST", path=f"/v3/chat?conversation_id=123&authorization=Bearer%20user:{USER}", headers=()):

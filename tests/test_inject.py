@@ -183,10 +183,9 @@ class InjectEnv:
         from playwright.sync_api import sync_playwright
 
         from sandbox.coze_standin import CozeStandIn
-        from tests.browser import PageServer, chromium_args, find_chromium
+        from tests.browser import BOT_ID, CDN, HTTPS_PAGE, SDK_URL, PageServer, launch_chromium
         from tests.conftest import CLIENT_ID, KID
         from tests.harness import Mitmdump
-        from tests.test_browser import BOT_ID, CDN, HTTPS_PAGE, SDK_URL
 
         self.standin = CozeStandIn(rsa_key["public_pem"], kid=KID, client_id=CLIENT_ID, delta_gap=0.05).start()
         self.pages = PageServer(self.standin.base_url).start()
@@ -198,8 +197,7 @@ class InjectEnv:
         ]).start()
         self.cdn = CDN
         self.playwright = sync_playwright().start()
-        self.browser = self.playwright.chromium.launch(executable_path=find_chromium(), headless=True,
-                                                       args=chromium_args(self.proxy.port))
+        self.browser = launch_chromium(self.playwright, self.proxy.port)
 
     def close(self):
         self.browser.close()
@@ -224,6 +222,7 @@ def env(tmp_path_factory, rsa_key):
 USER_ID_RE = re.compile(r"\d{13}-[A-Za-z0-9_-]{22}")
 
 
+@pytest.mark.process  # mitmdump and Chromium (the env fixture)
 @pytest.mark.parametrize("path", ["/", "/strict", "/meta", "/nonce", "/gzip"])
 def test_allowed_page_shows_a_working_chat_without_any_extension(env, path):
     context = env.browser.new_context(ignore_https_errors=True)
@@ -254,6 +253,7 @@ def test_allowed_page_shows_a_working_chat_without_any_extension(env, path):
         context.close()
 
 
+@pytest.mark.process  # mitmdump and Chromium (the env fixture)
 def test_page_with_the_userscript_gets_no_second_loader(env):
     from tests.browser import gm_xhr_binding, userscript_init_script
 
@@ -285,6 +285,7 @@ def test_page_with_the_userscript_gets_no_second_loader(env):
         context.close()
 
 
+@pytest.mark.process  # mitmdump and Chromium (the env fixture)
 def test_page_outside_coze_origins_gets_nothing(env):
     context = env.browser.new_context()
     try:

@@ -23,8 +23,9 @@ import pytest
 
 from launcher import browser as launch_browser
 from launcher.common import Fail
+from tests.browser import RECORD_REPLY
 from tests.conftest import TEST_HOME
-from tests.test_run_mitm import Launcher, clean_env, cmdline, one_error_line, run
+from tests.harness import Launcher, clean_env, cmdline, one_error_line, run
 
 CHROMIUM = shutil.which("chromium")
 FIREFOX = shutil.which("firefox-esr") or shutil.which("firefox")
@@ -58,6 +59,7 @@ def no_user_trust_store_touched():
 
 # --------------------------------------------------------------------------- arguments and lookup
 
+@pytest.mark.process  # runs run_mitm.py (and a browser)
 def test_unknown_browser_name_is_one_line():
     result = run("--demo", "--browser", "netscape")
     assert result.returncode == 2
@@ -65,6 +67,7 @@ def test_unknown_browser_name_is_one_line():
     assert "--browser netscape" in line and "chrome, chromium, edge, brave, firefox" in line
 
 
+@pytest.mark.process  # runs run_mitm.py (and a browser)
 def test_check_starts_no_browser():
     result = run("--check", "--browser")
     assert result.returncode == 2 and "drop --browser" in one_error_line(result)
@@ -110,18 +113,6 @@ def cdp_browser(playwright, profile: Path):
     return playwright.chromium.connect_over_cdp(f"http://127.0.0.1:{port}")
 
 
-RECORD = """() => {
-  window.__replies = [];
-  new MutationObserver(() => {
-    const bubbles = document.querySelectorAll('.msg.bot');
-    const last = bubbles[bubbles.length - 1];
-    if (last && last.textContent && window.__replies[window.__replies.length - 1] !== last.textContent) {
-      window.__replies.push(last.textContent);
-    }
-  }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
-}"""
-
-
 @pytest.fixture(scope="module")
 def playwright():
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
@@ -129,6 +120,7 @@ def playwright():
         yield p
 
 
+@pytest.mark.process  # runs run_mitm.py (and a browser)
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 @pytest.mark.skipif(CERTUTIL is None, reason="NSS certutil is not installed (apt-get install libnss3-tools)")
 def test_demo_browser_chromium_chats_and_its_profile_goes_when_it_closes(tmp_path, playwright):
@@ -146,7 +138,7 @@ def test_demo_browser_chromium_chats_and_its_profile_goes_when_it_closes(tmp_pat
         page = wait_until(lambda: next((p for p in browser.contexts[0].pages if p.url.startswith("http://coze.mitm/demo")),
                                        None), what="the demo page opened")
         page.wait_for_selector("#message")
-        page.evaluate(RECORD)
+        page.evaluate(RECORD_REPLY)
         page.fill("#message", "hello from a launched chromium")
         page.click("#send")
         page.wait_for_selector('.msg.bot[data-done="true"]', timeout=15_000)
@@ -173,6 +165,7 @@ def test_demo_browser_chromium_chats_and_its_profile_goes_when_it_closes(tmp_pat
     no_user_trust_store_touched()
 
 
+@pytest.mark.process  # runs run_mitm.py (and a browser)
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 @pytest.mark.skipif(CERTUTIL is None, reason="NSS certutil is not installed (apt-get install libnss3-tools)")
 def test_launched_browser_chats_on_an_https_page_of_the_user_with_no_extension(tmp_path, playwright):
@@ -209,6 +202,7 @@ def test_launched_browser_chats_on_an_https_page_of_the_user_with_no_extension(t
     assert profiles(tmp_path) == []
 
 
+@pytest.mark.process  # runs run_mitm.py (and a browser)
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 def test_stopping_coze_mitm_closes_the_browser_and_removes_its_profile(tmp_path, playwright):
     secrets = {"COZE_UPSTREAM_AUTH": "corp:Upstream-Pw-1", "COZE_REDIS_PASSWORD": "Redis-Pw-2"}
@@ -257,6 +251,7 @@ def test_where_no_nss_db_can_be_used_the_signers_key_is_accepted_and_that_is_sai
     no_user_trust_store_touched()
 
 
+@pytest.mark.process  # runs run_mitm.py (and a browser)
 def test_a_profile_left_by_a_killed_coze_mitm_is_removed_at_the_next_start(tmp_path):
     base = tmp_path / launch_browser.PROFILES_DIR
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -271,6 +266,7 @@ def test_a_profile_left_by_a_killed_coze_mitm_is_removed_at_the_next_start(tmp_p
 
 # --------------------------------------------------------------------------- Firefox
 
+@pytest.mark.process  # runs run_mitm.py (and a browser)
 @pytest.mark.skipif(FIREFOX is None, reason="Firefox is not installed (run_tests.py installs firefox-esr as root)")
 @pytest.mark.skipif(CERTUTIL is None, reason="NSS certutil is not installed (apt-get install libnss3-tools)")
 def test_demo_browser_firefox_chats_and_its_profile_goes_when_it_closes(tmp_path):

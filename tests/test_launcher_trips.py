@@ -22,8 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_config
-from tests.harness import Mitmdump
-from tests.test_run_mitm import MITMPROXY_11, REPO, Launcher, clean_env, cmdline, launch, messages, one_error_line, run  # noqa: F401
+from tests.harness import MITMPROXY_11, REPO, Launcher, Mitmdump, clean_env, cmdline, messages, one_error_line, run
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX file modes (Windows: docs/portability.md)")
 
@@ -36,6 +35,7 @@ def without_confdir(launcher: Launcher) -> Launcher:
     return launcher
 
 
+@pytest.mark.process  # runs run_mitm.py or mitmdump
 def test_demo_makes_no_ca_to_trust_or_remove(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
@@ -63,6 +63,7 @@ def test_demo_makes_no_ca_to_trust_or_remove(tmp_path):
     assert "vouch" not in launcher.output and "--new-ca" not in launcher.output, launcher.output
 
 
+@pytest.mark.process  # runs run_mitm.py or mitmdump
 @posix_only
 def test_a_readable_confdir_of_coze_mitm_is_made_owner_only(tmp_path, config_file):
     home = tmp_path / "home"
@@ -97,6 +98,7 @@ def test_an_option_the_launcher_sets_too_takes_the_users_value(launch):
     assert r.status_code == 200 and "usage" in r.json()  # answered by coze-mitm: it is loaded
 
 
+@pytest.mark.process  # runs run_mitm.py or mitmdump
 def test_a_coze_option_given_twice_is_refused_in_one_line(tmp_path):
     result = run("--demo", "--port", "0", "--set", "coze_token_ttl=901", "--set", "coze_token_ttl=902", cwd=tmp_path, timeout=30)
     assert result.returncode == 2
@@ -116,6 +118,7 @@ def repo_copy(where: Path) -> Path:
     return where
 
 
+@pytest.mark.process  # runs run_mitm.py or mitmdump
 def test_the_launcher_says_so_when_coze_mitm_did_not_load(tmp_path):
     """Whatever stops mitmproxy's script loader (here: the launcher of the old code passing an option twice, and
     mitmproxy's real loader dying of it), run_mitm.py says so and exits non-zero instead of announcing a proxy."""
@@ -135,6 +138,7 @@ def test_the_launcher_says_so_when_coze_mitm_did_not_load(tmp_path):
 
 # --------------------------------------------------------------------------- what a newcomer tripped over (issue 26)
 
+@pytest.mark.process  # runs run_mitm.py or mitmdump
 @pytest.mark.skipif(not MITMPROXY_11, reason="mitmweb >= 11.1.2 (Python 3.12+) starts: nothing to refuse")
 def test_web_on_mitmproxy_11_says_what_works(tmp_path):
     """Seen on Debian 12: "Use Python 3.12+ with mitmproxy 12 (pip install 'mitmproxy>=12')" - a pip line that
@@ -151,6 +155,7 @@ def test_web_on_mitmproxy_11_says_what_works(tmp_path):
     assert Path(console).exists()
 
 
+@pytest.mark.process  # runs run_mitm.py or mitmdump
 def test_plain_mitmdump_without_a_config_names_the_demo(tmp_path):
     """Seen with `.venv-3.11/bin/mitmdump -s addons/coze.py` in a fresh clone: "OAuth config not found..." and no
     word of the demo."""
@@ -169,6 +174,7 @@ def test_readme_card_names_the_venvs_mitmdump():
                           for line in direct), direct
 
 
+@pytest.mark.process  # runs run_mitm.py or mitmdump
 def test_hints_name_python3_never_bare_python(tmp_path):
     result = run("--no-such-flag", cwd=tmp_path)
     assert result.returncode == 2
@@ -178,6 +184,7 @@ def test_hints_name_python3_never_bare_python(tmp_path):
         assert not re.search(r"(?<![\w.-])python (run_mitm|run_tests|\{LAUNCHER\}|\{PROG\})", path.read_text()), path
 
 
+@pytest.mark.process  # runs run_mitm.py or mitmdump
 def test_check_refuses_a_coze_com_site_with_a_coze_cn_api_offline(tmp_path, rsa_key):
     """Seen: a coze.com app's config with coze_api_base https://api.coze.cn passed --check's offline part."""
     config = write_config(tmp_path, rsa_key, "https://api.coze.cn", coze_www_base="https://www.coze.com")

@@ -16,7 +16,8 @@ import statistics
 import pytest
 
 from tests.slapd import CONTRACTOR_CN, CONTRACTOR_PW, PASSWORDS, SUFFIX, Slapd, Unavailable, dn_of
-from tests.test_team import PAGE, TAG_A, TAG_B, Client, body, tokens_of
+from tests.clients import PAGE, chat_body as body, tokens_of
+from tests.team import TAG_A, TAG_B, Client
 from tests.harness import Mitmdump
 
 pytestmark = pytest.mark.process  # every test here starts a process (run_tests.py --fast leaves them out)

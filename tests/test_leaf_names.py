@@ -36,7 +36,7 @@ from cryptography.x509.oid import NameOID
 
 from coze_mitm.core import scoped_ca
 from launcher import ca as launcher_ca
-from tests.browser import find_chromium
+from tests.browser import find_chromium, launch_chromium
 from tests.harness import Mitmdump
 
 PAT = "pat_" + "LeafNam3s" * 4
@@ -224,7 +224,7 @@ def test_mitmproxys_own_ca_keeps_every_name(world, tmp_path):
 
 @pytest.mark.process
 def test_run_mitm_with_its_scoped_ca(world, tmp_path):
-    from tests.test_run_mitm import Launcher, clean_env
+    from tests.harness import Launcher, clean_env
 
     home = tmp_path / "home"
     home.mkdir()
@@ -281,12 +281,7 @@ def test_chromium_trusting_only_the_scoped_ca(world, scoped_confdir, proxy, tmp_
     home = tmp_path / "home"
     nss_db(home / ".pki" / "nssdb", scoped_confdir / "mitmproxy-ca-cert.pem")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM, headless=True, env={**os.environ, "HOME": str(home)},
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", f"--proxy-server=http://127.0.0.1:{proxy.port}",
-                  "--proxy-bypass-list=<-loopback>"])
+        browser = launch_chromium(p, proxy.port, env={**os.environ, "HOME": str(home)})
         try:
             page = browser.new_context(ignore_https_errors=False).new_page()
             for url in (f"https://{API_HOST}:{world['api']}/", f"https://{IP_HOST}:{world['page']}/"):

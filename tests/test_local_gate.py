@@ -285,6 +285,7 @@ def test_the_gate_fails_closed(monkeypatch):
     destinations.clear_caches()
 
 
+@pytest.mark.process  # runs `ip`
 def test_own_addresses_with_and_without_zones():
     """Issue 25: the own-address test bound `fe80::<own>%<iface>` as a string, Python dropped the zone, the bind
     failed and the address counted as "not own". And link-local addresses (cloud metadata) were not refused."""

@@ -17,10 +17,11 @@ from tests.conftest import write_config
 
 # coze-mitm refuses to run inside mitmweb < 11.1.2 (CVE-2025-23217, parts/web_guard.py; tests/test_local_gate.py
 # checks that refusal): these tests run on mitmproxy 12.x (the Python 3.12 pass of .ci/run).
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     tuple(int(x) for x in re.findall(r"\d+", mitmproxy.version.VERSION)[:3]) < (11, 1, 2),
     reason=f"mitmproxy {mitmproxy.version.VERSION}: coze-mitm does not run in mitmweb < 11.1.2 (CVE-2025-23217); "
-           "these tests run with mitmproxy 12 (Python 3.12)")
+           "these tests run with mitmproxy 12 (Python 3.12)"),
+    pytest.mark.process]  # every test here starts mitmweb (run_tests.py --fast leaves them out)
 from tests.harness import Mitmdump
 
 PAGE = "https://chat.example.org"

@@ -7,45 +7,20 @@ The npm packages come from tests/js/package-lock.json (`npm ci` in tests/js; run
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-
 import pytest
 
-from tests.conftest import REPO
-
-JS = REPO / "tests" / "js"
-CLIENT = JS / "sdk" / "node_client.mjs"
+from tests.node import JS, NODE, run_sdk
 PAGE = "https://chat.example.org"
 BOT = "7000"
 ALICE = "alice-0001"
 BOB = "bob-000002"
 GAP = 0.15  # the stand-in's pause between two deltas
 
-NODE = shutil.which("node")
 pytestmark = [
     pytest.mark.skipif(NODE is None, reason="node is not installed: the official JS SDK cannot run"),
     pytest.mark.skipif(not (JS / "node_modules" / "@coze" / "api").is_dir(),
                        reason="@coze/api is not installed: run `npm ci` in tests/js (run_tests.sh does)"),
 ]
-
-
-def node_env() -> dict:
-    """Node without proxy settings from the environment: the client must reach the proxy by its own set-up."""
-    drop = {"http_proxy", "https_proxy", "all_proxy", "no_proxy", "node_options", "node_extra_ca_certs"}
-    return {k: v for k, v in os.environ.items() if k.lower() not in drop}
-
-
-def run_sdk(scenario: str, timeout: float = 60, **params) -> dict:
-    proc = subprocess.run([NODE, str(CLIENT), scenario, json.dumps(params)], capture_output=True, text=True,
-                          timeout=timeout, env=node_env(), cwd=str(JS))
-    lines = proc.stdout.strip().splitlines()
-    assert lines, f"node printed nothing (exit {proc.returncode}):\n{proc.stderr}"
-    out = json.loads(lines[-1])
-    assert proc.returncode == 0 and "result" in out, f"{scenario} failed: {out}\n{proc.stderr}"
-    return out["result"]
 
 
 @pytest.fixture

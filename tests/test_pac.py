@@ -80,6 +80,7 @@ class TestRender:
         assert "; DIRECT" not in self.TEXT.replace("no \"; DIRECT\"", "")
         self.TEXT.encode("ascii")
 
+    @pytest.mark.process
     @needs_node
     def test_the_file_without_a_login_names_no_origin_and_routes_the_same(self):
         """Issue 25: served despite proxyauth, the file listed the team's (intranet) origins to anyone. Salted,
@@ -124,15 +125,11 @@ class TestRender:
 
 
 @pytest.fixture
-def tctx(tmp_path):
-    settings = CozeSettings()
-    part = Pac(settings)
-    status = StatusPages(settings)
-    with taddons.context(settings, part, status) as ctx:
-        ctx.configure(settings, confdir=str(tmp_path), coze_pat=PAT, coze_api_base="https://api.coze.cn",
-                      coze_origins="https://chat.example.org", listen_host="127.0.0.1", listen_port=8080)
-        ctx.part, ctx.status = part, status
-        yield ctx
+def tctx(tmp_path, pat_mode):
+    ctx = pat_mode(Pac, StatusPages, pat=PAT, confdir=str(tmp_path), coze_origins="https://chat.example.org",
+                   listen_host="127.0.0.1", listen_port=8080)
+    ctx.part, ctx.status = ctx.parts
+    return ctx
 
 
 def pac_request(host: str, port: int = 80, path: str = "/proxy.pac", method: str = "GET", host_header: str | None = None,
@@ -252,8 +249,8 @@ def test_chromium_with_the_pac_chats_through_the_proxy_and_goes_direct_elsewhere
     """run_mitm.py --demo (a real mitmdump with the stand-in) and Chromium set up with --proxy-pac-url only:
     the demo page chats; outside.test loads directly and never reaches the proxy; with the proxy stopped,
     outside.test still loads and only the Coze (demo) page fails."""
-    from tests.test_demo import RECORD_REPLY, chromium_path, playwright_or_skip
-    from tests.test_run_mitm import Launcher
+    from tests.browser import RECORD_REPLY, launch_chromium, playwright_or_skip
+    from tests.harness import Launcher
 
     sync_playwright = playwright_or_skip()
     outside = OutsideSite()
@@ -261,12 +258,7 @@ def test_chromium_with_the_pac_chats_through_the_proxy_and_goes_direct_elsewhere
     pac_url = f"http://127.0.0.1:{proxy.port}/proxy.pac"
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=chromium_path(),
-                args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                      "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                      f"--proxy-pac-url={pac_url}", "--host-resolver-rules=MAP outside.test 127.0.0.1"],
-            )
+            browser = launch_chromium(p, None, f"--proxy-pac-url={pac_url}", "--host-resolver-rules=MAP outside.test 127.0.0.1")
             try:
                 context = browser.new_context()
                 page = context.new_page()

@@ -186,6 +186,7 @@ def _session(port: int, user: str, password: str) -> requests.Session:
     return s
 
 
+@pytest.mark.process  # htpasswd and a real mitmdump
 @pytest.mark.skipif(shutil.which("htpasswd") is None, reason="Apache's htpasswd not installed (apt-get install apache2-utils)")
 def test_wrong_passwords_are_answered_by_coze_mitm_while_a_logged_in_user_is_served(tmp_path, config_file):
     """8 clients sending wrong passwords on new connections, as fast as they are answered, while alice (logged in)

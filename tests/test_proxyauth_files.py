@@ -22,7 +22,7 @@ import requests
 
 from coze_mitm.htpasswd_check import htpasswd_problems, mitmproxy_version
 from tests.harness import Mitmdump
-from tests.test_run_mitm import check, clean_env, cmdline, launch, messages, run  # noqa: F401  (launch: fixture)
+from tests.harness import check, clean_env, cmdline, messages, run
 
 pytestmark = pytest.mark.process  # every test here starts a process (run_tests.py --fast leaves them out)
 

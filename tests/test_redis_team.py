@@ -268,7 +268,7 @@ def test_websocket_chats_on_two_proxies_share_the_cap_and_the_budget(two_proxies
     import urllib.parse
 
     from tests.clients import WsClient
-    from tests.test_websocket import placeholder_query
+    from tests.clients import placeholder_query
 
     ws_port = urllib.parse.urlsplit(standin.base_url).port
     standin.delta_gap = 0.5  # a reply takes ~2 s: every start below arrives while the first ones run

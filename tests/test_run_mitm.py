@@ -25,155 +25,13 @@ import pytest
 import requests
 
 from tests.conftest import write_config
+from tests.harness import (
+    MITMPROXY_11, REPO, RUN_MITM, Launcher, check, clean_env, cmdline, messages, one_error_line, run,
+)
 
 pytestmark = pytest.mark.process  # every test here starts a process (run_tests.py --fast leaves them out)
 
-REPO = Path(__file__).resolve().parent.parent
-RUN_MITM = REPO / "run_mitm.py"
 PAGE = "https://chat.example.org"
-LISTENING_RE = re.compile(r"HTTP\(S\) proxy (?:\(upstream mode\) )?listening at \S*?:(\d+)")
-MITMPROXY_11 = tuple(int(x) for x in re.findall(r"\d+", __import__("mitmproxy.version").version.VERSION)[:3]) < (11, 1, 2)
-
-
-def clean_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k != "COZE_PAT" and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
-    env.update(extra)
-    return env
-
-
-def run(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 60,
-        stdin: str | None = None) -> subprocess.CompletedProcess:
-    """run_mitm.py to its end; stdout and stderr kept apart."""
-    return subprocess.run([sys.executable, str(RUN_MITM), *args], capture_output=True, text=True, timeout=timeout,
-                          env=env or clean_env(), cwd=cwd, input=stdin if stdin is not None else "")
-
-
-def messages(stderr: str) -> list[str]:
-    """The launcher's messages on stderr, each unwrapped: a wrapped message continues on indented lines,
-    and its lines joined by single spaces give the message back."""
-    found: list[str] = []
-    for line in stderr.splitlines():
-        if not line.strip():
-            continue
-        assert len(line) <= 100, f"not wrapped: {line!r}"
-        if line.startswith("  ") and found:
-            found[-1] += " " + line.strip()
-        else:
-            found.append(line)
-    return found
-
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    """The launcher's refusals are one message on stderr (wrapped into readable lines), never a traceback."""
-    assert "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
-    found = messages(result.stderr)
-    assert len(found) == 1, result.stderr
-    assert found[0].startswith("run_mitm.py: error: ")
-    return found[0]
-
-
-class Launcher:
-    """`python run_mitm.py ...` running in the background until stop()."""
-
-    def __init__(self, confdir: Path, *args: str, env: dict | None = None, timeout: float = 30):
-        self.args = [sys.executable, str(RUN_MITM), "--port", "0", "--set", f"confdir={confdir}", *args]
-        self.env = env or clean_env()
-        self.cwd = confdir  # not the repository: the launcher must not depend on the cwd
-        self.timeout = timeout
-        self.lines: list[str] = []
-        self.port: int | None = None
-        self.proc: subprocess.Popen | None = None
-        self._listening = threading.Event()
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def proxies(self) -> dict:
-        return {"http": self.url, "https": self.url}
-
-    def session(self) -> requests.Session:
-        s = requests.Session()
-        s.trust_env = False
-        s.proxies = self.proxies
-        return s
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-            m = LISTENING_RE.search(line)
-            if m and self.port is None:
-                self.port = int(m.group(1))
-        self._listening.set()
-
-    def start(self) -> "Launcher":
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, text=True, env=self.env, cwd=self.cwd)
-        threading.Thread(target=self._read, daemon=True).start()
-        # "Ctrl-C stops it." ends the next-steps block printed once the proxy listens.
-        if not self.wait_for_output(r"Ctrl-C stops it", self.timeout) or self.port is None:
-            self.stop()
-            raise RuntimeError(f"run_mitm.py did not start:\n{self.output}")
-        return self
-
-    def wait_for_output(self, pattern: str, timeout: float = 5) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if re.search(pattern, self.output):
-                return True
-            if self.proc.poll() is not None and self._listening.is_set():
-                return bool(re.search(pattern, self.output))
-            time.sleep(0.02)
-        return False
-
-    def children(self) -> list[int]:
-        found = []
-        for proc in Path("/proc").iterdir():
-            if proc.name.isdigit():
-                try:
-                    fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if int(fields[1]) == self.proc.pid:
-                    found.append(int(proc.name))
-        return found
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                for child in self.children():
-                    os.kill(child, signal.SIGKILL)
-                self.proc.kill()
-                self.proc.wait()
-        self._listening.wait(5)
-        return self.proc.returncode
-
-
-@pytest.fixture
-def launch(tmp_path_factory):
-    started = []
-
-    def start(*args: str, env: dict | None = None) -> Launcher:
-        launcher = Launcher(tmp_path_factory.mktemp("run"), *args, env=env)
-        started.append(launcher)
-        return launcher.start()
-
-    yield start
-    for launcher in started:
-        launcher.stop()
-
-
-def cmdline(pid: int) -> list[str]:
-    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
 
 
 def free_port() -> int:
@@ -349,10 +207,6 @@ def test_banner_names_the_api_base_in_one_line(host, api_base):
 
 
 # --------------------------------------------------------------------------- --check
-
-def check(config: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return run("--check", "--config", str(config), *extra, env=env, cwd=config.parent)
-
 
 def assert_no_secret(text: str, standin, rsa_key) -> None:
     key_body = "".join(rsa_key["private_pem"].splitlines()[1:-1])
@@ -800,7 +654,7 @@ def test_ctrl_c_says_what_browsers_pointed_at_the_proxy_will_do(launch):
     for pid in [launcher.proc.pid, *launcher.children()]:
         os.kill(pid, signal.SIGINT)
     assert launcher.proc.wait(20) == 0
-    launcher._listening.wait(5)
+    launcher._read_all.wait(5)  # all its output read
     start = [i for i, line in enumerate(launcher.lines) if line.startswith("coze-mitm: the proxy at")]
     assert len(start) == 1, launcher.output
     stopped = [m for m in messages("\n".join(launcher.lines[start[0]:])) if m.startswith("coze-mitm: the proxy at")]
@@ -809,4 +663,4 @@ def test_ctrl_c_says_what_browsers_pointed_at_the_proxy_will_do(launch):
         f"pages fail, other sites keep loading; browsers with 127.0.0.1:{launcher.port} as their proxy for everything: "
         "every page fails until that proxy setting is removed."]
     assert "Traceback" not in launcher.output
-    assert list(launcher.cwd.glob("*.sqlite")) == []  # the demo's usage stays in memory: no later run sees it
+    assert list(launcher.confdir.glob("*.sqlite")) == []  # (confdir is its cwd) the demo's usage stays in memory: no later run sees it

@@ -44,7 +44,7 @@ from coze_mitm.parts.status import StatusPages
 from launcher import ca as launcher_ca
 from launcher.common import Fail
 from launcher.plan import Plan
-from tests.browser import find_chromium
+from tests.browser import find_chromium, launch_chromium
 from tests.harness import Mitmdump
 
 PAT = "pat_" + "S3cr3tPat" * 4
@@ -372,14 +372,10 @@ def test_chromium_through_mitmdump(made_ca, chromium_trusting_only_the_scoped_ca
         ]).start()
         try:
             with sync_api.sync_playwright() as p:
-                browser = p.chromium.launch(
-                    executable_path=CHROMIUM, headless=True, env={**os.environ, "HOME": str(home)},
-                    args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                          "--disable-dev-shm-usage", f"--proxy-server=http://127.0.0.1:{proxy.port}",
-                          "--proxy-bypass-list=direct.allowed.test;other.test",
-                          f"--host-resolver-rules=MAP direct.allowed.test 127.0.0.1:{direct.port}, "
-                          f"MAP other.test 127.0.0.1:{direct.port}"])
+                browser = launch_chromium(
+                    p, proxy.port, f"--host-resolver-rules=MAP direct.allowed.test 127.0.0.1:{direct.port}, "
+                    f"MAP other.test 127.0.0.1:{direct.port}", bypass="direct.allowed.test;other.test",
+                    env={**os.environ, "HOME": str(home)})
                 try:
                     page = browser.new_context(ignore_https_errors=False).new_page()
                     # 1. an allowed page, through the proxy: its certificate made by mitmproxy from the scoped CA

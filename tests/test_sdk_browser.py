@@ -10,17 +10,12 @@ stand-in, so the preflight, CORS and the token swap are the real ones."""
 from __future__ import annotations
 
 import re
-import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.browser import chromium_args, find_chromium
-from tests.conftest import REPO
+from tests.browser import HTML, SCRIPT, StaticServer, find_chromium, launch_chromium
+from tests.pages import STREAM_JS, api_sdk_missing, build_api_bundle
 
-JS = REPO / "tests" / "js"
-ESBUILD = JS / "node_modules" / ".bin" / "esbuild"
 PAGE = "http://page.test"
 BOT = "7000"
 ALICE = "alice-0001"
@@ -30,9 +25,8 @@ CHROMIUM = find_chromium()
 if CHROMIUM is None:
     pytest.skip("Chromium is not installed (/usr/bin/chromium or `chromium` on PATH): browser tests skipped",
                 allow_module_level=True)
-if not ESBUILD.exists() or not (JS / "node_modules" / "@coze" / "api").is_dir():
-    pytest.skip("@coze/api or esbuild is not installed: run `npm ci` in tests/js (run_tests.sh does)",
-                allow_module_level=True)
+if api_sdk_missing():
+    pytest.skip(api_sdk_missing(), allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 
 PAGE_HTML = b"""<!doctype html>
@@ -40,75 +34,19 @@ PAGE_HTML = b"""<!doctype html>
 <script src="/coze-api.js"></script></head>
 <body><h1>An ordinary page on an allowed origin, with the official Coze JS SDK</h1></body></html>"""
 
-# What a web app does with the SDK: a client with the placeholder token, one streamed chat.
-STREAM_JS = """async ({baseURL, user, bot, text}) => {
-    const coze = new CozeSDK.CozeAPI({token: 'user:' + user, baseURL});
-    const t0 = performance.now();
-    const events = [];
-    let reply = '';
-    const stream = await coze.chat.stream({
-        bot_id: bot, user_id: user,
-        additional_messages: [{role: CozeSDK.RoleType.User, content: text, content_type: 'text'}],
-    });
-    for await (const part of stream) {
-        events.push({event: part.event, t: performance.now() - t0});
-        if (part.event === CozeSDK.ChatEventType.CONVERSATION_MESSAGE_DELTA) reply += part.data.content;
-    }
-    const conv = await coze.conversations.create({bot_id: bot});
-    return {reply, events, conversation: conv.id};
-}"""
-
-
-def build_bundle(out_dir) -> bytes:
-    out = out_dir / "coze-api.js"
-    subprocess.run([str(ESBUILD), "sdk/browser_entry.mjs", "--bundle", "--format=iife", "--global-name=CozeSDK",
-                    "--platform=browser", f"--outfile={out}", "--log-level=error"],
-                   cwd=str(JS), check=True, timeout=60, capture_output=True)
-    return out.read_bytes()
-
-
-class SdkPageServer:
-    """The origin server behind http://page.test: the page and the SDK bundle."""
-
-    def __init__(self, bundle: bytes):
-        files = {"/": ("text/html; charset=utf-8", PAGE_HTML), "/coze-api.js": ("text/javascript; charset=utf-8", bundle)}
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                ctype, body = files.get(self.path.split("?", 1)[0], ("text/plain", b"not found"))
-                self.send_response(200 if body != b"not found" else 404)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
 
 @pytest.fixture
 def open_page(tmp_path, mitmdump, config_file, standin):
     """open_page(origins) -> (page, proxy): http://page.test/ in a fresh headless Chromium whose proxy is a
     mitmdump allowing `origins`; the page's JS errors are collected in page.errors."""
-    pages = SdkPageServer(build_bundle(tmp_path))
+    pages = StaticServer({"/": (HTML, PAGE_HTML, {}), "/coze-api.js": (SCRIPT, build_api_bundle(tmp_path), {})}).start()
     playwright = sync_api.sync_playwright().start()
     browsers = []
 
     def open_(origins: str):
         proxy = mitmdump(f"coze_config={config_file}", f"coze_origins={origins}", "connection_strategy=lazy",
                          f"map_remote=|^http://page\\.test/|http://127.0.0.1:{pages.port}/", "flow_detail=3")
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=chromium_args(proxy.port), headless=True)
+        browser = launch_chromium(playwright, proxy.port)
         browsers.append(browser)
         page = browser.new_page()
         page.set_default_timeout(20_000)

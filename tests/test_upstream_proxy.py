@@ -186,7 +186,7 @@ def test_https_through_the_proxy_with_a_private_ca(corp, tmp_path, upstream_prox
 
 
 def test_run_mitm_check_and_proxy_through_the_upstream_proxy(corp, tmp_path, upstream_proxy):
-    from tests.test_run_mitm import Launcher, clean_env, cmdline, run
+    from tests.harness import Launcher, clean_env, cmdline, run
 
     proxy_at, log = upstream_proxy
     base, config = standin_in(corp, tmp_path)

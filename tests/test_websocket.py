@@ -11,17 +11,12 @@ import urllib.parse
 
 import pytest
 
-from tests.browser import chromium_args, find_chromium
-from tests.clients import WsClient
+from tests.browser import find_chromium, launch_chromium
+from tests.clients import WsClient, placeholder_query
 from tests.conftest import write_config
 
 PAGE = "https://chat.example.org"
 ALICE, BOB = "alice-ws-00001", "bob-ws-000002"
-
-
-def placeholder_query(user_id: str, **more) -> str:
-    return urllib.parse.urlencode({"bot_id": "7000", **more, "authorization": f"Bearer user:{user_id}"},
-                                  quote_via=urllib.parse.quote)
 
 
 @pytest.fixture
@@ -154,7 +149,7 @@ def browser_socket(proxy, page_origin: str, ws_url: str) -> dict:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=chromium_args(proxy.port))
+        browser = launch_chromium(p, proxy.port)
         try:
             page = browser.new_page()
             page.route(f"{page_origin}/", lambda route: route.fulfill(status=200, content_type="text/html", body=PAGE_HTML))

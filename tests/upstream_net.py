@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -48,10 +49,9 @@ def corp_net():
     """Yields the namespace's name; raises Unavailable (with the reason) where it cannot be made."""
     pid = os.getpid()
     ns, near, far = f"cozecorp{pid}", f"cc{pid}a", f"cc{pid}b"
-    try:
-        made = _ip("netns", "add", ns)
-    except FileNotFoundError:
-        raise Unavailable("iproute2's `ip` is not installed: cannot make a network namespace") from None
+    if shutil.which("ip") is None:  # not there, or not a program this user may run
+        raise Unavailable("iproute2's `ip` is not installed: cannot make a network namespace")
+    made = _ip("netns", "add", ns)
     if made.returncode != 0:
         raise Unavailable(f"cannot create a network namespace here (needs root/CAP_NET_ADMIN): {made.stderr.strip()}")
     route = False
