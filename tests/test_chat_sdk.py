@@ -282,9 +282,22 @@ def _strict_page_session(chat_page, standin, mode: str):
     page, _ = chat_page(path="/strict", mode=mode)
     send(page, "strict page hello")
     wait_text(page, REPLY + "strict page hello")
-    page.set_input_files(FILE_INPUT, files=[{"name": "pic.png", "mimeType": "image/png",
-                                             "buffer": chat_page.server.files["/avatar.png"][1]}])
-    page.wait_for_function("() => document.body.innerText.split('Sandbox reply to').length > 2")
+    # The answer's text is on screen a moment before its chat completes (the stand-in, like Coze, sends
+    # conversation.chat.completed after the message): a file chosen while the component still streams is not
+    # sent. So the upload waits for the chat to be completed.
+    deadline = time.monotonic() + 20
+    chats = standin.state.chats
+    while time.monotonic() < deadline and not (chats and all(
+            c["status"] not in ("created", "in_progress") for c in list(chats.values()))):
+        time.sleep(0.05)
+    picture = [{"name": "pic.png", "mimeType": "image/png", "buffer": chat_page.server.files["/avatar.png"][1]}]
+    page.set_input_files(FILE_INPUT, files=picture)
+    second_reply = "() => document.body.innerText.split('Sandbox reply to').length > 2"
+    try:
+        page.wait_for_function(second_reply, timeout=10_000)
+    except Exception:  # the component had not taken the stream's end yet when the file was chosen: choose it again
+        page.set_input_files(FILE_INPUT, files=picture)
+        page.wait_for_function(second_reply)
     page.click(CLEAR_CONTEXT)
     wait_text(page, "Context cleared")
     time.sleep(0.5)  # late loads (fonts, images) report their violations
