@@ -82,10 +82,13 @@ class WsClient:
         self.sock.sendall(self.ws.send(Request(host=f"{host}:{port}", target=target,
                                                extra_headers=[(k.encode(), v.encode()) for k, v in headers])))
         self.status, self.body, self.accepted = None, b"", False
+        self._pending: list = []  # events read from the socket but not handed out yet (several come in one read)
         body_done = False
         while not (self.accepted or body_done):
             for event in self._events():
-                if isinstance(event, AcceptConnection):
+                if self.accepted:
+                    self._pending.append(event)  # messages right behind the 101
+                elif isinstance(event, AcceptConnection):
                     self.status, self.accepted = 101, True
                 elif isinstance(event, RejectConnection):
                     self.status = event.status_code
@@ -99,6 +102,11 @@ class WsClient:
         self.ws.receive_data(data or None)
         return list(self.ws.events())
 
+    def next_events(self) -> list:
+        """What until() left behind, or else the events of the next read."""
+        events, self._pending = (self._pending or self._events()), []
+        return events
+
     def send(self, event_type: str, data: dict) -> None:
         self.sock.sendall(self.ws.send(TextMessage(json.dumps({"id": "1", "event_type": event_type, "data": data}))))
 
@@ -108,9 +116,14 @@ class WsClient:
         self.sock.sendall(self.ws.send(message))
 
     def until(self, event_type: str) -> list[dict]:
+        """The messages up to and including the first `event_type` (or `error`); what came behind it in the same
+        read is kept for the next call."""
         seen = []
         while True:
-            for event in self._events():
+            if not self._pending:
+                self._pending = self._events()
+            while self._pending:
+                event = self._pending.pop(0)
                 if isinstance(event, CloseConnection):
                     raise AssertionError(f"closed before {event_type}: {seen}")
                 if isinstance(event, TextMessage):

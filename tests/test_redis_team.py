@@ -260,7 +260,7 @@ def terminal_events(client) -> list[dict]:
     import json
 
     from wsproto.events import TextMessage
-    events = [json.loads(e.data) for e in client._events() if isinstance(e, TextMessage)]
+    events = [json.loads(e.data) for e in client.next_events() if isinstance(e, TextMessage)]
     return [e for e in events if e["event_type"] in ("conversation.chat.completed", "error")]
 
 
