@@ -276,7 +276,8 @@ def test_a_page_calling_the_real_coze_in_the_demo_gets_a_local_note(mitmdump, co
     assert r.status_code == 503 and SANDBOX_API in r.json()["msg"]
     assert standin.requests_seen == [] and standin.exchanges == []  # nothing went anywhere
     assert proxy.wait_for_output(r"demo: a page called api\.coze\.cn; the demo answers it locally", 5), proxy.output
-    assert "Name or service not known" not in proxy.output and "502" not in proxy.output
+    # no name lookup, no 502 (as a status: a random port number such as 45021 may hold the digits)
+    assert "Name or service not known" not in proxy.output and not re.search(r"(?<![\d:.])502(?!\d)", proxy.output)
 
 
 def test_a_page_outside_coze_origins_is_named_in_the_log_and_on_the_status_page(mitmdump, config_file, standin):
