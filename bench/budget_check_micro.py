@@ -52,7 +52,7 @@ def main() -> None:
                                  "additional_messages": [{"role": "user", "content": "hello there", "content_type": "text"}]})
         run = flow("/v1/workflow/run", {"workflow_id": "7001", "parameters": {"input": "hello there"}})
 
-        request = getattr(acc, "request", lambda f: None)  # the identity Accept-Encoding (none before issue 24)
+        request = getattr(acc, "request", lambda f: None)  # the identity Accept-Encoding (issue 24; auth asks it since issue 27)
 
         def chat_start():
             acc.budget_refusal(chat, USER, "bench")

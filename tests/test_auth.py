@@ -87,6 +87,21 @@ class TestAuth:
         addons[2].responseheaders(f)
         assert f.request.headers.fields == page_fields  # order, spelling and every value
 
+    def test_coze_is_asked_for_uncompressed_answers_and_the_view_keeps_what_the_page_offered(self, bundle):
+        # auth reads the code of every non-streamed answer (a revoked token can come as HTTP 200 + 700012006):
+        # a compressed one would cost a decoder per answer
+        tctx, addons, standin = bundle
+        for offered in ("gzip, deflate, br, zstd", None):
+            sent = [("Authorization", f"Bearer user:{ALICE}"), ("Origin", PAGE)]
+            if offered:
+                sent.append(("Accept-Encoding", offered))
+            f = api_flow(standin, sent)
+            through_request(tctx, addons, f)
+            assert f.request.headers.get_all("accept-encoding") == ["identity"]
+            f.response = tutils.tresp()
+            addons[2].responseheaders(f)
+            assert f.request.headers.get_all("accept-encoding") == ([offered] if offered else [])
+
     def test_flows_in_flight_at_shutdown_hold_the_placeholder(self, bundle):
         # `-w` writes unfinished flows in Save.done, which runs after the script's done.
         tctx, addons, standin = bundle

@@ -233,6 +233,9 @@ def test_revoked_token_retried_transparently(proxy, standin, style):
     fresh = standin.tokens_of(ALICE)[1]
     sent = [x["headers"]["authorization"] for x in standin.requests_seen if x["path"] == "/v1/conversation/create"]
     assert sent == [f"Bearer {old}", f"Bearer {fresh}"]
+    # both asked Coze for an answer the proxy reads without a decoder (requests offered gzip, deflate, br, zstd)
+    assert [x["headers"].get("accept-encoding") for x in standin.requests_seen
+            if x["path"] == "/v1/conversation/create"] == ["identity", "identity"]
     assert standin.exchange_count(ALICE) == 1  # since the revocation: exactly one new token
     assert standin.placeholder_seen == 0
     assert proxy.wait_for_output("retried once with a fresh token")

@@ -54,6 +54,10 @@ def session(proxy: Mitmdump | None) -> requests.Session:
     s.mount("https://", adapter)
     if proxy is not None:
         s.proxies = proxy.proxies
+    # Every path gets the same upstream answer: coze-mitm asks Coze for identity (auth), and the stand-in
+    # compresses when offered; with requests' default offer, bare mitmdump and direct would carry a br
+    # answer the client decodes, and the comparison would be of the encoder, not of the proxies.
+    s.headers["Accept-Encoding"] = "identity"
     return s
 
 

@@ -28,12 +28,19 @@ def replace(headers, name: bytes, values: list[str], spelled: bytes | None = Non
     """Header `name` (lower-case bytes) set to `values`, like `headers.set_all(name, values)`: the new
     values take the places (and spellings) of the old ones, extra old copies are dropped, values left
     over go at the end spelled as `spelled` (default: `name`)."""
-    pending = [v.encode("utf-8", "surrogateescape") for v in values]
+    replace_each(headers, {name: (values, spelled or name)})
+
+
+def replace_each(headers, changes: dict[bytes, tuple[list[str], bytes]]) -> None:
+    """Several headers set as `replace` sets one, in one pass: {lower-case name: (values, spelled)}."""
+    pending = {name: [v.encode("utf-8", "surrogateescape") for v in values] for name, (values, _) in changes.items()}
     kept = []
     for field in headers.fields:
-        if field[0].lower() != name:
+        todo = pending.get(field[0].lower())
+        if todo is None:
             kept.append(field)
-        elif pending:
-            kept.append((field[0], pending.pop(0)))
-    kept.extend((spelled or name, value) for value in pending)
+        elif todo:
+            kept.append((field[0], todo.pop(0)))
+    for name, (_, spelled) in changes.items():
+        kept.extend((spelled, value) for value in pending[name])
     headers.fields = tuple(kept)

@@ -11,8 +11,7 @@
                             decisions are then awaited there, coze_usage_lease bounds a dead proxy's places)
 
 Hooks (this addon must come after `auth` and after `streaming` in the addon list):
-request                       a tagged request that spends tokens asks Coze for an uncompressed answer
-                              (`Accept-Encoding: identity`): the usage in it must be readable
+(auth asks Coze for uncompressed answers to every request it injects: the usage in them is read without a decoder)
 responseheaders               a tagged event-stream answer from the Coze API gets a usage reader as its
                               `stream` callable (chunks pass unchanged); a streamed chat counts as a chat;
                               a workflow stream's `Message` events carry the call's usage so far
@@ -293,15 +292,6 @@ class Accounting:
             self._poll_slots.pop(flow.id, None)
 
     # -- counting ------------------------------------------------------------------------------------
-    def request(self, flow: http.HTTPFlow) -> None:
-        """Coze may compress answers when the client offers it: tagged spending requests ask for none, so the
-        usage in them is read without a decoder (br, zstd and gzip are read all the same if they come; see
-        docs/decisions.md, "Compressed answers"). Every client accepts identity; it costs bytes, not CPU."""
-        if flow.response is not None or not flow.metadata.get(COZE_USER) or flow.request.method != "POST":
-            return
-        if spends_tokens("POST", flow.request.data.path):
-            fields.replace(flow.request.headers, b"accept-encoding", ["identity"], spelled=b"Accept-Encoding")
-
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         user = flow.metadata.get(COZE_USER)
         response = flow.response

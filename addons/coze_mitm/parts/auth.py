@@ -38,6 +38,8 @@ from coze_mitm.flowmeta import COZE_USER, REFUSED, TOKEN_RETRY
 
 log = logging.getLogger("coze.auth")
 
+IDENTITY = ["identity"]
+
 
 
 class _Sent:
@@ -291,8 +293,14 @@ class Auth:
         # What the page sent, put back once the request has left (the path only when its query held the tag).
         original = (seen.get_all("authorization"), seen.get_all("cookie"), request.path if in_query else None)
         page_fields = headers.fields
+        # Coze is asked for answers it need not compress: auth reads the code of every non-streamed answer
+        # (a revoked token can come as HTTP 200 + 700012006) and accounting the usage in every stream, and
+        # a br or zstd decoder costs more per answer than the rest of coze-mitm's work on it
+        # (docs/decisions.md, "Compressed answers"). Every HTTP client accepts identity.
+        changes = {b"accept-encoding": (IDENTITY, b"Accept-Encoding")}
         if original[0] or original[2] is None:
-            fields.replace(headers, b"authorization", [f"Bearer {token}"], spelled=b"Authorization")
+            changes[b"authorization"] = ([f"Bearer {token}"], b"Authorization")
+        fields.replace_each(headers, changes)
         if original[1]:
             headers.set_all("cookie", identity.strip_cookie(original[1]))
         if original[2] is not None:

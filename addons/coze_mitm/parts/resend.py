@@ -69,9 +69,9 @@ class Resender:
 
 
 def _headers(request: http.Request, token: str) -> CaseInsensitiveDict:
-    """The headers the request left with the first time: the page's, tag swapped for the token."""
+    """The headers the request left with the first time: the page's, tag swapped for the token, no compression asked."""
     headers = CaseInsensitiveDict()
-    skip = HOP_BY_HOP | {"host", "content-length", "authorization", "cookie"}
+    skip = HOP_BY_HOP | {"host", "content-length", "authorization", "cookie", "accept-encoding"}
     for name, value in request.headers.fields:
         key = name.decode("latin-1")
         if key.lower() in skip or key.lower().startswith("proxy-"):
@@ -81,6 +81,7 @@ def _headers(request: http.Request, token: str) -> CaseInsensitiveDict:
     if cookies:
         headers["Cookie"] = "; ".join(cookies).encode("utf-8", "surrogateescape")
     headers["Authorization"] = f"Bearer {token}"
+    headers["Accept-Encoding"] = "identity"  # as auth asked the first time (auth.IDENTITY)
     return headers
 
 
