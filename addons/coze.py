@@ -7,6 +7,7 @@ The parts, in the order every request meets them (the code: addons/coze_mitm/par
   web_guard   refuses to run inside mitmweb < 11.1.2 (CVE-2025-23217: its web API has no authentication)
   settings    the coze_* options (declared in coze_mitm/options.py), validated; the token broker, origins, stats;
               how coze-mitm's own requests leave (mitmproxy's upstream mode and certificate options)
+  refused_origins  page origins outside coze_origins that asked for Coze (for the log and the status page)
   leaf_names  with a name-constrained CA (run_mitm.py's): leaves carry only names the CA may vouch for
   tuning      opt-in process tuning (coze_tune_process; run_mitm.py turns it on), off by default
   login       with mitmproxy's proxyauth: the login's password (and Proxy-Authorization) removed from the flow
@@ -25,6 +26,8 @@ The parts, in the order every request meets them (the code: addons/coze_mitm/par
   accounting  usage per user (chats, Coze tokens) read from the answers as they pass; daily budgets
   flowlog     with coze_quiet (run_mitm.py): one log line per flow coze-mitm acted on
   quiet_exit  no asyncio traceback when the proxy stops with clients still connected
+  lifecycle   last: once every part ran `running`, the proxy is started (a bad value is then rolled back); with
+              run_mitm.py, the line it waits for
 
 mitmproxy sees one addon object, the Bundle (coze_mitm/bundle.py: each hook calls the parts that have it).
 
@@ -52,10 +55,12 @@ from coze_mitm.parts.direct_api import DirectApi  # noqa: E402
 from coze_mitm.parts.flowlog import FlowLog  # noqa: E402
 from coze_mitm.parts.inject import Inject  # noqa: E402
 from coze_mitm.parts.leaf_names import LeafNames  # noqa: E402
+from coze_mitm.parts.lifecycle import Lifecycle  # noqa: E402
 from coze_mitm.parts.local_gate import LocalGate  # noqa: E402
 from coze_mitm.parts.login import Login  # noqa: E402
 from coze_mitm.parts.pac import Pac  # noqa: E402
 from coze_mitm.parts.quiet_exit import QuietExit  # noqa: E402
+from coze_mitm.parts.refused_origins import RefusedOriginsLog  # noqa: E402
 from coze_mitm.parts.settings import CozeSettings  # noqa: E402
 from coze_mitm.parts.status import StatusPages  # noqa: E402
 from coze_mitm.parts.streaming import Streaming  # noqa: E402
@@ -64,14 +69,17 @@ from coze_mitm.process.tuning import ProcessTuning  # noqa: E402
 
 coze_mitm.loaded_by_script = True
 
-settings = CozeSettings()
-accounting = Accounting(settings)  # auth asks it about budgets, status shows its usage
-login = Login(settings)  # auth asks it who a proxy login is (LDAP: the directory entry)
-status = StatusPages(settings, accounting)  # inject adds the userscript it serves to pages
+lifecycle = Lifecycle()  # the parts that refuse a bad value ask it whether the proxy runs yet
+settings = CozeSettings(lifecycle)
+refused = RefusedOriginsLog()  # cors, auth and direct_api note page origins they refuse; status shows them
+accounting = Accounting(settings)  # auth asks it about budgets
+login = Login(lifecycle)  # auth asks it who a proxy login is (LDAP: the directory entry)
+status = StatusPages(settings, accounting.shown, refused, lifecycle)  # inject adds the userscript it serves to pages
 
 bundle = Bundle(
     MitmwebGuard(),
     settings,
+    refused,
     LeafNames(),  # its only hook, tls_start_client, meets no flow
     ProcessTuning(),
     login,
@@ -79,15 +87,16 @@ bundle = Bundle(
     Demo(settings),
     Pac(settings),
     status,
-    DirectApi(settings),  # after pac (its /proxy.pac on this address), before cors/auth (they read the new host)
-    Cors(settings),
-    Auth(settings, accounting, login),
-    Csp(settings),
+    DirectApi(settings, refused),  # after pac (its /proxy.pac on this address), before cors/auth (they read the new host)
+    Cors(settings, refused),
+    Auth(settings, accounting, login, refused),
+    Csp(settings, lifecycle),
     Inject(settings, status),  # after csp: adds its hash to the policy csp widened
     Streaming(),
     accounting,  # after streaming: it turns stream=True into a reader that passes chunks unchanged
     FlowLog(),
     QuietExit(),
+    lifecycle,  # last: `started` once every part before it ran `running`
 )
 
 addons = [bundle]

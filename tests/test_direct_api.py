@@ -196,7 +196,7 @@ class TestPart:
     def test_refused_origin_is_noted_for_the_status_page(self, tctx):
         run(tctx.part, to_proxy("/v3/chat", "OPTIONS", headers=[("Origin", "https://elsewhere.example"),
                                                                 ("Access-Control-Request-Method", "POST")]))
-        assert "https://elsewhere.example" in json.dumps(tctx.settings.refused_origins.__dict__, default=str)
+        assert "https://elsewhere.example" in json.dumps(tctx.part.refused.recent(), default=str)
 
     def test_rebinding_host_is_not_served(self, tctx):
         # A page at http://evil.example:8080 whose name resolves to 127.0.0.1 reaches this socket with its own Host:

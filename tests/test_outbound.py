@@ -99,7 +99,7 @@ def test_settings_build_it_from_mitmproxys_options(caplog):
         assert "through the upstream proxy http://proxy.corp:3128" in caplog.text
         # changed while running: the next request uses the new way out, the broker (its tokens) stays
         broker = settings.broker
-        settings.started = True
+        settings.lifecycle.started = True
         tctx.configure(settings, mode=["upstream:https://other.corp:8443"], ssl_insecure=True)
         out = settings.outbound()
         assert out.proxy == "https://other.corp:8443" and out.verify is False and settings.broker is broker

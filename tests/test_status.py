@@ -425,7 +425,7 @@ class TestTeam:
 
         acc = Accounting()
         acc.daily_tokens = 50
-        tctx.pages.accounting = acc
+        tctx.pages.usage = acc.shown
         book = acc.book
         book.chat(FULL_ID)
         book.tokens(FULL_ID, 7)

@@ -242,6 +242,16 @@ def sum_rows(rows: Iterable[dict]) -> dict:
     return total
 
 
+@dataclass(frozen=True)
+class UsageShown:
+    """What the status pages show of usage, handed to them by the part that counts it (parts/accounting.py
+    `shown`): a copy made when asked, so that a page reads usage without reaching into the book or its store."""
+    rows: tuple[dict, ...] = ()  # UsageBook.rows(): biggest spenders first
+    daily_tokens: int = 0  # coze_user_daily_tokens (0: no budget)
+    store: str | None = None  # where usage is kept (a file, a redis:// URL without its password); None: memory only
+    store_error: str = ""  # why usage no longer reaches the store ("" while it does)
+
+
 # -- daily budgets ----------------------------------------------------------------------------------
 # Requests that make Coze spend tokens; everything else (history, conversations, files) stays allowed.
 # /v1/chat is the WebSocket chat's upgrade (on the ws host); submit_tool_outputs resumes a chat;

@@ -56,7 +56,7 @@ from coze_mitm.core.refusal import BAD_REQUEST, FAILED, RATE_LIMITED, Refusal
 from coze_mitm.core.usage_book import (
     MAX_RUN_BODY, PAGE_STATUS, PARALLEL_RETRY_AFTER, WS_CHAT_ENDS, WS_CHAT_STARTS, WS_SPENDING, UsageBook, api_prefix,
     async_run_msg, budget_refusal, is_async_run, is_chat, over_budget_msg, parallel_msg, polls_full_msg,
-    refusal_status, spends_tokens, utc_day,
+    refusal_status, spends_tokens, utc_day, UsageShown,
 )
 from coze_mitm.core import usage_redis
 from coze_mitm.core.usage_flight import InFlight, SharedInFlight
@@ -183,6 +183,12 @@ class Accounting:
 
     def running(self):
         self.started = True
+
+    def shown(self) -> UsageShown:
+        """What the status pages show of usage (coze.py hands this method to the status part)."""
+        store = self.store
+        return UsageShown(tuple(self.book.rows()), self.daily_tokens, None if store is None else str(store.path),
+                          "" if store is None else store.error)
 
     def done(self):
         if self.poller is not None:

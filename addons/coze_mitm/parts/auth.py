@@ -31,6 +31,7 @@ from coze_mitm.parts.answers import answer_json
 from coze_mitm.parts.coze_answers import COZE_HINTS, INVALID_TOKEN_CODES, Hints, unreflect, watched_code
 from coze_mitm.core.identity import short_id
 from coze_mitm.parts.retry import TokenRetry
+from coze_mitm.parts.refused_origins import RefusedOriginsLog
 from coze_mitm.parts.settings import CozeSettings
 from coze_mitm.core.refusal import NO_CREDENTIALS
 from coze_mitm.core.tokens import ExchangeError, LimitError
@@ -55,8 +56,9 @@ class _Sent:
 
 
 class Auth:
-    def __init__(self, settings: CozeSettings, accounting=None, login=None):
+    def __init__(self, settings: CozeSettings, accounting=None, login=None, refused: RefusedOriginsLog | None = None):
         self.settings = settings
+        self.refused = refused or RefusedOriginsLog()  # pages outside coze_origins: the status page shows them
         self.login = login  # the Login part: its `names` maps a proxy login to a session_name (LDAP: the entry)
         self.accounting = accounting  # the Accounting part: asked about budgets before a token is injected
         # Kept beside the flow, not in flow.metadata, which `-w` saves and tools show. One entry per
@@ -147,7 +149,7 @@ class Auth:
         if decision.action == "refuse":
             self._refuse(flow, decision.status, decision.code, decision.reason, decision.msg)
             if decision.reason == "origin-not-allowed" and decision.origin and decision.origin != "null":
-                self.settings.origin_refused(decision.origin, "a tagged request", logged_already=True)  # flowlog's line
+                self.refused.note(decision.origin, "a tagged request", logged_already=True)  # flowlog's line
             return None
         from_page = decision.origin is not None  # a page's refusal is shown by Coze's component only with a 200
         if self.settings.login_mode == "none":

@@ -16,6 +16,7 @@ import re
 from mitmproxy import http
 
 from coze_mitm.core import fields
+from coze_mitm.parts.refused_origins import RefusedOriginsLog
 from coze_mitm.parts.settings import CozeSettings
 from coze_mitm.flowmeta import CORS_ORIGIN, CORS_SET
 
@@ -43,8 +44,9 @@ def _merge_vary(existing: str, *names: str) -> str:
 
 
 class Cors:
-    def __init__(self, settings: CozeSettings):
+    def __init__(self, settings: CozeSettings, refused: RefusedOriginsLog | None = None):
         self.settings = settings
+        self.refused = refused or RefusedOriginsLog()  # pages outside coze_origins: the status page shows them
 
     def allowed_origin(self, request: http.Request) -> str | None:
         """The request's Origin if it is exactly one allowed origin, else None."""
@@ -75,7 +77,7 @@ class Cors:
             return
         origins = fields.every(request.headers, b"origin")
         if len(origins) == 1 and origins[0] != "null":
-            self.settings.origin_refused(origins[0], "a CORS preflight to the Coze API")
+            self.refused.note(origins[0], "a CORS preflight to the Coze API")
 
     def _answer_preflight(self, flow: http.HTTPFlow, origin: str) -> None:
         asked = flow.request.headers

@@ -29,6 +29,7 @@ from coze_mitm.parts import demo
 from coze_mitm.core.bounded import decoded_prefix
 from coze_mitm.core.csp_meta import meta_policies, patch_meta_tags
 from coze_mitm.core.csp_policy import inline_styles_blocked, parse_extra, patch_header_value, resolve_sdk_url, sdk_needs
+from coze_mitm.parts.lifecycle import Lifecycle
 from coze_mitm.parts.settings import CozeSettings
 from coze_mitm.flowmeta import CSP_PAGE, CSP_DONE
 
@@ -43,8 +44,9 @@ MAX_PAGE = 8 * 1024 * 1024
 
 
 class Csp:
-    def __init__(self, settings: CozeSettings):
+    def __init__(self, settings: CozeSettings, lifecycle: Lifecycle | None = None):
         self.settings = settings
+        self.lifecycle = lifecycle or Lifecycle()  # started: a bad value is rolled back
         self.enabled = True
         self.needs: dict[str, tuple[str, ...]] = {}
         self._announced: set[str] = set()
@@ -56,7 +58,7 @@ class Csp:
             extra = parse_extra(opts.coze_csp_extra)
         except ValueError as e:
             if "coze_csp_extra" in updated:
-                options.refuse(f"coze-mitm: {e}", started=self.settings.started)
+                options.refuse(f"coze-mitm: {e}", started=self.lifecycle.started)
             extra = {}
         api_origins = sorted(str(o) for o in self.settings.api_origins)
         try:

@@ -50,6 +50,7 @@ from coze_mitm.flowmeta import DIRECT, LOCAL_ANSWER, REFUSED
 from coze_mitm.pages import direct_page
 from coze_mitm.parts.answers import answer_json
 from coze_mitm.parts.cors import HEADER_LIST_RE, METHOD_RE
+from coze_mitm.parts.refused_origins import RefusedOriginsLog
 from coze_mitm.parts.settings import CozeSettings
 
 log = logging.getLogger("coze.direct_api")
@@ -64,8 +65,9 @@ def _shown(value: str) -> str:
 
 
 class DirectApi:
-    def __init__(self, settings: CozeSettings):
+    def __init__(self, settings: CozeSettings, refused: RefusedOriginsLog | None = None):
         self.settings = settings
+        self.refused = refused or RefusedOriginsLog()  # pages outside coze_origins: the status page shows them
         self._targets: dict = {}  # Origin -> (scheme bytes, host, port, Host header bytes): computed once each
 
     # ------------------------------------------------------------ which requests
@@ -206,7 +208,7 @@ class DirectApi:
                          f"coze-mitm: page origin {_shown(origin)} may not use this proxy as its Coze API; if this is "
                          "your page, add its exact origin to coze_origins (--set coze_origins=...)")
         if origin != "null":
-            self.settings.origin_refused(origin, "the proxy's own address as its Coze API", logged_already=True)
+            self.refused.note(origin, "the proxy's own address as its Coze API", logged_already=True)
 
     def _refuse_readably(self, flow: http.HTTPFlow, origin: str) -> None:
         """The refusal of a page outside coze_origins, made readable to that page: its preflight gets a 204 allowing

@@ -150,8 +150,8 @@ class Login:
     flow as soon as proxyauth has checked it. `names` (LoginNames, rebuilt when proxyauth changes) maps a login
     to its Coze session_name; auth asks it."""
 
-    def __init__(self, settings=None):
-        self.settings = settings
+    def __init__(self, lifecycle=None):
+        self.lifecycle = lifecycle  # parts/lifecycle.py: started, so a bad value is rolled back (none in a test)
         self.names = LoginNames()
         self.front = None  # login_check.FrontCheck in mitmproxy's chain, with proxyauth=@htpasswd
 
@@ -160,7 +160,7 @@ class Login:
             return
         spec = getattr(ctx.options, "proxyauth", None)
         mode = logins.auth_mode(spec)
-        started = bool(getattr(self.settings, "started", False))
+        started = bool(getattr(self.lifecycle, "started", False))
         identity = getattr(ctx.options, "coze_ldap_identity", "dn") or "dn"
         problem = logins.ldap_identity_problem(identity)
         if problem:

@@ -1,8 +1,9 @@
 """The settings part: checks the coze_* options it builds from (options.declare_settings, SETTINGS_OPTIONS) and
 builds what they describe: the token broker, the Coze API/WebSocket and page origins, and how coze-mitm's own
 requests leave (mitmproxy's connection options). A bad value is refused with one line naming the cause and the
-fix. The other parts ask it about a request (is_coze_api, page_origin_of), read `started`, count into `stats`
-(core/stats.py) and note refused origins; they read their own options in their own `configure`.
+fix. The other parts ask it about a request (is_coze_api, page_origin_of) and count into its `stats`
+(core/stats.py); they read their own options in their own `configure`. Whether the proxy runs yet is the
+lifecycle part's (parts/lifecycle.py); the refused page origins are parts/refused_origins.py's.
 """
 
 from __future__ import annotations
@@ -14,17 +15,16 @@ import os
 from mitmproxy import ctx, http
 from mitmproxy.proxy import mode_specs
 
-import coze_mitm
 from coze_mitm.core import config
 from coze_mitm import options
 from coze_mitm.core import logins, own_address
-from coze_mitm.core.refused_origins import RefusedOrigins
 from coze_mitm.core.config import WS_SCHEME_OF_HTTP, ConfigError, Origin
 from coze_mitm.core.hosts import DEFAULT_ONBOARDING_HOST, STATUS_HOST, Handled, coze_origins
 from coze_mitm.core.identity import is_loopback
 from coze_mitm.core.exchange import CozeTokenExchange
 from coze_mitm.core.stats import Stats
 from coze_mitm.core.outbound import DIRECT, Outbound, OutboundError
+from coze_mitm.parts.lifecycle import Lifecycle
 from coze_mitm.core.tokens import PatBroker, TokenBroker
 
 log = logging.getLogger("coze.settings")
@@ -38,7 +38,9 @@ CONNECTION_OPTIONS = frozenset({
 class CozeSettings:
     """Owns the coze_* options and builds what they describe: origins, the token broker, stats."""
 
-    def __init__(self):
+    def __init__(self, lifecycle: Lifecycle | None = None):
+        # started: a bad value is then refused with OptionsError (rolled back); coze.py hands the bundle's own
+        self.lifecycle = lifecycle or Lifecycle()
         self.app: config.OAuthApp | None = None
         self.broker: TokenBroker | PatBroker | None = None
         self.api_origins: frozenset[Origin] = frozenset()
@@ -56,8 +58,6 @@ class CozeSettings:
         self.login_mode = "none"  # which form of mitmproxy's proxyauth names the users (logins.MODES)
         self.page_origins: frozenset[str] = frozenset()
         self.stats = Stats()
-        self.refused_origins = RefusedOrigins()  # pages outside coze_origins that asked: log + status page
-        self.started = False  # running: a bad value is then refused with OptionsError (rolled back)
         self.problem = "not configured yet"  # why tagged requests cannot be served, while broker is None
         # The new-users-per-minute window of a store several proxies share (accounting sets it for Redis).
         self._shared_admission = None
@@ -90,7 +90,7 @@ class CozeSettings:
         try:
             self._rebuild()
         except ConfigError as e:
-            if self.started:
+            if self.lifecycle.started:
                 options.refuse(f"coze-mitm: {e}", started=True)  # rolled back: the last good settings stay
             self.problem = str(e)
             options.refuse(f"coze-mitm: {e}", started=False)
@@ -118,7 +118,7 @@ class CozeSettings:
                 opts.ssl_verify_upstream_trusted_ca, opts.ssl_verify_upstream_trusted_confdir,
             )
         except OutboundError as e:
-            options.refuse(f"coze-mitm: {e}", started=self.started)
+            options.refuse(f"coze-mitm: {e}", started=self.lifecycle.started)
             return  # (not started, outside mitmdump's start-up: the last good settings stay)
         if len(set(upstreams)) > 1:
             log.warning(f"coze-mitm: several upstream proxies in mode; coze-mitm's own requests (token exchange, "
@@ -172,7 +172,6 @@ class CozeSettings:
         self._api_keys = frozenset((o.scheme, o.host, o.port) for o in api_origins)
         self._ws_keys = frozenset((o.scheme, o.host, o.port) for o in ws_origins)
         self._page_keys = {config.origin_key(o): o for o in page_origins}
-        self.refused_origins.clear()  # the list says what the settings in force refuse
         self.allow_remote = opts.coze_allow_remote
         self._announce(pat)
 
@@ -196,12 +195,7 @@ class CozeSettings:
         log.info(f"coze-mitm: {self.broker.mode.upper()} mode for {apis}; page origins: {', '.join(sorted(self.page_origins)) or 'none'}")
 
     def running(self):
-        self.started = True
         self._warn_if_reachable()
-        if getattr(ctx.options, "coze_launcher", ""):
-            # run_mitm.py waits for this line (the proxy runs WITH coze-mitm): printed, not logged, so that no
-            # termlog_verbosity hides it; plain mitmdump shows nothing
-            print(coze_mitm.READY, flush=True)
 
     def _warn_if_reachable(self) -> None:
         """mitmdump listens on every interface unless told otherwise: say who can reach the credentials."""
@@ -243,13 +237,6 @@ class CozeSettings:
     def page_origin_of(self, request: http.Request) -> str | None:
         """The coze_origins entry this request is addressed to (one of the user's pages), or None."""
         return self._page_keys.get((request.scheme.lower(), request.host.lower(), request.port))
-
-    def origin_refused(self, origin: str, what: str, *, logged_already: bool = False) -> None:
-        """A page outside coze_origins asked for Coze (a preflight, a tagged request): remembered for the status
-        page, and said in the log now and then unless the caller's own line said it (a refusal's flow line)."""
-        line = self.refused_origins.note(origin, what)
-        if line and not logged_already:
-            log.warning(line)
 
     def is_status_host(self, request: http.Request) -> bool:
         return request.host.lower() == STATUS_HOST

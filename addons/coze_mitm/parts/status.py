@@ -28,6 +28,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 from mitmproxy import ctx, http, tls
 
@@ -41,6 +42,9 @@ from coze_mitm.core.csp_policy import resolve_sdk_url
 from coze_mitm.core.identity import is_loopback, short_id
 from coze_mitm.core.config import PYTHON
 from coze_mitm.core.hosts import STATUS_HOST
+from coze_mitm.core.usage_book import UsageShown
+from coze_mitm.parts.lifecycle import Lifecycle
+from coze_mitm.parts.refused_origins import RefusedOriginsLog
 from coze_mitm.parts.settings import CozeSettings
 from coze_mitm.pages.status_page import PAGE_CSP, render
 from coze_mitm.core.exchange import scrub
@@ -71,9 +75,14 @@ NEW_CA_HINTS = {
 }
 
 class StatusPages:
-    def __init__(self, settings: CozeSettings, accounting=None):
+    def __init__(self, settings: CozeSettings, usage: Callable[[], UsageShown] | None = None,
+                 refused: RefusedOriginsLog | None = None, lifecycle: Lifecycle | None = None):
         self.settings = settings
-        self.accounting = accounting  # the Accounting part: usage per user, budgets
+        # Handed what the pages show, by the parts that own it: usage per user and the budget (the accounting
+        # part's `shown`; None: no usage counted), the page origins refused lately, and whether the proxy runs.
+        self.usage = usage
+        self.refused = refused or RefusedOriginsLog()
+        self.lifecycle = lifecycle or Lifecycle()
         self._template: str | None = None
         self.userscript: bytes | None = None
         self.userscript_version = ""
@@ -105,7 +114,7 @@ class StatusPages:
             self.sdk_url = resolve_sdk_url(opts.coze_sdk_url, api_origins)
         except ValueError as e:
             message = f"coze-mitm: {e}; use the SDK's https:// URL, or leave coze_sdk_url empty for the official one"
-            if self.settings.started and "coze_sdk_url" in updated:
+            if self.lifecycle.started and "coze_sdk_url" in updated:
                 options.refuse(message, started=True)  # rolled back: the SDK URL in force stays
             if str(e) not in self.problems:
                 options.refuse(message, started=False)  # said once, not per reconfigure
@@ -145,7 +154,7 @@ class StatusPages:
             self.userscript, self.userscript_version = None, ""
             return
         values = {"botId": demo.bot_id(self.settings), "title": ctx.options.coze_title, "sdkUrl": self.sdk_url,
-                  "loginMode": status_usage.identities(self.settings)["mode"]}  # its "fresh identity" menu says what follows
+                  "loginMode": status_usage.identities(self.settings.login_mode)["mode"]}  # its "fresh identity" menu says what follows
         self.userscript, self.userscript_version, persisted = userscript_fill.build(
             self._template, sorted(self.settings.page_origins), values, self.proxy, getattr(ctx.options, "confdir", None))
         if not persisted:
@@ -182,7 +191,9 @@ class StatusPages:
         elif path == "/status.json":
             flow.response = self._json(200, self.status(flow))
         elif path == "/metrics":
-            text = status_usage.metrics_text(self.settings, self.accounting, hide_users=self.hide_users(flow))
+            broker = self.settings.broker
+            text = status_usage.metrics_text(self.settings.stats, getattr(broker, "results", None) or {},
+                                             self._usage(), hide_users=self.hide_users(flow))
             flow.response = http.Response.make(200, text.encode("utf-8"), {
                 "Content-Type": metrics.CONTENT_TYPE, "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
             })
@@ -222,6 +233,9 @@ class StatusPages:
 
     # ------------------------------------------------------------ the data
 
+    def _usage(self) -> UsageShown | None:
+        return self.usage() if self.usage is not None else None
+
     def status(self, flow: http.HTTPFlow | None = None) -> dict:
         s = self.settings
         stats = s.stats
@@ -229,6 +243,7 @@ class StatusPages:
         # (Inside a CONNECT tunnel the scheme follows the server side, which tls_clienthello set to none.)
         over_https = bool(flow and (flow.request.scheme == "https" or flow.client_conn.tls))
         demo_on = demo.enabled()
+        shown = self._usage()
         data = {
             "service": "coze-mitm",
             "mode": s.broker.mode if s.broker else None,
@@ -269,15 +284,15 @@ class StatusPages:
                 "refusals": dict(sorted(stats.refusals.items())),
             },
             # Who the users are (the proxy login, or the userscript's tags) and what they used.
-            "identities": status_usage.identities(s),
-            "usage": status_usage.usage(self.accounting),  # biggest spenders first
-            **status_usage.accounting_state(self.accounting),
+            "identities": status_usage.identities(s.login_mode),
+            "usage": status_usage.usage(shown),  # biggest spenders first
+            **status_usage.accounting_state(shown),
             "users": [
                 {"user": short_id(user_id), "expires_at": int(expires_at), "expires_in_seconds": int(expires_at - now)}
                 for user_id, expires_at in reversed(s.broker.users() if s.broker else [])
             ][:100],
             # Pages outside coze_origins that asked for Coze lately (newest first): why "my page gets a CORS error".
-            "refused_origins": [{**r, "origin": scrub(r["origin"], 200)} for r in s.refused_origins.recent()],
+            "refused_origins": [{**r, "origin": scrub(r["origin"], 200)} for r in self.refused.recent()],
             "last_errors": [
                 {"time": e.get("time"), "reason": scrub(str(e.get("reason", "")), 80), "msg": scrub(str(e.get("msg", ""))),
                  "logid": scrub(str(e.get("logid", "")), 80)}
