@@ -10,13 +10,14 @@
 from __future__ import annotations
 
 import logging
+import socket
 
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.addons import upstream_auth as mitm_upstream_auth
 from mitmproxy.test import taddons
 
-from coze_mitm.core.outbound import DIRECT, Outbound, OutboundError, SessionSource
+from coze_mitm.core.outbound import DIRECT, Outbound, OutboundError, OutboundRefused, SessionSource
 from coze_mitm.parts.settings import CozeSettings
 
 PAT = "pat_" + "Outb0undPat" * 4
@@ -116,4 +117,24 @@ def test_settings_refuse_a_bad_value_at_start(caplog):
         with caplog.at_level(logging.ERROR):
             tctx.configure(settings, ssl_verify_upstream_trusted_confdir="/nonexistent-dir")
         assert "coze-mitm: ssl_verify_upstream_trusted_confdir=/nonexistent-dir: no such directory" in caplog.text
-        assert settings.outbound() == DIRECT
+        # Not running (mitmdump's start-up exits on that line; a script reload goes on): coze-mitm's own requests are
+        # refused, naming the option, never sent DIRECT past the upstream proxy the options may name.
+        out = settings.outbound()
+        assert out != DIRECT and "ssl_verify_upstream_trusted_confdir=/nonexistent-dir" in out.refused
+
+
+def test_a_refusing_outbound_sends_nothing(tmp_path):
+    """Options that cannot be used and none good before: every request fails at once naming the option; none is
+    sent, neither to the destination nor anywhere else."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.setblocking(False)
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/api/permission/oauth2/token"
+        out = Outbound.refusing("ssl_verify_upstream_trusted_ca=/gone.pem: no such file")
+        assert "nowhere" in out.describe() and "/gone.pem" in out.describe()
+        source = SessionSource(lambda: out)
+        for method in ("GET", "POST"):
+            with pytest.raises(OutboundRefused, match="ssl_verify_upstream_trusted_ca=/gone.pem.*set the option again"):
+                source.get().request(method, url, json={}, timeout=5)
+        with pytest.raises(BlockingIOError):  # a connection made would be waiting here already (connect() returned)
+            server.accept()
+    source.close()

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
+import shutil
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import requests
@@ -18,7 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.clients import session, tagged
+from tests.clients import PAGE, session, tagged
+from tests.harness import REPO, Mitmdump
 from tests.upstream_net import PROXY_ADDR, STANDIN_ADDR, InNamespace, Unavailable, corp_net, wait_for_line
 
 pytestmark = pytest.mark.process  # every test here starts a process (run_tests.py --fast leaves them out)
@@ -213,3 +219,60 @@ def test_run_mitm_check_and_proxy_through_the_upstream_proxy(corp, tmp_path, ups
             assert not any(PROXY_LOGIN.split(":")[1] in arg for arg in cmdline(pid))
     finally:
         launcher.stop()
+
+
+def test_after_a_reload_unusable_options_refuse_own_requests_never_direct(tmp_path, standin, config_file):
+    """A script reload builds the parts anew; if the connection options cannot be used then (here: the CA file named
+    in ssl_verify_upstream_trusted_ca went away since the start), there is no good way out to keep. coze-mitm's own
+    requests must then be refused, naming the option and the fix, and never go DIRECT, past the upstream proxy the
+    user configured. The stand-in is on loopback, reachable directly: a token exchange sent DIRECT would succeed."""
+    log = tmp_path / "proxy.log"
+    upstream = subprocess.Popen([sys.executable, "-m", "tests.upstream_net", "proxy", "--host", "127.0.0.1",
+                                 "--auth", PROXY_LOGIN, "--log", str(log)],
+                                cwd=str(REPO), stdout=subprocess.PIPE, text=True)
+    proxy = None
+    try:
+        proxy_at = upstream.stdout.readline().strip()
+        assert proxy_at.startswith("127.0.0.1:"), proxy_at
+        copy = tmp_path / "repo"  # a copy of the addon, so that touching its coze.py reloads this proxy only
+        shutil.copytree(REPO / "addons", copy / "addons", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(REPO / "userscript", copy / "userscript")
+        ca_file, _ = private_ca(tmp_path)
+        (tmp_path / "mitm").mkdir()
+        proxy = Mitmdump(tmp_path / "mitm", [
+            f"coze_config={config_file}", f"coze_origins={PAGE}", f"mode=upstream:http://{proxy_at}",
+            f"upstream_auth={PROXY_LOGIN}", f"ssl_verify_upstream_trusted_ca={ca_file}",
+        ], script=False, extra_args=["-s", str(copy / "addons" / "coze.py")]).start()
+        token_lines = lambda: lines_of(log, lambda l: l == f"POST {standin.base_url}/api/permission/oauth2/token auth=ok")  # noqa: E731
+
+        def chat_as(user: str):
+            body = {"bot_id": "7000", "user_id": user, "stream": False,
+                    "additional_messages": [{"role": "user", "content": "hello", "content_type": "text"}]}
+            return session(proxy).post(f"{standin.base_url}/v3/chat", headers=tagged(user), json=body, timeout=30)
+
+        # the control: the options usable, the exchange goes through the upstream proxy
+        assert chat_as(ALICE).status_code == 200
+        assert wait_for_line(log, lambda l: l in token_lines(), timeout=5)
+        exchanges, through_proxy = len(standin.exchanges), len(token_lines())
+        assert exchanges == through_proxy == 1
+
+        ca_file.unlink()
+        later = time.time() + 5
+        os.utime(copy / "addons" / "coze.py", (later, later))
+        assert proxy.wait_for_output(r"Loading script[\s\S]*Loading script[\s\S]*sends none of its own requests", 15), \
+            proxy.output
+
+        r = chat_as("bob-corp-0002")  # a new user (and the reloaded parts have no token cached): an exchange is due
+        assert r.status_code == 502, r.text
+        answer = r.json()
+        assert answer["code"] == 5000, answer
+        assert "ssl_verify_upstream_trusted_ca=" in answer["msg"] and "no such file" in answer["msg"], answer
+        assert "set the option again" in answer["msg"] and "sends none of its own requests" in answer["msg"], answer
+        # nothing left for the token endpoint: not DIRECT (the stand-in saw no new exchange), nor through the proxy
+        assert len(standin.exchanges) == exchanges and len(token_lines()) == through_proxy
+        assert PROXY_LOGIN.split(":")[1] not in proxy.output + r.text
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        upstream.terminate()
+        upstream.wait(10)

@@ -24,7 +24,7 @@ import urllib3
 
 from coze_mitm.core.bounded import decoded_prefix
 from coze_mitm.core.config import OAuthApp
-from coze_mitm.core.outbound import DIRECT, Outbound, SessionSource
+from coze_mitm.core.outbound import DIRECT, Outbound, OutboundRefused, SessionSource
 from coze_mitm.core.refusal import REASONS, Refusal, Refused
 
 log = logging.getLogger("coze.tokens")
@@ -166,6 +166,8 @@ class CozeTokenExchange:
                 answer.close()
         except (requests.Timeout, urllib3.exceptions.TimeoutError):
             raise self.timed_out() from None
+        except OutboundRefused as e:  # the connection options in force cannot be used: nothing was sent
+            raise ExchangeError(502, 5000, "exchange-unreachable", str(e)) from None
         except requests.exceptions.ProxyError:
             raise self.proxy_refused("could not open a connection through it") from None
         except requests.exceptions.SSLError:

@@ -13,6 +13,11 @@ The token exchange, the usage poller and the transparent retry are requests coze
 It is built in one place (parts/settings.py, from the option values; no mitmproxy import here) and every
 client asks for it on each use through a `SessionSource`, so a changed option takes effect on the next
 request. The proxy password is never in a URL, a repr or a log line: `describe()` says where requests go.
+
+When the options in force cannot be used and no good ones came before (a script reload after a CA file named
+in ssl_verify_upstream_trusted_ca went away, say), the settings part makes a `refusing` one: every request
+then fails at once with `OutboundRefused`, whose message names the option and the fix, and none leaves this
+machine. Never DIRECT instead: that would go past the upstream proxy the user configured.
 """
 
 from __future__ import annotations
@@ -31,6 +36,11 @@ class OutboundError(ValueError):
     """A connection option coze-mitm cannot use for its own requests: the message names cause and fix."""
 
 
+class OutboundRefused(requests.exceptions.ConnectionError):
+    """A request of coze-mitm's own not sent: the connection options in force cannot be used (the message says
+    which, and the fix)."""
+
+
 @dataclass(frozen=True)
 class Outbound:
     proxy: str | None = None  # "http://host:port" or "https://host:port"; None: straight to the destination
@@ -38,6 +48,14 @@ class Outbound:
     verify: bool = True  # False: ssl_insecure
     ca_file: str | None = None
     ca_dir: str | None = None
+    refused: str | None = None  # why no request may leave (the options cannot be used); None: they may
+
+    @classmethod
+    def refusing(cls, problem: str) -> Outbound:
+        """No request leaves, each fails with OutboundRefused saying `problem` (an OutboundError's message)."""
+        return cls(refused=(f"coze-mitm sends none of its own requests (token exchange, usage polls, retries) rather "
+                            f"than send them past the upstream proxy: {problem}; once fixed, set the option again "
+                            "(mitmweb's options, `set` in the console) or restart the proxy"))
 
     @classmethod
     def from_options(cls, upstreams: list[tuple[str, str, int]], upstream_auth: str | None, ssl_insecure: bool,
@@ -67,6 +85,8 @@ class Outbound:
 
     def describe(self) -> str:
         """Where coze-mitm's own requests go and how they are verified, for a log line (no password)."""
+        if self.refused:
+            return "nowhere: " + self.refused
         via = f"through the upstream proxy {self.proxy}" if self.proxy else "directly"
         if self.proxy and self.proxy_authorization:
             via += " (with upstream_auth)"
@@ -85,7 +105,7 @@ class Outbound:
         session.trust_env = False
         if not default_headers:
             session.headers.clear()  # send exactly the headers given (a page's own, in the retry)
-        adapter = _Adapter(self, pool_maxsize)
+        adapter = _Refusing(self.refused) if self.refused else _Adapter(self, pool_maxsize)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         if self.proxy:
@@ -119,6 +139,20 @@ class _Adapter(requests.adapters.HTTPAdapter):
         if outbound.verify and outbound.ca_file and outbound.ca_dir and verify == outbound.ca_file:
             pool_kwargs["ca_cert_dir"] = outbound.ca_dir
         return host_params, pool_kwargs
+
+
+class _Refusing(requests.adapters.BaseAdapter):
+    """Sends nothing: every request fails with OutboundRefused before any connection is opened."""
+
+    def __init__(self, problem: str):
+        super().__init__()
+        self._problem = problem
+
+    def send(self, request, **kwargs):
+        raise OutboundRefused(self._problem, request=request)
+
+    def close(self) -> None:
+        pass
 
 
 class SessionSource:

@@ -118,8 +118,14 @@ class CozeSettings:
                 opts.ssl_verify_upstream_trusted_ca, opts.ssl_verify_upstream_trusted_confdir,
             )
         except OutboundError as e:
-            options.refuse(f"coze-mitm: {e}", started=self.lifecycle.started)
-            return  # (not started, outside mitmdump's start-up: the last good settings stay)
+            if not self.lifecycle.started:
+                # Not running: mitmdump's start-up ends on the line below; a script reload (this object is new)
+                # or a test's context goes on, with no good options before. coze-mitm's own requests are then
+                # refused, each with this message, never sent directly past the upstream proxy configured.
+                self._outbound = Outbound.refusing(str(e))
+            options.refuse(f"coze-mitm: {e}", started=self.lifecycle.started)  # running: rolled back
+            log.warning(self._outbound.refused)  # (reached on a reload only)
+            return
         if len(set(upstreams)) > 1:
             log.warning(f"coze-mitm: several upstream proxies in mode; coze-mitm's own requests (token exchange, "
                         f"usage polls, retries) use the first, {outbound.proxy}")
