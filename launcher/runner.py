@@ -28,8 +28,9 @@ from launcher.ports import PORT_IN_USE_RE, check_port_free, port_in_use_message
 
 LISTENING_RE = re.compile(r"HTTP\(S\) proxy (?:\(upstream mode\) )?listening at (\[[^\]]+\]|[^\s:]+):(\d+)")
 WEB_LISTENING_RE = re.compile(r"Web server listening at (\S+)")
-# coze-mitm's `running` logs coze_mitm.READY right after mitmproxy's listening line (same start-up step);
-# generous for a loaded machine, and only ever waited out when the addon did not load.
+# coze-mitm prints coze_mitm.READY once every part ran `running` (its lifecycle part), right after mitmproxy's
+# listening line (same start-up step); generous for a loaded machine, and only ever waited out when the addon did
+# not load.
 READY_TIMEOUT = 15.0
 
 
@@ -85,6 +86,21 @@ def tool_path(name: str) -> str:
         return str(path.relative_to(REPO))
     except ValueError:
         return str(path)
+
+
+def check_directory(args) -> None:
+    """An LDAP proxyauth spec: its bind checked before mitmdump starts. mitmproxy's proxyauth binds in its
+    `configure` and, refused, stops with a traceback before coze-mitm is loaded; here it is one line naming the fix
+    (a connect and a bind, a few seconds at most)."""
+    spec = (args.proxyauth or "").strip()
+    if not spec.lower().startswith("ldap"):
+        return
+    from coze_mitm import ldap_spec
+
+    problem = ldap_spec.bind_problem(spec)
+    if problem is not None:
+        source = getattr(args, "proxyauth_source", "") or "--proxyauth"
+        raise Fail(f"{source}: {problem.msg}", EXIT_USAGE if problem.misconfigured else EXIT_FAILED)
 
 
 def warn_about_reach(pl: Plan) -> None:
@@ -162,6 +178,7 @@ def run_proxy(pl: Plan, sandbox=None) -> int:
     mitmproxy_version()
     warn_about_reach(pl)
     check_port_free(args.host, args.port)
+    check_directory(args)
     browser = find_browser(args.browser) if getattr(args, "browser", None) is not None else None  # before anything starts
 
     proc = subprocess.Popen(mitm_command(pl), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

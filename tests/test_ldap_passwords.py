@@ -6,6 +6,7 @@ clients send wrong passwords: they get coze-mitm's 407, back-off engages, a righ
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import statistics
 import threading
@@ -15,9 +16,13 @@ import pytest
 import requests
 from mitmproxy.addons.proxyauth import Ldap
 
-from coze_mitm.core.directory import DirectoryError, LdapSettings, Passwords
-from tests.harness import Mitmdump
-from tests.slapd import CONTRACTOR_CN, CONTRACTOR_PW, PASSWORDS, SUFFIX, Slapd, Unavailable, free_port
+from coze_mitm import ldap_spec
+from coze_mitm.core.directory import BindRefused, Directory, DirectoryError, LdapSettings, Passwords
+from coze_mitm.core.password_checks import MISCONFIGURED, UNAVAILABLE, PasswordChecks
+from coze_mitm.parts.login import LoginNames, LoginRefused
+from tests.conftest import write_config
+from tests.harness import Mitmdump, clean_env, one_error_line, run
+from tests.slapd import ADMIN_DN, CONTRACTOR_CN, CONTRACTOR_PW, PASSWORDS, SUFFIX, Slapd, Unavailable, free_port
 
 pytestmark = pytest.mark.process  # starts slapd (and mitmdump)
 
@@ -85,6 +90,65 @@ def test_a_directory_that_does_not_answer_is_no_wrong_password(slapd):
             ours("alice", PASSWORDS["alice"])
     finally:
         ours.close()
+
+
+WRONG_BIND_PW = "not-the-bind-Pw-4e1d"
+
+
+def test_a_wrong_bind_password_is_said_as_such_not_as_no_answer(slapd):
+    """The spec's bind password is wrong: the directory answers, and refuses the bind. Said as that, naming the DN
+    and the fix, by the password check, by the lookup of a login's entry and by the login part's answer to the
+    client (which names neither the DN nor the directory); never "did not answer", never the password."""
+    spec = slapd.spec(password=WRONG_BIND_PW)
+    passwords = Passwords(ldap_spec.settings_of(spec))
+    directory = ldap_spec.directory(spec)
+    try:
+        with pytest.raises(BindRefused) as refused:
+            passwords("alice", PASSWORDS["alice"])
+        msg = refused.value.msg
+        assert f"refused the bind as {ADMIN_DN}" in msg and "check the bind DN and password" in msg, msg
+        assert "did not answer" not in msg and "could not be" not in msg and WRONG_BIND_PW not in msg
+        with pytest.raises(BindRefused):
+            directory.lookup("alice")
+        # the off-loop password check: neither a wrong password (no back-off) nor "the directory did not answer"
+        checks = PasswordChecks(passwords)
+        verdict, wait = asyncio.run(checks.check("127.0.0.1", "alice", PASSWORDS["alice"]))
+        assert (verdict, wait) == (MISCONFIGURED, 0.0)
+        # the login part's lookup: a 502 for the client saying the proxy's own bind was refused
+        names = LoginNames("ldap", directory)
+        with pytest.raises(LoginRefused) as answered:
+            asyncio.run(names.resolve("alice"))
+        assert answered.value.status == 502 and answered.value.code == 5000
+        assert answered.value.msg == BindRefused.PUBLIC and ADMIN_DN not in answered.value.msg
+        # the right password, for contrast: the same checks pass
+        assert ldap_spec.bind_problem(slapd.spec()) is None
+        assert isinstance(ldap_spec.bind_problem(spec), BindRefused)
+    finally:
+        passwords.close()
+        directory.close()
+
+
+def test_a_directory_that_does_not_answer_is_still_said_so(slapd):
+    settings = LdapSettings.from_parsed(Ldap.parse_spec(slapd.spec()))
+    quiet = Passwords(dataclasses.replace(settings, port=free_port()))
+    try:
+        assert asyncio.run(PasswordChecks(quiet).check("127.0.0.1", "alice", PASSWORDS["alice"]))[0] == UNAVAILABLE
+    finally:
+        quiet.close()
+    problem = ldap_spec.bind_problem(slapd.spec().replace(f":{slapd.port}:", f":{free_port()}:"))
+    assert problem is not None and not problem.misconfigured and "did not answer" in problem.msg
+
+
+def test_run_mitm_refuses_a_wrong_bind_password_in_one_line(slapd, tmp_path, rsa_key):
+    """mitmproxy's own proxyauth binds in its configure and, refused, stops with a traceback before coze-mitm is
+    loaded: run_mitm.py checks the bind first and says it in one line, naming the fix."""
+    config = write_config(tmp_path, rsa_key, "https://api.coze.cn")
+    result = run("--config", str(config), "--port", str(free_port()), "--set", f"confdir={tmp_path}",
+                 env=clean_env(COZE_PROXYAUTH=slapd.spec(password=WRONG_BIND_PW)))
+    assert result.returncode == 2, result.stdout + result.stderr
+    line = one_error_line(result)
+    assert "COZE_PROXYAUTH" in line and "refused the bind as" in line and "check the bind DN and password" in line
+    assert WRONG_BIND_PW not in result.stdout + result.stderr
 
 
 # --------------------------------------------------------------------------- end to end: a real mitmdump

@@ -29,10 +29,27 @@ TIMEOUT = 5  # seconds, for connecting to and answering from the directory
 class DirectoryError(Exception):
     """The login cannot be mapped to one directory entry; `msg` says why (never the bind password)."""
 
+    misconfigured = False  # the proxy's own settings are wrong (BindRefused), not the login nor the directory
+
     def __init__(self, msg: str, unreachable: bool = False):
         super().__init__(msg)
         self.msg = msg
         self.unreachable = unreachable  # the directory did not answer (vs. answered: no usable entry)
+
+
+class BindRefused(DirectoryError):
+    """The directory answered, and refused the bind as the spec's DN: the bind DN or password in the proxyauth
+    spec is wrong (or the account locked). Not "did not answer": trying again changes nothing until the spec
+    or the directory's account is fixed. `msg` names the directory and the DN, for the operator's log."""
+
+    misconfigured = True
+    # What a client is told: not the DN, nor the directory's address.
+    PUBLIC = ("the login directory refused the proxy's own bind (the bind DN or password in its proxyauth ldap "
+              "spec is wrong); tell the proxy's operator")
+
+    def __init__(self, settings: LdapSettings, why: str):
+        super().__init__(f"the LDAP directory {settings.host} refused the bind as {settings.bind_dn} ({why}): check "
+                         "the bind DN and password in the proxyauth ldap[s]:... spec")
 
 
 @dataclass(frozen=True)
@@ -67,8 +84,24 @@ class Directory:
     def _connect(self) -> ldap3.Connection:
         s = self.settings
         server = ldap3.Server(s.host, port=s.port, use_ssl=s.use_ssl, connect_timeout=TIMEOUT)
-        return ldap3.Connection(server, s.bind_dn, s.bind_password, auto_bind=True, receive_timeout=TIMEOUT,
-                                read_only=True)
+        try:
+            return ldap3.Connection(server, s.bind_dn, s.bind_password, auto_bind=True, receive_timeout=TIMEOUT,
+                                    read_only=True)
+        except ldap3.core.exceptions.LDAPBindError as e:
+            # The directory answered the bind with a refusal (ldap3 raises others for a directory that does not
+            # answer): not retried, not "could not be searched".
+            raise BindRefused(s, str(e).rpartition(" - ")[2] or "refused") from None
+
+    def check(self) -> None:
+        """Connect and bind as the spec's DN now (blocking: at start-up only); raises DirectoryError (BindRefused
+        for a wrong bind DN or password) when lookups would fail."""
+        try:
+            self._connection()
+        except ldap3.core.exceptions.LDAPException as e:
+            raise DirectoryError(f"the LDAP directory {self.settings.host} did not answer ({type(e).__name__})",
+                                 unreachable=True) from None
+        finally:
+            self._drop()  # the lookups have connections of their own, in their threads
 
     def _connection(self) -> ldap3.Connection:
         return self._connections.get()
@@ -81,7 +114,8 @@ class Directory:
 
     def search(self, name: str, attributes: list[str]) -> tuple[ldap3.Connection, list[dict]]:
         """The search mitmproxy's check makes for `name` (blocking): this thread's connection and its raw
-        results (at most 2). Raises DirectoryError when the directory cannot be searched."""
+        results (at most 2). Raises DirectoryError when the directory cannot be searched (BindRefused: it
+        refused the bind as the spec's DN)."""
         if self._closed:
             raise DirectoryError("the directory lookup was shut down", unreachable=True)
         for _ in range(2):  # once more on a new connection: the old one may have gone away (restart, idle timeout)
@@ -204,7 +238,8 @@ class Passwords:
     Blocking: core/password_checks.py calls it in its worker threads. Each thread has its own search connection
     (bound as the spec's DN) and its own bind connection, re-bound for every check (mitmproxy opens a new one,
     reading the server's schema each time: ~7 ms against a local slapd, vs. ~0.6 ms here). Raises
-    DirectoryError when the directory cannot be asked (not a wrong password)."""
+    DirectoryError when the directory cannot be asked (not a wrong password); BindRefused when it refuses the
+    search connection's bind as the spec's DN."""
 
     def __init__(self, settings: LdapSettings):
         self.directory = Directory(settings)

@@ -11,7 +11,8 @@ forgotten after `forget_after` seconds without one.
 
 The same for LDAP (`verify` = core/directory.py `Passwords`: a search and a bind, network round trips that
 mitmproxy makes on the loop, with no time limit). A `verify` that raises could not decide (the directory did
-not answer): UNAVAILABLE, neither remembered nor counted against the client.
+not answer): UNAVAILABLE, neither remembered nor counted against the client; MISCONFIGURED when what it raised
+says the proxy's own settings are wrong (`misconfigured`: the LDAP spec's bind DN or password), the same otherwise.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import os
 import time
 from typing import Callable
 
-OK, WRONG, BUSY, WAIT, UNAVAILABLE = "ok", "wrong", "busy", "wait", "unavailable"
+OK, WRONG, BUSY, WAIT, UNAVAILABLE, MISCONFIGURED = "ok", "wrong", "busy", "wait", "unavailable", "misconfigured"
 
 
 class PasswordChecks:
@@ -82,8 +83,8 @@ class PasswordChecks:
             self._failures.popitem(last=False)
 
     async def check(self, client: str, user: str, password: str) -> tuple[str, float]:
-        """(OK | WRONG | BUSY | WAIT | UNAVAILABLE, seconds to wait before trying again). Call on the event
-        loop."""
+        """(OK | WRONG | BUSY | WAIT | UNAVAILABLE | MISCONFIGURED, seconds to wait before trying again). Call on
+        the event loop."""
         if self.known_good(user, password):
             return OK, 0.0
         wait = self.wait_left(client)
@@ -101,6 +102,8 @@ class PasswordChecks:
             self._waiting -= 1
         if good is None:
             return UNAVAILABLE, 0.0
+        if good == MISCONFIGURED:
+            return MISCONFIGURED, 0.0
         if good:
             self._good[self._digest(user, password)] = self.clock() + self.seconds
             self._good.move_to_end(self._digest(user, password))
@@ -110,11 +113,12 @@ class PasswordChecks:
         self._failed(client)
         return WRONG, self.wait_left(client)
 
-    def _verify(self, user: str, password: str) -> bool | None:
+    def _verify(self, user: str, password: str) -> bool | str | None:
         try:
             return bool(self.verify(user, password))
-        except Exception:
-            return None  # not logged in (as mitmproxy's proxyauth makes of it), but no wrong password either
+        except Exception as e:
+            # not logged in (as mitmproxy's proxyauth makes of it), but no wrong password either
+            return MISCONFIGURED if getattr(e, "misconfigured", False) else None
 
     def close(self) -> None:
         if self._pool is not None:

@@ -50,7 +50,7 @@ from mitmproxy.proxy import mode_specs
 
 from mitmproxy import ctx, exceptions, http
 
-from coze_mitm import options
+from coze_mitm import ldap_spec, options
 from coze_mitm.core import fields, logins
 from coze_mitm.core.identity import is_loopback
 from coze_mitm.core.refusal import NO_CREDENTIALS, Refusal, Refused
@@ -110,7 +110,7 @@ class LoginNames:
         return logins.session_name(await asyncio.shield(pending))
 
     async def _lookup(self, name: str) -> str:
-        from coze_mitm.core.directory import DirectoryError
+        from coze_mitm.core.directory import BindRefused, DirectoryError
 
         directory = self.directory
         if self._pool is None:
@@ -119,6 +119,9 @@ class LoginNames:
         try:
             identity = await asyncio.get_running_loop().run_in_executor(self._pool, directory.lookup, name)
         except DirectoryError as e:
+            if e.misconfigured:
+                log.warning(f"coze-mitm: {e.msg}")  # the operator's line names the directory and the DN
+                raise LoginRefused(502, 5000, "login-directory", BindRefused.PUBLIC) from None
             if e.unreachable:
                 raise LoginRefused(502, 5000, "login-directory",
                                    f"{e.msg}: coze-mitm names LDAP users by their directory entry; try again "
@@ -169,7 +172,7 @@ class Login:
         directory = None
         if mode == "ldap":
             try:
-                directory = ldap_directory(spec, identity)
+                directory = ldap_spec.directory(spec, identity)
             except exceptions.OptionsError as e:  # mitmproxy's own proxyauth says the same, and stops
                 options.refuse(f"coze-mitm: {e}", started=started)
                 return
@@ -201,7 +204,7 @@ class Login:
         if validator is None:
             return
         # LDAP: mitmproxy's validator shares one ldap3 connection (not thread-safe): connections of our own
-        verify = ldap_passwords(ctx.options.proxyauth) if mode == "ldap" else validator
+        verify = ldap_spec.passwords(ctx.options.proxyauth) if mode == "ldap" else validator
         checks = PasswordChecks(verify)
         self.front = login_check.install(checks)
         if self.front is None:
@@ -234,26 +237,6 @@ class Login:
         if any(key.lower() == b"proxy-authorization" for key, _ in flow.request.headers.fields) \
                 and not _for_upstream_proxy(flow):
             fields.replace(flow.request.headers, b"proxy-authorization", [])
-
-
-def ldap_directory(spec: str, identity: str):
-    """A Directory for mitmproxy's `ldap[s]:...` proxyauth spec, read by mitmproxy's own parser (so the
-    lookup uses exactly the server, bind DN, subtree and search key mitmproxy's check uses)."""
-    from mitmproxy.addons.proxyauth import Ldap
-
-    from coze_mitm.core.directory import Directory, LdapSettings
-
-    return Directory(LdapSettings.from_parsed(Ldap.parse_spec(spec)), identity)
-
-
-def ldap_passwords(spec: str):
-    """The LDAP password check of mitmproxy's proxyauth, on connections of coze-mitm's own (core/directory.py
-    Passwords), for the same `ldap[s]:...` spec read by mitmproxy's own parser."""
-    from mitmproxy.addons.proxyauth import Ldap
-
-    from coze_mitm.core.directory import LdapSettings, Passwords
-
-    return Passwords(LdapSettings.from_parsed(Ldap.parse_spec(spec)))
 
 
 def clear_text_warning(spec: str | None, listen_host: str | None) -> str | None:

@@ -16,19 +16,27 @@ addons", and a place in its chain), by the login part, and taken out again when 
 
 Only for `proxyauth=@htpasswd` and `ldap[s]:...` (`user:pass` and `any` cost nothing). With any other
 proxyauth, or none, this addon is not in the chain. A check that could not decide (LDAP: the directory did not
-answer) is a 502, as coze-mitm's own lookup answers then: mitmproxy's 407 would have the user type a right
-password again. docs/decisions.md says why this design.
+answer; or it refused the bind as the spec's DN: a wrong bind password in the spec, said as such) is a 502, as
+coze-mitm's own lookup answers then: mitmproxy's 407 would have the user type a right password again.
+docs/decisions.md says why this design.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addons import proxyauth as mitm_proxyauth
 
-from coze_mitm.core.password_checks import BUSY, OK, UNAVAILABLE, WAIT, PasswordChecks
+from coze_mitm.core.directory import BindRefused
+from coze_mitm.core.password_checks import BUSY, MISCONFIGURED, OK, UNAVAILABLE, WAIT, PasswordChecks
 from coze_mitm.parts.answers import answer_json
 
+log = logging.getLogger("coze.login")
+
 NAME = "coze-mitm-password-check"
+SAY_EVERY = 60.0  # seconds between two log lines about the spec's refused bind
 
 
 class Remembered:
@@ -49,6 +57,7 @@ class FrontCheck:
 
     def __init__(self, checks: PasswordChecks):
         self.checks = checks
+        self._said = float("-inf")  # when the log last said the spec's bind was refused
 
     # Plain methods that return a coroutine only when there is a password to check (mitmproxy awaits what a hook
     # returns): most requests (inside a logged-in tunnel) carry none and cost no coroutine.
@@ -83,6 +92,12 @@ class FrontCheck:
         if verdict == BUSY:
             answer_json(flow, 503, 5000, "coze-mitm: too many proxy logins are being checked at once; try again in a "
                                          "second", {"Retry-After": "1"})
+        elif verdict == MISCONFIGURED:
+            answer_json(flow, 502, 5000, f"coze-mitm: the proxy password could not be checked: {BindRefused.PUBLIC}")
+            if time.monotonic() - self._said >= SAY_EVERY:
+                self._said = time.monotonic()
+                log.warning("coze-mitm: proxy passwords cannot be checked: the LDAP directory refuses the bind as the "
+                            "proxyauth spec's DN; check the bind DN and password in the ldap[s]:... spec")
         elif verdict == UNAVAILABLE:
             answer_json(flow, 502, 5000, "coze-mitm: the proxy password could not be checked (the login directory "
                                          "did not answer); try again shortly, or tell the proxy's operator")
