@@ -45,6 +45,7 @@ if getattr(sys.modules.get("coze_mitm"), "loaded_by_script", False):
             del sys.modules[_name]
 
 import coze_mitm  # noqa: E402
+from coze_mitm.core.stats import Stats  # noqa: E402
 from coze_mitm.bundle import Bundle  # noqa: E402
 from coze_mitm.parts.accounting import Accounting  # noqa: E402
 from coze_mitm.parts.auth import Auth  # noqa: E402
@@ -69,12 +70,15 @@ from coze_mitm.process.tuning import ProcessTuning  # noqa: E402
 
 coze_mitm.loaded_by_script = True
 
+# What several parts share, each made here and handed to the parts that use it (no part reaches into another):
 lifecycle = Lifecycle()  # the parts that refuse a bad value ask it whether the proxy runs yet
-settings = CozeSettings(lifecycle)
+stats = Stats()  # the counters the parts count into and the status page shows
 refused = RefusedOriginsLog()  # cors, auth and direct_api note page origins they refuse; status shows them
-accounting = Accounting(settings)  # auth asks it about budgets
+settings = CozeSettings(lifecycle)
+accounting = Accounting(settings, stats=stats)  # auth asks it about budgets
 login = Login(lifecycle)  # auth asks it who a proxy login is (LDAP: the directory entry)
-status = StatusPages(settings, accounting.shown, refused, lifecycle)  # inject adds the userscript it serves to pages
+# inject adds the userscript it serves to pages; it shows the accounting part's usage (`shown`), not its book
+status = StatusPages(settings, accounting.shown, refused, lifecycle, stats)
 
 bundle = Bundle(
     MitmwebGuard(),
@@ -87,10 +91,10 @@ bundle = Bundle(
     Demo(settings),
     Pac(settings),
     status,
-    DirectApi(settings, refused),  # after pac (its /proxy.pac on this address), before cors/auth (they read the new host)
-    Cors(settings, refused),
-    Auth(settings, accounting, login, refused),
-    Csp(settings, lifecycle),
+    DirectApi(settings, refused, stats),  # after pac (its /proxy.pac on this address), before cors/auth (they read the new host)
+    Cors(settings, refused, stats),
+    Auth(settings, accounting, login, refused, stats),
+    Csp(settings, lifecycle, stats),
     Inject(settings, status),  # after csp: adds its hash to the policy csp widened
     Streaming(),
     accounting,  # after streaming: it turns stream=True into a reader that passes chunks unchanged

@@ -449,7 +449,7 @@ class TestCspAddon:
 
     def test_nonce_styled_page_said_once_in_the_log_and_on_the_status_page(self, tctx, caplog, tmp_path):
         from coze_mitm.parts.status import StatusPages
-        pages = StatusPages(tctx.addon.settings)
+        pages = StatusPages(tctx.addon.settings, stats=tctx.addon.stats)  # csp notes into the stats the page shows
         tctx.master.addons.add(pages)
         tctx.configure(pages, confdir=str(tmp_path))
         nonce = "default-src 'self'; style-src 'self' 'nonce-abc'"

@@ -260,7 +260,7 @@ class TestPages:
     def test_users_counters_refusals_and_errors(self, tctx):
         now = time.time()
         tctx.settings.broker = FakeBroker([(FULL_ID, now + 600), ("short-id-1", now + 30)])
-        stats = tctx.settings.stats
+        stats = tctx.pages.stats
         stats.requests, stats.injected, stats.preflights = 12, 9, 4
         stats.refused("origin-not-allowed")
         stats.refused("origin-not-allowed")
@@ -474,8 +474,8 @@ class TestTeam:
     def test_metrics_parse(self, team):
         from prometheus_client.parser import text_string_to_metric_families
 
-        team.settings.stats.injected, team.settings.stats.preflights = 5, 2
-        team.settings.stats.refused("budget")
+        team.pages.stats.injected, team.pages.stats.preflights = 5, 2
+        team.pages.stats.refused("budget")
         f = get(team.pages, "/metrics")
         assert f.response.status_code == 200
         assert f.response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"

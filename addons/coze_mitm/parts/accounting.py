@@ -53,6 +53,7 @@ from coze_mitm.core.usage import (
 )
 from coze_mitm.core.identity import short_id
 from coze_mitm.core.refusal import BAD_REQUEST, FAILED, RATE_LIMITED, Refusal
+from coze_mitm.core.stats import Stats
 from coze_mitm.core.usage_book import (
     MAX_RUN_BODY, PAGE_STATUS, PARALLEL_RETRY_AFTER, WS_CHAT_ENDS, WS_CHAT_STARTS, WS_SPENDING, UsageBook, api_prefix,
     async_run_msg, budget_refusal, is_async_run, is_chat, over_budget_msg, parallel_msg, polls_full_msg,
@@ -76,8 +77,9 @@ _WS_START_NAMES = tuple(name.encode() for name in WS_CHAT_STARTS)
 
 
 class Accounting:
-    def __init__(self, settings=None, max_users: int = 10_000):
+    def __init__(self, settings=None, max_users: int = 10_000, stats: Stats | None = None):
         self.settings = settings  # CozeSettings: the token broker and the Coze API origins (for usage polls)
+        self.stats = stats or Stats()  # refusals counted for the status page
         self.max_users = max_users
         self.book = UsageBook(max_users=max_users)  # memory only until configure opens the file
         self.store: SqliteUsageStore | None = None
@@ -538,7 +540,7 @@ class Accounting:
         message.drop()
         self.refused_ws_events += 1
         if self.settings is not None:
-            self.settings.stats.refused("budget")
+            self.stats.refused("budget")
         event = {"id": f"coze-mitm-{secrets.token_hex(8)}", "event_type": "error", "data": {"code": code, "msg": msg}}
         payload = json.dumps(event, ensure_ascii=False).encode()
         try:

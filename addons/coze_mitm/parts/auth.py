@@ -34,6 +34,7 @@ from coze_mitm.parts.retry import TokenRetry
 from coze_mitm.parts.refused_origins import RefusedOriginsLog
 from coze_mitm.parts.settings import CozeSettings
 from coze_mitm.core.refusal import NO_CREDENTIALS
+from coze_mitm.core.stats import Stats
 from coze_mitm.core.tokens import ExchangeError, LimitError
 from coze_mitm.flowmeta import COZE_USER, REFUSED, TOKEN_RETRY
 
@@ -56,16 +57,18 @@ class _Sent:
 
 
 class Auth:
-    def __init__(self, settings: CozeSettings, accounting=None, login=None, refused: RefusedOriginsLog | None = None):
+    def __init__(self, settings: CozeSettings, accounting=None, login=None, refused: RefusedOriginsLog | None = None,
+                 stats: Stats | None = None):
         self.settings = settings
         self.refused = refused or RefusedOriginsLog()  # pages outside coze_origins: the status page shows them
+        self.stats = stats or Stats()  # the counters the status page shows
         self.login = login  # the Login part: its `names` maps a proxy login to a session_name (LDAP: the entry)
         self.accounting = accounting  # the Accounting part: asked about budgets before a token is injected
         # Kept beside the flow, not in flow.metadata, which `-w` saves and tools show. One entry per
         # injected flow (a weak-key lookup is Python code, asked a few times per flow on the fast path).
         self._sent: weakref.WeakKeyDictionary[http.HTTPFlow, _Sent] = weakref.WeakKeyDictionary()
         self._admissions = identity.Admissions()
-        self._hints = Hints(settings.stats)
+        self._hints = Hints(self.stats)
         self._retry = TokenRetry(settings, self._hints)
         self._streams_bodies = False
 
@@ -141,7 +144,7 @@ class Auth:
             # A remote client (coze_allow_remote off): local_gate pinned its tunnel to an address, so the host is no
             # name to go by; the rules below refuse a tag as from another machine (403/4101), pass anything else.
 
-        self.settings.stats.requests += 1
+        self.stats.requests += 1
         # `seen`: the headers the rules read, gathered in one pass, for every question below
         seen, decision = self._admissions(request.headers.fields, self.settings.page_origins, in_query, local)
         if decision.action == "pass":
@@ -274,7 +277,7 @@ class Auth:
             try:
                 token = await self.settings.broker.token_for(user_id)
             except ExchangeError as e:
-                self.settings.stats.error(e.reason, e.msg, e.logid)
+                self.stats.error(e.reason, e.msg, e.logid)
                 self._refuse(flow, *e.refusal)
                 return
             except LimitError as e:
@@ -315,7 +318,7 @@ class Auth:
             "(the page's placeholder is shown; the token is never stored in the flow)"
         )
         flow.marked = ":key:"
-        self.settings.stats.injected += 1
+        self.stats.injected += 1
 
     def _refuse_unconfigured(self, flow: http.HTTPFlow) -> None:
         self._refuse(flow, 503, 5000, "not-configured", f"coze-mitm cannot add credentials: {self.settings.problem}")
@@ -324,7 +327,7 @@ class Auth:
                 headers: Mapping[str, str] | None = None) -> None:
         """Answer locally, not forwarded (the fields of a core.refusal.Refusal: `self._refuse(flow, *refusal)`)."""
         answer_json(flow, status, code, msg, headers)
-        self.settings.stats.refused(reason)
+        self.stats.refused(reason)
         flow.comment = f"coze-mitm: answered locally ({reason}); not forwarded"
         flow.marked = ":no_entry:"
         flow.metadata[REFUSED] = reason

@@ -16,6 +16,7 @@ import re
 from mitmproxy import http
 
 from coze_mitm.core import fields
+from coze_mitm.core.stats import Stats
 from coze_mitm.parts.refused_origins import RefusedOriginsLog
 from coze_mitm.parts.settings import CozeSettings
 from coze_mitm.flowmeta import CORS_ORIGIN, CORS_SET
@@ -44,9 +45,10 @@ def _merge_vary(existing: str, *names: str) -> str:
 
 
 class Cors:
-    def __init__(self, settings: CozeSettings, refused: RefusedOriginsLog | None = None):
+    def __init__(self, settings: CozeSettings, refused: RefusedOriginsLog | None = None, stats: Stats | None = None):
         self.settings = settings
         self.refused = refused or RefusedOriginsLog()  # pages outside coze_origins: the status page shows them
+        self.stats = stats or Stats()  # the counters the status page shows
 
     def allowed_origin(self, request: http.Request) -> str | None:
         """The request's Origin if it is exactly one allowed origin, else None."""
@@ -98,7 +100,7 @@ class Cors:
             headers["Access-Control-Allow-Private-Network"] = "true"
         flow.response = http.Response.make(204, b"", headers)
         flow.comment = f"coze-mitm: CORS preflight from {origin} answered locally"
-        self.settings.stats.preflights += 1
+        self.stats.preflights += 1
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         # Headers of a streamed response leave now; this is the last chance to set them.

@@ -29,6 +29,7 @@ from coze_mitm.parts import demo
 from coze_mitm.core.bounded import decoded_prefix
 from coze_mitm.core.csp_meta import meta_policies, patch_meta_tags
 from coze_mitm.core.csp_policy import inline_styles_blocked, parse_extra, patch_header_value, resolve_sdk_url, sdk_needs
+from coze_mitm.core.stats import Stats
 from coze_mitm.parts.lifecycle import Lifecycle
 from coze_mitm.parts.settings import CozeSettings
 from coze_mitm.flowmeta import CSP_PAGE, CSP_DONE
@@ -44,9 +45,10 @@ MAX_PAGE = 8 * 1024 * 1024
 
 
 class Csp:
-    def __init__(self, settings: CozeSettings, lifecycle: Lifecycle | None = None):
+    def __init__(self, settings: CozeSettings, lifecycle: Lifecycle | None = None, stats: Stats | None = None):
         self.settings = settings
         self.lifecycle = lifecycle or Lifecycle()  # started: a bad value is rolled back
+        self.stats = stats or Stats()  # its page_notes: why a page's chat is unstyled (the status page shows them)
         self.enabled = True
         self.needs: dict[str, tuple[str, ...]] = {}
         self._announced: set[str] = set()
@@ -67,7 +69,7 @@ class Csp:
             sdk_url = None  # the status addon reports a bad coze_sdk_url; the API's origins still get in
         self.needs = sdk_needs(sdk_url, demo.page_api_origins(self.settings), extra)
         self._announced.clear()
-        self.settings.stats.page_notes.clear()
+        self.stats.page_notes.clear()
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live or not self.enabled:
@@ -143,7 +145,7 @@ class Csp:
             self._unstyled(origin, "meta tag")
 
     def _unstyled(self, origin: str, where: str) -> None:
-        notes = self.settings.stats.page_notes
+        notes = self.stats.page_notes
         if origin in notes:
             return
         notes[origin] = (

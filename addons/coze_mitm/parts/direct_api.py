@@ -50,6 +50,7 @@ from coze_mitm.flowmeta import DIRECT, LOCAL_ANSWER, REFUSED
 from coze_mitm.pages import direct_page
 from coze_mitm.parts.answers import answer_json
 from coze_mitm.parts.cors import HEADER_LIST_RE, METHOD_RE
+from coze_mitm.core.stats import Stats
 from coze_mitm.parts.refused_origins import RefusedOriginsLog
 from coze_mitm.parts.settings import CozeSettings
 
@@ -65,9 +66,10 @@ def _shown(value: str) -> str:
 
 
 class DirectApi:
-    def __init__(self, settings: CozeSettings, refused: RefusedOriginsLog | None = None):
+    def __init__(self, settings: CozeSettings, refused: RefusedOriginsLog | None = None, stats: Stats | None = None):
         self.settings = settings
         self.refused = refused or RefusedOriginsLog()  # pages outside coze_origins: the status page shows them
+        self.stats = stats or Stats()  # the counters the status page shows
         self._targets: dict = {}  # Origin -> (scheme bytes, host, port, Host header bytes): computed once each
 
     # ------------------------------------------------------------ which requests
@@ -246,7 +248,7 @@ class DirectApi:
         self._mark_refused(flow, reason)
 
     def _mark_refused(self, flow: http.HTTPFlow, reason: str) -> None:
-        self.settings.stats.refused(reason)
+        self.stats.refused(reason)
         flow.metadata[REFUSED] = reason
         flow.comment = f"coze-mitm: the proxy's own address: answered locally ({reason}); not forwarded"
         flow.marked = ":no_entry:"

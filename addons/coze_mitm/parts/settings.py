@@ -1,9 +1,10 @@
 """The settings part: checks the coze_* options it builds from (options.declare_settings, SETTINGS_OPTIONS) and
 builds what they describe: the token broker, the Coze API/WebSocket and page origins, and how coze-mitm's own
 requests leave (mitmproxy's connection options). A bad value is refused with one line naming the cause and the
-fix. The other parts ask it about a request (is_coze_api, page_origin_of) and count into its `stats`
-(core/stats.py); they read their own options in their own `configure`. Whether the proxy runs yet is the
-lifecycle part's (parts/lifecycle.py); the refused page origins are parts/refused_origins.py's.
+fix. The other parts ask it about a request (is_coze_api, page_origin_of) and read their own options in their
+own `configure`. What it does not hold, each handed by coze.py to the parts that use it: whether the proxy runs
+yet (parts/lifecycle.py), the page origins refused lately (parts/refused_origins.py), the counters the status
+page shows (core/stats.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from coze_mitm.core.config import WS_SCHEME_OF_HTTP, ConfigError, Origin
 from coze_mitm.core.hosts import DEFAULT_ONBOARDING_HOST, STATUS_HOST, Handled, coze_origins
 from coze_mitm.core.identity import is_loopback
 from coze_mitm.core.exchange import CozeTokenExchange
-from coze_mitm.core.stats import Stats
 from coze_mitm.core.outbound import DIRECT, Outbound, OutboundError
 from coze_mitm.parts.lifecycle import Lifecycle
 from coze_mitm.core.tokens import PatBroker, TokenBroker
@@ -36,7 +36,8 @@ CONNECTION_OPTIONS = frozenset({
 
 
 class CozeSettings:
-    """Owns the coze_* options and builds what they describe: origins, the token broker, stats."""
+    """Checks the coze_* options it builds from and builds what they describe: origins, the token broker, the way
+    coze-mitm's own requests leave."""
 
     def __init__(self, lifecycle: Lifecycle | None = None):
         # started: a bad value is then refused with OptionsError (rolled back); coze.py hands the bundle's own
@@ -57,7 +58,6 @@ class CozeSettings:
         self.allow_remote = False
         self.login_mode = "none"  # which form of mitmproxy's proxyauth names the users (logins.MODES)
         self.page_origins: frozenset[str] = frozenset()
-        self.stats = Stats()
         self.problem = "not configured yet"  # why tagged requests cannot be served, while broker is None
         # The new-users-per-minute window of a store several proxies share (accounting sets it for Redis).
         self._shared_admission = None

@@ -42,6 +42,7 @@ from coze_mitm.core.csp_policy import resolve_sdk_url
 from coze_mitm.core.identity import is_loopback, short_id
 from coze_mitm.core.config import PYTHON
 from coze_mitm.core.hosts import STATUS_HOST
+from coze_mitm.core.stats import Stats
 from coze_mitm.core.usage_book import UsageShown
 from coze_mitm.parts.lifecycle import Lifecycle
 from coze_mitm.parts.refused_origins import RefusedOriginsLog
@@ -76,13 +77,16 @@ NEW_CA_HINTS = {
 
 class StatusPages:
     def __init__(self, settings: CozeSettings, usage: Callable[[], UsageShown] | None = None,
-                 refused: RefusedOriginsLog | None = None, lifecycle: Lifecycle | None = None):
+                 refused: RefusedOriginsLog | None = None, lifecycle: Lifecycle | None = None,
+                 stats: Stats | None = None):
         self.settings = settings
-        # Handed what the pages show, by the parts that own it: usage per user and the budget (the accounting
-        # part's `shown`; None: no usage counted), the page origins refused lately, and whether the proxy runs.
+        # Handed what the pages show, by what owns it: usage per user and the budget (the accounting part's
+        # `shown`; None: no usage counted), the page origins refused lately, whether the proxy runs, and the
+        # counters the parts count into.
         self.usage = usage
         self.refused = refused or RefusedOriginsLog()
         self.lifecycle = lifecycle or Lifecycle()
+        self.stats = stats or Stats()
         self._template: str | None = None
         self.userscript: bytes | None = None
         self.userscript_version = ""
@@ -192,7 +196,7 @@ class StatusPages:
             flow.response = self._json(200, self.status(flow))
         elif path == "/metrics":
             broker = self.settings.broker
-            text = status_usage.metrics_text(self.settings.stats, getattr(broker, "results", None) or {},
+            text = status_usage.metrics_text(self.stats, getattr(broker, "results", None) or {},
                                              self._usage(), hide_users=self.hide_users(flow))
             flow.response = http.Response.make(200, text.encode("utf-8"), {
                 "Content-Type": metrics.CONTENT_TYPE, "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
@@ -238,7 +242,7 @@ class StatusPages:
 
     def status(self, flow: http.HTTPFlow | None = None) -> dict:
         s = self.settings
-        stats = s.stats
+        stats = self.stats
         now = time.time()
         # (Inside a CONNECT tunnel the scheme follows the server side, which tls_clienthello set to none.)
         over_https = bool(flow and (flow.request.scheme == "https" or flow.client_conn.tls))
