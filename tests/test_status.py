@@ -282,6 +282,19 @@ class TestPages:
         assert data["last_errors"][0]["logid"] == "20261127ABC"
         assert "czs_leakedtoken123" not in json.dumps(data)
 
+    def test_a_new_counter_is_one_field_and_one_line(self, tctx, monkeypatch):
+        """docs/architecture.md's traced change (c): a counter added to core/stats.py (its field and its SHOWN line)
+        and counted by a part shows in status.json, as a row of the page and in /metrics, with no other edit."""
+        from coze_mitm.core import stats as stats_module
+
+        monkeypatch.setattr(stats_module, "SHOWN", stats_module.SHOWN + (
+            ("websocket_chats", "WebSocket chats relayed", "WebSocket chats relayed to Coze."),))
+        tctx.pages.stats.websocket_chats = 7  # what the counting part does (the field: a dataclass field)
+        assert json.loads(body_of(get(tctx.pages, "/status.json")))["counters"]["websocket_chats"] == 7
+        assert "WebSocket chats relayed</td><td>7" in body_of(get(tctx.pages, "/"))
+        text = body_of(get(tctx.pages, "/metrics"))
+        assert "# TYPE coze_mitm_websocket_chats_total counter" in text and "\ncoze_mitm_websocket_chats_total 7\n" in text
+
     def test_no_secret_on_any_page(self, tctx):
         for path in ("/", "/status.json", "/coze-chat.user.js", "/nope"):
             for scheme in ("http", "https"):

@@ -64,7 +64,7 @@ class Family:
 def render(*, usage_rows: Iterable[Mapping] = (), injected: int = 0, preflights: int = 0,
            refusals: Mapping[str, int] | None = None, exchanges: Mapping[str, int] | None = None,
            display: Callable[[str], str] = str, started: float | None = None,
-           store_ok: bool | None = None) -> str:
+           store_ok: bool | None = None, counters: Iterable[tuple[str, str, float]] = ()) -> str:
     """The exposition text.
 
     usage_rows  UsageBook.rows(): {"user", "chats", "tokens", "tokens_today"}
@@ -72,6 +72,7 @@ def render(*, usage_rows: Iterable[Mapping] = (), injected: int = 0, preflights:
                 the same form the status page uses, never a full tag id (it would let a reader act as that user)
     refusals    reason -> count of tagged requests the proxy answered itself
     exchanges   result -> count of token exchanges ("ok" and the failure reasons)
+    counters    (name, help, value): one counter each, coze_mitm_<name>_total (core/stats.py SHOWN)
     """
     tokens = Family("tokens_total", "counter", "Coze tokens used (usage.token_count Coze reported), per user.")
     chats = Family("chats_total", "counter", "Chat requests sent to Coze with injected credentials, per user.")
@@ -94,6 +95,7 @@ def render(*, usage_rows: Iterable[Mapping] = (), injected: int = 0, preflights:
         exch.add(n, result=result)
 
     families = [tokens, chats, today, requests, exch]
+    families += [Family(f"{name}_total", "counter", help_text).add(value) for name, help_text, value in counters]
     if started is not None:
         families.append(Family("start_time_seconds", "gauge", "When the proxy started (unix time).").add(started))
     if store_ok is not None:

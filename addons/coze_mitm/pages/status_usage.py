@@ -68,4 +68,5 @@ def metrics_text(stats: Stats, exchanges: Mapping[str, int], shown: UsageShown |
         display=(lambda _user: ALL_USERS) if hide_users else short_id,
         started=stats.started,
         store_ok=None if shown is None or shown.store is None else not shown.store_error,
+        counters=[(name, help_text, value) for name, _, help_text, value in stats.shown() if help_text],
     )

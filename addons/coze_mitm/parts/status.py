@@ -280,9 +280,7 @@ class StatusPages:
                 "inline_styles_blocked": {o: scrub(m) for o, m in sorted(stats.page_notes.items())},
             },
             "counters": {
-                "requests": stats.requests,
-                "injected": stats.injected,
-                "preflights": stats.preflights,
+                **{name: value for name, _, _, value in stats.shown()},  # core/stats.py SHOWN
                 "exchanges": s.broker.exchanges if s.broker else 0,
                 "exchange_failures": s.broker.failures if s.broker else 0,
                 "refusals": dict(sorted(stats.refusals.items())),
@@ -359,9 +357,7 @@ class StatusPages:
             "logins": data["identities"]["mode"] != "none",
             "user_label": "login" if data["identities"]["mode"] != "none" else "user (shortened id)",
             "counters": [
-                ("Requests to the Coze API", c["requests"]),
-                ("Credentials injected", c["injected"]),
-                ("CORS preflights answered", c["preflights"]),
+                *((label, c[name]) for name, label, _, _ in self.stats.shown()),
                 ("Token exchanges", c["exchanges"]),
                 ("Token exchange failures", c["exchange_failures"]),
                 ("Requests refused", sum(c["refusals"].values())),
