@@ -5,9 +5,10 @@
 
 The parts, in the order every request meets them (the code: addons/coze_mitm/parts/):
   web_guard   refuses to run inside mitmweb < 11.1.2 (CVE-2025-23217: its web API has no authentication)
-  settings    the coze_* options (declared in coze_mitm/options.py), validated; the token broker, origins, stats;
+  settings    the coze_* options (declared in coze_mitm/options.py), validated; the token broker, origins;
               how coze-mitm's own requests leave (mitmproxy's upstream mode and certificate options)
-  refused_origins  page origins outside coze_origins that asked for Coze (for the log and the status page)
+  refused_origins
+              page origins outside coze_origins that asked for Coze (for the log and the status page)
   leaf_names  with a name-constrained CA (run_mitm.py's): leaves carry only names the CA may vouch for
   tuning      opt-in process tuning (coze_tune_process; run_mitm.py turns it on), off by default
   login       with mitmproxy's proxyauth: the login's password (and Proxy-Authorization) removed from the flow
@@ -91,7 +92,8 @@ bundle = Bundle(
     Demo(settings),
     Pac(settings),
     status,
-    DirectApi(settings, refused, stats),  # after pac (its /proxy.pac on this address), before cors/auth (they read the new host)
+    # after pac (its /proxy.pac on this address), before cors/auth (they read the new host)
+    DirectApi(settings, refused, stats),
     Cors(settings, refused, stats),
     Auth(settings, accounting, login, refused, stats),
     Csp(settings, lifecycle, stats),

@@ -227,7 +227,8 @@ def test_coze_py_is_one_addon_object_with_the_parts_in_order(tmp_path):
     assert not hasattr(bundle, "add_log") and not hasattr(bundle, "update")
     assert bundle.hooks() and bundle.request is bundle.hooks()["request"]
     assert [type(p).__name__ for p in bundle.parts] == [
-        "MitmwebGuard", "CozeSettings", "RefusedOriginsLog", "LeafNames", "ProcessTuning", "Login", "LocalGate", "Demo", "Pac", "StatusPages", "DirectApi", "Cors", "Auth", "Csp", "Inject", "Streaming", "Accounting",
+        "MitmwebGuard", "CozeSettings", "RefusedOriginsLog", "LeafNames", "ProcessTuning", "Login", "LocalGate",
+        "Demo", "Pac", "StatusPages", "DirectApi", "Cors", "Auth", "Csp", "Inject", "Streaming", "Accounting",
         "FlowLog", "QuietExit", "Lifecycle"]
     # Every part's options are registered, as when each part was an addon of its own.
     for name in ("coze_config", "coze_origins", "coze_demo", "coze_launcher", "coze_user_daily_tokens",

@@ -293,7 +293,8 @@ class TestPages:
         assert json.loads(body_of(get(tctx.pages, "/status.json")))["counters"]["websocket_chats"] == 7
         assert "WebSocket chats relayed</td><td>7" in body_of(get(tctx.pages, "/"))
         text = body_of(get(tctx.pages, "/metrics"))
-        assert "# TYPE coze_mitm_websocket_chats_total counter" in text and "\ncoze_mitm_websocket_chats_total 7\n" in text
+        assert "# TYPE coze_mitm_websocket_chats_total counter" in text
+        assert "\ncoze_mitm_websocket_chats_total 7\n" in text
 
     def test_no_secret_on_any_page(self, tctx):
         for path in ("/", "/status.json", "/coze-chat.user.js", "/nope"):

@@ -243,7 +243,8 @@ def test_after_a_reload_unusable_options_refuse_own_requests_never_direct(tmp_pa
             f"coze_config={config_file}", f"coze_origins={PAGE}", f"mode=upstream:http://{proxy_at}",
             f"upstream_auth={PROXY_LOGIN}", f"ssl_verify_upstream_trusted_ca={ca_file}",
         ], script=False, extra_args=["-s", str(copy / "addons" / "coze.py")]).start()
-        token_lines = lambda: lines_of(log, lambda l: l == f"POST {standin.base_url}/api/permission/oauth2/token auth=ok")  # noqa: E731
+        token_line = f"POST {standin.base_url}/api/permission/oauth2/token auth=ok"
+        token_lines = lambda: lines_of(log, lambda l: l == token_line)  # noqa: E731
 
         def chat_as(user: str):
             body = {"bot_id": "7000", "user_id": user, "stream": False,

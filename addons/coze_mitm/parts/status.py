@@ -158,7 +158,8 @@ class StatusPages:
             self.userscript, self.userscript_version = None, ""
             return
         values = {"botId": demo.bot_id(self.settings), "title": ctx.options.coze_title, "sdkUrl": self.sdk_url,
-                  "loginMode": status_usage.identities(self.settings.login_mode)["mode"]}  # its "fresh identity" menu says what follows
+                  # its "fresh identity" menu says what follows
+                  "loginMode": status_usage.identities(self.settings.login_mode)["mode"]}
         self.userscript, self.userscript_version, persisted = userscript_fill.build(
             self._template, sorted(self.settings.page_origins), values, self.proxy, getattr(ctx.options, "confdir", None))
         if not persisted:
