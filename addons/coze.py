@@ -26,7 +26,8 @@ The parts, in the order every request meets them (the code: addons/coze_mitm/par
   flowlog     with coze_quiet (run_mitm.py): one log line per flow coze-mitm acted on
   quiet_exit  no asyncio traceback when the proxy stops with clients still connected
 
-mitmproxy sees one addon object, the Bundle (coze_mitm/bundle.py: each hook calls the parts that have it).
+mitmproxy sees one addon object, the Bundle (coze_mitm/bundle.py: each hook calls the parts that have it, and are
+in use; a request to the Coze API skips demo, pac, status, direct_api, csp and inject, which never act on it).
 
 A script reload (mitmproxy reloads this file when it changes) runs the package's current code: the
 coze_mitm modules are imported afresh, except coze_mitm.process, which remembers what it did to the process.
@@ -88,6 +89,7 @@ bundle = Bundle(
     accounting,  # after streaming: it turns stream=True into a reader that passes chunks unchanged
     FlowLog(),
     QuietExit(),
+    coze_api_only=settings.is_coze_api_only,  # Coze API requests skip the parts marked acts_on_coze_api = False
 )
 
 addons = [bundle]

@@ -64,6 +64,8 @@ def _shown(value: str) -> str:
 
 
 class DirectApi:
+    acts_on_coze_api = False  # requests to the proxy's own address (re-addressed to the API in requestheaders)
+
     def __init__(self, settings: CozeSettings):
         self.settings = settings
         self._targets: dict = {}  # Origin -> (scheme bytes, host, port, Host header bytes): computed once each

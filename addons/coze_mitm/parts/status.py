@@ -71,6 +71,8 @@ NEW_CA_HINTS = {
 }
 
 class StatusPages:
+    acts_on_coze_api = False  # coze.mitm only
+
     def __init__(self, settings: CozeSettings, accounting=None):
         self.settings = settings
         self.accounting = accounting  # the Accounting part: usage per user, budgets
