@@ -30,7 +30,8 @@ The parts, in the order every request meets them (the code: addons/coze_mitm/par
   lifecycle   last: once every part ran `running`, the proxy is started (a bad value is then rolled back); with
               run_mitm.py, the line it waits for
 
-mitmproxy sees one addon object, the Bundle (coze_mitm/bundle.py: each hook calls the parts that have it).
+mitmproxy sees one addon object, the Bundle (coze_mitm/bundle.py: each hook calls the parts that have it, and are
+in use; a request to the Coze API skips demo, pac, status, direct_api, csp and inject, which never act on it).
 
 A script reload (mitmproxy reloads this file when it changes) runs the package's current code: the
 coze_mitm modules are imported afresh, except coze_mitm.process, which remembers what it did to the process.
@@ -103,6 +104,7 @@ bundle = Bundle(
     FlowLog(),
     QuietExit(),
     lifecycle,  # last: `started` once every part before it ran `running`
+    coze_api_only=settings.is_coze_api_only,  # Coze API requests skip the parts marked acts_on_coze_api = False
 )
 
 addons = [bundle]

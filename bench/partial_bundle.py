@@ -94,4 +94,7 @@ else:
     parts = [make[p]() for p in names]
 if os.environ.get("COZE_BENCH_TIMING"):
     parts = timed(parts, Path(os.environ["COZE_BENCH_TIMING"]))
-addons = [Bundle(*parts, name="coze-mitm-partial")]  # one addon object, as addons/coze.py registers its bundle
+# one addon object, as addons/coze.py registers its bundle (Coze API requests skipping the parts that never act on them)
+_settings = next((p for p in parts if isinstance(p, CozeSettings)), None)
+addons = [Bundle(*parts, name="coze-mitm-partial",
+                 coze_api_only=_settings.is_coze_api_only if _settings is not None else None)]

@@ -346,6 +346,87 @@ def test_the_bundle_treats_flows_as_the_parts_registered_one_by_one(tmp_path, co
     assert after["status page"]["status"] == 200
 
 
+class Skippable(Part):
+    """A part the bundle may leave out: switched off (`in_use`), or never acting on a Coze API request."""
+
+    def __init__(self, name, record, acts_on_coze_api=True):
+        super().__init__(name, record)
+        self.acts_on_coze_api, self.in_use = acts_on_coze_api, True
+
+    def configure(self, updated):
+        if "switch" in updated:
+            self.in_use = updated["switch"]
+
+
+def test_parts_that_never_act_on_the_coze_api_do_not_see_its_requests():
+    record: list = []
+    bundle = Bundle(Skippable("pages", record, acts_on_coze_api=False), Part("auth", record),
+                    coze_api_only=lambda request: request.host == "api.coze.cn")
+    for host in ("api.coze.cn", "chat.example.org", "coze.mitm"):
+        f = tflow.tflow(req=tutils.treq(host=host), resp=False)
+        assert bundle.request(f) is None
+    assert [(name, f_) for name, _, f_ in record] == [
+        ("auth", False), ("pages", False), ("auth", False), ("pages", False), ("auth", False)]
+
+
+def test_a_switched_off_part_gets_no_event_until_it_is_switched_on_again():
+    record: list = []
+    switchable = Skippable("demo", record)
+    bundle = Bundle(switchable, Part("auth", record))
+    bundle.configure({"switch": False})  # the bundle reads every part's `in_use` again after configure
+    bundle.request(flow())
+    bundle.configure({"switch": True})
+    bundle.request(flow())
+    assert [name for name, _, _ in record] == ["auth", "demo", "auth"]
+
+
+def test_a_page_the_api_origin_serves_itself_keeps_its_page_parts(tmp_path, config_file, standin):
+    """A page origin that is also the API origin (a local Coze Studio serves its pages and its API on one origin) is
+    not a Coze-API-only request: its documents still get their CSP widened through the bundle."""
+    host, port = standin.audience.split(":")
+    api_origin = f"http://{host}:{port}"
+    ns = script.load_script(str(COZE_PY))
+    tctx = taddons.context(ns.bundle, options=options.Options(confdir=str(tmp_path)))
+    tctx.options.update(coze_config=str(config_file), coze_origins=f"{PAGE},{api_origin}", coze_usage_file="memory")
+
+    def document(to_host: str, to_port: int, scheme: str = "http") -> http.HTTPFlow:
+        request = tutils.treq(method=b"GET", scheme=scheme.encode(), host=to_host, port=to_port, path=b"/",
+                              authority=b"", headers=http.Headers([(b"Sec-Fetch-Dest", b"document")]))
+        f = tflow.tflow(req=request, resp=False)
+        f.client_conn.peername = ("127.0.0.1", 50000)
+        asyncio.run(drive(tctx.master.addons, f, http.Response.make(
+            200, b"<p>page</p>", [(b"Content-Type", b"text/html"), (b"Content-Security-Policy", b"default-src 'self'")])))
+        return f
+
+    assert not ns.settings.is_coze_api_only(document(host, int(port)).request)
+    assert api_origin in document(host, int(port)).response.headers["Content-Security-Policy"]
+    assert api_origin in document("chat.example.org", 443, "https").response.headers["Content-Security-Policy"]
+    tctx.options.update(coze_origins=PAGE)  # now the API origin is the API's alone: the page parts leave it be
+    f = document(host, int(port))
+    assert ns.settings.is_coze_api_only(f.request)
+    assert f.response.headers["Content-Security-Policy"] == "default-src 'self'"
+    tctx.master.addons.invoke_addon_sync(ns.bundle, addonmanager.hooks.DoneHook())
+
+
+def test_the_demo_switched_on_while_running_serves_its_page(tmp_path, config_file, standin):
+    ns = script.load_script(str(COZE_PY))
+    tctx = taddons.context(ns.bundle, options=options.Options(confdir=str(tmp_path)))
+    tctx.options.update(coze_config=str(config_file), coze_origins=DEMO_PAGE, coze_usage_file="memory")
+
+    def demo_page() -> http.Response:
+        f = tflow.tflow(req=tutils.treq(method=b"GET", scheme=b"http", host="coze.mitm", port=80, path=b"/demo",
+                                        authority=b""), resp=False)
+        f.client_conn.peername = ("127.0.0.1", 50000)
+        asyncio.run(drive(tctx.master.addons, f, None))
+        return f.response
+
+    assert b"coze-mitm demo" not in (demo_page().content or b"")
+    tctx.options.update(coze_demo=True)
+    page = demo_page()
+    assert page.status_code == 200 and b"<html" in page.content.lower()
+    tctx.master.addons.invoke_addon_sync(ns.bundle, addonmanager.hooks.DoneHook())
+
+
 # --------------------------------------------------------------------------- in a real mitmdump
 
 

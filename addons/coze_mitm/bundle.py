@@ -19,6 +19,15 @@ What mitmproxy did per addon, done here per part:
 * an exception in one part is logged ("Addon error", with the traceback) and the next parts still run, as
   mitmproxy goes on with the next addon: a part whose job is to refuse answers before anything that can raise.
 
+* Two things mitmproxy cannot know are asked once instead of by every part's own guard (`python
+  bench/run.py --only latency`: every call is Python code on every request, in docs/benchmarks.md):
+  - a part whose `in_use` is false (its option is off: the demo, the page injection, the CSP rewrite)
+    gets no event at all; `in_use` is read again after every `configure`.
+  - a request addressed to a Coze API origin and to nothing else coze-mitm serves (`coze_api_only`, given
+    by the settings) skips the parts marked `acts_on_coze_api = False` (the PAC, the status and demo pages,
+    the proxy's own address, the pages' CSP and injection): the Coze API is none of their business, and
+    the question is asked again at each flow hook, so a part that re-addresses a flow (the demo, the
+    proxy's own address, another addon) hands it on to the right parts.
 * mitmproxy finds each part by name (`ctx.master.addons.get("coze-mitm.cors")`) and its @command methods: the
   bundle names its parts, under its own name, when it is loaded and takes the names back when it is done.
 
@@ -52,11 +61,18 @@ def handler_of(part, name: str):
     return func
 
 
+# The hooks of an HTTP flow, whose request's destination says whether it is for the Coze API alone.
+HTTP_FLOW_HOOKS = frozenset({"requestheaders", "request", "responseheaders", "response"})
+
+
 class Bundle:
-    def __init__(self, *parts, name: str = "coze-mitm"):
+    def __init__(self, *parts, name: str = "coze-mitm", coze_api_only=None):
         # mitmproxy refuses a second addon of the same name: another script's bundle names itself
         self.name = name
         self.parts = parts
+        # request -> is it addressed to a Coze API origin and to nothing else coze-mitm serves? (the settings')
+        self._coze_api_only = coze_api_only
+        self._tables: list[_Table] = []
         for hook in hooks.all_hooks:
             handlers = tuple(h for h in (handler_of(p, hook) for p in parts) if h is not None)
             if not handlers:
@@ -67,7 +83,18 @@ class Bundle:
                 # One part: mitmproxy's own handling of its exception and awaitable is the same as ours.
                 setattr(self, hook, handlers[0])
             else:
-                setattr(self, hook, _in_order(hook, handlers))
+                table = _Table(hook, [p for p in parts if handler_of(p, hook) is not None])
+                self._tables.append(table)
+                narrow = coze_api_only if hook in HTTP_FLOW_HOOKS else None
+                setattr(self, hook, table.dispatcher(narrow))
+        parts_configure = getattr(self, "configure", None)
+        if parts_configure is not None:
+            def configure(updated):
+                try:
+                    return parts_configure(updated)
+                finally:
+                    self._refresh()  # a part's `in_use` follows its options
+            self.configure = configure
 
         # mitmproxy finds an addon by name (`ctx.master.addons.get("coze-mitm.cors")`) and collects its @command
         # methods when it registers it; it registers only the bundle, so the bundle names its parts itself once
@@ -111,6 +138,10 @@ class Bundle:
                 del lookup[name]
         self._published.clear()
 
+    def _refresh(self) -> None:
+        for table in self._tables:
+            table.refresh()
+
     def part_name(self, part) -> str:
         """The name mitmproxy finds a part by: "coze-mitm." + its own name (its `name`, or its class in lower case)."""
         return f"{self.name}.{getattr(part, 'name', type(part).__name__.lower())}"
@@ -146,12 +177,33 @@ async def _finish_lifecycle(pending, rest, args) -> None:
         await more
 
 
-def _in_order(hook: str, handlers):
-    # Every hook but the lifecycle ones takes exactly one argument (a flow, or a connection's data).
-    def dispatch(data):
-        return _call_from(hook, handlers, data)
-    dispatch.__name__ = dispatch.__qualname__ = hook
-    return dispatch
+class _Table:
+    """The handlers of one hook: of every part in use, and of those among them that act on Coze API flows."""
+
+    __slots__ = ("hook", "parts", "every", "coze_api")
+
+    def __init__(self, hook: str, parts: list):
+        self.hook, self.parts = hook, parts
+        self.every: tuple = ()
+        self.coze_api: tuple = ()
+        self.refresh()
+
+    def refresh(self) -> None:
+        in_use = [p for p in self.parts if getattr(p, "in_use", True)]
+        self.every = tuple(getattr(p, self.hook) for p in in_use)
+        self.coze_api = tuple(getattr(p, self.hook) for p in in_use if getattr(p, "acts_on_coze_api", True))
+
+    def dispatcher(self, coze_api_only):
+        hook = self.hook
+        # Every hook but the lifecycle ones takes exactly one argument (a flow, or a connection's data).
+        if coze_api_only is None:
+            def dispatch(data):
+                return _call_from(hook, self.every, data)
+        else:
+            def dispatch(flow):
+                return _call_from(hook, self.coze_api if coze_api_only(flow.request) else self.every, flow)
+        dispatch.__name__ = dispatch.__qualname__ = hook
+        return dispatch
 
 
 def _call_from(hook: str, handlers, data):

@@ -45,6 +45,8 @@ MAX_PAGE = 8 * 1024 * 1024
 
 
 class Csp:
+    acts_on_coze_api = False  # the user's pages (a page origin that is also an API origin is not skipped)
+
     def __init__(self, settings: CozeSettings, lifecycle: Lifecycle | None = None, stats: Stats | None = None):
         self.settings = settings
         self.lifecycle = lifecycle or Lifecycle()  # started: a bad value is rolled back
@@ -52,6 +54,11 @@ class Csp:
         self.enabled = True
         self.needs: dict[str, tuple[str, ...]] = {}
         self._announced: set[str] = set()
+
+    @property
+    def in_use(self) -> bool:
+        """The bundle calls no hook of this part while it is off."""
+        return self.enabled
 
     def configure(self, updated):
         opts = ctx.options

@@ -86,12 +86,19 @@ def page_api_origins(settings: CozeSettings) -> list[str]:
 
 
 class Demo:
+    acts_on_coze_api = False  # its pages, its sandbox name and real Coze hosts while the demo is local: none a Coze API origin
+
     def __init__(self, settings: CozeSettings):
         self.settings = settings
         self._template: str | None = None
         self.on = False  # coze_demo, read in configure: the flow hooks of a proxy without the demo return at once
         self._told: set[str] = set()  # real Coze hosts a page called during the demo (logged once each)
 
+
+    @property
+    def in_use(self) -> bool:
+        """The bundle calls no hook of this part while it is off."""
+        return self.on
 
     def configure(self, updated):
         if "coze_demo" in updated:

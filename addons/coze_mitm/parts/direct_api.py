@@ -66,6 +66,8 @@ def _shown(value: str) -> str:
 
 
 class DirectApi:
+    acts_on_coze_api = False  # requests to the proxy's own address (re-addressed to the API in requestheaders)
+
     def __init__(self, settings: CozeSettings, refused: RefusedOriginsLog | None = None, stats: Stats | None = None):
         self.settings = settings
         self.refused = refused or RefusedOriginsLog()  # pages outside coze_origins: the status page shows them

@@ -29,6 +29,8 @@ log = logging.getLogger("coze.inject")
 
 
 class Inject:
+    acts_on_coze_api = False  # the user's pages (a page origin that is also an API origin is not skipped)
+
     def __init__(self, settings: CozeSettings, status):
         self.settings = settings
         self.status = status  # the StatusPages part: the userscript it serves (filled for this proxy) is the loader
@@ -37,6 +39,11 @@ class Inject:
         self._script = ""
         self._hash = ""
         self._announced: set[str] = set()
+
+    @property
+    def in_use(self) -> bool:
+        """The bundle calls no hook of this part while it is off."""
+        return self.enabled
 
     def configure(self, updated):
         if "coze_inject" in updated:

@@ -38,6 +38,8 @@ PAC_PATH_BYTES = pac.PAC_PATH.encode()
 
 
 class Pac:
+    acts_on_coze_api = False  # the PAC is served on the proxy's own address and coze.mitm only
+
     def __init__(self, settings: CozeSettings):
         self.settings = settings
         self.hosts: list[str] = [STATUS_HOST, DEFAULT_ONBOARDING_HOST]

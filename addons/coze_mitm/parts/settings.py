@@ -55,6 +55,9 @@ class CozeSettings:
         self._api_keys: frozenset[tuple] = frozenset()
         self._ws_keys: frozenset[tuple] = frozenset()
         self._page_keys: dict[tuple, str] = {}  # (scheme, host, port) -> its coze_origins entry
+        # (scheme as bytes, host, port) of the Coze API and its WebSocket hosts (as http/https: a handshake is an
+        # HTTP request) that are nothing else coze-mitm serves: no page origin, not coze.mitm (is_coze_api_only)
+        self._coze_api_only_keys: frozenset[tuple] = frozenset()
         self.allow_remote = False
         self.login_mode = "none"  # which form of mitmproxy's proxyauth names the users (logins.MODES)
         self.page_origins: frozenset[str] = frozenset()
@@ -178,6 +181,13 @@ class CozeSettings:
         self._api_keys = frozenset((o.scheme, o.host, o.port) for o in api_origins)
         self._ws_keys = frozenset((o.scheme, o.host, o.port) for o in ws_origins)
         self._page_keys = {config.origin_key(o): o for o in page_origins}
+        http_of_ws = {ws: http_scheme for http_scheme, ws in WS_SCHEME_OF_HTTP.items()}
+        own_hosts = {STATUS_HOST, DEFAULT_ONBOARDING_HOST, getattr(opts, "onboarding_host", "") or DEFAULT_ONBOARDING_HOST}
+        self._coze_api_only_keys = frozenset(
+            (http_of_ws.get(scheme, scheme).encode(), host, port)
+            for scheme, host, port in self._api_keys | self._ws_keys
+            if (http_of_ws.get(scheme, scheme), host, port) not in self._page_keys and host not in own_hosts
+        )
         self.allow_remote = opts.coze_allow_remote
         self._announce(pat)
 
@@ -232,6 +242,12 @@ class CozeSettings:
     def is_coze_api(self, request: http.Request) -> bool:
         """Is this request addressed (by its real destination, not its Host header) to a Coze API origin?"""
         return (request.scheme.lower(), request.host.lower(), request.port) in self._api_keys
+
+    def is_coze_api_only(self, request: http.Request) -> bool:
+        """Is this request addressed to a Coze API (or WebSocket) origin that is none of the user's pages nor
+        coze.mitm? The bundle then skips the parts that never act on the Coze API (asked at every flow hook)."""
+        data = request.data
+        return (data.scheme.lower(), data.host.lower(), data.port) in self._coze_api_only_keys
 
     def is_coze_ws(self, request: http.Request) -> bool:
         """Is this a WebSocket handshake to a Coze WebSocket host (ws.coze.cn, or one in coze_api_hosts)?"""

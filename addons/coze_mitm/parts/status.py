@@ -76,6 +76,8 @@ NEW_CA_HINTS = {
 }
 
 class StatusPages:
+    acts_on_coze_api = False  # coze.mitm only
+
     def __init__(self, settings: CozeSettings, usage: Callable[[], UsageShown] | None = None,
                  refused: RefusedOriginsLog | None = None, lifecycle: Lifecycle | None = None,
                  stats: Stats | None = None):
