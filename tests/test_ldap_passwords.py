@@ -128,6 +128,45 @@ def test_a_wrong_bind_password_is_said_as_such_not_as_no_answer(slapd):
         directory.close()
 
 
+def test_the_front_check_answers_a_refused_bind_as_such(slapd, caplog):
+    """In mitmproxy's own addon machinery, in front of its real proxyauth (bound with the right spec): coze-mitm's
+    check, whose spec's bind is refused, answers 502 naming the cause for the client (not 407, not "did not
+    answer"), says it in the log once, and counts no failure against the client."""
+    asyncio.run(_front_check_refused_bind(slapd, caplog))
+
+
+async def _front_check_refused_bind(slapd, caplog):
+    import logging
+
+    from mitmproxy.addons import proxyauth
+    from mitmproxy.proxy.layers.http import HttpRequestHeadersHook
+    from mitmproxy.test import taddons, tflow, tutils
+
+    from coze_mitm.parts import login_check
+
+    pa = proxyauth.ProxyAuth()
+    with taddons.context(pa) as tctx, caplog.at_level(logging.WARNING):
+        tctx.configure(pa, proxyauth=slapd.spec())
+        checks = PasswordChecks(ldap_spec.passwords(slapd.spec(password=WRONG_BIND_PW)))
+        front = login_check.install(checks)
+        try:
+            for _ in range(4):  # more than the free failures: still no back-off
+                f = tflow.tflow(req=tutils.treq(method=b"GET", scheme=b"http", host="example.com", port=80,
+                                                authority=b"example.com:80", path=b"/"))
+                f.request.headers["Proxy-Authorization"] = proxyauth.mkauth("alice", PASSWORDS["alice"])
+                await tctx.master.addons.handle_lifecycle(HttpRequestHeadersHook(f))
+                assert f.response.status_code == 502, f.response.content
+                body = f.response.json()
+                assert body["code"] == 5000 and "refused the proxy's own bind" in body["msg"], body
+                assert "did not answer" not in body["msg"] and ADMIN_DN not in body["msg"]
+            said = [r.getMessage() for r in caplog.records if "refuses the bind" in r.getMessage()]
+            assert len(said) == 1 and "check the bind DN and password" in said[0]
+            assert WRONG_BIND_PW not in caplog.text
+        finally:
+            login_check.uninstall(front)
+            checks.close()
+
+
 def test_a_directory_that_does_not_answer_is_still_said_so(slapd):
     settings = LdapSettings.from_parsed(Ldap.parse_spec(slapd.spec()))
     quiet = Passwords(dataclasses.replace(settings, port=free_port()))
