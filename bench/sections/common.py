@@ -11,12 +11,14 @@ import os
 import platform
 import socket
 import statistics
+import subprocess
+import time
 
 import mitmproxy.version
 import requests
 import requests.adapters
 
-from tests.harness import Mitmdump
+from tests.harness import LISTENING_RE, Mitmdump
 
 PAGE = "https://chat.example.org"
 BOT = "/v1/bots/7000"
@@ -150,3 +152,33 @@ def no_nagle(standin) -> None:
 def chat_body(text: str) -> dict:
     return {"bot_id": "7000", "user_id": "bench", "stream": True,
             "additional_messages": [{"role": "user", "content": text, "content_type": "text"}]}
+
+
+class FileLoggedMitmdump(Mitmdump):
+    """A mitmdump whose output goes to a file, read when asked: for a proxy that prints a line per flow
+    (run_mitm.py's coze_quiet), whose lines a pipe would deliver to a reader thread in this process, the
+    measuring client, at the moment each answer arrives. A user's terminal is not in the client's process."""
+
+    def _popen(self) -> subprocess.Popen:
+        self._log = self.confdir / "mitmdump-output.log"
+        with open(self._log, "w") as out:
+            return subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    text=True, cwd=str(self.confdir), env=self.env)
+
+    def _read(self) -> None:
+        """Until mitmdump says where it listens (or ends): then nothing more is read until asked."""
+        while self.port is None and self.proc.poll() is None:
+            m = LISTENING_RE.search(self.output)
+            if m:
+                self.port = int(m.group(1))
+                break
+            time.sleep(0.05)
+        self._listening.set()
+        self._read_all.set()
+
+    @property
+    def output(self) -> str:
+        try:
+            return self._log.read_text(errors="replace")
+        except (AttributeError, OSError):
+            return ""

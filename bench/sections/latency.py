@@ -16,7 +16,7 @@ import requests
 from tests.harness import Mitmdump
 
 from . import REPO
-from .common import BOT, REFERENCE, Row, cpu_seconds, ms, pct, session, tagged, with_token
+from .common import BOT, REFERENCE, FileLoggedMitmdump, Row, cpu_seconds, ms, pct, session, tagged, with_token
 
 
 def bench_latency(proxies: dict[str, Mitmdump], base: str, token: str, rounds: int) -> tuple[list[Row], dict]:
@@ -158,7 +158,8 @@ def start_attribution(work: Path, coze_sets: list[str], streamer: Mitmdump) -> d
         CYCLES_ONLY: Mitmdump(work / "cycles-only", ["flow_detail=0"], script=False,
                               extra_args=["-s", str(REPO / "bench" / "cycles_only.py")]),
         # As run_mitm.py runs it: coze_quiet on, so every flow coze-mitm acted on gets its log line.
-        AS_RUN_MITM: Mitmdump(work / "as-run-mitm", [*coze_sets, "coze_quiet=true", "coze_tune_process=true"]),
+        # Its lines go to a file, as to a user's terminal: not through a pipe to a thread of this measuring process.
+        AS_RUN_MITM: FileLoggedMitmdump(work / "as-run-mitm", [*coze_sets, "coze_quiet=true", "coze_tune_process=true"]),
     }
     (work / "as-run-mitm").mkdir()
     for name, proxy in references.items():
