@@ -21,7 +21,6 @@ import pytest
 
 from tests import clients
 from tests.clients import WsClient, placeholder_query, session, tagged, tokens_of, usage_today
-from tests.fronts import InProgressFront
 
 PAGE = "https://chat.example.org"
 USER = "1732000000001-budgetUser001"
@@ -196,13 +195,6 @@ def test_a_socket_may_not_start_more_chats_than_the_cap_at_once(budget_proxy, st
 
 
 # ------------------------------------------------------------------------------ non-streamed chats
-
-@pytest.fixture
-def front(standin):
-    f = InProgressFront(standin)
-    yield f
-    f.stop()
-
 
 def test_non_streamed_chats_read_via_message_list_are_counted(mitmdump, config_file, standin, front):
     standin.delta_gap = 0.05

@@ -24,6 +24,7 @@ from coze_mitm.core import own_address
 from coze_mitm.flowmeta import DIRECT, REFUSED
 from coze_mitm.parts.direct_api import DirectApi
 from tests.clients import WsClient
+from tests.sockets import read_head
 
 PAT = "pat_" + "S3cr3tPat" * 4
 PAGE = "http://localhost:3000"
@@ -376,12 +377,7 @@ def raw_head(port: int, request: bytes) -> tuple[int, bytes]:
     """Status and header block of the answer to one request sent as bytes (headers as sent, repeated ones too)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(request)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = read_head(sock)
     head = data.partition(b"\r\n\r\n")[0]
     return int(head.split()[1]), head
 

@@ -25,7 +25,7 @@ from launcher import browser as launch_browser
 from launcher.common import Fail
 from tests.browser import RECORD_REPLY
 from tests.conftest import TEST_HOME
-from tests.harness import Launcher, clean_env, cmdline, one_error_line, run
+from tests.harness import Launcher, clean_env, cmdline, one_error_line, run, wait_until
 
 CHROMIUM = shutil.which("chromium")
 FIREFOX = shutil.which("firefox-esr") or shutil.which("firefox")
@@ -38,17 +38,6 @@ ROOT_ARGS = "--no-sandbox " if hasattr(os, "geteuid") and os.geteuid() == 0 else
 def profiles(confdir: Path) -> list[Path]:
     base = confdir / launch_browser.PROFILES_DIR
     return sorted(base.iterdir()) if base.exists() else []
-
-
-def wait_until(condition, timeout: float = 20, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.05)
 
 
 def no_user_trust_store_touched():

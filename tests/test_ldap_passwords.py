@@ -16,23 +16,12 @@ import requests
 from mitmproxy.addons.proxyauth import Ldap
 
 from coze_mitm.core.directory import DirectoryError, LdapSettings, Passwords
-from tests.harness import Mitmdump
-from tests.slapd import CONTRACTOR_CN, CONTRACTOR_PW, PASSWORDS, SUFFIX, Slapd, Unavailable, free_port
+from tests.harness import Mitmdump, free_port
+from tests.slapd import CONTRACTOR_CN, CONTRACTOR_PW, PASSWORDS, SUFFIX, Slapd, Unavailable
 
 pytestmark = pytest.mark.process  # starts slapd (and mitmdump)
 
 STATUS = "http://coze.mitm/status.json"
-
-
-@pytest.fixture(scope="module")
-def slapd(tmp_path_factory):
-    server = Slapd(tmp_path_factory.mktemp("slapd"))
-    try:
-        server.start()
-    except Unavailable as e:
-        pytest.skip(f"no OpenLDAP server for the LDAP tests: {e}")
-    yield server
-    server.stop()
 
 
 def _filter_characters(name: str) -> bool:

@@ -7,7 +7,6 @@ import ipaddress
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -15,41 +14,21 @@ import sys
 import pytest
 
 from tests.clients import session, tagged
+from tests.harness import REPO
+from tests.netns import Unavailable, ip, veth_pair
 
 ALICE = "alice-remote-0001"
 HOST_ADDR, PEER_ADDR = "10.213.77.1", "10.213.77.2"  # only inside the pair this test makes
 
 
-def _ip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20)
-
-
 @pytest.fixture(scope="module")
 def other_host():
     """The name of a network namespace that reaches this machine at HOST_ADDR from PEER_ADDR."""
-    ns, near, far = f"cozemitm{os.getpid()}", f"cm{os.getpid()}a", f"cm{os.getpid()}b"
-    if shutil.which("ip") is None:  # not there, or not a program this user may run
-        pytest.skip("iproute2's `ip` is not installed: cannot make a second host")
-    made = _ip("netns", "add", ns)
-    if made.returncode != 0:
-        pytest.skip(f"cannot create a network namespace here (needs root/CAP_NET_ADMIN): {made.stderr.strip()}")
     try:
-        for cmd in (
-            ("link", "add", near, "type", "veth", "peer", "name", far),
-            ("link", "set", far, "netns", ns),
-            ("addr", "add", f"{HOST_ADDR}/30", "dev", near),
-            ("link", "set", near, "up"),
-            ("-n", ns, "addr", "add", f"{PEER_ADDR}/30", "dev", far),
-            ("-n", ns, "link", "set", far, "up"),
-            ("-n", ns, "link", "set", "lo", "up"),
-        ):
-            done = _ip(*cmd)
-            if done.returncode != 0:
-                pytest.skip(f"cannot build the veth pair (`ip {' '.join(cmd)}`): {done.stderr.strip()}")
-        yield ns
-    finally:
-        _ip("link", "del", near)
-        _ip("netns", "del", ns)
+        with veth_pair(f"cozemitm{os.getpid()}", f"cm{os.getpid()}", HOST_ADDR, PEER_ADDR) as ns:
+            yield ns
+    except Unavailable as e:
+        pytest.skip(f"cannot make a second host: {e}")
 
 
 def remote_get(ns: str, proxy_port: int, url: str, headers: dict) -> tuple[int, dict]:
@@ -121,31 +100,14 @@ def test_plain_http_api_on_another_machine_is_warned(mitmdump, config_file, stan
 
 RAW_CLIENT = r"""
 import json, socket, sys, time
+from tests.sockets import read_answer
 proxy_host, proxy_port, parts, pause = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), float(sys.argv[4])
 s = socket.create_connection((proxy_host, proxy_port), timeout=10)
-def read_head():
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":", 1)[1])
-    while len(body) < length:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return head + b"\r\n\r\n" + body
 answers = []
 for i, part in enumerate(parts):
     s.sendall(part.encode())
     if part.startswith("CONNECT "):
-        head = read_head()
+        head = read_answer(s)
         answers.append(head.decode("latin-1"))
         if not head.startswith(b"HTTP/1.1 200"):
             break
@@ -173,7 +135,7 @@ def remote_raw(ns: str, proxy_port: int, parts: list[str], pause: float = 0.5) -
     proxy sends until it closes (or 5 s). Returns the answers."""
     done = subprocess.run(
         ["ip", "netns", "exec", ns, sys.executable, "-c", RAW_CLIENT, HOST_ADDR, str(proxy_port), json.dumps(parts),
-         str(pause)], capture_output=True, text=True, timeout=40,
+         str(pause)], capture_output=True, text=True, timeout=40, cwd=REPO,  # the script imports tests.sockets
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
@@ -324,7 +286,7 @@ def link(other_host):
     for cmd in (("addr", "add", f"{HOST_LINK_LOCAL}/64", "dev", near, "nodad"),
                 ("-n", other_host, "addr", "add", f"{METADATA}/32", "dev", far),
                 ("route", "add", f"{METADATA}/32", "dev", near)):
-        done = _ip(*cmd)
+        done = ip(*cmd)
         if done.returncode != 0:
             pytest.skip(f"cannot set up the link (`ip {' '.join(cmd)}`): {done.stderr.strip()}")
     metadata = subprocess.Popen(
@@ -351,9 +313,9 @@ def link(other_host):
     finally:
         metadata.kill()
         metadata.wait()
-        _ip("route", "del", f"{METADATA}/32", "dev", near)
-        _ip("-n", other_host, "addr", "del", f"{METADATA}/32", "dev", far)
-        _ip("addr", "del", f"{HOST_LINK_LOCAL}/64", "dev", near)
+        ip("route", "del", f"{METADATA}/32", "dev", near)
+        ip("-n", other_host, "addr", "del", f"{METADATA}/32", "dev", far)
+        ip("addr", "del", f"{HOST_LINK_LOCAL}/64", "dev", near)
 
 
 def _refused(answer: str, *, why: str | None = None) -> dict:
