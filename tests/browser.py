@@ -63,6 +63,16 @@ def find_chromium() -> str | None:
     return shutil.which("chromium")
 
 
+def playwright_for_module():
+    """For a module whose every test drives Chromium: playwright.sync_api, or the whole module skips saying what
+    is missing (Chromium, or the playwright package)."""
+    import pytest
+    if find_chromium() is None:
+        pytest.skip("Chromium is not installed (/usr/bin/chromium or `chromium` on PATH): browser tests skipped",
+                    allow_module_level=True)
+    return pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+
+
 def playwright_or_skip():
     """Playwright's sync_playwright, or the test skips saying what is missing (the package, or Chromium)."""
     try:

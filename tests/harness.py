@@ -3,8 +3,10 @@ run_mitm.py as a user runs it (`Launcher` in the background, `run` to its end, a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -137,6 +139,13 @@ class Mitmdump:
         return None
 
 
+def copied_addons(dest: Path) -> Path:
+    """addons/ and userscript/ copied under `dest` (a checkout a test may edit and reload); the copy's coze.py."""
+    shutil.copytree(REPO / "addons", dest / "addons", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "userscript", dest / "userscript")
+    return dest / "addons" / "coze.py"
+
+
 def wait_until(condition, timeout: float = 20, what: str = "condition"):
     """What `condition()` returns once it is true (asked every 50 ms); AssertionError naming `what` if it is not
     true within `timeout` s (a process's work seen from outside: a page, a log, a store)."""
@@ -163,11 +172,11 @@ def end(proc: subprocess.Popen | None, timeout: float = 10) -> None:
     if proc is None or proc.poll() is not None:
         return
     proc.terminate()
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        return
+    proc.kill()
+    proc.wait()
 
 
 # --------------------------------------------------------------------------- run_mitm.py as a user runs it

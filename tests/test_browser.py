@@ -17,18 +17,14 @@ import requests
 
 from coze_mitm.core.identity import short_id
 from tests.browser import (
-    BOT_ID, CDN, HTTPS_PAGE, NONCE_CSP, OTHER, PAGE, SDK_URL, STRICT_CSP, PageServer, find_chromium, launch_chromium,
+    BOT_ID, CDN, HTTPS_PAGE, NONCE_CSP, OTHER, PAGE, SDK_URL, STRICT_CSP, PageServer, launch_chromium,
     gm_xhr_binding, png_colour_stats,
-    png_size, userscript_init_script,
+    playwright_for_module, png_size, userscript_init_script,
 )
 from tests.conftest import CLIENT_ID, KID, write_config
 from tests.harness import Mitmdump
 
-CHROMIUM = find_chromium()
-if CHROMIUM is None:
-    pytest.skip("Chromium is not installed (/usr/bin/chromium or `chromium` on PATH): browser tests skipped",
-                allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+sync_api = playwright_for_module()
 
 from sandbox.coze_standin import CozeStandIn  # noqa: E402
 

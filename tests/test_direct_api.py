@@ -23,7 +23,7 @@ from mitmproxy.test import tflow, tutils
 from coze_mitm.core import own_address
 from coze_mitm.flowmeta import DIRECT, REFUSED
 from coze_mitm.parts.direct_api import DirectApi
-from tests.clients import WsClient
+from tests.clients import WsClient, ws_reply
 from tests.sockets import read_head
 
 PAT = "pat_" + "S3cr3tPat" * 4
@@ -429,10 +429,7 @@ def test_websocket_chat_on_the_proxys_address_origin_checked(proxy, standin):
                       origin_form=True)
     try:
         assert client.status == 101, client.body
-        client.send("chat.update", {"chat_config": {}})
-        client.send("conversation.message.create", {"role": "user", "content_type": "text", "content": "over the socket"})
-        events = client.until("conversation.chat.completed")
-        text = "".join(e["data"]["content"] for e in events if e["event_type"] == "conversation.message.delta")
+        text = ws_reply(client.chat("over the socket"))
         assert text == "Sandbox reply to: over the socket"
     finally:
         client.close()

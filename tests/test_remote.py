@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.clients import session, tagged
+from tests.clients import chat_body, session, tagged
 from tests.harness import REPO
 from tests.netns import Unavailable, ip, veth_pair
 
@@ -143,8 +143,7 @@ def remote_raw(ns: str, proxy_port: int, parts: list[str], pause: float = 0.5) -
 
 def chat_request(standin, user: str) -> str:
     """The rest of the split request of the review: an absolute-URL POST /v3/chat with a user tag."""
-    body = json.dumps({"bot_id": "7000", "user_id": user, "stream": False,
-                       "additional_messages": [{"role": "user", "content": "hi", "content_type": "text"}]})
+    body = json.dumps(chat_body(user, "hi", stream=False))
     return (f" {standin.base_url}/v3/chat HTTP/1.1\r\nHost: {standin.base_url[7:]}\r\n"
             f"Authorization: Bearer user:{user}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}")
@@ -209,12 +208,18 @@ def test_remote_clients_reach_nothing_on_this_host(other_host, mitmdump, config_
     assert r.status_code == 200 and r.json()["service"] == "coze-mitm"
 
 
-def test_allow_remote_pages_without_login_show_no_users(other_host, mitmdump, config_file, standin):
+def open_with_a_chat(mitmdump, config_file, standin):
+    """A proxy on every interface with coze_allow_remote and no login, and ALICE's streamed chat from this
+    machine through it: (proxy, the chat's answer)."""
     proxy = mitmdump(f"coze_config={config_file}", "coze_allow_remote=true", "coze_usage_file=memory",
                      extra_args=["--listen-host", ""])
     chat = session(proxy).post(f"{standin.base_url}/v3/chat", headers=tagged(ALICE, origin=None),
-                               json={"bot_id": "7000", "user_id": ALICE, "stream": True,
-                                     "additional_messages": [{"role": "user", "content": "hi", "content_type": "text"}]})
+                               json=chat_body(ALICE, "hi", stream=True))
+    return proxy, chat
+
+
+def test_allow_remote_pages_without_login_show_no_users(other_host, mitmdump, config_file, standin):
+    proxy, chat = open_with_a_chat(mitmdump, config_file, standin)
     assert chat.status_code == 200
     local = session(proxy).get("http://coze.mitm/status.json").json()
     assert local["usage"] and local["users"]
@@ -377,11 +382,7 @@ def test_a_self_connect_does_not_make_a_remote_client_local(other_host, mitmdump
     """Issue 25: with coze_allow_remote and no login (--allow-anonymous), `CONNECT 127.0.0.2:<proxy port>` and a
     first packet without a space made mitmproxy pass the tunnel through raw to itself: the inner request came
     from 127.0.0.1 and was shown the per-user usage rows hidden from clients on other machines."""
-    proxy = mitmdump(f"coze_config={config_file}", "coze_allow_remote=true", "coze_usage_file=memory",
-                     extra_args=["--listen-host", ""])
-    chat = session(proxy).post(f"{standin.base_url}/v3/chat", headers=tagged(ALICE, origin=None),
-                               json={"bot_id": "7000", "user_id": ALICE, "stream": True,
-                                     "additional_messages": [{"role": "user", "content": "hi", "content_type": "text"}]})
+    proxy, chat = open_with_a_chat(mitmdump, config_file, standin)
     assert chat.status_code == 200
     assert session(proxy).get("http://coze.mitm/status.json").json()["users"]  # this machine sees them
     for target in ("127.0.0.2", "127.0.0.1", HOST_ADDR, "0.0.0.0"):
