@@ -172,7 +172,8 @@ def coze_mitm_modules_as_imported():
 # --------------------------------------------------------------------------- --fast: the in-process tests only
 # `python3 run_tests.py --fast` (pytest --fast) leaves out every test that starts another process: a real mitmdump,
 # a browser, node, slapd, redis-server, the launcher. Which tests those are is found, not kept in a list: a test
-# that uses the `mitmdump` fixture, or is marked `process` (a module's `pytestmark`, or one test's decorator).
+# that uses the `mitmdump`, `launch` or `slapd` fixture, or is marked `process` (a module's `pytestmark`, or one
+# test's decorator).
 # A test that starts a process without either fails under --fast, naming the mark to add, so the split stays true.
 
 PROCESS_FIXTURES = {"mitmdump", "launch", "slapd"}
