@@ -146,7 +146,7 @@ def copied_addons(dest: Path) -> Path:
     return dest / "addons" / "coze.py"
 
 
-def wait_until(condition, timeout: float = 20, what: str = "condition"):
+def wait_for(condition, timeout: float = 20, what: str = "condition"):
     """What `condition()` returns once it is true (asked every 50 ms); AssertionError naming `what` if it is not
     true within `timeout` s (a process's work seen from outside: a page, a log, a store)."""
     deadline = time.monotonic() + timeout

@@ -23,7 +23,7 @@ from coze_mitm.core import usage_redis
 from coze_mitm.core.usage_book import utc_day
 from tests import redis_server
 from tests.clients import session, tagged
-from tests.harness import free_port, wait_until
+from tests.harness import free_port, wait_for
 
 pytestmark = [pytest.mark.process, pytest.mark.skipif(
     redis_server.binary() is None or usage_redis.redis_available() != "",
@@ -100,7 +100,7 @@ def test_one_user_alternating_between_two_proxies_gets_one_budget(two_proxies, s
         assert streamed(r), r.text
         spent += ONE_CHAT
         # the other proxy's status page shows what was spent through this one
-        wait_until(lambda: status(other)["usage_totals"]["tokens_today"] == spent, what=f"{spent} tokens on the other proxy")
+        wait_for(lambda: status(other)["usage_totals"]["tokens_today"] == spent, what=f"{spent} tokens on the other proxy")
     assert status(a)["usage_file"] == {"path": redis.url, "ok": True, "error": ""}
     # spent: refused by both, whichever the user tries (a program gets 429, a page 200; code 4013 either way)
     for proxy in (b, a):
@@ -153,7 +153,7 @@ def test_twenty_parallel_chats_over_two_proxies_stay_within_one_cap(two_proxies,
     assert len(standin.chats_of(USER)) == 20
     assert 1 <= peak[0] <= cap  # one cap for both proxies (two private caps would allow 8)
     assert sum(refusals) > 0
-    wait_until(lambda: status(a)["usage_totals"]["tokens_today"] == 20 * ONE_CHAT, what="all usage counted")
+    wait_for(lambda: status(a)["usage_totals"]["tokens_today"] == 20 * ONE_CHAT, what="all usage counted")
 
 
 def test_a_killed_proxy_frees_its_chats_within_the_lease(two_proxies, standin, redis):
@@ -175,7 +175,7 @@ def test_a_killed_proxy_frees_its_chats_within_the_lease(two_proxies, standin, r
     deadlines = [score for _m, score in redis.client().zrange(f"coze-mitm:flight:{USER}", 0, -1, withscores=True)]
     assert len(deadlines) == 2 and all(d <= killed_ms + lease * 1000 for d in deadlines)
     standin.delta_gap = 0
-    wait_until(lambda: streamed(chat(b, standin)), timeout=lease * 4, what="B serving the user again")
+    wait_for(lambda: streamed(chat(b, standin)), timeout=lease * 4, what="B serving the user again")
     # both of A's places are free (not one expired and one still held): B runs two chats at once
     standin.delta_gap = 0.5
 
@@ -185,7 +185,7 @@ def test_a_killed_proxy_frees_its_chats_within_the_lease(two_proxies, standin, r
         for r in answers:
             r.close()
         return all(streamed(r) for r in answers)
-    wait_until(two_at_once, timeout=lease * 4, what="both places free")
+    wait_for(two_at_once, timeout=lease * 4, what="both places free")
 
 
 def test_redis_away_and_back(two_proxies, standin, redis):
@@ -196,11 +196,11 @@ def test_redis_away_and_back(two_proxies, standin, redis):
     assert streamed(chat(a, standin))
     day = utc_day(time.time())
     tokens_key = f"coze-mitm:day:{day}:tokens"
-    wait_until(lambda: redis.client().hget(tokens_key, USER) == str(ONE_CHAT), what="the usage acknowledged")
+    wait_for(lambda: redis.client().hget(tokens_key, USER) == str(ONE_CHAT), what="the usage acknowledged")
 
     redis.kill()
     # A finds out at its next budget decision, or its next round (each second) at the latest
-    wait_until(lambda: not status(a)["usage_file"]["ok"], what="A noticing Redis is away")
+    wait_for(lambda: not status(a)["usage_file"]["ok"], what="A noticing Redis is away")
     r = chat(a, standin)
     assert r.status_code == 503 and r.json()["code"] == 5000, r.text
     assert f"usage store it is checked against ({redis.url}) does not answer" in r.json()["msg"]
@@ -213,17 +213,17 @@ def test_redis_away_and_back(two_proxies, standin, redis):
     assert "coze_mitm_usage_store_ok 0" in session(a).get("http://coze.mitm/metrics", timeout=10).text
     assert f"usage store {redis.url} unreachable" in session(a).get("http://coze.mitm/", timeout=10).text
     for proxy in (a, b):
-        wait_until(lambda: proxy.output.count(f"usage store {redis.url} unreachable") == 1, what="one line in each log")
+        wait_for(lambda: proxy.output.count(f"usage store {redis.url} unreachable") == 1, what="one line in each log")
 
     redis.start()  # the same directory: what the append-only file holds
     assert redis.client().hget(tokens_key, USER) == str(ONE_CHAT)  # acknowledged before the kill: kept
-    wait_until(lambda: redis.client().hget(tokens_key, other) == str(2 * ONE_CHAT), what="B's queued usage written")
+    wait_for(lambda: redis.client().hget(tokens_key, other) == str(2 * ONE_CHAT), what="B's queued usage written")
     for proxy in (a, b):
         assert proxy.wait_for_output(f"usage store {redis.url} reachable again", 10)
         assert proxy.output.count(f"usage store {redis.url} unreachable") == 1
-    wait_until(lambda: status(a)["usage_file"]["ok"], what="A back")
+    wait_for(lambda: status(a)["usage_file"]["ok"], what="A back")
     assert streamed(chat(a, standin))
-    wait_until(lambda: status(b)["usage_totals"]["tokens_today"] == 4 * ONE_CHAT, what="B's page showing everything")
+    wait_for(lambda: status(b)["usage_totals"]["tokens_today"] == 4 * ONE_CHAT, what="B's page showing everything")
     assert len(standin.chats_of()) == 4
     no_password_anywhere(redis, a, b)
 
@@ -289,7 +289,7 @@ def test_websocket_chats_on_two_proxies_share_the_cap_and_the_budget(two_proxies
         assert streamed(chat(a, standin))  # over HTTP through A: 2 x 7 + 11 crosses the budget of 20
         spent = standin.usage_of(USER)["token_count"]
         assert spent == 25
-        wait_until(lambda: status(b)["usage_totals"]["tokens_today"] == spent, what="B seeing it")
+        wait_for(lambda: status(b)["usage_totals"]["tokens_today"] == spent, what="B seeing it")
         sockets[1].send("conversation.message.create", {"role": "user", "content_type": "text", "content": "more"})
         last = sockets[1].until("conversation.chat.completed")[-1]
         assert last["event_type"] == "error" and "daily budget is 20" in last["data"]["msg"], last

@@ -19,9 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.clients import session, tagged
-from tests.netns import Unavailable
+from tests.upstream_net import PROXY_ADDR, STANDIN_ADDR, InNamespace, Unavailable, corp_net, wait_for_line
 from tests.servers import write_chain
-from tests.upstream_net import PROXY_ADDR, STANDIN_ADDR, InNamespace, corp_net, wait_for_line
 
 pytestmark = pytest.mark.process  # every test here starts a process (run_tests.py --fast leaves them out)
 

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tests.harness import end
-from tests.netns import ip, run, veth_pair
+from tests.netns import Unavailable, ip, run, veth_pair  # noqa: F401 (Unavailable: what corp_net raises)
 from tests.sockets import pipe
 
 REPO = Path(__file__).resolve().parent.parent
