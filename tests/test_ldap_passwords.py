@@ -16,8 +16,8 @@ import requests
 from mitmproxy.addons.proxyauth import Ldap
 
 from coze_mitm.core.directory import DirectoryError, LdapSettings, Passwords
-from tests.harness import Mitmdump, free_port
-from tests.slapd import CONTRACTOR_CN, CONTRACTOR_PW, PASSWORDS, SUFFIX, Slapd, Unavailable
+from tests.harness import Mitmdump
+from tests.slapd import CONTRACTOR_CN, CONTRACTOR_PW, PASSWORDS, SUFFIX, Slapd, Unavailable, free_port
 
 pytestmark = pytest.mark.process  # starts slapd (and mitmdump)
 
