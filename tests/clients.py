@@ -122,6 +122,18 @@ class WsClient:
         self.send("conversation.message.create", {"role": "user", "content_type": "text", "content": text})
         return self.until("conversation.chat.completed")
 
+    def chat_ends(self, n: int) -> tuple[list[dict], int]:
+        """Reads until `n` chats started on the socket have ended: (the data of those refused with an `error`,
+        how many completed)."""
+        errors, completed = [], 0
+        while completed + len(errors) < n:
+            last = self.until("conversation.chat.completed")[-1]
+            if last["event_type"] == "error":
+                errors.append(last["data"])
+            else:
+                completed += 1
+        return errors, completed
+
     def send_raw(self, data: str | bytes) -> None:
         """One message exactly as given: text for a str, binary for bytes."""
         message = TextMessage(data) if isinstance(data, str) else BytesMessage(data)

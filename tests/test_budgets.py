@@ -178,13 +178,7 @@ def test_a_socket_may_not_start_more_chats_than_the_cap_at_once(budget_proxy, st
     try:
         for i in range(6):
             client.send("conversation.message.create", {"role": "user", "content_type": "text", "content": f"{WS_TEXT} {i}"})
-        errors, completed = [], 0
-        while completed + len(errors) < 6:
-            last = client.until("conversation.chat.completed")[-1]
-            if last["event_type"] == "error":
-                errors.append(last["data"])
-            else:
-                completed += 1
+        errors, completed = client.chat_ends(6)
         assert len(errors) == 2 and all(e["code"] == 4013 and "at most 4" in e["msg"] for e in errors), errors
         assert len(standin.chats_of(USER)) == 4
         # once they ended, the socket chats again

@@ -153,13 +153,7 @@ def test_eight_simultaneous_event_type_chat_starts_stay_within_a_cap_of_four(pro
     try:
         for i in range(8):
             client.send_raw(event(("id", str(i)), ("Event_Type", START), ("data", dict(DATA, content=f"over the socket {i}"))))
-        errors, completed = [], 0
-        while completed + len(errors) < 8:
-            last = client.until("conversation.chat.completed")[-1]
-            if last["event_type"] == "error":
-                errors.append(last["data"])
-            else:
-                completed += 1
+        errors, completed = client.chat_ends(8)
         assert len(errors) == 4 and all(e["code"] == 4013 and "at most 4" in e["msg"] for e in errors), errors
         assert completed == 4 and len(standin.chats_of(USER)) == 4
     finally:
