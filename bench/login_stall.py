@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 
 from tests.harness import Mitmdump  # noqa: E402
+from tests.sockets import pipe  # noqa: E402
 
 URL = "http://coze.mitm/status.json"
 
@@ -71,21 +72,7 @@ class Delayed:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target))
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                time.sleep(self.delay)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                threading.Thread(target=pipe, args=(a, b, self.delay), daemon=True).start()
 
     def close(self) -> None:
         self.listener.close()

@@ -21,13 +21,14 @@ import os
 import re
 import shutil
 import struct
-import threading
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Callable
 
 import requests
+
+from tests.servers import Server
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 HTML = "text/html; charset=utf-8"
@@ -61,6 +62,16 @@ def find_chromium() -> str | None:
         if os.access(path, os.X_OK):  # a file that is there but cannot run is no Chromium
             return path
     return shutil.which("chromium")
+
+
+def playwright_for_module():
+    """For a module whose every test drives Chromium: playwright.sync_api, or the whole module skips saying what
+    is missing (Chromium, or the playwright package)."""
+    import pytest
+    if find_chromium() is None:
+        pytest.skip("Chromium is not installed (/usr/bin/chromium or `chromium` on PATH): browser tests skipped",
+                    allow_module_level=True)
+    return pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 
 
 def playwright_or_skip():
@@ -136,13 +147,6 @@ PAGES = {
 }
 
 
-class _QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        pass  # a browser that is being closed resets its connections: not the test's business
-
-
 class StaticServer:
     """files: path -> (content type, body, extra headers). `fallback(path)` may answer a path not in files
     (None: 404). `on_post(path, body)` takes POSTs (answered 204). Query strings are ignored."""
@@ -186,18 +190,17 @@ class StaticServer:
                 on_post(self.path.split("?", 1)[0], self.rfile.read(length))
                 self._send(204, "text/plain", b"", {})
 
-        self._server = _QuietServer(("127.0.0.1", 0), Handler)
-        self.port = self._server.server_address[1]
+        self._server = Server(Handler)
+        self._server.quiet = True  # a browser that is being closed resets its connections: not the test's business
+        self.port = self._server.port
         self.origin = f"http://localhost:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def start(self):
-        self._thread.start()
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.stop()
 
     def map_remote(self, *hosts: str) -> list[str]:
         """mitmproxy map_remote specs sending http(s)://<host>/ to this server (plain http).
@@ -219,6 +222,37 @@ class PageServer(StaticServer):
             "/sdk/icon.png": ("image/png", ICON_PNG, {}),
             **{path: (HTML, body, headers) for path, (headers, body) in PAGES.items()},
         })
+
+
+class BrowserWorld:
+    """What the page tests run in: the stand-in, PageServer behind page.test / cdn.test / other.test, a real
+    mitmdump allowing PAGE and HTTPS_PAGE with the stand-in SDK as coze_sdk_url (and `sets`), and headless
+    Chromium through it."""
+
+    def __init__(self, tmp_path_factory, rsa_key, *sets: str, delta_gap: float):
+        from playwright.sync_api import sync_playwright
+
+        from sandbox.coze_standin import CozeStandIn
+        from tests.conftest import CLIENT_ID, KID, write_config
+        from tests.harness import Mitmdump
+
+        self.standin = CozeStandIn(rsa_key["public_pem"], kid=KID, client_id=CLIENT_ID, delta_gap=delta_gap).start()
+        self.pages = PageServer(self.standin.base_url).start()
+        config = write_config(tmp_path_factory.mktemp("config"), rsa_key, self.standin.base_url)
+        self.proxy = Mitmdump(tmp_path_factory.mktemp("mitm"), [
+            f"coze_config={config}", f"coze_origins={PAGE},{HTTPS_PAGE}", f"coze_bot_id={BOT_ID}",
+            f"coze_sdk_url={SDK_URL}", *sets, "connection_strategy=lazy",
+            *self.pages.map_remote("page.test", "cdn.test", "other.test"),
+        ]).start()
+        self.playwright = sync_playwright().start()
+        self.browser = launch_chromium(self.playwright, self.proxy.port)
+
+    def close(self):
+        self.browser.close()
+        self.playwright.stop()
+        self.proxy.stop()
+        self.pages.stop()
+        self.standin.stop()
 
 
 # ------------------------------------------------------------------------------------------ the userscript

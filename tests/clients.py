@@ -55,6 +55,11 @@ def usage_today(s: requests.Session) -> int:
     return s.get("http://coze.mitm/status.json", timeout=10).json()["usage_totals"]["tokens_today"]
 
 
+def ws_reply(events: list[dict]) -> str:
+    """The answer's text from a WebSocket chat's events (its message deltas)."""
+    return "".join(e["data"]["content"] for e in events if e["event_type"] == "conversation.message.delta")
+
+
 class WsClient:
     """A WebSocket client over a plain socket to the proxy: CONNECT tunnel (as browsers and Node's agents
     do) or an absolute-URL GET."""
@@ -109,6 +114,25 @@ class WsClient:
 
     def send(self, event_type: str, data: dict) -> None:
         self.sock.sendall(self.ws.send(TextMessage(json.dumps({"id": "1", "event_type": event_type, "data": data}))))
+
+    def chat(self, text: str) -> list[dict]:
+        """A chat as the Chat SDK starts one on the socket (chat.update, then the user's message): the events up
+        to conversation.chat.completed."""
+        self.send("chat.update", {"chat_config": {}})
+        self.send("conversation.message.create", {"role": "user", "content_type": "text", "content": text})
+        return self.until("conversation.chat.completed")
+
+    def chat_ends(self, n: int) -> tuple[list[dict], int]:
+        """Reads until `n` chats started on the socket have ended: (the data of those refused with an `error`,
+        how many completed)."""
+        errors, completed = [], 0
+        while completed + len(errors) < n:
+            last = self.until("conversation.chat.completed")[-1]
+            if last["event_type"] == "error":
+                errors.append(last["data"])
+            else:
+                completed += 1
+        return errors, completed
 
     def send_raw(self, data: str | bytes) -> None:
         """One message exactly as given: text for a str, binary for bytes."""

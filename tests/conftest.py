@@ -84,6 +84,32 @@ def mitmdump(tmp_path_factory):
 
 
 @pytest.fixture
+def front(standin):
+    """Coze's answer to a non-streamed chat (`in_progress`, then polled) in front of the stand-in
+    (tests/fronts.py)."""
+    from tests.fronts import InProgressFront
+
+    f = InProgressFront(standin)
+    yield f
+    f.stop()
+
+
+@pytest.fixture(scope="module")
+def slapd(tmp_path_factory):
+    """A real OpenLDAP server on loopback with the test directory (tests/slapd.py), shared by a module's tests;
+    they skip, saying why, where it cannot start."""
+    from tests.slapd import Slapd, Unavailable
+
+    server = Slapd(tmp_path_factory.mktemp("slapd"))
+    try:
+        server.start()
+    except Unavailable as e:
+        pytest.skip(f"no OpenLDAP server for the LDAP tests: {e}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def pat_mode():
     """pat_mode(*parts, pat=..., **options) -> mitmproxy's test context (taddons) holding coze-mitm's settings in PAT
     mode (coze_api_base https://api.coze.cn) and the parts: a class is made with the settings (Cors, Auth, ...),
@@ -146,10 +172,11 @@ def coze_mitm_modules_as_imported():
 # --------------------------------------------------------------------------- --fast: the in-process tests only
 # `python3 run_tests.py --fast` (pytest --fast) leaves out every test that starts another process: a real mitmdump,
 # a browser, node, slapd, redis-server, the launcher. Which tests those are is found, not kept in a list: a test
-# that uses the `mitmdump` fixture, or is marked `process` (a module's `pytestmark`, or one test's decorator).
+# that uses the `mitmdump`, `launch` or `slapd` fixture, or is marked `process` (a module's `pytestmark`, or one
+# test's decorator).
 # A test that starts a process without either fails under --fast, naming the mark to add, so the split stays true.
 
-PROCESS_FIXTURES = {"mitmdump", "launch"}
+PROCESS_FIXTURES = {"mitmdump", "launch", "slapd"}
 
 
 def pytest_addoption(parser):

@@ -1,15 +1,17 @@
-"""Coze behaviours the strict stand-in does not have, put in front of it as a small HTTP server."""
+"""Coze behaviours the strict stand-in does not have, as small HTTP servers (tests/servers.py): in front of it,
+or beside it for an endpoint it does not serve."""
 
 from __future__ import annotations
 
-import http.server
 import json
-import socketserver
 import threading
 import time
 import urllib.parse
 
 import requests
+
+from sandbox import go_json
+from tests import servers
 
 
 class InProgressFront:
@@ -25,12 +27,7 @@ class InProgressFront:
         self.bg: list[threading.Thread] = []
         front = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
+        class Handler(servers.Handler):
             def do_GET(self):
                 self._any()
 
@@ -52,7 +49,7 @@ class InProgressFront:
                     q = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
                     front.retrieves.append({"time": time.time(), "authorization": self.headers.get("authorization"),
                                             "chat_id": q.get("chat_id", [""])[0], "status": r.json().get("data", {}).get("status")})
-                self._send(r.status_code, r.content, r.headers.get("content-type", "application/json"))
+                self.send(r.status_code, r.content, r.headers.get("content-type", "application/json"))
 
             def _in_progress(self, s, url, headers, data):
                 r = s.post(url, headers=headers, json=dict(data, stream=True), stream=True, timeout=30)
@@ -63,8 +60,7 @@ class InProgressFront:
                         chat = json.loads(line[5:])
                         break
                 front.answered[chat["id"]] = time.time()
-                self._send(200, json.dumps({"code": 0, "msg": "", "data": dict(chat, status="in_progress")}).encode(),
-                           "application/json")
+                self.send(200, json.dumps({"code": 0, "msg": "", "data": dict(chat, status="in_progress")}).encode())
                 def read_on():
                     try:
                         for _ in lines:
@@ -75,21 +71,44 @@ class InProgressFront:
                 t.start()
                 front.bg.append(t)
 
-            def _send(self, status, body, ctype):
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-            daemon_threads = True
-            request_queue_size = 128  # many chats at once (test_budgets_billed.py): no connection left unaccepted
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = servers.Server(Handler).start()
+        self.base_url = self.server.base_url
 
     def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.stop()
+
+
+class WorkflowFront:
+    """`POST /v1/workflow/run` as Coze answers a synchronous run (the output, and `usage` beside it), routed
+    the way a Go server routes (`/v1/workflow/%72un` is `/v1/workflow/run`). Records what it billed. Only the
+    real token is accepted (the placeholder must never arrive)."""
+
+    TOKENS = 20
+
+    def __init__(self):
+        self.billed = 0
+        self.targets: list[str] = []
+        front = self
+
+        class Handler(servers.Handler):
+            def do_POST(self):
+                length = int(self.headers.get("content-length") or 0)
+                body = go_json.decode(self.rfile.read(length)) if length else {}
+                front.targets.append(self.path)
+                if go_json.route(self.path) != "/v1/workflow/run":
+                    return self._send(404, {"code": 4000, "msg": "no such endpoint"})
+                if not (self.headers.get("authorization") or "").startswith("Bearer czs_"):
+                    return self._send(401, {"code": 4100, "msg": "authentication is invalid"})
+                front.billed += WorkflowFront.TOKENS
+                usage = {"token_count": WorkflowFront.TOKENS, "input_count": 5, "output_count": 15}
+                self._send(200, {"code": 0, "msg": "", "data": json.dumps({"Output": f"ran {body.get('workflow_id')}"}),
+                                 "execute_id": str(len(front.targets)), "usage": usage})
+
+            def _send(self, status, obj):
+                self.send(status, json.dumps(obj).encode())
+
+        self.server = servers.Server(Handler).start()
+        self.base_url = self.server.base_url
+
+    def stop(self):
+        self.server.stop()

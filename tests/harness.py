@@ -3,9 +3,12 @@ run_mitm.py as a user runs it (`Launcher` in the background, `run` to its end, a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -134,6 +137,46 @@ class Mitmdump:
             self._read_all.wait(5)
             return self.proc.returncode
         return None
+
+
+def copied_addons(dest: Path) -> Path:
+    """addons/ and userscript/ copied under `dest` (a checkout a test may edit and reload); the copy's coze.py."""
+    shutil.copytree(REPO / "addons", dest / "addons", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "userscript", dest / "userscript")
+    return dest / "addons" / "coze.py"
+
+
+def wait_for(condition, timeout: float = 20, what: str = "condition"):
+    """What `condition()` returns once it is true (asked every 50 ms); AssertionError naming `what` if it is not
+    true within `timeout` s (a process's work seen from outside: a page, a log, a store)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a program that must be told its port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def end(proc: subprocess.Popen | None, timeout: float = 10) -> None:
+    """Ends a helper process (slapd, redis-server, a browser, a program in a namespace): SIGTERM, SIGKILL if it
+    has not ended within `timeout` s. Nothing for None or a process that has ended."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout)
+        return
+    proc.kill()
+    proc.wait()
 
 
 # --------------------------------------------------------------------------- run_mitm.py as a user runs it

@@ -17,6 +17,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.harness import end, free_port
+
 SUFFIX = "dc=example,dc=org"
 ADMIN_DN = f"cn=admin,{SUFFIX}"
 ADMIN_PW = "admin-Pw-31d8e0c7"
@@ -61,12 +63,6 @@ def _ldif() -> str:
             f"dn: {CONTRACTOR_DN}\nobjectClass: inetOrgPerson\nuid: carol\ncn: {CONTRACTOR_CN}\nsn: Contractor\n"
             f"userPassword: {CONTRACTOR_PW}\n"]
     return "\n".join(out)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Slapd:
@@ -123,10 +119,4 @@ class Slapd:
         raise Unavailable("slapd did not start listening on a loopback port")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end(self.proc)

@@ -10,27 +10,17 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import pytest
-import requests
 
 from coze_mitm.core.identity import short_id
 from tests.browser import (
-    BOT_ID, CDN, HTTPS_PAGE, NONCE_CSP, OTHER, PAGE, SDK_URL, STRICT_CSP, PageServer, find_chromium, launch_chromium,
-    gm_xhr_binding, png_colour_stats,
-    png_size, userscript_init_script,
+    BOT_ID, CDN, HTTPS_PAGE, NONCE_CSP, OTHER, PAGE, SDK_URL, STRICT_CSP, BrowserWorld, gm_xhr_binding,
+    playwright_for_module, png_colour_stats, png_size, userscript_init_script,
 )
-from tests.conftest import CLIENT_ID, KID, write_config
-from tests.harness import Mitmdump
+from tests.clients import session
 
-CHROMIUM = find_chromium()
-if CHROMIUM is None:
-    pytest.skip("Chromium is not installed (/usr/bin/chromium or `chromium` on PATH): browser tests skipped",
-                allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
-
-from sandbox.coze_standin import CozeStandIn  # noqa: E402
+playwright_for_module()
 
 pytestmark = pytest.mark.process  # every test here drives Chromium (run_tests.py --fast leaves them out)
 
@@ -39,28 +29,17 @@ DELTA_GAP = 0.08
 USER_ID_RE = re.compile(r"\d{13}-[A-Za-z0-9_-]{22,}")
 
 
-class Env:
+class Env(BrowserWorld):
     """One stand-in, one page server, one mitmdump and one browser for the whole module."""
 
     def __init__(self, tmp_path_factory, rsa_key):
-        self.standin = CozeStandIn(rsa_key["public_pem"], kid=KID, client_id=CLIENT_ID, delta_gap=DELTA_GAP).start()
+        super().__init__(tmp_path_factory, rsa_key, f"coze_title={TITLE}", delta_gap=DELTA_GAP)
         self.rsa_key = rsa_key
-        self.pages = PageServer(self.standin.base_url).start()
-        config = write_config(tmp_path_factory.mktemp("config"), rsa_key, self.standin.base_url)
-        self.proxy = Mitmdump(tmp_path_factory.mktemp("mitm"), [
-            f"coze_config={config}", f"coze_origins={PAGE},{HTTPS_PAGE}", f"coze_bot_id={BOT_ID}",
-            f"coze_title={TITLE}", f"coze_sdk_url={SDK_URL}", "connection_strategy=lazy",
-            *self.pages.map_remote("page.test", "cdn.test", "other.test"),
-        ]).start()
-        self.session = requests.Session()
-        self.session.trust_env = False
-        self.session.proxies = self.proxy.proxies
+        self.session = session(self.proxy)
         served = self.session.get("http://coze.mitm/coze-chat.user.js", timeout=10)
         served.raise_for_status()
         self.userscript = served.text
         self.userscript_content_type = served.headers["content-type"]
-        self.playwright = sync_api.sync_playwright().start()
-        self.browser = launch_chromium(self.playwright, self.proxy.port)
         self.contexts = []
 
     def profile(self, ignore_https_errors: bool = True):
@@ -79,11 +58,7 @@ class Env:
     def close(self):
         for context in self.contexts:
             context.close()
-        self.browser.close()
-        self.playwright.stop()
-        self.proxy.stop()
-        self.pages.stop()
-        self.standin.stop()
+        super().close()
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ import pytest
 
 from tests import clients
 from tests.clients import WsClient, placeholder_query, session, tagged, tokens_of, usage_today
-from tests.fronts import InProgressFront
 
 PAGE = "https://chat.example.org"
 USER = "1732000000001-budgetUser001"
@@ -179,13 +178,7 @@ def test_a_socket_may_not_start_more_chats_than_the_cap_at_once(budget_proxy, st
     try:
         for i in range(6):
             client.send("conversation.message.create", {"role": "user", "content_type": "text", "content": f"{WS_TEXT} {i}"})
-        errors, completed = [], 0
-        while completed + len(errors) < 6:
-            last = client.until("conversation.chat.completed")[-1]
-            if last["event_type"] == "error":
-                errors.append(last["data"])
-            else:
-                completed += 1
+        errors, completed = client.chat_ends(6)
         assert len(errors) == 2 and all(e["code"] == 4013 and "at most 4" in e["msg"] for e in errors), errors
         assert len(standin.chats_of(USER)) == 4
         # once they ended, the socket chats again
@@ -196,13 +189,6 @@ def test_a_socket_may_not_start_more_chats_than_the_cap_at_once(budget_proxy, st
 
 
 # ------------------------------------------------------------------------------ non-streamed chats
-
-@pytest.fixture
-def front(standin):
-    f = InProgressFront(standin)
-    yield f
-    f.stop()
-
 
 def test_non_streamed_chats_read_via_message_list_are_counted(mitmdump, config_file, standin, front):
     standin.delta_gap = 0.05

@@ -21,7 +21,6 @@ import zstandard
 
 from tests import clients
 from tests.clients import PAGE, session, tagged, tokens_of, usage_today
-from tests.fronts import InProgressFront
 
 USER = "1732000000001-budgetUser001"
 TEXT = "count these words please"  # 11 tokens a chat (stand-in: 2 * words + 3)
@@ -248,13 +247,6 @@ def test_a_stream_compressed_although_identity_was_asked_is_still_counted(proxy_
 
 
 # ------------------------------------------------------------------------------ the poller full
-
-@pytest.fixture
-def front(standin):
-    f = InProgressFront(standin)
-    yield f
-    f.stop()
-
 
 def test_when_the_usage_poller_is_full_new_chats_of_budgeted_users_are_refused(mitmdump, config_file, standin, front):
     from coze_mitm.core.usage_poll import MAX_POLLERS

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import time
 
 import pytest
@@ -23,7 +22,8 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from coze_mitm.bundle import Bundle
 from tests.conftest import REPO
-from tests.harness import Mitmdump
+from tests.clients import session
+from tests.harness import Mitmdump, copied_addons
 
 PAGE = "https://chat.example.org"
 DEMO_PAGE = "http://coze.mitm"
@@ -434,16 +434,13 @@ def test_the_demo_switched_on_while_running_serves_its_page(tmp_path, config_fil
 def test_script_reload_keeps_the_bundle_working(tmp_path, standin, config_file):
     """mitmproxy reloads a script whose file changed: the old bundle is removed, the new one registered."""
     copy = tmp_path / "repo"
-    shutil.copytree(REPO / "addons", copy / "addons", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "userscript", copy / "userscript")
+    coze_py = copied_addons(copy)
     confdir = tmp_path / "confdir"
     confdir.mkdir()
     proxy = Mitmdump(confdir, [f"coze_config={config_file}", f"coze_origins={PAGE}"], script=False,
-                     extra_args=["-s", str(copy / "addons" / "coze.py")]).start()
+                     extra_args=["-s", str(coze_py)]).start()
     try:
-        s = requests.Session()
-        s.trust_env = False
-        s.proxies = proxy.proxies
+        s = session(proxy)
 
         def preflight() -> requests.Response:
             return s.options(standin.base_url + "/v3/chat", headers={
@@ -452,7 +449,7 @@ def test_script_reload_keeps_the_bundle_working(tmp_path, standin, config_file):
         assert preflight().status_code == 204
         assert proxy.output.count("Loading script") == 1
         later = time.time() + 5
-        os.utime(copy / "addons" / "coze.py", (later, later))
+        os.utime(coze_py, (later, later))
         # Reloaded and configured again: settings says its mode once per configure.
         assert proxy.wait_for_output(r"Loading script[\s\S]*JWT mode[\s\S]*Loading script[\s\S]*JWT mode",
                                      timeout=10), proxy.output

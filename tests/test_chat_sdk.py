@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from tests.browser import find_chromium, launch_chromium
+from tests.browser import launch_chromium, playwright_for_module
 from tests.pages import (
     CHAT_BOT as BOT, CHAT_PAGE as PAGE, REPLY, TIMEOUT, api_calls, assert_only_real_tokens,
     build_chat_bundle, chat_page_server, chat_sdk_missing, send, wait_text, watch_reply,
@@ -29,13 +29,9 @@ WORKFLOW = "7480000000000000003"
 ALICE = "alice-chat-0001"
 BOB = "bob-chat-0002"
 
-CHROMIUM = find_chromium()
-if CHROMIUM is None:
-    pytest.skip("Chromium is not installed (/usr/bin/chromium or `chromium` on PATH): browser tests skipped",
-                allow_module_level=True)
+sync_api = playwright_for_module()
 if chat_sdk_missing():
     pytest.skip(chat_sdk_missing(), allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 
 
 # Collected from the first script on: CSP violations (the event fires on the document) and console errors.

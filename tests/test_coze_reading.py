@@ -9,10 +9,7 @@ user gets it refused (or counted), never let through uncounted.
 from __future__ import annotations
 
 import http.client
-import http.server
 import json
-import socketserver
-import threading
 import urllib.parse
 
 import pytest
@@ -20,6 +17,7 @@ import pytest
 from sandbox import go_json
 from tests.clients import WsClient, session
 from tests.clients import placeholder_query
+from tests.fronts import WorkflowFront
 
 PAGE = "https://chat.example.org"
 USER = "1732000000001-goReadUser0001"
@@ -155,13 +153,7 @@ def test_eight_simultaneous_event_type_chat_starts_stay_within_a_cap_of_four(pro
     try:
         for i in range(8):
             client.send_raw(event(("id", str(i)), ("Event_Type", START), ("data", dict(DATA, content=f"over the socket {i}"))))
-        errors, completed = [], 0
-        while completed + len(errors) < 8:
-            last = client.until("conversation.chat.completed")[-1]
-            if last["event_type"] == "error":
-                errors.append(last["data"])
-            else:
-                completed += 1
+        errors, completed = client.chat_ends(8)
         assert len(errors) == 4 and all(e["code"] == 4013 and "at most 4" in e["msg"] for e in errors), errors
         assert completed == 4 and len(standin.chats_of(USER)) == 4
     finally:
@@ -209,57 +201,6 @@ def test_a_chat_under_an_encoded_path_is_counted_then_refused(proxy_with, standi
     status, answer, headers = post(proxy, standin.base_url, target, chat_body(stream))
     assert status == 429 and answer["code"] == 4013 and "daily budget is 5" in answer["msg"] and int(headers["Retry-After"]) > 0
     assert standin.usage_of(USER)["token_count"] == charged  # nothing more reached Coze
-
-
-class WorkflowFront:
-    """`POST /v1/workflow/run` as Coze answers a synchronous run (the output, and `usage` beside it), routed
-    the way a Go server routes (`/v1/workflow/%72un` is `/v1/workflow/run`). Records what it billed. Only the
-    real token is accepted (the placeholder must never arrive)."""
-
-    TOKENS = 20
-
-    def __init__(self):
-        self.billed = 0
-        self.targets: list[str] = []
-        front = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                length = int(self.headers.get("content-length") or 0)
-                body = go_json.decode(self.rfile.read(length)) if length else {}
-                front.targets.append(self.path)
-                if go_json.route(self.path) != "/v1/workflow/run":
-                    return self._send(404, {"code": 4000, "msg": "no such endpoint"})
-                if not (self.headers.get("authorization") or "").startswith("Bearer czs_"):
-                    return self._send(401, {"code": 4100, "msg": "authentication is invalid"})
-                front.billed += WorkflowFront.TOKENS
-                usage = {"token_count": WorkflowFront.TOKENS, "input_count": 5, "output_count": 15}
-                self._send(200, {"code": 0, "msg": "", "data": json.dumps({"Output": f"ran {body.get('workflow_id')}"}),
-                                 "execute_id": str(len(front.targets)), "usage": usage})
-
-            def _send(self, status, obj):
-                data = json.dumps(obj).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-            daemon_threads = True
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

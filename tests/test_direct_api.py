@@ -23,7 +23,8 @@ from mitmproxy.test import tflow, tutils
 from coze_mitm.core import own_address
 from coze_mitm.flowmeta import DIRECT, REFUSED
 from coze_mitm.parts.direct_api import DirectApi
-from tests.clients import WsClient
+from tests.clients import WsClient, ws_reply
+from tests.sockets import read_head
 
 PAT = "pat_" + "S3cr3tPat" * 4
 PAGE = "http://localhost:3000"
@@ -376,12 +377,7 @@ def raw_head(port: int, request: bytes) -> tuple[int, bytes]:
     """Status and header block of the answer to one request sent as bytes (headers as sent, repeated ones too)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(request)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = read_head(sock)
     head = data.partition(b"\r\n\r\n")[0]
     return int(head.split()[1]), head
 
@@ -433,10 +429,7 @@ def test_websocket_chat_on_the_proxys_address_origin_checked(proxy, standin):
                       origin_form=True)
     try:
         assert client.status == 101, client.body
-        client.send("chat.update", {"chat_config": {}})
-        client.send("conversation.message.create", {"role": "user", "content_type": "text", "content": "over the socket"})
-        events = client.until("conversation.chat.completed")
-        text = "".join(e["data"]["content"] for e in events if e["event_type"] == "conversation.message.delta")
+        text = ws_reply(client.chat("over the socket"))
         assert text == "Sandbox reply to: over the socket"
     finally:
         client.close()

@@ -23,6 +23,7 @@ from coze_mitm.parts.csp import Csp
 from coze_mitm.parts.inject import Inject
 from coze_mitm.parts.settings import CozeSettings
 from coze_mitm.parts.status import USERSCRIPT_PATH, StatusPages
+from tests.browser import CDN, BrowserWorld
 from tests.conftest import write_config
 
 HASH = "'sha256-AAAA'"
@@ -178,33 +179,10 @@ def test_a_304_gets_the_hash_its_cached_page_needs(part):
 
 # --------------------------------------------------------------------------- in a browser with no extension
 
-class InjectEnv:
+class InjectEnv(BrowserWorld):
     def __init__(self, tmp_path_factory, rsa_key):
-        from playwright.sync_api import sync_playwright
-
-        from sandbox.coze_standin import CozeStandIn
-        from tests.browser import BOT_ID, CDN, HTTPS_PAGE, SDK_URL, PageServer, launch_chromium
-        from tests.conftest import CLIENT_ID, KID
-        from tests.harness import Mitmdump
-
-        self.standin = CozeStandIn(rsa_key["public_pem"], kid=KID, client_id=CLIENT_ID, delta_gap=0.05).start()
-        self.pages = PageServer(self.standin.base_url).start()
-        config = write_config(tmp_path_factory.mktemp("config"), rsa_key, self.standin.base_url)
-        self.proxy = Mitmdump(tmp_path_factory.mktemp("mitm"), [
-            f"coze_config={config}", f"coze_origins={PAGE},{HTTPS_PAGE}", f"coze_bot_id={BOT_ID}",
-            f"coze_sdk_url={SDK_URL}", "coze_inject=true", "connection_strategy=lazy",
-            *self.pages.map_remote("page.test", "cdn.test", "other.test"),
-        ]).start()
+        super().__init__(tmp_path_factory, rsa_key, "coze_inject=true", delta_gap=0.05)
         self.cdn = CDN
-        self.playwright = sync_playwright().start()
-        self.browser = launch_chromium(self.playwright, self.proxy.port)
-
-    def close(self):
-        self.browser.close()
-        self.playwright.stop()
-        self.proxy.stop()
-        self.pages.stop()
-        self.standin.stop()
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from launcher import browser as launch_browser
 from launcher.common import Fail
 from tests.browser import RECORD_REPLY
 from tests.conftest import TEST_HOME
-from tests.harness import Launcher, clean_env, cmdline, one_error_line, run
+from tests.harness import Launcher, clean_env, cmdline, one_error_line, run, wait_for
 
 CHROMIUM = shutil.which("chromium")
 FIREFOX = shutil.which("firefox-esr") or shutil.which("firefox")
@@ -38,17 +38,6 @@ ROOT_ARGS = "--no-sandbox " if hasattr(os, "geteuid") and os.geteuid() == 0 else
 def profiles(confdir: Path) -> list[Path]:
     base = confdir / launch_browser.PROFILES_DIR
     return sorted(base.iterdir()) if base.exists() else []
-
-
-def wait_until(condition, timeout: float = 20, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.05)
 
 
 def no_user_trust_store_touched():
@@ -109,7 +98,7 @@ def cdp_browser(playwright, profile: Path):
             return None
         return first[0] if first and first[0].isdigit() else None
 
-    port = wait_until(written_port, what="DevTools port")
+    port = wait_for(written_port, what="DevTools port")
     return playwright.chromium.connect_over_cdp(f"http://127.0.0.1:{port}")
 
 
@@ -135,7 +124,7 @@ def test_demo_browser_chromium_chats_and_its_profile_goes_when_it_closes(tmp_pat
         assert "name constraints are NOT enforced" not in launcher.output  # Linux with certutil: they are
 
         browser = cdp_browser(playwright, profile)
-        page = wait_until(lambda: next((p for p in browser.contexts[0].pages if p.url.startswith("http://coze.mitm/demo")),
+        page = wait_for(lambda: next((p for p in browser.contexts[0].pages if p.url.startswith("http://coze.mitm/demo")),
                                        None), what="the demo page opened")
         page.wait_for_selector("#message")
         page.evaluate(RECORD_REPLY)

@@ -15,7 +15,7 @@ import statistics
 
 import pytest
 
-from tests.slapd import CONTRACTOR_CN, CONTRACTOR_PW, PASSWORDS, SUFFIX, Slapd, Unavailable, dn_of
+from tests.slapd import CONTRACTOR_CN, CONTRACTOR_PW, PASSWORDS, SUFFIX, dn_of
 from tests.clients import PAGE, chat_body as body, tokens_of
 from tests.team import TAG_A, TAG_B, Client
 from tests.harness import Mitmdump
@@ -25,17 +25,6 @@ pytestmark = pytest.mark.process  # every test here starts a process (run_tests.
 VARIANTS = [" alice", "alice ", "ａｌｉｃｅ", "Alice Liddell", "alice  liddell"]
 ALICE = f"login:{dn_of('alice')}"
 BOB = f"login:{dn_of('bob')}"
-
-
-@pytest.fixture(scope="module")
-def slapd(tmp_path_factory):
-    server = Slapd(tmp_path_factory.mktemp("slapd"))
-    try:
-        server.start()
-    except Unavailable as e:
-        pytest.skip(f"no OpenLDAP server for the LDAP tests: {e}")
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -29,17 +29,6 @@ pytestmark = pytest.mark.process  # starts slapd (and mitmdump)
 STATUS = "http://coze.mitm/status.json"
 
 
-@pytest.fixture(scope="module")
-def slapd(tmp_path_factory):
-    server = Slapd(tmp_path_factory.mktemp("slapd"))
-    try:
-        server.start()
-    except Unavailable as e:
-        pytest.skip(f"no OpenLDAP server for the LDAP tests: {e}")
-    yield server
-    server.stop()
-
-
 def _filter_characters(name: str) -> bool:
     return any(c in name for c in "()*\\\0")
 

@@ -15,7 +15,6 @@ its own (`unshare --mount`) where /etc/hosts maps api.x.test to 127.0.0.1. Skipp
 from __future__ import annotations
 
 import datetime
-import http.server
 import ipaddress
 import json
 import os
@@ -37,7 +36,8 @@ from cryptography.x509.oid import NameOID
 from coze_mitm.core import scoped_ca
 from launcher import ca as launcher_ca
 from tests.browser import find_chromium, launch_chromium
-from tests.harness import Mitmdump
+from tests.harness import Mitmdump, end
+from tests.servers import HostPage, Server, https, server_context, write_chain
 
 PAT = "pat_" + "LeafNam3s" * 4
 API_HOST, IP_HOST = "api.x.test", "127.0.0.7"
@@ -94,33 +94,12 @@ class RealisticServer:
     def __init__(self, tmp_path: Path, address: str, cn: str, sans, ca_key, ca_cert):
         key = ec.generate_private_key(ec.SECP256R1())
         cert = _cert(cn, sans, key, ca_cert.subject, ca_key)
-        chain = tmp_path / f"server-{address}.pem"
-        chain.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()) + cert.public_bytes(serialization.Encoding.PEM))
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(chain)
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                body = f"<!doctype html><title>{self.headers['Host']}</title><p id=ok>served</p>".encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer((address, 0), Handler)
-        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True, do_handshake_on_connect=False)
-        self.httpd.handle_error = lambda *a: None
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        chain = write_chain(tmp_path / f"server-{address}.pem", key, cert)
+        self.httpd = https(Server(HostPage, address), server_context(chain)).start()
+        self.port = self.httpd.port
 
     def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.httpd.stop()
 
 
 @pytest.fixture(scope="module")
@@ -333,12 +312,7 @@ def firefox_bidi(profile: Path, urls: list[str], timeout: float = 60) -> list[st
             call("session.end", {})
             return seen
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        end(proc, 15)
 
 
 @pytest.mark.process

@@ -22,10 +22,8 @@ from coze_mitm.options import OptionsOnly
 from coze_mitm.parts import web_guard
 from coze_mitm.parts.local_gate import LocalGate
 from tests.harness import Mitmdump
-
-
-def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+from tests.sockets import read_answer
+from tests.team import basic
 
 
 # ------------------------------------------------------------------ destinations
@@ -132,28 +130,12 @@ def _exchange(port: int, data: bytes, *, then: bytes = b"", timeout: float = 10)
     """One socket to the proxy: send `data`, read one answer head (+ body by Content-Length); then `then`
     and its answer."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        def answer() -> bytes:
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                chunk = s.recv(65536)
-                if not chunk:
-                    return buf
-                buf += chunk
-            head, _, body = buf.partition(b"\r\n\r\n")
-            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"content-length:")), 0)
-            while len(body) < length:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                body += chunk
-            return head + b"\r\n\r\n" + body
         s.sendall(data)
-        first = answer()
+        first = read_answer(s)
         second = b""
         if then and first.startswith(b"HTTP/1.1 200"):
             s.sendall(then)
-            second = answer()
+            second = read_answer(s)
         return first, second
 
 

@@ -9,7 +9,6 @@ local server.
 from __future__ import annotations
 
 import base64
-import hashlib
 import re
 import socket
 import threading
@@ -25,6 +24,8 @@ from coze_mitm.core.logins import (MAX_LOGIN, auth_mode, identity_problem, is_lo
                                    login_problem, session_name)
 from coze_mitm.parts.login import REDACTED
 from tests.harness import REPO
+from tests.sockets import read_head
+from tests.team import basic, sha_line
 
 PROBE = """
 import json, logging, sys
@@ -63,11 +64,6 @@ addons = [Probe()]
 PASSWORDS = {"alice": "alice-pw-7f3a9c", "bob": "bob-pw-51e0d2", "Zoë Müller": "zoe-pw-88aa01"}
 
 
-def sha_line(user: str, password: str) -> str:
-    # {SHA} is read by both passlib (mitmproxy 11) and mitmproxy 12's own htpasswd parser
-    return f"{user}:{{SHA}}{base64.b64encode(hashlib.sha1(password.encode()).digest()).decode()}\n"
-
-
 @pytest.fixture
 def htpasswd(tmp_path):
     path = tmp_path / "htpasswd"
@@ -89,10 +85,6 @@ def proxy(mitmdump, htpasswd, probe, tmp_path):
                  extra_args=["-s", str(probe), "-w", str(flows)])
     p.flows = flows
     return p
-
-
-def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode("utf-8")).decode()
 
 
 class LoginAdapter(requests.adapters.HTTPAdapter):
@@ -129,15 +121,6 @@ def raw(proxy, data: bytes, more: bytes | None = None) -> tuple[bytes, socket.so
         head = read_head(sock)
     return head, sock
 
-
-def read_head(sock) -> bytes:
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        piece = sock.recv(4096)
-        if not piece:
-            break
-        buf += piece
-    return buf
 
 
 class TestRealProxy:

@@ -4,15 +4,14 @@ import http.client
 import json
 import re
 import secrets
-import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import mitmproxy.version
 import pytest
 import requests
 
+from tests import servers
 from tests.conftest import write_config
 
 # coze-mitm refuses to run inside mitmweb < 11.1.2 (CVE-2025-23217, parts/web_guard.py; tests/test_local_gate.py
@@ -22,16 +21,10 @@ pytestmark = [pytest.mark.skipif(
     reason=f"mitmproxy {mitmproxy.version.VERSION}: coze-mitm does not run in mitmweb < 11.1.2 (CVE-2025-23217); "
            "these tests run with mitmproxy 12 (Python 3.12)"),
     pytest.mark.process]  # every test here starts mitmweb (run_tests.py --fast leaves them out)
-from tests.harness import Mitmdump
+from tests.harness import Mitmdump, free_port
 
 PAGE = "https://chat.example.org"
 WEB_PASSWORD = "coze-mitm-test-web-password"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_mitmweb_shows_marked_flows_without_the_token(tmp_path, config_file, standin):
@@ -79,38 +72,25 @@ def test_mitmweb_shows_marked_flows_without_the_token(tmp_path, config_file, sta
         assert token not in web.output
 
 
-class SlowCoze(ThreadingHTTPServer):
+class SlowCoze(servers.Server):
     """A Coze API that mints tokens, takes an upload slowly, and answers a chat slowly, each step released by
     the test, so mitmweb's view can be read while a flow is in flight."""
 
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        pass  # a client that went away mid-answer is expected here
+    quiet = True  # a client that went away mid-answer is expected here
 
     def __init__(self):
-        super().__init__(("127.0.0.1", 0), _SlowHandler)
+        super().__init__(_SlowHandler)
         self.issued: list[str] = []
         self.got_first_chunk, self.finish_upload = threading.Event(), threading.Event()
         self.answer_started, self.finish_answer = threading.Event(), threading.Event()
-        self.base_url = f"http://127.0.0.1:{self.server_address[1]}"
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+        self.start()
 
 
-class _SlowHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _SlowHandler(servers.Handler):
     server: SlowCoze
 
-    def log_message(self, *args):
-        pass
-
     def _json(self, obj) -> None:
-        body = json.dumps(obj).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.send(200, json.dumps(obj).encode())
 
     def do_POST(self):
         length = int(self.headers["Content-Length"])
@@ -163,8 +143,7 @@ def slow_coze():
     yield server
     server.finish_upload.set()
     server.finish_answer.set()
-    server.shutdown()
-    server.server_close()
+    server.stop()
 
 
 def test_in_flight_window_ends_when_the_request_has_left(tmp_path, rsa_key, slow_coze):

@@ -8,15 +8,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import shutil
 import textwrap
 import time
 
 import pytest
-import requests
 
 from tests.conftest import REPO
-from tests.harness import Mitmdump
+from tests.clients import session
+from tests.harness import Mitmdump, copied_addons
 
 pytestmark = pytest.mark.process  # every test here starts a process (run_tests.py --fast leaves them out)
 
@@ -56,9 +55,7 @@ def test_a_neighbour_with_its_own_config_py_and_coze_mitm_both_work(tmp_path, st
                      extra_args=args).start()
     try:
         assert proxy.wait_for_output(r"neighbour loaded: neighbour config / x-neighbour / neighbour-token", 10), proxy.output
-        s = requests.Session()
-        s.trust_env = False
-        s.proxies = proxy.proxies
+        s = session(proxy)
         # coze-mitm: a preflight answered locally and a tagged request given alice's real token
         pre = s.options(standin.base_url + "/v3/chat", headers={"Origin": PAGE, "Access-Control-Request-Method": "POST"},
                         timeout=10)
@@ -124,14 +121,11 @@ def test_plain_mitmdump_leaves_the_process_alone_and_the_option_tunes_it(tmp_pat
 def test_a_reload_runs_the_packages_edited_code(tmp_path, standin, config_file):
     """Editing a module inside coze_mitm and touching coze.py: the new code answers (README: what a reload covers)."""
     copy = tmp_path / "repo"
-    shutil.copytree(REPO / "addons", copy / "addons", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "userscript", copy / "userscript")
+    coze_py = copied_addons(copy)
     proxy = Mitmdump(tmp_path, [f"coze_config={config_file}", f"coze_origins={PAGE}"], script=False,
-                     extra_args=["-s", str(copy / "addons" / "coze.py")]).start()
+                     extra_args=["-s", str(coze_py)]).start()
     try:
-        s = requests.Session()
-        s.trust_env = False
-        s.proxies = proxy.proxies
+        s = session(proxy)
 
         def preflight_max_age() -> str:
             return s.options(standin.base_url + "/v3/chat", headers={
@@ -143,7 +137,7 @@ def test_a_reload_runs_the_packages_edited_code(tmp_path, standin, config_file):
         assert 'MAX_AGE = "600"' in text
         cors.write_text(text.replace('MAX_AGE = "600"', 'MAX_AGE = "601"'))
         later = time.time() + 5
-        os.utime(copy / "addons" / "coze.py", (later, later))
+        os.utime(coze_py, (later, later))
         assert proxy.wait_for_output(r"Loading script[\s\S]*JWT mode[\s\S]*Loading script[\s\S]*JWT mode", 10), proxy.output
         assert preflight_max_age() == "601"
         assert "Addon error" not in proxy.output and "Traceback" not in proxy.output, proxy.output

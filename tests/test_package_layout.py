@@ -4,25 +4,14 @@ core/ and pages/ are pure: no mitmproxy, no part."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 
+from tests.layout import imported
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "addons" / "coze_mitm"
-
-
-def imported(path: Path) -> set[str]:
-    """The dotted names a module imports (absolute ones; a relative import is named by its module part)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return names
 
 
 def offending(folder: Path, forbidden: tuple[str, ...]) -> list[str]:

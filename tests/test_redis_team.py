@@ -23,6 +23,7 @@ from coze_mitm.core import usage_redis
 from coze_mitm.core.usage_book import utc_day
 from tests import redis_server
 from tests.clients import session, tagged
+from tests.harness import free_port, wait_for
 
 pytestmark = [pytest.mark.process, pytest.mark.skipif(
     redis_server.binary() is None or usage_redis.redis_available() != "",
@@ -38,16 +39,6 @@ ONE_CHAT = 11
 def chat_body(stream: bool = True) -> dict:
     return {"bot_id": "7000", "user_id": USER, "stream": stream,
             "additional_messages": [{"role": "user", "content": TEXT, "content_type": "text"}]}
-
-
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def status(proxy) -> dict:
@@ -238,7 +229,7 @@ def test_redis_away_and_back(two_proxies, standin, redis):
 
 
 def test_unreachable_at_start_up_is_one_line_and_the_proxy_runs(mitmdump, config_file, standin):
-    port = redis_server.free_port()
+    port = free_port()
     proxy = mitmdump(f"coze_config={config_file}", f"coze_origins={PAGE}",
                      f"coze_usage_file=redis://:not-printed-pw@127.0.0.1:{port}/3", "coze_user_daily_tokens=100")
     assert proxy.wait_for_output(f"usage store redis://127.0.0.1:{port}/3 unreachable", 10)

@@ -7,49 +7,28 @@ import ipaddress
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
 
 import pytest
 
-from tests.clients import session, tagged
+from tests.clients import chat_body, session, tagged
+from tests.harness import REPO
+from tests.netns import Unavailable, ip, veth_pair
 
 ALICE = "alice-remote-0001"
 HOST_ADDR, PEER_ADDR = "10.213.77.1", "10.213.77.2"  # only inside the pair this test makes
 
 
-def _ip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20)
-
-
 @pytest.fixture(scope="module")
 def other_host():
     """The name of a network namespace that reaches this machine at HOST_ADDR from PEER_ADDR."""
-    ns, near, far = f"cozemitm{os.getpid()}", f"cm{os.getpid()}a", f"cm{os.getpid()}b"
-    if shutil.which("ip") is None:  # not there, or not a program this user may run
-        pytest.skip("iproute2's `ip` is not installed: cannot make a second host")
-    made = _ip("netns", "add", ns)
-    if made.returncode != 0:
-        pytest.skip(f"cannot create a network namespace here (needs root/CAP_NET_ADMIN): {made.stderr.strip()}")
     try:
-        for cmd in (
-            ("link", "add", near, "type", "veth", "peer", "name", far),
-            ("link", "set", far, "netns", ns),
-            ("addr", "add", f"{HOST_ADDR}/30", "dev", near),
-            ("link", "set", near, "up"),
-            ("-n", ns, "addr", "add", f"{PEER_ADDR}/30", "dev", far),
-            ("-n", ns, "link", "set", far, "up"),
-            ("-n", ns, "link", "set", "lo", "up"),
-        ):
-            done = _ip(*cmd)
-            if done.returncode != 0:
-                pytest.skip(f"cannot build the veth pair (`ip {' '.join(cmd)}`): {done.stderr.strip()}")
-        yield ns
-    finally:
-        _ip("link", "del", near)
-        _ip("netns", "del", ns)
+        with veth_pair(f"cozemitm{os.getpid()}", f"cm{os.getpid()}", HOST_ADDR, PEER_ADDR) as ns:
+            yield ns
+    except Unavailable as e:
+        pytest.skip(f"cannot make a second host: {e}")
 
 
 def remote_get(ns: str, proxy_port: int, url: str, headers: dict) -> tuple[int, dict]:
@@ -121,31 +100,14 @@ def test_plain_http_api_on_another_machine_is_warned(mitmdump, config_file, stan
 
 RAW_CLIENT = r"""
 import json, socket, sys, time
+from tests.sockets import read_answer
 proxy_host, proxy_port, parts, pause = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), float(sys.argv[4])
 s = socket.create_connection((proxy_host, proxy_port), timeout=10)
-def read_head():
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":", 1)[1])
-    while len(body) < length:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return head + b"\r\n\r\n" + body
 answers = []
 for i, part in enumerate(parts):
     s.sendall(part.encode())
     if part.startswith("CONNECT "):
-        head = read_head()
+        head = read_answer(s)
         answers.append(head.decode("latin-1"))
         if not head.startswith(b"HTTP/1.1 200"):
             break
@@ -173,7 +135,7 @@ def remote_raw(ns: str, proxy_port: int, parts: list[str], pause: float = 0.5) -
     proxy sends until it closes (or 5 s). Returns the answers."""
     done = subprocess.run(
         ["ip", "netns", "exec", ns, sys.executable, "-c", RAW_CLIENT, HOST_ADDR, str(proxy_port), json.dumps(parts),
-         str(pause)], capture_output=True, text=True, timeout=40,
+         str(pause)], capture_output=True, text=True, timeout=40, cwd=REPO,  # the script imports tests.sockets
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
@@ -181,8 +143,7 @@ def remote_raw(ns: str, proxy_port: int, parts: list[str], pause: float = 0.5) -
 
 def chat_request(standin, user: str) -> str:
     """The rest of the split request of the review: an absolute-URL POST /v3/chat with a user tag."""
-    body = json.dumps({"bot_id": "7000", "user_id": user, "stream": False,
-                       "additional_messages": [{"role": "user", "content": "hi", "content_type": "text"}]})
+    body = json.dumps(chat_body(user, "hi", stream=False))
     return (f" {standin.base_url}/v3/chat HTTP/1.1\r\nHost: {standin.base_url[7:]}\r\n"
             f"Authorization: Bearer user:{user}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}")
@@ -247,12 +208,18 @@ def test_remote_clients_reach_nothing_on_this_host(other_host, mitmdump, config_
     assert r.status_code == 200 and r.json()["service"] == "coze-mitm"
 
 
-def test_allow_remote_pages_without_login_show_no_users(other_host, mitmdump, config_file, standin):
+def open_with_a_chat(mitmdump, config_file, standin):
+    """A proxy on every interface with coze_allow_remote and no login, and ALICE's streamed chat from this
+    machine through it: (proxy, the chat's answer)."""
     proxy = mitmdump(f"coze_config={config_file}", "coze_allow_remote=true", "coze_usage_file=memory",
                      extra_args=["--listen-host", ""])
     chat = session(proxy).post(f"{standin.base_url}/v3/chat", headers=tagged(ALICE, origin=None),
-                               json={"bot_id": "7000", "user_id": ALICE, "stream": True,
-                                     "additional_messages": [{"role": "user", "content": "hi", "content_type": "text"}]})
+                               json=chat_body(ALICE, "hi", stream=True))
+    return proxy, chat
+
+
+def test_allow_remote_pages_without_login_show_no_users(other_host, mitmdump, config_file, standin):
+    proxy, chat = open_with_a_chat(mitmdump, config_file, standin)
     assert chat.status_code == 200
     local = session(proxy).get("http://coze.mitm/status.json").json()
     assert local["usage"] and local["users"]
@@ -324,7 +291,7 @@ def link(other_host):
     for cmd in (("addr", "add", f"{HOST_LINK_LOCAL}/64", "dev", near, "nodad"),
                 ("-n", other_host, "addr", "add", f"{METADATA}/32", "dev", far),
                 ("route", "add", f"{METADATA}/32", "dev", near)):
-        done = _ip(*cmd)
+        done = ip(*cmd)
         if done.returncode != 0:
             pytest.skip(f"cannot set up the link (`ip {' '.join(cmd)}`): {done.stderr.strip()}")
     metadata = subprocess.Popen(
@@ -351,9 +318,9 @@ def link(other_host):
     finally:
         metadata.kill()
         metadata.wait()
-        _ip("route", "del", f"{METADATA}/32", "dev", near)
-        _ip("-n", other_host, "addr", "del", f"{METADATA}/32", "dev", far)
-        _ip("addr", "del", f"{HOST_LINK_LOCAL}/64", "dev", near)
+        ip("route", "del", f"{METADATA}/32", "dev", near)
+        ip("-n", other_host, "addr", "del", f"{METADATA}/32", "dev", far)
+        ip("addr", "del", f"{HOST_LINK_LOCAL}/64", "dev", near)
 
 
 def _refused(answer: str, *, why: str | None = None) -> dict:
@@ -415,11 +382,7 @@ def test_a_self_connect_does_not_make_a_remote_client_local(other_host, mitmdump
     """Issue 25: with coze_allow_remote and no login (--allow-anonymous), `CONNECT 127.0.0.2:<proxy port>` and a
     first packet without a space made mitmproxy pass the tunnel through raw to itself: the inner request came
     from 127.0.0.1 and was shown the per-user usage rows hidden from clients on other machines."""
-    proxy = mitmdump(f"coze_config={config_file}", "coze_allow_remote=true", "coze_usage_file=memory",
-                     extra_args=["--listen-host", ""])
-    chat = session(proxy).post(f"{standin.base_url}/v3/chat", headers=tagged(ALICE, origin=None),
-                               json={"bot_id": "7000", "user_id": ALICE, "stream": True,
-                                     "additional_messages": [{"role": "user", "content": "hi", "content_type": "text"}]})
+    proxy, chat = open_with_a_chat(mitmdump, config_file, standin)
     assert chat.status_code == 200
     assert session(proxy).get("http://coze.mitm/status.json").json()["users"]  # this machine sees them
     for target in ("127.0.0.2", "127.0.0.1", HOST_ADDR, "0.0.0.0"):

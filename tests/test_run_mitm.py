@@ -26,18 +26,12 @@ import requests
 
 from tests.conftest import write_config
 from tests.harness import (
-    MITMPROXY_11, REPO, RUN_MITM, Launcher, check, clean_env, cmdline, messages, one_error_line, run,
+    MITMPROXY_11, REPO, RUN_MITM, Launcher, check, clean_env, cmdline, free_port, messages, one_error_line, run,
 )
 
 pytestmark = pytest.mark.process  # every test here starts a process (run_tests.py --fast leaves them out)
 
 PAGE = "https://chat.example.org"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- arguments and refusals

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import datetime
-import http.server
 import ipaddress
 import json
 import os
@@ -25,7 +24,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
@@ -46,6 +44,7 @@ from launcher.common import Fail
 from launcher.plan import Plan
 from tests.browser import find_chromium, launch_chromium
 from tests.harness import Mitmdump
+from tests.servers import HostPage, Server, https, server_context, write_chain
 
 PAT = "pat_" + "S3cr3tPat" * 4
 HOSTS = Handled.from_settings("https://api.coze.cn", page_origins=["https://allowed.test"]).ca_hosts()
@@ -201,44 +200,22 @@ class TLSServer:
         self.contexts = {}
         for name in names:
             cert, leaf_key = leaf(key, signer, name)
-            path = tmp_path / f"{name}.pem"
-            path.write_bytes(leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                    serialization.NoEncryption())
-                             + b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (cert, signer)))
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(path)
-            self.contexts[name] = context
+            self.contexts[name] = server_context(write_chain(tmp_path / f"{name}.pem", leaf_key, cert, signer))
         first = self.contexts[names[0]]
         first.sni_callback = self._sni
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                body = f"<!doctype html><title>{self.headers['Host']}</title><p id=ok>served</p>".encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.socket = first.wrap_socket(self.httpd.socket, server_side=True, do_handshake_on_connect=False)
-        self.httpd.handle_error = lambda *a: None  # refused handshakes are the point
-        self.port = self.httpd.server_address[1]
+        self.httpd = https(Server(HostPage), first)  # refused handshakes are the point
+        self.port = self.httpd.port
 
     def _sni(self, sock, name, context):
         if name in self.contexts:
             sock.context = self.contexts[name]
 
     def __enter__(self):
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.httpd.start()
         return self
 
     def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.httpd.stop()
 
 
 # ------------------------------------------------------------------------------------------ the launcher

@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from tests.browser import HTML, SCRIPT, StaticServer, find_chromium, launch_chromium
+from tests.browser import HTML, SCRIPT, StaticServer, launch_chromium, playwright_for_module
 from tests.pages import STREAM_JS, api_sdk_missing, build_api_bundle
 
 PAGE = "http://page.test"
@@ -21,13 +21,9 @@ BOT = "7000"
 ALICE = "alice-0001"
 GAP = 0.1
 
-CHROMIUM = find_chromium()
-if CHROMIUM is None:
-    pytest.skip("Chromium is not installed (/usr/bin/chromium or `chromium` on PATH): browser tests skipped",
-                allow_module_level=True)
+sync_api = playwright_for_module()
 if api_sdk_missing():
     pytest.skip(api_sdk_missing(), allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 
 PAGE_HTML = b"""<!doctype html>
 <html><head><meta charset="utf-8"><title>@coze/api in a page</title>

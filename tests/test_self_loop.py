@@ -17,6 +17,7 @@ import pytest
 
 from coze_mitm.core import destinations
 from tests.clients import session, tagged
+from tests.sockets import read_answer
 
 BOB = "bob-self-loop-0001"
 
@@ -26,21 +27,7 @@ def _answer(port: int, data: bytes, timeout: float = 20) -> bytes:
     proxy closed without one."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            chunk = s.recv(65536)
-            if not chunk:
-                return buf
-            buf += chunk
-        head, _, body = buf.partition(b"\r\n\r\n")
-        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                       if line.lower().startswith(b"content-length:")), 0)
-        while len(body) < length:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            body += chunk
-        return head + b"\r\n\r\n" + body
+        return read_answer(s)
 
 
 def _open_fds(pid: int) -> int | None:

@@ -122,9 +122,7 @@ def test_websocket_chat_counts_one_chat_and_its_tokens(team, standin):
                           tunnel=tunnel, proxy_auth=alice.auth)
         try:
             assert client.status == 101, client.body
-            client.send("chat.update", {"chat_config": {}})
-            client.send("conversation.message.create", {"role": "user", "content_type": "text", "content": "over the socket"})
-            events = client.until("conversation.chat.completed")
+            events = client.chat("over the socket")
         finally:
             client.close()
         assert events[-1]["event_type"] == "conversation.chat.completed", events[-1]

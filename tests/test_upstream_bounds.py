@@ -9,16 +9,15 @@ import concurrent.futures
 import functools
 import json
 import secrets
-import threading
 import time
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import brotli
 import pytest
 import requests
 import zstandard
 
+from tests import servers
 from tests.clients import PAGE, session, tagged
 from tests.conftest import write_config
 
@@ -49,36 +48,22 @@ def bomb(encoding: str) -> bytes:
     return _bomb(encoding, 64 if encoding == "gzip" else 256)
 
 
-class Hostile(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        pass  # a client that went away mid-answer is expected here
+class Hostile(servers.Server):
+    quiet = True  # a client that went away mid-answer is expected here
 
     def __init__(self):
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(_Handler)
         self.token_mode = "ok"
         self.issued: list[str] = []
         self.assertions: list[str] = []
-        self.base_url = f"http://127.0.0.1:{self.server_address[1]}"
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+        self.start()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(servers.Handler):
     server: Hostile
 
-    def log_message(self, *args):
-        pass
-
     def _send(self, status: int, body: bytes, headers: dict | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.send(status, body, headers=headers)
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -121,8 +106,7 @@ class _Handler(BaseHTTPRequestHandler):
 def hostile():
     server = Hostile()
     yield server
-    server.shutdown()
-    server.server_close()
+    server.stop()
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from cryptography.x509.oid import NameOID
 from tests.clients import PAGE, session, tagged
 from tests.harness import REPO, Mitmdump
 from tests.upstream_net import PROXY_ADDR, STANDIN_ADDR, InNamespace, Unavailable, corp_net, wait_for_line
+from tests.servers import write_chain
 
 pytestmark = pytest.mark.process  # every test here starts a process (run_tests.py --fast leaves them out)
 
@@ -166,9 +167,7 @@ def private_ca(tmp_path):
             .sign(ca_key, hashes.SHA256()))
     ca_file, chain = tmp_path / "corp-ca.pem", tmp_path / "standin-chain.pem"
     ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    chain.write_bytes(leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                             serialization.NoEncryption()) + leaf.public_bytes(serialization.Encoding.PEM))
-    return ca_file, chain
+    return ca_file, write_chain(chain, leaf_key, leaf)
 
 
 def test_https_through_the_proxy_with_a_private_ca(corp, tmp_path, upstream_proxy, mitmdump):

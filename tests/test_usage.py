@@ -54,6 +54,16 @@ def read_all(stream: bytes, cuts=(), **kw) -> SSEUsageReader:
     return reader
 
 
+def traced_peak(call) -> int:
+    """The peak of Python allocations (tracemalloc) while `call()` runs."""
+    tracemalloc.start()
+    try:
+        call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 class TestStream:
     def test_counts_the_completed_event(self):
         reader = read_all(coze_stream(tokens=123))
@@ -223,12 +233,7 @@ class TestEncodings:
     def test_gzip_bomb_is_read_in_bounded_pieces(self):
         bomb = gzip.compress(b"data:" + b"0" * (80 * 1024 * 1024))  # ~80 KiB that inflate to 80 MiB
         reader = SSEUsageReader(content_encoding="gzip")
-        tracemalloc.start()
-        try:
-            reader(bomb)
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
+        peak = traced_peak(lambda: reader(bomb))
         assert reader.unreadable == "decompressed stream too large"
         assert peak < 16 * MAX_FRAME
 
@@ -311,12 +316,7 @@ def test_br_and_zstd_bombs_are_cut_off_bounded(encoding, peak_bound):
     # 200 MiB of zeros in a few KiB; brotli 1.1 (mitmproxy 11's) completes up to ~16 MiB per 4-byte call
     bomb = COMPRESS[encoding](b"\0" * (200 * 1024 * 1024))
     reader = SSEUsageReader(content_encoding=encoding, max_decoded=8 * 1024 * 1024)
-    tracemalloc.start()
-    try:
-        reader(bomb)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    peak = traced_peak(lambda: reader(bomb))
     assert reader.unreadable == "decompressed stream too large"
     assert peak < peak_bound
 

@@ -12,7 +12,7 @@ import urllib.parse
 import pytest
 
 from tests.browser import find_chromium, launch_chromium
-from tests.clients import WsClient, placeholder_query
+from tests.clients import WsClient, placeholder_query, ws_reply
 from tests.conftest import write_config
 
 PAGE = "https://chat.example.org"
@@ -43,10 +43,7 @@ def test_chat_over_the_socket_with_the_users_token(ws_proxy, standin, ws_port, t
         assert seen["path"] == "/v1/chat" and seen["session"] == ALICE and seen["status"] == 101
         assert seen["query_authorization"].startswith("Bearer czs_")  # percent-decoded by the stand-in
         assert seen["header_authorization"] is None  # a browser sends none; none is invented
-        client.send("chat.update", {"chat_config": {}})
-        client.send("conversation.message.create", {"role": "user", "content_type": "text", "content": "over the socket"})
-        events = client.until("conversation.chat.completed")
-        text = "".join(e["data"]["content"] for e in events if e["event_type"] == "conversation.message.delta")
+        text = ws_reply(client.chat("over the socket"))
         assert text == "Sandbox reply to: over the socket"
     finally:
         client.close()

@@ -1,6 +1,6 @@
 """A corporate network for tests: a Coze stand-in that only an upstream proxy reaches.
 
-* `corp_net()`: a network namespace joined to this host by a veth pair (as tests/test_remote.py makes one); the
+* `corp_net()`: a network namespace joined to this host by a veth pair (tests/netns.py); the
   stand-in listens on STANDIN_ADDR, an address on the namespace's own loopback that this host has no route to
   (an `unreachable` route makes a direct attempt fail at once instead of leaving by a default route). The
   upstream proxy listens on PROXY_ADDR, the namespace's end of the pair: the only way in.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -30,53 +29,27 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from tests.harness import end
+from tests.netns import Unavailable, ip, run, veth_pair  # noqa: F401 (Unavailable: what corp_net raises)
+from tests.sockets import pipe
+
 REPO = Path(__file__).resolve().parent.parent
 NEAR_ADDR, PROXY_ADDR = "10.213.81.1", "10.213.81.2"
 STANDIN_ADDR = "10.213.82.9"
 MAX_HEAD = 64 * 1024
 
 
-class Unavailable(Exception):
-    """This machine cannot make the namespace (the reason is the message)."""
-
-
-def _ip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20)
-
-
 @contextmanager
 def corp_net():
     """Yields the namespace's name; raises Unavailable (with the reason) where it cannot be made."""
     pid = os.getpid()
-    ns, near, far = f"cozecorp{pid}", f"cc{pid}a", f"cc{pid}b"
-    if shutil.which("ip") is None:  # not there, or not a program this user may run
-        raise Unavailable("iproute2's `ip` is not installed: cannot make a network namespace")
-    made = _ip("netns", "add", ns)
-    if made.returncode != 0:
-        raise Unavailable(f"cannot create a network namespace here (needs root/CAP_NET_ADMIN): {made.stderr.strip()}")
-    route = False
-    try:
-        for cmd in (
-            ("link", "add", near, "type", "veth", "peer", "name", far),
-            ("link", "set", far, "netns", ns),
-            ("addr", "add", f"{NEAR_ADDR}/30", "dev", near),
-            ("link", "set", near, "up"),
-            ("-n", ns, "addr", "add", f"{PROXY_ADDR}/30", "dev", far),
-            ("-n", ns, "link", "set", far, "up"),
-            ("-n", ns, "link", "set", "lo", "up"),
-            ("-n", ns, "addr", "add", f"{STANDIN_ADDR}/32", "dev", "lo"),
-            ("route", "add", "unreachable", f"{STANDIN_ADDR}/32"),
-        ):
-            done = _ip(*cmd)
-            if done.returncode != 0:
-                raise Unavailable(f"cannot build the test network (`ip {' '.join(cmd)}`): {done.stderr.strip()}")
-            route = route or cmd[0] == "route"
-        yield ns
-    finally:
-        if route:
-            _ip("route", "del", "unreachable", f"{STANDIN_ADDR}/32")
-        _ip("link", "del", near)
-        _ip("netns", "del", ns)
+    with veth_pair(f"cozecorp{pid}", f"cc{pid}", NEAR_ADDR, PROXY_ADDR) as ns:
+        run("-n", ns, "addr", "add", f"{STANDIN_ADDR}/32", "dev", "lo")
+        run("route", "add", "unreachable", f"{STANDIN_ADDR}/32")
+        try:
+            yield ns
+        finally:
+            ip("route", "del", "unreachable", f"{STANDIN_ADDR}/32")
 
 
 class InNamespace:
@@ -110,13 +83,7 @@ class InNamespace:
         return self.lines[seen] if len(self.lines) > seen else ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end(self.proc)
 
 
 def wait_for_line(path: Path, predicate, timeout: float = 30) -> str | None:
@@ -144,23 +111,6 @@ def _read_head(sock: socket.socket) -> tuple[bytes, bytes]:
     return head, rest
 
 
-def _pipe(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while True:
-            data = src.recv(65536)
-            if not data:
-                break
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
 def _closing_response(upstream: socket.socket, client: socket.socket) -> None:
     """Pass the answer on with `Connection: close`: each request gets its own connection, so the next
     absolute-form request on a kept-alive client connection is never piped to the wrong host."""
@@ -172,7 +122,7 @@ def _closing_response(upstream: socket.socket, client: socket.socket) -> None:
     lines = [line for line in head.split(b"\r\n") if line.split(b":")[0].strip().lower()
              not in (b"connection", b"keep-alive")]
     client.sendall(b"\r\n".join(lines) + b"\r\nConnection: close\r\n\r\n" + rest)
-    _pipe(upstream, client)
+    pipe(upstream, client)
 
 
 class UpstreamProxy:
@@ -212,8 +162,8 @@ class UpstreamProxy:
                 client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 if rest:
                     upstream.sendall(rest)
-                threading.Thread(target=_pipe, args=(client, upstream), daemon=True).start()
-                _pipe(upstream, client)
+                threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
+                pipe(upstream, client)
                 return
             scheme, _, after = target.partition("://")
             hostport, slash, path = after.partition("/")
@@ -224,7 +174,7 @@ class UpstreamProxy:
                     if not k.lower().startswith("proxy-") and k.lower() not in ("connection", "keep-alive")]
             upstream.sendall(f"{method} {slash}{path} {version}\r\n".encode("latin-1")
                              + "\r\n".join(kept + ["Connection: close"]).encode("latin-1") + b"\r\n\r\n" + rest)
-            threading.Thread(target=_pipe, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
             _closing_response(upstream, client)
         except (OSError, ValueError, ConnectionError) as e:
             self.note(f"error {type(e).__name__}")
