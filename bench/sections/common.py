@@ -182,3 +182,22 @@ class FileLoggedMitmdump(Mitmdump):
             return self._log.read_text(errors="replace")
         except (AttributeError, OSError):
             return ""
+
+
+def pin(pid: int, cpus: set[int]) -> set[int] | None:
+    """Every thread of process `pid` (0: this one) on `cpus`; the affinity it had, or None where it cannot be set
+    (not Linux). Used by the latency section: every proxy on the same core, the client and the stand-in on
+    another, so that two proxies differ by their own work and not by where the scheduler happened to put them."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    tasks = f"/proc/{pid or os.getpid()}/task"
+    try:
+        before = os.sched_getaffinity(pid)
+        for tid in os.listdir(tasks):
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except OSError:
+                pass  # a thread that just ended
+        return before
+    except OSError:
+        return None
