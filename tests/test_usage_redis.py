@@ -161,6 +161,47 @@ def test_writes_are_idempotent_and_the_status_sees_every_proxy(server):
 
 @needs_redis
 @pytest.mark.process
+def test_a_chat_reported_through_two_proxies_counts_once(server):
+    """The same chat's usage reported by two proxies (a client retrieving it through each, or one polling it):
+    counted once; the chat's "counted" mark expires after COUNTED_TTL; a retried write is still counted once."""
+    from coze_mitm.core.usage import Usage
+
+    async def main():
+        a, b = store_for(server.url, []), store_for(server.url, [], refresh=0.05)
+        book_a, book_b = UsageBook(a), UsageBook(b)
+        book_a.load()
+        book_b.load()
+        day = utc_day(time.time())
+        assert book_a.tokens("alice", Usage(30, 10, 20, "chat-1"))
+        assert book_b.tokens("alice", Usage(30, 10, 20, "chat-1"))  # B's own book never saw it
+        assert book_b.tokens("alice", Usage(5, 2, 3, "chat-2"))
+        book_b.tokens("alice", 4)  # usage without a chat id: added as it comes
+        await until(lambda: server.client().hget(f"coze-mitm:day:{day}:tokens", "alice") == "39"
+                    and not b._pending and not b._unsent)
+        await until(lambda: [r["tokens"] for r in book_b.rows()] == [39])
+        assert server.client().hget("coze-mitm:all:tokens", "alice") == "39"
+        ttl = server.client().ttl("coze-mitm:counted:5:alice:chat-1")
+        assert usage_redis.COUNTED_TTL - 60 < ttl <= usage_redis.COUNTED_TTL
+        # a batch applied twice (its reply lost) with a new chat in it: the chat counts once
+        args = next(usage_redis._chunks({("alice", day, "chat-3"): [0, 7]}))[1]
+        for _ in range(2):
+            await a._scripts["apply"](keys=["coze-mitm:batch:chats:0"], args=args)
+        # and the same chat in another batch (another proxy's report): not added either
+        args = next(usage_redis._chunks({("alice", day, "chat-3"): [0, 7]}))[1]
+        await a._scripts["apply"](keys=["coze-mitm:batch:other:0"], args=args)
+        assert server.client().hget(f"coze-mitm:day:{day}:tokens", "alice") == "46"
+        # a user id holding ':' cannot take another user's chat mark ("a:b" + "c" is not "a" + "b:c")
+        assert book_a.tokens("a:b", Usage(1, 1, 0, "c"))
+        assert book_a.tokens("a", Usage(2, 1, 1, "b:c"))
+        a.close()
+        assert server.client().hget(f"coze-mitm:day:{day}:tokens", "a:b") == "1"
+        assert server.client().hget(f"coze-mitm:day:{day}:tokens", "a") == "2"
+        b.close()
+    run(main())
+
+
+@needs_redis
+@pytest.mark.process
 def test_redis_away_refuses_budget_decisions_and_queues_usage(tmp_path):
     """Redis down at start: one line, decisions say DOWN at once, usage waits (bounded) and is written when
     Redis comes; what did not fit is said with its size."""

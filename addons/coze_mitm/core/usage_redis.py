@@ -5,6 +5,9 @@ event loop but never blocking it (every call is awaited, with a timeout). It kee
 
 * usage per user per UTC day, and all time (hashes, increments only): written in idempotent batches (a
   batch carries an id; a retry after a lost reply is not counted twice), within GATHER (20 ms) of being counted;
+  a chat's usage reported with its chat id (a stream's end, /v3/chat/retrieve, the proxy's own polls) is counted
+  once for every proxy: the write sets the chat's "counted" key (SET NX, COUNTED_TTL) and adds its tokens only
+  if it set it, in the same script, so no crash between the two can count it twice or lose it;
 * the budget decision: one Lua script reads the user's tokens today, drops expired in-flight entries,
   counts the rest against the parallel cap and adds the new chat's entry, atomically;
 * chats in flight: one sorted set per user, an entry per chat scored with its expiry (Redis' clock); the
@@ -43,6 +46,7 @@ LEASE = 30.0  # seconds an in-flight entry lives without its proxy renewing it
 TIMEOUT = 2.0  # seconds for a connection or a command; past it Redis counts as unreachable
 REFRESH = 1.0  # seconds between snapshots for the status pages (and between reconnection attempts)
 GATHER = 0.02  # seconds a write waits for more: many chats' usage and ends in one round trip, 20 ms later at most
+COUNTED_TTL = 2 * 86400  # seconds a chat id stays "counted" (its usage reported again later is not added again)
 DAY_TTL = 400 * 86400  # a day's hash is kept this long (the SQLite store keeps its rows for ever)
 BATCH_ROWS = 500  # (user, day) rows per write
 MAX_CONNECTIONS = 32  # the asyncio client's pool: past it a command waits (TIMEOUT at most) for a free connection
@@ -50,15 +54,20 @@ ALL_TIME_EVERY = 60.0  # seconds between reads of the all-time figures of users 
 ALL_TIME_MAX = 10_000  # users read at most from the all-time hashes (HSCAN, in Redis' order), once a minute
 SCAN_COUNT = 1000  # HSCAN's COUNT hint: fields per round trip
 
-# KEYS: the batch's id key ("" when the call carries no usage). ARGV: prefix, day TTL, the number of in-flight
-# entries to remove, those (set, member) pairs, then (user, day, chats, tokens) per row. One call per write: the
-# chats that ended and the usage counted since the last one, in one round trip.
+# KEYS: the batch's id key ("" when the call carries no usage). ARGV: prefix, day TTL, counted TTL, the number of
+# in-flight entries to remove, those (set, member) pairs, then (user, day, chat id or "", chats, tokens) per row.
+# One call per write: the chats that ended and the usage counted since the last one, in one round trip. A row
+# with a chat id adds its tokens only if no proxy counted that chat before (its "counted" key is set here).
 APPLY = """
-local p, ttl, releases = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-for i = 4, 3 + 2 * releases, 2 do redis.call('ZREM', ARGV[i], ARGV[i + 1]) end
+local p, ttl, counted, releases = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+for i = 5, 4 + 2 * releases, 2 do redis.call('ZREM', ARGV[i], ARGV[i + 1]) end
 if KEYS[1] == '' or not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 86400) then return 0 end
-for i = 4 + 2 * releases, #ARGV, 4 do
-  local user, day, c, t = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+for i = 5 + 2 * releases, #ARGV, 5 do
+  local user, day, chat, c, t = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+  if chat ~= '' and not redis.call('SET', p .. 'counted:' .. #user .. ':' .. user .. ':' .. chat, '1', 'NX', 'EX',
+                                   counted) then
+    c, t = 0, 0
+  end
   if c ~= 0 then
     redis.call('HINCRBY', p .. 'day:' .. day .. ':chats', user, c)
     redis.call('HINCRBY', p .. 'all:chats', user, c)
@@ -227,8 +236,9 @@ class RedisUsageStore:
         self.writes = 0  # batches written
         self.lost_chats = self.lost_tokens = 0  # counted while Redis was away, past the queue's bound
         self._member_ids = itertools.count(1)
-        self._pending: dict[tuple[str, str], list[int]] = {}
-        self._unsent: list[tuple[str, dict[tuple[str, str], list[int]]]] = []  # (batch id, rows): retried as is
+        # (user, day) -> [chats, tokens]; (user, day, chat id) -> [0, tokens] for a chat counted once per id
+        self._pending: dict[tuple, list[int]] = {}
+        self._unsent: list[tuple[str, dict[tuple, list[int]]]] = []  # (batch id, rows): retried as is
         self._held: dict[str, str] = {}  # member -> user: this proxy's entries, renewed until released
         self._releases: list[tuple[str, str]] = []
         self._client = None
@@ -261,6 +271,18 @@ class RedisUsageStore:
             row = self._pending[(user, day)] = [0, 0]
         row[0] += chats
         row[1] += tokens
+        self._kick()
+
+    def record_chat(self, user: str, day: str, chat_id: str, tokens: int) -> None:
+        """One chat's usage, counted once per chat id by every proxy sharing the store (this proxy's book
+        counts it once already; Redis decides whether another proxy did, in the write itself)."""
+        key = (user, day, chat_id)
+        if key in self._pending:
+            return  # reported twice before its write: once
+        if self._queued_rows() >= self.max_pending:
+            self._lose(0, tokens)
+            return
+        self._pending[key] = [0, tokens]
         self._kick()
 
     def close(self) -> None:
@@ -309,7 +331,7 @@ class RedisUsageStore:
             if self._client is not None:
                 await self._client.aclose()
 
-    def _stop(self) -> list[tuple[str, dict[tuple[str, str], list[int]]]]:
+    def _stop(self) -> list[tuple[str, dict[tuple, list[int]]]]:
         """Stops the task; returns every batch still to write."""
         self._closing = True
         if self._task is not None:
@@ -407,8 +429,10 @@ class RedisUsageStore:
                 except asyncio.TimeoutError:
                     pass
                 else:
-                    if not self._releases:  # ended chats free their places at once; usage may gather
-                        await asyncio.sleep(GATHER)
+                    # Usage and ended chats gather for GATHER: one round trip for many chats, never one per chat
+                    # right after its answer (it would take loop time from the next chat). This proxy's own
+                    # decisions never wait for it: each carries the ended chats not written yet (reserve).
+                    await asyncio.sleep(GATHER)
             self._wake.clear()
 
     async def _write(self) -> None:
@@ -420,7 +444,7 @@ class RedisUsageStore:
             ended = [x for user, member in releases for x in (_flight_key(user), member)]
             try:
                 if not self._unsent:
-                    await self._scripts["apply"](keys=[""], args=[PREFIX, DAY_TTL, len(releases), *ended])
+                    await self._scripts["apply"](keys=[""], args=[PREFIX, DAY_TTL, COUNTED_TTL, len(releases), *ended])
                     continue
                 batch_id, rows = self._unsent[0]
                 for suffix, args in _chunks(rows, ended):
@@ -462,7 +486,7 @@ class RedisUsageStore:
                                  int(tokens_today.get(user) or 0)]
         # What this proxy counted but Redis has not acknowledged yet still shows.
         for rows in [self._pending, *(r for _, r in self._unsent)]:
-            for (user, day), (c, t) in rows.items():
+            for (user, day, *_chat), (c, t) in rows.items():
                 f = figures.setdefault(user, [0, 0, 0, 0])
                 f[0] += c
                 f[1] += t
@@ -541,13 +565,14 @@ def _flight_key(user: str) -> str:
     return f"{PREFIX}flight:{user}"
 
 
-def _chunks(rows: dict[tuple[str, str], list[int]], ended: list[str] = ()):
+def _chunks(rows: dict[tuple, list[int]], ended: list[str] = ()):
     """(key suffix, APPLY's args) per BATCH_ROWS rows: each chunk is its own idempotent write; the first also
-    removes the `ended` in-flight entries ((set, member) pairs, flat)."""
+    removes the `ended` in-flight entries ((set, member) pairs, flat). A row's key is (user, day), or (user, day,
+    chat id) for a chat counted once per id."""
     items = list(rows.items())
     for n, start in enumerate(range(0, len(items), BATCH_ROWS)):
-        args: list = [PREFIX, DAY_TTL, len(ended) // 2, *ended]
+        args: list = [PREFIX, DAY_TTL, COUNTED_TTL, len(ended) // 2, *ended]
         ended = ()
-        for (user, day), (c, t) in items[start:start + BATCH_ROWS]:
-            args += [user, day, c, t]
+        for (user, day, *chat), (c, t) in items[start:start + BATCH_ROWS]:
+            args += [user, day, chat[0] if chat else "", c, t]
         yield f":{n}", args
