@@ -354,15 +354,42 @@ def test_ended_chats_free_their_places_even_when_a_decision_fails(server):
 
 @needs_redis
 @pytest.mark.process
-def test_a_burst_of_decisions_uses_a_bounded_pool_of_connections(server):
+def test_a_burst_of_decisions_rides_one_connection(server):
+    """200 decisions at once are pipelined on the store's decision connection: one command each, no connection
+    per decision (the store's other work uses its bounded pool)."""
     async def main():
         store = store_for(server.url, [])
         store.load("x")
         day = utc_day(time.time())
         verdicts = await asyncio.gather(*[store.reserve(f"u-{i}", day, 100, 4, f"m{i}") for i in range(200)])
         assert [v[0] for v in verdicts] == [GO] * 200
-        # the pool keeps what it opened: at most MAX_CONNECTIONS, besides this test's own client
-        assert int(server.client().info("clients")["connected_clients"]) <= usage_redis.MAX_CONNECTIONS + 1
+        assert [v[2] for v in verdicts] == [1] * 200  # each its own user's first chat in flight
+        # the script was loaded when the connection opened: no decision failed with NOSCRIPT and was sent again
+        assert commands(server.client(), "evalsha") == 200 and commands(server.client(), "eval") == 0
+        # this test's client, the decision connection and the pool's (MAX_CONNECTIONS at most)
+        assert int(server.client().info("clients")["connected_clients"]) <= 3
+        await store.aclose()
+    run(main())
+
+
+@needs_redis
+@pytest.mark.process
+def test_decisions_go_on_after_redis_forgets_the_script_or_drops_the_connection(server):
+    """A Redis restarted from its file has no scripts cached (NOSCRIPT: the script is sent once more); a decision
+    connection that Redis closed while idle (its `timeout`, a restart) is opened again by the next decision."""
+    async def main():
+        lines = []
+        store = store_for(server.url, lines)
+        store.load("x")
+        day = utc_day(time.time())
+        assert (await store.reserve("u-1", day, 100, 4, "m1"))[:2] == (GO, 0)
+        server.client().script_flush()
+        assert await store.reserve("u-1", day, 100, 4, "m2") == (GO, 0, 2)
+        lane_id = await store._lane.call("CLIENT", "ID")
+        assert server.client().client_kill_filter(_id=lane_id) == 1
+        await until(lambda: store._lane._conn is None)  # the reader saw it close
+        assert await store.reserve("u-1", day, 100, 4, "m3") == (GO, 0, 3)
+        assert not store.error and not lines[1:], lines
         await store.aclose()
     run(main())
 

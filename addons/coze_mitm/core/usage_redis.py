@@ -9,7 +9,8 @@ event loop but never blocking it (every call is awaited, with a timeout). It kee
   once for every proxy: the write sets the chat's "counted" key (SET NX, COUNTED_TTL) and adds its tokens only
   if it set it, in the same script, so no crash between the two can count it twice or lose it;
 * the budget decision: one Lua script reads the user's tokens today, drops expired in-flight entries,
-  counts the rest against the parallel cap and adds the new chat's entry, atomically;
+  counts the rest against the parallel cap and adds the new chat's entry, atomically; the only round trip a
+  chat start waits for, on a connection of its own where decisions are pipelined (`DecisionLane`);
 * chats in flight: one sorted set per user, an entry per chat scored with its expiry (Redis' clock); the
   proxy holding an entry renews it every lease/3 seconds, so a proxy that dies frees its entries within
   one lease;
@@ -27,6 +28,7 @@ is never printed: messages name the URL without it, and any text that came from 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import os
@@ -211,6 +213,132 @@ def redis_available() -> str:
     return ""
 
 
+class DecisionLane:
+    """One connection that carries this proxy's budget decisions, pipelined: each is one write and one read of
+    a redis-py asyncio Connection (its handshake, TLS, password and parser), answers matched to callers in the
+    order Redis gives them (it answers in order). The client's own path (pool, per-command timeouts) costs
+    ~3x the loop time per call when the proxy idles between chats, as it mostly does (docs/benchmarks.md).
+
+    A call not answered within `timeout` closes the connection and fails every call waiting on it (their
+    answers could no longer be told apart); the next call connects again.
+    """
+
+    def __init__(self, make_connection: Callable, timeout: float = TIMEOUT, scripts: tuple[str, ...] = ()):
+        self._make = make_connection  # -> an unconnected redis.asyncio Connection without a socket timeout
+        self.timeout = timeout
+        self.scripts = scripts  # loaded into Redis' script cache at each connection (EVALSHA finds them)
+        self._conn = None
+        self._waiting: collections.deque[asyncio.Future] = collections.deque()
+        self._reader: asyncio.Task | None = None
+        self._lock: asyncio.Lock | None = None
+        self._timers: dict[asyncio.Future, asyncio.TimerHandle] = {}
+
+    async def call(self, *args):
+        """The command's answer (a ResponseError of Redis is raised as it is); a connection failure or
+        timeout raises redis' ConnectionError / TimeoutError."""
+        conn = self._conn
+        if conn is None or not conn.is_connected:  # closed by a failed read being handled: never reopened unbounded
+            if conn is not None:
+                from redis.exceptions import ConnectionError as RedisConnectionError
+                self._broken(conn, RedisConnectionError("the connection closed"))
+            conn = await self._connect()
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        self._timers[answer] = loop.call_later(self.timeout, self._timed_out, conn, answer)
+        self._waiting.append(answer)  # before the write, with no await between: the order of the answers
+        try:
+            await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+        except BaseException as e:
+            self._broken(conn, e)
+        try:
+            return await answer
+        finally:
+            timer = self._timers.pop(answer, None)
+            if timer is not None:
+                timer.cancel()
+
+    async def _connect(self):
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._conn is None:
+                conn = self._make()
+                # The handshake (AUTH, SELECT) reads without a socket timeout on this connection: bounded here.
+                try:
+                    await asyncio.wait_for(self._handshake(conn), self.timeout)
+                except asyncio.TimeoutError:
+                    await conn.disconnect(nowait=True)
+                    from redis.exceptions import TimeoutError as RedisTimeoutError
+                    raise RedisTimeoutError("Timeout connecting to server") from None
+                self._conn = conn
+                self._reader = asyncio.get_running_loop().create_task(self._read(conn))
+            return self._conn
+
+    async def _handshake(self, conn) -> None:
+        await conn.connect()
+        for script in self.scripts:
+            await conn.send_packed_command(conn.pack_command("SCRIPT", "LOAD", script), check_health=False)
+            await conn.read_response()
+
+    async def _read(self, conn) -> None:
+        from redis.exceptions import ResponseError
+        while True:
+            try:
+                # No timeout: an idle lane waits here for ever; a call's own timer bounds the wait for its answer.
+                answer = await conn.read_response()
+            except ResponseError as e:  # the command failed (NOSCRIPT, ...): the connection is fine
+                answer = e
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:  # redis' ConnectionError (Redis went away, even while idle), ...
+                self._broken(conn, e)
+                return
+            if not self._waiting:
+                continue  # nothing asked (a RESP3 push): no one to give it to
+            waiter = self._waiting.popleft()
+            if waiter.done():
+                continue
+            if isinstance(answer, ResponseError):
+                waiter.set_exception(answer)
+            else:
+                waiter.set_result(answer)
+
+    def _timed_out(self, conn, answer: asyncio.Future) -> None:
+        if not answer.done():
+            from redis.exceptions import TimeoutError as RedisTimeoutError
+            self._broken(conn, RedisTimeoutError(f"no answer within {self.timeout:g} s"))
+
+    def _broken(self, conn, e: BaseException) -> None:
+        """Every call waiting on `conn` fails with `e`; the next call connects again."""
+        if conn is not self._conn:
+            return
+        self._conn = None
+        if self._reader is not None and self._reader is not asyncio.current_task():
+            self._reader.cancel()
+        self._reader = None
+        waiting, self._waiting = self._waiting, collections.deque()
+        for waiter in waiting:
+            if not waiter.done():
+                waiter.set_exception(e)
+        asyncio.get_running_loop().create_task(conn.disconnect(nowait=True))
+
+    def stop(self) -> None:
+        """No more calls: the reader ends; the connection is closed by aclose(), or on the loop if it runs."""
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # at exit, the loop stopped: the process' end closes it
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            loop.create_task(conn.disconnect(nowait=True))
+
+    async def aclose(self) -> None:
+        self.stop()
+
+
 class RedisUsageStore:
     """Usage, budgets, in-flight chats and the new-user window in one Redis that every proxy shares."""
 
@@ -242,6 +370,8 @@ class RedisUsageStore:
         self._held: dict[str, str] = {}  # member -> user: this proxy's entries, renewed until released
         self._releases: list[tuple[str, str]] = []
         self._client = None
+        self._lane: DecisionLane | None = None
+        self._no_script: type = Exception  # redis' NoScriptError, once redis is imported (load)
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._closing = False
@@ -258,6 +388,12 @@ class RedisUsageStore:
         self._client = self.spec.client()
         self._scripts = {name: self._client.register_script(src) for name, src in
                          (("apply", APPLY), ("reserve", RESERVE), ("renew", RENEW), ("admit", ADMIT))}
+        from redis.exceptions import NoScriptError
+        self._no_script = NoScriptError
+        pool = self._client.connection_pool
+        # The pool's kind of connection (TLS, password, db from the URL), without the per-read timeout.
+        self._lane = DecisionLane(lambda: pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None}),
+                                  scripts=(RESERVE,))
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
         return []
@@ -328,6 +464,8 @@ class RedisUsageStore:
         except Exception as e:
             self._say_lost(batches, e)
         finally:
+            if self._lane is not None:
+                await self._lane.aclose()
             if self._client is not None:
                 await self._client.aclose()
 
@@ -336,6 +474,8 @@ class RedisUsageStore:
         self._closing = True
         if self._task is not None:
             self._task.cancel()
+        if self._lane is not None:
+            self._lane.stop()
         batches = self._unsent + ([("b" + secrets.token_hex(8), self._pending)] if self._pending else [])
         self._unsent, self._pending = [], {}
         return batches
@@ -359,10 +499,13 @@ class RedisUsageStore:
             return DOWN, 0, 0
         releases, self._releases = self._releases, []
         ended = [x for ended_user, ended_member in releases for x in (_flight_key(ended_user), ended_member)]
+        args = (2, _day_key(day, "tokens"), _flight_key(user), user, budget, cap, member, int(self.lease * 1000), *ended)
         try:
-            verdict, used, n = await self._scripts["reserve"](
-                keys=[_day_key(day, "tokens"), _flight_key(user)],
-                args=[user, budget, cap, member, int(self.lease * 1000), *ended])
+            try:
+                verdict, used, n = await self._lane.call("EVALSHA", self._scripts["reserve"].sha, *args)
+            except self._no_script:
+                # Redis restarted (or flushed its scripts): the script's source once, cached by Redis again.
+                verdict, used, n = await self._lane.call("EVAL", RESERVE, *args)
         except Exception as e:
             self._releases[:0] = releases  # not removed: sent with the next call (else they keep places a lease)
             self._down(e)
