@@ -3,6 +3,8 @@ real redis-server (append-only file, fsync always, a password), against the stri
 
 * one user alternating between the proxies is refused once the budget they share is spent, and each proxy's
   status page and /metrics show what was spent through the other;
+* a chat seen through both proxies (retrieved through each, or polled by one and retrieved through the other)
+  counts its usage once;
 * 20 parallel chats of one user split over both proxies never run more than one cap at once;
 * kill -9 of a proxy mid-chat: its in-flight entries are freed within their lease, the other proxy serves again;
 * Redis away: one line in each proxy's log, budgeted chats refused naming the store, unbudgeted traffic goes on
@@ -186,6 +188,61 @@ def test_a_killed_proxy_frees_its_chats_within_the_lease(two_proxies, standin, r
             r.close()
         return all(streamed(r) for r in answers)
     wait_for(two_at_once, timeout=lease * 4, what="both places free")
+
+
+def retrieved_tokens(proxy, standin, chat: dict) -> int:
+    """A client asking Coze for a chat (GET /v3/chat/retrieve) through `proxy`: the usage Coze reports."""
+    r = session(proxy).get(f"{standin.base_url}/v3/chat/retrieve", headers=tagged(USER, origin=None), timeout=30,
+                           params={"conversation_id": chat["conversation_id"], "chat_id": chat["id"]})
+    assert r.status_code == 200 and r.json()["code"] == 0, r.text
+    return r.json()["data"]["usage"]["token_count"]
+
+
+def usage_metrics(proxy) -> dict:
+    """The per-user usage lines of /metrics (one user in the test): {metric name: value}."""
+    text = session(proxy).get("http://coze.mitm/metrics", timeout=10).text
+    names = ("coze_mitm_tokens_total{", "coze_mitm_tokens_today{", "coze_mitm_chats_total{")
+    return {line.split("{")[0]: line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(names)}
+
+
+def test_a_chat_seen_through_both_proxies_counts_once(two_proxies, standin, redis):
+    """Usage is counted once per chat id for the whole team: a chat answered through A and retrieved through A
+    and B, and a chat whose stream was cut (B polls its usage itself) retrieved through A, each count once."""
+    import requests
+
+    standin.delta_gap = 0
+    a, b = two_proxies()
+    tokens_key = f"coze-mitm:day:{utc_day(time.time())}:tokens"
+    r = session(a).post(f"{standin.base_url}/v3/chat", headers=tagged(USER, origin=None),
+                        json=chat_body(stream=False), timeout=30)
+    first = r.json()["data"]
+    assert first["status"] == "completed" and first["usage"]["token_count"] == ONE_CHAT  # counted by A
+    assert retrieved_tokens(a, standin, first) == ONE_CHAT
+    assert retrieved_tokens(b, standin, first) == ONE_CHAT  # B never saw this chat before
+    # The second chat: streamed through B, the connection to Coze cut mid-answer; the chat runs on, B polls it.
+    standin.delta_gap, standin.chat_mode = 0.1, "cut"
+    r = session(b).post(f"{standin.base_url}/v3/chat", headers=tagged(USER, origin=None), json=chat_body(),
+                        stream=True, timeout=30)
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        for _ in r.iter_lines():
+            pass
+    standin.delta_gap, standin.chat_mode = 0, "ok"
+    wait_for(lambda: redis.client().hget(tokens_key, USER) == str(2 * ONE_CHAT), what="B's poll counted")
+    second = standin.chats_of(USER)[1]
+    assert second["id"] != first["id"] and second["status"] == "completed"
+    assert retrieved_tokens(a, standin, second) == ONE_CHAT
+    assert retrieved_tokens(b, standin, second) == ONE_CHAT
+    # A third chat through A, after the retrieves: once Redis has it, every earlier write has been answered.
+    assert streamed(chat(a, standin))
+    spent = standin.usage_of(USER)["token_count"]
+    assert spent == 3 * ONE_CHAT
+    wait_for(lambda: redis.client().hget(tokens_key, USER) == str(spent), what="the third chat written")
+    for proxy in (a, b):
+        wait_for(lambda: status(proxy)["usage_totals"]["tokens_today"] == spent, what="the page showing it")
+    assert redis.client().hget(tokens_key, USER) == str(spent)
+    assert redis.client().hget(f"coze-mitm:day:{utc_day(time.time())}:chats", USER) == "3"
+    assert usage_metrics(a) == usage_metrics(b) == {"coze_mitm_tokens_total": str(spent), "coze_mitm_chats_total": "3",
+                                                    "coze_mitm_tokens_today": str(spent)}
 
 
 def test_redis_away_and_back(two_proxies, standin, redis):

@@ -161,6 +161,47 @@ def test_writes_are_idempotent_and_the_status_sees_every_proxy(server):
 
 @needs_redis
 @pytest.mark.process
+def test_a_chat_reported_through_two_proxies_counts_once(server):
+    """The same chat's usage reported by two proxies (a client retrieving it through each, or one polling it):
+    counted once; the chat's "counted" mark expires after COUNTED_TTL; a retried write is still counted once."""
+    from coze_mitm.core.usage import Usage
+
+    async def main():
+        a, b = store_for(server.url, []), store_for(server.url, [], refresh=0.05)
+        book_a, book_b = UsageBook(a), UsageBook(b)
+        book_a.load()
+        book_b.load()
+        day = utc_day(time.time())
+        assert book_a.tokens("alice", Usage(30, 10, 20, "chat-1"))
+        assert book_b.tokens("alice", Usage(30, 10, 20, "chat-1"))  # B's own book never saw it
+        assert book_b.tokens("alice", Usage(5, 2, 3, "chat-2"))
+        book_b.tokens("alice", 4)  # usage without a chat id: added as it comes
+        await until(lambda: server.client().hget(f"coze-mitm:day:{day}:tokens", "alice") == "39"
+                    and not b._pending and not b._unsent)
+        await until(lambda: [r["tokens"] for r in book_b.rows()] == [39])
+        assert server.client().hget("coze-mitm:all:tokens", "alice") == "39"
+        ttl = server.client().ttl("coze-mitm:counted:5:alice:chat-1")
+        assert usage_redis.COUNTED_TTL - 60 < ttl <= usage_redis.COUNTED_TTL
+        # a batch applied twice (its reply lost) with a new chat in it: the chat counts once
+        args = next(usage_redis._chunks({("alice", day, "chat-3"): [0, 7]}))[1]
+        for _ in range(2):
+            await a._scripts["apply"](keys=["coze-mitm:batch:chats:0"], args=args)
+        # and the same chat in another batch (another proxy's report): not added either
+        args = next(usage_redis._chunks({("alice", day, "chat-3"): [0, 7]}))[1]
+        await a._scripts["apply"](keys=["coze-mitm:batch:other:0"], args=args)
+        assert server.client().hget(f"coze-mitm:day:{day}:tokens", "alice") == "46"
+        # a user id holding ':' cannot take another user's chat mark ("a:b" + "c" is not "a" + "b:c")
+        assert book_a.tokens("a:b", Usage(1, 1, 0, "c"))
+        assert book_a.tokens("a", Usage(2, 1, 1, "b:c"))
+        a.close()
+        assert server.client().hget(f"coze-mitm:day:{day}:tokens", "a:b") == "1"
+        assert server.client().hget(f"coze-mitm:day:{day}:tokens", "a") == "2"
+        b.close()
+    run(main())
+
+
+@needs_redis
+@pytest.mark.process
 def test_redis_away_refuses_budget_decisions_and_queues_usage(tmp_path):
     """Redis down at start: one line, decisions say DOWN at once, usage waits (bounded) and is written when
     Redis comes; what did not fit is said with its size."""
@@ -313,15 +354,44 @@ def test_ended_chats_free_their_places_even_when_a_decision_fails(server):
 
 @needs_redis
 @pytest.mark.process
-def test_a_burst_of_decisions_uses_a_bounded_pool_of_connections(server):
+def test_a_burst_of_decisions_rides_one_connection(server):
+    """200 decisions at once are pipelined on the store's decision connection: one command each, no connection
+    per decision (the store's other work uses its bounded pool)."""
     async def main():
         store = store_for(server.url, [])
         store.load("x")
         day = utc_day(time.time())
         verdicts = await asyncio.gather(*[store.reserve(f"u-{i}", day, 100, 4, f"m{i}") for i in range(200)])
         assert [v[0] for v in verdicts] == [GO] * 200
-        # the pool keeps what it opened: at most MAX_CONNECTIONS, besides this test's own client
-        assert int(server.client().info("clients")["connected_clients"]) <= usage_redis.MAX_CONNECTIONS + 1
+        assert [v[2] for v in verdicts] == [1] * 200  # each its own user's first chat in flight
+        # the script was loaded when the connection opened: no decision failed with NOSCRIPT and was sent again
+        stats = server.client().info("commandstats")
+        # (a decision answered NOSCRIPT is sent again as EVAL; the store's task also renews, by EVALSHA)
+        assert stats["cmdstat_evalsha"]["calls"] >= 200 and "cmdstat_eval" not in stats
+        # this test's client, the decision connection and the pool's (MAX_CONNECTIONS at most)
+        assert int(server.client().info("clients")["connected_clients"]) <= 3
+        await store.aclose()
+    run(main())
+
+
+@needs_redis
+@pytest.mark.process
+def test_decisions_go_on_after_redis_forgets_the_script_or_drops_the_connection(server):
+    """A Redis restarted from its file has no scripts cached (NOSCRIPT: the script is sent once more); a decision
+    connection that Redis closed while idle (its `timeout`, a restart) is opened again by the next decision."""
+    async def main():
+        lines = []
+        store = store_for(server.url, lines)
+        store.load("x")
+        day = utc_day(time.time())
+        assert (await store.reserve("u-1", day, 100, 4, "m1"))[:2] == (GO, 0)
+        server.client().script_flush()
+        assert await store.reserve("u-1", day, 100, 4, "m2") == (GO, 0, 2)
+        lane_id = await store._lane.call("CLIENT", "ID")
+        assert server.client().client_kill_filter(_id=lane_id) == 1
+        await until(lambda: store._lane._conn is None)  # the reader saw it close
+        assert await store.reserve("u-1", day, 100, 4, "m3") == (GO, 0, 3)
+        assert not store.error and not lines[1:], lines
         await store.aclose()
     run(main())
 

@@ -173,7 +173,13 @@ class UsageBook:
         entry = self._entry(user, today)
         entry.tokens += count
         entry.tokens_today += count
-        self._record(user, today, 0, count)
+        if chat_id and getattr(self.store, "shared", False):
+            # Several proxies may see the same chat (retrieved through one, polled by another): the shared
+            # store counts it once for all of them (usage_redis.py); this book's figure is replaced by its
+            # next snapshot.
+            self.store.record_chat(user, today, chat_id, count)
+        else:
+            self._record(user, today, 0, count)
         return True
 
     def over_budget(self, user: str, daily_tokens: int) -> tuple[bool, int, int]:

@@ -5,8 +5,12 @@ event loop but never blocking it (every call is awaited, with a timeout). It kee
 
 * usage per user per UTC day, and all time (hashes, increments only): written in idempotent batches (a
   batch carries an id; a retry after a lost reply is not counted twice), within GATHER (20 ms) of being counted;
+  a chat's usage reported with its chat id (a stream's end, /v3/chat/retrieve, the proxy's own polls) is counted
+  once for every proxy: the write sets the chat's "counted" key (SET NX, COUNTED_TTL) and adds its tokens only
+  if it set it, in the same script, so no crash between the two can count it twice or lose it;
 * the budget decision: one Lua script reads the user's tokens today, drops expired in-flight entries,
-  counts the rest against the parallel cap and adds the new chat's entry, atomically;
+  counts the rest against the parallel cap and adds the new chat's entry, atomically; the only round trip a
+  chat start waits for, on a connection of its own where decisions are pipelined (`DecisionLane`);
 * chats in flight: one sorted set per user, an entry per chat scored with its expiry (Redis' clock); the
   proxy holding an entry renews it every lease/3 seconds, so a proxy that dies frees its entries within
   one lease;
@@ -24,6 +28,7 @@ is never printed: messages name the URL without it, and any text that came from 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import os
@@ -43,6 +48,7 @@ LEASE = 30.0  # seconds an in-flight entry lives without its proxy renewing it
 TIMEOUT = 2.0  # seconds for a connection or a command; past it Redis counts as unreachable
 REFRESH = 1.0  # seconds between snapshots for the status pages (and between reconnection attempts)
 GATHER = 0.02  # seconds a write waits for more: many chats' usage and ends in one round trip, 20 ms later at most
+COUNTED_TTL = 2 * 86400  # seconds a chat id stays "counted" (its usage reported again later is not added again)
 DAY_TTL = 400 * 86400  # a day's hash is kept this long (the SQLite store keeps its rows for ever)
 BATCH_ROWS = 500  # (user, day) rows per write
 MAX_CONNECTIONS = 32  # the asyncio client's pool: past it a command waits (TIMEOUT at most) for a free connection
@@ -50,15 +56,20 @@ ALL_TIME_EVERY = 60.0  # seconds between reads of the all-time figures of users 
 ALL_TIME_MAX = 10_000  # users read at most from the all-time hashes (HSCAN, in Redis' order), once a minute
 SCAN_COUNT = 1000  # HSCAN's COUNT hint: fields per round trip
 
-# KEYS: the batch's id key ("" when the call carries no usage). ARGV: prefix, day TTL, the number of in-flight
-# entries to remove, those (set, member) pairs, then (user, day, chats, tokens) per row. One call per write: the
-# chats that ended and the usage counted since the last one, in one round trip.
+# KEYS: the batch's id key ("" when the call carries no usage). ARGV: prefix, day TTL, counted TTL, the number of
+# in-flight entries to remove, those (set, member) pairs, then (user, day, chat id or "", chats, tokens) per row.
+# One call per write: the chats that ended and the usage counted since the last one, in one round trip. A row
+# with a chat id adds its tokens only if no proxy counted that chat before (its "counted" key is set here).
 APPLY = """
-local p, ttl, releases = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-for i = 4, 3 + 2 * releases, 2 do redis.call('ZREM', ARGV[i], ARGV[i + 1]) end
+local p, ttl, counted, releases = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+for i = 5, 4 + 2 * releases, 2 do redis.call('ZREM', ARGV[i], ARGV[i + 1]) end
 if KEYS[1] == '' or not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 86400) then return 0 end
-for i = 4 + 2 * releases, #ARGV, 4 do
-  local user, day, c, t = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+for i = 5 + 2 * releases, #ARGV, 5 do
+  local user, day, chat, c, t = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+  if chat ~= '' and not redis.call('SET', p .. 'counted:' .. #user .. ':' .. user .. ':' .. chat, '1', 'NX', 'EX',
+                                   counted) then
+    c, t = 0, 0
+  end
   if c ~= 0 then
     redis.call('HINCRBY', p .. 'day:' .. day .. ':chats', user, c)
     redis.call('HINCRBY', p .. 'all:chats', user, c)
@@ -202,6 +213,132 @@ def redis_available() -> str:
     return ""
 
 
+class DecisionLane:
+    """One connection that carries this proxy's budget decisions, pipelined: each is one write and one read of
+    a redis-py asyncio Connection (its handshake, TLS, password and parser), answers matched to callers in the
+    order Redis gives them (it answers in order). Through the client's own path (pool, per-command timeouts) a
+    decision took ~0.26 ms of loop CPU inside mitmdump between chats, on this lane ~0.1 ms (docs/benchmarks.md).
+
+    A call not answered within `timeout` closes the connection and fails every call waiting on it (their
+    answers could no longer be told apart); the next call connects again.
+    """
+
+    def __init__(self, make_connection: Callable, timeout: float = TIMEOUT, scripts: tuple[str, ...] = ()):
+        self._make = make_connection  # -> an unconnected redis.asyncio Connection without a socket timeout
+        self.timeout = timeout
+        self.scripts = scripts  # loaded into Redis' script cache at each connection (EVALSHA finds them)
+        self._conn = None
+        self._waiting: collections.deque[asyncio.Future] = collections.deque()
+        self._reader: asyncio.Task | None = None
+        self._lock: asyncio.Lock | None = None
+        self._timers: dict[asyncio.Future, asyncio.TimerHandle] = {}
+
+    async def call(self, *args):
+        """The command's answer (a ResponseError of Redis is raised as it is); a connection failure or
+        timeout raises redis' ConnectionError / TimeoutError."""
+        conn = self._conn
+        if conn is None or not conn.is_connected:  # closed by a failed read being handled: never reopened unbounded
+            if conn is not None:
+                from redis.exceptions import ConnectionError as RedisConnectionError
+                self._broken(conn, RedisConnectionError("the connection closed"))
+            conn = await self._connect()
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        self._timers[answer] = loop.call_later(self.timeout, self._timed_out, conn, answer)
+        self._waiting.append(answer)  # before the write, with no await between: the order of the answers
+        try:
+            await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+        except BaseException as e:
+            self._broken(conn, e)
+        try:
+            return await answer
+        finally:
+            timer = self._timers.pop(answer, None)
+            if timer is not None:
+                timer.cancel()
+
+    async def _connect(self):
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._conn is None:
+                conn = self._make()
+                # The handshake (AUTH, SELECT) reads without a socket timeout on this connection: bounded here.
+                try:
+                    await asyncio.wait_for(self._handshake(conn), self.timeout)
+                except asyncio.TimeoutError:
+                    await conn.disconnect(nowait=True)
+                    from redis.exceptions import TimeoutError as RedisTimeoutError
+                    raise RedisTimeoutError("Timeout connecting to server") from None
+                self._conn = conn
+                self._reader = asyncio.get_running_loop().create_task(self._read(conn))
+            return self._conn
+
+    async def _handshake(self, conn) -> None:
+        await conn.connect()
+        for script in self.scripts:
+            await conn.send_packed_command(conn.pack_command("SCRIPT", "LOAD", script), check_health=False)
+            await conn.read_response()
+
+    async def _read(self, conn) -> None:
+        from redis.exceptions import ResponseError
+        while True:
+            try:
+                # No timeout: an idle lane waits here for ever; a call's own timer bounds the wait for its answer.
+                answer = await conn.read_response()
+            except ResponseError as e:  # the command failed (NOSCRIPT, ...): the connection is fine
+                answer = e
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:  # redis' ConnectionError (Redis went away, even while idle), ...
+                self._broken(conn, e)
+                return
+            if not self._waiting:
+                continue  # nothing asked (a RESP3 push): no one to give it to
+            waiter = self._waiting.popleft()
+            if waiter.done():
+                continue
+            if isinstance(answer, ResponseError):
+                waiter.set_exception(answer)
+            else:
+                waiter.set_result(answer)
+
+    def _timed_out(self, conn, answer: asyncio.Future) -> None:
+        if not answer.done():
+            from redis.exceptions import TimeoutError as RedisTimeoutError
+            self._broken(conn, RedisTimeoutError(f"no answer within {self.timeout:g} s"))
+
+    def _broken(self, conn, e: BaseException) -> None:
+        """Every call waiting on `conn` fails with `e`; the next call connects again."""
+        if conn is not self._conn:
+            return
+        self._conn = None
+        if self._reader is not None and self._reader is not asyncio.current_task():
+            self._reader.cancel()
+        self._reader = None
+        waiting, self._waiting = self._waiting, collections.deque()
+        for waiter in waiting:
+            if not waiter.done():
+                waiter.set_exception(e)
+        asyncio.get_running_loop().create_task(conn.disconnect(nowait=True))
+
+    def stop(self) -> None:
+        """No more calls: the reader ends; the connection is closed by aclose(), or on the loop if it runs."""
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # at exit, the loop stopped: the process' end closes it
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            loop.create_task(conn.disconnect(nowait=True))
+
+    async def aclose(self) -> None:
+        self.stop()
+
+
 class RedisUsageStore:
     """Usage, budgets, in-flight chats and the new-user window in one Redis that every proxy shares."""
 
@@ -227,11 +364,14 @@ class RedisUsageStore:
         self.writes = 0  # batches written
         self.lost_chats = self.lost_tokens = 0  # counted while Redis was away, past the queue's bound
         self._member_ids = itertools.count(1)
-        self._pending: dict[tuple[str, str], list[int]] = {}
-        self._unsent: list[tuple[str, dict[tuple[str, str], list[int]]]] = []  # (batch id, rows): retried as is
+        # (user, day) -> [chats, tokens]; (user, day, chat id) -> [0, tokens] for a chat counted once per id
+        self._pending: dict[tuple, list[int]] = {}
+        self._unsent: list[tuple[str, dict[tuple, list[int]]]] = []  # (batch id, rows): retried as is
         self._held: dict[str, str] = {}  # member -> user: this proxy's entries, renewed until released
         self._releases: list[tuple[str, str]] = []
         self._client = None
+        self._lane: DecisionLane | None = None
+        self._no_script: type = Exception  # redis' NoScriptError, once redis is imported (load)
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._closing = False
@@ -248,6 +388,12 @@ class RedisUsageStore:
         self._client = self.spec.client()
         self._scripts = {name: self._client.register_script(src) for name, src in
                          (("apply", APPLY), ("reserve", RESERVE), ("renew", RENEW), ("admit", ADMIT))}
+        from redis.exceptions import NoScriptError
+        self._no_script = NoScriptError
+        pool = self._client.connection_pool
+        # The pool's kind of connection (TLS, password, db from the URL), without the per-read timeout.
+        self._lane = DecisionLane(lambda: pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None}),
+                                  scripts=(RESERVE,))
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
         return []
@@ -261,6 +407,18 @@ class RedisUsageStore:
             row = self._pending[(user, day)] = [0, 0]
         row[0] += chats
         row[1] += tokens
+        self._kick()
+
+    def record_chat(self, user: str, day: str, chat_id: str, tokens: int) -> None:
+        """One chat's usage, counted once per chat id by every proxy sharing the store (this proxy's book
+        counts it once already; Redis decides whether another proxy did, in the write itself)."""
+        key = (user, day, chat_id)
+        if key in self._pending:
+            return  # reported twice before its write: once
+        if self._queued_rows() >= self.max_pending:
+            self._lose(0, tokens)
+            return
+        self._pending[key] = [0, tokens]
         self._kick()
 
     def close(self) -> None:
@@ -306,14 +464,18 @@ class RedisUsageStore:
         except Exception as e:
             self._say_lost(batches, e)
         finally:
+            if self._lane is not None:
+                await self._lane.aclose()
             if self._client is not None:
                 await self._client.aclose()
 
-    def _stop(self) -> list[tuple[str, dict[tuple[str, str], list[int]]]]:
+    def _stop(self) -> list[tuple[str, dict[tuple, list[int]]]]:
         """Stops the task; returns every batch still to write."""
         self._closing = True
         if self._task is not None:
             self._task.cancel()
+        if self._lane is not None:
+            self._lane.stop()
         batches = self._unsent + ([("b" + secrets.token_hex(8), self._pending)] if self._pending else [])
         self._unsent, self._pending = [], {}
         return batches
@@ -337,10 +499,13 @@ class RedisUsageStore:
             return DOWN, 0, 0
         releases, self._releases = self._releases, []
         ended = [x for ended_user, ended_member in releases for x in (_flight_key(ended_user), ended_member)]
+        args = (2, _day_key(day, "tokens"), _flight_key(user), user, budget, cap, member, int(self.lease * 1000), *ended)
         try:
-            verdict, used, n = await self._scripts["reserve"](
-                keys=[_day_key(day, "tokens"), _flight_key(user)],
-                args=[user, budget, cap, member, int(self.lease * 1000), *ended])
+            try:
+                verdict, used, n = await self._lane.call("EVALSHA", self._scripts["reserve"].sha, *args)
+            except self._no_script:
+                # Redis restarted (or flushed its scripts): the script's source once, cached by Redis again.
+                verdict, used, n = await self._lane.call("EVAL", RESERVE, *args)
         except Exception as e:
             self._releases[:0] = releases  # not removed: sent with the next call (else they keep places a lease)
             self._down(e)
@@ -407,8 +572,10 @@ class RedisUsageStore:
                 except asyncio.TimeoutError:
                     pass
                 else:
-                    if not self._releases:  # ended chats free their places at once; usage may gather
-                        await asyncio.sleep(GATHER)
+                    # Usage and ended chats gather for GATHER: one round trip for many chats, never one per chat
+                    # right after its answer (it would take loop time from the next chat). This proxy's own
+                    # decisions never wait for it: each carries the ended chats not written yet (reserve).
+                    await asyncio.sleep(GATHER)
             self._wake.clear()
 
     async def _write(self) -> None:
@@ -420,7 +587,7 @@ class RedisUsageStore:
             ended = [x for user, member in releases for x in (_flight_key(user), member)]
             try:
                 if not self._unsent:
-                    await self._scripts["apply"](keys=[""], args=[PREFIX, DAY_TTL, len(releases), *ended])
+                    await self._scripts["apply"](keys=[""], args=[PREFIX, DAY_TTL, COUNTED_TTL, len(releases), *ended])
                     continue
                 batch_id, rows = self._unsent[0]
                 for suffix, args in _chunks(rows, ended):
@@ -462,7 +629,7 @@ class RedisUsageStore:
                                  int(tokens_today.get(user) or 0)]
         # What this proxy counted but Redis has not acknowledged yet still shows.
         for rows in [self._pending, *(r for _, r in self._unsent)]:
-            for (user, day), (c, t) in rows.items():
+            for (user, day, *_chat), (c, t) in rows.items():
                 f = figures.setdefault(user, [0, 0, 0, 0])
                 f[0] += c
                 f[1] += t
@@ -541,13 +708,14 @@ def _flight_key(user: str) -> str:
     return f"{PREFIX}flight:{user}"
 
 
-def _chunks(rows: dict[tuple[str, str], list[int]], ended: list[str] = ()):
+def _chunks(rows: dict[tuple, list[int]], ended: list[str] = ()):
     """(key suffix, APPLY's args) per BATCH_ROWS rows: each chunk is its own idempotent write; the first also
-    removes the `ended` in-flight entries ((set, member) pairs, flat)."""
+    removes the `ended` in-flight entries ((set, member) pairs, flat). A row's key is (user, day), or (user, day,
+    chat id) for a chat counted once per id."""
     items = list(rows.items())
     for n, start in enumerate(range(0, len(items), BATCH_ROWS)):
-        args: list = [PREFIX, DAY_TTL, len(ended) // 2, *ended]
+        args: list = [PREFIX, DAY_TTL, COUNTED_TTL, len(ended) // 2, *ended]
         ended = ()
-        for (user, day), (c, t) in items[start:start + BATCH_ROWS]:
-            args += [user, day, c, t]
+        for (user, day, *chat), (c, t) in items[start:start + BATCH_ROWS]:
+            args += [user, day, chat[0] if chat else "", c, t]
         yield f":{n}", args
