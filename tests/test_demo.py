@@ -435,3 +435,17 @@ def test_demo_with_an_allowed_strict_csp_page_chats_with_the_real_userscript(tmp
     finally:
         launcher.stop()
         pages.stop()
+
+
+def test_a_real_coze_ws_host_configured_beside_the_sandbox_is_not_answered_by_the_demo(addons):
+    """The demo answers real Coze hosts itself only while no real Coze is configured: a real WebSocket host named in
+    coze_api_hosts counts as configured, as a real API host does (the bundle sends such a host's requests to the
+    parts that act on the Coze API only, and the demo is not one of them: both agree)."""
+    demo, _, tctx = addons()
+    f = request("ws.coze.cn", "/v1/chat", port=443)
+    demo.request(f)
+    assert f.response is not None and f.response.status_code == 503  # the sandbox only: answered locally
+    tctx.configure(demo.settings, coze_api_hosts="wss://ws.coze.cn")
+    f = request("ws.coze.cn", "/v1/chat", port=443)
+    demo.request(f)
+    assert f.response is None

@@ -117,6 +117,43 @@ def test_a_wrong_bind_password_is_said_as_such_not_as_no_answer(slapd):
         directory.close()
 
 
+def test_a_refused_bind_is_not_tried_again_for_every_request(slapd):
+    """Any client can make the proxy look a login up: with the spec's bind password wrong, each lookup would bind
+    with it again, and a directory that locks accounts after failed binds would lock the service account. The
+    refusal is remembered (core/directory.BIND_REFUSED_FOR): 20 lookups, one connection to the directory."""
+    import socket
+
+    from tests.sockets import pipe
+
+    connections = []
+    relay = socket.socket()
+    relay.bind(("127.0.0.1", 0))
+    relay.listen(64)
+
+    def serve():
+        while True:
+            try:
+                client, _ = relay.accept()
+            except OSError:
+                return
+            connections.append(client)
+            upstream = socket.create_connection(("127.0.0.1", slapd.port))
+            threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    spec = slapd.spec(password=WRONG_BIND_PW).replace(f":{slapd.port}:", f":{relay.getsockname()[1]}:")
+    directory = ldap_spec.directory(spec)
+    try:
+        for _ in range(20):
+            with pytest.raises(BindRefused):
+                directory.lookup("alice")
+        assert len(connections) == 1
+    finally:
+        directory.close()
+        relay.close()
+
+
 def test_the_front_check_answers_a_refused_bind_as_such(slapd, caplog):
     """In mitmproxy's own addon machinery, in front of its real proxyauth (bound with the right spec): coze-mitm's
     check, whose spec's bind is refused, answers 502 naming the cause for the client (not 407, not "did not

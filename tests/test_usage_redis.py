@@ -398,6 +398,54 @@ def test_decisions_go_on_after_redis_forgets_the_script_or_drops_the_connection(
 
 @needs_redis
 @pytest.mark.process
+def test_a_decision_waiting_when_the_store_closes_is_answered_down_not_left_waiting(server):
+    """The store replaced (coze_usage_file changed, a script reload) while Redis holds a decision back: the
+    chat is refused as with Redis away, at once, instead of waiting for ever (its flow's hook never returning)."""
+    async def main():
+        store = store_for(server.url, [])
+        store.load("x")
+        day = utc_day(time.time())
+        assert (await store.reserve("u-1", day, 100, 4, "m1"))[0] == GO  # the decision connection is open
+        server.client().client_pause(20_000)  # Redis answers nobody for 20 s
+        pending = asyncio.ensure_future(store.reserve("u-1", day, 100, 4, "m2"))
+        await until(lambda: store._lane._waiting)
+        await asyncio.wait_for(store.aclose(), 15)
+        assert (await asyncio.wait_for(pending, 15))[0] == DOWN
+        assert (await store.reserve("u-1", day, 100, 4, "m3"))[0] == DOWN  # closed: never connects again
+    try:
+        run(main())
+    finally:
+        server.client().client_unpause()
+
+
+@needs_redis
+def test_decisions_queued_behind_a_connection_that_never_answers_fail_with_it(tmp_path):
+    """A Redis that takes connections and never answers (a hung host, a black-holed port): one connection
+    attempt times out, and the decisions that queued behind it fail with it instead of each trying in turn
+    (8 queued decisions would otherwise wait up to 8 timeouts)."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # the kernel completes the connections; nothing ever reads or answers them
+    try:
+        async def main():
+            store = store_for(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", [])
+            store.load("x")
+            store._lane.timeout = 0.5
+            day = utc_day(time.time())
+            verdicts = await asyncio.gather(*[store.reserve(f"u-{i}", day, 100, 4, f"m{i}") for i in range(8)])
+            assert [v[0] for v in verdicts] == [DOWN] * 8
+            # (a decision that reached the lane after the first attempt had failed may try once more)
+            assert store._lane._attempts <= 2
+            await store.aclose()
+        run(main())
+    finally:
+        silent.close()
+
+
+@needs_redis
+@pytest.mark.process
 def test_the_snapshot_reads_today_every_time_and_all_time_rarely_and_bounded(server):
     """The all-time hashes hold every user id ever seen: read once a minute, all_time_max users at most;
     today's users are read every second, their all-time figures with them."""

@@ -24,6 +24,7 @@ import ldap3.utils.conv
 CACHE_ENTRIES = 10_000  # typed names remembered
 CACHE_SECONDS = 300.0  # how long a typed name -> identity answer is trusted (a renamed entry shows after this)
 TIMEOUT = 5  # seconds, for connecting to and answering from the directory
+BIND_REFUSED_FOR = 30.0  # seconds a refused bind as the spec's DN is answered from memory, without binding again
 
 
 class DirectoryError(Exception):
@@ -48,6 +49,7 @@ class BindRefused(DirectoryError):
               "spec is wrong); tell the proxy's operator")
 
     def __init__(self, settings: LdapSettings, why: str):
+        self.why = why
         super().__init__(f"the LDAP directory {settings.host} refused the bind as {settings.bind_dn} ({why}): check "
                          "the bind DN and password in the proxyauth ldap[s]:... spec")
 
@@ -80,9 +82,15 @@ class Directory:
         self.identity = "dn" if identity.lower() == "dn" else identity
         self._connections = PerThread(self._connect)
         self._closed = False
+        # (when, refusal) of the last bind the directory refused: any client could otherwise make the proxy bind
+        # with the wrong password once per request, and lock the service account where the directory locks them
+        self._refused: tuple[float, BindRefused] | None = None
 
     def _connect(self) -> ldap3.Connection:
         s = self.settings
+        refused = self._refused
+        if refused is not None and time.monotonic() - refused[0] < BIND_REFUSED_FOR:
+            raise BindRefused(s, refused[1].why)
         server = ldap3.Server(s.host, port=s.port, use_ssl=s.use_ssl, connect_timeout=TIMEOUT)
         try:
             return ldap3.Connection(server, s.bind_dn, s.bind_password, auto_bind=True, receive_timeout=TIMEOUT,
@@ -90,7 +98,9 @@ class Directory:
         except ldap3.core.exceptions.LDAPBindError as e:
             # The directory answered the bind with a refusal (ldap3 raises others for a directory that does not
             # answer): not retried, not "could not be searched".
-            raise BindRefused(s, str(e).rpartition(" - ")[2] or "refused") from None
+            refusal = BindRefused(s, str(e).rpartition(" - ")[2] or "refused")
+            self._refused = (time.monotonic(), refusal)
+            raise refusal from None
 
     def check(self) -> None:
         """Connect and bind as the spec's DN now (blocking: at start-up only); raises DirectoryError (BindRefused

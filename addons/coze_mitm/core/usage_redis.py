@@ -232,10 +232,18 @@ class DecisionLane:
         self._reader: asyncio.Task | None = None
         self._lock: asyncio.Lock | None = None
         self._timers: dict[asyncio.Future, asyncio.TimerHandle] = {}
+        self._stopped = False  # stop(): no call connects again (the store was closed or replaced)
+        # Connection attempts so far, and how the last one failed: calls that queued behind a failed attempt
+        # fail with it rather than each trying again (n waiters would otherwise wait up to n timeouts).
+        self._attempts = 0
+        self._last_failure: BaseException | None = None
 
     async def call(self, *args):
         """The command's answer (a ResponseError of Redis is raised as it is); a connection failure or
         timeout raises redis' ConnectionError / TimeoutError."""
+        if self._stopped:
+            from redis.exceptions import ConnectionError as RedisConnectionError
+            raise RedisConnectionError("the usage store was closed")
         conn = self._conn
         if conn is None or not conn.is_connected:  # closed by a failed read being handled: never reopened unbounded
             if conn is not None:
@@ -248,6 +256,13 @@ class DecisionLane:
         self._waiting.append(answer)  # before the write, with no await between: the order of the answers
         try:
             await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+        except asyncio.CancelledError:
+            # This caller is cancelled mid-write: the connection can no longer be trusted, and the others
+            # waiting on it fail as from a broken connection (never with this caller's cancellation).
+            answer.cancel()
+            from redis.exceptions import ConnectionError as RedisConnectionError
+            self._broken(conn, RedisConnectionError("a decision's write was interrupted"))
+            raise
         except BaseException as e:
             self._broken(conn, e)
         try:
@@ -260,16 +275,29 @@ class DecisionLane:
     async def _connect(self):
         if self._lock is None:
             self._lock = asyncio.Lock()
+        attempts_seen = self._attempts
         async with self._lock:
+            if self._stopped:
+                from redis.exceptions import ConnectionError as RedisConnectionError
+                raise RedisConnectionError("the usage store was closed")
+            if self._conn is None and self._attempts != attempts_seen and self._last_failure is not None:
+                failure = self._last_failure  # an attempt made while this call waited failed: no second one
+                raise type(failure)(str(failure))
             if self._conn is None:
+                self._attempts += 1
                 conn = self._make()
                 # The handshake (AUTH, SELECT) reads without a socket timeout on this connection: bounded here.
                 try:
                     await asyncio.wait_for(self._handshake(conn), self.timeout)
-                except asyncio.TimeoutError:
-                    await conn.disconnect(nowait=True)
-                    from redis.exceptions import TimeoutError as RedisTimeoutError
-                    raise RedisTimeoutError("Timeout connecting to server") from None
+                except BaseException as e:
+                    await conn.disconnect(nowait=True)  # whatever failed (refused, NOPERM, cancelled): not left open
+                    if isinstance(e, asyncio.TimeoutError):
+                        from redis.exceptions import TimeoutError as RedisTimeoutError
+                        e = RedisTimeoutError("Timeout connecting to server")
+                    if not isinstance(e, asyncio.CancelledError):
+                        self._last_failure = e
+                    raise e from None
+                self._last_failure = None
                 self._conn = conn
                 self._reader = asyncio.get_running_loop().create_task(self._read(conn))
             return self._conn
@@ -306,7 +334,11 @@ class DecisionLane:
     def _timed_out(self, conn, answer: asyncio.Future) -> None:
         if not answer.done():
             from redis.exceptions import TimeoutError as RedisTimeoutError
-            self._broken(conn, RedisTimeoutError(f"no answer within {self.timeout:g} s"))
+            timeout = RedisTimeoutError(f"no answer within {self.timeout:g} s")
+            if conn is not self._conn:  # its connection is gone already (closed, replaced): this call fails alone
+                answer.set_exception(timeout)
+                return
+            self._broken(conn, timeout)
 
     def _broken(self, conn, e: BaseException) -> None:
         """Every call waiting on `conn` fails with `e`; the next call connects again."""
@@ -323,7 +355,15 @@ class DecisionLane:
         asyncio.get_running_loop().create_task(conn.disconnect(nowait=True))
 
     def stop(self) -> None:
-        """No more calls: the reader ends; the connection is closed by aclose(), or on the loop if it runs."""
+        """No more calls: the calls still waiting fail (the store is down for them), the reader ends; the
+        connection is closed by aclose(), or on the loop if it runs."""
+        self._stopped = True
+        waiting, self._waiting = self._waiting, collections.deque()
+        if waiting:
+            from redis.exceptions import ConnectionError as RedisConnectionError
+            for waiter in waiting:
+                if not waiter.done():
+                    waiter.set_exception(RedisConnectionError("the usage store was closed"))
         if self._reader is not None:
             self._reader.cancel()
             self._reader = None

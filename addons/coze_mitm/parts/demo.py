@@ -163,7 +163,7 @@ class Demo:
 
     def _real_coze_answered_here(self) -> bool:
         # Only while the demo's API is the local sandbox: a real Coze configured with coze_demo on is real.
-        return not any(o.host in REAL_COZE_HOSTS for o in self.settings.api_origins)
+        return not any(o.host in REAL_COZE_HOSTS for o in (*self.settings.api_origins, *self.settings.ws_origins))
 
     def _answer_for_real_coze(self, flow: http.HTTPFlow, host: str) -> None:
         origin = flow.request.headers.get("origin", "")

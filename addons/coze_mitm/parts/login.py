@@ -61,6 +61,7 @@ log = logging.getLogger("coze.login")
 
 REDACTED = "(password removed by coze-mitm)"
 LOOKUP_THREADS = 2  # directory lookups at once; the others wait their turn (cached answers need none)
+SAY_MISCONFIGURED_EVERY = 60.0  # seconds between two log lines saying the directory refused the proxy's own bind
 
 
 class LoginRefused(Refused):
@@ -82,6 +83,7 @@ class LoginNames:
         self.directory = directory  # core.directory.Directory in ldap mode, else None
         self.cache = Cache()
         self._pending: dict[str, asyncio.Future] = {}
+        self._said_misconfigured = -SAY_MISCONFIGURED_EVERY  # when the refused bind was last said in the log
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.lookups = 0  # directory lookups made (status/metrics material; tests read it)
         self.last_lookup_ms = 0.0
@@ -120,7 +122,10 @@ class LoginNames:
             identity = await asyncio.get_running_loop().run_in_executor(self._pool, directory.lookup, name)
         except DirectoryError as e:
             if e.misconfigured:
-                log.warning(f"coze-mitm: {e.msg}")  # the operator's line names the directory and the DN
+                now = time.monotonic()
+                if now - self._said_misconfigured >= SAY_MISCONFIGURED_EVERY:  # any client can ask: not a line each
+                    self._said_misconfigured = now
+                    log.warning(f"coze-mitm: {e.msg}")  # the operator's line names the directory and the DN
                 raise LoginRefused(502, 5000, "login-directory", BindRefused.PUBLIC) from None
             if e.unreachable:
                 raise LoginRefused(502, 5000, "login-directory",
