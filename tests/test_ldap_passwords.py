@@ -129,19 +129,25 @@ def test_a_refused_bind_is_not_tried_again_for_every_request(slapd):
     relay = socket.socket()
     relay.bind(("127.0.0.1", 0))
     relay.listen(64)
+    relay.settimeout(0.1)  # the loop sees `done` (a thread blocked in accept outlives close(): it took later tests' connections)
+    done = threading.Event()
 
     def serve():
-        while True:
+        while not done.is_set():
             try:
                 client, _ = relay.accept()
+            except socket.timeout:
+                continue
             except OSError:
                 return
+            client.settimeout(None)
             connections.append(client)
             upstream = socket.create_connection(("127.0.0.1", slapd.port))
             threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
             threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
 
-    threading.Thread(target=serve, daemon=True).start()
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
     spec = slapd.spec(password=WRONG_BIND_PW).replace(f":{slapd.port}:", f":{relay.getsockname()[1]}:")
     directory = ldap_spec.directory(spec)
     try:
@@ -151,7 +157,11 @@ def test_a_refused_bind_is_not_tried_again_for_every_request(slapd):
         assert len(connections) == 1
     finally:
         directory.close()
+        done.set()
+        server.join(10)
         relay.close()
+        for client in connections:
+            client.close()
 
 
 def test_the_front_check_answers_a_refused_bind_as_such(slapd, caplog):
