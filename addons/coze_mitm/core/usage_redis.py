@@ -281,8 +281,10 @@ class DecisionLane:
                 from redis.exceptions import ConnectionError as RedisConnectionError
                 raise RedisConnectionError("the usage store was closed")
             if self._conn is None and self._attempts != attempts_seen and self._last_failure is not None:
-                failure = self._last_failure  # an attempt made while this call waited failed: no second one
-                raise type(failure)(str(failure))
+                # an attempt made while this call waited failed: no second one (a new exception of redis' kind:
+                # the failure's own class may take other arguments)
+                from redis.exceptions import ConnectionError as RedisConnectionError
+                raise RedisConnectionError(f"the connection attempt failed: {self._last_failure}")
             if self._conn is None:
                 self._attempts += 1
                 conn = self._make()
