@@ -148,7 +148,11 @@ def child_code(tool: str) -> str:
 def mitm_command(pl: Plan) -> list[str]:
     args = pl.args
     tool = "mitmweb" if args.web else "mitmdump"
-    cmd = [sys.executable, "-c", child_code(tool),
+    # -O: Python's optimised mode, in which mitmproxy skips its debug-only checks (the type check of every field of
+    # every message it builds, the event-type check of every state-machine step, its asserts): less work per request
+    # for the same behaviour (docs/decisions.md, "The launcher runs mitmproxy with python -O"). Nothing in
+    # addons/ relies on an assert.
+    cmd = [sys.executable, "-O", "-c", child_code(tool),
            "--listen-host", args.host, "--listen-port", str(args.port), "-s", str(SCRIPT)]
     sets = list(pl.sets)
     if not args.intercept_all:

@@ -4,6 +4,7 @@ coze_quiet, which hides mitmproxy's per-connection lines. (Through a real launch
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 from mitmproxy import flow as mflow
@@ -277,3 +278,47 @@ def test_the_printed_line_follows_mitmdumps_verbosity():
     assert prints_info(SimpleNamespace(termlog_verbosity="info")) and prints_info(SimpleNamespace())
     assert not prints_info(SimpleNamespace(termlog_verbosity="error"))  # mitmdump -q
     assert not prints_info(SimpleNamespace(termlog_verbosity="warn"))
+
+
+class _Terminal:
+    """A stand-in for mitmdump's stdout that says whether it is a colour terminal."""
+
+    def __init__(self, tty: bool):
+        self.tty, self.written = tty, []
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def fileno(self) -> int:
+        raise OSError("not a real terminal")
+
+    def write(self, text: str) -> int:
+        self.written.append(text)
+        return len(text)
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_the_printed_line_is_exactly_mitmproxys_own(tty, monkeypatch):
+    """The line is built without the logging module, once a second for the clock: byte for byte what mitmproxy's
+    formatter makes of the same INFO record, colours included, across second and millisecond edges."""
+    import time
+
+    from mitmproxy import log as mitmproxy_log
+    from mitmproxy.utils import vt_codes
+
+    from coze_mitm.parts.flowlog import TerminalLine
+
+    out = _Terminal(tty)
+    monkeypatch.setattr(vt_codes, "ensure_supported", lambda f: f.isatty())
+    terminal = TerminalLine(out)
+    reference = mitmproxy_log.MitmFormatter(tty)
+    assert terminal._shape is not None  # the cheap path is the one tested
+    message = "coze-mitm: injected GET api.coze.cn/v1/bots/7000 for user 1732…AAAA -> 200"
+    start = int(time.time())
+    for now in (start + 0.0, start + 0.0009, start + 0.5, start + 0.9999, start + 1.0, start + 1.001, start + 3661.25):
+        record = logging.LogRecord("coze.flowlog", logging.INFO, __file__, 0, message, None, None)
+        record.created, record.msecs = now, int((now - int(now)) * 1000) + 0.0
+        assert terminal.line(message, now) == reference.format(record)
+    terminal.write(message)  # one write per line, the clock read then
+    clock = re.compile(r"\d\d:\d\d:\d\d\.\d{3}")
+    assert [clock.sub("T", text) for text in out.written] == [clock.sub("T", terminal.line(message, start)) + "\n"]

@@ -37,3 +37,22 @@ def test_the_launcher_imports_no_part():
 @pytest.mark.parametrize("folder", ["core", "pages"])
 def test_core_and_pages_import_neither_mitmproxy_nor_a_part(folder):
     assert offending(PACKAGE / folder, ("mitmproxy", "coze_mitm.parts")) == []
+
+
+def asserts_in(folder: Path) -> list[str]:
+    """Every `assert` statement (and every read of `__debug__`) under folder, as "file:line"."""
+    import ast
+
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.Assert) or (isinstance(node, ast.Name) and node.id == "__debug__"):
+                found.append(f"{path.relative_to(folder).as_posix()}:{node.lineno}")
+    return found
+
+
+def test_the_addon_does_the_same_under_python_O(tmp_path):
+    """run_mitm.py runs mitmproxy with `python -O`, which drops every assert: no check of the addon may be one."""
+    (tmp_path / "m.py").write_text("def f(x):\n    assert x\n    return __debug__\n")
+    assert asserts_in(tmp_path) == ["m.py:2", "m.py:3"]
+    assert asserts_in(ROOT / "addons") == []

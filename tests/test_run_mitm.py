@@ -346,6 +346,18 @@ def test_tls_only_intercepted_for_coze_hosts(launch, config_file, standin):
             assert c.recv(100) == b"PTTH ton ,setyb war\xff\x00"
 
 
+def test_mitmproxy_runs_in_pythons_optimised_mode(launch, config_file, standin):
+    """The child is `python -O`: mitmproxy skips its debug-only checks (docs/decisions.md), and still injects."""
+    launcher = launch("--config", str(config_file), "--origins", PAGE)
+    args = cmdline(launcher.children()[0])
+    assert args[1] == "-O" and args[2] == "-c"
+    r = launcher.session().get(f"{standin.base_url}/v1/bots/7000", headers={
+        "Authorization": "Bearer user:optimised-0001", "Origin": PAGE}, timeout=10)
+    assert r.status_code == 200 and r.json()["code"] == 0
+    assert standin.requests_seen[-1]["headers"]["authorization"].startswith("Bearer ")
+    assert "user:" not in standin.requests_seen[-1]["headers"]["authorization"]
+
+
 def test_startup_error_from_mitmdump_is_passed_on(tmp_path, rsa_key):
     config = write_config(tmp_path, rsa_key, "https://api.coze.cn")
     result = run("--config", str(config), "--port", "0", "--set", f"confdir={tmp_path}",

@@ -23,12 +23,14 @@ import json
 import logging
 import re
 import sys
+import time
 import weakref
 
 from mitmproxy import ctx, http
 from mitmproxy import log as mitmproxy_log
 from mitmproxy.utils import vt_codes
 
+from coze_mitm.after_answer import after_answer
 from coze_mitm.flowmeta import CORS_ORIGIN, COZE_USER, LOCAL_ANSWER, REFUSED, TOKEN_RETRY
 from coze_mitm.core.identity import short_id
 
@@ -61,17 +63,48 @@ class TerminalLine:
     """mitmdump's terminal gets the per-flow line the way its own log handler would print it ("[12:00:00.123]
     coze-mitm: ..."), without the trip through the logging module. A log record there is also an event to every
     addon (mitmproxy's legacy `add_log` event: a wake-up of the event loop and a walk of the addon tree), which cost
-    ~300 us of CPU per line, more than the process tuning saves: this costs a formatted line and a print. Only
-    where mitmdump prints the log (its Dumper is loaded) and its verbosity shows INFO."""
+    ~300 us of CPU per line, more than the process tuning saves. Here a line costs a clock read, a join and one
+    write: mitmproxy's formatter is asked once for the shape of an INFO line (its colours, where the time goes),
+    and the time of day is formatted once a second, as mitmproxy's `formatTime` would. Only where mitmdump prints
+    the log (its Dumper is loaded) and its verbosity shows INFO."""
 
     def __init__(self, out=None):
         self.out = out or sys.stdout
         self.formatter = mitmproxy_log.MitmFormatter(vt_codes.ensure_supported(self.out))
+        self._shape = self._shape_of_a_line()
+        self._second, self._clock = -1, ""
 
-    def write(self, line: str) -> None:
-        record = logging.LogRecord(log.name, logging.INFO, __file__, 0, line, None, None)
+    def _shape_of_a_line(self) -> tuple[str, str, str] | None:
+        """(before the time, between the time and the message, after the message) of mitmproxy's INFO line;
+        None if the formatter's line is not one of that shape (then every line is formatted by it)."""
+        record = logging.LogRecord(log.name, logging.INFO, __file__, 0, "\0", None, None)
+        line, clock = self.formatter.format(record), self.formatter.formatTime(record)
+        before, found, rest = line.partition(clock)
+        between, marker, after = rest.partition("\0")
+        if not found or not marker or "\0" in after:
+            return None
+        record.created, record.msecs = 1700000000.25, 250.0  # formatTime's default: "%H:%M:%S", then ".%03d"
+        if self.formatter.formatTime(record) != time.strftime(self.formatter.default_time_format,
+                                                              time.localtime(1700000000)) + ".250":
+            return None
+        return before, between, after
+
+    def line(self, message: str, now: float) -> str:
+        """The line mitmproxy's formatter makes of an INFO record of `message` created at `now` (time.time())."""
+        if self._shape is None:
+            record = logging.LogRecord(log.name, logging.INFO, __file__, 0, message, None, None)
+            record.created, record.msecs = now, int((now - int(now)) * 1000)
+            return self.formatter.format(record)
+        second = int(now)
+        if second != self._second:
+            # formatTime's default: the local time, "%H:%M:%S", then ".%03d" of the milliseconds (truncated)
+            self._second, self._clock = second, time.strftime(self.formatter.default_time_format, time.localtime(second))
+        before, between, after = self._shape
+        return f"{before}{self._clock}.{int((now - second) * 1000):03d}{between}{message}{after}"
+
+    def write(self, message: str) -> None:
         try:
-            print(self.formatter.format(record), file=self.out)
+            self.out.write(self.line(message, time.time()) + "\n")  # one write: print() makes two unbuffered
         except (OSError, ValueError):
             pass  # a closed terminal: mitmproxy's own handler decides what that means
 
@@ -140,8 +173,8 @@ class FlowLog:
     # ------------------------------------------------------------------ the end of a flow
 
     def response(self, flow: http.HTTPFlow) -> None:
-        if flow.websocket is None:  # a WebSocket ends later, in websocket_end
-            self._log(flow)
+        if flow.websocket is None and self._says_something(flow):  # a WebSocket ends later, in websocket_end
+            after_answer(self._log, flow)  # the line waits for the answer, not the answer for the line
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._log(flow)
@@ -149,8 +182,12 @@ class FlowLog:
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         self._log(flow)
 
+    def _says_something(self, flow: http.HTTPFlow) -> bool:
+        meta = flow.metadata
+        return self._every_flow or REFUSED in meta or TOKEN_RETRY in meta or flow.error is not None
+
     def _log(self, flow: http.HTTPFlow) -> None:
-        if not self._every_flow and REFUSED not in flow.metadata and TOKEN_RETRY not in flow.metadata and flow.error is None:
+        if not self._says_something(flow):
             return  # the fast path: nothing to say about this flow
         if flow in self._logged:
             return
