@@ -133,6 +133,13 @@ def allow_hosts(pl: Plan) -> list[str]:
     return handled(pl).allow_hosts()
 
 
+# -O: Python's optimised mode, in which mitmproxy skips its debug-only checks (the type check of every field of every
+# message it builds, the event-type check of every state-machine step, its asserts): less work per request for the
+# same behaviour (docs/decisions.md, "The launcher runs mitmproxy with python -O"). Nothing in addons/ is an assert
+# (tests/test_package_layout.py). bench/ runs its "as run_mitm.py runs it" proxy with these flags too.
+CHILD_PYTHON_FLAGS = ("-O",)
+
+
 def child_code(tool: str) -> str:
     """The child's `python -c` program: mitmproxy's own main, with the proxyauth SPEC and the upstream proxy's
     user:pass (if any) taken from the environment into its argument list in memory only. /proc/PID/cmdline (what ps shows any user) keeps the
@@ -148,11 +155,7 @@ def child_code(tool: str) -> str:
 def mitm_command(pl: Plan) -> list[str]:
     args = pl.args
     tool = "mitmweb" if args.web else "mitmdump"
-    # -O: Python's optimised mode, in which mitmproxy skips its debug-only checks (the type check of every field of
-    # every message it builds, the event-type check of every state-machine step, its asserts): less work per request
-    # for the same behaviour (docs/decisions.md, "The launcher runs mitmproxy with python -O"). Nothing in
-    # addons/ relies on an assert.
-    cmd = [sys.executable, "-O", "-c", child_code(tool),
+    cmd = [sys.executable, *CHILD_PYTHON_FLAGS, "-c", child_code(tool),
            "--listen-host", args.host, "--listen-port", str(args.port), "-s", str(SCRIPT)]
     sets = list(pl.sets)
     if not args.intercept_all:

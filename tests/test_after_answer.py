@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import pytest
 import requests
 
 from coze_mitm.after_answer import after_answer
@@ -46,6 +47,7 @@ addons = [Holder()]
 """
 
 
+@pytest.mark.process
 def test_the_callback_runs_once_the_answer_has_left(tmp_path):
     upstream = Server(Hello).start()
     script = tmp_path / "holder.py"

@@ -333,6 +333,29 @@ def test_a_read_only_replica_is_one_line_until_it_takes_writes(server, tmp_path)
 
 @needs_redis
 @pytest.mark.process
+@pytest.mark.parametrize("closing", ["aclose", "close"])
+def test_closing_frees_the_places_of_chats_that_ended_just_before(server, closing):
+    """A chat that ended moments before the store closes (its removal still gathering for the next write) and one
+    still in flight: both places are free for the other proxies at once, not after the 30 s lease."""
+    async def main():
+        store = store_for(server.url, [])
+        store.load("x")
+        day = utc_day(time.time())
+        ended, running = store.new_member(), store.new_member()
+        assert (await store.reserve("u-1", day, 100, 4, ended))[0] == GO
+        assert (await store.reserve("u-1", day, 100, 4, running))[0] == GO
+        assert server.client().zcard("coze-mitm:flight:u-1") == 2
+        store.release(ended)  # gathered for the next write (up to 20 ms away), or the next decision
+        if closing == "aclose":
+            await store.aclose()
+        else:
+            store.close()  # at exit: the blocking client
+        assert server.client().zcard("coze-mitm:flight:u-1") == 0
+    run(main())
+
+
+@needs_redis
+@pytest.mark.process
 def test_ended_chats_free_their_places_even_when_a_decision_fails(server):
     """The ended chats a failing call carried are sent with the next one, not left to expire with the lease."""
     async def main():

@@ -105,7 +105,8 @@ def _interleaved(proxies: dict[str, Mitmdump], base: str, token: str, rounds: in
 NOOP = "one object, 4 flow hooks that do nothing (any -s script)"
 TIMED = "bundle, every part's hooks timed"
 CYCLES_ONLY = "bare mitmdump + cycles.py (the part that changes mitmproxy itself)"
-AS_RUN_MITM = "bundle as run_mitm.py runs it (coze_quiet: a log line per flow; coze_tune_process)"
+AS_RUN_MITM = "bundle as run_mitm.py runs it (python -O; coze_quiet: a log line per flow; coze_tune_process)"
+BARE_OPTIMISED = "bare mitmdump under python -O (what -O alone does to mitmproxy)"
 
 
 def attribution_table(attribution) -> str:
@@ -153,6 +154,14 @@ def loaded(proxy: Mitmdump, what: str) -> Mitmdump | None:
     return proxy
 
 
+def as_run_mitm(proxy: Mitmdump) -> Mitmdump:
+    """The proxy's Python started with the flags run_mitm.py starts mitmproxy's with (launcher/plan.py)."""
+    from launcher.plan import CHILD_PYTHON_FLAGS
+
+    proxy.args[1:1] = CHILD_PYTHON_FLAGS  # after the interpreter, before its "-c"
+    return proxy
+
+
 def start_attribution(work: Path, coze_sets: list[str], streamer: Mitmdump) -> dict[str, Mitmdump]:
     """Attribution: the same request through parts of the bundle (bench/partial_bundle.py), and through the
     one-hook streaming reference; the reference proxies for bench_latency, by name."""
@@ -172,9 +181,12 @@ def start_attribution(work: Path, coze_sets: list[str], streamer: Mitmdump) -> d
                               extra_args=["-s", str(REPO / "bench" / "cycles_only.py")]),
         # As run_mitm.py runs it: coze_quiet on, so every flow coze-mitm acted on gets its log line.
         # Its lines go to a file, as to a user's terminal: not through a pipe to a thread of this measuring process.
-        AS_RUN_MITM: FileLoggedMitmdump(work / "as-run-mitm", [*coze_sets, "coze_quiet=true", "coze_tune_process=true"]),
+        AS_RUN_MITM: as_run_mitm(FileLoggedMitmdump(work / "as-run-mitm", [*coze_sets, "coze_quiet=true",
+                                                                           "coze_tune_process=true"])),
+        BARE_OPTIMISED: as_run_mitm(Mitmdump(work / "bare-optimised", ["flow_detail=0"], script=False)),
     }
     (work / "as-run-mitm").mkdir()
+    (work / "bare-optimised").mkdir()
     for name, proxy in references.items():
         if loaded(proxy.start(), name):
             proxies[name] = proxy

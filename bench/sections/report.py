@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .common import DELTA_GAP, REFERENCE, Row, ms
-from .latency import AS_RUN_MITM, CYCLES_ONLY, NOOP, TIMED, attribution_table, timing_table
+from .latency import AS_RUN_MITM, BARE_OPTIMISED, CYCLES_ONLY, NOOP, TIMED, attribution_table, timing_table
 from .soak import HOT_SHARE, SOAK_COLD, SOAK_HOT, SOAK_MAX_USERS, SOAK_TTL
 
 
@@ -214,11 +214,13 @@ def notes(details: dict, info: dict) -> str:
                        f"the bundle at {att['bundle'][0]:.3f}x bare mitmdump: that figure includes what cycles.py saves "
                        f"mitmproxy, so it is not all coze-mitm's own.")
         if AS_RUN_MITM in att:
-            out.append(f"* **As run_mitm.py runs it** (coze_quiet: one log line per flow coze-mitm acted on, mitmproxy's "
-                       f"own flow lines off): {att[AS_RUN_MITM][0]:.3f}x bare mitmdump; the line costs "
-                       f"{share(AS_RUN_MITM, 'bundle')} over the same bundle without it (a log record is an event to "
-                       f"every mitmproxy addon). Plain `mitmdump -s addons/coze.py` (whatever its flow_detail) "
-                       f"and plain `mitmweb -s` write a line only for refusals, token retries and errors.")
+            optimised = (f"; bare mitmdump under the same `python -O` alone: {att[BARE_OPTIMISED][0]:.3f}x"
+                         if BARE_OPTIMISED in att else "")
+            out.append(f"* **As run_mitm.py runs it** (`python -O`; coze_quiet: one log line per flow coze-mitm acted "
+                       f"on, written once the answer has left, mitmproxy's own flow lines off; coze_tune_process): "
+                       f"{att[AS_RUN_MITM][0]:.3f}x bare mitmdump (target <= 1.0x), {share(AS_RUN_MITM, 'bundle')} "
+                       f"against the plain bundle{optimised}. Plain `mitmdump -s addons/coze.py` (whatever its "
+                       f"flow_detail) and plain `mitmweb -s` write a line only for refusals, token retries and errors.")
     sse = details.get("sse")
     if sse:
         fm = sse["first_median"]

@@ -467,7 +467,8 @@ class RedisUsageStore:
         """At exit: what is still queued is written (a blocking client: the loop is stopping), this proxy's
         in-flight entries are removed. While the proxy runs on, use aclose()."""
         batches = self._stop()
-        if not batches and not self._held:
+        entries = self._entries_to_remove()
+        if not batches and not entries:
             return
         try:
             client = self.spec.client(asyncio_client=False)
@@ -475,9 +476,9 @@ class RedisUsageStore:
             for batch_id, rows in batches:
                 for suffix, args in _chunks(rows):
                     apply(keys=[PREFIX + "batch:" + batch_id + suffix], args=args)
-            if self._held:
+            if entries:
                 pipe = client.pipeline(transaction=False)
-                for member, user in self._held.items():
+                for user, member in entries:
                     pipe.zrem(_flight_key(user), member)
                 pipe.execute()
             client.close()
@@ -494,13 +495,14 @@ class RedisUsageStore:
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)  # cancelled: a call under way ends first
         try:
-            if batches or self._held:
+            entries = self._entries_to_remove()
+            if batches or entries:
                 for batch_id, rows in batches:
                     for suffix, args in _chunks(rows):
                         await self._scripts["apply"](keys=[PREFIX + "batch:" + batch_id + suffix], args=args)
-                if self._held:
+                if entries:
                     pipe = self._client.pipeline(transaction=False)
-                    for member, user in self._held.items():
+                    for user, member in entries:
                         pipe.zrem(_flight_key(user), member)
                     await pipe.execute()
         except Exception as e:
@@ -510,6 +512,14 @@ class RedisUsageStore:
                 await self._lane.aclose()
             if self._client is not None:
                 await self._client.aclose()
+
+    def _entries_to_remove(self) -> list[tuple[str, str]]:
+        """At close, (user, member) of every in-flight entry this proxy put in Redis and has not removed: the chats
+        still in flight, and those that ended but whose removal had not been sent yet (else both would hold their
+        places for the rest of a lease on every proxy)."""
+        entries = [*self._releases, *((user, member) for member, user in self._held.items())]
+        self._releases = []
+        return entries
 
     def _stop(self) -> list[tuple[str, dict[tuple, list[int]]]]:
         """Stops the task; returns every batch still to write."""

@@ -53,6 +53,7 @@ class CozeSettings:
         # The same as plain (scheme, host, port) tuples: asked of every request, a tuple hashes and
         # compares several times faster than a frozen dataclass.
         self._api_keys: frozenset[tuple] = frozenset()
+        self._api_data_keys: frozenset[tuple] = frozenset()
         self._ws_keys: frozenset[tuple] = frozenset()
         self._page_keys: dict[tuple, str] = {}  # (scheme, host, port) -> its coze_origins entry
         # (scheme as bytes, host, port) of the Coze API and its WebSocket hosts (as http/https: a handshake is an
@@ -179,6 +180,8 @@ class CozeSettings:
         self.api_origins, self.ws_origins, self.page_origins = api_origins, ws_origins, page_origins
         self.api_base, self.ws_base = api_base_origin, ws_base_origin
         self._api_keys = frozenset((o.scheme, o.host, o.port) for o in api_origins)
+        # as mitmproxy's request data holds them (scheme in bytes): asked of every request, without its properties
+        self._api_data_keys = frozenset((scheme.encode(), host, port) for scheme, host, port in self._api_keys)
         self._ws_keys = frozenset((o.scheme, o.host, o.port) for o in ws_origins)
         self._page_keys = {config.origin_key(o): o for o in page_origins}
         http_of_ws = {ws: http_scheme for http_scheme, ws in WS_SCHEME_OF_HTTP.items()}
@@ -241,7 +244,8 @@ class CozeSettings:
 
     def is_coze_api(self, request: http.Request) -> bool:
         """Is this request addressed (by its real destination, not its Host header) to a Coze API origin?"""
-        return (request.scheme.lower(), request.host.lower(), request.port) in self._api_keys
+        data = request.data
+        return (data.scheme.lower(), data.host.lower(), data.port) in self._api_data_keys
 
     def is_coze_api_only(self, request: http.Request) -> bool:
         """Is this request addressed to a Coze API (or WebSocket) origin that is none of the user's pages nor
