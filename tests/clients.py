@@ -60,14 +60,28 @@ def ws_reply(events: list[dict]) -> str:
     return "".join(e["data"]["content"] for e in events if e["event_type"] == "conversation.message.delta")
 
 
+def masked_text_frame(text: str) -> bytes:
+    """One final text frame as a client sends it (RFC 6455: masked)."""
+    import os
+    import struct
+
+    payload = text.encode()
+    n = len(payload)
+    head = bytes([0x81]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack("!H", n)
+                            if n < 65536 else bytes([0x80 | 127]) + struct.pack("!Q", n))
+    mask = os.urandom(4)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
 class WsClient:
     """A WebSocket client over a plain socket to the proxy: CONNECT tunnel (as browsers and Node's agents
     do) or an absolute-URL GET."""
 
     def __init__(self, proxy_port: int, host: str, port: int, target: str, headers=(), tunnel: bool = True,
-                 proxy_auth: str | None = None, origin_form: bool = False):
+                 proxy_auth: str | None = None, origin_form: bool = False, first: tuple[str, dict] | None = None):
         """`proxy_auth`: a Proxy-Authorization value, sent on the CONNECT or on the absolute-URL upgrade.
-        `origin_form`: no proxy at all, the upgrade sent to host:port as a server (`GET /v1/chat`, Host: host:port)."""
+        `origin_form`: no proxy at all, the upgrade sent to host:port as a server (`GET /v1/chat`, Host: host:port).
+        `first`: (event_type, data) of a message sent in the same write as the upgrade request, before any 101."""
         self.sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
         headers = list(headers)
         if origin_form:
@@ -84,8 +98,11 @@ class WsClient:
             if proxy_auth:
                 headers.append(("Proxy-Authorization", proxy_auth))
         self.ws = WSConnection(ConnectionType.CLIENT)
-        self.sock.sendall(self.ws.send(Request(host=f"{host}:{port}", target=target,
-                                               extra_headers=[(k.encode(), v.encode()) for k, v in headers])))
+        upgrade = self.ws.send(Request(host=f"{host}:{port}", target=target,
+                                       extra_headers=[(k.encode(), v.encode()) for k, v in headers]))
+        if first is not None:  # wsproto frames nothing before the 101: a masked text frame written here
+            upgrade += masked_text_frame(json.dumps({"id": "0", "event_type": first[0], "data": first[1]}))
+        self.sock.sendall(upgrade)
         self.status, self.body, self.accepted = None, b"", False
         self._pending: list = []  # events read from the socket but not handed out yet (several come in one read)
         body_done = False

@@ -58,15 +58,18 @@ def test_the_callback_runs_once_the_answer_has_left(tmp_path):
         s.trust_env = False
         r = s.get(upstream.base_url + "/hold", proxies=proxy.proxies, timeout=20)
         assert r.status_code == 200 and r.json() == {"code": 0}
-        # the answer is here, and the callback is still holding the proxy's loop: it was queued behind the write
-        assert (tmp_path / "holding").read_text() == "/hold" and not (tmp_path / "done").exists()
+        # the answer is here; the callback starts (now or a moment later) and holds the proxy's loop until released:
+        # it was queued behind the write
+        assert wait_for(lambda: (tmp_path / "holding").exists() and (tmp_path / "holding").read_text(),
+                        what="the callback's start") == "/hold"
+        assert not (tmp_path / "done").exists()
         (tmp_path / "released").write_text("")
         assert wait_for(lambda: (tmp_path / "done").exists() and (tmp_path / "done").read_text(),
                         what="the callback's end") == "after the answer"
 
         # a callback that raises: one "Addon error" line naming it, and the proxy answers the next request
         assert s.get(upstream.base_url + "/fails", proxies=proxy.proxies, timeout=20).status_code == 200
-        assert proxy.wait_for_output(r"Addon error: fails \(after the answer left\): bookkeeping broke")
+        assert proxy.wait_for_output(r"Addon error: fails \(after the answer left\): bookkeeping broke", timeout=20)
         assert s.get(upstream.base_url + "/again", proxies=proxy.proxies, timeout=20).status_code == 200
     finally:
         proxy.stop()

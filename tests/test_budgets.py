@@ -188,6 +188,30 @@ def test_a_socket_may_not_start_more_chats_than_the_cap_at_once(budget_proxy, st
         client.close()
 
 
+def test_a_chat_sent_with_the_upgrade_request_holds_its_place(budget_proxy, standin, ws_port):
+    """A client may send its first message in the same write as the upgrade request. mitmproxy 12 then runs that
+    message's hook before anything queued after the 101's `response` hook: the chat it starts holds its place in
+    the cap all the same (the 101's end releases nothing of it), so a second socket is refused at the cap of 1."""
+    standin.delta_gap = 0.5  # the first reply takes ~3 s: the second socket asks while it runs
+    proxy = budget_proxy("coze_user_daily_tokens=100000", "coze_user_max_parallel_chats=1")
+    message = {"role": "user", "content_type": "text", "content": WS_TEXT}
+    first = WsClient(proxy.port, "localhost", ws_port, f"/v1/chat?{placeholder_query(USER)}", headers=[("Origin", PAGE)],
+                     first=("conversation.message.create", message))
+    second = ws_client(proxy, ws_port)
+    try:
+        assert first.status == 101, first.body
+        first.until("conversation.chat.created")  # the first chat runs
+        second.send("conversation.message.create", message)
+        refused = second.until("conversation.chat.completed")[-1]
+        assert refused["event_type"] == "error" and refused["data"]["code"] == 4013, refused
+        assert "at most 1" in refused["data"]["msg"]
+        assert first.until("conversation.chat.completed")[-1]["event_type"] == "conversation.chat.completed"
+        assert len(standin.chats_of(USER)) == 1
+    finally:
+        first.close()
+        second.close()
+
+
 # ------------------------------------------------------------------------------ non-streamed chats
 
 def test_non_streamed_chats_read_via_message_list_are_counted(mitmdump, config_file, standin, front):

@@ -6,9 +6,11 @@ the client's socket from that same task before it ends (proxy/server.py: `hook_t
 `server_event` writes; mitmproxy 11 and 12). So a callback added to that task's done-callbacks runs after the
 write. (Queuing it with the loop's `call_soon` is not enough: with mitmproxy 12's eager task factory the hook's
 task can wait for the connection's event lock after the hooks return, and the queued callback would run first.)
-Bookkeeping queued here (the per-flow log line, usage counted from an answer) costs the waiting client nothing.
+Work queued here (the per-flow log line) costs the waiting client nothing.
 
-Only what changes nothing the client receives may be queued here: the answer has left by then.
+Only what neither the client nor a later hook depends on may be queued here: the answer has left by then, and
+mitmproxy may already have run later hooks of the same connection (mitmproxy 12: a pipelined request's, or those of a
+WebSocket whose first message came with its upgrade request). So accounting's release of a chat's place is not.
 """
 
 from __future__ import annotations

@@ -519,7 +519,9 @@ class RedisUsageStore:
         places for the rest of a lease on every proxy)."""
         entries = [*self._releases, *((user, member) for member, user in self._held.items())]
         self._releases = []
-        return entries
+        # Redis away: not asked again at exit (a connection attempt that may take seconds); they expire within
+        # their lease, as release() says.
+        return [] if self.error else entries
 
     def _stop(self) -> list[tuple[str, dict[tuple, list[int]]]]:
         """Stops the task; returns every batch still to write."""

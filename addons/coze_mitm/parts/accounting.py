@@ -44,7 +44,6 @@ from pathlib import Path
 from mitmproxy import ctx, http
 
 from coze_mitm import options
-from coze_mitm.after_answer import after_answer
 from coze_mitm.core import fields, go_reading
 from coze_mitm.flowmeta import COZE_USER
 from coze_mitm.core.bounded import decoded_prefix
@@ -337,11 +336,9 @@ class Accounting:
             log.warning(f"coze-mitm: usage of a stream not counted: {scrub(why, 120)} (later ones are only counted)")
 
     def response(self, flow: http.HTTPFlow) -> None:
-        # Counting reads the answer and changes nothing in it: done once it has left, before the next request is
-        # read (after_answer.py), so a budget decision still sees it.
-        after_answer(self._answered, flow)
-
-    def _answered(self, flow: http.HTTPFlow) -> None:
+        # Not after the answer (after_answer.py): the place must be free before any later hook of this connection
+        # runs, and mitmproxy 12 may run one first (a WebSocket's first message sent with its upgrade request, a
+        # pipelined request): a chat started there would otherwise be released with this one, uncounted.
         try:
             self._stream_ended(flow)
             self._count_answer(flow)
