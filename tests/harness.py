@@ -201,6 +201,15 @@ class Launcher(Mitmdump):
         # the cwd is confdir, not the repository: the launcher must not depend on the cwd
         self.args = [sys.executable, str(RUN_MITM), "--port", "0", "--set", f"confdir={confdir}", *args]
 
+    def _popen(self) -> subprocess.Popen:
+        # As from a terminal: Ctrl-C (SIGINT) stops it. A suite started in the background by a non-interactive shell
+        # (`... &`, nohup) hands its processes SIGINT ignored, and Python keeps an inherited "ignored".
+        preexec = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if os.name == "posix" else None
+        return subprocess.Popen(
+            self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+            cwd=str(self.confdir), env=self.env, preexec_fn=preexec,
+        )
+
     def start(self) -> "Launcher":
         self._spawn()
         if not self.wait_for_output(r"Ctrl-C stops it", self.startup_timeout) or self.port is None:

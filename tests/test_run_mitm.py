@@ -440,7 +440,8 @@ def test_proxyauth_is_passed_to_mitmproxy(launch, tmp_path):
     launcher = launch("--demo", "--allow-remote", "--proxyauth", f"@{htpasswd}")
     args = cmdline(launcher.children()[0])
     # by environment, not on the child's command line (tests/test_proxyauth_files.py: secrets never in ps)
-    assert not any("proxyauth" in a for a in args[3:]) and "coze_allow_remote=true" in args
+    after_code = args[args.index("-c") + 2:]  # the interpreter, its flags, -c and the child's program come first
+    assert not any("proxyauth" in a for a in after_code) and "coze_allow_remote=true" in args
     assert "--allow-anonymous" not in launcher.output
     assert launcher.session().get("http://coze.mitm/status.json").status_code == 407
     s = launcher.session()
