@@ -138,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                 streamer = Mitmdump(work / "streamer", ["flow_detail=0"], script=False,
                                     extra_args=["-s", str(REPO / "bench" / "stream_only.py")]).start()
             bundle, bare = proxies.get("bundle"), proxies.get("bare mitmdump")
-            if not quick and want("latency"):
-                proxies.update(start_attribution(work, coze_sets, streamer))
             token = exchange("bench-reference-user").token  # the same kind of token the bundle injects
+            if not quick and want("latency"):
+                proxies.update(start_attribution(work, coze_sets, streamer, token))
             if want("latency"):
                 step(f"latency ({rounds} rounds x 3 paths{f', then {rounds // 2} x {len(proxies) + 1}' if len(proxies) > 2 else ''})")
                 lat_rows, details["latency"] = bench_latency(proxies, standin.base_url, token, rounds)

@@ -61,7 +61,7 @@ def _interleaved(proxies: dict[str, Mitmdump], base: str, token: str, rounds: in
     each round. The times per path, and each proxy's CPU per request."""
     paths: dict[str, tuple[requests.Session, dict, int | None]] = {}
     for name, proxy in proxies.items():
-        bundle_like = name.startswith(("bundle", "settings"))
+        bundle_like = name.startswith(("bundle", "settings", "least"))  # paths sent the page's tag
         paths[name] = (session(proxy), tagged("bench-latency-user") if bundle_like else with_token(token), proxy.proc.pid)
     paths["direct"] = (session(None), with_token(token), None)
     url = base + BOT
@@ -107,6 +107,7 @@ TIMED = "bundle, every part's hooks timed"
 CYCLES_ONLY = "bare mitmdump + cycles.py (the part that changes mitmproxy itself)"
 AS_RUN_MITM = "bundle as run_mitm.py runs it (python -O; coze_quiet: a log line per flow; coze_tune_process)"
 BARE_OPTIMISED = "bare mitmdump under python -O (what -O alone does to mitmproxy)"
+LEAST_SWAP = "least credential swap: bench/least_swap.py (tag -> token, tag back for the view; nothing else)"
 
 
 def attribution_table(attribution) -> str:
@@ -162,7 +163,7 @@ def as_run_mitm(proxy: Mitmdump) -> Mitmdump:
     return proxy
 
 
-def start_attribution(work: Path, coze_sets: list[str], streamer: Mitmdump) -> dict[str, Mitmdump]:
+def start_attribution(work: Path, coze_sets: list[str], streamer: Mitmdump, token: str) -> dict[str, Mitmdump]:
     """Attribution: the same request through parts of the bundle (bench/partial_bundle.py), and through the
     one-hook streaming reference; the reference proxies for bench_latency, by name."""
     proxies = {REFERENCE: streamer}
@@ -184,9 +185,13 @@ def start_attribution(work: Path, coze_sets: list[str], streamer: Mitmdump) -> d
         AS_RUN_MITM: as_run_mitm(FileLoggedMitmdump(work / "as-run-mitm", [*coze_sets, "coze_quiet=true",
                                                                            "coze_tune_process=true"])),
         BARE_OPTIMISED: as_run_mitm(Mitmdump(work / "bare-optimised", ["flow_detail=0"], script=False)),
+        # The floor under any credential-swapping script: what mitmproxy's addon API costs for the swap alone.
+        LEAST_SWAP: Mitmdump(work / "least-swap", ["flow_detail=0"], script=False,
+                             extra_args=["-s", str(REPO / "bench" / "least_swap.py")],
+                             env={**os.environ, "COZE_BENCH_TOKEN": token}),
     }
-    (work / "as-run-mitm").mkdir()
-    (work / "bare-optimised").mkdir()
+    for name in ("as-run-mitm", "bare-optimised", "least-swap"):
+        (work / name).mkdir()
     for name, proxy in references.items():
         if loaded(proxy.start(), name):
             proxies[name] = proxy

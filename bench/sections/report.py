@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .common import DELTA_GAP, REFERENCE, Row, ms
-from .latency import AS_RUN_MITM, BARE_OPTIMISED, CYCLES_ONLY, NOOP, TIMED, attribution_table, timing_table
+from .latency import AS_RUN_MITM, BARE_OPTIMISED, CYCLES_ONLY, LEAST_SWAP, NOOP, TIMED, attribution_table, timing_table
 from .soak import HOT_SHARE, SOAK_COLD, SOAK_HOT, SOAK_MAX_USERS, SOAK_TTL
 
 
@@ -213,6 +213,10 @@ def notes(details: dict, info: dict) -> str:
                        f"own work on a cached-token request costs {own:.3f}x (median), where the same pass measured "
                        f"the bundle at {att['bundle'][0]:.3f}x bare mitmdump: that figure includes what cycles.py saves "
                        f"mitmproxy, so it is not all coze-mitm's own.")
+        if LEAST_SWAP in att:
+            out.append(f"* **The least a credential swap costs** (bench/least_swap.py: the tag swapped for a token and "
+                       f"put back for the view, nothing checked or counted): {att[LEAST_SWAP][0]:.3f}x bare mitmdump, "
+                       f"{share(LEAST_SWAP, bare)}; the bundle's work beyond it: {share('bundle', LEAST_SWAP)}.")
         if AS_RUN_MITM in att:
             optimised = (f"; bare mitmdump under the same `python -O` alone: {att[BARE_OPTIMISED][0]:.3f}x"
                          if BARE_OPTIMISED in att else "")
