@@ -135,7 +135,7 @@ def allow_hosts(pl: Plan) -> list[str]:
 
 # -O: Python's optimised mode, in which mitmproxy skips its debug-only checks (the type check of every field of every
 # message it builds, the event-type check of every state-machine step, its asserts): less work per request for the
-# same behaviour (docs/decisions.md, "The launcher runs mitmproxy with python -O"). Nothing in addons/ is an assert
+# same behaviour (docs/decisions.md, "mitmproxy under `python -O`"). Nothing in addons/ is an assert
 # (tests/test_package_layout.py). bench/ runs its "as run_mitm.py runs it" proxy with these flags too.
 CHILD_PYTHON_FLAGS = ("-O",)
 

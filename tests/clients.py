@@ -4,7 +4,9 @@ what the stand-in charges for it, a WebSocket client."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import struct
 import urllib.parse
 
 import requests
@@ -62,9 +64,6 @@ def ws_reply(events: list[dict]) -> str:
 
 def masked_text_frame(text: str) -> bytes:
     """One final text frame as a client sends it (RFC 6455: masked)."""
-    import os
-    import struct
-
     payload = text.encode()
     n = len(payload)
     head = bytes([0x81]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack("!H", n)

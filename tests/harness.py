@@ -74,10 +74,14 @@ class Mitmdump:
         self._listening.set()
         self._read_all.set()
 
+    sigint_as_a_terminal = False  # Launcher: its Ctrl-C tests need SIGINT not ignored, whatever started the suite
+
     def _popen(self) -> subprocess.Popen:
+        default_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if os.name == "posix" else None
         return subprocess.Popen(
             self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
             cwd=str(self.confdir), env=self.env,  # not the repo: the default config path must not depend on the cwd
+            preexec_fn=default_sigint if self.sigint_as_a_terminal else None,
         )
 
     def _spawn(self) -> None:
@@ -201,14 +205,9 @@ class Launcher(Mitmdump):
         # the cwd is confdir, not the repository: the launcher must not depend on the cwd
         self.args = [sys.executable, str(RUN_MITM), "--port", "0", "--set", f"confdir={confdir}", *args]
 
-    def _popen(self) -> subprocess.Popen:
-        # As from a terminal: Ctrl-C (SIGINT) stops it. A suite started in the background by a non-interactive shell
-        # (`... &`, nohup) hands its processes SIGINT ignored, and Python keeps an inherited "ignored".
-        preexec = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if os.name == "posix" else None
-        return subprocess.Popen(
-            self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-            cwd=str(self.confdir), env=self.env, preexec_fn=preexec,
-        )
+    # As from a terminal: Ctrl-C (SIGINT) stops it. A suite started in the background by a non-interactive shell
+    # (`... &`, nohup) hands its processes SIGINT ignored, and Python keeps an inherited "ignored".
+    sigint_as_a_terminal = True
 
     def start(self) -> "Launcher":
         self._spawn()
