@@ -31,7 +31,7 @@ from bench.sections import REPO  # noqa: E402
 from bench.sections.common import DELTA_GAP, PAGE, Row, load_average, machine, no_nagle  # noqa: E402
 from bench.sections.first import bench_first_requests  # noqa: E402
 from bench.sections.jwt_memory import bench_jwt, bench_memory  # noqa: E402
-from bench.sections.latency import bench_latency, start_attribution  # noqa: E402
+from bench.sections.latency import PAIRS, bench_attribution, bench_targets, start_attribution  # noqa: E402
 from bench.sections.own_address import bench_own_address  # noqa: E402
 from bench.sections.report import print_results, write_report  # noqa: E402
 from bench.sections.soak import bench_soak  # noqa: E402
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None):
                    help="environment variable for the soaks' proxy (repeatable), e.g. MALLOC_ARENA_MAX=2")
     p.add_argument("--proxy-set", action="append", default=[], metavar="NAME=VALUE",
                    help="more --set for the soaks' proxy (repeatable), e.g. coze_usage_file=memory")
-    p.add_argument("--requests", type=int, default=None, help="latency rounds per path in the headline pass (default 4000, --quick 300); "
+    p.add_argument("--requests", type=int, default=None, help="latency rounds per path in each target pass, split over its fresh process pairs (default 4000, --quick 300); "
                    "the attribution pass (full run) makes half as many")
     p.add_argument("--streams", type=int, default=200, help="open streams at once (default 200)")
     p.add_argument("--stream-seconds", type=float, default=None, help="length of each open stream (default 30, --quick 6)")
@@ -139,12 +139,14 @@ def main(argv: list[str] | None = None) -> int:
                                     extra_args=["-s", str(REPO / "bench" / "stream_only.py")]).start()
             bundle, bare = proxies.get("bundle"), proxies.get("bare mitmdump")
             token = exchange("bench-reference-user").token  # the same kind of token the bundle injects
-            if not quick and want("latency"):
-                proxies.update(start_attribution(work, coze_sets, streamer, token))
             if want("latency"):
-                step(f"latency ({rounds} rounds x 3 paths{f', then {rounds // 2} x {len(proxies) + 1}' if len(proxies) > 2 else ''})")
-                lat_rows, details["latency"] = bench_latency(proxies, standin.base_url, token, rounds)
+                step(f"latency targets ({rounds} rounds x 3 paths, over {PAIRS} fresh pairs, for each of the two targets)")
+                lat_rows, details["latency"] = bench_targets(work / "targets", coze_sets, standin.base_url, token, rounds)
                 rows += lat_rows
+                if not quick:
+                    proxies.update(start_attribution(work, coze_sets, streamer, token))
+                    step(f"latency attribution ({rounds // 2} rounds x {len(proxies) + 1} paths)")
+                    details["latency"].update(bench_attribution(proxies, standin.base_url, token, max(rounds // 2, 1)))
             if want("own"):
                 step(f"the proxy's own address as the API base ({rounds} rounds x 4 paths)")
                 own_rows, details["own"] = bench_own_address(bundle, bare, standin.base_url, token, rounds)
