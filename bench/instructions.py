@@ -8,9 +8,9 @@ through bare mitmdump and through the bundle's paths, each proxy run under valgr
 Needs Debian's `valgrind` package (callgrind, callgrind_control). The latency passes of bench/run.py measure
 time on a shared 2-core machine: their ratios move by a few percent from one run, or one process, to the
 next. An instruction count does not: the same request through the same code executes the same instructions
-(within ~0.1% here), whatever else the machine does. It is not the latency target's measure (a user waits
-for time, and cache misses cost time that no instruction count shows); it says how much work each path adds,
-without noise, so that a change to the bundle's code can be weighed before and after in one run.
+(two runs here: within 0.4% per path), whatever else the machine does. It is not the latency target's measure
+(a user waits for time, and cache misses cost time that no instruction count shows); it says how much work each
+path adds, without noise, so that a change to the bundle's code can be weighed before and after in one run.
 
 Per path: mitmdump starts under callgrind (its counters cover every thread of the process), answers 100
 requests to warm up, its counters are zeroed (`callgrind_control -z`), it answers --requests requests, and
