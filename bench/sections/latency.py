@@ -20,6 +20,12 @@ from . import REPO
 from .common import BOT, REFERENCE, FileLoggedMitmdump, pin, Row, cpu_seconds, ms, pct, session, tagged, with_token
 
 
+NOOP = "one object, 4 flow hooks that do nothing (any -s script)"
+TIMED = "bundle, every part's hooks timed"
+CYCLES_ONLY = "bare mitmdump + cycles.py (the part that changes mitmproxy itself)"
+AS_RUN_MITM = "bundle as run_mitm.py runs it (python -O; coze_quiet: a log line per flow; coze_tune_process)"
+BARE_OPTIMISED = "bare mitmdump under python -O (what -O alone does to mitmproxy)"
+LEAST_SWAP = "least credential swap: bench/least_swap.py (tag -> token, tag back for the view; nothing else)"
 BARE = "bare mitmdump"
 PLAIN = "bundle"
 PAIRS = 3  # fresh process pairs per target: the pairs of one run differed by up to 3% (plain) and 8% (run_mitm.py's)
@@ -46,8 +52,8 @@ def bench_targets(work: Path, coze_sets: list[str], base: str, token: str, round
         cpu_total: dict[str, float] = {target: 0.0, BARE: 0.0}
         ratios = []
         for i in range(pairs):
-            proxies = {target: _start_target(target, work / f"{_slug(target)}-{i}", coze_sets),
-                       BARE: _start_target(BARE, work / f"bare-for-{_slug(target)}-{i}", coze_sets)}
+            proxies = {target: _start_target(target, work / f"{_DIRS[target]}-{i}", coze_sets),
+                       BARE: _start_target(BARE, work / f"bare-for-{_DIRS[target]}-{i}", coze_sets)}
             try:
                 t, c = _interleaved(proxies, base, token, per_pair, seed=5 + i, warmup=WARMUP)
             finally:
@@ -92,8 +98,7 @@ def bench_targets(work: Path, coze_sets: list[str], base: str, token: str, round
                   "attribution": [], "timing": None}
 
 
-def _slug(name: str) -> str:
-    return "run-mitm" if name == AS_RUN_MITM else re.sub(r"[^a-z0-9]+", "-", name.lower())
+_DIRS = {PLAIN: "bundle", AS_RUN_MITM: "run-mitm"}  # each pair's confdirs
 
 
 def _start_target(name: str, confdir: Path, coze_sets: list[str]) -> Mitmdump:
@@ -109,7 +114,7 @@ def _start_target(name: str, confdir: Path, coze_sets: list[str]) -> Mitmdump:
 def bench_attribution(proxies: dict[str, Mitmdump], base: str, token: str, rounds: int) -> dict:
     """The attribution pass: every path interleaved, bundle and bare mitmdump among them.
 
-    With ten paths taking turns, each proxy gets its next request after nine others have run through the same
+    With a dozen paths taking turns, each proxy gets its next request after the others have run through the same
     core and its caches, and every proxy's own code costs more than in the target passes: compare its rows
     with each other, not with the targets."""
     a_times, a_cpu = _interleaved(proxies, base, token, rounds, seed=6)
@@ -170,12 +175,6 @@ def _interleaved(proxies: dict[str, Mitmdump], base: str, token: str, rounds: in
     return times, cpu
 
 
-NOOP = "one object, 4 flow hooks that do nothing (any -s script)"
-TIMED = "bundle, every part's hooks timed"
-CYCLES_ONLY = "bare mitmdump + cycles.py (the part that changes mitmproxy itself)"
-AS_RUN_MITM = "bundle as run_mitm.py runs it (python -O; coze_quiet: a log line per flow; coze_tune_process)"
-BARE_OPTIMISED = "bare mitmdump under python -O (what -O alone does to mitmproxy)"
-LEAST_SWAP = "least credential swap: bench/least_swap.py (tag -> token, tag back for the view; nothing else)"
 
 
 def attribution_table(attribution) -> str:
