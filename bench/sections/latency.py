@@ -28,7 +28,7 @@ BARE_OPTIMISED = "bare mitmdump under python -O (what -O alone does to mitmproxy
 LEAST_SWAP = "least credential swap: bench/least_swap.py (tag -> token, tag back for the view; nothing else)"
 BARE = "bare mitmdump"
 PLAIN = "bundle"
-PAIRS = 3  # fresh process pairs per target: the pairs of one run differed by up to 3% (plain) and 8% (run_mitm.py's)
+PAIRS = 3  # fresh process pairs per target: one pair's ratio is its own luck (docs/benchmarks.md: up to 1.5% apart)
 # Requests each fresh proxy serves before it is timed: timed as a proxy that has been running a while, as a
 # user's has (its start-up objects already moved through the collector's generations, its caches filled).
 WARMUP = 1000
@@ -40,10 +40,10 @@ def bench_targets(work: Path, coze_sets: list[str], base: str, token: str, round
     `mitmdump -s addons/coze.py` (<= 1.05x, median and p99) and the process as run_mitm.py runs it (<= 1.0x).
 
     Each pass runs over `pairs` pairs of freshly started processes (the path and a bare mitmdump), rounds/pairs
-    rounds each, and the ratios are of the pooled times: with nothing changed between them, the three pairs of
-    one run measured 1.080x, 1.092x and 1.107x (plain) and 1.090x, 1.014x and 1.031x (run_mitm.py's), and one
-    pair would carry its own luck into the headline. Nothing else serves requests meanwhile: the attribution
-    paths start after these passes."""
+    rounds each, and the ratios are of the pooled times: with nothing changed between them, the pairs of one
+    run on a quiet machine differed by up to 1.5%, and by up to 8% with other processes waking on it; one pair
+    would carry its own luck into the headline. Nothing else serves requests meanwhile: the attribution paths
+    start after these passes."""
     per_pair = max(rounds // pairs, 1)
     rows: list[Row] = []
     out: dict = {}
