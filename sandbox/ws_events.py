@@ -106,7 +106,10 @@ class ChatProtocol:
                 fail(chat)
                 self.ws.req.cut()
         except (OSError, ValueError):  # the client went away mid-stream (ValueError: the file is closed)
-            fail(chat)
+            # A chat that had already ended keeps its end: the client may close the moment its last event
+            # arrives, before this thread is back from sending it.
+            if chat["status"] in ("created", "in_progress"):
+                fail(chat)
 
     def on_conversation_chat_cancel(self, data: dict) -> None:
         if self.chat is not None and self.chat["status"] in ("created", "in_progress"):

@@ -13,6 +13,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ if str(REPO) not in sys.path:  # also when run as plain `pytest` rather than `py
     sys.path.insert(0, str(REPO))
 
 from sandbox.coze_standin import JWT_GRANT_TYPE, TOKEN_PATH, CozeStandIn, make_sandbox_app  # noqa: E402
+from tests.harness import wait_for  # noqa: E402
 KID = "kid_sandbox_test"
 CLIENT_ID = "1127900000001"
 GAP = 0.03
@@ -1157,6 +1159,39 @@ def test_ws_chat_cancel(st, key):
         c.close()
     assert "conversation.chat.completed" not in [e["event_type"] for e in events]
     assert st.chats_of("alice_0001")[0]["status"] == "canceled"
+
+
+@pytest.mark.parametrize("last", ["conversation.chat.canceled", "conversation.chat.completed"])
+def test_ws_chat_keeps_its_end_when_the_client_leaves_as_the_last_event_arrives(st, key, monkeypatch, last):
+    """The client has the chat's last event and closes while the sandbox's thread is still in the send that
+    delivered it (its flush then meets a closed file): the chat stays canceled or completed, not failed."""
+    from sandbox import websocket
+
+    write = websocket.WsSession._write
+
+    def write_then_find_the_file_closed(self, event):
+        write(self, event)
+        if last in getattr(event, "data", ""):
+            raise ValueError("I/O operation on closed file.")
+
+    monkeypatch.setattr(websocket.WsSession, "_write", write_then_find_the_file_closed)
+    if last.endswith("canceled"):
+        st.delta_gap = 0.5  # the cancel arrives long before the reply could be over
+    alice = access_token(st, key, "alice_0001")
+    c = WsClient(st, f"/v1/chat?bot_id=1&authorization={ws_auth(alice)}")
+    try:
+        c.recv()
+        c.send("conversation.message.create", {"role": "user", "content_type": "text", "content": "a b c d e f g"})
+        if last.endswith("canceled"):
+            c.until("conversation.message.delta")
+            c.send("conversation.chat.cancel")
+        c.until(last)
+    finally:
+        c.close()
+    # the sandbox's chat thread is past its send (and whatever it does when the send fails)
+    wait_for(lambda: not any(t.name == "coze-sandbox-ws-chat" for t in threading.enumerate()),
+             what="the sandbox's chat thread ending")
+    assert st.chats_of("alice_0001")[0]["status"] == ("canceled" if last.endswith("canceled") else "completed")
 
 
 def test_ws_speech_and_transcriptions_minimal(st, key):
