@@ -1145,24 +1145,32 @@ def test_ws_header_and_query_together_and_plain_get(st, key):
     assert r.status_code == 426 and r.json()["code"] == 4000
 
 
-def test_ws_chat_cancel(st, key):
-    st.delta_gap = 0.5  # the cancel arrives long before the reply could be over
+def _ws_chat_to_its_end(st, key, cancel: bool) -> list:
+    """alice's chat on /v1/chat, canceled after its first delta or left to complete: its events up to the last."""
+    if cancel:
+        st.delta_gap = 0.5  # the cancel arrives long before the reply could be over
     alice = access_token(st, key, "alice_0001")
     c = WsClient(st, f"/v1/chat?bot_id=1&authorization={ws_auth(alice)}")
     try:
         c.recv()
         c.send("conversation.message.create", {"role": "user", "content_type": "text", "content": "a b c d e f g"})
+        if not cancel:
+            return c.until("conversation.chat.completed")
         c.until("conversation.message.delta")
         c.send("conversation.chat.cancel")
-        events = c.until("conversation.chat.canceled")
+        return c.until("conversation.chat.canceled")
     finally:
         c.close()
+
+
+def test_ws_chat_cancel(st, key):
+    events = _ws_chat_to_its_end(st, key, cancel=True)
     assert "conversation.chat.completed" not in [e["event_type"] for e in events]
     assert st.chats_of("alice_0001")[0]["status"] == "canceled"
 
 
-@pytest.mark.parametrize("last", ["conversation.chat.canceled", "conversation.chat.completed"])
-def test_ws_chat_keeps_its_end_when_the_client_leaves_as_the_last_event_arrives(st, key, monkeypatch, last):
+@pytest.mark.parametrize("end", ["canceled", "completed"])
+def test_ws_chat_keeps_its_end_when_the_client_leaves_as_the_last_event_arrives(st, key, monkeypatch, end):
     """The client has the chat's last event and closes while the sandbox's thread is still in the send that
     delivered it (its flush then meets a closed file): the chat stays canceled or completed, not failed."""
     from sandbox import websocket
@@ -1171,27 +1179,15 @@ def test_ws_chat_keeps_its_end_when_the_client_leaves_as_the_last_event_arrives(
 
     def write_then_find_the_file_closed(self, event):
         write(self, event)
-        if last in getattr(event, "data", ""):
+        if f"conversation.chat.{end}" in getattr(event, "data", ""):
             raise ValueError("I/O operation on closed file.")
 
     monkeypatch.setattr(websocket.WsSession, "_write", write_then_find_the_file_closed)
-    if last.endswith("canceled"):
-        st.delta_gap = 0.5  # the cancel arrives long before the reply could be over
-    alice = access_token(st, key, "alice_0001")
-    c = WsClient(st, f"/v1/chat?bot_id=1&authorization={ws_auth(alice)}")
-    try:
-        c.recv()
-        c.send("conversation.message.create", {"role": "user", "content_type": "text", "content": "a b c d e f g"})
-        if last.endswith("canceled"):
-            c.until("conversation.message.delta")
-            c.send("conversation.chat.cancel")
-        c.until(last)
-    finally:
-        c.close()
+    _ws_chat_to_its_end(st, key, cancel=end == "canceled")
     # the sandbox's chat thread is past its send (and whatever it does when the send fails)
     wait_for(lambda: not any(t.name == "coze-sandbox-ws-chat" for t in threading.enumerate()),
              what="the sandbox's chat thread ending")
-    assert st.chats_of("alice_0001")[0]["status"] == ("canceled" if last.endswith("canceled") else "completed")
+    assert st.chats_of("alice_0001")[0]["status"] == end
 
 
 def test_ws_speech_and_transcriptions_minimal(st, key):
