@@ -67,7 +67,7 @@ def bench_targets(work: Path, coze_sets: list[str], base: str, token: str, round
         med = {k: statistics.median(v) for k, v in times.items()}
         p99 = {k: pct(v, 99) for k, v in times.items()}
         cpu = {k: v / pairs for k, v in cpu_total.items()}
-        out[target] = {"median": med, "p99": p99, "cpu": cpu, "pair_ratios": ratios, "rounds": per_pair * pairs}
+        out[target] = {"median": med, "p99": p99, "cpu": cpu, "pair_ratios": ratios}
         r_med, r_p99, r_cpu = med[target] / med[BARE], p99[target] / p99[BARE], cpu[target] / cpu[BARE]
         each = ", ".join(f"{r:.3f}x" for r in ratios)
         if target == PLAIN:
