@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "addons"))
 
 from bench.sections.common import BOT, DELTA_GAP, PAGE, load_average, machine, no_nagle, session, tagged  # noqa: E402
-from bench.sections.latency import as_run_mitm  # noqa: E402
+from bench.sections import paths  # noqa: E402
 from coze_mitm.core import config  # noqa: E402
 from coze_mitm.core.exchange import CozeTokenExchange  # noqa: E402
 from sandbox.coze_standin import make_sandbox_app, write_config  # noqa: E402
@@ -51,6 +51,7 @@ PATHS = {
     "run-mitm": "as run_mitm.py runs it (python -O, coze_quiet, coze_tune_process)",
     "bare-O": "bare mitmdump under python -O",
 }
+PARTS = {"settings-auth": "settings,auth"}  # bench/partial_bundle.py's parts, for the paths that run some of them
 WARMUP = 100
 STARTUP_TIMEOUT = 300  # mitmdump under valgrind takes tens of seconds to start
 
@@ -70,28 +71,8 @@ def parse_args(argv: list[str] | None):
 
 def start(path: str, confdir: Path, coze_sets: list[str], token: str, out: Path, cache_sim: bool) -> tuple[Mitmdump, dict]:
     """The path's mitmdump under callgrind, and the headers its client sends (a tag where the path swaps one)."""
-    env = {**os.environ, "COZE_BENCH_TOKEN": token}
-    env.pop("COZE_PAT", None)
-    extra: list[str] = []
-    sets = coze_sets
-    script = False
-    if path in ("bare", "bare-O"):
-        sets = ["flow_detail=0"]
-    elif path == "noop":
-        env["COZE_BENCH_ADDONS"] = "noop"
-        sets, extra = ["flow_detail=0"], ["-s", str(REPO / "bench" / "partial_bundle.py")]
-    elif path == "least":
-        sets, extra = ["flow_detail=0"], ["-s", str(REPO / "bench" / "least_swap.py")]
-    elif path == "settings-auth":
-        env["COZE_BENCH_ADDONS"] = "settings,auth"
-        extra = ["-s", str(REPO / "bench" / "partial_bundle.py")]
-    elif path == "bundle":
-        script = True
-    elif path == "run-mitm":
-        sets, script = [*coze_sets, "coze_quiet=true", "coze_tune_process=true"], True
-    proxy = Mitmdump(confdir, sets, script=script, extra_args=extra, env=env, startup_timeout=STARTUP_TIMEOUT)
-    if path in ("run-mitm", "bare-O"):
-        as_run_mitm(proxy)
+    proxy = paths.make("parts" if path in PARTS else path, confdir, coze_sets, token, parts=PARTS.get(path, ""))
+    proxy.startup_timeout = STARTUP_TIMEOUT
     proxy.args[0:0] = ["valgrind", "--tool=callgrind", f"--cache-sim={'yes' if cache_sim else 'no'}",
                        f"--callgrind-out-file={out}"]
     # the paths that swap a tag are sent one; the others the token in its place, beside the same other headers

@@ -16,8 +16,8 @@ import requests
 
 from tests.harness import Mitmdump
 
-from . import REPO
-from .common import BOT, REFERENCE, FileLoggedMitmdump, pin, Row, cpu_seconds, ms, pct, session, tagged, with_token
+from . import paths
+from .common import BOT, REFERENCE, pin, Row, cpu_seconds, ms, pct, session, tagged, with_token
 
 
 NOOP = "one object, 4 flow hooks that do nothing (any -s script)"
@@ -102,13 +102,9 @@ _DIRS = {PLAIN: "bundle", AS_RUN_MITM: "run-mitm"}  # each pair's confdirs
 
 
 def _start_target(name: str, confdir: Path, coze_sets: list[str]) -> Mitmdump:
-    confdir.mkdir(parents=True, exist_ok=True)
-    if name == BARE:
-        return Mitmdump(confdir, ["flow_detail=0"], script=False).start()
-    if name == PLAIN:
-        return Mitmdump(confdir, coze_sets).start()
-    # As run_mitm.py runs it; its per-flow lines go to a file, as to a user's terminal.
-    return as_run_mitm(FileLoggedMitmdump(confdir, [*coze_sets, "coze_quiet=true", "coze_tune_process=true"])).start()
+    # As run_mitm.py runs it, its per-flow lines go to a file, as to a user's terminal.
+    path = {BARE: "bare", PLAIN: "bundle", AS_RUN_MITM: "run-mitm"}[name]
+    return paths.make(path, confdir, coze_sets, lines_to_file=True).start()
 
 
 def bench_attribution(proxies: dict[str, Mitmdump], base: str, token: str, rounds: int) -> dict:
@@ -200,15 +196,8 @@ def timing_table(timing: dict | None) -> str:
 def start_partial(confdir: Path, sets: list[str], parts: str, timing_file: Path | None = None) -> Mitmdump | None:
     """mitmdump -s bench/partial_bundle.py with COZE_BENCH_ADDONS=parts; None (and a line) if the parts did not
     load: after the bundle changes shape, an attribution row must be missing, not silently a bare mitmdump."""
-    env = {"COZE_BENCH_ADDONS": parts, **({"COZE_BENCH_TIMING": str(timing_file)} if timing_file else {})}
-    os.environ.update(env)
-    try:
-        proxy = Mitmdump(confdir, sets, script=False, extra_args=["-s", str(REPO / "bench" / "partial_bundle.py")]).start()
-    finally:
-        for name in env:
-            del os.environ[name]
-    proxy.timing_file = timing_file
-    return loaded(proxy, f"attribution path {parts!r}")
+    proxy = paths.make("noop" if parts == "noop" else "parts", confdir, sets, parts=parts, timing_file=timing_file)
+    return loaded(proxy.start(), f"attribution path {parts!r}")
 
 
 def loaded(proxy: Mitmdump, what: str) -> Mitmdump | None:
@@ -222,14 +211,6 @@ def loaded(proxy: Mitmdump, what: str) -> Mitmdump | None:
     return proxy
 
 
-def as_run_mitm(proxy: Mitmdump) -> Mitmdump:
-    """The proxy's Python started with the flags run_mitm.py starts mitmproxy's with (launcher/plan.py)."""
-    from launcher.plan import CHILD_PYTHON_FLAGS
-
-    proxy.args[1:1] = CHILD_PYTHON_FLAGS  # after the interpreter, before its "-c"
-    return proxy
-
-
 def start_attribution(work: Path, coze_sets: list[str], streamer: Mitmdump, token: str) -> dict[str, Mitmdump]:
     """Attribution: the same request through parts of the bundle (bench/partial_bundle.py), and through the
     one-hook streaming reference; the reference proxies for bench_latency, by name."""
@@ -237,28 +218,19 @@ def start_attribution(work: Path, coze_sets: list[str], streamer: Mitmdump, toke
     for name, parts in ((NOOP, "noop"), ("settings + auth", "settings,auth"),
                         ("settings + cors + auth + streaming", "settings,cors,auth,streaming"), (TIMED, "all")):
         confdir = work / parts.replace(",", "-")
-        confdir.mkdir()
-        partial = start_partial(confdir, coze_sets if parts != "noop" else ["flow_detail=0"], parts,
-                                timing_file=confdir / "timing.json" if name == TIMED else None)
+        partial = start_partial(confdir, coze_sets, parts, timing_file=confdir / "timing.json" if name == TIMED else None)
         if partial:
             proxies[name] = partial
-    # What cycles.py alone does to mitmproxy (its type check, the collector): against it, coze-mitm's own work.
-    (work / "cycles-only").mkdir()
     references = {
-        CYCLES_ONLY: Mitmdump(work / "cycles-only", ["flow_detail=0"], script=False,
-                              extra_args=["-s", str(REPO / "bench" / "cycles_only.py")]),
+        # What cycles.py alone does to mitmproxy (its type check, the collector): against it, coze-mitm's own work.
+        CYCLES_ONLY: paths.make("cycles-only", work / "cycles-only", coze_sets),
         # As run_mitm.py runs it: coze_quiet on, so every flow coze-mitm acted on gets its log line.
         # Its lines go to a file, as to a user's terminal: not through a pipe to a thread of this measuring process.
-        AS_RUN_MITM: as_run_mitm(FileLoggedMitmdump(work / "as-run-mitm", [*coze_sets, "coze_quiet=true",
-                                                                           "coze_tune_process=true"])),
-        BARE_OPTIMISED: as_run_mitm(Mitmdump(work / "bare-optimised", ["flow_detail=0"], script=False)),
+        AS_RUN_MITM: paths.make("run-mitm", work / "as-run-mitm", coze_sets, lines_to_file=True),
+        BARE_OPTIMISED: paths.make("bare-O", work / "bare-optimised", coze_sets),
         # The floor under any credential-swapping script: what mitmproxy's addon API costs for the swap alone.
-        LEAST_SWAP: Mitmdump(work / "least-swap", ["flow_detail=0"], script=False,
-                             extra_args=["-s", str(REPO / "bench" / "least_swap.py")],
-                             env={**os.environ, "COZE_BENCH_TOKEN": token}),
+        LEAST_SWAP: paths.make("least", work / "least-swap", coze_sets, token),
     }
-    for name in ("as-run-mitm", "bare-optimised", "least-swap"):
-        (work / name).mkdir()
     for name, proxy in references.items():
         if loaded(proxy.start(), name):
             proxies[name] = proxy
