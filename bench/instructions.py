@@ -46,6 +46,7 @@ PATHS = {
     "bare": "bare mitmdump",
     "noop": "one object, 4 flow hooks that do nothing (any -s script; bench/partial_bundle.py)",
     "least": "least credential swap (bench/least_swap.py)",
+    "fused": "the bundle's work on this request fused into one object (bench/fused_floor.py; not coze-mitm)",
     "settings-auth": "settings + auth (bench/partial_bundle.py)",
     "bundle": "plain mitmdump -s addons/coze.py",
     "run-mitm": "as run_mitm.py runs it (python -O, coze_quiet, coze_tune_process)",
@@ -69,9 +70,11 @@ def parse_args(argv: list[str] | None):
     return args
 
 
-def start(path: str, confdir: Path, coze_sets: list[str], token: str, out: Path, cache_sim: bool) -> tuple[Mitmdump, dict]:
+def start(path: str, confdir: Path, coze_sets: list[str], token: str, api_base: str, out: Path,
+          cache_sim: bool) -> tuple[Mitmdump, dict]:
     """The path's mitmdump under callgrind, and the headers its client sends (a tag where the path swaps one)."""
-    proxy = paths.make("parts" if path in PARTS else path, confdir, coze_sets, token, parts=PARTS.get(path, ""))
+    proxy = paths.make("parts" if path in PARTS else path, confdir, coze_sets, token, api_base=api_base,
+                       parts=PARTS.get(path, ""))
     proxy.startup_timeout = STARTUP_TIMEOUT
     proxy.args[0:0] = ["valgrind", "--tool=callgrind", f"--cache-sim={'yes' if cache_sim else 'no'}",
                        f"--callgrind-out-file={out}"]
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 confdir = work / path
                 confdir.mkdir()
                 out = confdir / "callgrind.out"
-                proxy, headers = start(path, confdir, coze_sets, token, out, args.cache_sim)
+                proxy, headers = start(path, confdir, coze_sets, token, standin.base_url, out, args.cache_sim)
                 try:
                     client = session(proxy)
                     for _ in range(WARMUP):

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 lat_rows, details["latency"] = bench_targets(work / "targets", coze_sets, standin.base_url, token, rounds)
                 rows += lat_rows
                 if not quick:
-                    proxies.update(start_attribution(work, coze_sets, streamer, token))
+                    proxies.update(start_attribution(work, coze_sets, streamer, token, standin.base_url))
                     step(f"latency attribution ({rounds // 2} rounds x {len(proxies) + 1} paths)")
                     details["latency"].update(bench_attribution(proxies, standin.base_url, token, max(rounds // 2, 1)))
             if want("own"):

@@ -26,6 +26,7 @@ CYCLES_ONLY = "bare mitmdump + cycles.py (the part that changes mitmproxy itself
 AS_RUN_MITM = "bundle as run_mitm.py runs it (python -O; coze_quiet: a log line per flow; coze_tune_process)"
 BARE_OPTIMISED = "bare mitmdump under python -O (what -O alone does to mitmproxy)"
 LEAST_SWAP = "least credential swap: bench/least_swap.py (tag -> token, tag back for the view; nothing else)"
+FUSED_FLOOR = "bundle's work fused into one object: bench/fused_floor.py (a measurement, not coze-mitm)"
 BARE = "bare mitmdump"
 PLAIN = "bundle"
 PAIRS = 3  # fresh process pairs per target: one pair's ratio is its own luck (docs/benchmarks.md: up to 1.5% apart)
@@ -211,7 +212,7 @@ def loaded(proxy: Mitmdump, what: str) -> Mitmdump | None:
     return proxy
 
 
-def start_attribution(work: Path, coze_sets: list[str], streamer: Mitmdump, token: str) -> dict[str, Mitmdump]:
+def start_attribution(work: Path, coze_sets: list[str], streamer: Mitmdump, token: str, api_base: str) -> dict[str, Mitmdump]:
     """Attribution: the same request through parts of the bundle (bench/partial_bundle.py), and through the
     one-hook streaming reference; the reference proxies for bench_latency, by name."""
     proxies = {REFERENCE: streamer}
@@ -230,6 +231,8 @@ def start_attribution(work: Path, coze_sets: list[str], streamer: Mitmdump, toke
         BARE_OPTIMISED: paths.make("bare-O", work / "bare-optimised", coze_sets),
         # The floor under any credential-swapping script: what mitmproxy's addon API costs for the swap alone.
         LEAST_SWAP: paths.make("least", work / "least-swap", coze_sets, token),
+        # The same work with almost none of the parts' structure: how far fusing them could go.
+        FUSED_FLOOR: paths.make("fused", work / "fused-floor", coze_sets, token, api_base=api_base),
     }
     for name, proxy in references.items():
         if loaded(proxy.start(), name):

@@ -10,13 +10,14 @@ from pathlib import Path
 from tests.harness import Mitmdump
 
 from . import REPO
-from .common import FileLoggedMitmdump
+from .common import PAGE, FileLoggedMitmdump
 
 PATHS = {
     "bare": "bare mitmdump",
     "bare-O": "bare mitmdump under python -O",
     "noop": "one object, 4 flow hooks that do nothing (any -s script; bench/partial_bundle.py)",
     "least": "least credential swap (bench/least_swap.py)",
+    "fused": "the bundle's work on this request fused into one object (bench/fused_floor.py; not coze-mitm)",
     "parts": "some of the bundle's parts (bench/partial_bundle.py)",
     "cycles-only": "bare mitmdump + cycles.py (bench/cycles_only.py)",
     "bundle": "plain mitmdump -s addons/coze.py",
@@ -25,10 +26,11 @@ PATHS = {
 QUIET = ["flow_detail=0"]  # every path prints nothing per flow, but run-mitm its coze_quiet line
 
 
-def make(path: str, confdir: Path, coze_sets: list[str], token: str = "", *, parts: str = "",
+def make(path: str, confdir: Path, coze_sets: list[str], token: str = "", *, api_base: str = "", parts: str = "",
          timing_file: Path | None = None, lines_to_file: bool = False) -> Mitmdump:
     """The path's mitmdump, not started. `coze_sets`: the bundle's options (config, origins); `token`: what the
-    least swap puts in the tag's place; `parts`: bench/partial_bundle.py's COZE_BENCH_ADDONS (path "parts"),
+    least swap and the fused floor put in the tag's place, `api_base` where the fused floor sends it (the
+    stand-in); `parts`: bench/partial_bundle.py's COZE_BENCH_ADDONS (path "parts"),
     with `timing_file` its per-hook timer; `lines_to_file`: run-mitm's per-flow lines go to a file, as to a
     user's terminal, not through a pipe to a thread of the measuring process."""
     if path not in PATHS:
@@ -47,6 +49,9 @@ def make(path: str, confdir: Path, coze_sets: list[str], token: str = "", *, par
     elif path == "least":
         env["COZE_BENCH_TOKEN"] = token
         proxy = Mitmdump(confdir, QUIET, script=False, env=env, extra_args=["-s", str(REPO / "bench" / "least_swap.py")])
+    elif path == "fused":
+        env.update(COZE_BENCH_TOKEN=token, COZE_BENCH_API=api_base, COZE_BENCH_ORIGIN=PAGE)
+        proxy = Mitmdump(confdir, QUIET, script=False, env=env, extra_args=["-s", str(REPO / "bench" / "fused_floor.py")])
     elif path == "cycles-only":
         proxy = Mitmdump(confdir, QUIET, script=False, env=env, extra_args=["-s", str(REPO / "bench" / "cycles_only.py")])
     elif path == "bundle":

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .common import DELTA_GAP, REFERENCE, Row, ms
-from .latency import AS_RUN_MITM, BARE_OPTIMISED, CYCLES_ONLY, LEAST_SWAP, NOOP, TIMED, attribution_table, timing_table
+from .latency import (AS_RUN_MITM, BARE_OPTIMISED, CYCLES_ONLY, FUSED_FLOOR, LEAST_SWAP, NOOP, TIMED, attribution_table,
+                      timing_table)
 from .soak import HOT_SHARE, SOAK_COLD, SOAK_HOT, SOAK_MAX_USERS, SOAK_TTL
 
 
@@ -217,6 +218,11 @@ def notes(details: dict, info: dict) -> str:
             out.append(f"* **The least a credential swap costs** (bench/least_swap.py: the tag swapped for a token and "
                        f"put back for the view, nothing checked or counted): {att[LEAST_SWAP][0]:.3f}x bare mitmdump, "
                        f"{share(LEAST_SWAP, bare)}; the bundle's work beyond it: {share('bundle', LEAST_SWAP)}.")
+        if FUSED_FLOOR in att:
+            out.append(f"* **The same work fused** (bench/fused_floor.py: what the bundle does to this request, in one "
+                       f"object with three hooks and almost no helper functions; no isolation between parts, nothing the "
+                       f"request does not reach): {att[FUSED_FLOOR][0]:.3f}x bare mitmdump, {share(FUSED_FLOOR, bare)}; "
+                       f"the bundle's structure beyond it: {share('bundle', FUSED_FLOOR)}.")
         run_mitm = lat.get("targets", {}).get(AS_RUN_MITM)
         if run_mitm:
             r = run_mitm["median"][AS_RUN_MITM] / run_mitm["median"][bare]
