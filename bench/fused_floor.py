@@ -3,8 +3,9 @@ helper functions: a measurement, not a part of coze-mitm (python bench/run.py's 
 
 What it does is what the bundle does to the benchmark's request (a page's tagged GET to the Coze API from
 this machine): the destination asked once; the client's address; the tag, Origin and Sec-Fetch headers read
-and decided once per distinct set (as identity.Admissions keeps them); a proxy login header looked for; the
-user's cached token looked up with its expiry; Authorization and Accept-Encoding swapped in one pass; the page's
+and decided once per distinct set (as identity.Admissions keeps them, with its patterns); the
+user's cached token looked up with its expiry; Authorization and Accept-Encoding swapped and a proxy login's
+header dropped in one pass; the page's
 fields kept for the flow's view; the flow's comment, marker and metadata; the counters. Then, on the answer:
 the page's fields put back, the token looked for in the answer's headers, the CORS headers set with Vary
 merged, the event-stream question, and Coze's code looked for in the body. Not done: anything the request does
@@ -13,7 +14,7 @@ parts (an exception here is mitmproxy's to log).
 
 Why: the bundle's parts make ~115 calls into ~60 distinct Python functions and methods on such a request
 (traced in process), through 13 part hooks; timed in the proxy each hook costs microseconds however little it
-does (Streaming.responseheaders, one header read: 4-6 us), a sign that what costs is each function's and
+does (Streaming.responseheaders, one header read: 3-6 us), a sign that what costs is each function's and
 object's first touch per request (code, constants, globals, caches) after mitmproxy's own millisecond of work,
 more than the instructions. This puts a number on how far fusing the parts would go, against the least swap
 (bench/least_swap.py, the floor of any swap) and the bundle, measured in the same pass.
@@ -23,20 +24,25 @@ COZE_BENCH_TOKEN: the token; COZE_BENCH_API: the Coze API base (the stand-in's);
 
 import json
 import os
-import re
+import sys
 import time
 import urllib.parse
 import weakref
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addons"))
+
+# The rules' own constants, so that the floor decides what the parts decide.
+from coze_mitm.core.identity import BROWSER_HEADERS, PLACEHOLDER_RE, USER_ID_RE, is_loopback  # noqa: E402
+from coze_mitm.parts.cors import EXPOSE_HEADERS  # noqa: E402
+from coze_mitm.parts.coze_answers import _CODE_RE, MAX_ENVELOPE, WATCHED_CODES  # noqa: E402
 
 TOKEN = os.environ.get("COZE_BENCH_TOKEN", "")
 _api = urllib.parse.urlsplit(os.environ.get("COZE_BENCH_API", "http://127.0.0.1:1"))
 API = frozenset({(_api.scheme.encode(), (_api.hostname or "").lower(), _api.port or (443 if _api.scheme == "https" else 80))})
 ORIGINS = frozenset({os.environ.get("COZE_BENCH_ORIGIN", "https://chat.example.org")})
-GATHERED = frozenset({b"authorization", b"cookie", b"origin", b"sec-fetch-site", b"sec-fetch-dest"})
-TAG_RE = re.compile(r"Bearer user:([A-Za-z0-9._@-]{1,128})")
-CODE_RE = re.compile(rb'"code"\s*:\s*(\d{4,9})\b')
-WATCHED = frozenset({4100, 700012006, 4013, 4015, 4019, 4020, 4200})
-EXPOSE = b"X-Tt-Logid, Content-Type, Content-Length, Retry-After"
+GATHERED = frozenset({b"authorization", b"cookie", b"origin", *(name.encode() for name in BROWSER_HEADERS)})
+EXPOSE = EXPOSE_HEADERS.encode()
 CORS_NAMES = (b"access-control-allow-origin", b"access-control-allow-credentials", b"access-control-expose-headers")
 
 
@@ -54,7 +60,7 @@ class FusedFloor:
             return
         self.stats["requests"] += 1
         peer = flow.client_conn.peername
-        if not (peer and str(peer[0]) in ("127.0.0.1", "::1", "::ffff:127.0.0.1")):
+        if not (peer and is_loopback(str(peer[0]))):
             return
         page = data.headers.fields
         read = tuple([f for f in page if f[0].lower() in GATHERED])
@@ -63,10 +69,11 @@ class FusedFloor:
             got = {}
             for name, value in read:
                 got.setdefault(name.lower(), []).append(value.decode("utf-8", "surrogateescape"))
-            tag = TAG_RE.fullmatch(got.get(b"authorization", [""])[0])
+            tag = PLACEHOLDER_RE.fullmatch(got.get(b"authorization", [""])[0])
+            user = tag.group(1) if tag and USER_ID_RE.fullmatch(tag.group(1)) else None
             origins = got.get(b"origin", [])
             origin = origins[0] if len(origins) == 1 and origins[0] in ORIGINS else None
-            known = self.decided[read] = (tag.group(1) if tag else None, origin)
+            known = self.decided[read] = (user, origin)
         user, origin = known
         if user is None:
             return
@@ -77,15 +84,13 @@ class FusedFloor:
             entry = self.tokens[user] = (TOKEN, time.time() + 900)
         token = entry[0]
         out = []
-        login = False
         for field in page:
             name = field[0].lower()
             if name == b"authorization":
                 out.append((field[0], b"Bearer " + token.encode()))
             elif name == b"accept-encoding":
                 out.append((field[0], b"identity"))
-            else:
-                login = login or name == b"proxy-authorization"
+            elif name != b"proxy-authorization":  # a proxy login's password never travels on (login.py)
                 out.append(field)
         data.headers.fields = injected = tuple(out)
         self.sent[flow] = (token, page, injected)
@@ -134,9 +139,9 @@ class FusedFloor:
         if sent is None or response is None or response.stream:
             return
         raw = response.raw_content
-        if raw and len(raw) <= 65536 and any(int(c) in WATCHED for c in CODE_RE.findall(raw)):
+        if raw and len(raw) <= MAX_ENVELOPE and any(int(c) in WATCHED_CODES for c in _CODE_RE.findall(raw)):
             body = json.loads(raw)
-            if isinstance(body, dict) and body.get("code") in WATCHED:
+            if isinstance(body, dict) and body.get("code") in WATCHED_CODES:
                 self.stats["watched"] = self.stats.get("watched", 0) + 1
 
 

@@ -80,7 +80,7 @@ def start(path: str, confdir: Path, coze_sets: list[str], token: str, api_base: 
                        f"--callgrind-out-file={out}"]
     # the paths that swap a tag are sent one; the others the token in its place, beside the same other headers
     headers = tagged("bench-instructions-user")
-    if path in ("bare", "bare-O", "noop"):
+    if not proxy.sent_a_tag:
         headers["Authorization"] = f"Bearer {token}"
     return proxy.start(), headers
 

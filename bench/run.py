@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.sections (which adds addons/ in turn)
 
-from bench.sections import REPO  # noqa: E402
+from bench.sections import REPO, paths  # noqa: E402
 from bench.sections.common import DELTA_GAP, PAGE, Row, load_average, machine, no_nagle  # noqa: E402
 from bench.sections.first import bench_first_requests  # noqa: E402
 from bench.sections.jwt_memory import bench_jwt, bench_memory  # noqa: E402
@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if any(want(x) for x in ("latency", "own", "sse", "first", "streams")):
                 step("starting the proxies")
-                proxies["bundle"] = Mitmdump(work / "bundle", coze_sets).start()
-                proxies["bare mitmdump"] = Mitmdump(work / "bare", ["flow_detail=0"], script=False).start()
+                proxies["bundle"] = paths.make("bundle", work / "bundle", coze_sets).start()
+                proxies["bare mitmdump"] = paths.make("bare", work / "bare", coze_sets).start()
                 streamer = Mitmdump(work / "streamer", ["flow_detail=0"], script=False,
                                     extra_args=["-s", str(REPO / "bench" / "stream_only.py")]).start()
             bundle, bare = proxies.get("bundle"), proxies.get("bare mitmdump")

@@ -131,8 +131,8 @@ def _interleaved(proxies: dict[str, Mitmdump], base: str, token: str, rounds: in
     freshly shuffled order each round. The times per path, and each proxy's CPU per request."""
     paths: dict[str, tuple[requests.Session, dict, int | None]] = {}
     for name, proxy in proxies.items():
-        bundle_like = name.startswith(("bundle", "settings", "least"))  # paths sent the page's tag
-        paths[name] = (session(proxy), tagged("bench-latency-user") if bundle_like else with_token(token), proxy.proc.pid)
+        swaps = getattr(proxy, "sent_a_tag", False)  # bench/sections/paths.py says; other proxies are sent the token
+        paths[name] = (session(proxy), tagged("bench-latency-user") if swaps else with_token(token), proxy.proc.pid)
     paths["direct"] = (session(None), with_token(token), None)
     url = base + BOT
     for s, headers, _ in paths.values():

@@ -24,6 +24,8 @@ PATHS = {
     "run-mitm": "as run_mitm.py runs it (python -O, coze_quiet, coze_tune_process)",
 }
 QUIET = ["flow_detail=0"]  # every path prints nothing per flow, but run-mitm its coze_quiet line
+# The paths that do not swap a tag: their client sends the token itself, beside the same other headers.
+SENT_THE_TOKEN = frozenset({"bare", "bare-O", "noop", "cycles-only"})
 
 
 def make(path: str, confdir: Path, coze_sets: list[str], token: str = "", *, api_base: str = "", parts: str = "",
@@ -61,6 +63,7 @@ def make(path: str, confdir: Path, coze_sets: list[str], token: str = "", *, api
         proxy = kind(confdir, [*coze_sets, "coze_quiet=true", "coze_tune_process=true"], env=env)
     if path in ("bare-O", "run-mitm"):
         as_run_mitm(proxy)
+    proxy.sent_a_tag = path not in SENT_THE_TOKEN
     return proxy
 
 
