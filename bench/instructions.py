@@ -7,8 +7,11 @@ through bare mitmdump and through the bundle's paths, each proxy run under valgr
 
 Needs Debian's `valgrind` package (callgrind, callgrind_control). The latency passes of bench/run.py measure
 time on a shared 2-core machine: their ratios move by a few percent from one run, or one process, to the
-next. An instruction count does not: the same request through the same code executes the same instructions
-(two runs here: within 0.4% per path), whatever else the machine does. It is not the latency target's measure
+next. An instruction count hardly does: the same request through the same code executes the same instructions
+(two runs on a quiet machine: within 0.4% per path). Not quite whatever else the machine does: mitmproxy's
+once-a-second work (the script's file watcher, timers) is spread over fewer requests when a busy machine slows
+the proxy under valgrind (a run beside a test suite: the do-nothing script 1.046x bare against 1.030-1.032x
+quiet), so compare paths within one run on a quiet machine. It is not the latency target's measure
 (a user waits for time, and cache misses cost time that no instruction count shows); it says how much work each
 path adds, without noise, so that a change to the bundle's code can be weighed before and after in one run.
 
@@ -112,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     info = machine()
     print(f"coze-mitm instructions per request: {info['cpu']}, Python {info['python']}, mitmproxy {info['mitmproxy']}, "
-          f"load average {load_average()} (instruction counts do not depend on it)", flush=True)
+          f"load average {load_average()} (a busy machine raises the counts a little: see bench/instructions.py's "
+          f"docstring)", flush=True)
     standin, app_config = make_sandbox_app(delta_gap=DELTA_GAP)
     no_nagle(standin)
     standin.start()
